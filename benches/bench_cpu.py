@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""edgelm beside llama-bench on the same GGUF files, same thread counts, same run.
+
+    .venv/bin/python benches/bench_cpu.py [--models A.gguf B.gguf] [--threads 1 2] [--reps 3]
+
+Measures pp128 (one 128-token prompt step, tokens/s) and tg64 (64 single-token
+steps from an empty cache, tokens/s), as llama-bench defines them. Prints a table
+and writes benches/results/cpu.json, cpu.md and cpu.png.
+
+llama.cpp comes from $LLAMA_CPP_BIN (default ~/.cache/edgelm/llama-build/bin); see
+DEVELOPERS.md for how it is built. Without it, only edgelm's figures are recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benches" / "results"
+MODELS = Path(os.environ.get("EDGELM_MODELS_DIR", Path.home() / ".cache/edgelm/models"))
+LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN", Path.home() / ".cache/edgelm/llama-build/bin"))
+DEFAULT_MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
+
+
+def llama_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict[str, float] | None:
+    exe = LLAMA_BIN / "llama-bench"
+    if not exe.exists():
+        return None
+    out = subprocess.run(
+        [str(exe), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+         "-r", str(reps), "-o", "json"],
+        capture_output=True, text=True, check=True,
+    )
+    res = {}
+    for row in json.loads(out.stdout):
+        key = "pp" if row["n_prompt"] > 0 else "tg"
+        res[key] = float(row["avg_ts"])
+    return res
+
+
+def edgelm_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict[str, float]:
+    import edgelm
+
+    m = edgelm.Model(model, n_threads=threads).native
+    m.bench(16, 4)  # warm-up: page in the weights
+    pp, tg = [], []
+    for _ in range(reps):
+        pp_s, tg_s = m.bench(n_prompt, n_gen)
+        pp.append(n_prompt / pp_s)
+        tg.append(n_gen / tg_s)
+    return {"pp": statistics.mean(pp), "tg": statistics.mean(tg)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    ap.add_argument("--n-prompt", type=int, default=128)
+    ap.add_argument("--n-gen", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--name", default="cpu", help="results file stem")
+    args = ap.parse_args()
+
+    rows = []
+    for name in args.models:
+        path = Path(name) if Path(name).exists() else MODELS / name
+        for t in args.threads:
+            print(f"{path.name} t={t} ...", file=sys.stderr, flush=True)
+            ours = edgelm_bench(path, t, args.n_prompt, args.n_gen, args.reps)
+            peer = llama_bench(path, t, args.n_prompt, args.n_gen, args.reps)
+            rows.append({"model": path.name, "threads": t, "edgelm": ours, "llama.cpp": peer})
+
+    pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
+    lines = [
+        f"| model | threads | edgelm {pp} | llama.cpp {pp} | ratio | edgelm {tg} | llama.cpp {tg} | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e, p = r["edgelm"], r["llama.cpp"]
+        def cell(k: str) -> tuple[str, str, str]:
+            if p is None:
+                return f"{e[k]:.1f}", "n/a", "n/a"
+            return f"{e[k]:.1f}", f"{p[k]:.1f}", f"{e[k] / p[k]:.2f}x"
+        a, b = cell("pp"), cell("tg")
+        lines.append(f"| {r['model']} | {r['threads']} | {a[0]} | {a[1]} | {a[2]} | {b[0]} | {b[1]} | {b[2]} |")
+    table = "\n".join(lines)
+    print(table)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "cpu": _cpu_name(),
+            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps}
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    (RESULTS / f"{args.name}.md").write_text(f"# CPU: edgelm vs llama-bench ({meta['date']}, {meta['cpu']})\n\n{table}\n")
+    _chart(rows, RESULTS / f"{args.name}.png", pp, tg)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _chart(rows: list[dict], out: Path, pp: str, tg: str) -> None:  # type: ignore[type-arg]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart", file=sys.stderr)
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    labels = [f"{r['model'].replace('.gguf', '')}\n{r['threads']}t" for r in rows]
+    x = range(len(rows))
+    for ax, key, title in ((axes[0], "pp", pp), (axes[1], "tg", tg)):
+        ours = [r["edgelm"][key] for r in rows]
+        peer = [r["llama.cpp"][key] if r["llama.cpp"] else 0 for r in rows]
+        ax.bar([i - 0.2 for i in x], ours, 0.4, label="edgelm")
+        ax.bar([i + 0.2 for i in x], peer, 0.4, label="llama.cpp")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_title(f"{title} (tokens/s)")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""edgelm: LLM inference for edge devices.
+
+    >>> import edgelm
+    >>> m = edgelm.Model("SmolLM2-135M-Instruct.Q4_1.gguf")
+    >>> ids = m.tokenize("The capital of France is")
+    >>> for tok in m.generate(ids, max_tokens=8, temperature=0):
+    ...     print(tok.text, end="")
+
+Errors raised by this package all derive from :class:`EdgelmError`.
+"""
+
+from edgelm._native import (
+    CacheFullError,
+    EdgelmError,
+    GGUFFormatError,
+    InvalidRequestError,
+    ModelLoadError,
+    TokenizerError,
+)
+from edgelm._native import __version__ as __version__
+from edgelm.model import Model, Token
+
+__all__ = [
+    "CacheFullError",
+    "EdgelmError",
+    "GGUFFormatError",
+    "InvalidRequestError",
+    "Model",
+    "ModelLoadError",
+    "Token",
+    "TokenizerError",
+]

@@ -1,0 +1,122 @@
+"""The `edgelm` command.
+
+    edgelm run MODEL "prompt"     stream a continuation to the terminal
+    edgelm info MODEL             architecture, sizes, quant types, tokenizer
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from collections.abc import Sequence
+
+from edgelm import EdgelmError, __version__
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from edgelm import Model
+
+    m = Model(args.model, n_threads=1)
+    md = m.metadata
+    nm = m.native
+    print(f"file:          {m.path} ({_fmt_bytes(nm.file_size)}, GGUF v{nm.gguf_version})")
+    print(f"name:          {md.get('general.name', '?')}")
+    print(f"architecture:  {m.architecture}")
+    print(f"layers:        {nm.n_layer}   embedding: {nm.n_embd}   heads: {nm.n_head} (kv {nm.n_head_kv})")
+    print(f"context:       {m.n_ctx_train} tokens (trained)")
+    print(f"vocabulary:    {m.n_vocab} tokens, tokenizer {nm.tokenizer_model!r} pre {nm.tokenizer_pre!r}, "
+          f"bos {nm.bos} eos {nm.eos}")
+    print(f"chat template: {'yes' if 'tokenizer.chat_template' in md else 'no'}")
+    by_type: collections.Counter[str] = collections.Counter()
+    count: collections.Counter[str] = collections.Counter()
+    for _, _, ty, nbytes in m.tensors():
+        by_type[ty] += nbytes
+        count[ty] += 1
+    print("tensor types:")
+    for ty, nbytes in by_type.most_common():
+        print(f"  {ty:6s} {count[ty]:4d} tensors  {_fmt_bytes(nbytes)}")
+    print(f"weights read per token: {_fmt_bytes(nm.weight_bytes_per_token)}")
+    if args.tensors:
+        for name, dims, ty, nbytes in m.tensors():
+            print(f"  {name:40s} {ty:6s} {str(dims):20s} {_fmt_bytes(nbytes)}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgelm import Model
+
+    m = Model(args.model, n_threads=args.threads)
+    ids = m.tokenize(args.prompt, add_special=True, parse_special=args.special)
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for tok in m.generate(
+        ids,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    ):
+        if first is None:
+            first = time.perf_counter()
+        n += 1
+        sys.stdout.write(tok.text)
+        sys.stdout.flush()
+    t1 = time.perf_counter()
+    sys.stdout.write("\n")
+    if args.verbose and first is not None:
+        gen_s = t1 - first
+        print(f"[{len(ids)} prompt tokens in {first - t0:.2f} s, {n} generated, "
+              f"{(n - 1) / gen_s if n > 1 and gen_s > 0 else 0:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgelm", description="LLM inference for edge devices")
+    p.add_argument("--version", action="version", version=f"edgelm {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="generate a continuation of a prompt")
+    r.add_argument("model", help="path to a GGUF file")
+    r.add_argument("prompt")
+    r.add_argument("-n", "--max-tokens", type=int, default=128)
+    r.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    r.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    r.add_argument("--top-k", type=int, default=40)
+    r.add_argument("--top-p", type=float, default=0.95)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--special", action="store_true", help="parse special-token text in the prompt")
+    r.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("info", help="describe a GGUF model file")
+    i.add_argument("model")
+    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except EdgelmError as e:
+        print(f"edgelm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

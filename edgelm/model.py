@@ -1,0 +1,159 @@
+"""The Python face of a loaded model.
+
+`Model` wraps `edgelm._native.Model`: it adds numpy arrays, stop strings and a typed
+`Token` record; all compute happens in Rust with the GIL released.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from edgelm import _native
+from edgelm.stops import StopMatcher
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token."""
+
+    id: int
+    #: Text this token completes; empty while a multi-byte character is incomplete.
+    text: str
+    #: log p(token) under the model's raw distribution.
+    logprob: float
+    #: The most likely alternatives, best first, as (token id, logprob).
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
+    #: "stop" or "length" on the final token, else None.
+    finish_reason: str | None = None
+
+
+class Model:
+    """A GGUF model: memory-mapped, validated, ready to run.
+
+    Args:
+        path: a GGUF file.
+        n_threads: compute threads (default: physical cores).
+
+    Raises:
+        GGUFFormatError: the file is not valid GGUF (the message names the defect).
+        ModelLoadError: the file is valid but cannot be run (e.g. unsupported architecture).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], n_threads: int | None = None) -> None:
+        self.path = os.fspath(path)
+        self._m = _native.Model(self.path, n_threads)
+
+    # -- facts -----------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        return self._m.architecture
+
+    @property
+    def n_vocab(self) -> int:
+        return self._m.n_vocab
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._m.n_ctx_train
+
+    @property
+    def n_threads(self) -> int:
+        return self._m.n_threads
+
+    @property
+    def native(self) -> _native.Model:
+        """The underlying native model (for the serving engine)."""
+        return self._m
+
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        """All GGUF metadata (arrays as lists; computed once)."""
+        return self._m.metadata()
+
+    def tensors(self) -> list[tuple[str, list[int], str, int]]:
+        """(name, dims, type, bytes) for every tensor in the file."""
+        return self._m.tensors()
+
+    # -- text ------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids for `text`. `add_special` adds BOS/EOS as the model's file says;
+        `parse_special` turns special-token texts such as "<|im_start|>" into their ids."""
+        return self._m.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, ids: Sequence[int], special: bool = False) -> str:
+        """Text for `ids`; control tokens render only with `special=True`."""
+        return self._m.detokenize(list(ids), special)
+
+    # -- compute ---------------------------------------------------------------
+    def logits(self, ids: Sequence[int]) -> npt.NDArray[np.float32]:
+        """Logits for every position of one sequence: shape (len(ids), n_vocab)."""
+        raw = self._m.logits_bytes(list(ids))
+        return np.frombuffer(raw, dtype=np.float32).reshape(len(ids), self.n_vocab)
+
+    def perplexity(self, text_or_ids: str | Sequence[int], n_ctx: int = 256) -> float:
+        """Perplexity as llama-perplexity computes it (chunks of `n_ctx`, second half scored)."""
+        ids = self.tokenize(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)
+        ppl, _, _ = self._m.perplexity(ids, n_ctx)
+        return ppl
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        max_tokens: int = 256,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        seed: int | None = None,
+        logprobs: int = 0,
+        stop: Sequence[str] = (),
+        stop_tokens: Sequence[int] = (),
+        add_special: bool = True,
+    ) -> Iterator[Token]:
+        """Generate a continuation, one `Token` at a time.
+
+        `prompt` is text (tokenized with `add_special`) or token ids. `temperature=0`
+        is greedy. Generation ends at an end-of-generation token, a stop token, a stop
+        string (not included in the output) or after `max_tokens`.
+        """
+        ids = self.tokenize(prompt, add_special) if isinstance(prompt, str) else list(prompt)
+        gen = self._m.generate(
+            ids,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n,
+            frequency_penalty=frequency_penalty,
+            presence_penalty=presence_penalty,
+            seed=seed,
+            n_logprobs=logprobs,
+            stop_tokens=list(stop_tokens),
+        )
+        matcher = StopMatcher(list(stop))
+        for tid, text, lp, top, finish in gen:
+            out = matcher.push(text)
+            if matcher.stopped:
+                yield Token(tid, out, lp, top, "stop")
+                return
+            if finish is not None:
+                out += matcher.flush()
+            yield Token(tid, out, lp, top, finish)
+
+    def generate_text(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
+        """The whole continuation as one string (see `generate`)."""
+        return "".join(t.text for t in self.generate(prompt, **kwargs))

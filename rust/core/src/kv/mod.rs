@@ -1,0 +1,148 @@
+//! Paged KV cache storage.
+//!
+//! Memory is a pool of fixed-size blocks; a sequence owns an ordered list of block ids
+//! (its block table), and position `p` of that sequence lives in block
+//! `table[p / block_size]`, slot `p % block_size`. Who owns which block is decided
+//! outside (the scheduler, or `BlockAllocator` for single-sequence use); this module
+//! only stores and reads.
+//!
+//! Layout per layer: K as `[n_blocks][block_size][n_head_kv * head_dim]` f16 and V the
+//! same with `head_dim_v` — f16 like llama.cpp's default cache type, so attention reads
+//! the same rounded values the peer reads. The buffers are zero-initialised with
+//! `vec![]`, which the allocator serves from fresh mmap'd pages: untouched blocks cost
+//! no resident memory.
+
+use half::f16;
+
+use crate::error::{Error, Result};
+
+#[derive(Clone, Copy, Debug)]
+pub struct KvShape {
+    pub n_layer: usize,
+    pub kv_dim_k: usize,
+    pub kv_dim_v: usize,
+    pub block_size: usize,
+    pub n_blocks: usize,
+}
+
+impl KvShape {
+    /// Bytes one token occupies across all layers (K and V).
+    pub fn bytes_per_token(&self) -> usize {
+        self.n_layer * (self.kv_dim_k + self.kv_dim_v) * 2
+    }
+    pub fn total_bytes(&self) -> usize {
+        self.bytes_per_token() * self.block_size * self.n_blocks
+    }
+}
+
+pub struct KvCache {
+    pub shape: KvShape,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
+}
+
+impl KvCache {
+    pub fn new(shape: KvShape) -> Result<KvCache> {
+        if shape.block_size == 0 || shape.n_blocks == 0 {
+            return Err(Error::invalid("KV cache needs at least one block of at least one token"));
+        }
+        let per_layer_k = shape.n_blocks.checked_mul(shape.block_size).and_then(|t| t.checked_mul(shape.kv_dim_k));
+        let per_layer_v = shape.n_blocks.checked_mul(shape.block_size).and_then(|t| t.checked_mul(shape.kv_dim_v));
+        let (Some(nk), Some(nv)) = (per_layer_k, per_layer_v) else {
+            return Err(Error::invalid("KV cache size overflows"));
+        };
+        Ok(KvCache {
+            shape,
+            k: (0..shape.n_layer).map(|_| vec![f16::ZERO; nk]).collect(),
+            v: (0..shape.n_layer).map(|_| vec![f16::ZERO; nv]).collect(),
+        })
+    }
+
+    #[inline]
+    fn slot(&self, table: &[u32], pos: usize) -> usize {
+        let bs = self.shape.block_size;
+        table[pos / bs] as usize * bs + pos % bs
+    }
+
+    /// Store one token's K and V rows for `layer` at sequence position `pos`.
+    pub fn write(&mut self, layer: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
+        let (dk, dv) = (self.shape.kv_dim_k, self.shape.kv_dim_v);
+        debug_assert_eq!(k.len(), dk);
+        debug_assert_eq!(v.len(), dv);
+        let s = self.slot(table, pos);
+        for (d, &x) in self.k[layer][s * dk..(s + 1) * dk].iter_mut().zip(k) {
+            *d = f16::from_f32(x);
+        }
+        for (d, &x) in self.v[layer][s * dv..(s + 1) * dv].iter_mut().zip(v) {
+            *d = f16::from_f32(x);
+        }
+    }
+
+    /// K row (all kv heads) at a position.
+    #[inline]
+    pub fn k_row(&self, layer: usize, table: &[u32], pos: usize) -> &[f16] {
+        let dk = self.shape.kv_dim_k;
+        let s = self.slot(table, pos);
+        &self.k[layer][s * dk..(s + 1) * dk]
+    }
+
+    #[inline]
+    pub fn v_row(&self, layer: usize, table: &[u32], pos: usize) -> &[f16] {
+        let dv = self.shape.kv_dim_v;
+        let s = self.slot(table, pos);
+        &self.v[layer][s * dv..(s + 1) * dv]
+    }
+
+    /// Copy whole blocks (used when a shared, partially filled block must be forked).
+    pub fn copy_block(&mut self, src: u32, dst: u32) {
+        let bs = self.shape.block_size;
+        let (dk, dv) = (self.shape.kv_dim_k, self.shape.kv_dim_v);
+        let (s, d) = (src as usize, dst as usize);
+        for l in 0..self.shape.n_layer {
+            self.k[l].copy_within(s * bs * dk..(s + 1) * bs * dk, d * bs * dk);
+            self.v[l].copy_within(s * bs * dv..(s + 1) * bs * dv, d * bs * dv);
+        }
+    }
+
+    /// Check a block table can hold `n_pos` positions and names only real blocks.
+    pub fn check_table(&self, table: &[u32], n_pos: usize) -> Result<()> {
+        let need = n_pos.div_ceil(self.shape.block_size);
+        if table.len() < need {
+            return Err(Error::invalid(format!(
+                "block table has {} blocks but {n_pos} positions need {need} (block size {})",
+                table.len(),
+                self.shape.block_size
+            )));
+        }
+        if let Some(&b) = table[..need].iter().find(|&&b| b as usize >= self.shape.n_blocks) {
+            return Err(Error::invalid(format!("block id {b} is out of range (the cache has {} blocks)", self.shape.n_blocks)));
+        }
+        Ok(())
+    }
+}
+
+/// A trivial free-list allocator for callers that run one sequence at a time
+/// (`Model.generate`, perplexity). The serving scheduler has its own, with prefix
+/// hashing and LRU eviction.
+pub struct BlockAllocator {
+    free: Vec<u32>,
+}
+
+impl BlockAllocator {
+    pub fn new(n_blocks: usize) -> Self {
+        BlockAllocator { free: (0..n_blocks as u32).rev().collect() }
+    }
+    /// Grow `table` so it holds `n_pos` positions.
+    pub fn ensure(&mut self, table: &mut Vec<u32>, n_pos: usize, block_size: usize) -> Result<()> {
+        while table.len() * block_size < n_pos {
+            let b = self.free.pop().ok_or_else(|| {
+                Error::OutOfBlocks(format!("{n_pos} positions need more than the cache's blocks; raise the context size"))
+            })?;
+            table.push(b);
+        }
+        Ok(())
+    }
+    pub fn release(&mut self, table: &mut Vec<u32>) {
+        self.free.extend(table.drain(..).rev());
+    }
+}

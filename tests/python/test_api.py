@@ -90,9 +90,14 @@ def test_sampling_filters(smollm2: edgelm.Model) -> None:
 def test_penalties_change_greedy_choice(smollm2: edgelm.Model) -> None:
     ids = smollm2.tokenize("one one one one one one one one")
     plain = next(iter(smollm2.generate(ids, max_tokens=1, temperature=0))).id
-    pen = next(iter(smollm2.generate(ids, max_tokens=1, temperature=0, presence_penalty=2.0, frequency_penalty=2.0, repeat_penalty=1.5))).id
-    assert plain == smollm2.tokenize(" one", add_special=False)[0]
+    history = ids + [plain] * 4  # the greedy choice now repeats in the context
+    pen = next(iter(smollm2.generate(history, max_tokens=1, temperature=0, presence_penalty=2.0,
+                                     frequency_penalty=2.0, repeat_penalty=1.5))).id
     assert pen != plain
+    # Penalties only look back repeat_last_n tokens: with a window of 0 nothing changes.
+    off = next(iter(smollm2.generate(history, max_tokens=1, temperature=0, presence_penalty=2.0,
+                                     frequency_penalty=2.0, repeat_penalty=1.5, repeat_last_n=0))).id
+    assert off == next(iter(smollm2.generate(history, max_tokens=1, temperature=0))).id
 
 
 def test_logprobs(smollm2: edgelm.Model) -> None:
@@ -111,7 +116,7 @@ def test_max_tokens_and_finish_reason(smollm2: edgelm.Model) -> None:
     assert len(toks) == 5
     assert [t.finish_reason for t in toks] == [None] * 4 + ["length"]
     # Runs until EOS with a chat prompt: the final token is end-of-generation.
-    chat = "<|im_start|>user\nSay hi<|im_end|>\n<|im_start|>assistant\n"
+    chat = "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
     toks = list(smollm2.generate(smollm2.tokenize(chat, parse_special=True), max_tokens=200, temperature=0))
     assert toks[-1].finish_reason == "stop"
     assert smollm2.native.is_eog(toks[-1].id)

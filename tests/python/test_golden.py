@@ -25,7 +25,14 @@ def models() -> dict[str, edgelm.Model]:
 
 @pytest.mark.parametrize(("model_name", "idx"), greedy_cases())
 def test_greedy_matches_llama_cpp(models: dict[str, edgelm.Model], model_name: str, idx: int) -> None:
-    case = load_fixture("greedy_golden.json")[model_name]["cases"][idx]
+    """32 greedy tokens equal llama.cpp's. A parting is accepted only (a) at a near-tie
+    of llama.cpp's own top choices (gap < 0.05), or (b) onto one of llama.cpp's top-3
+    at a gap no larger than the largest gap at which llama.cpp parts from *itself*
+    under another valid configuration (flash attention off, weight repacking off;
+    measured by make_golden.py and stored as peer_noise_gap). Either way the test
+    prints the parting and the rule that admitted it."""
+    golden = load_fixture("greedy_golden.json")[model_name]
+    case = golden["cases"][idx]
     m = models[model_name]
     # Same prompt ids as the peer, so this checks the forward pass alone.
     assert m.tokenize(case["prompt"], add_special=True, parse_special=True) == case["prompt_ids"]
@@ -34,15 +41,23 @@ def test_greedy_matches_llama_cpp(models: dict[str, edgelm.Model], model_name: s
     for i, (a, b) in enumerate(zip(got, want)):
         if a == b:
             continue
-        top2 = case["top2"][i]
-        gap = top2[0][1] - top2[1][1]
-        # A parting is accepted only at a near-tie of llama.cpp's own top two, and
-        # only onto its second choice; the test says so explicitly.
-        assert a == top2[1][0] and gap < NEAR_TIE, (
-            f"{model_name} prompt {case['prompt']!r}: token {i} is {a}, llama.cpp chose {b} "
-            f"(its top-2 {top2}, gap {gap:.4f}); not a near-tie"
+        top = case["top"][i]
+        lp = dict((tid, v) for tid, v in top)
+        assert a in lp, (
+            f"{model_name} {case['prompt']!r}: token {i} is {a}, not in llama.cpp's top-3 {top}; "
+            f"edgelm {got} vs llama.cpp {want}"
         )
-        print(f"near-tie parting at token {i} (gap {gap:.4f}) for {case['prompt']!r}")
+        gap = top[0][1] - lp[a]
+        if gap < NEAR_TIE:
+            print(f"parting at token {i}: near-tie (gap {gap:.3f} < {NEAR_TIE}) for {case['prompt']!r}")
+        else:
+            noise = golden["peer_noise_gap"]
+            assert gap <= noise, (
+                f"{model_name} {case['prompt']!r}: token {i} is {a}, llama.cpp chose {b} (top-3 {top}); "
+                f"gap {gap:.3f} exceeds both the near-tie bound {NEAR_TIE} and the peer's own noise {noise:.3f}"
+            )
+            print(f"parting at token {i}: gap {gap:.3f} within the peer's self-disagreement ({noise:.3f}) "
+                  f"for {case['prompt']!r}")
         return
     assert got == want, f"{model_name}: edgelm {got} vs llama.cpp {want}"
 

@@ -11,6 +11,7 @@ use crate::gguf::Gguf;
 use crate::kv::{BlockAllocator, KvCache, KvShape};
 use crate::model::{LogitsWanted, Model, SeqInput};
 use crate::sample::{log_softmax, Sampled, Sampler, SamplingParams};
+use crate::threads::ThreadPool;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// Tokens per KV block (the serving scheduler uses the same size).
@@ -28,7 +29,7 @@ pub struct LoadOptions {
 pub struct Engine {
     pub model: Model,
     pub tokenizer: Tokenizer,
-    pool: rayon::ThreadPool,
+    pool: ThreadPool,
     pub n_threads: usize,
 }
 
@@ -53,17 +54,18 @@ impl Engine {
             Some(n) => n,
             None => physical_cores(),
         };
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(n_threads)
-            .thread_name(|i| format!("edgelm-compute-{i}"))
-            .build()
+        let pool = ThreadPool::new(n_threads)
             .map_err(|e| Error::model(format!("cannot start {n_threads} compute threads: {e}")))?;
         Ok(Engine { model, tokenizer, pool, n_threads })
     }
 
-    /// Run `f` on this engine's compute threads.
-    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
-        self.pool.install(f)
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
+    }
+
+    /// One model step on this engine's threads.
+    pub fn forward(&self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<crate::model::StepLogits> {
+        self.model.forward(&self.pool, kv, seqs)
     }
 
     pub fn kv_shape(&self, n_blocks: usize) -> KvShape {
@@ -90,7 +92,7 @@ impl Engine {
         let mut out = Vec::with_capacity(ids.len() * self.model.cfg.n_vocab);
         for (ci, chunk) in ids.chunks(PROMPT_CHUNK).enumerate() {
             let seq = SeqInput { tokens: chunk, pos: ci * PROMPT_CHUNK, block_table: &table, logits: LogitsWanted::All };
-            let r = self.install(|| self.model.forward(&mut kv, &[seq]))?;
+            let r = self.forward(&mut kv, &[seq])?;
             out.extend_from_slice(&r.data);
         }
         Ok(out)
@@ -243,7 +245,7 @@ impl Generation {
                 logits: if end == self.history.len() { LogitsWanted::Last } else { LogitsWanted::None },
             };
             let kv = &mut self.kv;
-            let r = engine.install(|| engine.model.forward(kv, &[seq]))?;
+            let r = engine.forward(kv, &[seq])?;
             self.n_past = end;
             logits = r.data;
         }
@@ -320,7 +322,7 @@ impl Engine {
             let t0 = std::time::Instant::now();
             for (ci, chunk) in ids[..n_prompt].chunks(PROMPT_CHUNK).enumerate() {
                 let seq = SeqInput { tokens: chunk, pos: ci * PROMPT_CHUNK, block_table: &table, logits: LogitsWanted::Last };
-                self.install(|| self.model.forward(&mut kv, &[seq]))?;
+                self.forward(&mut kv, &[seq])?;
             }
             pp_s = t0.elapsed().as_secs_f64();
         }
@@ -330,7 +332,7 @@ impl Engine {
             let t0 = std::time::Instant::now();
             for i in 0..n_gen {
                 let seq = SeqInput { tokens: &ids[i..i + 1], pos: i, block_table: &table, logits: LogitsWanted::Last };
-                self.install(|| self.model.forward(&mut kv, &[seq]))?;
+                self.forward(&mut kv, &[seq])?;
             }
             tg_s = t0.elapsed().as_secs_f64();
         }

@@ -12,5 +12,6 @@ pub mod kv;
 pub mod model;
 pub mod sample;
 pub mod engine;
+pub mod threads;
 
 pub use error::{Error, Result};

@@ -375,10 +375,10 @@ impl Gguf {
         // Each kv needs at least key len (8) + type (4) + 1 byte; each tensor info at
         // least name len (8) + n_dims (4) + one dim (8) + type (4) + offset (8).
         if n_kv > c.remaining() / 13 {
-            return Err(Error::format(16, format!("metadata count {n_kv} cannot fit in the {} bytes that remain", c.remaining())));
+            return Err(Error::format(16, format!("metadata count {n_kv} cannot fit in the {} bytes that remain; the file is truncated or corrupt", c.remaining())));
         }
         if n_tensors > c.remaining() / 32 {
-            return Err(Error::format(8, format!("tensor count {n_tensors} cannot fit in the {} bytes that remain", c.remaining())));
+            return Err(Error::format(8, format!("tensor count {n_tensors} cannot fit in the {} bytes that remain; the file is truncated or corrupt", c.remaining())));
         }
 
         let mut metadata = Vec::with_capacity(n_kv as usize);
@@ -709,7 +709,7 @@ impl<'a> Cursor<'a> {
             return Err(Error::format(
                 at,
                 format!(
-                    "metadata key {key:?}: array of {n} {et:?} elements cannot fit in the {} bytes that remain",
+                    "metadata key {key:?}: array of {n} {et:?} elements cannot fit in the {} bytes that remain; the file is truncated or corrupt",
                     self.remaining()
                 ),
             ));

@@ -14,14 +14,13 @@ pub mod ops;
 
 use std::sync::Arc;
 
-use rayon::prelude::*;
-
 pub use config::{Arch, Config, SUPPORTED_ARCHS};
 
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorData};
 use crate::kv::KvCache;
 use crate::quant::{self, GgmlType};
+use crate::threads::{Disjoint, ThreadPool};
 
 /// A weight matrix `[rows][cols]` in ggml order: each of `rows` output rows is
 /// `cols` contiguous input weights (GGUF dims = [cols, rows]).
@@ -45,6 +44,11 @@ impl Weight {
     }
     pub fn n_bytes(&self) -> usize {
         self.data.bytes().len()
+    }
+    /// All rows, contiguous.
+    #[inline]
+    pub fn bytes(&self) -> &[u8] {
+        self.data.bytes()
     }
 }
 
@@ -158,7 +162,7 @@ impl Model {
     }
 
     /// Run one step for a batch of sequences, writing their new K/V into `kv`.
-    pub fn forward(&self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<StepLogits> {
+    pub fn forward(&self, pool: &ThreadPool, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<StepLogits> {
         let cfg = &self.cfg;
         // Validate everything before touching the cache.
         let mut tok_meta = Vec::new(); // (seq index, position) per stacked token
@@ -175,12 +179,19 @@ impl Model {
         // embed: x [n_tok][n_embd]
         let mut x = vec![0f32; n_tok * e];
         let all_tokens: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        x.par_chunks_mut(e).zip(all_tokens.par_iter()).for_each(|(row, &t)| {
-            quant::dequantize_row(self.tok_embd.ty, self.tok_embd.row(t as usize), row);
-            if let Some(s) = cfg.embd_scale {
-                row.iter_mut().for_each(|v| *v *= s);
-            }
-        });
+        {
+            let d = Disjoint::new(&mut x);
+            pool.for_ranges(n_tok, 1, 1, |toks| {
+                // SAFETY: each task owns the embedding rows of its token range.
+                let rows = unsafe { d.range_mut(toks.start * e..toks.end * e) };
+                for (row, &t) in rows.chunks_mut(e).zip(&all_tokens[toks]) {
+                    quant::dequantize_row(self.tok_embd.ty, self.tok_embd.row(t as usize), row);
+                    if let Some(s) = cfg.embd_scale {
+                        row.iter_mut().for_each(|v| *v *= s);
+                    }
+                }
+            });
+        }
 
         let positions: Vec<usize> = tok_meta.iter().map(|&(_, p)| p).collect();
         let mut h = vec![0f32; n_tok * e];
@@ -194,24 +205,24 @@ impl Model {
 
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
-            ops::rms_norm_rows(&x, &mut h, &l.attn_norm, e, cfg.rms_eps);
-            ops::matmul(&l.wq, &h, n_tok, &mut q);
-            ops::matmul(&l.wk, &h, n_tok, &mut k);
-            ops::matmul(&l.wv, &h, n_tok, &mut v);
+            ops::rms_norm_rows(pool, &x, &mut h, &l.attn_norm, e, cfg.rms_eps);
+            ops::matmul(pool, &l.wq, &h, n_tok, &mut q);
+            ops::matmul(pool, &l.wk, &h, n_tok, &mut k);
+            ops::matmul(pool, &l.wv, &h, n_tok, &mut v);
             if let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) {
                 ops::add_bias_rows(&mut q, bq);
                 ops::add_bias_rows(&mut k, bk);
                 ops::add_bias_rows(&mut v, bv);
             }
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                ops::rms_norm_inplace_rows(&mut q, qn, cfg.head_dim, cfg.rms_eps);
-                ops::rms_norm_inplace_rows(&mut k, kn, cfg.head_dim, cfg.rms_eps);
+                ops::rms_norm_inplace_rows(pool, &mut q, qn, cfg.head_dim, cfg.rms_eps);
+                ops::rms_norm_inplace_rows(pool, &mut k, kn, cfg.head_dim, cfg.rms_eps);
             }
             let swa = cfg.swa_layers[il];
             let base = if swa { cfg.rope_base_swa } else { cfg.rope_base };
             let rope = ops::Rope { n_rot: cfg.n_rot, head_dim: cfg.head_dim, base, neox: cfg.rope_neox, freq_factors: self.rope_freqs.as_deref() };
-            rope.apply(&mut q, &positions, cfg.n_head);
-            rope.apply(&mut k, &positions, cfg.n_head_kv);
+            rope.apply(pool, &mut q, &positions, cfg.n_head);
+            rope.apply(pool, &mut k, &positions, cfg.n_head_kv);
 
             let mut t0 = 0;
             for s in seqs {
@@ -228,24 +239,24 @@ impl Model {
                 t0 += s.tokens.len();
             }
             let window = if swa { cfg.swa_window } else { None };
-            ops::attention(kv, il, cfg, seqs, &tok_meta, &q, &mut att, window);
-            ops::matmul(&l.wo, &att, n_tok, &mut o);
+            ops::attention(pool, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window);
+            ops::matmul(pool, &l.wo, &att, n_tok, &mut o);
             if let Some(pn) = &l.post_attn_norm {
-                ops::rms_norm_inplace_rows(&mut o, pn, e, cfg.rms_eps);
+                ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps);
             }
             ops::add_inplace(&mut x, &o);
 
             // feed-forward block
-            ops::rms_norm_rows(&x, &mut h, &l.ffn_norm, e, cfg.rms_eps);
-            ops::matmul(&l.gate, &h, n_tok, &mut g);
-            ops::matmul(&l.up, &h, n_tok, &mut u);
+            ops::rms_norm_rows(pool, &x, &mut h, &l.ffn_norm, e, cfg.rms_eps);
+            ops::matmul(pool, &l.gate, &h, n_tok, &mut g);
+            ops::matmul(pool, &l.up, &h, n_tok, &mut u);
             match cfg.arch {
-                Arch::Gemma3 => ops::geglu_inplace(&mut g, &u),
-                Arch::Llama | Arch::Qwen2 => ops::swiglu_inplace(&mut g, &u),
+                Arch::Gemma3 => ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff),
+                Arch::Llama | Arch::Qwen2 => ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff),
             }
-            ops::matmul(&l.down, &g, n_tok, &mut o);
+            ops::matmul(pool, &l.down, &g, n_tok, &mut o);
             if let Some(pn) = &l.post_ffn_norm {
-                ops::rms_norm_inplace_rows(&mut o, pn, e, cfg.rms_eps);
+                ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps);
             }
             ops::add_inplace(&mut x, &o);
         }
@@ -269,10 +280,10 @@ impl Model {
             xs[j * e..(j + 1) * e].copy_from_slice(&x[t * e..(t + 1) * e]);
         }
         let mut hs = vec![0f32; n_out * e];
-        ops::rms_norm_rows(&xs, &mut hs, &self.output_norm, e, cfg.rms_eps);
+        ops::rms_norm_rows(pool, &xs, &mut hs, &self.output_norm, e, cfg.rms_eps);
         let mut logits = vec![0f32; n_out * cfg.n_vocab];
         if n_out > 0 {
-            ops::matmul(&self.output, &hs, n_out, &mut logits);
+            ops::matmul(pool, &self.output, &hs, n_out, &mut logits);
         }
         if let Some(c) = cfg.final_logit_softcap {
             logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);

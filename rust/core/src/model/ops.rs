@@ -6,17 +6,34 @@
 use std::sync::OnceLock;
 
 use half::f16;
-use rayon::prelude::*;
 
 use super::{Config, SeqInput, Weight};
 use crate::kv::KvCache;
 use crate::quant;
+use crate::threads::{Disjoint, ThreadPool};
+
+/// Rows per task for row-wise ops: big enough that a task outweighs its dispatch.
+const ROW_TASKS_PER_THREAD: usize = 2;
+
+/// Apply `f(row_index, out_row)` to each `width`-wide row of `out` in parallel.
+fn par_rows(pool: &ThreadPool, out: &mut [f32], width: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    let n_rows = out.len() / width;
+    let d = Disjoint::new(out);
+    pool.for_ranges(n_rows, 1, ROW_TASKS_PER_THREAD, |rows| {
+        // SAFETY: for_ranges hands each task its own row range.
+        let chunk = unsafe { d.range_mut(rows.start * width..rows.end * width) };
+        for (i, row) in chunk.chunks_mut(width).enumerate() {
+            f(rows.start + i, row);
+        }
+    });
+}
 
 /// y = x / rms(x) * w, row by row (`w.len()` is the row width).
-pub fn rms_norm_rows(x: &[f32], y: &mut [f32], w: &[f32], width: usize, eps: f32) {
+pub fn rms_norm_rows(pool: &ThreadPool, x: &[f32], y: &mut [f32], w: &[f32], width: usize, eps: f32) {
     debug_assert_eq!(x.len(), y.len());
     debug_assert_eq!(w.len(), width);
-    y.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(yr, xr)| {
+    par_rows(pool, y, width, |i, yr| {
+        let xr = &x[i * width..(i + 1) * width];
         let scale = rms_scale(xr, eps);
         for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
             *o = (v * scale) * g;
@@ -26,9 +43,9 @@ pub fn rms_norm_rows(x: &[f32], y: &mut [f32], w: &[f32], width: usize, eps: f32
 
 /// In-place RMSNorm over consecutive `width`-wide pieces (per-head norms use
 /// width = head_dim on a `[n_tok][n_head * head_dim]` buffer).
-pub fn rms_norm_inplace_rows(x: &mut [f32], w: &[f32], width: usize, eps: f32) {
+pub fn rms_norm_inplace_rows(pool: &ThreadPool, x: &mut [f32], w: &[f32], width: usize, eps: f32) {
     debug_assert_eq!(w.len(), width);
-    x.par_chunks_mut(width).for_each(|r| {
+    par_rows(pool, x, width, |_, r| {
         let scale = rms_scale(r, eps);
         for (v, &g) in r.iter_mut().zip(w) {
             *v = (*v * scale) * g;
@@ -56,37 +73,35 @@ pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
 /// y[t][r] = W[r] · x[t]. x: `[n_tok][w.cols]`, y: `[n_tok][w.rows]`.
 /// Activations are quantized once to the weight's dot-product format; the weight row
 /// then meets every token while it is in cache.
-pub fn matmul(w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32]) {
+pub fn matmul(pool: &ThreadPool, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32]) {
     debug_assert_eq!(x.len(), n_tok * w.cols);
     debug_assert_eq!(y.len(), n_tok * w.rows);
     let act_ty = w.ty.vec_dot_type();
     let arb = act_ty.row_bytes(w.cols).expect("cols validated at load");
     let mut xq = vec![0u8; n_tok * arb];
-    xq.par_chunks_mut(arb).zip(x.par_chunks(w.cols)).for_each(|(q, r)| quant::quantize_row(act_ty, r, q));
-
-    let threads = rayon::current_num_threads().max(1);
-    let chunk = (w.rows / (threads * 8)).clamp(4, 256);
-    if n_tok == 1 {
-        y.par_chunks_mut(chunk).enumerate().for_each(|(ci, ys)| {
-            for (j, out) in ys.iter_mut().enumerate() {
-                *out = quant::vec_dot(w.ty, w.cols, w.row(ci * chunk + j), &xq);
+    {
+        let d = Disjoint::new(&mut xq);
+        pool.for_ranges(n_tok, 1, 1, |toks| {
+            // SAFETY: each task owns the activation rows of its token range.
+            let q = unsafe { d.range_mut(toks.start * arb..toks.end * arb) };
+            for (i, qr) in q.chunks_mut(arb).enumerate() {
+                let t = toks.start + i;
+                quant::quantize_row(act_ty, &x[t * w.cols..(t + 1) * w.cols], qr);
             }
         });
-        return;
     }
-    // Row-major over weights: yt[r][t], then transpose.
-    let mut yt = vec![0f32; n_tok * w.rows];
-    yt.par_chunks_mut(chunk * n_tok).enumerate().for_each(|(ci, ys)| {
-        for (j, out_r) in ys.chunks_mut(n_tok).enumerate() {
-            let wr = w.row(ci * chunk + j);
-            for (t, out) in out_r.iter_mut().enumerate() {
-                *out = quant::vec_dot(w.ty, w.cols, wr, &xq[t * arb..(t + 1) * arb]);
+    // Each task owns a range of weight rows = a range of output columns.
+    let rb = w.row_bytes();
+    let out = Disjoint::new(y);
+    pool.for_ranges(w.rows, 4, 4, |rows| {
+        let wr = &w.bytes()[rows.start * rb..rows.end * rb];
+        for (j, wrow) in wr.chunks_exact(rb).enumerate() {
+            let r = rows.start + j;
+            for t in 0..n_tok {
+                let v = quant::vec_dot(w.ty, w.cols, wrow, &xq[t * arb..(t + 1) * arb]);
+                // SAFETY: column r belongs to this task's row range alone.
+                unsafe { out.range_mut(t * w.rows + r..t * w.rows + r + 1)[0] = v };
             }
-        }
-    });
-    y.par_chunks_mut(w.rows).enumerate().for_each(|(t, yr)| {
-        for (r, out) in yr.iter_mut().enumerate() {
-            *out = yt[r * n_tok + t];
         }
     });
 }
@@ -101,11 +116,12 @@ pub struct Rope<'a> {
 
 impl Rope<'_> {
     /// Rotate every head of every token in `x` (`[n_tok][n_heads * head_dim]`).
-    pub fn apply(&self, x: &mut [f32], positions: &[usize], n_heads: usize) {
+    pub fn apply(&self, pool: &ThreadPool, x: &mut [f32], positions: &[usize], n_heads: usize) {
         let width = n_heads * self.head_dim;
         debug_assert_eq!(x.len(), positions.len() * width);
         let theta_scale = self.base.powf(-2.0 / self.n_rot as f32);
-        x.par_chunks_mut(width).zip(positions.par_iter()).for_each(|(row, &p)| {
+        par_rows(pool, x, width, |ti, row| {
+            let p = positions[ti];
             // cos/sin cache for this position, as ggml_rope_cache_init builds it.
             let half = self.n_rot / 2;
             let mut cs = [(0f32, 0f32); 256];
@@ -135,10 +151,18 @@ impl Rope<'_> {
     }
 }
 
+/// Below this many new tokens in a sequence, attention follows llama.cpp's one-row
+/// flash-attention numerics (Q rounded to f16, V accumulated in f16 with online
+/// softmax); at or above it, its tiled f32 path. Matching both keeps greedy decoding
+/// on the peer's tokens: 135M-parameter models are sensitive to rounding at the
+/// 0.1-logprob level.
+pub const FA_TILE_Q: usize = 64;
+
 /// Causal attention over the paged cache. `q`: `[n_tok][n_head * head_dim]` (already
 /// rotated); `out`: `[n_tok][n_head * head_dim_v]`. `tok_meta[t] = (seq, pos)`.
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
+    pool: &ThreadPool,
     kv: &KvCache,
     layer: usize,
     cfg: &Config,
@@ -151,43 +175,118 @@ pub fn attention(
     let (hd, hdv) = (cfg.head_dim, cfg.head_dim_v);
     let group = cfg.n_head / cfg.n_head_kv;
     let scale = cfg.attn_scale;
-    out.par_chunks_mut(cfg.n_head * hdv).zip(q.par_chunks(cfg.n_head * hd)).zip(tok_meta.par_iter()).for_each(
-        |((o_row, q_row), &(si, p))| {
-            let table = seqs[si].block_table;
-            // Positions visible from p: causal, and within the window on SWA layers
-            // (a key at j is masked when p - j >= window, as llama.cpp masks).
-            let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let n = p + 1 - lo;
-            let mut scores = vec![0f32; n];
-            let mut acc = vec![0f32; hdv];
-            for h in 0..cfg.n_head {
-                let kvh = h / group;
-                let qh = &q_row[h * hd..(h + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores.iter_mut().enumerate() {
-                    let kr = &kv.k_row(layer, table, lo + j)[kvh * hd..(kvh + 1) * hd];
-                    *s = dot_f32_f16(qh, kr) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores.iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                for (j, &s) in scores.iter().enumerate() {
-                    let vr = &kv.v_row(layer, table, lo + j)[kvh * hdv..(kvh + 1) * hdv];
-                    for (a, &vv) in acc.iter_mut().zip(vr) {
-                        *a += s * vv.to_f32();
-                    }
-                }
-                let inv = 1.0 / sum;
-                for (o, &a) in o_row[h * hdv..(h + 1) * hdv].iter_mut().zip(&acc) {
-                    *o = a * inv;
-                }
+    let qw = cfg.n_head * hd;
+    par_rows(pool, out, cfg.n_head * hdv, |ti, o_row| {
+        let q_row = &q[ti * qw..(ti + 1) * qw];
+        let (si, p) = tok_meta[ti];
+        let seq = &seqs[si];
+        let table = seq.block_table;
+        // Positions visible from p: causal, and within the window on SWA layers
+        // (a key at j is masked when p - j >= window, as llama.cpp masks).
+        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
+        let row_path = seq.tokens.len() < FA_TILE_Q;
+        let mut scratch = AttnScratch::new(p + 1 - lo, hd, hdv);
+        for h in 0..cfg.n_head {
+            let kvh = h / group;
+            let qh = &q_row[h * hd..(h + 1) * hd];
+            let o = &mut o_row[h * hdv..(h + 1) * hdv];
+            let k_at = |j: usize| &kv.k_row(layer, table, j)[kvh * hd..(kvh + 1) * hd];
+            let v_at = |j: usize| &kv.v_row(layer, table, j)[kvh * hdv..(kvh + 1) * hdv];
+            if row_path {
+                attend_row_f16(&mut scratch, qh, lo..p + 1, scale, k_at, v_at, o);
+            } else {
+                attend_f32(&mut scratch, qh, lo..p + 1, scale, k_at, v_at, o);
             }
-        },
-    );
+        }
+    });
+}
+
+struct AttnScratch {
+    scores: Vec<f32>,
+    q16: Vec<f16>,
+    acc16: Vec<f16>,
+    acc: Vec<f32>,
+}
+
+impl AttnScratch {
+    fn new(n: usize, hd: usize, hdv: usize) -> Self {
+        AttnScratch { scores: vec![0.0; n], q16: vec![f16::ZERO; hd], acc16: vec![f16::ZERO; hdv], acc: vec![0.0; hdv] }
+    }
+}
+
+/// One query row the way ggml's `flash_attn_ext_f16_one_chunk` computes it for an
+/// f16 cache: q → f16, s = q·k, online softmax, V accumulated in f16.
+fn attend_row_f16<'a>(
+    sc: &mut AttnScratch,
+    q: &[f32],
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    k_at: impl Fn(usize) -> &'a [f16],
+    v_at: impl Fn(usize) -> &'a [f16],
+    out: &mut [f32],
+) {
+    for (d, &x) in sc.q16.iter_mut().zip(q) {
+        *d = f16::from_f32(x);
+    }
+    sc.acc16.iter_mut().for_each(|a| *a = f16::ZERO);
+    let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
+    for j in keys {
+        let s = dot_f16_f16(&sc.q16, k_at(j)) * scale;
+        let (mut ms, mut vs) = (1f32, 1f32);
+        if s > m {
+            let m_old = m;
+            m = s;
+            ms = (m_old - m).exp();
+            for a in sc.acc16.iter_mut() {
+                *a = f16::from_f32(a.to_f32() * ms);
+            }
+        } else {
+            vs = (s - m).exp();
+        }
+        for (a, &v) in sc.acc16.iter_mut().zip(v_at(j)) {
+            *a = f16::from_f32(a.to_f32() + v.to_f32() * vs);
+        }
+        sum = sum * ms + vs;
+    }
+    let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+    for (o, a) in out.iter_mut().zip(&sc.acc16) {
+        *o = a.to_f32() * inv;
+    }
+}
+
+/// f32 attention (ggml's tiled path for long prompts computes in f32 too).
+fn attend_f32<'a>(
+    sc: &mut AttnScratch,
+    q: &[f32],
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    k_at: impl Fn(usize) -> &'a [f16],
+    v_at: impl Fn(usize) -> &'a [f16],
+    out: &mut [f32],
+) {
+    let lo = keys.start;
+    let n = keys.len();
+    let scores = &mut sc.scores[..n];
+    let mut max = f32::NEG_INFINITY;
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = dot_f32_f16(q, k_at(lo + j)) * scale;
+        max = max.max(*s);
+    }
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    sc.acc.iter_mut().for_each(|a| *a = 0.0);
+    for (j, &s) in scores.iter().enumerate() {
+        for (a, &vv) in sc.acc.iter_mut().zip(v_at(lo + j)) {
+            *a += s * vv.to_f32();
+        }
+    }
+    let inv = 1.0 / sum;
+    for (o, &a) in out.iter_mut().zip(&sc.acc) {
+        *o = a * inv;
+    }
 }
 
 #[inline]
@@ -195,20 +294,25 @@ fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
     a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum()
 }
 
-/// g = silu(g) * u
-pub fn swiglu_inplace(g: &mut [f32], u: &[f32]) {
-    g.par_chunks_mut(4096).zip(u.par_chunks(4096)).for_each(|(gs, us)| {
-        for (a, &b) in gs.iter_mut().zip(us) {
+#[inline]
+fn dot_f16_f16(a: &[f16], b: &[f16]) -> f32 {
+    a.iter().zip(b).map(|(&x, &y)| x.to_f32() * y.to_f32()).sum()
+}
+
+/// g = silu(g) * u, rows of `width`.
+pub fn swiglu_inplace(pool: &ThreadPool, g: &mut [f32], u: &[f32], width: usize) {
+    par_rows(pool, g, width, |i, gs| {
+        for (a, &b) in gs.iter_mut().zip(&u[i * width..(i + 1) * width]) {
             *a = *a / (1.0 + (-*a).exp()) * b;
         }
     });
 }
 
 /// g = gelu(g) * u, GELU (tanh form) looked up through f16 like ggml's CPU backend.
-pub fn geglu_inplace(g: &mut [f32], u: &[f32]) {
+pub fn geglu_inplace(pool: &ThreadPool, g: &mut [f32], u: &[f32], width: usize) {
     let table = gelu_table();
-    g.par_chunks_mut(4096).zip(u.par_chunks(4096)).for_each(|(gs, us)| {
-        for (a, &b) in gs.iter_mut().zip(us) {
+    par_rows(pool, g, width, |i, gs| {
+        for (a, &b) in gs.iter_mut().zip(&u[i * width..(i + 1) * width]) {
             let x = *a;
             *a = if x <= -10.0 {
                 0.0

@@ -31,6 +31,7 @@
 //! CUDA kernel is tested against.
 
 mod blocks;
+pub mod dispatch;
 mod quantize;
 mod reference;
 #[cfg(test)]
@@ -41,6 +42,8 @@ pub use blocks::{
     BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K, K_SCALE_SIZE, QK4_0, QK4_1, QK5_0, QK5_1, QK8_0,
     QK8_1, QK_K,
 };
+
+pub use dispatch::{Kernels, Level};
 
 use blocks::Block;
 

@@ -10,7 +10,7 @@
 //! token_type         [int; ≥ n_vocab]  1 normal 2 unknown 3 control 4 user-defined 5 unused 6 byte
 //! scores             [f32; ≥ n_vocab]  SPM merge priority (0 when absent)
 //! merges             [str] "left right", by rank           required for BPE
-//! bos/eos/eot/eom/unknown/padding_token_id, fim_{pad,rep,sep}_token_id   u32
+//! bos/eos/eot/eom/unknown_token_id, fim_{pre,suf,mid,pad,rep,sep}_token_id   u32
 //! add_bos_token, add_eos_token, add_space_prefix                         bool
 //! ```
 //!
@@ -261,7 +261,12 @@ impl Tokenizer {
         let mut vocab = Vocab::load(g)?;
         let ids = Self::special_ids(g, &vocab, pre.as_ref())?;
 
-        let add_bos = g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(pre.as_ref().map_or(true, |p| p.add_bos));
+        // SPM adds BOS unless told otherwise; BPE families decide (pretok.rs).
+        let default_add_bos = match &pre {
+            Some(p) => p.add_bos,
+            None => true,
+        };
+        let add_bos = g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
         let add_eos = g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
         let add_space_prefix = g.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(pre.is_none());
         let clean_spaces = pre.as_ref().is_some_and(|p| p.clean_spaces);

@@ -242,7 +242,7 @@ fn runs(seg: &[u32], out: &mut Vec<usize>, class: impl Fn(u32) -> bool, max: Opt
             out.push(pos - gap_start);
         }
         let start = pos;
-        while pos < seg.len() && class(seg[pos]) && max.map_or(true, |m| pos - start < m) {
+        while pos < seg.len() && class(seg[pos]) && pos - start < max.unwrap_or(usize::MAX) {
             pos += 1;
         }
         out.push(pos - start);

@@ -1,0 +1,370 @@
+//! Every SIMD kernel against its scalar twin (`quant::vec_dot`, `quant::quantize_row`)
+//! and against an f64 dot of the decoded rows, at every level this CPU has.
+//!
+//! Tolerances are relative to `Σ|w_i·a_i|` (the size of the terms, so a row whose dot
+//! cancels to ~0 is not held to a relative bound it cannot meet). Integer block sums are
+//! exact at every level; what differs is float rounding of the per-block scaling (fused
+//! multiply-adds, 8 lanes instead of one chain), so the SIMD-vs-scalar bound is a few
+//! f32 ulps per block. Against the f64 dot of the decoded rows the scalar reference
+//! itself is off by f16 rounding where the format stores a rounded sum (Q8_1's
+//! `s = f16(d·Σq)`), hence the looser Q4_1/Q5_1 column, relative to Σ|w·a| + Σ|m·s|.
+
+#![allow(clippy::needless_range_loop)]
+
+use super::*;
+use crate::quant::{dequantize, quantize_row as ref_quantize_row, vec_dot as ref_vec_dot};
+use std::mem::offset_of;
+
+/// (format, vs scalar twin, vs f64 of the decoded rows), both × Σ|w·a|.
+const TOLERANCE: &[(GgmlType, f64, f64)] = &[
+    (GgmlType::Q4_0, 1e-5, 1e-5),
+    (GgmlType::Q4_1, 1e-5, 1e-3),
+    (GgmlType::Q5_0, 1e-5, 1e-5),
+    (GgmlType::Q5_1, 1e-5, 1e-3),
+    (GgmlType::Q8_0, 1e-5, 1e-5),
+    (GgmlType::Q2_K, 1e-5, 1e-5),
+    (GgmlType::Q3_K, 1e-5, 1e-5),
+    (GgmlType::Q4_K, 1e-5, 1e-5),
+    (GgmlType::Q5_K, 1e-5, 1e-5),
+    (GgmlType::Q6_K, 1e-5, 1e-5),
+    (GgmlType::Q8_1, 1e-5, 1e-5),
+    (GgmlType::Q8_K, 1e-5, 1e-5),
+    (GgmlType::F32, 1e-6, 1e-6),
+    (GgmlType::F16, 1e-6, 1e-6),
+    (GgmlType::BF16, 1e-6, 1e-6),
+];
+
+fn tol(ty: GgmlType) -> (f64, f64) {
+    let &(_, s, f) = TOLERANCE.iter().find(|(t, _, _)| *t == ty).expect("type in table");
+    (s, f)
+}
+
+/// Formats with SIMD kernels at every level (the rest must still be right: fallback).
+const SIMD_TYPES: [GgmlType; 8] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Row lengths: block-sized, model-sized (576 SmolLM2 hidden, 1536 its FFN), and
+/// 2048+32 / 2304, which leave a partial 1024-element panel chunk.
+fn lengths(ty: GgmlType) -> Vec<usize> {
+    let emulated = cfg!(target_arch = "aarch64");
+    if ty.block_size() == 256 {
+        if emulated {
+            vec![256, 768, 1536]
+        } else {
+            vec![256, 512, 1536, 2304]
+        }
+    } else if emulated {
+        vec![32, 96, 576, 1056]
+    } else {
+        vec![32, 64, 256, 576, 1536, 2080]
+    }
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn uniform(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    /// Roughly normal, with rare 8x outliers like real weights and activations.
+    fn weight(&mut self) -> f32 {
+        let g = (self.uniform() + self.uniform() + self.uniform() + self.uniform()) * 0.87;
+        if self.next_u64() % 97 == 0 {
+            g * 8.0
+        } else {
+            g
+        }
+    }
+    fn row(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.weight()).collect()
+    }
+}
+
+fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; ty.row_bytes(x.len()).unwrap()];
+    ref_quantize_row(ty, x, &mut out);
+    out
+}
+
+/// Random raw blocks (every quant pattern, including ones no encoder emits) with finite
+/// f16 scale fields; for types without a layout here, an encoded random row.
+fn raw_row(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
+    use crate::quant::*;
+    let fields: &[usize] = match ty {
+        GgmlType::Q4_0 => &[offset_of!(BlockQ4_0, d)],
+        GgmlType::Q4_1 => &[offset_of!(BlockQ4_1, d), offset_of!(BlockQ4_1, m)],
+        GgmlType::Q5_0 => &[offset_of!(BlockQ5_0, d)],
+        GgmlType::Q5_1 => &[offset_of!(BlockQ5_1, d), offset_of!(BlockQ5_1, m)],
+        GgmlType::Q8_0 => &[offset_of!(BlockQ8_0, d)],
+        GgmlType::Q2_K => &[offset_of!(BlockQ2_K, d), offset_of!(BlockQ2_K, dmin)],
+        GgmlType::Q3_K => &[offset_of!(BlockQ3_K, d)],
+        GgmlType::Q4_K => &[offset_of!(BlockQ4_K, d), offset_of!(BlockQ4_K, dmin)],
+        GgmlType::Q5_K => &[offset_of!(BlockQ5_K, d), offset_of!(BlockQ5_K, dmin)],
+        GgmlType::Q6_K => &[offset_of!(BlockQ6_K, d)],
+        _ => return quantize(ty, &rng.row(n)),
+    };
+    let mut b: Vec<u8> = (0..ty.row_bytes(n).unwrap()).map(|_| rng.next_u64() as u8).collect();
+    for blk in b.chunks_exact_mut(ty.type_size()) {
+        for &off in fields {
+            let mag = 1e-3 + (rng.uniform() * 0.5 + 0.5) * 0.05;
+            let s = if rng.next_u64() & 1 == 0 { mag } else { -mag };
+            blk[off..off + 2].copy_from_slice(&f16::from_f32(s).to_le_bytes());
+        }
+    }
+    b
+}
+
+/// f64 dot of the decoded rows and `Σ|w_i·a_i|`.
+fn f64_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> (f64, f64) {
+    let wf = dequantize(ty, w, n);
+    let af = dequantize(ty.vec_dot_type(), a, n);
+    let mut dot = 0f64;
+    let mut mag = 0f64;
+    for (x, y) in wf.iter().zip(&af) {
+        dot += *x as f64 * *y as f64;
+        mag += (*x as f64 * *y as f64).abs();
+    }
+    if ty.vec_dot_type() == GgmlType::Q8_1 {
+        // The dots use the stored s = f16(d·Σq) for the m term; its rounding is
+        // relative to |m·s|, which Σ|w·a| does not bound when d·q cancels m.
+        let (wb, ab) = (ty.type_size(), GgmlType::Q8_1.type_size());
+        for (x, y) in w.chunks_exact(wb).zip(a.chunks_exact(ab)) {
+            let m = f16::from_le_bytes([x[2], x[3]]).to_f64();
+            let s = f16::from_le_bytes([y[2], y[3]]).to_f64();
+            mag += (m * s).abs();
+        }
+    }
+    (dot, mag)
+}
+
+fn kernels() -> Vec<&'static Kernels> {
+    Kernels::available()
+        .into_iter()
+        .map(|l| Kernels::for_level(l).expect("available level"))
+        .collect()
+}
+
+/// Lists the levels this run exercises (scripts/test_arm.sh greps this line).
+#[test]
+fn levels_that_ran() {
+    let names: Vec<&str> = Kernels::available().iter().map(|l| l.name()).collect();
+    println!("kernel levels tested: {}", names.join(" "));
+    assert_eq!(Kernels::available()[0], Level::Scalar);
+    let best = Kernels::detect().level;
+    assert!(Kernels::available().contains(&best));
+    for l in ALL_LEVELS {
+        assert_eq!(Level::parse(l.name()), Some(l));
+        assert_eq!(Level::parse(&l.name().to_uppercase()), Some(l));
+        assert_eq!(Kernels::for_level(l).is_some(), Kernels::available().contains(&l));
+    }
+    assert_eq!(Level::parse("neon-dotprod"), Some(Level::NeonDotprod));
+    assert_eq!(Level::parse("sse4"), None);
+    if std::env::var(LEVEL_ENV).is_err() {
+        assert_eq!(best, *Kernels::available().last().unwrap());
+    }
+}
+
+#[test]
+fn quantize_row_is_bit_identical() {
+    let mut rng = Rng::new(11);
+    let acts = [
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q8_K,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::F32,
+    ];
+    for k in kernels() {
+        for ty in acts {
+            for n in [256usize, 512, 2304] {
+                let mut x = rng.row(n);
+                // Edge cases: an all-zero block, a block whose extreme is negative and
+                // repeated with both signs, and exact ties for the rounding.
+                x[..32].fill(0.0);
+                for v in &mut x[32..64] {
+                    *v = (rng.next_u64() % 255) as f32 - 127.0;
+                }
+                x[40] = -127.0;
+                x[41] = 127.0;
+                for (i, v) in x[64..96].iter_mut().enumerate() {
+                    *v = (i as f32 - 16.0) + 0.5;
+                }
+                x[70] = -15.5;
+                let want = quantize(ty, &x);
+                let mut got = vec![0xAAu8; want.len()];
+                k.quantize_row(ty, &x, &mut got);
+                assert!(got == want, "{} quantize_row {ty} n={n} differs from the reference", k.level);
+            }
+        }
+    }
+}
+
+fn check_dot(level: Level, ty: GgmlType, n: usize, w: &[u8], a: &[u8], got: f32, what: &str) {
+    let (ts, tf) = tol(ty);
+    let want = ref_vec_dot(ty, n, w, a) as f64;
+    let (exact, mag) = f64_dot(ty, n, w, a);
+    let g = got as f64;
+    assert!(
+        (g - want).abs() <= ts * mag + 1e-30,
+        "{level} {what} {ty} n={n}: {g} vs scalar {want} (Σ|wa| {mag}, tol {ts})"
+    );
+    assert!(
+        (g - exact).abs() <= tf * mag + 1e-30,
+        "{level} {what} {ty} n={n}: {g} vs f64 {exact} (Σ|wa| {mag}, tol {tf})"
+    );
+}
+
+#[test]
+fn vec_dot_matches_scalar_and_f64() {
+    let mut rng = Rng::new(5);
+    for k in kernels() {
+        for &ty in GgmlType::all() {
+            for n in lengths(ty) {
+                for raw in [false, true] {
+                    let w = if raw { raw_row(&mut rng, ty, n) } else { quantize(ty, &rng.row(n)) };
+                    let a = quantize(ty.vec_dot_type(), &rng.row(n));
+                    let got = k.vec_dot(ty, n, &w, &a);
+                    check_dot(k.level, ty, n, &w, &a, got, if raw { "vec_dot(raw)" } else { "vec_dot" });
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_matches_scalar_and_f64() {
+    let mut rng = Rng::new(7);
+    let (rows, toks): (&[usize], &[usize]) = if cfg!(target_arch = "aarch64") {
+        (&[1, 3, 5, 9], &[1, 2, 3, 5, 9])
+    } else {
+        (&[1, 3, 5, 8, 17], &[1, 2, 3, 5, 9, 17])
+    };
+    let types: Vec<GgmlType> = SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16]).collect();
+    for k in kernels() {
+        for &ty in &types {
+            for n in lengths(ty) {
+                let wrb = ty.row_bytes(n).unwrap();
+                let arb = ty.vec_dot_type().row_bytes(n).unwrap();
+                let max_r = *rows.last().unwrap();
+                let max_t = *toks.last().unwrap();
+                let w: Vec<u8> = (0..max_r)
+                    .flat_map(|r| if r % 2 == 0 { raw_row(&mut rng, ty, n) } else { quantize(ty, &rng.row(n)) })
+                    .collect();
+                let a: Vec<u8> = (0..max_t).flat_map(|_| quantize(ty.vec_dot_type(), &rng.row(n))).collect();
+                for &nr in rows {
+                    for &nt in toks {
+                        let stride = nr + 3;
+                        let mut out = vec![f32::NAN; nt * stride];
+                        k.gemm(ty, n, &w[..nr * wrb], nr, &a[..nt * arb], nt, &mut out, stride);
+                        for t in 0..nt {
+                            for r in 0..stride {
+                                let got = out[t * stride + r];
+                                if r >= nr {
+                                    assert!(got.is_nan(), "{} gemm {ty} wrote outside its rows", k.level);
+                                    continue;
+                                }
+                                let (wr, at) = (&w[r * wrb..(r + 1) * wrb], &a[t * arb..(t + 1) * arb]);
+                                let what = format!("gemm rows={nr} toks={nt} (r={r}, t={t})");
+                                check_dot(k.level, ty, n, wr, at, got, &what);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows at every byte offset give bit-identical results (no alignment assumptions).
+#[test]
+fn unaligned_inputs_give_identical_results() {
+    let mut rng = Rng::new(9);
+    for k in kernels() {
+        for ty in SIMD_TYPES {
+            let n = if ty.block_size() == 256 { 512 } else { 96 };
+            let (nr, nt) = (5, 3);
+            let wrb = ty.row_bytes(n).unwrap();
+            let arb = ty.vec_dot_type().row_bytes(n).unwrap();
+            let w: Vec<u8> = (0..nr).flat_map(|_| quantize(ty, &rng.row(n))).collect();
+            let a: Vec<u8> = (0..nt).flat_map(|_| quantize(ty.vec_dot_type(), &rng.row(n))).collect();
+            let mut base = vec![0f32; nt * nr];
+            k.gemm(ty, n, &w, nr, &a, nt, &mut base, nr);
+            let base_dot = k.vec_dot(ty, n, &w[..wrb], &a[..arb]);
+            let x: Vec<f32> = rng.row(n);
+            let mut qbase = vec![0u8; arb];
+            k.quantize_row(ty.vec_dot_type(), &x, &mut qbase);
+            for off in 1..4 {
+                let mut wbuf = vec![0u8; w.len() + off];
+                wbuf[off..].copy_from_slice(&w);
+                let mut abuf = vec![0u8; a.len() + off];
+                abuf[off..].copy_from_slice(&a);
+                let mut out = vec![0f32; nt * nr + 1];
+                k.gemm(ty, n, &wbuf[off..], nr, &abuf[off..], nt, &mut out[1..], nr);
+                assert!(bits_eq(&out[1..], &base), "{} gemm {ty} at offset {off}", k.level);
+                let d = k.vec_dot(ty, n, &wbuf[off..off + wrb], &abuf[off..off + arb]);
+                assert_eq!(d.to_bits(), base_dot.to_bits(), "{} vec_dot {ty} at offset {off}", k.level);
+                let mut xbuf = vec![0f32; n + 1];
+                xbuf[1..].copy_from_slice(&x);
+                let mut qbuf = vec![0u8; arb + off];
+                k.quantize_row(ty.vec_dot_type(), &xbuf[1..], &mut qbuf[off..]);
+                assert!(qbuf[off..] == qbase[..], "{} quantize_row at offset {off}", k.level);
+            }
+        }
+    }
+}
+
+fn bits_eq(a: &[f32], b: &[f32]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+#[test]
+fn f16_helpers_match_scalar() {
+    let mut rng = Rng::new(13);
+    for k in kernels() {
+        for n in [0usize, 1, 7, 8, 31, 32, 33, 100, 257] {
+            let a = rng.row(n);
+            let bf: Vec<f16> = rng.row(n).iter().map(|&v| f16::from_f32(v)).collect();
+            let want: f64 = a.iter().zip(&bf).map(|(x, y)| *x as f64 * y.to_f64()).sum();
+            let mag: f64 = a.iter().zip(&bf).map(|(x, y)| (*x as f64 * y.to_f64()).abs()).sum();
+            let got = k.dot_f32_f16(&a, &bf) as f64;
+            assert!((got - want).abs() <= 1e-6 * mag + 1e-30, "{} dot_f32_f16 n={n}", k.level);
+
+            let mut y = rng.row(n);
+            let mut y_ref = y.clone();
+            k.axpy_f16(&mut y, 0.37, &bf);
+            for (yr, x) in y_ref.iter_mut().zip(&bf) {
+                *yr += 0.37 * x.to_f32();
+            }
+            for (g, w) in y.iter().zip(&y_ref) {
+                assert!((g - w).abs() <= 1e-6 * (w.abs() + 1.0), "{} axpy_f16 n={n}", k.level);
+            }
+
+            let mut back = vec![0f32; n];
+            k.f16_to_f32_row(&bf, &mut back);
+            assert!(back.iter().zip(&bf).all(|(x, y)| x.to_bits() == y.to_f32().to_bits()));
+            let mut h = vec![f16::ZERO; n];
+            k.f32_to_f16_row(&a, &mut h);
+            assert!(h.iter().zip(&a).all(|(x, y)| x.to_bits() == f16::from_f32(*y).to_bits()));
+        }
+    }
+}

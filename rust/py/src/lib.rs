@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use edgelm_core::engine::{Engine, GenParams, Generation, LoadOptions};
 use edgelm_core::gguf::{Array, Value};
-use edgelm_core::quant::GgmlType;
+use edgelm_core::quant::{GgmlType, Kernels, Level};
 use edgelm_core::sample::SamplingParams;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -24,9 +24,17 @@ struct Model {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, n_threads=None))]
-    fn new(py: Python<'_>, path: std::path::PathBuf, n_threads: Option<usize>) -> PyResult<Self> {
-        let opts = LoadOptions { n_threads };
+    #[pyo3(signature = (path, n_threads=None, kernel_level=None))]
+    fn new(py: Python<'_>, path: std::path::PathBuf, n_threads: Option<usize>, kernel_level: Option<&str>) -> PyResult<Self> {
+        let kernel_level = match kernel_level {
+            None => None,
+            Some(s) => Some(Level::parse(s).ok_or_else(|| {
+                errors::InvalidRequestError::new_err(format!(
+                    "unknown kernel level {s:?}; expected one of scalar, avx2, avx512, neon, dotprod, i8mm"
+                ))
+            })?),
+        };
+        let opts = LoadOptions { n_threads, kernel_level };
         let engine = py.detach(|| Engine::load(&path, &opts)).map_err(to_py)?;
         Ok(Model { engine: Arc::new(engine) })
     }
@@ -62,6 +70,11 @@ impl Model {
     #[getter]
     fn n_threads(&self) -> usize {
         self.engine.n_threads
+    }
+    /// The CPU kernel level this model runs (scalar, avx2, avx512, neon, dotprod, i8mm).
+    #[getter]
+    fn kernel_level(&self) -> &'static str {
+        self.engine.kernels.level.name()
     }
     #[getter]
     fn file_size(&self) -> usize {
@@ -282,6 +295,25 @@ fn dequantize<'py>(py: Python<'py>, ggml_type: u32, data: &[u8], n: usize) -> Py
     Ok(PyBytes::new(py, &bytes))
 }
 
+/// Memory read bandwidth in bytes/s (best of `reps` passes over `n_bytes`).
+#[pyfunction]
+#[pyo3(signature = (n_bytes=1 << 30, n_threads=1, reps=5))]
+fn read_bandwidth(py: Python<'_>, n_bytes: usize, n_threads: usize, reps: usize) -> f64 {
+    py.detach(|| edgelm_core::bench::read_bandwidth(n_bytes, n_threads, reps))
+}
+
+/// The kernel level `Model` picks by default on this CPU (after EDGELM_KERNEL_LEVEL).
+#[pyfunction]
+fn kernel_level() -> &'static str {
+    Kernels::detect().level.name()
+}
+
+/// Every kernel level this CPU can run, lowest first.
+#[pyfunction]
+fn available_kernel_levels() -> Vec<&'static str> {
+    Kernels::available().iter().map(|l| l.name()).collect()
+}
+
 /// Physical cores, the default thread count.
 #[pyfunction]
 fn physical_cores() -> usize {
@@ -295,6 +327,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Generator>()?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(physical_cores, m)?)?;
+    m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
+    m.add_function(wrap_pyfunction!(kernel_level, m)?)?;
+    m.add_function(wrap_pyfunction!(available_kernel_levels, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

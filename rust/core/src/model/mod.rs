@@ -19,7 +19,7 @@ pub use config::{Arch, Config, SUPPORTED_ARCHS};
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorData};
 use crate::kv::KvCache;
-use crate::quant::{self, GgmlType};
+use crate::quant::{self, GgmlType, Kernels};
 use crate::threads::{Disjoint, ThreadPool};
 
 /// A weight matrix `[rows][cols]` in ggml order: each of `rows` output rows is
@@ -62,6 +62,7 @@ struct Layer {
     bq: Option<Vec<f32>>,   // [q_dim]      (qwen2)
     bk: Option<Vec<f32>>,   // [kv_dim_k]   (qwen2)
     bv: Option<Vec<f32>>,   // [kv_dim_v]   (qwen2)
+    bo: Option<Vec<f32>>,   // [n_embd]     (some llama variants)
     q_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
     k_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
     post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
@@ -79,6 +80,7 @@ pub struct Model {
     layers: Vec<Layer>,
     output_norm: Vec<f32>,     // [n_embd]
     output: Weight,            // [n_vocab][n_embd] (tied to tok_embd when absent)
+    output_bias: Option<Vec<f32>>, // [n_vocab]
     rope_freqs: Option<Vec<f32>>, // [n_rot/2] llama3-style frequency divisors
 }
 
@@ -136,6 +138,7 @@ impl Model {
                 bq: t.opt_vector(&n("attn_q.bias"), cfg.q_dim())?,
                 bk: t.opt_vector(&n("attn_k.bias"), cfg.kv_dim_k())?,
                 bv: t.opt_vector(&n("attn_v.bias"), cfg.kv_dim_v())?,
+                bo: t.opt_vector(&n("attn_output.bias"), e)?,
                 q_norm: if gemma { Some(t.vector(&n("attn_q_norm.weight"), cfg.head_dim)?) } else { None },
                 k_norm: if gemma { Some(t.vector(&n("attn_k_norm.weight"), cfg.head_dim)?) } else { None },
                 post_attn_norm: if gemma { Some(t.vector(&n("post_attention_norm.weight"), e)?) } else { None },
@@ -148,7 +151,8 @@ impl Model {
         }
         let output_norm = t.vector("output_norm.weight", e)?;
         let rope_freqs = t.opt_vector("rope_freqs.weight", cfg.n_rot / 2)?;
-        Ok(Model { cfg, tok_embd, layers, output_norm, output, rope_freqs, file: Arc::clone(&file) })
+        let output_bias = t.opt_vector("output.bias", v)?;
+        Ok(Model { cfg, tok_embd, layers, output_norm, output, output_bias, rope_freqs, file: Arc::clone(&file) })
     }
 
     /// Bytes of weights the forward pass reads per token (the bandwidth bound).
@@ -162,7 +166,7 @@ impl Model {
     }
 
     /// Run one step for a batch of sequences, writing their new K/V into `kv`.
-    pub fn forward(&self, pool: &ThreadPool, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<StepLogits> {
+    pub fn forward(&self, pool: &ThreadPool, kern: &Kernels, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<StepLogits> {
         let cfg = &self.cfg;
         // Validate everything before touching the cache.
         let mut tok_meta = Vec::new(); // (seq index, position) per stacked token
@@ -206,13 +210,14 @@ impl Model {
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
             ops::rms_norm_rows(pool, &x, &mut h, &l.attn_norm, e, cfg.rms_eps);
-            ops::matmul(pool, &l.wq, &h, n_tok, &mut q);
-            ops::matmul(pool, &l.wk, &h, n_tok, &mut k);
-            ops::matmul(pool, &l.wv, &h, n_tok, &mut v);
-            if let (Some(bq), Some(bk), Some(bv)) = (&l.bq, &l.bk, &l.bv) {
-                ops::add_bias_rows(&mut q, bq);
-                ops::add_bias_rows(&mut k, bk);
-                ops::add_bias_rows(&mut v, bv);
+            ops::matmul(pool, kern, &l.wq, &h, n_tok, &mut q);
+            ops::matmul(pool, kern, &l.wk, &h, n_tok, &mut k);
+            ops::matmul(pool, kern, &l.wv, &h, n_tok, &mut v);
+            // Each bias is optional on its own, as llama.cpp loads them.
+            for (buf, b) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
+                if let Some(b) = b {
+                    ops::add_bias_rows(buf, b);
+                }
             }
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
                 ops::rms_norm_inplace_rows(pool, &mut q, qn, cfg.head_dim, cfg.rms_eps);
@@ -240,7 +245,10 @@ impl Model {
             }
             let window = if swa { cfg.swa_window } else { None };
             ops::attention(pool, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window);
-            ops::matmul(pool, &l.wo, &att, n_tok, &mut o);
+            ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o);
+            if let Some(b) = &l.bo {
+                ops::add_bias_rows(&mut o, b);
+            }
             if let Some(pn) = &l.post_attn_norm {
                 ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps);
             }
@@ -248,13 +256,13 @@ impl Model {
 
             // feed-forward block
             ops::rms_norm_rows(pool, &x, &mut h, &l.ffn_norm, e, cfg.rms_eps);
-            ops::matmul(pool, &l.gate, &h, n_tok, &mut g);
-            ops::matmul(pool, &l.up, &h, n_tok, &mut u);
+            ops::matmul(pool, kern, &l.gate, &h, n_tok, &mut g);
+            ops::matmul(pool, kern, &l.up, &h, n_tok, &mut u);
             match cfg.arch {
                 Arch::Gemma3 => ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff),
                 Arch::Llama | Arch::Qwen2 => ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff),
             }
-            ops::matmul(pool, &l.down, &g, n_tok, &mut o);
+            ops::matmul(pool, kern, &l.down, &g, n_tok, &mut o);
             if let Some(pn) = &l.post_ffn_norm {
                 ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps);
             }
@@ -283,7 +291,10 @@ impl Model {
         ops::rms_norm_rows(pool, &xs, &mut hs, &self.output_norm, e, cfg.rms_eps);
         let mut logits = vec![0f32; n_out * cfg.n_vocab];
         if n_out > 0 {
-            ops::matmul(pool, &self.output, &hs, n_out, &mut logits);
+            ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits);
+        }
+        if let Some(b) = &self.output_bias {
+            ops::add_bias_rows(&mut logits, b);
         }
         if let Some(c) = cfg.final_logit_softcap {
             logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);

@@ -9,7 +9,7 @@ use half::f16;
 
 use super::{Config, SeqInput, Weight};
 use crate::kv::KvCache;
-use crate::quant;
+use crate::quant::Kernels;
 use crate::threads::{Disjoint, ThreadPool};
 
 /// Rows per task for row-wise ops: big enough that a task outweighs its dispatch.
@@ -71,9 +71,9 @@ pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
 }
 
 /// y[t][r] = W[r] · x[t]. x: `[n_tok][w.cols]`, y: `[n_tok][w.rows]`.
-/// Activations are quantized once to the weight's dot-product format; the weight row
-/// then meets every token while it is in cache.
-pub fn matmul(pool: &ThreadPool, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32]) {
+/// Activations are quantized once to the weight's dot-product format; each task then
+/// runs the kernels' block matmul over its own range of weight rows for every token.
+pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32]) {
     debug_assert_eq!(x.len(), n_tok * w.cols);
     debug_assert_eq!(y.len(), n_tok * w.rows);
     let act_ty = w.ty.vec_dot_type();
@@ -86,22 +86,29 @@ pub fn matmul(pool: &ThreadPool, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f
             let q = unsafe { d.range_mut(toks.start * arb..toks.end * arb) };
             for (i, qr) in q.chunks_mut(arb).enumerate() {
                 let t = toks.start + i;
-                quant::quantize_row(act_ty, &x[t * w.cols..(t + 1) * w.cols], qr);
+                k.quantize_row(act_ty, &x[t * w.cols..(t + 1) * w.cols], qr);
             }
         });
     }
-    // Each task owns a range of weight rows = a range of output columns.
     let rb = w.row_bytes();
+    let (rows, cols) = (w.rows, w.cols);
     let out = Disjoint::new(y);
-    pool.for_ranges(w.rows, 4, 4, |rows| {
-        let wr = &w.bytes()[rows.start * rb..rows.end * rb];
-        for (j, wrow) in wr.chunks_exact(rb).enumerate() {
-            let r = rows.start + j;
-            for t in 0..n_tok {
-                let v = quant::vec_dot(w.ty, w.cols, wrow, &xq[t * arb..(t + 1) * arb]);
-                // SAFETY: column r belongs to this task's row range alone.
-                unsafe { out.range_mut(t * w.rows + r..t * w.rows + r + 1)[0] = v };
-            }
+    // Whole groups of 8 rows per task, so the gemm kernels fill their panels.
+    pool.for_ranges(rows, 8, 4, |r| {
+        let wr = &w.bytes()[r.start * rb..r.end * rb];
+        let n_r = r.end - r.start;
+        if n_tok == 1 {
+            // SAFETY: y[r] belongs to this task's row range alone.
+            let dst = unsafe { out.range_mut(r.clone()) };
+            k.gemm(w.ty, cols, wr, n_r, &xq, 1, dst, n_r);
+            return;
+        }
+        let mut tile = vec![0f32; n_tok * n_r];
+        k.gemm(w.ty, cols, wr, n_r, &xq, n_tok, &mut tile, n_r);
+        for t in 0..n_tok {
+            // SAFETY: columns r of every token row belong to this task alone.
+            let dst = unsafe { out.range_mut(t * rows + r.start..t * rows + r.end) };
+            dst.copy_from_slice(&tile[t * n_r..(t + 1) * n_r]);
         }
     });
 }

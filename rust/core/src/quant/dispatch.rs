@@ -131,12 +131,20 @@ pub struct Kernels {
 }
 
 static KERNELS: [Kernels; 6] = [
-    Kernels { level: Level::Scalar },
+    Kernels {
+        level: Level::Scalar,
+    },
     Kernels { level: Level::Avx2 },
-    Kernels { level: Level::Avx512 },
+    Kernels {
+        level: Level::Avx512,
+    },
     Kernels { level: Level::Neon },
-    Kernels { level: Level::NeonDotprod },
-    Kernels { level: Level::NeonI8mm },
+    Kernels {
+        level: Level::NeonDotprod,
+    },
+    Kernels {
+        level: Level::NeonI8mm,
+    },
 ];
 
 /// Env var that lowers the detected level (`scalar|avx2|avx512|neon|dotprod|i8mm`).
@@ -149,7 +157,9 @@ impl Kernels {
     pub fn detect() -> &'static Kernels {
         static CHOSEN: OnceLock<&'static Kernels> = OnceLock::new();
         CHOSEN.get_or_init(|| {
-            let best = *Self::available().last().expect("scalar is always available");
+            let best = *Self::available()
+                .last()
+                .expect("scalar is always available");
             let level = match std::env::var(LEVEL_ENV) {
                 Ok(s) if !s.trim().is_empty() => match Level::parse(&s) {
                     Some(l) if supported(l) => l,
@@ -182,7 +192,11 @@ impl Kernels {
 
     /// The levels this CPU supports, lowest first (always starts with `Scalar`).
     pub fn available() -> Vec<Level> {
-        ALL_LEVELS.iter().copied().filter(|&l| supported(l)).collect()
+        ALL_LEVELS
+            .iter()
+            .copied()
+            .filter(|&l| supported(l))
+            .collect()
     }
 
     fn available_names() -> String {
@@ -225,7 +239,12 @@ impl Kernels {
     /// fields are read, not recomputed).
     pub fn vec_dot(&self, ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
         assert_row(ty, n, w.len(), "Kernels::vec_dot weights");
-        assert_row(ty.vec_dot_type(), n, a.len(), "Kernels::vec_dot activations");
+        assert_row(
+            ty.vec_dot_type(),
+            n,
+            a.len(),
+            "Kernels::vec_dot activations",
+        );
         let r = match self.level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level's features are present (see `Kernels`); lengths checked.
@@ -272,8 +291,16 @@ impl Kernels {
         let (Some(wrb), Some(arb)) = (wrb, arb) else {
             panic!("Kernels::gemm: {n} elements is not a whole number of {ty} blocks");
         };
-        assert_eq!(w.len(), n_rows * wrb, "Kernels::gemm: w must hold {n_rows} rows of {n} {ty}");
-        assert_eq!(a.len(), n_tok * arb, "Kernels::gemm: a must hold {n_tok} activation rows");
+        assert_eq!(
+            w.len(),
+            n_rows * wrb,
+            "Kernels::gemm: w must hold {n_rows} rows of {n} {ty}"
+        );
+        assert_eq!(
+            a.len(),
+            n_tok * arb,
+            "Kernels::gemm: a must hold {n_tok} activation rows"
+        );
         if n_rows == 0 || n_tok == 0 {
             return;
         }
@@ -294,9 +321,7 @@ impl Kernels {
             Level::Avx2 => unsafe { avx2::gemm(ty, n, w, n_rows, a, n_tok, out, out_stride) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Level::Avx512 => unsafe {
-                avx512::gemm(ty, n, w, n_rows, a, n_tok, out, out_stride)
-            },
+            Level::Avx512 => unsafe { avx512::gemm(ty, n, w, n_rows, a, n_tok, out, out_stride) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
             Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
@@ -355,7 +380,11 @@ impl Kernels {
 
     /// f16 → f32, element for element (exact).
     pub fn f16_to_f32_row(&self, src: &[f16], dst: &mut [f32]) {
-        assert_eq!(src.len(), dst.len(), "Kernels::f16_to_f32_row: lengths differ");
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "Kernels::f16_to_f32_row: lengths differ"
+        );
         match self.level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: F16C present at both x86 levels; lengths checked.
@@ -374,7 +403,11 @@ impl Kernels {
 
     /// f32 → f16, round to nearest even (as `half::f16::from_f32` for finite values).
     pub fn f32_to_f16_row(&self, src: &[f32], dst: &mut [f16]) {
-        assert_eq!(src.len(), dst.len(), "Kernels::f32_to_f16_row: lengths differ");
+        assert_eq!(
+            src.len(),
+            dst.len(),
+            "Kernels::f32_to_f16_row: lengths differ"
+        );
         match self.level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: F16C present at both x86 levels; lengths checked.
@@ -387,7 +420,10 @@ impl Kernels {
             Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
                 neon::f32_to_f16_row(src, dst)
             },
-            _ => dst.iter_mut().zip(src).for_each(|(d, s)| *d = f16::from_f32(*s)),
+            _ => dst
+                .iter_mut()
+                .zip(src)
+                .for_each(|(d, s)| *d = f16::from_f32(*s)),
         }
     }
 }

@@ -163,7 +163,14 @@ macro_rules! x86_kernels {
             const KMASK2: u32 = 0x0f0f0f0f;
             const KMASK3: u32 = 0x03030303;
             // SAFETY: the caller passes 12 readable bytes.
-            let mut u = unsafe { [rd_i32(p) as u32, rd_i32(p.add(4)) as u32, rd_i32(p.add(8)) as u32, 0] };
+            let mut u = unsafe {
+                [
+                    rd_i32(p) as u32,
+                    rd_i32(p.add(4)) as u32,
+                    rd_i32(p.add(8)) as u32,
+                    0,
+                ]
+            };
             u[3] = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
             let uaux = u[1] & KMASK1;
             u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
@@ -187,9 +194,13 @@ macro_rules! x86_kernels {
         /// One 32-block of a legacy format: `(d_w·d_a, Σ(q-C)·a lanes, m·s)`.
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn legacy_block<const F: u8>(x: *const u8, y: *const u8, b: usize) -> (f32, __m256i, f32) {
+        unsafe fn legacy_block<const F: u8>(
+            x: *const u8,
+            y: *const u8,
+            b: usize,
+        ) -> (f32, __m256i, f32) {
             let z = _mm256_setzero_si256();
-            // SAFETY (all arms): the caller passes rows holding block b.
+            // SAFETY: the caller passes rows holding block b (all arms).
             unsafe {
                 match F {
                     F_Q4_0 => {
@@ -256,21 +267,54 @@ macro_rules! x86_kernels {
         /// for all rows (`act_info`, padded by 8). The weight scales of 8 blocks go through
         /// one `vcvtph2ps`; the block loop is then load, `dot4`, convert, fma.
         #[target_feature(enable = $feat)]
-        unsafe fn gemv_legacy<const F: u8>(nb: usize, x: *const u8, y: *const u8, info: &ActInfo) -> f32 {
+        unsafe fn gemv_legacy<const F: u8>(
+            nb: usize,
+            x: *const u8,
+            y: *const u8,
+            info: &ActInfo,
+        ) -> f32 {
             let (bb, _) = legacy_layout(F);
             let c = c_off(F);
-            let (mut acc0, mut acc1, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
+            let (mut acc0, mut acc1, mut accm) = (
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+                _mm256_setzero_ps(),
+            );
             let mut b = 0;
             while b < nb {
                 let m = 8.min(nb - b);
                 // SAFETY: blocks b..b+m of the row exist; da/sf are padded by 8 entries
                 // past the last block; every other access is to block b+j < nb.
                 unsafe {
-                    let rd = |j: usize, off: usize| if j < m { rd_u16(x.add((b + j) * bb + off)) as i16 } else { 0 };
-                    let dw = _mm256_cvtph_ps(_mm_setr_epi16(rd(0, 0), rd(1, 0), rd(2, 0), rd(3, 0), rd(4, 0), rd(5, 0), rd(6, 0), rd(7, 0)));
+                    let rd = |j: usize, off: usize| {
+                        if j < m {
+                            rd_u16(x.add((b + j) * bb + off)) as i16
+                        } else {
+                            0
+                        }
+                    };
+                    let dw = _mm256_cvtph_ps(_mm_setr_epi16(
+                        rd(0, 0),
+                        rd(1, 0),
+                        rd(2, 0),
+                        rd(3, 0),
+                        rd(4, 0),
+                        rd(5, 0),
+                        rd(6, 0),
+                        rd(7, 0),
+                    ));
                     let sc = _mm256_mul_ps(dw, _mm256_loadu_ps(info.da.as_ptr().add(b)));
                     if has_o(F) {
-                        let mw = _mm256_cvtph_ps(_mm_setr_epi16(rd(0, 2), rd(1, 2), rd(2, 2), rd(3, 2), rd(4, 2), rd(5, 2), rd(6, 2), rd(7, 2)));
+                        let mw = _mm256_cvtph_ps(_mm_setr_epi16(
+                            rd(0, 2),
+                            rd(1, 2),
+                            rd(2, 2),
+                            rd(3, 2),
+                            rd(4, 2),
+                            rd(5, 2),
+                            rd(6, 2),
+                            rd(7, 2),
+                        ));
                         accm = _mm256_fmadd_ps(mw, _mm256_loadu_ps(info.sf.as_ptr().add(b)), accm);
                     }
                     let mut scs = [0f32; 8];
@@ -284,7 +328,11 @@ macro_rules! x86_kernels {
                         };
                         let q = legacy_q::<F>(x.add((b + j) * bb));
                         let a = ld(y.add(act_off(act(F), b + j)));
-                        let s = if signed(F) { dot_ss(init, q, a) } else { dot4(init, q, a) };
+                        let s = if signed(F) {
+                            dot_ss(init, q, a)
+                        } else {
+                            dot4(init, q, a)
+                        };
                         _mm256_fmadd_ps(_mm256_set1_ps(scs[j]), _mm256_cvtepi32_ps(s), acc)
                     };
                     if m == 8 {
@@ -327,7 +375,11 @@ macro_rules! x86_kernels {
                     F_Q5_0 => q5_quants(x, 2, 6),
                     F_Q5_1 => q5_quants(x, 4, 8),
                     _ => {
-                        let flip = if VNNI { _mm256_set1_epi8(-128) } else { _mm256_setzero_si256() };
+                        let flip = if VNNI {
+                            _mm256_set1_epi8(-128)
+                        } else {
+                            _mm256_setzero_si256()
+                        };
                         _mm256_xor_si256(ld(x.add(2)), flip)
                     }
                 }
@@ -353,7 +405,10 @@ macro_rules! x86_kernels {
                     let dmin = -yd * fp16(rd_u16(xb.add(2)));
                     let u = k4_scales_mins(xb.add(4));
                     let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                        u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32,
+                        u[3] as i32,
+                        u[2] as i32,
+                        u[1] as i32,
+                        u[0] as i32,
                     ));
                     let bsums = ld(yb.add(4 + 256));
                     let pair_sums = _mm_hadd_epi16(
@@ -364,7 +419,11 @@ macro_rules! x86_kernels {
                     acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
                     let sc128 = _mm256_castsi256_si128(ms);
                     let scales = _mm256_set_m128i(sc128, sc128);
-                    let hbits = if HI { ld(xb.add(16)) } else { _mm256_setzero_si256() };
+                    let hbits = if HI {
+                        ld(xb.add(16))
+                    } else {
+                        _mm256_setzero_si256()
+                    };
                     // Two chains (lo/hi halves): `madd_acc` latency, not throughput, bounds one.
                     let (mut sumi, mut sumi2) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                     for j in 0..4 {
@@ -415,7 +474,13 @@ macro_rules! x86_kernels {
         unsafe fn q6_k_quants(x: *const u8, h: usize) -> [__m256i; 4] {
             let m15 = _mm256_set1_epi8(15);
             // SAFETY: the caller passes a whole Q6_K block; h < 2.
-            let (l1, l2, qh) = unsafe { (ld(x.add(64 * h)), ld(x.add(64 * h + 32)), ld(x.add(128 + 32 * h))) };
+            let (l1, l2, qh) = unsafe {
+                (
+                    ld(x.add(64 * h)),
+                    ld(x.add(64 * h + 32)),
+                    ld(x.add(128 + 32 * h)),
+                )
+            };
             let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(3)), 4);
             let h1 = _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(12)), 2);
             let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(48));
@@ -440,7 +505,8 @@ macro_rules! x86_kernels {
                     let sc8 = ld128(xb.add(192));
                     let bsums = ld(yb.add(4 + 256));
                     // Σ sc·(q-32)·a = Σ sc·q·a - 32·Σ sc·bsum.
-                    let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(sc8)), 5);
+                    let sub =
+                        _mm256_slli_epi32(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(sc8)), 5);
                     let mut sumi = [_mm256_setzero_si256(); 2];
                     for h in 0..2 {
                         let q = q6_k_quants(xb, h);
@@ -466,7 +532,12 @@ macro_rules! x86_kernels {
         ///
         /// # Safety
         /// The CPU has this module's features; `w`/`a` are whole rows of `n` elements.
-        pub(in crate::quant) unsafe fn vec_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Option<f32> {
+        pub(in crate::quant) unsafe fn vec_dot(
+            ty: GgmlType,
+            n: usize,
+            w: &[u8],
+            a: &[u8],
+        ) -> Option<f32> {
             let (x, y) = (w.as_ptr(), a.as_ptr());
             // SAFETY: features per the contract; each kernel reads exactly the n/32 or
             // n/256 blocks that `w` and `a` hold.
@@ -507,13 +578,7 @@ macro_rules! x86_kernels {
             match f {
                 F_Q4_0 => 8,
                 F_Q5_0 => 16,
-                F_Q8_0 => {
-                    if VNNI {
-                        128
-                    } else {
-                        0
-                    }
-                }
+                F_Q8_0 if VNNI => 128,
                 F_Q6_K => 32,
                 _ => 0,
             }
@@ -564,8 +629,16 @@ macro_rules! x86_kernels {
             let mut info = ActInfo {
                 // +8: `gemv_legacy` loads 8 entries at a time.
                 da: vec![0.0; n_tok * nb + 8],
-                ci: if c_off(F) != 0 { vec![0; n_tok * nb * ns] } else { Vec::new() },
-                sf: if has_o(F) { vec![0.0; n_tok * nb + 8] } else { Vec::new() },
+                ci: if c_off(F) != 0 {
+                    vec![0; n_tok * nb * ns]
+                } else {
+                    Vec::new()
+                },
+                sf: if has_o(F) {
+                    vec![0.0; n_tok * nb + 8]
+                } else {
+                    Vec::new()
+                },
             };
             let ones = _mm256_set1_epi8(1);
             for t in 0..n_tok {
@@ -594,7 +667,8 @@ macro_rules! x86_kernels {
                                 let d = rd_f32(blk);
                                 info.da[t * nb + b] = d;
                                 let bs = blk.add(4 + 256 + (b % 8) * 4);
-                                let (s0, s1) = (rd_u16(bs) as i16 as i32, rd_u16(bs.add(2)) as i16 as i32);
+                                let (s0, s1) =
+                                    (rd_u16(bs) as i16 as i32, rd_u16(bs.add(2)) as i16 as i32);
                                 if has_o(F) {
                                     info.sf[t * nb + b] = d * (s0 + s1) as f32;
                                 }
@@ -629,9 +703,15 @@ macro_rules! x86_kernels {
 
         /// Decodes blocks `b0..b0+kb` of one weight row into `p.tmp[r]`, `p.s`, `p.o`.
         #[target_feature(enable = $feat)]
-        unsafe fn decode<const F: u8>(row: *const u8, b0: usize, kb: usize, r: usize, p: &mut Panel) {
+        unsafe fn decode<const F: u8>(
+            row: *const u8,
+            b0: usize,
+            kb: usize,
+            r: usize,
+            p: &mut Panel,
+        ) {
             let tmp = &mut p.tmp[r * KC..(r + 1) * KC];
-            // SAFETY (all arms): the caller passes a whole weight row at `row` that holds
+            // SAFETY: (all arms) the caller passes a whole weight row at `row` that holds
             // blocks b0..b0+kb; every offset below stays inside one block.
             unsafe {
                 match F {
@@ -655,8 +735,13 @@ macro_rules! x86_kernels {
                             let d = fp16(rd_u16(x));
                             let dmin = fp16(rd_u16(x.add(2)));
                             let u = k4_scales_mins(x.add(4));
-                            let sm: [u8; 16] = core::array::from_fn(|i| (u[i / 4] >> (8 * (i % 4))) as u8);
-                            let hbits = if hi { ld(x.add(16)) } else { _mm256_setzero_si256() };
+                            let sm: [u8; 16] =
+                                core::array::from_fn(|i| (u[i / 4] >> (8 * (i % 4))) as u8);
+                            let hbits = if hi {
+                                ld(x.add(16))
+                            } else {
+                                _mm256_setzero_si256()
+                            };
                             for j in 0..4 {
                                 let bits = ld(x.add(qs_off + 32 * j));
                                 let mut lo = _mm256_and_si256(bits, m4);
@@ -750,15 +835,18 @@ macro_rules! x86_kernels {
             let mut accf = [_mm256_setzero_ps(); T];
             for b in 0..kb {
                 let gb = b0 + b;
-                // SAFETY: block gb of each activation row is in bounds (gb < nb).
-                let ap: [*const u8; T] = core::array::from_fn(|t| unsafe { arow[t].add(act_off(act(F), gb)) });
+                let ap: [*const u8; T] = core::array::from_fn(|t| {
+                    // SAFETY: block gb of each activation row is in bounds (gb < nb).
+                    unsafe { arow[t].add(act_off(act(F), gb)) }
+                });
                 // One sub-block at a time, so only T integer accumulators are live.
                 for sb in 0..ns {
                     let mut acc = [_mm256_setzero_si256(); T];
                     if c != 0 {
                         for t in 0..T {
+                            let i = ((t0 + t) * nb + gb) * ns + sb;
                             // SAFETY: ci has n_tok·nb·ns entries; t0+t < n_tok, gb < nb.
-                            let ci = unsafe { *info.ci.get_unchecked(((t0 + t) * nb + gb) * ns + sb) };
+                            let ci = unsafe { *info.ci.get_unchecked(i) };
                             // Lanes are rows: every row gets the token's correction.
                             acc[t] = _mm256_set1_epi32(ci);
                         }
@@ -769,7 +857,11 @@ macro_rules! x86_kernels {
                         for t in 0..T {
                             // SAFETY: 4 bytes inside the 32 quants of block gb.
                             let av = _mm256_set1_epi32(unsafe { rd_i32(ap[t].add(4 * k)) });
-                            acc[t] = if signed(F) { dot_ss(acc[t], w, av) } else { dot4(acc[t], w, av) };
+                            acc[t] = if signed(F) {
+                                dot_ss(acc[t], w, av)
+                            } else {
+                                dot4(acc[t], w, av)
+                            };
                         }
                     }
                     // SAFETY: s holds KC·2·PR floats; (b·ns+sb)·PR + 8 ≤ that.
@@ -820,7 +912,11 @@ macro_rules! x86_kernels {
                 for (t, v) in acc.iter().enumerate() {
                     let o = out.add((t0 + t) * out_stride + r0);
                     if nr == PR {
-                        let v = if b0 == 0 { *v } else { _mm256_add_ps(*v, _mm256_loadu_ps(o)) };
+                        let v = if b0 == 0 {
+                            *v
+                        } else {
+                            _mm256_add_ps(*v, _mm256_loadu_ps(o))
+                        };
                         _mm256_storeu_ps(o, v);
                     } else {
                         let mut lanes = [0f32; PR];
@@ -874,16 +970,24 @@ macro_rules! x86_kernels {
                         // SAFETY: t0 + T ≤ n_tok in every arm; see `tile_store`.
                         unsafe {
                             if MAX_T >= 8 && rem >= 8 {
-                                tile_store::<F, 8>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
+                                tile_store::<F, 8>(
+                                    &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
+                                );
                                 t0 += 8;
                             } else if rem >= 4 {
-                                tile_store::<F, 4>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
+                                tile_store::<F, 4>(
+                                    &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
+                                );
                                 t0 += 4;
                             } else if rem >= 2 {
-                                tile_store::<F, 2>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
+                                tile_store::<F, 2>(
+                                    &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
+                                );
                                 t0 += 2;
                             } else {
-                                tile_store::<F, 1>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
+                                tile_store::<F, 1>(
+                                    &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
+                                );
                                 t0 += 1;
                             }
                         }
@@ -1000,8 +1104,10 @@ macro_rules! x86_kernels {
             let bb = if with_sum { Q8_1_B } else { Q8_0_B };
             let sign = _mm256_set1_ps(-0.0);
             for (x, y) in src.chunks_exact(32).zip(dst.chunks_exact_mut(bb)) {
-                // SAFETY: `x` has 32 floats.
-                let v: [__m256; 4] = core::array::from_fn(|i| unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) });
+                let v: [__m256; 4] = core::array::from_fn(|i| {
+                    // SAFETY: `x` has 32 floats.
+                    unsafe { _mm256_loadu_ps(x.as_ptr().add(8 * i)) }
+                });
                 let m = _mm256_max_ps(
                     _mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
                     _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])),
@@ -1013,11 +1119,16 @@ macro_rules! x86_kernels {
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 let idv = _mm256_set1_ps(id);
-                let q: [__m256i; 4] = core::array::from_fn(|i| _mm256_cvttps_epi32(roundf8(_mm256_mul_ps(v[i], idv))));
+                let q: [__m256i; 4] = core::array::from_fn(|i| {
+                    _mm256_cvttps_epi32(roundf8(_mm256_mul_ps(v[i], idv)))
+                });
                 let off = if with_sum { 4 } else { 2 };
                 y[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
                 if with_sum {
-                    let sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+                    let sum = hsum_i32(_mm256_add_epi32(
+                        _mm256_add_epi32(q[0], q[1]),
+                        _mm256_add_epi32(q[2], q[3]),
+                    ));
                     y[2..4].copy_from_slice(&f16::from_f32(sum as f32 * d).to_le_bytes());
                 }
                 // SAFETY: `y` has off + 32 bytes.
@@ -1047,7 +1158,11 @@ macro_rules! x86_kernels {
                 let am = _mm256_set1_ps(amax);
                 let mut max = 0f32;
                 for i in 0..32 {
-                    let hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v(i)), am, _CMP_EQ_OQ));
+                    let hit = _mm256_movemask_ps(_mm256_cmp_ps(
+                        _mm256_andnot_ps(sign, v(i)),
+                        am,
+                        _CMP_EQ_OQ,
+                    ));
                     if hit != 0 {
                         max = x[8 * i + hit.trailing_zeros() as usize];
                         break;
@@ -1065,7 +1180,9 @@ macro_rules! x86_kernels {
                     let s0 = hsum_i32(_mm256_add_epi32(q[0], q[1]));
                     let s1 = hsum_i32(_mm256_add_epi32(q[2], q[3]));
                     // SAFETY: 32 bytes at 4 + 32g inside the 292-byte block.
-                    unsafe { _mm256_storeu_si256(y.as_mut_ptr().add(4 + 32 * g).cast(), pack_i8(q)) };
+                    unsafe {
+                        _mm256_storeu_si256(y.as_mut_ptr().add(4 + 32 * g).cast(), pack_i8(q))
+                    };
                     y[260 + 4 * g..262 + 4 * g].copy_from_slice(&(s0 as i16).to_le_bytes());
                     y[262 + 4 * g..264 + 4 * g].copy_from_slice(&(s1 as i16).to_le_bytes());
                 }
@@ -1076,7 +1193,11 @@ macro_rules! x86_kernels {
         ///
         /// # Safety
         /// The CPU has this module's features; `dst.len() == ty.row_bytes(src.len())`.
-        pub(in crate::quant) unsafe fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> bool {
+        pub(in crate::quant) unsafe fn quantize_row(
+            ty: GgmlType,
+            src: &[f32],
+            dst: &mut [u8],
+        ) -> bool {
             // SAFETY: features per the contract; whole blocks.
             unsafe {
                 match ty {
@@ -1132,12 +1253,14 @@ macro_rules! x86_kernels {
                 while i + 32 <= n {
                     for (j, acc) in acc.iter_mut().enumerate() {
                         let k = i + 8 * j;
-                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), ld_f16x8(pb.add(k)), *acc);
+                        *acc =
+                            _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), ld_f16x8(pb.add(k)), *acc);
                     }
                     i += 32;
                 }
                 while i + 8 <= n {
-                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), ld_f16x8(pb.add(i)), acc[0]);
+                    acc[0] =
+                        _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), ld_f16x8(pb.add(i)), acc[0]);
                     i += 8;
                 }
             }

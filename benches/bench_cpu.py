@@ -68,7 +68,21 @@ def edgelm_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int
         pp_s, tg_s = m.bench(n_prompt, n_gen)
         pp.append(n_prompt / pp_s)
         tg.append(n_gen / tg_s)
-    return {"pp": statistics.mean(pp), "tg": statistics.mean(tg), "bytes_per_token": m.weight_bytes_per_token}
+    res = {"pp": statistics.mean(pp), "tg": statistics.mean(tg), "bytes_per_token": m.weight_bytes_per_token}
+    # Where the time goes: one more profiled run of each measure.
+    os.environ["EDGELM_PROFILE"] = "1"
+    try:
+        mp = edgelm.Model(model, n_threads=threads).native
+        mp.bench(16, 4)
+        mp.profile()
+        for key, (n_p, n_g) in (("pp", (n_prompt, 0)), ("tg", (0, n_gen))):
+            total = sum(mp.bench(n_p, n_g))
+            parts = dict(mp.profile())
+            parts["other"] = max(0.0, total - sum(parts.values()))
+            res[f"{key}_profile"] = {k: v / total for k, v in parts.items() if v > 0}
+    finally:
+        del os.environ["EDGELM_PROFILE"]
+    return res
 
 
 def main() -> int:
@@ -114,6 +128,15 @@ def main() -> int:
         lines.append(f"| {r['model']} | {r['threads']} | {a[0]} | {a[1]} | {a[2]} | {b[0]} | {b[1]} | {b[2]} "
                      f"| {r['tg_bound']:.0f} | {r['tg_fraction_of_bound']:.0%} |")
     table = "\n".join(lines)
+    prof = ["", "Where edgelm's time goes (share of wall time):", "",
+            "| model | threads | measure | matmul | attention | norm | rope | activation | other |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        for key in ("pp", "tg"):
+            p = r["edgelm"].get(f"{key}_profile", {})
+            cells = " | ".join(f"{p.get(k, 0):.0%}" for k in ("matmul", "attention", "norm", "rope", "activation", "other"))
+            prof.append(f"| {r['model']} | {r['threads']} | {key} | {cells} |")
+    table += "\n" + "\n".join(prof)
     print(table)
 
     RESULTS.mkdir(parents=True, exist_ok=True)

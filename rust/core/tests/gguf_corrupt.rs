@@ -180,7 +180,7 @@ fn every_truncation_is_an_error_not_a_panic() {
 #[test]
 fn mutation_fuzz_never_panics() {
     let good = valid().to_bytes();
-    let rounds: usize = std::env::var("EDGELM_FUZZ_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3000);
+    let rounds: usize = std::env::var("EDGELM_FUZZ_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(50_000);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     let mut s: u64 = 0x2545_f491_4f6c_dd1d;
     let mut rnd = move || {

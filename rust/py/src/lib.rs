@@ -105,6 +105,17 @@ impl Model {
         self.engine.model.weight_bytes_per_token()
     }
 
+    /// Seconds spent per kind of operation since the last call (needs EDGELM_PROFILE=1
+    /// at load; empty otherwise). Resets the counters.
+    fn profile(&self) -> Vec<(&'static str, f64)> {
+        let p = &self.engine.model.profile;
+        if p.enabled() {
+            p.take()
+        } else {
+            Vec::new()
+        }
+    }
+
     fn is_eog(&self, token: u32) -> bool {
         self.engine.tokenizer.is_eog(token)
     }
@@ -297,7 +308,7 @@ fn dequantize<'py>(py: Python<'py>, ggml_type: u32, data: &[u8], n: usize) -> Py
 
 /// Memory read bandwidth in bytes/s (best of `reps` passes over `n_bytes`).
 #[pyfunction]
-#[pyo3(signature = (n_bytes=1 << 30, n_threads=1, reps=5))]
+#[pyo3(signature = (n_bytes=1073741824, n_threads=1, reps=5))]
 fn read_bandwidth(py: Python<'_>, n_bytes: usize, n_threads: usize, reps: usize) -> f64 {
     py.detach(|| edgelm_core::bench::read_bandwidth(n_bytes, n_threads, reps))
 }

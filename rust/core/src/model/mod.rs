@@ -82,6 +82,59 @@ pub struct Model {
     output: Weight,            // [n_vocab][n_embd] (tied to tok_embd when absent)
     output_bias: Option<Vec<f32>>, // [n_vocab]
     rope_freqs: Option<Vec<f32>>, // [n_rot/2] llama3-style frequency divisors
+    pub profile: Profile,
+}
+
+/// Where a step's time goes, by kind of operation; on when `EDGELM_PROFILE` is set
+/// at load (off, it costs one branch per operation).
+#[derive(Debug, Default)]
+pub struct Profile {
+    enabled: bool,
+    ns: [std::sync::atomic::AtomicU64; Op::COUNT],
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum Op {
+    Matmul,
+    Attention,
+    Norm,
+    Rope,
+    Activation,
+    Other,
+}
+
+impl Op {
+    const COUNT: usize = 6;
+    pub const ALL: [Op; Op::COUNT] = [Op::Matmul, Op::Attention, Op::Norm, Op::Rope, Op::Activation, Op::Other];
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Matmul => "matmul",
+            Op::Attention => "attention",
+            Op::Norm => "norm",
+            Op::Rope => "rope",
+            Op::Activation => "activation",
+            Op::Other => "other",
+        }
+    }
+}
+
+impl Profile {
+    fn time<R>(&self, op: Op, f: impl FnOnce() -> R) -> R {
+        if !self.enabled {
+            return f();
+        }
+        let t0 = std::time::Instant::now();
+        let r = f();
+        self.ns[op as usize].fetch_add(t0.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+    /// Seconds per kind of operation since the last call; resets the counters.
+    pub fn take(&self) -> Vec<(&'static str, f64)> {
+        Op::ALL.iter().map(|&op| (op.name(), self.ns[op as usize].swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9)).collect()
+    }
 }
 
 /// What one sequence contributes to a step.
@@ -152,7 +205,8 @@ impl Model {
         let output_norm = t.vector("output_norm.weight", e)?;
         let rope_freqs = t.opt_vector("rope_freqs.weight", cfg.n_rot / 2)?;
         let output_bias = t.opt_vector("output.bias", v)?;
-        Ok(Model { cfg, tok_embd, layers, output_norm, output, output_bias, rope_freqs, file: Arc::clone(&file) })
+        let profile = Profile { enabled: std::env::var_os("EDGELM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0"), ..Default::default() };
+        Ok(Model { cfg, tok_embd, layers, output_norm, output, output_bias, rope_freqs, profile, file: Arc::clone(&file) })
     }
 
     /// Bytes of weights the forward pass reads per token (the bandwidth bound).
@@ -209,10 +263,10 @@ impl Model {
 
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
-            ops::rms_norm_rows(pool, &x, &mut h, &l.attn_norm, e, cfg.rms_eps);
-            ops::matmul(pool, kern, &l.wq, &h, n_tok, &mut q);
-            ops::matmul(pool, kern, &l.wk, &h, n_tok, &mut k);
-            ops::matmul(pool, kern, &l.wv, &h, n_tok, &mut v);
+            self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &x, &mut h, &l.attn_norm, e, cfg.rms_eps));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wq, &h, n_tok, &mut q));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wk, &h, n_tok, &mut k));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wv, &h, n_tok, &mut v));
             // Each bias is optional on its own, as llama.cpp loads them.
             for (buf, b) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
                 if let Some(b) = b {
@@ -220,14 +274,14 @@ impl Model {
                 }
             }
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                ops::rms_norm_inplace_rows(pool, &mut q, qn, cfg.head_dim, cfg.rms_eps);
-                ops::rms_norm_inplace_rows(pool, &mut k, kn, cfg.head_dim, cfg.rms_eps);
+                self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut q, qn, cfg.head_dim, cfg.rms_eps));
+                self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut k, kn, cfg.head_dim, cfg.rms_eps));
             }
             let swa = cfg.swa_layers[il];
             let base = if swa { cfg.rope_base_swa } else { cfg.rope_base };
             let rope = ops::Rope { n_rot: cfg.n_rot, head_dim: cfg.head_dim, base, neox: cfg.rope_neox, freq_factors: self.rope_freqs.as_deref() };
-            rope.apply(pool, &mut q, &positions, cfg.n_head);
-            rope.apply(pool, &mut k, &positions, cfg.n_head_kv);
+            self.profile.time(Op::Rope, || rope.apply(pool, &mut q, &positions, cfg.n_head));
+            self.profile.time(Op::Rope, || rope.apply(pool, &mut k, &positions, cfg.n_head_kv));
 
             let mut t0 = 0;
             for s in seqs {
@@ -244,27 +298,27 @@ impl Model {
                 t0 += s.tokens.len();
             }
             let window = if swa { cfg.swa_window } else { None };
-            ops::attention(pool, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window);
-            ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o);
+            self.profile.time(Op::Attention, || ops::attention(pool, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o));
             if let Some(b) = &l.bo {
                 ops::add_bias_rows(&mut o, b);
             }
             if let Some(pn) = &l.post_attn_norm {
-                ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps);
+                self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps));
             }
             ops::add_inplace(&mut x, &o);
 
             // feed-forward block
-            ops::rms_norm_rows(pool, &x, &mut h, &l.ffn_norm, e, cfg.rms_eps);
-            ops::matmul(pool, kern, &l.gate, &h, n_tok, &mut g);
-            ops::matmul(pool, kern, &l.up, &h, n_tok, &mut u);
+            self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &x, &mut h, &l.ffn_norm, e, cfg.rms_eps));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.gate, &h, n_tok, &mut g));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.up, &h, n_tok, &mut u));
             match cfg.arch {
-                Arch::Gemma3 => ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff),
-                Arch::Llama | Arch::Qwen2 => ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff),
+                Arch::Gemma3 => self.profile.time(Op::Activation, || ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff)),
+                Arch::Llama | Arch::Qwen2 => self.profile.time(Op::Activation, || ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff)),
             }
-            ops::matmul(pool, kern, &l.down, &g, n_tok, &mut o);
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.down, &g, n_tok, &mut o));
             if let Some(pn) = &l.post_ffn_norm {
-                ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps);
+                self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps));
             }
             ops::add_inplace(&mut x, &o);
         }
@@ -288,10 +342,10 @@ impl Model {
             xs[j * e..(j + 1) * e].copy_from_slice(&x[t * e..(t + 1) * e]);
         }
         let mut hs = vec![0f32; n_out * e];
-        ops::rms_norm_rows(pool, &xs, &mut hs, &self.output_norm, e, cfg.rms_eps);
+        self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &xs, &mut hs, &self.output_norm, e, cfg.rms_eps));
         let mut logits = vec![0f32; n_out * cfg.n_vocab];
         if n_out > 0 {
-            ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits);
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits));
         }
         if let Some(b) = &self.output_bias {
             ops::add_bias_rows(&mut logits, b);

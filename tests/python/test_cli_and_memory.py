@@ -24,6 +24,24 @@ def test_info_describes_the_model() -> None:
     assert "262144 tokens, tokenizer 'llama'" in out
     for ty in ("Q4_K", "Q5_0", "Q6_K", "Q8_0", "F32"):
         assert f"  {ty} " in out
+    from edgelm import _native
+
+    assert f"CPU kernels:   {_native.kernel_level()} " in out
+
+
+def test_kernel_level_can_be_forced() -> None:
+    import os
+
+    from edgelm import _native
+
+    levels = _native.available_kernel_levels()
+    assert levels[0] == "scalar"
+    for level in levels:
+        env = dict(os.environ, EDGELM_KERNEL_LEVEL=level)
+        r = subprocess.run([sys.executable, "-m", "edgelm.cli", "info", str(model_path(SMOLLM2))],
+                           capture_output=True, text=True, timeout=600, env=env)
+        assert r.returncode == 0, r.stderr
+        assert f"CPU kernels:   {level} " in r.stdout
 
 
 def test_run_streams_a_greedy_continuation() -> None:

@@ -8,6 +8,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use edgelm_core::gguf::{Array, Gguf, GgufWriter, Value};
 use edgelm_core::model::Model;
 use edgelm_core::quant::GgmlType;
+use edgelm_core::tokenizer::Tokenizer;
 
 use common::{tiny_llama, Tiny};
 
@@ -29,14 +30,18 @@ fn put_str(b: &mut Vec<u8>, s: &str) {
     b.extend_from_slice(s.as_bytes());
 }
 
-/// Parse + build a model; return the error text of whichever failed.
+/// Parse, build the model and its tokenizer; return the error text of whichever failed.
 fn load_err(bytes: Vec<u8>) -> String {
-    match Gguf::from_bytes(bytes) {
+    let g = match Gguf::from_bytes(bytes) {
+        Err(e) => return e.to_string(),
+        Ok(g) => g,
+    };
+    if let Err(e) = Model::load(g.clone()) {
+        return e.to_string();
+    }
+    match Tokenizer::from_gguf(&g) {
         Err(e) => e.to_string(),
-        Ok(g) => match Model::load(g) {
-            Err(e) => e.to_string(),
-            Ok(_) => "loaded fine".to_string(),
-        },
+        Ok(_) => "loaded fine".to_string(),
     }
 }
 
@@ -138,6 +143,9 @@ fn corrupt_file_table() {
         ("metadata of the wrong type", {
             let mut w = valid(); w.kv("llama.embedding_length", Value::Str("576".into())); w.to_bytes()
         }, "metadata key \"llama.embedding_length\" must be a non-negative integer"),
+        ("absurd block count", { let mut w = valid(); w.kv("llama.block_count", Value::U32(1_000_000)); w.to_bytes() }, "metadata key \"llama.block_count\" is 1000000; the limit is 1024"),
+        ("block count beyond the tensors", { let mut w = valid(); w.kv("llama.block_count", Value::U32(40)); w.to_bytes() }, "block_count 40 needs at least 360 tensors but the file has"),
+        ("absurd embedding length", { let mut w = valid(); w.kv("llama.embedding_length", Value::U64(1 << 40)); w.to_bytes() }, "\"llama.embedding_length\" is 1099511627776; the limit is 131072"),
         ("heads do not divide", { let mut w = valid(); w.kv("llama.attention.head_count_kv", Value::U32(3)); w.to_bytes() }, "must be a multiple of attention.head_count_kv (3)"),
         ("missing tensor", { let mut w = valid(); w.remove_tensor("blk.1.ffn_up.weight"); w.to_bytes() }, "required tensor \"blk.1.ffn_up.weight\" is missing"),
         ("tensor shape disagrees with metadata", with_tensor_replaced("blk.0.attn_q.weight", 64, 32), "tensor \"blk.0.attn_q.weight\" has shape [64, 32] but the metadata implies [64, 64]"),

@@ -6,6 +6,20 @@ use crate::gguf::Gguf;
 
 pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "gemma3"];
 
+/// Limits on hyper-parameters, checked before anything is sized from them (the file is
+/// untrusted). Each is far beyond any published model of the supported families.
+const LIMITS: &[(&str, usize)] = &[
+    ("block_count", 1024),
+    ("embedding_length", 1 << 17),
+    ("feed_forward_length", 1 << 20),
+    ("attention.head_count", 1 << 12),
+    ("attention.head_count_kv", 1 << 12),
+    ("attention.key_length", 1 << 13),
+    ("attention.value_length", 1 << 13),
+    ("context_length", 1 << 24),
+    ("vocab_size", 1 << 22),
+];
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Arch {
     /// SmolLM2, Llama 2/3, TinyLlama, Mistral: RMSNorm, RoPE (normal layout), SwiGLU.
@@ -85,6 +99,14 @@ impl Config {
             }
         };
         let opt_f = |k: &str| g.get_f32(&format!("{a}.{k}"));
+        for &(k, max) in LIMITS {
+            let key = format!("{a}.{k}");
+            if let Some(v) = g.get_usize(&key)? {
+                if v > max {
+                    return Err(Error::model(format!("metadata key {key:?} is {v}; the limit is {max}")));
+                }
+            }
+        }
         let n_embd = req("embedding_length")?;
         let n_layer = req("block_count")?;
         let n_head = req("attention.head_count")?;
@@ -103,6 +125,17 @@ impl Config {
             })?,
         };
 
+        if n_vocab == 0 || n_vocab > 1 << 22 {
+            return Err(Error::model(format!("vocabulary size {n_vocab} is out of range (1 to {})", 1 << 22)));
+        }
+        // Every layer needs at least 9 tensors: a block count beyond that is a lie.
+        if n_layer * 9 > g.tensors().len() {
+            return Err(Error::model(format!(
+                "block_count {n_layer} needs at least {} tensors but the file has {}",
+                n_layer * 9,
+                g.tensors().len()
+            )));
+        }
         if n_head_kv == 0 || n_head % n_head_kv != 0 {
             return Err(Error::model(format!(
                 "attention.head_count ({n_head}) must be a multiple of attention.head_count_kv ({n_head_kv})"

@@ -98,7 +98,7 @@ pub fn tiny_llama(t: &Tiny) -> GgufWriter {
     types[t.n_vocab - 2] = 3;
     types[t.n_vocab - 1] = 3;
     w.kv("tokenizer.ggml.model", Value::Str("gpt2".into()))
-        .kv("tokenizer.ggml.pre", Value::Str("gpt2".into()))
+        .kv("tokenizer.ggml.pre", Value::Str("gpt-2".into()))
         .kv("tokenizer.ggml.tokens", Value::Array(Array::Str(toks)))
         .kv("tokenizer.ggml.token_type", Value::Array(Array::I32(types)))
         .kv("tokenizer.ggml.merges", Value::Array(Array::Str(vec![])))

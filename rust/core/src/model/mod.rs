@@ -298,7 +298,7 @@ impl Model {
                 t0 += s.tokens.len();
             }
             let window = if swa { cfg.swa_window } else { None };
-            self.profile.time(Op::Attention, || ops::attention(pool, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window));
+            self.profile.time(Op::Attention, || ops::attention(pool, kern, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window));
             self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o));
             if let Some(b) = &l.bo {
                 ops::add_bias_rows(&mut o, b);

@@ -170,6 +170,7 @@ pub const FA_TILE_Q: usize = 64;
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     pool: &ThreadPool,
+    kern: &Kernels,
     kv: &KvCache,
     layer: usize,
     cfg: &Config,
@@ -192,7 +193,7 @@ pub fn attention(
         // (a key at j is masked when p - j >= window, as llama.cpp masks).
         let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
         let row_path = seq.tokens.len() < FA_TILE_Q;
-        let mut scratch = AttnScratch::new(p + 1 - lo, hd, hdv);
+        let mut sc = AttnScratch::new(p + 1 - lo, hd, hdv);
         for h in 0..cfg.n_head {
             let kvh = h / group;
             let qh = &q_row[h * hd..(h + 1) * hd];
@@ -200,9 +201,9 @@ pub fn attention(
             let k_at = |j: usize| &kv.k_row(layer, table, j)[kvh * hd..(kvh + 1) * hd];
             let v_at = |j: usize| &kv.v_row(layer, table, j)[kvh * hdv..(kvh + 1) * hdv];
             if row_path {
-                attend_row_f16(&mut scratch, qh, lo..p + 1, scale, k_at, v_at, o);
+                attend_row_f16(kern, &mut sc, qh, lo..p + 1, scale, k_at, v_at, o);
             } else {
-                attend_f32(&mut scratch, qh, lo..p + 1, scale, k_at, v_at, o);
+                attend_f32(kern, &mut sc, qh, lo..p + 1, scale, k_at, v_at, o);
             }
         }
     });
@@ -210,20 +211,31 @@ pub fn attention(
 
 struct AttnScratch {
     scores: Vec<f32>,
-    q16: Vec<f16>,
-    acc16: Vec<f16>,
+    /// q rounded through f16, held as f32 (exact).
+    q16: Vec<f32>,
+    /// The f16 accumulator of the row path, held as f32 values that f16 represents.
     acc: Vec<f32>,
+    round: Vec<f16>,
 }
 
 impl AttnScratch {
     fn new(n: usize, hd: usize, hdv: usize) -> Self {
-        AttnScratch { scores: vec![0.0; n], q16: vec![f16::ZERO; hd], acc16: vec![f16::ZERO; hdv], acc: vec![0.0; hdv] }
+        AttnScratch { scores: vec![0.0; n], q16: vec![0.0; hd], acc: vec![0.0; hdv], round: vec![f16::ZERO; hdv.max(hd)] }
     }
+}
+
+/// Round every value through f16 (vectorised F16C/NEON conversions both ways).
+fn round_f16(kern: &Kernels, x: &mut [f32], tmp: &mut [f16]) {
+    let tmp = &mut tmp[..x.len()];
+    kern.f32_to_f16_row(x, tmp);
+    kern.f16_to_f32_row(tmp, x);
 }
 
 /// One query row the way ggml's `flash_attn_ext_f16_one_chunk` computes it for an
 /// f16 cache: q → f16, s = q·k, online softmax, V accumulated in f16.
+#[allow(clippy::too_many_arguments)]
 fn attend_row_f16<'a>(
+    kern: &Kernels,
     sc: &mut AttnScratch,
     q: &[f32],
     keys: std::ops::Range<usize>,
@@ -232,37 +244,36 @@ fn attend_row_f16<'a>(
     v_at: impl Fn(usize) -> &'a [f16],
     out: &mut [f32],
 ) {
-    for (d, &x) in sc.q16.iter_mut().zip(q) {
-        *d = f16::from_f32(x);
-    }
-    sc.acc16.iter_mut().for_each(|a| *a = f16::ZERO);
+    sc.q16.copy_from_slice(q);
+    round_f16(kern, &mut sc.q16, &mut sc.round);
+    sc.acc.iter_mut().for_each(|a| *a = 0.0);
     let (mut m, mut sum) = (f32::NEG_INFINITY, 0f32);
     for j in keys {
-        let s = dot_f16_f16(&sc.q16, k_at(j)) * scale;
+        let s = kern.dot_f32_f16(&sc.q16, k_at(j)) * scale;
         let (mut ms, mut vs) = (1f32, 1f32);
         if s > m {
             let m_old = m;
             m = s;
             ms = (m_old - m).exp();
-            for a in sc.acc16.iter_mut() {
-                *a = f16::from_f32(a.to_f32() * ms);
-            }
+            sc.acc.iter_mut().for_each(|a| *a *= ms);
+            round_f16(kern, &mut sc.acc, &mut sc.round);
         } else {
             vs = (s - m).exp();
         }
-        for (a, &v) in sc.acc16.iter_mut().zip(v_at(j)) {
-            *a = f16::from_f32(a.to_f32() + v.to_f32() * vs);
-        }
+        kern.axpy_f16(&mut sc.acc, vs, v_at(j));
+        round_f16(kern, &mut sc.acc, &mut sc.round);
         sum = sum * ms + vs;
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, a) in out.iter_mut().zip(&sc.acc16) {
-        *o = a.to_f32() * inv;
+    for (o, &a) in out.iter_mut().zip(&sc.acc) {
+        *o = a * inv;
     }
 }
 
 /// f32 attention (ggml's tiled path for long prompts computes in f32 too).
+#[allow(clippy::too_many_arguments)]
 fn attend_f32<'a>(
+    kern: &Kernels,
     sc: &mut AttnScratch,
     q: &[f32],
     keys: std::ops::Range<usize>,
@@ -276,7 +287,7 @@ fn attend_f32<'a>(
     let scores = &mut sc.scores[..n];
     let mut max = f32::NEG_INFINITY;
     for (j, s) in scores.iter_mut().enumerate() {
-        *s = dot_f32_f16(q, k_at(lo + j)) * scale;
+        *s = kern.dot_f32_f16(q, k_at(lo + j)) * scale;
         max = max.max(*s);
     }
     let mut sum = 0f32;
@@ -286,24 +297,12 @@ fn attend_f32<'a>(
     }
     sc.acc.iter_mut().for_each(|a| *a = 0.0);
     for (j, &s) in scores.iter().enumerate() {
-        for (a, &vv) in sc.acc.iter_mut().zip(v_at(lo + j)) {
-            *a += s * vv.to_f32();
-        }
+        kern.axpy_f16(&mut sc.acc, s, v_at(lo + j));
     }
     let inv = 1.0 / sum;
     for (o, &a) in out.iter_mut().zip(&sc.acc) {
         *o = a * inv;
     }
-}
-
-#[inline]
-fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
-    a.iter().zip(b).map(|(&x, &y)| x * y.to_f32()).sum()
-}
-
-#[inline]
-fn dot_f16_f16(a: &[f16], b: &[f16]) -> f32 {
-    a.iter().zip(b).map(|(&x, &y)| x.to_f32() * y.to_f32()).sum()
 }
 
 /// g = silu(g) * u, rows of `width`.

@@ -94,7 +94,13 @@ def main() -> int:
     ap.add_argument("--n-gen", type=int, default=64)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--name", default="cpu", help="results file stem")
+    ap.add_argument("--chart-only", action="store_true", help="redraw the PNG from the saved JSON")
     args = ap.parse_args()
+    if args.chart_only:
+        saved = json.loads((RESULTS / f"{args.name}.json").read_text())
+        m = saved["meta"]
+        _chart(saved["rows"], RESULTS / f"{args.name}.png", f"pp{m['n_prompt']}", f"tg{m['n_gen']}")
+        return 0
 
     import edgelm
 
@@ -173,14 +179,18 @@ def _chart(rows: list[dict], out: Path, pp: str, tg: str) -> None:  # type: igno
         print("matplotlib missing: no chart", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['model'].replace('.gguf', '')}\n{r['threads']}t" for r in rows]
+    def short(name: str) -> str:
+        name = name.replace(".gguf", "").replace("SmolLM2-135M-Instruct.", "SmolLM2 ")
+        return name.replace("gemma-3-270m-q4_k_m", "Gemma3 Q4_K_M")
+
+    labels = [f"{short(r['model'])} {r['threads']}t" for r in rows]
     x = range(len(rows))
     for ax, key, title in ((axes[0], "pp", pp), (axes[1], "tg", tg)):
         ours = [r["edgelm"][key] for r in rows]
         peer = [r["llama.cpp"][key] if r["llama.cpp"] else 0 for r in rows]
         ax.bar([i - 0.2 for i in x], ours, 0.4, label="edgelm")
         ax.bar([i + 0.2 for i in x], peer, 0.4, label="llama.cpp")
-        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set_xticks(list(x), labels, fontsize=7, rotation=45, ha="right")
         ax.set_title(f"{title} (tokens/s)")
         ax.legend()
     fig.tight_layout()

@@ -7,6 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"   # the Rust tests call python3 with gguf installed
+echo "== cargo clippy (warnings are errors)" >&2
+cargo clippy -q -p edgelm-core -p edgelm-py -- -D warnings
 echo "== cargo test (edgelm-core)" >&2
 cargo test -p edgelm-core
 echo "== mypy.stubtest + mypy" >&2

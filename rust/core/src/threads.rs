@@ -105,7 +105,7 @@ impl ThreadPool {
         let mut spins = 0u32;
         while s.done.load(Ordering::Acquire) < workers {
             spins = spins.wrapping_add(1);
-            if spins % 1024 == 0 {
+            if spins.is_multiple_of(1024) {
                 thread::yield_now();
             } else {
                 std::hint::spin_loop();
@@ -156,7 +156,7 @@ fn worker(s: Arc<Shared>) {
             if spins < SPIN_LIMIT {
                 // Yield now and then: on an oversubscribed machine the thread that
                 // would publish the next job may be waiting for this core.
-                if spins % 256 == 0 {
+                if spins.is_multiple_of(256) {
                     thread::yield_now();
                 } else {
                     std::hint::spin_loop();

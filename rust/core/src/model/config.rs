@@ -144,8 +144,12 @@ impl Config {
         if head_dim == 0 || n_rot > head_dim || n_rot % 2 != 0 {
             return Err(Error::model(format!("rope.dimension_count {n_rot} must be even and at most the head size {head_dim}")));
         }
-        if !(rms_eps.is_finite() && rms_eps > 0.0) || !(rope_base.is_finite() && rope_base > 0.0) {
-            return Err(Error::model(format!("bad norm epsilon {rms_eps} or RoPE base {rope_base}")));
+        let positive = |v: f32| v.is_finite() && v > 0.0;
+        if !positive(rms_eps) {
+            return Err(Error::model(format!("{a}.attention.layer_norm_rms_epsilon is {rms_eps}; it must be a positive number")));
+        }
+        if !positive(rope_base) {
+            return Err(Error::model(format!("{a}.rope.freq_base is {rope_base}; it must be a positive number")));
         }
 
         let mut cfg = Config {

@@ -351,6 +351,110 @@ macro_rules! x86_kernels {
             hsum_ps(_mm256_add_ps(acc0, acc1)) + hsum_ps(accm)
         }
 
+        /// How far ahead of each row `gemv_legacy4` prefetches, in bytes. The hardware
+        /// prefetcher stops at 4 KiB pages and at the end of each weight matrix; 4 KiB
+        /// ahead keeps the streams warm across both, on into the rows of the next group
+        /// and the next tensor of the mapped file. Measured (SmolLM2-135M, one thread):
+        /// 2 KiB is ~20% slower, 8 and 16 KiB are no faster.
+        const PF_AHEAD: usize = 4096;
+
+        /// `gemv_legacy` over 4 weight rows at once: each activation block (and its
+        /// scale and correction) is loaded once for 4 rows, and the 4 rows' fma chains are
+        /// independent, so the loop is bound by the weight stream instead of by one
+        /// chain's latency. Each row sums its blocks in the same order as `gemv_legacy`
+        /// but in one accumulator.
+        #[target_feature(enable = $feat)]
+        unsafe fn gemv_legacy4<const F: u8>(
+            nb: usize,
+            x: [*const u8; 4],
+            y: *const u8,
+            info: &ActInfo,
+        ) -> [f32; 4] {
+            let (bb, _) = legacy_layout(F);
+            let c = c_off(F);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut accm = [_mm256_setzero_ps(); 4];
+            let mut b = 0;
+            while b < nb {
+                let m = 8.min(nb - b);
+                // SAFETY: blocks b..b+m of every row exist; da/sf are padded by 8 entries
+                // past the last block; every other access is to block b+j < nb. The
+                // prefetch address is never dereferenced (prefetches do not fault).
+                unsafe {
+                    let da = _mm256_loadu_ps(info.da.as_ptr().add(b));
+                    let mut scs = [[0f32; 8]; 4];
+                    for r in 0..4 {
+                        let rd = |j: usize, off: usize| {
+                            if j < m {
+                                rd_u16(x[r].add((b + j) * bb + off)) as i16
+                            } else {
+                                0
+                            }
+                        };
+                        let dw = _mm256_cvtph_ps(_mm_setr_epi16(
+                            rd(0, 0),
+                            rd(1, 0),
+                            rd(2, 0),
+                            rd(3, 0),
+                            rd(4, 0),
+                            rd(5, 0),
+                            rd(6, 0),
+                            rd(7, 0),
+                        ));
+                        _mm256_storeu_ps(scs[r].as_mut_ptr(), _mm256_mul_ps(dw, da));
+                        if has_o(F) {
+                            let mw = _mm256_cvtph_ps(_mm_setr_epi16(
+                                rd(0, 2),
+                                rd(1, 2),
+                                rd(2, 2),
+                                rd(3, 2),
+                                rd(4, 2),
+                                rd(5, 2),
+                                rd(6, 2),
+                                rd(7, 2),
+                            ));
+                            let sf = _mm256_loadu_ps(info.sf.as_ptr().add(b));
+                            accm[r] = _mm256_fmadd_ps(mw, sf, accm[r]);
+                        }
+                        // One prefetch per 64-byte line of this group, `PF_AHEAD` on:
+                        // worth ~1.5-2x decode speed over the hardware prefetcher alone.
+                        let pf = x[r].wrapping_add(b * bb + PF_AHEAD);
+                        let mut o = 0;
+                        while o < 8 * bb {
+                            _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(o) as *const i8);
+                            o += 64;
+                        }
+                    }
+                    for j in 0..m {
+                        // Lanes are partial sums of a row: the correction goes in lane 0.
+                        let init = if c != 0 {
+                            let ci = *info.ci.get_unchecked(b + j);
+                            _mm256_zextsi128_si256(_mm_cvtsi32_si128(ci))
+                        } else {
+                            _mm256_setzero_si256()
+                        };
+                        let a = ld(y.add(act_off(act(F), b + j)));
+                        for r in 0..4 {
+                            let q = legacy_q::<F>(x[r].add((b + j) * bb));
+                            let s = if signed(F) {
+                                dot_ss(init, q, a)
+                            } else {
+                                dot4(init, q, a)
+                            };
+                            let sc = _mm256_set1_ps(scs[r][j]);
+                            acc[r] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(s), acc[r]);
+                        }
+                    }
+                }
+                b += 8;
+            }
+            let mut out = [0f32; 4];
+            for r in 0..4 {
+                out[r] = hsum_ps(acc[r]) + hsum_ps(accm[r]);
+            }
+            out
+        }
+
         /// Block bytes and quant offset of a legacy format.
         const fn legacy_layout(f: u8) -> (usize, usize) {
             match f {
@@ -1004,7 +1108,24 @@ macro_rules! x86_kernels {
             // SAFETY: `a` is one whole activation row; each `wr` one whole weight row.
             unsafe {
                 let info = act_info::<F>(a, 1, nb, a.len());
-                for (o, wr) in out.iter_mut().zip(w.chunks_exact(wrb)) {
+                let n_rows = out.len().min(w.len() / wrb);
+                let wp = w.as_ptr();
+                let mut r = 0;
+                while r + 4 <= n_rows {
+                    let x = [
+                        wp.add(r * wrb),
+                        wp.add((r + 1) * wrb),
+                        wp.add((r + 2) * wrb),
+                        wp.add((r + 3) * wrb),
+                    ];
+                    let o4 = gemv_legacy4::<F>(nb, x, a.as_ptr(), &info);
+                    out[r..r + 4].copy_from_slice(&o4);
+                    r += 4;
+                }
+                for (o, wr) in out[r..n_rows]
+                    .iter_mut()
+                    .zip(w[r * wrb..].chunks_exact(wrb))
+                {
                     *o = gemv_legacy::<F>(nb, wr.as_ptr(), a.as_ptr(), &info);
                 }
             }

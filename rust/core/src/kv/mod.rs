@@ -93,17 +93,6 @@ impl KvCache {
         &self.v[layer][s * dv..(s + 1) * dv]
     }
 
-    /// Copy whole blocks (used when a shared, partially filled block must be forked).
-    pub fn copy_block(&mut self, src: u32, dst: u32) {
-        let bs = self.shape.block_size;
-        let (dk, dv) = (self.shape.kv_dim_k, self.shape.kv_dim_v);
-        let (s, d) = (src as usize, dst as usize);
-        for l in 0..self.shape.n_layer {
-            self.k[l].copy_within(s * bs * dk..(s + 1) * bs * dk, d * bs * dk);
-            self.v[l].copy_within(s * bs * dv..(s + 1) * bs * dv, d * bs * dv);
-        }
-    }
-
     /// Check a block table can hold `n_pos` positions and names only real blocks.
     pub fn check_table(&self, table: &[u32], n_pos: usize) -> Result<()> {
         let need = n_pos.div_ceil(self.shape.block_size);
@@ -141,8 +130,5 @@ impl BlockAllocator {
             table.push(b);
         }
         Ok(())
-    }
-    pub fn release(&mut self, table: &mut Vec<u32>) {
-        self.free.extend(table.drain(..).rev());
     }
 }

@@ -100,12 +100,11 @@ pub enum Op {
     Norm,
     Rope,
     Activation,
-    Other,
 }
 
 impl Op {
-    const COUNT: usize = 6;
-    pub const ALL: [Op; Op::COUNT] = [Op::Matmul, Op::Attention, Op::Norm, Op::Rope, Op::Activation, Op::Other];
+    const COUNT: usize = 5;
+    pub const ALL: [Op; Op::COUNT] = [Op::Matmul, Op::Attention, Op::Norm, Op::Rope, Op::Activation];
     pub fn name(self) -> &'static str {
         match self {
             Op::Matmul => "matmul",
@@ -113,7 +112,6 @@ impl Op {
             Op::Norm => "norm",
             Op::Rope => "rope",
             Op::Activation => "activation",
-            Op::Other => "other",
         }
     }
 }
@@ -162,11 +160,6 @@ pub struct StepLogits {
     pub rows: Vec<(usize, usize)>,
 }
 
-impl StepLogits {
-    pub fn row(&self, i: usize) -> &[f32] {
-        &self.data[i * self.n_vocab..(i + 1) * self.n_vocab]
-    }
-}
 
 impl Model {
     pub fn load(file: Arc<Gguf>) -> Result<Model> {

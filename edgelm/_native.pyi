@@ -7,6 +7,7 @@ from typing import Any, final
 __all__ = [
     "CacheFullError",
     "EdgelmError",
+    "Executor",
     "GGUFFormatError",
     "Generator",
     "InvalidRequestError",
@@ -104,3 +105,32 @@ def physical_cores() -> int: ...
 def kernel_level() -> str: ...
 def available_kernel_levels() -> list[str]: ...
 def read_bandwidth(n_bytes: int = 1073741824, n_threads: int = 1, reps: int = 5) -> float: ...
+
+@final
+class Executor:
+    def __new__(cls, model: Model, n_blocks: int) -> Executor: ...
+    @property
+    def n_blocks(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    def add(
+        self,
+        seq_id: int,
+        prompt: list[int],
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        frequency_penalty: float = 0.0,
+        presence_penalty: float = 0.0,
+        seed: int | None = None,
+        n_logprobs: int = 0,
+    ) -> None: ...
+    def remove(self, seq_id: int) -> str | None: ...
+    def n_sequences(self) -> int: ...
+    def history(self, seq_id: int) -> list[int] | None: ...
+    def step(
+        self, items: list[tuple[int, int, int, list[int], bool]]
+    ) -> list[tuple[int, int, float, list[tuple[int, float]], str]]: ...

@@ -103,7 +103,7 @@ impl Engine {
         let table: Vec<u32> = (0..kv.shape.n_blocks as u32).collect();
         let mut out = Vec::with_capacity(ids.len() * self.model.cfg.n_vocab);
         for (ci, chunk) in ids.chunks(PROMPT_CHUNK).enumerate() {
-            let seq = SeqInput { tokens: chunk, pos: ci * PROMPT_CHUNK, block_table: &table, logits: LogitsWanted::All };
+            let seq = SeqInput::new(chunk, ci * PROMPT_CHUNK, &table, LogitsWanted::All);
             let r = self.forward(&mut kv, &[seq])?;
             out.extend_from_slice(&r.data);
         }
@@ -250,12 +250,8 @@ impl Generation {
         while self.n_past < self.history.len() {
             let end = (self.n_past + PROMPT_CHUNK).min(self.history.len());
             self.alloc.ensure(&mut self.table, end, BLOCK_SIZE)?;
-            let seq = SeqInput {
-                tokens: &self.history[self.n_past..end],
-                pos: self.n_past,
-                block_table: &self.table,
-                logits: if end == self.history.len() { LogitsWanted::Last } else { LogitsWanted::None },
-            };
+            let wanted = if end == self.history.len() { LogitsWanted::Last } else { LogitsWanted::None };
+            let seq = SeqInput::new(&self.history[self.n_past..end], self.n_past, &self.table, wanted);
             let kv = &mut self.kv;
             let r = engine.forward(kv, &[seq])?;
             self.n_past = end;
@@ -333,7 +329,7 @@ impl Engine {
             let mut kv = KvCache::new(self.kv_shape(n_blocks))?;
             let t0 = std::time::Instant::now();
             for (ci, chunk) in ids[..n_prompt].chunks(PROMPT_CHUNK).enumerate() {
-                let seq = SeqInput { tokens: chunk, pos: ci * PROMPT_CHUNK, block_table: &table, logits: LogitsWanted::Last };
+                let seq = SeqInput::new(chunk, ci * PROMPT_CHUNK, &table, LogitsWanted::Last);
                 self.forward(&mut kv, &[seq])?;
             }
             pp_s = t0.elapsed().as_secs_f64();
@@ -343,7 +339,7 @@ impl Engine {
             let mut kv = KvCache::new(self.kv_shape(n_blocks))?;
             let t0 = std::time::Instant::now();
             for i in 0..n_gen {
-                let seq = SeqInput { tokens: &ids[i..i + 1], pos: i, block_table: &table, logits: LogitsWanted::Last };
+                let seq = SeqInput::new(&ids[i..i + 1], i, &table, LogitsWanted::Last);
                 self.forward(&mut kv, &[seq])?;
             }
             tg_s = t0.elapsed().as_secs_f64();

@@ -2,7 +2,8 @@
 //!
 //! Reading order follows the data: `gguf` (the file) → `quant` (its blocks) →
 //! `tokenizer` (its vocabulary) → `model` (the forward pass over a paged `kv` cache)
-//! → `sample` (logits to tokens) → `engine` (a loaded model that steps batches).
+//! → `sample` (logits to tokens) → `engine` (a loaded model that steps batches) → `batch` (the executor the
+//! serving scheduler drives).
 
 pub mod error;
 pub mod gguf;
@@ -12,6 +13,7 @@ pub mod kv;
 pub mod model;
 pub mod sample;
 pub mod engine;
+pub mod batch;
 pub mod threads;
 pub mod bench;
 

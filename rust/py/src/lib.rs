@@ -5,6 +5,7 @@ mod errors;
 
 use std::sync::{Arc, Mutex};
 
+use edgelm_core::batch::{Executor as CoreExecutor, StepItem};
 use edgelm_core::engine::{Engine, GenParams, Generation, LoadOptions};
 use edgelm_core::gguf::{Array, Value};
 use edgelm_core::quant::{GgmlType, Kernels, Level};
@@ -198,7 +199,7 @@ impl Model {
             top_p,
             min_p,
             repeat_penalty,
-            repeat_last_n: if repeat_last_n < 0 { usize::MAX } else { repeat_last_n as usize },
+            repeat_last_n: last_n(repeat_last_n),
             frequency_penalty,
             presence_penalty,
             seed,
@@ -217,6 +218,116 @@ impl Model {
             Some(bad) => Err(errors::InvalidRequestError::new_err(format!("token id {bad} is out of range (vocabulary has {n} tokens)"))),
             None => Ok(()),
         }
+    }
+}
+
+fn last_n(n: i64) -> usize {
+    if n < 0 {
+        usize::MAX
+    } else {
+        n as usize
+    }
+}
+
+/// The batched executor the serving scheduler drives: a shared paged KV cache of
+/// `n_blocks` blocks and the state of every live sequence. `step` takes
+/// `(seq_id, start, end, block_table, sample)` tuples and returns
+/// `(seq_id, token, logprob, top_logprobs, text)` for each sampled sequence; the
+/// compute releases the GIL.
+#[pyclass(module = "edgelm._native", frozen)]
+struct Executor {
+    inner: Mutex<CoreExecutor>,
+    n_blocks: usize,
+    block_size: usize,
+}
+
+type StepTuple = (u64, usize, usize, Vec<u32>, bool);
+type StepResult = (u64, u32, f32, Vec<(u32, f32)>, String);
+
+impl Executor {
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, CoreExecutor>> {
+        self.inner.lock().map_err(|_| PyValueError::new_err("executor was poisoned by an earlier panic"))
+    }
+}
+
+#[pymethods]
+impl Executor {
+    #[new]
+    fn new(model: &Model, n_blocks: usize) -> PyResult<Self> {
+        let ex = CoreExecutor::new(Arc::clone(&model.engine), n_blocks).map_err(to_py)?;
+        let block_size = ex.block_size();
+        Ok(Executor { inner: Mutex::new(ex), n_blocks, block_size })
+    }
+    #[getter]
+    fn n_blocks(&self) -> usize {
+        self.n_blocks
+    }
+    #[getter]
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (seq_id, prompt, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
+                        repeat_penalty=1.0, repeat_last_n=64, frequency_penalty=0.0, presence_penalty=0.0,
+                        seed=None, n_logprobs=0))]
+    fn add(
+        &self,
+        seq_id: u64,
+        prompt: Vec<u32>,
+        temperature: f32,
+        top_k: usize,
+        top_p: f32,
+        min_p: f32,
+        repeat_penalty: f32,
+        repeat_last_n: i64,
+        frequency_penalty: f32,
+        presence_penalty: f32,
+        seed: Option<u64>,
+        n_logprobs: usize,
+    ) -> PyResult<()> {
+        let sampling = SamplingParams {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty,
+            repeat_last_n: last_n(repeat_last_n),
+            frequency_penalty,
+            presence_penalty,
+            seed,
+            n_logprobs,
+        };
+        self.lock()?.add(seq_id, prompt, sampling).map_err(to_py)
+    }
+
+    /// Forget a sequence; returns the text its decoder still held (None if unknown).
+    fn remove(&self, seq_id: u64) -> PyResult<Option<String>> {
+        Ok(self.lock()?.remove(seq_id))
+    }
+
+    fn n_sequences(&self) -> PyResult<usize> {
+        Ok(self.lock()?.n_sequences())
+    }
+
+    fn history(&self, seq_id: u64) -> PyResult<Option<Vec<u32>>> {
+        Ok(self.lock()?.history(seq_id).map(|h| h.to_vec()))
+    }
+
+    fn step(&self, py: Python<'_>, items: Vec<StepTuple>) -> PyResult<Vec<StepResult>> {
+        let items: Vec<StepItem> = items
+            .into_iter()
+            .map(|(seq, start, end, block_table, sample)| StepItem { seq, start, end, block_table, sample })
+            .collect();
+        let out = py.detach(|| {
+            let mut ex = self.inner.lock().map_err(|_| edgelm_core::Error::invalid("executor was poisoned by an earlier panic"))?;
+            ex.step(&items)
+        });
+        Ok(out
+            .map_err(to_py)?
+            .into_iter()
+            .map(|o| (o.seq, o.sampled.token, o.sampled.logprob, o.sampled.top, o.text))
+            .collect())
     }
 }
 
@@ -336,6 +447,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<Model>()?;
     m.add_class::<Generator>()?;
+    m.add_class::<Executor>()?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(physical_cores, m)?)?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;

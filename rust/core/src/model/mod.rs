@@ -143,6 +143,21 @@ pub struct SeqInput<'a> {
     pub pos: usize,
     pub block_table: &'a [u32],
     pub logits: LogitsWanted,
+    /// `tokens[solo_from..]` run on the one-token (decode) matmul kernels, the rest
+    /// on the multi-token panel; see `ops::matmul`.
+    pub solo_from: usize,
+    /// Attention on llama.cpp's one-row f16 numerics (true) or its tiled f32 path.
+    pub row_attention: bool,
+}
+
+impl<'a> SeqInput<'a> {
+    /// A sequence's share of a step with the numerics llama.cpp would use for the
+    /// same ubatch: a single token takes the decode kernels, attention follows the
+    /// row path below `FA_TILE_Q` tokens.
+    pub fn new(tokens: &'a [u32], pos: usize, block_table: &'a [u32], logits: LogitsWanted) -> Self {
+        let n = tokens.len();
+        SeqInput { tokens, pos, block_table, logits, solo_from: if n == 1 { 0 } else { n }, row_attention: n < ops::FA_TILE_Q }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -226,6 +241,7 @@ impl Model {
         }
         let n_tok = tok_meta.len();
         let e = cfg.n_embd;
+        let solo: Vec<bool> = seqs.iter().flat_map(|s| (0..s.tokens.len()).map(move |i| i >= s.solo_from)).collect();
 
         // embed: x [n_tok][n_embd]
         let mut x = vec![0f32; n_tok * e];
@@ -257,9 +273,9 @@ impl Model {
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
             self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &x, &mut h, &l.attn_norm, e, cfg.rms_eps));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wq, &h, n_tok, &mut q));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wk, &h, n_tok, &mut k));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wv, &h, n_tok, &mut v));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wq, &h, n_tok, &mut q, &solo));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wk, &h, n_tok, &mut k, &solo));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wv, &h, n_tok, &mut v, &solo));
             // Each bias is optional on its own, as llama.cpp loads them.
             for (buf, b) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
                 if let Some(b) = b {
@@ -292,7 +308,7 @@ impl Model {
             }
             let window = if swa { cfg.swa_window } else { None };
             self.profile.time(Op::Attention, || ops::attention(pool, kern, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o, &solo));
             if let Some(b) = &l.bo {
                 ops::add_bias_rows(&mut o, b);
             }
@@ -303,13 +319,13 @@ impl Model {
 
             // feed-forward block
             self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &x, &mut h, &l.ffn_norm, e, cfg.rms_eps));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.gate, &h, n_tok, &mut g));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.up, &h, n_tok, &mut u));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.gate, &h, n_tok, &mut g, &solo));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.up, &h, n_tok, &mut u, &solo));
             match cfg.arch {
                 Arch::Gemma3 => self.profile.time(Op::Activation, || ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff)),
                 Arch::Llama | Arch::Qwen2 => self.profile.time(Op::Activation, || ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff)),
             }
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.down, &g, n_tok, &mut o));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.down, &g, n_tok, &mut o, &solo));
             if let Some(pn) = &l.post_ffn_norm {
                 self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps));
             }
@@ -338,7 +354,10 @@ impl Model {
         self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &xs, &mut hs, &self.output_norm, e, cfg.rms_eps));
         let mut logits = vec![0f32; n_out * cfg.n_vocab];
         if n_out > 0 {
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits));
+            // A sequence's last-token logits always take the one-token kernels, so they
+            // do not depend on how many sequences share the step.
+            let solo_out: Vec<bool> = rows.iter().map(|&(si, _, _)| seqs[si].logits == LogitsWanted::Last).collect();
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits, &solo_out));
         }
         if let Some(b) = &self.output_bias {
             ops::add_bias_rows(&mut logits, b);

@@ -73,9 +73,17 @@ pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
 /// y[t][r] = W[r] · x[t]. x: `[n_tok][w.cols]`, y: `[n_tok][w.rows]`.
 /// Activations are quantized once to the weight's dot-product format; each task then
 /// runs the kernels' block matmul over its own range of weight rows for every token.
-pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32]) {
+///
+/// `solo[t]` (empty = none) puts token `t` on the one-token (decode) kernel instead of
+/// the multi-token panel, so its result is bit-identical to a step where it is the
+/// only token, whatever else shares the batch: the serving scheduler relies on it
+/// (batching must not change what a request gets). The weight rows a task covers are
+/// walked in cache-sized pieces, each piece for every solo token, so batched decode
+/// still reads each weight from memory once.
+pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32], solo: &[bool]) {
     debug_assert_eq!(x.len(), n_tok * w.cols);
     debug_assert_eq!(y.len(), n_tok * w.rows);
+    debug_assert!(solo.is_empty() || solo.len() == n_tok);
     let act_ty = w.ty.vec_dot_type();
     let arb = act_ty.row_bytes(w.cols).expect("cols validated at load");
     let mut xq = vec![0u8; n_tok * arb];
@@ -92,6 +100,22 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
     }
     let rb = w.row_bytes();
     let (rows, cols) = (w.rows, w.cols);
+    // Tokens on the panel (their quantized rows gathered) and tokens on their own.
+    let n_solo = solo.iter().filter(|&&s| s).count();
+    let (panel_toks, solo_toks): (Vec<usize>, Vec<usize>) = if n_solo == 0 || n_tok == 1 {
+        ((0..n_tok).collect(), Vec::new())
+    } else {
+        (0..n_tok).partition(|&t| !solo[t])
+    };
+    let xq_panel: std::borrow::Cow<'_, [u8]> = if panel_toks.len() == n_tok {
+        std::borrow::Cow::Borrowed(&xq)
+    } else {
+        std::borrow::Cow::Owned(panel_toks.iter().flat_map(|&t| xq[t * arb..(t + 1) * arb].iter().copied()).collect())
+    };
+    let n_panel = panel_toks.len();
+    // Rows per piece for solo tokens: ~32 KiB of weights, a multiple of 8 rows so the
+    // one-token kernel groups rows exactly as it does over a whole task.
+    let piece = ((32 << 10) / rb.max(1)).max(8) / 8 * 8;
     let out = Disjoint::new(y);
     // Whole groups of 8 rows per task, so the gemm kernels fill their panels.
     pool.for_ranges(rows, 8, 4, |r| {
@@ -103,12 +127,26 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
             k.gemm(w.ty, cols, wr, n_r, &xq, 1, dst, n_r);
             return;
         }
-        let mut tile = vec![0f32; n_tok * n_r];
-        k.gemm(w.ty, cols, wr, n_r, &xq, n_tok, &mut tile, n_r);
-        for t in 0..n_tok {
-            // SAFETY: columns r of every token row belong to this task alone.
-            let dst = unsafe { out.range_mut(t * rows + r.start..t * rows + r.end) };
-            dst.copy_from_slice(&tile[t * n_r..(t + 1) * n_r]);
+        if n_panel > 0 {
+            let mut tile = vec![0f32; n_panel * n_r];
+            k.gemm(w.ty, cols, wr, n_r, &xq_panel, n_panel, &mut tile, n_r);
+            for (i, &t) in panel_toks.iter().enumerate() {
+                // SAFETY: columns r of every token row belong to this task alone.
+                let dst = unsafe { out.range_mut(t * rows + r.start..t * rows + r.end) };
+                dst.copy_from_slice(&tile[i * n_r..(i + 1) * n_r]);
+            }
+        }
+        let mut p0 = 0;
+        while p0 < n_r && !solo_toks.is_empty() {
+            let p1 = (p0 + piece).min(n_r);
+            let wp = &wr[p0 * rb..p1 * rb];
+            for &t in &solo_toks {
+                let (a, b) = (t * rows + r.start + p0, t * rows + r.start + p1);
+                // SAFETY: as above, these columns of row t belong to this task.
+                let dst = unsafe { out.range_mut(a..b) };
+                k.gemm(w.ty, cols, wp, p1 - p0, &xq[t * arb..(t + 1) * arb], 1, dst, p1 - p0);
+            }
+            p0 = p1;
         }
     });
 }
@@ -192,7 +230,7 @@ pub fn attention(
         // Positions visible from p: causal, and within the window on SWA layers
         // (a key at j is masked when p - j >= window, as llama.cpp masks).
         let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-        let row_path = seq.tokens.len() < FA_TILE_Q;
+        let row_path = seq.row_attention;
         let mut sc = AttnScratch::new(p + 1 - lo, hd, hdv);
         for h in 0..cfg.n_head {
             let kvh = h / group;

@@ -1,0 +1,164 @@
+//! The executor the serving scheduler drives: one shared paged KV cache, the token
+//! history, sampler and text decoder of every live sequence, and `step`, which runs
+//! one batched forward pass over whatever the scheduler picked (decode tokens of
+//! running sequences and prompt chunks of others) and samples where asked.
+//!
+//! Who owns which KV block, what is cached and what runs next is the scheduler's
+//! business (Python, `edgelm/serve/scheduler.py`); this module checks what it is
+//! handed — sequence ids, ranges, block tables — so a scheduler bug is an error,
+//! never a wild write.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::engine::Engine;
+use crate::error::{Error, Result};
+use crate::kv::KvCache;
+use crate::model::ops::FA_TILE_Q;
+use crate::model::{LogitsWanted, SeqInput};
+use crate::sample::{Sampled, Sampler, SamplingParams};
+use crate::tokenizer::StreamDecoder;
+
+struct Seq {
+    history: Vec<u32>,
+    n_prompt: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+}
+
+/// One sequence's share of a step: feed `history[start..end]` at positions
+/// `start..end` through `block_table`; when `sample`, draw the next token from the
+/// logits of position `end - 1` (which must be the last token of the history).
+#[derive(Clone, Debug)]
+pub struct StepItem {
+    pub seq: u64,
+    pub start: usize,
+    pub end: usize,
+    pub block_table: Vec<u32>,
+    pub sample: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct StepOut {
+    pub seq: u64,
+    pub sampled: Sampled,
+    /// Text the token completes (empty while a UTF-8 character is incomplete, and for
+    /// control tokens).
+    pub text: String,
+}
+
+pub struct Executor {
+    engine: Arc<Engine>,
+    kv: KvCache,
+    seqs: HashMap<u64, Seq>,
+}
+
+impl Executor {
+    pub fn new(engine: Arc<Engine>, n_blocks: usize) -> Result<Executor> {
+        let kv = KvCache::new(engine.kv_shape(n_blocks))?;
+        Ok(Executor { engine, kv, seqs: HashMap::new() })
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+    pub fn n_blocks(&self) -> usize {
+        self.kv.shape.n_blocks
+    }
+    pub fn block_size(&self) -> usize {
+        self.kv.shape.block_size
+    }
+    pub fn n_sequences(&self) -> usize {
+        self.seqs.len()
+    }
+
+    /// Register a sequence with its prompt. Ids are the caller's; reusing a live one
+    /// is an error.
+    pub fn add(&mut self, id: u64, prompt: Vec<u32>, params: SamplingParams) -> Result<()> {
+        if self.seqs.contains_key(&id) {
+            return Err(Error::invalid(format!("sequence {id} already exists")));
+        }
+        if prompt.is_empty() {
+            return Err(Error::invalid("the prompt is empty; give at least one token"));
+        }
+        let nv = self.engine.model.cfg.n_vocab;
+        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= nv) {
+            return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {nv} tokens)")));
+        }
+        let max = self.engine.model.cfg.n_ctx_train;
+        if prompt.len() > max {
+            return Err(Error::invalid(format!("{} tokens exceed the model's context length of {max}", prompt.len())));
+        }
+        let sampler = Sampler::new(params)?;
+        self.seqs.insert(id, Seq { n_prompt: prompt.len(), history: prompt, sampler, decoder: StreamDecoder::new() });
+        Ok(())
+    }
+
+    /// Forget a sequence; returns the text its decoder still held (an incomplete
+    /// character renders as U+FFFD), or None when the id is unknown.
+    pub fn remove(&mut self, id: u64) -> Option<String> {
+        self.seqs.remove(&id).map(|mut s| s.decoder.finish())
+    }
+
+    pub fn history(&self, id: u64) -> Option<&[u32]> {
+        self.seqs.get(&id).map(|s| &s.history[..])
+    }
+
+    /// Run one batched step. Sampled tokens are appended to their sequence's history
+    /// (they are fed by a later step).
+    pub fn step(&mut self, items: &[StepItem]) -> Result<Vec<StepOut>> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let max = self.engine.model.cfg.n_ctx_train;
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        for it in items {
+            let s = self.seqs.get(&it.seq).ok_or_else(|| Error::invalid(format!("unknown sequence {}", it.seq)))?;
+            if !seen.insert(it.seq) {
+                return Err(Error::invalid(format!("sequence {} appears twice in one step", it.seq)));
+            }
+            if it.start >= it.end || it.end > s.history.len() {
+                return Err(Error::invalid(format!(
+                    "sequence {}: range {}..{} is not inside its {} tokens",
+                    it.seq,
+                    it.start,
+                    it.end,
+                    s.history.len()
+                )));
+            }
+            if it.end > max {
+                return Err(Error::invalid(format!("sequence {} runs past the context length of {max}", it.seq)));
+            }
+            if it.sample && it.end != s.history.len() {
+                return Err(Error::invalid(format!("sequence {}: sampling needs the whole history fed", it.seq)));
+            }
+            self.kv.check_table(&it.block_table, it.end)?;
+        }
+        let inputs: Vec<SeqInput<'_>> = items
+            .iter()
+            .map(|it| {
+                let s = &self.seqs[&it.seq];
+                let wanted = if it.sample { LogitsWanted::Last } else { LogitsWanted::None };
+                let mut input = SeqInput::new(&s.history[it.start..it.end], it.start, &it.block_table, wanted);
+                // The attention numerics of a prompt follow from its whole length, not
+                // from how the scheduler chunked it this time (generated tokens, fed
+                // one by one, take the row path either way).
+                input.row_attention = it.start >= s.n_prompt || s.n_prompt < FA_TILE_Q;
+                input
+            })
+            .collect();
+        let logits = self.engine.forward(&mut self.kv, &inputs)?;
+        drop(inputs);
+        let nv = logits.n_vocab;
+        let mut out = Vec::with_capacity(logits.rows.len());
+        for (k, &(si, _)) in logits.rows.iter().enumerate() {
+            let id = items[si].seq;
+            let s = self.seqs.get_mut(&id).expect("checked above");
+            let sampled = s.sampler.sample(&logits.data[k * nv..(k + 1) * nv], &s.history);
+            s.history.push(sampled.token);
+            let text = s.decoder.push(&self.engine.tokenizer, sampled.token);
+            out.push(StepOut { seq: id, sampled, text });
+        }
+        Ok(out)
+    }
+}

@@ -2,6 +2,7 @@
 
     edgelm run MODEL "prompt"     stream a continuation to the terminal
     edgelm info MODEL             architecture, sizes, quant types, tokenizer
+    edgelm serve [--config F]     the HTTP daemon (OpenAI-compatible API)
 """
 
 from __future__ import annotations
@@ -86,6 +87,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from edgelm.serve.app import run
+    from edgelm.serve.config import ConfigError, load_config
+
+    flags = {k: getattr(args, k) for k in _SERVE_FLAGS}
+    if args.no_prefix_cache:
+        flags["prefix_cache"] = False
+    try:
+        cfg, path = load_config(args.config, flags)
+    except ConfigError as e:
+        print(f"edgelm: config error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import dataclasses
+
+        import yaml
+
+        print(f"# from {path or 'defaults'} + environment + flags")
+        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+        return 0
+    return run(cfg)
+
+
+_SERVE_FLAGS = ("model", "models_dir", "served_model_name", "host", "port", "threads", "kernel_level",
+                "kv_cache_mib", "max_context", "max_running", "max_step_tokens", "max_queue",
+                "request_timeout_s", "shutdown_grace_s", "log_level")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelm", description="LLM inference for edge devices")
     p.add_argument("--version", action="version", version=f"edgelm {__version__}")
@@ -108,6 +137,30 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model")
     i.add_argument("--tensors", action="store_true", help="list every tensor")
     i.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="run the HTTP daemon",
+                       description="Serve a model over an OpenAI-compatible HTTP API. Settings come from the YAML "
+                                   "config (--config, $EDGELM_CONFIG, ./edgelm.yaml, ~/.config/edgelm/edgelm.yaml, "
+                                   "/etc/edgelm/edgelm.yaml), then EDGELM_<KEY> variables, then these flags.")
+    s.add_argument("--config", help="YAML config file")
+    s.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
+    s.add_argument("-m", "--model", help="GGUF path, or a file name in models_dir (default: SmolLM2-135M-Instruct)")
+    s.add_argument("--models-dir")
+    s.add_argument("--served-model-name")
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("-t", "--threads", type=int)
+    s.add_argument("--kernel-level")
+    s.add_argument("--kv-cache-mib", type=int)
+    s.add_argument("--max-context", type=int)
+    s.add_argument("--max-running", type=int)
+    s.add_argument("--max-step-tokens", type=int)
+    s.add_argument("--max-queue", type=int)
+    s.add_argument("--request-timeout-s", type=float)
+    s.add_argument("--shutdown-grace-s", type=float)
+    s.add_argument("--log-level")
+    s.add_argument("--no-prefix-cache", action="store_true")
+    s.set_defaults(func=cmd_serve)
     return p
 
 

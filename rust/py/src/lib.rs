@@ -68,6 +68,11 @@ impl Model {
     fn n_head_kv(&self) -> usize {
         self.engine.model.cfg.n_head_kv
     }
+    /// KV cache bytes one token occupies (all layers, K and V, f16).
+    #[getter]
+    fn kv_bytes_per_token(&self) -> usize {
+        self.engine.kv_shape(1).bytes_per_token()
+    }
     #[getter]
     fn n_threads(&self) -> usize {
         self.engine.n_threads

@@ -8,9 +8,9 @@
 //!
 //! Layout per layer: K as `[n_blocks][block_size][n_head_kv * head_dim]` f16 and V the
 //! same with `head_dim_v` — f16 like llama.cpp's default cache type, so attention reads
-//! the same rounded values the peer reads. The buffers are zero-initialised with
-//! `vec![]`, which the allocator serves from fresh mmap'd pages: untouched blocks cost
-//! no resident memory.
+//! the same rounded values the peer reads. The buffers come zeroed from the allocator
+//! (`alloc_zeroed` → fresh mmap'd pages): untouched blocks cost no resident memory
+//! and no start-up time.
 
 use half::f16;
 
@@ -35,6 +35,16 @@ impl KvShape {
     }
 }
 
+/// `n` zero f16 values. `vec![f16::ZERO; n]` would write every element (f16 is not a
+/// type the standard library knows to be all-zero bits); `vec![0u16; n]` is served by
+/// `alloc_zeroed`, so the pages stay untouched until a block is used.
+fn zeroed_f16(n: usize) -> Vec<f16> {
+    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
+    // SAFETY: f16 is #[repr(transparent)] over u16 (same size and alignment), and the
+    // all-zero bit pattern is +0.0; the allocation is handed over whole.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f16>(), v.len(), v.capacity()) }
+}
+
 pub struct KvCache {
     pub shape: KvShape,
     k: Vec<Vec<f16>>,
@@ -53,8 +63,8 @@ impl KvCache {
         };
         Ok(KvCache {
             shape,
-            k: (0..shape.n_layer).map(|_| vec![f16::ZERO; nk]).collect(),
-            v: (0..shape.n_layer).map(|_| vec![f16::ZERO; nv]).collect(),
+            k: (0..shape.n_layer).map(|_| zeroed_f16(nk)).collect(),
+            v: (0..shape.n_layer).map(|_| zeroed_f16(nv)).collect(),
         })
     }
 

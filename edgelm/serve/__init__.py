@@ -1,0 +1,1 @@
+"""The edgelm daemon: `edgelm serve`."""

@@ -1,0 +1,311 @@
+"""`edgelm serve`: the aiohttp application and its lifecycle.
+
+Start-up binds HTTP first and loads the model on a worker thread, so `/health`
+answers 503 ("loading") until the model is ready, then 200. SIGTERM/SIGINT stop
+accepting new generation requests (503), let in-flight ones finish for
+`shutdown_grace_s`, abort the rest, and exit 0.
+
+Every error is an OpenAI-style JSON body with a 4xx (bad input, unknown model, 429
+when the queue is full) — nothing a client sends produces a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from edgelm import EdgelmError, Model, __version__
+from edgelm._native import Executor
+from edgelm.serve import openai_api
+from edgelm.serve.chat import ChatTemplate
+from edgelm.serve.config import Config
+from edgelm.serve.engine import AsyncEngine
+from edgelm.serve.metrics import Metrics
+from edgelm.serve.openapi import openapi_spec
+from edgelm.serve.params import ApiError, Body
+from edgelm.serve.scheduler import SchedulerLimits
+
+log = logging.getLogger("edgelm.serve")
+
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class Server:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.metrics = Metrics()
+        self.state = "loading"
+        self.error: str | None = None
+        self.model: Model | None = None
+        self.engine: AsyncEngine | None = None
+        self.template = ChatTemplate(None)
+        self.model_id = cfg.model_id()
+        self.created = int(time.time())
+        self.max_context = cfg.max_context or 0
+        self.fingerprint = f"edgelm-{__version__}"
+        self.started = time.time()
+        self._bos_id: int | None = None
+
+    # -- loading -----------------------------------------------------------------
+    def _load_blocking(self) -> None:
+        path = self.cfg.model_path()
+        if not path.is_file():
+            raise EdgelmError(
+                f"model file {path} does not exist (set `model:` in the config, or fetch the default with "
+                f"`python scripts/fetch_models.py`)"
+            )
+        t0 = time.perf_counter()
+        model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level)
+        native = model.native
+        per_token = native.kv_bytes_per_token
+        block_size = 16
+        if self.cfg.kv_cache_mib is not None:
+            budget = self.cfg.kv_cache_mib << 20
+        else:
+            avail = mem_available() or (4 << 30)
+            budget = min(avail // 4, 2 << 30)
+        n_blocks = max(budget // (per_token * block_size), 1)
+        max_ctx = min(self.cfg.max_context or model.n_ctx_train, model.n_ctx_train, n_blocks * block_size)
+        if max_ctx < 2:
+            raise EdgelmError(f"the KV cache budget ({budget >> 20} MiB) holds fewer than 2 tokens")
+        executor = Executor(native, int(n_blocks))
+        md = model.metadata
+        tmpl = md.get("tokenizer.chat_template")
+        bos = native.bos
+        eos = native.eos
+        bos_s = native.detokenize([bos], True) if bos is not None else ""
+        eos_s = native.detokenize([eos], True) if eos is not None else ""
+        template = ChatTemplate(tmpl if isinstance(tmpl, str) else None, bos_s, eos_s)
+        eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
+        self._bos_id = bos
+        self.model, self.max_context, self.template = model, max_ctx, template
+        self._pending = (executor, eog)
+        log.info(
+            "loaded %s (%s, %s kernels, %d threads) in %.2fs; KV cache %d blocks × %d tokens = %.0f MiB, context %d",
+            path.name, model.architecture, model.kernel_level, model.n_threads, time.perf_counter() - t0,
+            n_blocks, block_size, n_blocks * block_size * per_token / 2**20, max_ctx,
+        )
+
+    async def load(self) -> None:
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self._load_blocking)
+        except Exception as e:
+            self.state = "failed"
+            self.error = str(e)
+            raise
+        executor, eog = self._pending
+        c = self.cfg
+        limits = SchedulerLimits(c.max_running, c.max_step_tokens, c.max_queue, self.max_context)
+        self.engine = AsyncEngine(executor, limits, self.metrics, eog, c.prefix_cache)
+        self.engine.start()
+        self.state = "ready"
+
+    # -- helpers for handlers -----------------------------------------------------
+    def model_ready(self) -> Model:
+        if self.state != "ready" or self.model is None:
+            raise ApiError(f"the server is {self.state}", None, 503, "unavailable", "server_error", {"Retry-After": "1"})
+        return self.model
+
+    def engine_ready(self) -> AsyncEngine:
+        self.model_ready()
+        assert self.engine is not None
+        return self.engine
+
+    def model_aliases(self) -> set[str]:
+        return {self.model_id, Path(self.cfg.model).name}
+
+    async def json_body(self, request: web.Request) -> Any:
+        raw = await request.read()
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(f"the request body is not valid JSON: {e}") from None
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Server per process
+    def token_bytes(self, tid: int) -> bytes:
+        assert self.model is not None
+        return self.model.native.token_bytes(tid, True)
+
+    def token_str(self, tid: int) -> str:
+        return self.token_bytes(tid).decode("utf-8", errors="replace")
+
+    def chat_tokens(self, text: str) -> list[int]:
+        native = self.model_ready().native
+        ids = native.tokenize(text, True, True)
+        # Templates that write the BOS text themselves get it twice from add_special.
+        if self._bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self._bos_id:
+            ids = ids[1:]
+        return ids
+
+
+# -- handlers ------------------------------------------------------------------------
+
+
+async def health(request: web.Request) -> web.Response:
+    srv: Server = request.app["server"]
+    body: dict[str, Any] = {"status": "ok" if srv.state == "ready" else srv.state, "model": srv.model_id,
+                            "version": __version__}
+    if srv.model is not None:
+        body.update(kernel_level=srv.model.kernel_level, threads=srv.model.n_threads,
+                    architecture=srv.model.architecture, context=srv.max_context)
+    if srv.engine is not None:
+        s = srv.engine.sched
+        body.update(running=len(s.running), waiting=len(s.waiting), kv_blocks_total=s.blocks.n_blocks,
+                    kv_blocks_used=s.blocks.n_used, kv_blocks_cached=s.blocks.n_cached)
+    if srv.error:
+        body["error"] = srv.error
+    return web.json_response(body, status=200 if srv.state == "ready" else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    srv: Server = request.app["server"]
+    return web.Response(body=srv.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    srv: Server = request.app["server"]
+    b = Body(await srv.json_body(request))
+    native = srv.model_ready().native
+    content = b.get("content", str)
+    if content is None:
+        raise ApiError("'content' is required", "content")
+    add_special = b.get("add_special", bool, False)
+    parse_special = b.get("parse_special", bool, True)
+    ids = native.tokenize(content, add_special, parse_special)
+    if b.get("with_pieces", bool, False):
+        return web.json_response({"tokens": [{"id": t, "piece": srv.token_str(t)} for t in ids]})
+    return web.json_response({"tokens": ids})
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    srv: Server = request.app["server"]
+    b = Body(await srv.json_body(request))
+    native = srv.model_ready().native
+    toks = b.data.get("tokens")
+    if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
+        raise ApiError("'tokens' must be an array of token ids", "tokens")
+    bad = next((t for t in toks if not 0 <= t < native.n_vocab), None)
+    if bad is not None:
+        raise ApiError(f"token id {bad} is out of range (vocabulary has {native.n_vocab} tokens)", "tokens")
+    return web.json_response({"content": native.detokenize(toks, True)})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_spec())
+
+
+# -- errors --------------------------------------------------------------------------
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    srv: Server = request.app["server"]
+    endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
+    try:
+        resp: web.StreamResponse = await handler(request)
+        srv.metrics.requests.labels(endpoint, str(resp.status)).inc()
+        return resp
+    except ApiError as e:
+        srv.metrics.requests.labels(endpoint, str(e.status)).inc()
+        return web.json_response(e.body(), status=e.status, headers=e.headers)
+    except web.HTTPException as e:
+        srv.metrics.requests.labels(endpoint, str(e.status)).inc()
+        if e.status < 400:
+            raise
+        kind = "not_found" if e.status == 404 else None
+        err = ApiError(e.reason if e.status != 413 else f"request body too large ({e.text})", None, e.status, kind)
+        return web.json_response(err.body(), status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"})
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except EdgelmError as e:
+        srv.metrics.requests.labels(endpoint, "400").inc()
+        return web.json_response(ApiError(str(e)).body(), status=400)
+    except Exception as e:  # a bug: say so, keep serving
+        log.exception("unhandled error in %s", request.path)
+        srv.metrics.requests.labels(endpoint, "500").inc()
+        return web.json_response(ApiError(f"internal error: {e}", None, 500, None, "server_error").body(), status=500)
+
+
+def make_app(srv: Server) -> web.Application:
+    app = web.Application(middlewares=[errors], client_max_size=srv.cfg.max_body_kib * 1024)
+    app["server"] = srv
+    r = app.router
+    r.add_get("/health", health)
+    r.add_get("/metrics", metrics)
+    r.add_get("/openapi.json", openapi)
+    r.add_post("/tokenize", tokenize)
+    r.add_post("/detokenize", detokenize)
+    r.add_get("/v1/models", openai_api.list_models)
+    r.add_get("/v1/models/{model}", openai_api.get_model)
+    r.add_post("/v1/completions", openai_api.completions)
+    r.add_post("/v1/chat/completions", openai_api.chat_completions)
+    return app
+
+
+# -- running -------------------------------------------------------------------------
+
+
+async def serve(cfg: Config, ready_cb: Any = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    srv = Server(cfg)
+    app = make_app(srv)
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    await site.start()
+    addrs = runner.addresses
+    port = int(addrs[0][1]) if addrs else cfg.port
+    log.info("listening on http://%s:%d (loading %s)", cfg.host, port, cfg.model_path())
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    load = asyncio.ensure_future(srv.load())
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if load.done() and load.exception() is not None:
+        log.error("could not load the model: %s", load.exception())
+        status = 1
+    elif load.done():
+        log.info("ready: %s on http://%s:%d", srv.model_id, cfg.host, port)
+        if ready_cb is not None:
+            ready_cb(srv, port)
+        await stopped
+    else:
+        load.cancel()
+    log.info("stopping: no new requests; %.0fs grace for %d in flight", cfg.shutdown_grace_s,
+             srv.engine.n_active if srv.engine else 0)
+    srv.state = "stopping"
+    if srv.engine is not None:
+        n_aborted = await srv.engine.drain(cfg.shutdown_grace_s)
+        if n_aborted:
+            log.info("aborted %d requests at the end of the grace period", n_aborted)
+        await srv.engine.close()
+    await runner.cleanup()
+    log.info("stopped")
+    return status
+
+
+def run(cfg: Config) -> int:
+    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    return asyncio.run(serve(cfg))

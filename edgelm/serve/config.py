@@ -1,0 +1,198 @@
+"""The daemon's configuration: one typed object, validated at load.
+
+Sources, lowest precedence first: defaults, a YAML file, environment variables
+(`EDGELM_<KEY>`, e.g. `EDGELM_PORT=8081`), command-line flags. The YAML file is
+`--config PATH`, else `$EDGELM_CONFIG`, else the first that exists of
+`./edgelm.yaml`, `~/.config/edgelm/edgelm.yaml`, `/etc/edgelm/edgelm.yaml`.
+Unknown keys and bad values are errors that name the key and where it came from.
+
+    model: ~/models/SmolLM2-135M-Instruct.Q4_1.gguf   # path, or a file name in models_dir
+    host: 127.0.0.1
+    port: 8080
+    threads: 2
+    max_running: 16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_MODEL = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SEARCH_PATH = (Path("edgelm.yaml"), Path("~/.config/edgelm/edgelm.yaml"), Path("/etc/edgelm/edgelm.yaml"))
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def default_models_dir() -> str:
+    return os.environ.get("EDGELM_MODELS_DIR", str(Path.home() / ".cache/edgelm/models"))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = DEFAULT_MODEL
+    """GGUF path, or a file name inside models_dir."""
+    models_dir: str = dataclasses.field(default_factory=default_models_dir)
+    served_model_name: str | None = None
+    """The id clients use (default: the file name without .gguf)."""
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: int | None = None
+    """Compute threads (default: physical cores)."""
+    kernel_level: str | None = None
+    kv_cache_mib: int | None = None
+    """KV cache budget (default: a quarter of available memory, at most 2 GiB)."""
+    max_context: int | None = None
+    """Tokens per sequence (default: the model's training context)."""
+    max_running: int = 16
+    max_step_tokens: int = 512
+    max_queue: int = 256
+    prefix_cache: bool = True
+    request_timeout_s: float | None = None
+    """Default per-request time limit (a request's `timeout` overrides it)."""
+    shutdown_grace_s: float = 10.0
+    max_body_kib: int = 4096
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"config key {key!r}: {why}")
+
+        if not 0 <= self.port <= 65535:
+            raise bad("port", f"{self.port} is not a TCP port (0-65535)")
+        for key in ("max_running", "max_step_tokens", "max_queue", "max_body_kib"):
+            if getattr(self, key) < 1:
+                raise bad(key, "must be at least 1")
+        for key in ("threads", "kv_cache_mib", "max_context"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise bad(key, "must be at least 1")
+        if self.max_step_tokens < self.max_running:
+            raise bad("max_step_tokens", f"must be at least max_running ({self.max_running})")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise bad("request_timeout_s", "must be positive")
+        if self.shutdown_grace_s < 0:
+            raise bad("shutdown_grace_s", "must not be negative")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            raise bad("log_level", "must be debug, info, warning or error")
+        if self.kernel_level is not None and self.kernel_level not in ("scalar", "avx2", "avx512", "neon", "dotprod", "i8mm"):
+            raise bad("kernel_level", "must be scalar, avx2, avx512, neon, dotprod or i8mm")
+        if not self.model:
+            raise bad("model", "must not be empty")
+
+    def model_path(self) -> Path:
+        p = Path(self.model).expanduser()
+        if p.is_absolute() or p.parent != Path("."):
+            return p
+        return Path(self.models_dir).expanduser() / p
+
+    def model_id(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        name = Path(self.model).name
+        return name[: -len(".gguf")] if name.endswith(".gguf") else name
+
+
+_FIELDS = {f.name: f for f in fields(Config)}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    """Check/convert one value to the field's type; strings (env, flags) are parsed."""
+    ty = str(_FIELDS[key].type)
+    optional = "None" in ty
+    base = ty.replace(" | None", "")
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"config key {key!r} (from {source}): {why}")
+
+    if value is None:
+        if optional:
+            return None
+        raise fail("must not be null")
+    if isinstance(value, str) and base != "str":
+        s = value.strip()
+        if optional and s.lower() in ("", "none", "null"):
+            return None
+        if base == "bool":
+            if s.lower() in ("1", "true", "yes", "on"):
+                return True
+            if s.lower() in ("0", "false", "no", "off"):
+                return False
+            raise fail(f"{value!r} is not a boolean")
+        try:
+            return int(s) if base == "int" else float(s)
+        except ValueError:
+            raise fail(f"{value!r} is not {'an integer' if base == 'int' else 'a number'}") from None
+    if base == "bool":
+        if not isinstance(value, bool):
+            raise fail(f"{value!r} is not a boolean")
+    elif base == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail(f"{value!r} is not an integer")
+    elif base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail(f"{value!r} is not a number")
+        value = float(value)
+    elif base == "str":
+        if not isinstance(value, str):
+            raise fail(f"{value!r} is not a string")
+    return value
+
+
+def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        p = Path(explicit).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        return p
+    if env.get("EDGELM_CONFIG"):
+        p = Path(env["EDGELM_CONFIG"]).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config file {p} (from EDGELM_CONFIG) does not exist")
+        return p
+    for p in SEARCH_PATH:
+        p = p.expanduser()
+        if p.is_file():
+            return p
+    return None
+
+
+def load_config(
+    config_file: str | None = None,
+    flags: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> tuple[Config, Path | None]:
+    """Merge defaults < YAML < environment < flags into a validated Config."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = find_config_file(config_file, env)
+    if path is not None:
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        for k, v in data.items():
+            if k not in _FIELDS:
+                raise ConfigError(f"unknown config key {k!r} in {path} (known: {', '.join(sorted(_FIELDS))})")
+            values[k] = _coerce(k, v, str(path))
+    for k in _FIELDS:
+        ev = env.get(f"EDGELM_{k.upper()}")
+        if ev is not None:
+            values[k] = _coerce(k, ev, f"EDGELM_{k.upper()}")
+    for k, v in (flags or {}).items():
+        if v is None:
+            continue
+        if k not in _FIELDS:
+            raise ConfigError(f"unknown config key {k!r}")
+        values[k] = _coerce(k, v, f"--{k.replace('_', '-')}")
+    return Config(**values), path

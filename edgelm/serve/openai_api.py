@@ -1,0 +1,392 @@
+"""OpenAI-compatible endpoints, as the `openai` Python SDK sends and parses them:
+`/v1/completions`, `/v1/chat/completions` (SSE streaming and not), `/v1/models`.
+
+Extra sampling fields the SDK passes through `extra_body`: `top_k`, `min_p`,
+`repeat_penalty`, `repeat_last_n`, `ignore_eos`, `timeout` (seconds; the request ends
+with finish_reason "timeout").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from edgelm.serve.chat import ChatTemplateError
+from edgelm.serve.engine import Delta, GenRequest, Stream
+from edgelm.serve.params import ApiError, Body, sampling_from
+from edgelm.serve.scheduler import QueueFull
+
+if TYPE_CHECKING:
+    from edgelm.serve.app import Server
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _check_model(srv: Server, b: Body) -> None:
+    m = b.get("model", str)
+    if m is not None and m not in srv.model_aliases():
+        raise ApiError(f"The model '{m}' does not exist", "model", 404, "model_not_found")
+
+
+def _common(srv: Server, b: Body) -> dict[str, Any]:
+    if b.has("logit_bias") and b.data["logit_bias"] != {}:
+        raise ApiError("'logit_bias' is not supported", "logit_bias")
+    so = b.data.get("stream_options")
+    if so is not None and not isinstance(so, dict):
+        raise ApiError("'stream_options' must be an object", "stream_options")
+    include_usage = Body(so or {}, "stream_options").get("include_usage", bool, False)
+    timeout = b.get("timeout", float, srv.cfg.request_timeout_s, lo=0.0, lo_open=True)
+    return {
+        "n": b.get("n", int, 1, lo=1, hi=16),
+        "stream": b.get("stream", bool, False),
+        "include_usage": include_usage,
+        "stop": b.stop(),
+        "sampling": sampling_from(b),
+        "ignore_eos": b.get("ignore_eos", bool, False),
+        "timeout": timeout,
+    }
+
+
+def _max_tokens(srv: Server, b: Body, key: str, n_prompt: int) -> int:
+    room = srv.max_context - n_prompt
+    if room <= 0:
+        raise ApiError(
+            f"the prompt has {n_prompt} tokens; this model's context holds {srv.max_context}",
+            "messages" if key == "max_completion_tokens" else "prompt", 400, "context_length_exceeded",
+        )
+    mt = b.get(key, int, None, lo=0)
+    if mt is None and key == "max_completion_tokens":
+        mt = b.get("max_tokens", int, None, lo=0)
+    return room if mt is None else min(mt, room)
+
+
+async def _submit(srv: Server, prompt: list[int], max_tokens: int, c: dict[str, Any], n_logprobs: int, n: int) -> list[Stream]:
+    streams: list[Stream] = []
+    try:
+        for i in range(n):
+            sampling = dict(c["sampling"], n_logprobs=n_logprobs)
+            if sampling["seed"] is not None:
+                sampling["seed"] = (sampling["seed"] + i) % (2**64)
+            req = GenRequest(prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"])
+            streams.append(srv.engine_ready().submit(req))
+    except QueueFull as e:
+        for s in streams:
+            s.abort()
+        raise ApiError(f"server busy: {e}", None, 429, "queue_full", "rate_limit_error", {"Retry-After": "1"}) from None
+    except ValueError as e:
+        for s in streams:
+            s.abort()
+        raise ApiError(str(e), "prompt", 400, "context_length_exceeded") from None
+    return streams
+
+
+async def _merged(streams: list[Stream]) -> AsyncIterator[tuple[int, Delta]]:
+    """(choice index, delta) from several streams as they come."""
+    if len(streams) == 1:
+        async for d in streams[0]:
+            yield 0, d
+        return
+    q: asyncio.Queue[tuple[int, Delta] | BaseException | None] = asyncio.Queue()
+
+    async def pump(i: int, s: Stream) -> None:
+        try:
+            async for d in s:
+                q.put_nowait((i, d))
+        except BaseException as e:
+            q.put_nowait(e)
+        finally:
+            q.put_nowait(None)
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            item = await q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _usage(streams: list[Stream]) -> dict[str, Any]:
+    n_prompt = streams[0].n_prompt if streams else 0
+    gen = sum(s.n_generated for s in streams)
+    cached = max((s.n_cached for s in streams), default=0)
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": gen,
+        "total_tokens": n_prompt + gen,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+def _sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+async def _sse_response(request: web.Request) -> web.StreamResponse:
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    return resp
+
+
+# -- /v1/completions -------------------------------------------------------------------
+
+
+def _prompts(srv: Server, b: Body) -> list[list[int]]:
+    p = b.data.get("prompt")
+    if p is None:
+        raise ApiError("'prompt' is required", "prompt")
+    native = srv.model_ready().native
+    n_vocab = native.n_vocab
+    if isinstance(p, str):
+        out = [native.tokenize(p, True, True)]
+    elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        out = [native.tokenize(x, True, True) for x in p]
+    elif isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+        out = [list(p)]
+    elif isinstance(p, list) and p and all(isinstance(x, list) for x in p):
+        if not all(all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in p):
+            raise ApiError("'prompt' arrays must hold token ids (integers)", "prompt")
+        out = [list(x) for x in p]
+    else:
+        raise ApiError("'prompt' must be a string, an array of strings, or token ids", "prompt")
+    if len(out) > 16:
+        raise ApiError("'prompt' may hold at most 16 prompts", "prompt")
+    for ids in out:
+        if not ids:
+            raise ApiError("'prompt' is empty", "prompt")
+        bad = next((t for t in ids if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise ApiError(f"token id {bad} in 'prompt' is out of range (vocabulary has {n_vocab} tokens)", "prompt")
+    return out
+
+
+def _completion_logprobs(srv: Server, ds: list[Delta], offset0: int) -> dict[str, Any]:
+    tokens, lps, tops, offs = [], [], [], []
+    off = offset0
+    for d in ds:
+        if d.token is None:
+            continue
+        t = srv.token_str(d.token)
+        tokens.append(t)
+        lps.append(d.logprob)
+        tops.append({srv.token_str(tid): lp for tid, lp in d.top})
+        offs.append(off)
+        off += len(d.text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    srv: Server = request.app["server"]
+    b = Body(await srv.json_body(request))
+    srv.model_ready()
+    _check_model(srv, b)
+    c = _common(srv, b)
+    if b.has("suffix"):
+        raise ApiError("'suffix' is not supported", "suffix")
+    best_of = b.get("best_of", int, None, lo=1, hi=16)
+    if best_of is not None and best_of != c["n"]:
+        raise ApiError("'best_of' other than n is not supported", "best_of")
+    n_lp = b.get("logprobs", int, None, lo=0, hi=20)
+    echo = b.get("echo", bool, False)
+    prompts = _prompts(srv, b)
+    max_tokens = [_max_tokens(srv, b, "max_tokens", len(p)) for p in prompts]
+    cid = "cmpl-" + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    streams: list[Stream] = []
+    echoes: list[str] = []
+    for p, mt in zip(prompts, max_tokens):
+        streams += await _submit(srv, p, mt, c, n_lp or 0, c["n"])
+        echoes += [srv.model_ready().native.detokenize(p, True) if echo else ""] * c["n"]
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": srv.model_id,
+                               "system_fingerprint": srv.fingerprint, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    try:
+        if c["stream"]:
+            resp = await _sse_response(request)
+            for i, e in enumerate(echoes):
+                if e:
+                    await resp.write(_sse(chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])))
+            async for i, d in _merged(streams):
+                lp = _completion_logprobs(srv, [d], 0) if n_lp is not None else None
+                await resp.write(_sse(chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}])))
+            if c["include_usage"]:
+                await resp.write(_sse(chunk([], _usage_multi(streams, prompts, c["n"]))))
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        texts = list(echoes)
+        deltas: list[list[Delta]] = [[] for _ in streams]
+        finish: list[str | None] = [None] * len(streams)
+        async for i, d in _merged(streams):
+            texts[i] += d.text
+            deltas[i].append(d)
+            finish[i] = d.finish_reason or finish[i]
+        choices = [
+            {"index": i, "text": texts[i],
+             "logprobs": _completion_logprobs(srv, deltas[i], len(echoes[i])) if n_lp is not None else None,
+             "finish_reason": finish[i]}
+            for i in range(len(streams))
+        ]
+        return web.json_response(chunk(choices, _usage_multi(streams, prompts, c["n"])))
+    finally:
+        for s in streams:
+            s.abort()
+
+
+def _usage_multi(streams: list[Stream], prompts: list[list[int]], n: int) -> dict[str, Any]:
+    n_prompt = sum(len(p) for p in prompts)
+    gen = sum(s.n_generated for s in streams)
+    cached = sum(streams[i * n].n_cached for i in range(len(prompts)))
+    return {"prompt_tokens": n_prompt, "completion_tokens": gen, "total_tokens": n_prompt + gen,
+            "prompt_tokens_details": {"cached_tokens": cached}}
+
+
+# -- /v1/chat/completions --------------------------------------------------------------
+
+
+def _messages(b: Body) -> list[dict[str, Any]]:
+    msgs = b.data.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ApiError("'messages' must be a non-empty array", "messages")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise ApiError(f"messages[{i}] must be an object", f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ApiError(f"messages[{i}].content parts must be text parts", f"messages[{i}].content")
+                parts.append(part["text"])
+            content = "".join(parts)
+        elif content is not None and not isinstance(content, str):
+            raise ApiError(f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content")
+        if content is None and not (role == "assistant" and m.get("tool_calls")):
+            raise ApiError(f"messages[{i}].content is required", f"messages[{i}].content")
+        msg = dict(m)
+        msg["role"] = "system" if role == "developer" else role
+        msg["content"] = content
+        out.append(msg)
+    return out
+
+
+def _chat_logprobs(srv: Server, ds: list[Delta]) -> dict[str, Any]:
+    content = []
+    for d in ds:
+        if d.token is None:
+            continue
+        t = srv.token_str(d.token)
+        content.append({
+            "token": t, "logprob": d.logprob, "bytes": list(srv.token_bytes(d.token)),
+            "top_logprobs": [{"token": srv.token_str(tid), "logprob": lp, "bytes": list(srv.token_bytes(tid))} for tid, lp in d.top],
+        })
+    return {"content": content, "refusal": None}
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    srv: Server = request.app["server"]
+    b = Body(await srv.json_body(request))
+    model = srv.model_ready()
+    _check_model(srv, b)
+    c = _common(srv, b)
+    msgs = _messages(b)
+    want_lp = b.get("logprobs", bool, False)
+    top_lp = b.get("top_logprobs", int, None, lo=0, hi=20)
+    if top_lp is not None and not want_lp:
+        raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    rf = b.data.get("response_format")
+    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
+        raise ApiError("'response_format' other than text is not supported yet", "response_format")
+    tools = b.data.get("tools")
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ApiError("'tools' must be an array of objects", "tools")
+    try:
+        text = srv.template.render(msgs, add_generation_prompt=True, tools=tools or None)
+    except ChatTemplateError as e:
+        raise ApiError(f"the chat template failed: {e}", "messages") from None
+    prompt = srv.chat_tokens(text)
+    max_tokens = _max_tokens(srv, b, "max_completion_tokens", len(prompt))
+    streams = await _submit(srv, prompt, max_tokens, c, (top_lp or 0) if want_lp else 0, c["n"])
+    cid = "chatcmpl-" + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    del model
+
+    def chunk(obj: str, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": srv.model_id,
+                               "system_fingerprint": srv.fingerprint, "choices": choices}
+        if usage is not None:
+            out["usage"] = usage
+        return out
+
+    try:
+        if c["stream"]:
+            resp = await _sse_response(request)
+            for i in range(len(streams)):
+                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                await resp.write(_sse(chunk("chat.completion.chunk", [first])))
+            async for i, d in _merged(streams):
+                delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
+                lp = _chat_logprobs(srv, [d]) if want_lp else None
+                ch = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+                await resp.write(_sse(chunk("chat.completion.chunk", [ch])))
+            if c["include_usage"]:
+                await resp.write(_sse(chunk("chat.completion.chunk", [], _usage(streams))))
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        texts = [""] * len(streams)
+        deltas: list[list[Delta]] = [[] for _ in streams]
+        finish: list[str | None] = [None] * len(streams)
+        async for i, d in _merged(streams):
+            texts[i] += d.text
+            deltas[i].append(d)
+            finish[i] = d.finish_reason or finish[i]
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
+             "logprobs": _chat_logprobs(srv, deltas[i]) if want_lp else None, "finish_reason": finish[i]}
+            for i in range(len(streams))
+        ]
+        return web.json_response(chunk("chat.completion", choices, _usage(streams)))
+    finally:
+        for s in streams:
+            s.abort()
+
+
+# -- /v1/models ------------------------------------------------------------------------
+
+
+def _model_obj(srv: Server) -> dict[str, Any]:
+    return {"id": srv.model_id, "object": "model", "created": srv.created, "owned_by": "edgelm"}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    srv: Server = request.app["server"]
+    return web.json_response({"object": "list", "data": [_model_obj(srv)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    srv: Server = request.app["server"]
+    mid = request.match_info["model"]
+    if mid not in srv.model_aliases():
+        raise ApiError(f"The model '{mid}' does not exist", "model", 404, "model_not_found")
+    return web.json_response(_model_obj(srv))

@@ -1,0 +1,333 @@
+"""Continuous batching.
+
+Every step runs the next token of each running sequence plus chunks of prompts under
+a token budget (chunked prefill), so a long prompt never stalls the streams already
+running. The scheduler decides what runs; the executor (`edgelm._native.Executor`, or
+a fake in tests) computes it.
+
+    sched = Scheduler(executor, SchedulerLimits(...), eog_ids)
+    sched.add(Sequence(...))            # QueueFull when the queue is at its limit
+    items = sched.schedule()            # what the next step runs
+    outputs = sched.process(executor.step(items))
+
+`schedule` and `process` run between steps (never while one is in flight), on one
+thread; they are the only places sequences enter, leave and change.
+
+Policies:
+  - Running sequences keep their place, oldest first; waiting ones are admitted FIFO
+    while there is room (max running, token budget, KV blocks).
+  - A prompt's full blocks are looked up in the prefix cache at admission. When the
+    next block it needs is being computed right now by another sequence (several
+    clients sending the same system prompt at once), it waits a step or two and then
+    shares the result instead of computing it twice.
+  - Out of KV blocks: preempt the youngest running sequence (its blocks are freed; it
+    goes back to the front of the queue and is recomputed later, prefix hits
+    included) rather than fail anything.
+  - Aborted and timed-out sequences are dropped, and their blocks freed, at the next
+    `schedule`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from edgelm.serve.blocks import BlockManager, OutOfBlocks, chain_hashes
+
+StepItem = tuple[int, int, int, list[int], bool]
+StepResult = tuple[int, int, float, list[tuple[int, float]], str]
+
+
+class Executor(Protocol):
+    @property
+    def n_blocks(self) -> int: ...
+    @property
+    def block_size(self) -> int: ...
+    def add(self, seq_id: int, prompt: list[int], **sampling: Any) -> None: ...
+    def remove(self, seq_id: int) -> str | None: ...
+    def step(self, items: list[StepItem]) -> list[StepResult]: ...
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its limit; retry later."""
+
+
+@dataclass
+class SchedulerLimits:
+    max_running: int = 16
+    max_step_tokens: int = 512
+    max_queue: int = 256
+    max_context: int = 8192
+
+    def __post_init__(self) -> None:
+        for k in ("max_running", "max_step_tokens", "max_queue", "max_context"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"{k} must be at least 1")
+        if self.max_step_tokens < self.max_running:
+            raise ValueError("max_step_tokens must be at least max_running (every running sequence decodes each step)")
+
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    max_tokens: int
+    sampling: dict[str, Any] = field(default_factory=dict)
+    stop_ids: frozenset[int] = frozenset()
+    ignore_eos: bool = False
+    deadline: float | None = None  # time.monotonic() value
+    id: int = field(default_factory=lambda: next(_ids))
+    # State (the scheduler's).
+    tokens: list[int] = field(init=False)
+    n_computed: int = 0
+    blocks: list[int] = field(default_factory=list)
+    n_generated: int = 0
+    n_cached_prompt: int = 0  # prompt tokens served from the prefix cache (first admission)
+    n_preempted: int = 0
+    admitted: bool = False  # registered with the executor
+    finish_reason: str | None = None
+    abort_reason: str | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    _hashes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.tokens = list(self.prompt)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def hashes(self, block_size: int, n: int) -> list[int]:
+        """Chain hashes of the first `n` full blocks of this sequence's tokens."""
+        if len(self._hashes) < n:
+            self._hashes = chain_hashes(self.tokens, block_size, n)
+        return self._hashes[:n]
+
+
+@dataclass
+class SeqOutput:
+    seq: Sequence
+    token: int | None  # None when the sequence ended without a new token (abort, timeout)
+    logprob: float
+    top: list[tuple[int, float]]
+    text: str
+    finish_reason: str | None
+
+
+class Scheduler:
+    def __init__(
+        self,
+        executor: Executor,
+        limits: SchedulerLimits,
+        eog_ids: Iterable[int] = (),
+        enable_prefix_cache: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ex = executor
+        self.limits = limits
+        self.eog = frozenset(eog_ids)
+        self.bs = executor.block_size
+        self.blocks = BlockManager(executor.n_blocks, self.bs, enable_prefix_cache)
+        self.clock = clock
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._planned: list[tuple[Sequence, int, int, bool]] = []
+        self._inflight: dict[int, int] = {}  # block hash -> id of the sequence computing it
+        self._ended: list[SeqOutput] = []  # ends decided in schedule(), reported by process()
+        self.n_preemptions = 0
+        self.n_prompt_tokens_computed = 0
+        self.n_prompt_tokens_cached = 0
+
+    # -- intake ------------------------------------------------------------------
+    def capacity_tokens(self) -> int:
+        return self.blocks.n_blocks * self.bs
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.limits.max_queue:
+            raise QueueFull(f"the queue holds {len(self.waiting)} requests (limit {self.limits.max_queue})")
+        need = len(seq.prompt) + max(seq.max_tokens, 1)
+        if not seq.prompt:
+            raise ValueError("the prompt is empty")
+        if len(seq.prompt) >= self.limits.max_context:
+            raise ValueError(f"the prompt has {len(seq.prompt)} tokens; the context holds {self.limits.max_context}")
+        if min(need, self.limits.max_context) > self.capacity_tokens():
+            raise ValueError(
+                f"prompt + max_tokens = {need} tokens do not fit in the KV cache ({self.capacity_tokens()} tokens)"
+            )
+        self.waiting.append(seq)
+
+    def abort(self, seq: Sequence, reason: str = "abort") -> None:
+        """End a sequence at the next `schedule` (its blocks are freed then)."""
+        if not seq.finished and seq.abort_reason is None:
+            seq.abort_reason = reason
+
+    def has_work(self) -> bool:
+        return bool(self.running or self.waiting or self._ended)
+
+    # -- one step ----------------------------------------------------------------
+    def schedule(self) -> list[StepItem]:
+        assert not self._planned, "process() the previous step first"
+        now = self.clock()
+        for seq in [*self.running, *self.waiting]:
+            if seq.abort_reason is None and seq.deadline is not None and now >= seq.deadline:
+                seq.abort_reason = "timeout"
+            if seq.abort_reason is not None:
+                self._finish(seq, seq.abort_reason)
+                self._ended.append(SeqOutput(seq, None, 0.0, [], "", seq.finish_reason))
+
+        budget = self.limits.max_step_tokens
+        plan: dict[int, tuple[Sequence, int, int, bool]] = {}
+        # Running sequences first, oldest first: a decode token each, or the next
+        # chunk of a prompt still being prefilled.
+        for seq in list(self.running):
+            if seq not in self.running:
+                continue  # preempted to make room for an older one
+            todo = len(seq.tokens) - seq.n_computed
+            n = min(todo, budget) if todo > 1 else 1
+            if n <= 0:
+                continue
+            if not self._grow(seq, seq.n_computed + n, plan):
+                continue  # seq itself was preempted
+            end = seq.n_computed + n
+            plan[seq.id] = (seq, seq.n_computed, end, end == len(seq.tokens))
+            budget -= n
+        # Admit waiting sequences.
+        skipped: list[Sequence] = []
+        while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
+            seq = self.waiting.popleft()
+            if not self._admit(seq):
+                skipped.append(seq)  # its prefix is being computed by another; next step
+                continue
+            n = min(len(seq.tokens) - seq.n_computed, budget)
+            if not self._grow(seq, seq.n_computed + n, plan, may_preempt=False):
+                self._unadmit(seq)
+                self.waiting.appendleft(seq)
+                break
+            end = seq.n_computed + n
+            plan[seq.id] = (seq, seq.n_computed, end, end == len(seq.tokens))
+            budget -= n
+        self.waiting.extendleft(reversed(skipped))
+        self._planned = list(plan.values())
+        return [(s.id, a, b, list(s.blocks), smp) for s, a, b, smp in self._planned]
+
+    def process(self, results: list[StepResult]) -> list[SeqOutput]:
+        """Apply a step's results; returns one output per sampled token and per
+        sequence that ended."""
+        out, self._ended = self._ended, []
+        for seq, _start, end, _sample in self._planned:
+            if seq.n_computed < len(seq.prompt):
+                self.n_prompt_tokens_computed += min(end, len(seq.prompt)) - seq.n_computed
+            seq.n_computed = end
+            n_full = end // self.bs
+            for i, h in enumerate(seq.hashes(self.bs, n_full)):
+                self.blocks.register(seq.blocks[i], h)
+                if self._inflight.get(h) == seq.id:
+                    del self._inflight[h]
+        by_id = {s.id: s for s, *_ in self._planned}
+        self._planned = []
+        for sid, tok, lp, top, text in results:
+            seq = by_id[sid]
+            seq.tokens.append(tok)
+            seq.n_generated += 1
+            reason = None
+            if tok in seq.stop_ids or (not seq.ignore_eos and tok in self.eog):
+                reason, text = "stop", ""
+            elif seq.n_generated >= seq.max_tokens or len(seq.tokens) >= self.limits.max_context:
+                reason = "length"
+            if reason is not None:
+                text += self._finish(seq, reason)
+            out.append(SeqOutput(seq, tok, lp, top, text, reason))
+        return out
+
+    def finish_now(self, seq: Sequence, reason: str) -> None:
+        """End a sequence between steps (e.g. a stop string matched)."""
+        if not seq.finished:
+            self._finish(seq, reason)
+
+    # -- internals ---------------------------------------------------------------
+    def _finish(self, seq: Sequence, reason: str) -> str:
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._drop_inflight(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
+        tail = self.ex.remove(seq.id) if seq.admitted else None
+        seq.admitted = False
+        return tail or ""
+
+    def _drop_inflight(self, seq: Sequence) -> None:
+        for h in [h for h, sid in self._inflight.items() if sid == seq.id]:
+            del self._inflight[h]
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Prefix lookup, executor registration; False when it must wait."""
+        if self._blocked_on_inflight(seq):
+            return False
+        n_lookup = (len(seq.tokens) - 1) // self.bs  # the last token is always computed
+        hashes = seq.hashes(self.bs, n_lookup)
+        seq.blocks = self.blocks.lookup(hashes)
+        seq.n_computed = len(seq.blocks) * self.bs
+        if not seq.admitted:
+            self.ex.add(seq.id, list(seq.tokens), **seq.sampling)
+            seq.admitted = True
+        if seq.n_preempted == 0:
+            seq.n_cached_prompt = seq.n_computed
+            self.n_prompt_tokens_cached += seq.n_computed
+        for h in hashes[len(seq.blocks) :]:
+            self._inflight.setdefault(h, seq.id)
+        self.running.append(seq)
+        return True
+
+    def _blocked_on_inflight(self, seq: Sequence) -> bool:
+        if not self.blocks.enable_prefix_cache:
+            return False
+        n_lookup = (len(seq.tokens) - 1) // self.bs
+        for h in seq.hashes(self.bs, n_lookup):
+            if self.blocks.is_cached(h):
+                continue
+            owner = self._inflight.get(h)
+            return owner is not None and owner != seq.id
+        return False
+
+    def _unadmit(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._drop_inflight(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
+        seq.n_computed = 0
+
+    def _grow(self, seq: Sequence, n_pos: int, plan: dict[int, tuple[Sequence, int, int, bool]], may_preempt: bool = True) -> bool:
+        """Make `seq`'s block table hold `n_pos` positions, preempting the youngest
+        running sequences if needed. False if `seq` could not get them (it was
+        preempted itself, or may not preempt)."""
+        while len(seq.blocks) * self.bs < n_pos:
+            try:
+                seq.blocks.append(self.blocks.allocate())
+            except OutOfBlocks:
+                if not may_preempt:
+                    return False
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim, plan)
+                if victim is seq:
+                    return False
+        return True
+
+    def _preempt(self, seq: Sequence, plan: dict[int, tuple[Sequence, int, int, bool]]) -> None:
+        plan.pop(seq.id, None)
+        self.running.remove(seq)
+        self._drop_inflight(seq)
+        self.blocks.release(seq.blocks)
+        seq.blocks = []
+        seq.n_computed = 0
+        seq.n_preempted += 1
+        self.n_preemptions += 1
+        self.waiting.appendleft(seq)

@@ -1,0 +1,256 @@
+"""The scheduler against a fake executor: admission, budgets, preemption, abort, prefix
+hits. The fake keeps a real block-addressed KV store of token ids and checks, on every
+step, that each position a sequence attends to holds that sequence's token — so a
+wrong prefix hit, a block shared while written, or a freed block still read would fail
+here, not only in output text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from edgelm.serve.blocks import BlockManager, OutOfBlocks
+from edgelm.serve.scheduler import QueueFull, Scheduler, SchedulerLimits, Sequence, StepItem, StepResult
+
+EOS = 2
+
+
+class FakeExecutor:
+    """Next token = a hash of the whole history (so any wrong context changes it)."""
+
+    def __init__(self, n_blocks: int, block_size: int = 16) -> None:
+        self._n_blocks = n_blocks
+        self._bs = block_size
+        self.kv: dict[tuple[int, int], int] = {}
+        self.hist: dict[int, list[int]] = {}
+        self.steps: list[list[StepItem]] = []
+
+    @property
+    def n_blocks(self) -> int:
+        return self._n_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._bs
+
+    def add(self, seq_id: int, prompt: list[int], **sampling: Any) -> None:
+        assert seq_id not in self.hist
+        self.hist[seq_id] = list(prompt)
+
+    def remove(self, seq_id: int) -> str | None:
+        return "" if self.hist.pop(seq_id, None) is not None else None
+
+    def step(self, items: list[StepItem]) -> list[StepResult]:
+        self.steps.append(items)
+        out: list[StepResult] = []
+        written: set[tuple[int, int]] = set()
+        for sid, start, end, table, sample in items:
+            h = self.hist[sid]
+            assert 0 <= start < end <= len(h)
+            assert len(table) * self._bs >= end
+            for p in range(start):  # the cached context must be this sequence's tokens
+                assert self.kv.get((table[p // self._bs], p % self._bs)) == h[p], f"seq {sid} pos {p}"
+            for p in range(start, end):
+                slot = (table[p // self._bs], p % self._bs)
+                assert slot not in written, "two sequences wrote one slot in a step"
+                written.add(slot)
+                self.kv[slot] = h[p]
+            if sample:
+                assert end == len(h)
+                tok = 3 + hash(tuple(h)) % 50
+                h.append(tok)
+                out.append((sid, tok, -0.5, [], f"<{tok}>"))
+        return out
+
+
+def run(s: Scheduler, ex: FakeExecutor, max_steps: int = 10000) -> dict[int, list[int]]:
+    """Step until idle; returns generated tokens per sequence id."""
+    got: dict[int, list[int]] = {}
+    for _ in range(max_steps):
+        if not s.has_work():
+            return got
+        items = s.schedule()
+        for o in s.process(ex.step(items) if items else []):
+            if o.token is not None:
+                got.setdefault(o.seq.id, []).append(o.token)
+    raise AssertionError("did not finish")
+
+
+def prompt(n: int, salt: int = 0) -> list[int]:
+    return [10 + (i * 7 + salt * 13) % 40 for i in range(n)]
+
+
+def alone(p: list[int], max_tokens: int) -> list[int]:
+    ex = FakeExecutor(64)
+    s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS])
+    seq = Sequence(p, max_tokens)
+    s.add(seq)
+    return run(s, ex)[seq.id]
+
+
+def test_chunked_prefill_respects_budget_and_keeps_decoding() -> None:
+    ex = FakeExecutor(256)
+    s = Scheduler(ex, SchedulerLimits(max_running=4, max_step_tokens=32, max_context=4096), [EOS])
+    short = [Sequence(prompt(5, i), 40) for i in range(2)]
+    for q in short:
+        s.add(q)
+    early: dict[int, list[int]] = {}
+    for _ in range(3):  # get the short ones decoding
+        for o in s.process(ex.step(s.schedule())):
+            early.setdefault(o.seq.id, []).append(o.token or 0)
+    long = Sequence(prompt(300, 9), 4)
+    s.add(long)
+    got = run(s, ex)
+    for k, v in early.items():
+        got[k] = v + got[k]
+    for items in ex.steps:
+        assert sum(e - a for _, a, e, _, _ in items) <= 32
+    # While the long prompt was being prefilled, the short ones decoded every step.
+    prefill_steps = [it for it in ex.steps if any(sid == long.id and e - a > 1 for sid, a, e, _, _ in it)]
+    assert len(prefill_steps) >= 300 // 32
+    for it in prefill_steps:
+        ids = {sid for sid, *_ in it}
+        assert all(q.id in ids for q in short)
+    for q in short:
+        assert got[q.id] == alone(q.prompt, 40)
+    assert got[long.id] == alone(long.prompt, 4)
+
+
+def test_max_running_and_queue_limit() -> None:
+    ex = FakeExecutor(256)
+    s = Scheduler(ex, SchedulerLimits(max_running=2, max_step_tokens=64, max_queue=3, max_context=4096), [EOS])
+    seqs = [Sequence(prompt(8, i), 5) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    with pytest.raises(QueueFull):
+        s.add(Sequence(prompt(8, 9), 5))
+    items = s.schedule()
+    assert len(s.running) == 2 and len(s.waiting) == 1
+    s.process(ex.step(items))
+    got = run(s, ex)
+    assert all(len({sid for sid, *_ in it}) <= 2 for it in ex.steps)
+    assert got and all(q.n_generated == 5 and q.finish_reason == "length" for q in seqs)
+
+
+def test_context_and_capacity_checks() -> None:
+    ex = FakeExecutor(4)  # 64 tokens
+    s = Scheduler(ex, SchedulerLimits(max_context=48), [EOS])
+    with pytest.raises(ValueError, match="context"):
+        s.add(Sequence(prompt(48), 1))
+    with pytest.raises(ValueError, match="empty"):
+        s.add(Sequence([], 1))
+    # Runs to the context limit, not past it.
+    q = Sequence(prompt(40), 100)
+    s.add(q)
+    got = run(s, ex)
+    assert len(got[q.id]) == 8 and q.finish_reason == "length"
+
+
+def test_preemption_recomputes_youngest_and_changes_nothing() -> None:
+    # 6 blocks = 96 tokens for 3 sequences that each grow to 20 + 40 = 60 tokens.
+    ex = FakeExecutor(6)
+    s = Scheduler(ex, SchedulerLimits(max_running=3, max_step_tokens=64, max_context=4096), [EOS])
+    seqs = [Sequence(prompt(20, i), 40) for i in range(3)]
+    for q in seqs:
+        s.add(q)
+    got = run(s, ex)
+    assert s.n_preemptions > 0
+    assert seqs[0].n_preempted == 0  # the oldest is never the victim
+    for q in seqs:
+        assert got[q.id] == alone(q.prompt, 40), q.id
+    assert s.blocks.n_used == 0
+
+
+def test_abort_frees_blocks_at_next_step() -> None:
+    ex = FakeExecutor(32)
+    s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS])
+    a, b = Sequence(prompt(40, 1), 100), Sequence(prompt(40, 2), 100)
+    s.add(a)
+    s.add(b)
+    for _ in range(3):
+        s.process(ex.step(s.schedule()))
+    used = s.blocks.n_used
+    s.abort(a)
+    assert s.blocks.n_used == used  # not before the next step
+    items = s.schedule()
+    assert [sid for sid, *_ in items] == [b.id]
+    outs = s.process(ex.step(items))
+    assert a.finish_reason == "abort" and any(o.seq is a and o.finish_reason == "abort" for o in outs)
+    assert a.id not in ex.hist
+    assert s.blocks.n_used < used
+
+
+def test_timeout_ends_with_reason() -> None:
+    now = [0.0]
+    ex = FakeExecutor(128)
+    s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS], clock=lambda: now[0])
+    q = Sequence(prompt(10), 1000, deadline=5.0)
+    s.add(q)
+    s.process(ex.step(s.schedule()))
+    now[0] = 6.0
+    assert s.schedule() == []
+    outs = s.process([])
+    assert q.finish_reason == "timeout"
+    assert any(o.finish_reason == "timeout" for o in outs)
+
+
+def test_stop_tokens_and_eos() -> None:
+    ex = FakeExecutor(32)
+    s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS])
+    first = alone(prompt(12, 3), 10)
+    q = Sequence(prompt(12, 3), 10, stop_ids=frozenset([first[4]]))
+    s.add(q)
+    got = run(s, ex)
+    assert got[q.id] == first[:5] and q.finish_reason == "stop"
+
+
+def test_prefix_hit_skips_cached_blocks() -> None:
+    ex = FakeExecutor(64)
+    s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS])
+    system = prompt(40, 5)
+    a = Sequence(system + [11, 12, 13], 3)
+    s.add(a)
+    run(s, ex)
+    assert s.blocks.n_cached >= 2
+    b = Sequence(system + [20, 21], 3)
+    s.add(b)
+    items = s.schedule()
+    assert items[0][1] == 32  # two full blocks of the shared 40 tokens come from the cache
+    s.process(ex.step(items))
+    assert b.n_cached_prompt == 32
+    got = run(s, ex)
+    assert [*got.get(b.id, [])] == alone(b.prompt, 3)[1:]  # first token came with the first step
+
+
+def test_shared_prefix_computed_once_when_requests_arrive_together() -> None:
+    ex = FakeExecutor(64)
+    s = Scheduler(ex, SchedulerLimits(max_step_tokens=512, max_context=4096), [EOS])
+    system = prompt(64, 7)
+    seqs = [Sequence(system + [30 + i], 2) for i in range(4)]
+    for q in seqs:
+        s.add(q)
+    got = run(s, ex)
+    prefill = sum(e - a for it in ex.steps for _, a, e, _, smp in it if e - a > 1)
+    assert prefill < 64 + 3 * 17, prefill  # the 64 shared tokens were computed once
+    assert all(q.n_cached_prompt == 64 for q in seqs[1:])
+    for q in seqs:
+        assert got[q.id] == alone(q.prompt, 2)
+
+
+def test_lru_eviction_order() -> None:
+    bm = BlockManager(4, 4)
+    blocks = [bm.allocate() for _ in range(4)]
+    for i, b in enumerate(blocks):
+        bm.register(b, 100 + i)
+    with pytest.raises(OutOfBlocks):
+        bm.allocate()
+    bm.release([blocks[2]])
+    bm.release([blocks[0]])
+    assert bm.n_cached == 2 and bm.n_used == 2
+    assert bm.lookup([100]) == [blocks[0]]  # a hit takes it back out of the LRU list
+    bm.release([blocks[0]])  # now blocks[2] is the least recently used
+    assert bm.allocate() == blocks[2]
+    assert not bm.is_cached(102) and bm.is_cached(100)
+    bm.clear_cache()
+    assert bm.n_cached == 0 and not bm.is_cached(100)

@@ -74,6 +74,28 @@ class SchedulerLimits:
 _ids = itertools.count(1)
 
 
+# Batching must not change what a request gets. The executor computes a lone token on
+# the decode kernels and several tokens of one prompt on the panel kernels, each with
+# results independent of the rest of the batch; so a prompt token must never be fed
+# alone (unless the prompt is one token): prefix hits and prefill chunks always leave
+# at least two tokens together.
+
+
+def _n_lookup(n_tokens: int, block_size: int) -> int:
+    """Full blocks a prefix lookup may serve: at least two tokens stay to compute."""
+    return max(n_tokens - 2, 0) // block_size
+
+
+def _chunk(todo: int, budget: int) -> int:
+    """Tokens to feed this step (0 = wait): never a lone prompt token."""
+    if todo <= 1:
+        return todo
+    n = min(todo, budget)
+    if todo - n == 1:
+        n -= 1
+    return n if n >= 2 else 0
+
+
 @dataclass(eq=False)
 class Sequence:
     prompt: list[int]
@@ -188,8 +210,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:
                 continue  # preempted to make room for an older one
-            todo = len(seq.tokens) - seq.n_computed
-            n = min(todo, budget) if todo > 1 else 1
+            n = _chunk(len(seq.tokens) - seq.n_computed, budget)
             if n <= 0:
                 continue
             if not self._grow(seq, seq.n_computed + n, plan):
@@ -204,8 +225,8 @@ class Scheduler:
             if not self._admit(seq):
                 skipped.append(seq)  # its prefix is being computed by another; next step
                 continue
-            n = min(len(seq.tokens) - seq.n_computed, budget)
-            if not self._grow(seq, seq.n_computed + n, plan, may_preempt=False):
+            n = _chunk(len(seq.tokens) - seq.n_computed, budget)
+            if n <= 0 or not self._grow(seq, seq.n_computed + n, plan, may_preempt=False):
                 self._unadmit(seq)
                 self.waiting.appendleft(seq)
                 break
@@ -272,7 +293,7 @@ class Scheduler:
         """Prefix lookup, executor registration; False when it must wait."""
         if self._blocked_on_inflight(seq):
             return False
-        n_lookup = (len(seq.tokens) - 1) // self.bs  # the last token is always computed
+        n_lookup = _n_lookup(len(seq.tokens), self.bs)
         hashes = seq.hashes(self.bs, n_lookup)
         seq.blocks = self.blocks.lookup(hashes)
         seq.n_computed = len(seq.blocks) * self.bs
@@ -290,7 +311,7 @@ class Scheduler:
     def _blocked_on_inflight(self, seq: Sequence) -> bool:
         if not self.blocks.enable_prefix_cache:
             return False
-        n_lookup = (len(seq.tokens) - 1) // self.bs
+        n_lookup = _n_lookup(len(seq.tokens), self.bs)
         for h in seq.hashes(self.bs, n_lookup):
             if self.blocks.is_cached(h):
                 continue

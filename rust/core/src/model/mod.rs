@@ -9,6 +9,7 @@
 //!
 //! Reading order: load (config + tensors) → forward (embed → layers → norm → logits).
 
+pub mod attn;
 pub mod config;
 pub mod ops;
 

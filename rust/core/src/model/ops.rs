@@ -203,8 +203,13 @@ impl Rope<'_> {
 /// 0.1-logprob level.
 pub const FA_TILE_Q: usize = 64;
 
+/// Tokens of one sequence per tiled-attention task (× the query heads of one KV head).
+const ATTN_TILE_TOK: usize = 64;
+
 /// Causal attention over the paged cache. `q`: `[n_tok][n_head * head_dim]` (already
 /// rotated); `out`: `[n_tok][n_head * head_dim_v]`. `tok_meta[t] = (seq, pos)`.
+/// Sequences on the row path are computed a token at a time; the others in tiles
+/// (`attn`), one task per (token tile, KV head).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     pool: &ThreadPool,
@@ -222,33 +227,81 @@ pub fn attention(
     let group = cfg.n_head / cfg.n_head_kv;
     let scale = cfg.attn_scale;
     let qw = cfg.n_head * hd;
-    par_rows(pool, out, cfg.n_head * hdv, |ti, o_row| {
-        let q_row = &q[ti * qw..(ti + 1) * qw];
-        let (si, p) = tok_meta[ti];
-        let seq = &seqs[si];
-        let table = seq.block_table;
-        // Positions visible from p: causal, and within the window on SWA layers
-        // (a key at j is masked when p - j >= window, as llama.cpp masks).
-        let lo = window.map_or(0, |w| (p + 1).saturating_sub(w));
-        let row_path = seq.row_attention;
-        let mut sc = AttnScratch::new(p + 1 - lo, hd, hdv);
-        for h in 0..cfg.n_head {
-            let kvh = h / group;
-            let qh = &q_row[h * hd..(h + 1) * hd];
-            let o = &mut o_row[h * hdv..(h + 1) * hdv];
-            let k_at = |j: usize| &kv.k_row(layer, table, j)[kvh * hd..(kvh + 1) * hd];
-            let v_at = |j: usize| &kv.v_row(layer, table, j)[kvh * hdv..(kvh + 1) * hdv];
-            if row_path {
+    let ow = cfg.n_head * hdv;
+    // Tasks: a row-path token, or (first token, n tokens, kv head) of a tiled sequence.
+    enum Task {
+        Row(usize),
+        Tile(usize, usize, usize),
+    }
+    let mut tasks = Vec::new();
+    let mut t0 = 0;
+    for s in seqs {
+        let n = s.tokens.len();
+        if s.row_attention || hdv % 16 != 0 {
+            tasks.extend((t0..t0 + n).map(Task::Row));
+        } else {
+            for c in (0..n).step_by(ATTN_TILE_TOK) {
+                let nt = ATTN_TILE_TOK.min(n - c);
+                tasks.extend((0..cfg.n_head_kv).map(|kvh| Task::Tile(t0 + c, nt, kvh)));
+            }
+        }
+        t0 += n;
+    }
+    let lo_of = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
+    let d = Disjoint::new(out);
+    pool.for_each(tasks.len(), |i| match tasks[i] {
+        Task::Row(ti) => {
+            // SAFETY: each token's output row belongs to its one task.
+            let o_row = unsafe { d.range_mut(ti * ow..(ti + 1) * ow) };
+            let q_row = &q[ti * qw..(ti + 1) * qw];
+            let (si, p) = tok_meta[ti];
+            let table = seqs[si].block_table;
+            // Positions visible from p: causal, and within the window on SWA layers
+            // (a key at j is masked when p - j >= window, as llama.cpp masks).
+            let lo = lo_of(p);
+            let mut sc = AttnScratch::new(hd, hdv);
+            for h in 0..cfg.n_head {
+                let kvh = h / group;
+                let qh = &q_row[h * hd..(h + 1) * hd];
+                let o = &mut o_row[h * hdv..(h + 1) * hdv];
+                let k_at = |j: usize| &kv.k_row(layer, table, j)[kvh * hd..(kvh + 1) * hd];
+                let v_at = |j: usize| &kv.v_row(layer, table, j)[kvh * hdv..(kvh + 1) * hdv];
                 attend_row_f16(kern, &mut sc, qh, lo..p + 1, scale, k_at, v_at, o);
-            } else {
-                attend_f32(kern, &mut sc, qh, lo..p + 1, scale, k_at, v_at, o);
+            }
+        }
+        Task::Tile(ta, nt, kvh) => {
+            let rows = nt * group;
+            let mut qt = vec![0f32; rows * hd];
+            let (mut lo, mut hi) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+            for ti in 0..nt {
+                let p = tok_meta[ta + ti].1;
+                for g in 0..group {
+                    let h = kvh * group + g;
+                    let r = ti * group + g;
+                    let src = &q[(ta + ti) * qw + h * hd..(ta + ti) * qw + (h + 1) * hd];
+                    qt[r * hd..(r + 1) * hd].iter_mut().zip(src).for_each(|(a, &b)| *a = b * scale);
+                    lo.push(lo_of(p));
+                    hi.push(p);
+                }
+            }
+            let si = tok_meta[ta].0;
+            let keys = super::attn::Keys { kv, layer, table: seqs[si].block_table, kvh };
+            let tile = super::attn::Tile { q: &qt, lo: &lo, hi: &hi, hd, hdv };
+            let mut res = vec![0f32; rows * hdv];
+            let mut sc = super::attn::Scratch::default();
+            super::attn::run(kern, &tile, &keys, &mut sc, &mut res);
+            for ti in 0..nt {
+                let t = ta + ti;
+                let h0 = kvh * group;
+                // SAFETY: heads h0..h0+group of token t belong to this task alone.
+                let o = unsafe { d.range_mut(t * ow + h0 * hdv..t * ow + (h0 + group) * hdv) };
+                o.copy_from_slice(&res[ti * group * hdv..(ti + 1) * group * hdv]);
             }
         }
     });
 }
 
 struct AttnScratch {
-    scores: Vec<f32>,
     /// q rounded through f16, held as f32 (exact).
     q16: Vec<f32>,
     /// The f16 accumulator of the row path, held as f32 values that f16 represents.
@@ -257,8 +310,8 @@ struct AttnScratch {
 }
 
 impl AttnScratch {
-    fn new(n: usize, hd: usize, hdv: usize) -> Self {
-        AttnScratch { scores: vec![0.0; n], q16: vec![0.0; hd], acc: vec![0.0; hdv], round: vec![f16::ZERO; hdv.max(hd)] }
+    fn new(hd: usize, hdv: usize) -> Self {
+        AttnScratch { q16: vec![0.0; hd], acc: vec![0.0; hdv], round: vec![f16::ZERO; hdv.max(hd)] }
     }
 }
 
@@ -303,41 +356,6 @@ fn attend_row_f16<'a>(
         sum = sum * ms + vs;
     }
     let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
-    for (o, &a) in out.iter_mut().zip(&sc.acc) {
-        *o = a * inv;
-    }
-}
-
-/// f32 attention (ggml's tiled path for long prompts computes in f32 too).
-#[allow(clippy::too_many_arguments)]
-fn attend_f32<'a>(
-    kern: &Kernels,
-    sc: &mut AttnScratch,
-    q: &[f32],
-    keys: std::ops::Range<usize>,
-    scale: f32,
-    k_at: impl Fn(usize) -> &'a [f16],
-    v_at: impl Fn(usize) -> &'a [f16],
-    out: &mut [f32],
-) {
-    let lo = keys.start;
-    let n = keys.len();
-    let scores = &mut sc.scores[..n];
-    let mut max = f32::NEG_INFINITY;
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = kern.dot_f32_f16(q, k_at(lo + j)) * scale;
-        max = max.max(*s);
-    }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    sc.acc.iter_mut().for_each(|a| *a = 0.0);
-    for (j, &s) in scores.iter().enumerate() {
-        kern.axpy_f16(&mut sc.acc, s, v_at(lo + j));
-    }
-    let inv = 1.0 / sum;
     for (o, &a) in out.iter_mut().zip(&sc.acc) {
         *o = a * inv;
     }

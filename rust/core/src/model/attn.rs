@@ -1,0 +1,403 @@
+//! Tiled flash attention for prompts: a tile of query rows (several tokens of one
+//! sequence × the query heads that share one KV head) walks the keys 16 at a time —
+//! one KV block. Each block's K and V rows are converted from f16 once per tile (not
+//! once per query), scores for 4 rows × 16 keys come from one register tile, softmax is
+//! online (running max and sum per row), and exp is a vectorised polynomial.
+//!
+//! Per query row, the arithmetic does not depend on which other rows share its tile,
+//! so the result is the same however the scheduler chunks a prompt or batches it.
+//!
+//! The generic body is compiled once per SIMD level through `#[target_feature]`
+//! wrappers; fixed-width `[f32; 16]` lanes let the compiler keep the score tile in
+//! vector registers.
+
+use crate::kv::KvCache;
+use crate::quant::{Kernels, Level};
+
+const KB: usize = 16; // keys per step (= one KV block when block_size is 16)
+const RT: usize = 8; // query rows per register tile
+
+/// 16 f32 lanes: one zmm (AVX-512), two ymm (AVX2), or a plain array.
+trait V16: Copy {
+    /// # Safety
+    /// `p` points to 16 readable floats.
+    unsafe fn load(p: *const f32) -> Self;
+    /// # Safety
+    /// `p` points to 16 writable floats.
+    unsafe fn store(self, p: *mut f32);
+    fn zero() -> Self;
+    /// self + a * k
+    fn fma_b(self, a: f32, k: Self) -> Self;
+    fn hmax(self) -> f32;
+    fn hsum(self) -> f32;
+}
+
+#[derive(Clone, Copy)]
+struct Arr([f32; KB]);
+
+impl V16 for Arr {
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Self {
+        // SAFETY: caller's contract.
+        Arr(unsafe { *(p as *const [f32; KB]) })
+    }
+    #[inline(always)]
+    unsafe fn store(self, p: *mut f32) {
+        // SAFETY: caller's contract.
+        unsafe { *(p as *mut [f32; KB]) = self.0 }
+    }
+    #[inline(always)]
+    fn zero() -> Self {
+        Arr([0.0; KB])
+    }
+    #[inline(always)]
+    fn fma_b(mut self, a: f32, k: Self) -> Self {
+        for l in 0..KB {
+            self.0[l] = if cfg!(target_arch = "aarch64") { a.mul_add(k.0[l], self.0[l]) } else { a * k.0[l] + self.0[l] };
+        }
+        self
+    }
+    #[inline(always)]
+    fn hmax(self) -> f32 {
+        self.0.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+    }
+    #[inline(always)]
+    fn hsum(self) -> f32 {
+        self.0.iter().sum()
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::V16;
+    use std::arch::x86_64::*;
+
+    #[derive(Clone, Copy)]
+    pub struct Z(__m512);
+    impl V16 for Z {
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: caller's contract; only instantiated under avx512f.
+            Z(unsafe { _mm512_loadu_ps(p) })
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            // SAFETY: as above.
+            unsafe { _mm512_storeu_ps(p, self.0) }
+        }
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: only instantiated inside avx512f functions.
+            Z(unsafe { _mm512_setzero_ps() })
+        }
+        #[inline(always)]
+        fn fma_b(self, a: f32, k: Self) -> Self {
+            // SAFETY: as above.
+            Z(unsafe { _mm512_fmadd_ps(_mm512_set1_ps(a), k.0, self.0) })
+        }
+        #[inline(always)]
+        fn hmax(self) -> f32 {
+            // SAFETY: as above.
+            unsafe { _mm512_reduce_max_ps(self.0) }
+        }
+        #[inline(always)]
+        fn hsum(self) -> f32 {
+            // SAFETY: as above.
+            unsafe { _mm512_reduce_add_ps(self.0) }
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct Y(__m256, __m256);
+    impl V16 for Y {
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            // SAFETY: caller's contract; only instantiated under avx2+fma.
+            unsafe { Y(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            // SAFETY: as above.
+            unsafe {
+                _mm256_storeu_ps(p, self.0);
+                _mm256_storeu_ps(p.add(8), self.1)
+            }
+        }
+        #[inline(always)]
+        fn zero() -> Self {
+            // SAFETY: only instantiated inside avx2 functions.
+            unsafe { Y(_mm256_setzero_ps(), _mm256_setzero_ps()) }
+        }
+        #[inline(always)]
+        fn fma_b(self, a: f32, k: Self) -> Self {
+            // SAFETY: as above.
+            unsafe {
+                let b = _mm256_set1_ps(a);
+                Y(_mm256_fmadd_ps(b, k.0, self.0), _mm256_fmadd_ps(b, k.1, self.1))
+            }
+        }
+        #[inline(always)]
+        fn hmax(self) -> f32 {
+            let mut a = [0f32; 8];
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), _mm256_max_ps(self.0, self.1)) };
+            a.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x))
+        }
+        #[inline(always)]
+        fn hsum(self) -> f32 {
+            let mut a = [0f32; 8];
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(a.as_mut_ptr(), _mm256_add_ps(self.0, self.1)) };
+            a.iter().sum()
+        }
+    }
+}
+
+/// One tile of work: `q` holds `rows` query rows of `hd` floats, already multiplied by
+/// the attention scale; row `r` may see keys `lo[r]..=hi[r]`.
+pub struct Tile<'a> {
+    pub q: &'a [f32],
+    pub lo: &'a [usize],
+    pub hi: &'a [usize],
+    pub hd: usize,
+    pub hdv: usize,
+}
+
+/// Keys of one KV head of one sequence.
+pub struct Keys<'a> {
+    pub kv: &'a KvCache,
+    pub layer: usize,
+    pub table: &'a [u32],
+    pub kvh: usize,
+}
+
+/// Scratch reused across tiles of one task.
+#[derive(Default)]
+pub struct Scratch {
+    kt: Vec<[f32; KB]>,  // [hd] rows of 16 keys (K transposed)
+    v: Vec<f32>,         // [KB][hdv]
+    tmp: Vec<f32>,
+    acc: Vec<f32>,       // [rows][hdv]
+    m: Vec<f32>,
+    l: Vec<f32>,
+}
+
+/// out: `rows × hdv`, row-major.
+pub fn run(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+    assert!(t.hdv % KB == 0, "tiled attention needs head_dim_v to be a multiple of {KB}");
+    assert_eq!(t.q.len(), t.lo.len() * t.hd);
+    match kern.level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level was detected (or forced to one this CPU has) at load.
+        Level::Avx512 => unsafe { run_avx512(kern, t, k, sc, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { run_avx2(kern, t, k, sc, out) },
+        _ => run_generic::<Arr>(kern, t, k, sc, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+unsafe fn run_avx512(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+    run_generic::<x86::Z>(kern, t, k, sc, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn run_avx2(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+    run_generic::<x86::Y>(kern, t, k, sc, out)
+}
+
+/// e^x on 16 lanes: range reduction by ln 2, degree-6 polynomial, 2^n through the
+/// exponent bits. Relative error ~2e-7; -inf and very negative inputs give 0.
+#[inline(always)]
+fn exp16(x: &mut [f32; KB]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    for v in x.iter_mut() {
+        let xi = v.clamp(-87.0, 88.0);
+        let n = (xi * LOG2E + 12_582_912.0) - 12_582_912.0; // round to nearest
+        let r = xi - n * LN2_HI - n * LN2_LO;
+        let mut p = 1.987_569_1e-4f32;
+        p = p * r + 1.398_199_9e-3;
+        p = p * r + 8.333_452e-3;
+        p = p * r + 4.166_579_6e-2;
+        p = p * r + 1.666_666_5e-1;
+        p = p * r + 5e-1;
+        let e = (p * r * r + r) + 1.0;
+        let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+        *v = if *v < -87.0 { 0.0 } else { e * scale };
+    }
+}
+
+#[inline(always)]
+fn run_generic<V: V16>(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+    let (hd, hdv) = (t.hd, t.hdv);
+    let rows = t.lo.len();
+    debug_assert_eq!(t.q.len(), rows * hd);
+    debug_assert_eq!(out.len(), rows * hdv);
+    let key_lo = *t.lo.iter().min().expect("a tile has rows");
+    let key_hi = *t.hi.iter().max().expect("a tile has rows");
+    sc.kt.clear();
+    sc.kt.resize(hd, [0.0; KB]);
+    sc.v.clear();
+    sc.v.resize(KB * hdv, 0.0);
+    sc.tmp.resize(hd.max(hdv), 0.0);
+    sc.acc.clear();
+    sc.acc.resize(rows * hdv, 0.0);
+    sc.m.clear();
+    sc.m.resize(rows, f32::NEG_INFINITY);
+    sc.l.clear();
+    sc.l.resize(rows, 0.0);
+    let mut j0 = key_lo / KB * KB;
+    while j0 <= key_hi {
+        let nk = KB.min(key_hi + 1 - j0);
+        // K (transposed) and V of keys j0..j0+nk as f32.
+        for jj in 0..KB {
+            let j = j0 + jj;
+            if jj < nk && j >= key_lo {
+                let kr = &k.kv.k_row(k.layer, k.table, j)[k.kvh * hd..(k.kvh + 1) * hd];
+                kern.f16_to_f32_row(kr, &mut sc.tmp[..hd]);
+                for (d, &x) in sc.tmp[..hd].iter().enumerate() {
+                    sc.kt[d][jj] = x;
+                }
+                let vr = &k.kv.v_row(k.layer, k.table, j)[k.kvh * hdv..(k.kvh + 1) * hdv];
+                kern.f16_to_f32_row(vr, &mut sc.v[jj * hdv..(jj + 1) * hdv]);
+            } else {
+                for d in 0..hd {
+                    sc.kt[d][jj] = 0.0;
+                }
+                sc.v[jj * hdv..(jj + 1) * hdv].iter_mut().for_each(|x| *x = 0.0);
+            }
+        }
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = RT.min(rows - r0);
+            // Scores of up to 8 rows × 16 keys: 8 independent FMA chains.
+            let mut q = [std::ptr::null::<f32>(); RT];
+            for (r, qp) in q.iter_mut().enumerate() {
+                *qp = t.q[(r0 + r.min(nr - 1)) * hd..].as_ptr();
+            }
+            let mut acc8 = [V::zero(); RT];
+            for d in 0..hd {
+                // SAFETY: kt has hd rows of 16; each q row has hd floats.
+                unsafe {
+                    let kd = V::load(sc.kt[d].as_ptr());
+                    for r in 0..RT {
+                        acc8[r] = acc8[r].fma_b(*q[r].add(d), kd);
+                    }
+                }
+            }
+            let mut s = [[0f32; KB]; RT];
+            let mut active = [false; RT];
+            for r in 0..nr {
+                let sr = &mut s[r];
+                // SAFETY: each s[r] holds 16 floats.
+                unsafe { acc8[r].store(sr.as_mut_ptr()) };
+                let row = r0 + r;
+                let (lo, hi) = (t.lo[row], t.hi[row]);
+                if hi < j0 || lo >= j0 + nk {
+                    continue; // no visible key in this block
+                }
+                active[r] = true;
+                if !(lo <= j0 && j0 + KB <= hi + 1 && nk == KB) {
+                    // A block at the edge of this row's window: mask what it may not see.
+                    for (l, x) in sr.iter_mut().enumerate() {
+                        let j = j0 + l;
+                        if l >= nk || j < lo || j > hi {
+                            *x = f32::NEG_INFINITY;
+                        }
+                    }
+                }
+                // SAFETY: sr holds 16 floats.
+                let mx = unsafe { V::load(sr.as_ptr()) }.hmax();
+                let m_old = sc.m[row];
+                let m_new = m_old.max(mx);
+                for x in sr.iter_mut() {
+                    *x -= m_new;
+                }
+                exp16(sr);
+                let corr = if m_old == f32::NEG_INFINITY { 0.0 } else { (m_old - m_new).exp() };
+                // SAFETY: sr holds 16 floats.
+                let psum = unsafe { V::load(sr.as_ptr()) }.hsum();
+                sc.l[row] = sc.l[row] * corr + psum;
+                sc.m[row] = m_new;
+                if corr != 1.0 {
+                    sc.acc[row * hdv..(row + 1) * hdv].iter_mut().for_each(|a| *a *= corr);
+                }
+            }
+            // acc += p · V (masked keys have p = 0; V rows past the end are zero),
+            // 4 × 16 lanes of a row at a time: 4 independent chains per row.
+            for (r, sr) in s.iter().enumerate().take(nr) {
+                if !active[r] {
+                    continue;
+                }
+                let acc = sc.acc[(r0 + r) * hdv..(r0 + r + 1) * hdv].as_mut_ptr();
+                let vp = sc.v.as_ptr();
+                let mut c = 0;
+                // SAFETY: acc and every V row have hdv floats; every access is < hdv.
+                unsafe {
+                    while c + 4 * KB <= hdv {
+                        let mut a = [V::load(acc.add(c)), V::load(acc.add(c + KB)), V::load(acc.add(c + 2 * KB)), V::load(acc.add(c + 3 * KB))];
+                        for (jj, &p) in sr.iter().enumerate() {
+                            let v = vp.add(jj * hdv + c);
+                            a[0] = a[0].fma_b(p, V::load(v));
+                            a[1] = a[1].fma_b(p, V::load(v.add(KB)));
+                            a[2] = a[2].fma_b(p, V::load(v.add(2 * KB)));
+                            a[3] = a[3].fma_b(p, V::load(v.add(3 * KB)));
+                        }
+                        for (i, x) in a.iter().enumerate() {
+                            x.store(acc.add(c + i * KB));
+                        }
+                        c += 4 * KB;
+                    }
+                    while c < hdv {
+                        let mut a = V::load(acc.add(c));
+                        for (jj, &p) in sr.iter().enumerate() {
+                            a = a.fma_b(p, V::load(vp.add(jj * hdv + c)));
+                        }
+                        a.store(acc.add(c));
+                        c += KB;
+                    }
+                }
+            }
+            r0 += RT;
+        }
+        j0 += KB;
+    }
+    for row in 0..rows {
+        let inv = if sc.l[row] > 0.0 { 1.0 / sc.l[row] } else { 0.0 };
+        for (o, &a) in out[row * hdv..(row + 1) * hdv].iter_mut().zip(&sc.acc[row * hdv..(row + 1) * hdv]) {
+            *o = a * inv;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp16_matches_libm() {
+        let mut worst = 0f32;
+        for i in -2000..=200 {
+            let mut x = [0f32; KB];
+            for (l, v) in x.iter_mut().enumerate() {
+                *v = (i as f32) * 0.0437 + l as f32 * 0.0013;
+            }
+            let want: Vec<f32> = x.iter().map(|v| v.exp()).collect();
+            exp16(&mut x);
+            for (g, w) in x.iter().zip(&want) {
+                if *w > 1e-30 {
+                    worst = worst.max(((g - w) / w).abs());
+                }
+            }
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        let mut x = [f32::NEG_INFINITY; KB];
+        exp16(&mut x);
+        assert!(x.iter().all(|&v| v == 0.0));
+    }
+}

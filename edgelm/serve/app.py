@@ -28,7 +28,7 @@ from edgelm._native import Executor
 from edgelm.serve import openai_api
 from edgelm.serve.chat import ChatTemplate
 from edgelm.serve.config import Config
-from edgelm.serve.engine import AsyncEngine
+from edgelm.serve.engine import AsyncEngine, EngineError
 from edgelm.serve.metrics import Metrics
 from edgelm.serve.openapi import openapi_spec
 from edgelm.serve.params import ApiError, Body
@@ -93,7 +93,7 @@ class Server:
         eos = native.eos
         bos_s = native.detokenize([bos], True) if bos is not None else ""
         eos_s = native.detokenize([eos], True) if eos is not None else ""
-        template = ChatTemplate(tmpl if isinstance(tmpl, str) else None, bos_s, eos_s)
+        template = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s)
         eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
         self._bos_id = bos
         self.model, self.max_context, self.template = model, max_ctx, template
@@ -209,7 +209,8 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    return web.json_response(openapi_spec())
+    srv: Server = request.app["server"]
+    return web.json_response(openapi_spec(sorted(srv.model_aliases())))
 
 
 # -- errors --------------------------------------------------------------------------
@@ -235,7 +236,7 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return web.json_response(err.body(), status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"})
     except (ConnectionResetError, asyncio.CancelledError):
         raise
-    except EdgelmError as e:
+    except (EdgelmError, EngineError) as e:
         srv.metrics.requests.labels(endpoint, "400").inc()
         return web.json_response(ApiError(str(e)).body(), status=400)
     except Exception as e:  # a bug: say so, keep serving

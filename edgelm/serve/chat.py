@@ -57,6 +57,26 @@ DEFAULT_TEMPLATE = (
 )
 """ChatML, for models that carry no template of their own."""
 
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- set ns = namespace(system='') -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'system' -%}"
+    "{%- set ns.system = ns.system + ((m['content'] or '') | trim) + '\n\n' -%}"
+    "{%- else -%}"
+    "{{ '<start_of_turn>' + ('model' if m['role'] == 'assistant' else 'user') + '\n' }}"
+    "{%- if m['role'] != 'assistant' and ns.system -%}{{ ns.system }}{%- set ns.system = '' -%}{%- endif -%}"
+    "{{ (m['content'] or '') | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+"""Gemma's turn format (system text opens the next user turn), for Gemma GGUFs
+converted without a template."""
+
+FALLBACK_TEMPLATES = {"gemma3": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma": GEMMA_TEMPLATE}
+"""Templates by architecture, for model files that carry none."""
+
 
 class ChatTemplateError(ValueError):
     """The chat template is invalid, or rendering it failed; the message says why."""
@@ -237,6 +257,13 @@ class ChatTemplate:
             raise ChatTemplateError(f"invalid chat template: {e.message} (line {e.lineno})") from None
         except Exception as e:
             raise ChatTemplateError(f"invalid chat template: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def for_model(cls, source: str | None, architecture: str, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
+        """The model's own template, else its architecture's turn format, else ChatML."""
+        if source is None:
+            source = FALLBACK_TEMPLATES.get(architecture)
+        return cls(source, bos_token, eos_token)
 
     def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
                tools: list[dict[str, Any]] | None = None, **extra: Any) -> str:

@@ -150,12 +150,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
 def find_config_file(explicit: str | None, env: Mapping[str, str]) -> Path | None:
     if explicit:
         p = Path(explicit).expanduser()
-        if not p.is_file():
+        if not p.exists() or p.is_dir():
             raise ConfigError(f"config file {p} does not exist")
         return p
     if env.get("EDGELM_CONFIG"):
         p = Path(env["EDGELM_CONFIG"]).expanduser()
-        if not p.is_file():
+        if not p.exists() or p.is_dir():
             raise ConfigError(f"config file {p} (from EDGELM_CONFIG) does not exist")
         return p
     for p in SEARCH_PATH:

@@ -177,7 +177,12 @@ class AsyncEngine:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            items = self.sched.schedule()
+            try:
+                items = self.sched.schedule()
+            except Exception as e:  # a scheduler bug: fail what is in flight, keep serving
+                log.exception("scheduling failed")
+                self._fail_all(e)
+                continue
             results: list[Any] = []
             if items:
                 try:
@@ -200,6 +205,14 @@ class AsyncEngine:
             self._update_gauges()
             if not items:
                 await asyncio.sleep(0.002)  # nothing runnable yet (a shared prefix in flight)
+
+    def _fail_all(self, e: Exception) -> None:
+        for st in list(self._streams.values()):
+            self.sched.finish_now(st.seq, "error")
+            st.finished = True
+            st.queue.put_nowait(EngineError(f"generation failed: {e}"))
+        self._streams.clear()
+        self.sched._planned = []
 
     def _dispatch(self, outs: list[SeqOutput]) -> None:
         now = time.perf_counter()
@@ -228,6 +241,9 @@ class AsyncEngine:
                 del self._streams[o.seq.id]
                 self.metrics.finished.labels(finish).inc()
                 self.metrics.e2e.observe(now - st.submitted)
+                if finish == "error":
+                    st.queue.put_nowait(EngineError(o.seq.error or "generation failed"))
+                    continue
             st.queue.put_nowait(Delta(text, o.token, o.logprob, o.top, finish))
 
     def _update_gauges(self) -> None:

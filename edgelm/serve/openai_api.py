@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from edgelm.serve.chat import ChatTemplateError
-from edgelm.serve.engine import Delta, GenRequest, Stream
+from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.params import ApiError, Body, sampling_from
 from edgelm.serve.scheduler import QueueFull
 
@@ -29,6 +29,7 @@ ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
 def _check_model(srv: Server, b: Body) -> None:
+    """Unknown model ids are a 404, as OpenAI answers them."""
     m = b.get("model", str)
     if m is not None and m not in srv.model_aliases():
         raise ApiError(f"The model '{m}' does not exist", "model", 404, "model_not_found")
@@ -224,9 +225,12 @@ async def completions(request: web.Request) -> web.StreamResponse:
             for i, e in enumerate(echoes):
                 if e:
                     await resp.write(_sse(chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])))
-            async for i, d in _merged(streams):
-                lp = _completion_logprobs(srv, [d], 0) if n_lp is not None else None
-                await resp.write(_sse(chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}])))
+            try:
+                async for i, d in _merged(streams):
+                    lp = _completion_logprobs(srv, [d], 0) if n_lp is not None else None
+                    await resp.write(_sse(chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}])))
+            except EngineError as e:
+                await resp.write(_sse(ApiError(str(e)).body()))
             if c["include_usage"]:
                 await resp.write(_sse(chunk([], _usage_multi(streams, prompts, c["n"]))))
             await resp.write(b"data: [DONE]\n\n")
@@ -345,11 +349,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             for i in range(len(streams)):
                 first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 await resp.write(_sse(chunk("chat.completion.chunk", [first])))
-            async for i, d in _merged(streams):
-                delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
-                lp = _chat_logprobs(srv, [d]) if want_lp else None
-                ch = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
-                await resp.write(_sse(chunk("chat.completion.chunk", [ch])))
+            try:
+                async for i, d in _merged(streams):
+                    delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
+                    lp = _chat_logprobs(srv, [d]) if want_lp else None
+                    ch = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+                    await resp.write(_sse(chunk("chat.completion.chunk", [ch])))
+            except EngineError as e:
+                await resp.write(_sse(ApiError(str(e)).body()))
             if c["include_usage"]:
                 await resp.write(_sse(chunk("chat.completion.chunk", [], _usage(streams))))
             await resp.write(b"data: [DONE]\n\n")

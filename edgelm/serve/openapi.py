@@ -83,12 +83,14 @@ def _post(summary: str, body: dict[str, Any], ok: dict[str, Any], sse: bool = Fa
     }
 
 
-def openapi_spec() -> dict[str, Any]:
+def openapi_spec(model_ids: list[str] | None = None) -> dict[str, Any]:
+    model = {"type": "string", "enum": model_ids} if model_ids else {"type": "string"}
     completion_body = {
         "type": "object",
         "required": ["prompt"],
         "properties": {
             **_SAMPLING,
+            "model": model,
             "prompt": {
                 "oneOf": [
                     {"type": "string"},
@@ -121,6 +123,7 @@ def openapi_spec() -> dict[str, Any]:
         "required": ["messages"],
         "properties": {
             **_SAMPLING,
+            "model": model,
             "messages": {"type": "array", "items": message, "minItems": 1},
             "max_tokens": _num(0, None, True),
             "max_completion_tokens": _num(0, None, True),
@@ -152,7 +155,7 @@ def openapi_spec() -> dict[str, Any]:
             {"type": "object", "required": ["object", "data"], "properties": {"data": {"type": "array"}}})}},
         "/v1/models/{model}": {"get": {
             "summary": "One model",
-            "parameters": [{"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "parameters": [{"name": "model", "in": "path", "required": True, "schema": model}],
             "responses": {**_ok({"type": "object", "required": ["id", "object"]}), **_errors(404)},
         }},
         "/health": {"get": {"summary": "Liveness and readiness", "responses": {

@@ -47,7 +47,21 @@ class Executor(Protocol):
     def n_blocks(self) -> int: ...
     @property
     def block_size(self) -> int: ...
-    def add(self, seq_id: int, prompt: list[int], **sampling: Any) -> None: ...
+    def add(
+        self,
+        seq_id: int,
+        prompt: list[int],
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
+        repeat_last_n: int = ...,
+        frequency_penalty: float = ...,
+        presence_penalty: float = ...,
+        seed: int | None = ...,
+        n_logprobs: int = ...,
+    ) -> None: ...
     def remove(self, seq_id: int) -> str | None: ...
     def step(self, items: list[StepItem]) -> list[StepResult]: ...
 
@@ -115,6 +129,7 @@ class Sequence:
     admitted: bool = False  # registered with the executor
     finish_reason: str | None = None
     abort_reason: str | None = None
+    error: str | None = None  # why the executor refused it (finish_reason "error")
     arrival: float = field(default_factory=time.monotonic)
     _hashes: list[int] = field(default_factory=list)
 
@@ -222,7 +237,14 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
             seq = self.waiting.popleft()
-            if not self._admit(seq):
+            try:
+                admitted = self._admit(seq)
+            except Exception as e:  # the executor refused it (bad parameters): end it alone
+                seq.error = str(e)
+                self._finish(seq, "error")
+                self._ended.append(SeqOutput(seq, None, 0.0, [], "", "error"))
+                continue
+            if not admitted:
                 skipped.append(seq)  # its prefix is being computed by another; next step
                 continue
             n = _chunk(len(seq.tokens) - seq.n_computed, budget)

@@ -15,28 +15,6 @@ from edgelm.serve.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
 
 from conftest import GEMMA3, SMOLLM2, model_path
 
-# Gemma 3's template, from google/gemma-3-*-it's tokenizer_config.json. The Gemma 3 GGUF
-# used here carries no `tokenizer.chat_template` (test_gemma3_gguf_has_no_template), so
-# this is the template a Gemma 3 GGUF converted with one would have.
-GEMMA3_TEMPLATE = (
-    "{{ bos_token }}\n{%- if messages[0]['role'] == 'system' -%}\n    {%- if messages[0]['content'] is string -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}\n    {%- else -%}\n"
-    "        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}\n    {%- endif -%}\n"
-    "    {%- set loop_messages = messages[1:] -%}\n{%- else -%}\n    {%- set first_user_prefix = \"\" -%}\n"
-    "    {%- set loop_messages = messages -%}\n{%- endif -%}\n{%- for message in loop_messages -%}\n"
-    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    "        {{ raise_exception(\"Conversation roles must alternate user/assistant/user/assistant/...\") }}\n"
-    "    {%- endif -%}\n    {%- if (message['role'] == 'assistant') -%}\n        {%- set role = \"model\" -%}\n"
-    "    {%- else -%}\n        {%- set role = message['role'] -%}\n    {%- endif -%}\n"
-    "    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else \"\") }}\n"
-    "    {%- if message['content'] is string -%}\n        {{ message['content'] | trim }}\n"
-    "    {%- elif message['content'] is iterable -%}\n        {%- for item in message['content'] -%}\n"
-    "            {%- if item['type'] == 'image' -%}\n                {{ '<start_of_image>' }}\n"
-    "            {%- elif item['type'] == 'text' -%}\n                {{ item['text'] | trim }}\n"
-    "            {%- endif -%}\n        {%- endfor -%}\n    {%- else -%}\n"
-    "        {{ raise_exception(\"Invalid content type\") }}\n    {%- endif -%}\n    {{ '<end_of_turn>\n' }}\n"
-    "{%- endfor -%}\n{%- if add_generation_prompt -%}\n    {{'<start_of_turn>model\n'}}\n{%- endif -%}\n"
-)
 
 SYSTEM_USER = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}]
 
@@ -86,12 +64,13 @@ def test_smollm2_content_none_is_a_template_error(smollm2_template: ChatTemplate
 
 
 def test_gemma3_gguf_has_no_template() -> None:
-    # The daemon therefore falls back to DEFAULT_TEMPLATE (ChatML) for this file.
+    # The daemon therefore falls back to the architecture's turn format for this file.
     assert gguf_chat_template(model_path(GEMMA3)) is None
 
 
-def test_gemma3_folds_system_into_first_user_turn() -> None:
-    t = ChatTemplate(GEMMA3_TEMPLATE, bos_token="<bos>", eos_token="<eos>")
+def test_gemma3_fallback_folds_system_into_first_user_turn() -> None:
+    t = ChatTemplate.for_model(None, "gemma3", bos_token="<bos>", eos_token="<eos>")
+    assert not t.is_default
     msgs = [*SYSTEM_USER, {"role": "assistant", "content": "Hello. "}, {"role": "user", "content": " Bye.\n"}]
     assert t.render(msgs) == (
         "<bos><start_of_turn>user\nYou are terse.\n\nHi!<end_of_turn>\n"
@@ -100,8 +79,8 @@ def test_gemma3_folds_system_into_first_user_turn() -> None:
         "<start_of_turn>model\n"
     )
     assert t.render(msgs[1:2], add_generation_prompt=False) == "<bos><start_of_turn>user\nHi!<end_of_turn>\n"
-    with pytest.raises(ChatTemplateError, match=r"^Conversation roles must alternate user/assistant"):
-        t.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    assert ChatTemplate.for_model(None, "llama").is_default
+    assert ChatTemplate.for_model("{{ 'own' }}", "gemma3").render([]) == "own"
 
 
 def test_default_template_is_chatml() -> None:

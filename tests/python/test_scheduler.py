@@ -227,7 +227,7 @@ def test_shared_prefix_computed_once_when_requests_arrive_together() -> None:
     ex = FakeExecutor(64)
     s = Scheduler(ex, SchedulerLimits(max_step_tokens=512, max_context=4096), [EOS])
     system = prompt(64, 7)
-    seqs = [Sequence(system + [30 + i], 2) for i in range(4)]
+    seqs = [Sequence(system + [30 + i, 31], 2) for i in range(4)]
     for q in seqs:
         s.add(q)
     got = run(s, ex)

@@ -147,7 +147,7 @@ impl Executor {
                 input
             })
             .collect();
-        let logits = self.engine.forward(&mut self.kv, &inputs)?;
+        let logits = self.engine.forward_invariant(&mut self.kv, &inputs)?;
         drop(inputs);
         let nv = logits.n_vocab;
         let mut out = Vec::with_capacity(logits.rows.len());

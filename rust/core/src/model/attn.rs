@@ -184,7 +184,7 @@ pub struct Scratch {
 
 /// out: `rows × hdv`, row-major.
 pub fn run(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
-    assert!(t.hdv % KB == 0, "tiled attention needs head_dim_v to be a multiple of {KB}");
+    assert!(t.hdv.is_multiple_of(KB), "tiled attention needs head_dim_v to be a multiple of {KB}");
     assert_eq!(t.q.len(), t.lo.len() * t.hd);
     match kern.level {
         #[cfg(target_arch = "x86_64")]

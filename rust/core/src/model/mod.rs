@@ -230,6 +230,19 @@ impl Model {
 
     /// Run one step for a batch of sequences, writing their new K/V into `kv`.
     pub fn forward(&self, pool: &ThreadPool, kern: &Kernels, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<StepLogits> {
+        self.forward_with(pool, kern, kv, seqs, false)
+    }
+
+    /// `forward`, optionally batch-invariant: each sequence's results are then the same
+    /// whatever else shares the step (see `ops::matmul`).
+    pub fn forward_with(
+        &self,
+        pool: &ThreadPool,
+        kern: &Kernels,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        invariant: bool,
+    ) -> Result<StepLogits> {
         let cfg = &self.cfg;
         // Validate everything before touching the cache.
         let mut tok_meta = Vec::new(); // (seq index, position) per stacked token
@@ -274,9 +287,9 @@ impl Model {
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
             self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &x, &mut h, &l.attn_norm, e, cfg.rms_eps));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wq, &h, n_tok, &mut q, &solo));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wk, &h, n_tok, &mut k, &solo));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wv, &h, n_tok, &mut v, &solo));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wq, &h, n_tok, &mut q, &solo, invariant));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wk, &h, n_tok, &mut k, &solo, invariant));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wv, &h, n_tok, &mut v, &solo, invariant));
             // Each bias is optional on its own, as llama.cpp loads them.
             for (buf, b) in [(&mut q, &l.bq), (&mut k, &l.bk), (&mut v, &l.bv)] {
                 if let Some(b) = b {
@@ -309,7 +322,7 @@ impl Model {
             }
             let window = if swa { cfg.swa_window } else { None };
             self.profile.time(Op::Attention, || ops::attention(pool, kern, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o, &solo));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o, &solo, invariant));
             if let Some(b) = &l.bo {
                 ops::add_bias_rows(&mut o, b);
             }
@@ -320,13 +333,13 @@ impl Model {
 
             // feed-forward block
             self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &x, &mut h, &l.ffn_norm, e, cfg.rms_eps));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.gate, &h, n_tok, &mut g, &solo));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.up, &h, n_tok, &mut u, &solo));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.gate, &h, n_tok, &mut g, &solo, invariant));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.up, &h, n_tok, &mut u, &solo, invariant));
             match cfg.arch {
                 Arch::Gemma3 => self.profile.time(Op::Activation, || ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff)),
                 Arch::Llama | Arch::Qwen2 => self.profile.time(Op::Activation, || ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff)),
             }
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.down, &g, n_tok, &mut o, &solo));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.down, &g, n_tok, &mut o, &solo, invariant));
             if let Some(pn) = &l.post_ffn_norm {
                 self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps));
             }
@@ -358,7 +371,7 @@ impl Model {
             // A sequence's last-token logits always take the one-token kernels, so they
             // do not depend on how many sequences share the step.
             let solo_out: Vec<bool> = rows.iter().map(|&(si, _, _)| seqs[si].logits == LogitsWanted::Last).collect();
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits, &solo_out));
+            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits, &solo_out, invariant));
         }
         if let Some(b) = &self.output_bias {
             ops::add_bias_rows(&mut logits, b);

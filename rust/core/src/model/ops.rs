@@ -74,13 +74,16 @@ pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
 /// Activations are quantized once to the weight's dot-product format; each task then
 /// runs the kernels' block matmul over its own range of weight rows for every token.
 ///
-/// `solo[t]` (empty = none) puts token `t` on the one-token (decode) kernel instead of
-/// the multi-token panel, so its result is bit-identical to a step where it is the
-/// only token, whatever else shares the batch: the serving scheduler relies on it
-/// (batching must not change what a request gets). The weight rows a task covers are
-/// walked in cache-sized pieces, each piece for every solo token, so batched decode
-/// still reads each weight from memory once.
-pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32], solo: &[bool]) {
+/// `invariant` (the serving executor): a token's result must not depend on what else
+/// shares the step (batching must not change what a request gets). Where the kernels'
+/// exact one-token path equals the panel (`single_token_matches_panel`), every token
+/// simply shares the panel. Elsewhere `solo[t]` puts token `t` on the one-token kernel:
+/// the weight rows a task covers are walked in cache-sized pieces, each piece for
+/// every solo token, so batched decode still reads each weight from memory once.
+/// Without `invariant` (the library, the goldens) a lone token takes the decode
+/// kernel that follows llama.cpp's arithmetic.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32], solo: &[bool], invariant: bool) {
     debug_assert_eq!(x.len(), n_tok * w.cols);
     debug_assert_eq!(y.len(), n_tok * w.rows);
     debug_assert!(solo.is_empty() || solo.len() == n_tok);
@@ -101,7 +104,9 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
     let rb = w.row_bytes();
     let (rows, cols) = (w.rows, w.cols);
     // Tokens on the panel (their quantized rows gathered) and tokens on their own.
-    let n_solo = solo.iter().filter(|&&s| s).count();
+    // Where one-token results equal the panel's, every token can share the panel.
+    let exact = invariant && k.single_token_matches_panel(w.ty);
+    let n_solo = if !invariant || exact { 0 } else { solo.iter().filter(|&&s| s).count() };
     let (panel_toks, solo_toks): (Vec<usize>, Vec<usize>) = if n_solo == 0 || n_tok == 1 {
         ((0..n_tok).collect(), Vec::new())
     } else {
@@ -124,7 +129,11 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
         if n_tok == 1 {
             // SAFETY: y[r] belongs to this task's row range alone.
             let dst = unsafe { out.range_mut(r.clone()) };
-            k.gemm(w.ty, cols, wr, n_r, &xq, 1, dst, n_r);
+            if exact {
+                k.gemm_exact(w.ty, cols, wr, n_r, &xq, 1, dst, n_r);
+            } else {
+                k.gemm(w.ty, cols, wr, n_r, &xq, 1, dst, n_r);
+            }
             return;
         }
         if n_panel > 0 {
@@ -237,7 +246,7 @@ pub fn attention(
     let mut t0 = 0;
     for s in seqs {
         let n = s.tokens.len();
-        if s.row_attention || hdv % 16 != 0 {
+        if s.row_attention || !hdv.is_multiple_of(16) {
             tasks.extend((t0..t0 + n).map(Task::Row));
         } else {
             for c in (0..n).step_by(ATTN_TILE_TOK) {

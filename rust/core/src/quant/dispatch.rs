@@ -262,6 +262,31 @@ impl Kernels {
         r.unwrap_or_else(|| reference::vec_dot(ty, w, a))
     }
 
+    /// Whether `gemm_exact` with one token computes exactly what the multi-token panel
+    /// computes for that token (same arithmetic, bit for bit). Where it does, a token's
+    /// result never depends on what else shares its matmul; where it does not, callers
+    /// that need that (the serving executor) run such tokens one by one (see
+    /// `ops::matmul`). Every per-token result of the panel is independent of the other
+    /// tokens in it either way.
+    pub fn single_token_matches_panel(&self, ty: GgmlType) -> bool {
+        let panel_type = matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
+                | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+        );
+        match self.level {
+            // Everything on the scalar level goes one (row, token) dot at a time.
+            Level::Scalar => true,
+            // x86: the legacy formats have a one-token kernel written to the panel's
+            // arithmetic; the K-quants decode through vec_dot.
+            Level::Avx2 | Level::Avx512 => {
+                !panel_type || matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
+            }
+            // NEON decode kernels have their own arithmetic.
+            _ => !panel_type,
+        }
+    }
+
     /// Block matmul. For `r in 0..n_rows`, `t in 0..n_tok`:
     /// `out[t * out_stride + r] = dot(w row r, a row t)`, rows of `n` elements.
     ///
@@ -285,6 +310,41 @@ impl Kernels {
         n_tok: usize,
         out: &mut [f32],
         out_stride: usize,
+    ) {
+        self.gemm_with(ty, n, w, n_rows, a, n_tok, out, out_stride, false)
+    }
+
+    /// `gemm` whose one-token case computes exactly what the panel computes, where
+    /// `single_token_matches_panel` says this level can (the serving executor's
+    /// batch-invariant mode). Plain `gemm` decodes with arithmetic that follows
+    /// llama.cpp's vec_dot instead, to stay on the peer's greedy tokens.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_exact(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        self.gemm_with(ty, n, w, n_rows, a, n_tok, out, out_stride, true)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gemm_with(
+        &self,
+        ty: GgmlType,
+        n: usize,
+        w: &[u8],
+        n_rows: usize,
+        a: &[u8],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+        exact: bool,
     ) {
         let wrb = ty.row_bytes(n);
         let arb = ty.vec_dot_type().row_bytes(n);
@@ -318,10 +378,10 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level's features are present (see `Kernels`); all slice
             // lengths were checked above.
-            Level::Avx2 => unsafe { avx2::gemm(ty, n, w, n_rows, a, n_tok, out, out_stride) },
+            Level::Avx2 => unsafe { avx2::gemm(ty, n, w, n_rows, a, n_tok, out, out_stride, exact) },
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
-            Level::Avx512 => unsafe { avx512::gemm(ty, n, w, n_rows, a, n_tok, out, out_stride) },
+            Level::Avx512 => unsafe { avx512::gemm(ty, n, w, n_rows, a, n_tok, out, out_stride, exact) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
             Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {

@@ -1131,6 +1131,93 @@ macro_rules! x86_kernels {
             }
         }
 
+        /// One token against every row with exactly the panel's arithmetic
+        /// (`tile::<F, 1>`), so a token's result does not depend on whether it was
+        /// computed alone or in a batch: 8 rows at a time with rows in lanes, each
+        /// block's integer dot reduced per row (integer sums are exact, however
+        /// grouped), then the same f32 multiply/fma chain over the blocks of each
+        /// `KC` chunk, and chunks added in order. Weights stream once, with software
+        /// prefetch `PF_AHEAD` bytes ahead of each row.
+        #[target_feature(enable = $feat)]
+        unsafe fn gemv_exact<const F: u8>(n: usize, w: &[u8], wrb: usize, a: &[u8], out: &mut [f32]) {
+            let nb = n / 32;
+            let (bb, _) = legacy_layout(F);
+            let c = c_off(F);
+            // SAFETY: `a` is one whole activation row; each row pointer below addresses a
+            // whole weight row (missing rows of the last group repeat the first); block
+            // offsets stay below nb; prefetch addresses are never dereferenced.
+            unsafe {
+                let info = act_info::<F>(a, 1, nb, a.len());
+                let n_rows = out.len().min(w.len() / wrb);
+                let wp = w.as_ptr();
+                let y = a.as_ptr();
+                let mut r0 = 0;
+                while r0 < n_rows {
+                    let nr = PR.min(n_rows - r0);
+                    let x: [*const u8; PR] =
+                        core::array::from_fn(|r| wp.add((r0 + if r < nr { r } else { 0 }) * wrb));
+                    let mut res = _mm256_setzero_ps();
+                    for b0 in (0..nb).step_by(KC) {
+                        let kb = KC.min(nb - b0);
+                        let mut accf = _mm256_setzero_ps();
+                        for b in b0..b0 + kb {
+                            if (b - b0) % 8 == 0 {
+                                for xr in x.iter() {
+                                    let pf = xr.wrapping_add(b * bb + PF_AHEAD);
+                                    let mut o = 0;
+                                    while o < 8 * bb {
+                                        _mm_prefetch::<_MM_HINT_T0>(pf.wrapping_add(o) as *const i8);
+                                        o += 64;
+                                    }
+                                }
+                            }
+                            let av = ld(y.add(act_off(act(F), b)));
+                            let z = _mm256_setzero_si256();
+                            let d: [__m256i; PR] = core::array::from_fn(|r| {
+                                let q = legacy_q::<F>(x[r].add(b * bb));
+                                if signed(F) {
+                                    dot_ss(z, q, av)
+                                } else {
+                                    dot4(z, q, av)
+                                }
+                            });
+                            // Per-row totals, rows in lanes.
+                            let h01 = _mm256_hadd_epi32(d[0], d[1]);
+                            let h23 = _mm256_hadd_epi32(d[2], d[3]);
+                            let h45 = _mm256_hadd_epi32(d[4], d[5]);
+                            let h67 = _mm256_hadd_epi32(d[6], d[7]);
+                            let h03 = _mm256_hadd_epi32(h01, h23);
+                            let h47 = _mm256_hadd_epi32(h45, h67);
+                            let mut isum = _mm256_add_epi32(
+                                _mm256_permute2x128_si256::<0x20>(h03, h47),
+                                _mm256_permute2x128_si256::<0x31>(h03, h47),
+                            );
+                            if c != 0 {
+                                isum = _mm256_add_epi32(isum, _mm256_set1_epi32(*info.ci.get_unchecked(b)));
+                            }
+                            let rd = |r: usize, off: usize| rd_u16(x[r].add(b * bb + off)) as i16;
+                            let sv = _mm256_cvtph_ps(_mm_setr_epi16(
+                                rd(0, 0), rd(1, 0), rd(2, 0), rd(3, 0), rd(4, 0), rd(5, 0), rd(6, 0), rd(7, 0),
+                            ));
+                            let sc = _mm256_mul_ps(sv, _mm256_set1_ps(*info.da.get_unchecked(b)));
+                            accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, accf);
+                            if has_o(F) {
+                                let ov = _mm256_cvtph_ps(_mm_setr_epi16(
+                                    rd(0, 2), rd(1, 2), rd(2, 2), rd(3, 2), rd(4, 2), rd(5, 2), rd(6, 2), rd(7, 2),
+                                ));
+                                accf = _mm256_fmadd_ps(ov, _mm256_set1_ps(*info.sf.get_unchecked(b)), accf);
+                            }
+                        }
+                        res = if b0 == 0 { accf } else { _mm256_add_ps(accf, res) };
+                    }
+                    let mut lanes = [0f32; PR];
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), res);
+                    out[r0..r0 + nr].copy_from_slice(&lanes[..nr]);
+                    r0 += PR;
+                }
+            }
+        }
+
         /// gemm for the SIMD formats; `false` leaves the call to the caller's fallback.
         ///
         /// # Safety
@@ -1146,6 +1233,7 @@ macro_rules! x86_kernels {
             n_tok: usize,
             out: &mut [f32],
             out_stride: usize,
+            exact: bool,
         ) -> bool {
             let f = match ty {
                 GgmlType::Q4_0 => F_Q4_0,
@@ -1160,7 +1248,20 @@ macro_rules! x86_kernels {
             };
             let wrb = w.len() / n_rows;
             let arb = a.len() / n_tok;
-            if n_tok == 1 {
+            if n_tok == 1 && exact && f <= F_Q8_0 {
+                // SAFETY: features per the contract; whole rows.
+                unsafe {
+                    match f {
+                        F_Q4_0 => gemv_exact::<F_Q4_0>(n, w, wrb, a, out),
+                        F_Q4_1 => gemv_exact::<F_Q4_1>(n, w, wrb, a, out),
+                        F_Q5_0 => gemv_exact::<F_Q5_0>(n, w, wrb, a, out),
+                        F_Q5_1 => gemv_exact::<F_Q5_1>(n, w, wrb, a, out),
+                        _ => gemv_exact::<F_Q8_0>(n, w, wrb, a, out),
+                    }
+                }
+                return true;
+            }
+            if n_tok == 1 && !exact {
                 // SAFETY: features per the contract; whole rows.
                 unsafe {
                     match f {

@@ -336,6 +336,43 @@ fn gemm_matches_scalar_and_f64() {
     }
 }
 
+/// A token's result from the panel does not depend on the other tokens in it, and
+/// where `single_token_matches_panel` says so, equals the one-token kernel's bit for
+/// bit (the serving executor's batching guarantee rests on both).
+#[test]
+fn token_results_do_not_depend_on_the_batch() {
+    let mut rng = Rng::new(11);
+    let types: Vec<GgmlType> = SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16]).collect();
+    for k in kernels() {
+        for &ty in &types {
+            for n in lengths(ty) {
+                let arb = ty.vec_dot_type().row_bytes(n).unwrap();
+                for nr in [1usize, 7, 8, 9, 24, 33] {
+                    let w: Vec<u8> = (0..nr).flat_map(|_| quantize(ty, &rng.row(n))).collect();
+                    let nt = 11;
+                    let a: Vec<u8> = (0..nt).flat_map(|_| quantize(ty.vec_dot_type(), &rng.row(n))).collect();
+                    let mut all = vec![0f32; nt * nr];
+                    k.gemm(ty, n, &w, nr, &a, nt, &mut all, nr);
+                    for t in 0..nt {
+                        let at = &a[t * arb..(t + 1) * arb];
+                        // In a two-token panel with a different partner.
+                        let partner = &a[((t + 1) % nt) * arb..((t + 1) % nt + 1) * arb];
+                        let pair: Vec<u8> = at.iter().chain(partner).copied().collect();
+                        let mut two = vec![0f32; 2 * nr];
+                        k.gemm(ty, n, &w, nr, &pair, 2, &mut two, nr);
+                        assert!(bits_eq(&two[..nr], &all[t * nr..(t + 1) * nr]), "{} {ty} n={n} rows={nr}: panel token {t} depends on its batch", k.level);
+                        if k.single_token_matches_panel(ty) {
+                            let mut one = vec![0f32; nr];
+                            k.gemm_exact(ty, n, &w, nr, at, 1, &mut one, nr);
+                            assert!(bits_eq(&one, &all[t * nr..(t + 1) * nr]), "{} {ty} n={n} rows={nr}: one-token kernel differs from the panel", k.level);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Rows at every byte offset give bit-identical results (no alignment assumptions).
 #[test]
 fn unaligned_inputs_give_identical_results() {

@@ -417,6 +417,44 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
 
 
+_BARE = r"""
+import json, sys, time
+import edgelm._native as n
+model, threads, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+m = n.Model(model, n_threads=threads)
+ex = n.Executor(m, 512)
+table = list(range(512))
+toks, t0 = 0, None
+for i, p in enumerate(prompts):
+    ids = m.tokenize(p, True, True)
+    ex.add(i, ids, temperature=0.0)
+    if i == 1:
+        toks, t0 = 0, time.perf_counter()  # the first request warms up
+    start, end = 0, len(ids)
+    for _ in range(max_tokens):
+        ex.step([(i, start, end, table, True)])
+        start, end = end, end + 1
+        toks += 1
+    ex.remove(i)
+print(json.dumps({"tok_s": toks / (time.perf_counter() - t0), "requests": len(prompts) - 1}))
+"""
+
+
+def bare_engine(model: Path, threads: int, max_tokens: int, n_requests: int = 6) -> dict[str, Any]:
+    """The engine alone, in-process, on the 1-client workload: the same batch-invariant
+    executor the daemon steps, prompt then greedy tokens, requests back to back — no
+    HTTP, no scheduler, no event loop. The 1-client server figure against this one is
+    the cost of the serving layer."""
+    prompts = [prompt_for(i) for i in range(n_requests)]
+    r = subprocess.run([sys.executable, "-c", _BARE, str(model), str(threads), str(max_tokens), json.dumps(prompts)],
+                       capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        return {"error": r.stderr[-2000:]}
+    out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"[bare engine] {out['tok_s']:.1f} tok/s ({out['requests']} requests of {max_tokens} tokens)", file=sys.stderr)
+    return out
+
+
 def tables(saved: dict[str, Any]) -> str:
     servers = saved["servers"]
     e, p = servers.get("edgelm") or {}, servers.get("llama-server") or {}
@@ -446,6 +484,12 @@ def tables(saved: dict[str, Any]) -> str:
             hl.append(f"| {label} | {_fmt(a, spec)} | {_fmt(b, spec)} | "
                       f"{_ratio(a, b) if key.endswith(('_ms', '_s')) else ''} |")
         out += "\n" + "\n".join(hl)
+    bare = saved.get("bare_engine") or {}
+    e1 = et.get(1, {}).get("tok_s")
+    if bare.get("tok_s") and e1:
+        out += ("\n\nServing-layer cost at 1 client: bare engine (in-process executor, same workload) "
+                f"{bare['tok_s']:.1f} tok/s, `edgelm serve` over HTTP {e1:.1f} tok/s: "
+                f"{(1 - e1 / bare['tok_s']) * 100:.1f}% slower (the load generator shares the machine's cores).")
     errs = [f"- {n}: {r['error']}" for n, r in servers.items() if r and r.get("error")]
     if errs:
         out += "\n\nFailures:\n" + "\n".join(errs)
@@ -566,7 +610,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as logs:
         for kind in kinds:
             servers[SERVERS[kind]] = bench_server(kind, model, args, Path(logs), home)
-    saved = {"meta": meta, "servers": servers}
+    saved: dict[str, Any] = {"meta": meta, "servers": servers}
+    if "edgelm" in kinds and 1 in args.clients:
+        saved["bare_engine"] = bare_engine(model, args.threads, args.max_tokens)
     table = tables(saved)
     print(table)
     print()

@@ -319,7 +319,13 @@ fn run_generic<V: V16>(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scra
                     *x -= m_new;
                 }
                 exp16(sr);
-                let corr = if m_old == f32::NEG_INFINITY { 0.0 } else { (m_old - m_new).exp() };
+                let corr = if m_old == m_new {
+                    1.0
+                } else if m_old == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    (m_old - m_new).exp()
+                };
                 // SAFETY: sr holds 16 floats.
                 let psum = unsafe { V::load(sr.as_ptr()) }.hsum();
                 sc.l[row] = sc.l[row] * corr + psum;

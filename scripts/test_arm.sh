@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# ARM kernel tests under qemu-user: cross-builds edgelm-core's `quant` unit tests for
+# ARM kernel tests under qemu-user: cross-builds edgelm-core's `quant` and tiled-attention
+# (`model::attn`) unit tests for
 # aarch64 with Debian's rustc and runs them on three emulated CPUs, one per NEON level:
 #   cortex-a72 → neon            cortex-a76 → neon + dotprod            max → + i8mm
 # Each run prints the levels it exercised ("kernel levels tested: ..."); the script fails
@@ -38,14 +39,14 @@ export CARGO_TARGET_AARCH64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C target-feature=+crt-
 CARGO_ARGS=(-p edgelm-core --target aarch64-unknown-linux-gnu --lib)
 
 echo "== building aarch64 kernel tests with $($RUSTC --version)" >&2
-cargo test "${CARGO_ARGS[@]}" quant --no-run
+cargo test "${CARGO_ARGS[@]}" --no-run
 
 status=0
 for cpu_level in cortex-a72:neon cortex-a76:dotprod max:i8mm; do
     cpu=${cpu_level%%:*} want=${cpu_level##*:}
     echo "== QEMU_CPU=$cpu" >&2
     log=$(mktemp)
-    if QEMU_CPU=$cpu cargo test "${CARGO_ARGS[@]}" quant -- --nocapture >"$log" 2>&1; then
+    if QEMU_CPU=$cpu cargo test "${CARGO_ARGS[@]}" -- quant model::attn --nocapture >"$log" 2>&1; then
         ok=1
     else
         ok=0
@@ -55,7 +56,7 @@ for cpu_level in cortex-a72:neon cortex-a76:dotprod max:i8mm; do
     echo "QEMU_CPU=$cpu: $levels"
     if [[ $ok -ne 1 ]]; then
         grep -E 'panicked|FAILED|^error' -A3 "$log" | head -40 >&2
-        echo "test_arm.sh: quant tests FAILED under QEMU_CPU=$cpu" >&2
+        echo "test_arm.sh: kernel tests FAILED under QEMU_CPU=$cpu" >&2
         status=1
     elif ! grep -qw "$want" <<<"${levels#*:}"; then
         echo "test_arm.sh: QEMU_CPU=$cpu should exercise the $want level" >&2

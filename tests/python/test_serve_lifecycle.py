@@ -166,3 +166,32 @@ def test_schemathesis_no_server_errors() -> None:
         # (aiohttp logs the malformed-HTTP probes it rejects with 400 itself; those are fine.)
         assert "ERROR edgelm" not in d.log(), d.log()[-4000:]
         assert "passed" in out and " 0 passed" not in out
+
+
+def test_preemption_under_memory_pressure_keeps_results() -> None:
+    """A KV cache too small for four long streams at once: the youngest are preempted
+    and recomputed later, and every stream still gets exactly its greedy text."""
+    prompts = [f"Write a numbered list of {k} facts about the moon:" for k in ("ten", "twelve", "fifteen", "twenty")]
+    body = {"max_tokens": 120, "temperature": 0, "ignore_eos": True}
+    # SmolLM2: 23 KiB of KV per token, so 4 MiB holds ~176 tokens; each stream needs ~135.
+    with daemon(model_path(SMOLLM2), "--kv-cache-mib", "4", "--max-context", "160") as d:
+        alone = []
+        for p in prompts:
+            status, r = d.post("/v1/completions", dict(body, prompt=p))
+            assert status == 200, r
+            alone.append(r["choices"][0]["text"])
+
+        async def together() -> list[str]:
+            async with aiohttp.ClientSession() as s:
+
+                async def one(p: str) -> str:
+                    async with s.post(d.url + "/v1/completions", json=dict(body, prompt=p)) as r:
+                        assert r.status == 200
+                        return str((await r.json())["choices"][0]["text"])
+
+                return await asyncio.gather(*(one(p) for p in prompts))
+
+        assert asyncio.run(together()) == alone
+        assert d.metric("edgelm_preemptions") > 0
+        _, h = d.get("/health")
+        assert h["kv_blocks_used"] == 0

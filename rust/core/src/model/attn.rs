@@ -12,7 +12,9 @@
 //! vector registers.
 
 use crate::kv::KvCache;
-use crate::quant::{Kernels, Level};
+use crate::quant::Kernels;
+#[cfg(target_arch = "x86_64")]
+use crate::quant::Level;
 
 const KB: usize = 16; // keys per step (= one KV block when block_size is 16)
 const RT: usize = 8; // query rows per register tile
@@ -384,6 +386,65 @@ fn run_generic<V: V16>(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scra
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kv::KvShape;
+
+    /// Tiled attention against an f64 reference on the same f16 cache, causal and
+    /// windowed, at every kernel level; and each row's result is the same alone as in
+    /// any tile (the serving executor relies on it).
+    #[test]
+    fn tiled_attention_matches_reference_and_is_per_row() {
+        let (hd, hdv, n_kv_heads, n_pos) = (32, 32, 2, 83);
+        let shape = KvShape { n_layer: 1, kv_dim_k: hd * n_kv_heads, kv_dim_v: hdv * n_kv_heads, block_size: 16, n_blocks: 8 };
+        let mut kv = KvCache::new(shape).unwrap();
+        let table: Vec<u32> = (0..8u32).rev().collect(); // non-contiguous blocks
+        let mut seed = 12345u64;
+        let mut rnd = || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+        };
+        for p in 0..n_pos {
+            let k: Vec<f32> = (0..hd * n_kv_heads).map(|_| rnd()).collect();
+            let v: Vec<f32> = (0..hdv * n_kv_heads).map(|_| rnd()).collect();
+            kv.write(0, &table, p, &k, &v);
+        }
+        let rows = 7;
+        let q: Vec<f32> = (0..rows * hd).map(|_| rnd() * 0.3).collect();
+        let hi: Vec<usize> = (0..rows).map(|r| 40 + r * 6).collect();
+        for window in [None, Some(20usize)] {
+            let lo: Vec<usize> = hi.iter().map(|&p| window.map_or(0, |w| (p + 1).saturating_sub(w))).collect();
+            for level in Kernels::available() {
+                let kern = Kernels::for_level(level).unwrap();
+                let keys = Keys { kv: &kv, layer: 0, table: &table, kvh: 1 };
+                let tile = Tile { q: &q, lo: &lo, hi: &hi, hd, hdv };
+                let mut out = vec![0f32; rows * hdv];
+                run(kern, &tile, &keys, &mut Scratch::default(), &mut out);
+                for r in 0..rows {
+                    // f64 reference over the cached (f16-rounded) keys and values.
+                    let qr = &q[r * hd..(r + 1) * hd];
+                    let scores: Vec<f64> = (lo[r]..=hi[r])
+                        .map(|j| {
+                            let k = &kv.k_row(0, &table, j)[hd..2 * hd];
+                            qr.iter().zip(k).map(|(&a, &b)| a as f64 * b.to_f64()).sum::<f64>()
+                        })
+                        .collect();
+                    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                    let z: f64 = w.iter().sum();
+                    for d in 0..hdv {
+                        let want: f64 =
+                            (lo[r]..=hi[r]).zip(&w).map(|(j, wj)| wj * kv.v_row(0, &table, j)[hdv + d].to_f64()).sum::<f64>() / z;
+                        let got = out[r * hdv + d] as f64;
+                        assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{level:?} window {window:?} row {r} dim {d}: {got} vs {want}");
+                    }
+                    // The same row alone in its own tile: bit-identical.
+                    let one = Tile { q: qr, lo: &lo[r..r + 1], hi: &hi[r..r + 1], hd, hdv };
+                    let mut o1 = vec![0f32; hdv];
+                    run(kern, &one, &keys, &mut Scratch::default(), &mut o1);
+                    assert!(o1.iter().zip(&out[r * hdv..(r + 1) * hdv]).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}: row {r} depends on its tile");
+                }
+            }
+        }
+    }
 
     #[test]
     fn exp16_matches_libm() {

@@ -346,6 +346,9 @@ impl Kernels {
         out_stride: usize,
         exact: bool,
     ) {
+        // Only the x86 levels have a separate exact one-token kernel.
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = exact;
         let wrb = ty.row_bytes(n);
         let arb = ty.vec_dot_type().row_bytes(n);
         let (Some(wrb), Some(arb)) = (wrb, arb) else {

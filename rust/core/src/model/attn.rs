@@ -336,40 +336,80 @@ fn run_generic<V: V16>(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scra
                     sc.acc[row * hdv..(row + 1) * hdv].iter_mut().for_each(|a| *a *= corr);
                 }
             }
-            // acc += p · V (masked keys have p = 0; V rows past the end are zero),
-            // 4 × 16 lanes of a row at a time: 4 independent chains per row.
-            for (r, sr) in s.iter().enumerate().take(nr) {
+            // acc += p · V (masked keys have p = 0; V rows past the end are zero):
+            // two rows at a time share each V load; 4 × 16 lanes per row, so 8
+            // independent chains. Per lane the sum runs over keys in order either way.
+            let vp = sc.v.as_ptr();
+            let mut r = 0;
+            while r < nr {
+                let pair = r + 1 < nr && active[r] && active[r + 1];
                 if !active[r] {
+                    r += 1;
                     continue;
                 }
-                let acc = sc.acc[(r0 + r) * hdv..(r0 + r + 1) * hdv].as_mut_ptr();
-                let vp = sc.v.as_ptr();
+                let a0 = sc.acc[(r0 + r) * hdv..].as_mut_ptr();
                 let mut c = 0;
-                // SAFETY: acc and every V row have hdv floats; every access is < hdv.
+                // SAFETY: acc rows and every V row have hdv floats; every access is < hdv;
+                // with `pair`, row r0 + r + 1 exists too.
                 unsafe {
-                    while c + 4 * KB <= hdv {
-                        let mut a = [V::load(acc.add(c)), V::load(acc.add(c + KB)), V::load(acc.add(c + 2 * KB)), V::load(acc.add(c + 3 * KB))];
-                        for (jj, &p) in sr.iter().enumerate() {
-                            let v = vp.add(jj * hdv + c);
-                            a[0] = a[0].fma_b(p, V::load(v));
-                            a[1] = a[1].fma_b(p, V::load(v.add(KB)));
-                            a[2] = a[2].fma_b(p, V::load(v.add(2 * KB)));
-                            a[3] = a[3].fma_b(p, V::load(v.add(3 * KB)));
+                    if pair {
+                        let a1 = a0.add(hdv);
+                        let (p0, p1) = (&s[r], &s[r + 1]);
+                        while c + 4 * KB <= hdv {
+                            let mut x = [V::load(a0.add(c)), V::load(a0.add(c + KB)), V::load(a0.add(c + 2 * KB)), V::load(a0.add(c + 3 * KB))];
+                            let mut y = [V::load(a1.add(c)), V::load(a1.add(c + KB)), V::load(a1.add(c + 2 * KB)), V::load(a1.add(c + 3 * KB))];
+                            for jj in 0..KB {
+                                let v = vp.add(jj * hdv + c);
+                                let (q0, q1) = (p0[jj], p1[jj]);
+                                for i in 0..4 {
+                                    let vv = V::load(v.add(i * KB));
+                                    x[i] = x[i].fma_b(q0, vv);
+                                    y[i] = y[i].fma_b(q1, vv);
+                                }
+                            }
+                            for i in 0..4 {
+                                x[i].store(a0.add(c + i * KB));
+                                y[i].store(a1.add(c + i * KB));
+                            }
+                            c += 4 * KB;
                         }
-                        for (i, x) in a.iter().enumerate() {
-                            x.store(acc.add(c + i * KB));
+                        while c < hdv {
+                            let (mut x, mut y) = (V::load(a0.add(c)), V::load(a1.add(c)));
+                            for jj in 0..KB {
+                                let vv = V::load(vp.add(jj * hdv + c));
+                                x = x.fma_b(p0[jj], vv);
+                                y = y.fma_b(p1[jj], vv);
+                            }
+                            x.store(a0.add(c));
+                            y.store(a1.add(c));
+                            c += KB;
                         }
-                        c += 4 * KB;
-                    }
-                    while c < hdv {
-                        let mut a = V::load(acc.add(c));
-                        for (jj, &p) in sr.iter().enumerate() {
-                            a = a.fma_b(p, V::load(vp.add(jj * hdv + c)));
+                    } else {
+                        let p0 = &s[r];
+                        while c + 4 * KB <= hdv {
+                            let mut x = [V::load(a0.add(c)), V::load(a0.add(c + KB)), V::load(a0.add(c + 2 * KB)), V::load(a0.add(c + 3 * KB))];
+                            for jj in 0..KB {
+                                let v = vp.add(jj * hdv + c);
+                                for i in 0..4 {
+                                    x[i] = x[i].fma_b(p0[jj], V::load(v.add(i * KB)));
+                                }
+                            }
+                            for i in 0..4 {
+                                x[i].store(a0.add(c + i * KB));
+                            }
+                            c += 4 * KB;
                         }
-                        a.store(acc.add(c));
-                        c += KB;
+                        while c < hdv {
+                            let mut x = V::load(a0.add(c));
+                            for jj in 0..KB {
+                                x = x.fma_b(p0[jj], V::load(vp.add(jj * hdv + c)));
+                            }
+                            x.store(a0.add(c));
+                            c += KB;
+                        }
                     }
                 }
+                r += if pair { 2 } else { 1 };
             }
             r0 += RT;
         }

@@ -18,6 +18,8 @@ class StopMatcher:
         """Feed new text; return what is safe to emit now."""
         if self.stopped:
             return ""
+        if not self.stops:
+            return piece
         text = self._held + piece
         first = min(((text.find(s), s) for s in self.stops if s in text), default=None)
         if first is not None:

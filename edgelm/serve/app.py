@@ -177,6 +177,8 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
+    if srv.engine is not None:
+        srv.engine._update_gauges()
     return web.Response(body=srv.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -309,4 +311,11 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
 def run(cfg: Config) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    return asyncio.run(serve(cfg))
+    try:  # uvloop: a cheaper event loop, where it is installed
+        import uvloop
+
+        factory: Any = uvloop.new_event_loop
+    except ImportError:
+        factory = None
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(serve(cfg))

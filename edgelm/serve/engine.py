@@ -1,7 +1,7 @@
-"""The asyncio side of serving: requests come in as `Stream`s, one task runs the
-scheduler's steps on a worker thread (the Rust step releases the GIL, so the event
-loop keeps serving HTTP while the model computes), and each step's tokens are
-handed to their streams.
+"""The asyncio side of serving: requests come in as `Stream`s, an engine thread runs
+the scheduler's steps back to back (the Rust step releases the GIL, so the event loop
+keeps serving HTTP while the model computes), and each step's tokens are handed to
+their streams on the event loop.
 
     engine = AsyncEngine(model, executor, limits, metrics)
     engine.start()
@@ -13,8 +13,8 @@ handed to their streams.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -95,6 +95,15 @@ class Stream:
 
 
 class AsyncEngine:
+    """Continuous batching on a dedicated engine thread.
+
+    The thread runs schedule → step → process back to back, so the next step starts
+    as soon as the previous one is done, without a round trip through the event loop;
+    it hands each step's outputs to the loop (`call_soon_threadsafe`), where they are
+    matched against stop strings and streamed. Requests enter and leave the scheduler
+    under a lock, and take effect at the next step.
+    """
+
     def __init__(
         self,
         executor: Executor,
@@ -107,16 +116,20 @@ class AsyncEngine:
         self.sched = Scheduler(executor, limits, eog_ids, enable_prefix_cache)
         self.metrics = metrics
         self.metrics.kv_total.set(executor.n_blocks)
-        self._streams: dict[int, Stream] = {}
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgelm-step")
+        self._streams: dict[int, Stream] = {}  # event-loop thread only
+        self._lock = threading.Lock()  # guards the scheduler
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
+        self._gauges_at = 0.0
         self.n_steps = 0
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="edgelm-engine")
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="edgelm-engine", daemon=True)
+        self._thread.start()
 
     @property
     def n_active(self) -> int:
@@ -129,8 +142,9 @@ class AsyncEngine:
         while self._streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         left = list(self._streams.values())
-        for s in left:
-            self.sched.abort(s.seq, "abort")
+        with self._lock:
+            for s in left:
+                self.sched.abort(s.seq, "abort")
         self._wake.set()
         t_end = time.monotonic() + 5.0
         while self._streams and time.monotonic() < t_end:
@@ -140,11 +154,10 @@ class AsyncEngine:
     async def close(self) -> None:
         self._closed = True
         self._wake.set()
-        if self._task is not None:
-            await asyncio.wait([self._task], timeout=10)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join, 10.0)
 
-    # -- requests ----------------------------------------------------------------
+    # -- requests (event-loop thread) ----------------------------------------------
     def submit(self, req: GenRequest) -> Stream:
         """Queue a request; raises QueueFull or ValueError (it can never fit)."""
         if self._closed:
@@ -159,60 +172,71 @@ class AsyncEngine:
             deadline=deadline,
         )
         stream = Stream(self, seq, req.stop)
-        self.sched.add(seq)
+        with self._lock:
+            self.sched.add(seq)
         self._streams[seq.id] = stream
         self.metrics.tokens_in.inc(len(req.prompt))
         self._wake.set()
         return stream
 
-    def _abort(self, stream: Stream) -> None:
-        self.sched.abort(stream.seq, "abort")
+    def _abort(self, stream: Stream, reason: str = "abort") -> None:
+        with self._lock:
+            self.sched.abort(stream.seq, reason)
         self._wake.set()
 
-    # -- the loop ----------------------------------------------------------------
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    # -- the engine thread ---------------------------------------------------------
+    def _run(self) -> None:
+        assert self._loop is not None
+        loop = self._loop
         while not self._closed:
-            if not self.sched.has_work():
+            with self._lock:
+                busy = self.sched.has_work()
+                items = self.sched.schedule() if busy else []
+            if not busy:
+                self._wake.wait(0.5)
                 self._wake.clear()
-                await self._wake.wait()
-                continue
-            try:
-                items = self.sched.schedule()
-            except Exception as e:  # a scheduler bug: fail what is in flight, keep serving
-                log.exception("scheduling failed")
-                self._fail_all(e)
                 continue
             results: list[Any] = []
             if items:
                 try:
-                    results = await loop.run_in_executor(self._pool, self.executor.step, items)
+                    results = self.executor.step(items)  # the GIL is released inside
                 except Exception as e:  # a bug or a resource failure: fail this step's requests, keep serving
                     log.exception("step failed")
-                    self.sched.process([])
-                    for sid, *_ in items:
-                        st = self._streams.pop(sid, None)
-                        if st is not None:
-                            self.sched.finish_now(st.seq, "error")
-                            st.finished = True
-                            st.queue.put_nowait(EngineError(f"generation failed: {e}"))
+                    with self._lock:
+                        self.sched.process([])
+                        for sid, *_ in items:
+                            seq = next((s for s in self.sched.running if s.id == sid), None)
+                            if seq is not None:
+                                seq.error = f"generation failed: {e}"
+                                self.sched.finish_now(seq, "error")
+                    failed = [sid for sid, *_ in items]
+                    loop.call_soon_threadsafe(self._fail, failed, f"generation failed: {e}")
                     continue
                 self.n_steps += 1
                 self.metrics.steps.inc()
                 self.metrics.step_tokens.inc(sum(b - a for _, a, b, _, _ in items))
-            outs = self.sched.process(results)
-            self._dispatch(outs)
-            self._update_gauges()
+            with self._lock:
+                try:
+                    outs = self.sched.process(results)
+                except Exception as e:  # a scheduler bug: fail what is in flight, keep serving
+                    log.exception("scheduling failed")
+                    self.sched._planned = []
+                    loop.call_soon_threadsafe(self._fail, None, f"generation failed: {e}")
+                    continue
+            if outs:
+                loop.call_soon_threadsafe(self._dispatch, outs)
             if not items:
-                await asyncio.sleep(0.002)  # nothing runnable yet (a shared prefix in flight)
+                time.sleep(0.002)  # nothing runnable yet (a shared prefix in flight)
 
-    def _fail_all(self, e: Exception) -> None:
-        for st in list(self._streams.values()):
-            self.sched.finish_now(st.seq, "error")
-            st.finished = True
-            st.queue.put_nowait(EngineError(f"generation failed: {e}"))
-        self._streams.clear()
-        self.sched._planned = []
+    # -- outputs (event-loop thread) -----------------------------------------------
+    def _fail(self, ids: list[int] | None, msg: str) -> None:
+        for sid in list(self._streams) if ids is None else ids:
+            st = self._streams.pop(sid, None)
+            if st is not None:
+                st.finished = True
+                if ids is None:
+                    self._abort(st, "error")
+                st.queue.put_nowait(EngineError(msg))
 
     def _dispatch(self, outs: list[SeqOutput]) -> None:
         now = time.perf_counter()
@@ -233,7 +257,7 @@ class AsyncEngine:
                 st.last_token_at = now
                 text = st.matcher.push(o.text)
                 if st.matcher.stopped and finish is None:
-                    self.sched.finish_now(st.seq, "stop")
+                    self._abort(st, "stop")  # freed at the next step
                     finish = "stop"
             if finish is not None:
                 text += st.matcher.flush()
@@ -245,8 +269,11 @@ class AsyncEngine:
                     st.queue.put_nowait(EngineError(o.seq.error or "generation failed"))
                     continue
             st.queue.put_nowait(Delta(text, o.token, o.logprob, o.top, finish))
+        if now - self._gauges_at > 0.05:  # gauges are sampled, not per token
+            self._update_gauges()
 
     def _update_gauges(self) -> None:
+        self._gauges_at = time.perf_counter()
         m, s = self.metrics, self.sched
         m.queue.set(len(s.waiting))
         m.running.set(len(s.running))

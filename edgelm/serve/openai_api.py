@@ -136,6 +136,18 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+class _Chunks:
+    """SSE events of one response: the fields every chunk repeats are encoded once."""
+
+    def __init__(self, head: dict[str, Any]) -> None:
+        self._prefix = b"data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1].encode() + b',"choices":['
+
+    def event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+        body = ",".join(json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in choices)
+        tail = "]" if usage is None else '],"usage":' + json.dumps(usage, separators=(",", ":"))
+        return self._prefix + (body + tail).encode() + b"}\n\n"
+
+
 async def _sse_response(request: web.Request) -> web.StreamResponse:
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await resp.prepare(request)
@@ -222,17 +234,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
     try:
         if c["stream"]:
             resp = await _sse_response(request)
+            ev = _Chunks({k: v for k, v in chunk([]).items() if k != "choices"})
             for i, e in enumerate(echoes):
                 if e:
-                    await resp.write(_sse(chunk([{"index": i, "text": e, "logprobs": None, "finish_reason": None}])))
+                    await resp.write(ev.event([{"index": i, "text": e, "logprobs": None, "finish_reason": None}]))
             try:
                 async for i, d in _merged(streams):
                     lp = _completion_logprobs(srv, [d], 0) if n_lp is not None else None
-                    await resp.write(_sse(chunk([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}])))
+                    await resp.write(ev.event([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}]))
             except EngineError as e:
                 await resp.write(_sse(ApiError(str(e)).body()))
             if c["include_usage"]:
-                await resp.write(_sse(chunk([], _usage_multi(streams, prompts, c["n"]))))
+                await resp.write(ev.event([], _usage_multi(streams, prompts, c["n"])))
             await resp.write(b"data: [DONE]\n\n")
             return resp
         texts = list(echoes)
@@ -346,19 +359,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     try:
         if c["stream"]:
             resp = await _sse_response(request)
+            ev = _Chunks({k: v for k, v in chunk("chat.completion.chunk", []).items() if k != "choices"})
             for i in range(len(streams)):
                 first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                await resp.write(_sse(chunk("chat.completion.chunk", [first])))
+                await resp.write(ev.event([first]))
             try:
                 async for i, d in _merged(streams):
                     delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
                     lp = _chat_logprobs(srv, [d]) if want_lp else None
                     ch = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
-                    await resp.write(_sse(chunk("chat.completion.chunk", [ch])))
+                    await resp.write(ev.event([ch]))
             except EngineError as e:
                 await resp.write(_sse(ApiError(str(e)).body()))
             if c["include_usage"]:
-                await resp.write(_sse(chunk("chat.completion.chunk", [], _usage(streams))))
+                await resp.write(ev.event([], _usage(streams)))
             await resp.write(b"data: [DONE]\n\n")
             return resp
         texts = [""] * len(streams)

@@ -234,6 +234,8 @@ fn exp16(x: &mut [f32; KB]) {
     }
 }
 
+// Index loops mirror the register tiles; iterators would hide the structure.
+#[allow(clippy::needless_range_loop)]
 #[inline(always)]
 fn run_generic<V: V16>(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
     let (hd, hdv) = (t.hd, t.hdv);

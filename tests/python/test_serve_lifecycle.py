@@ -195,3 +195,31 @@ def test_preemption_under_memory_pressure_keeps_results() -> None:
         assert d.metric("edgelm_preemptions") > 0
         _, h = d.get("/health")
         assert h["kv_blocks_used"] == 0
+
+
+def test_health_is_503_until_the_model_is_loaded() -> None:
+    """The daemon answers before its model is loaded: /health says "loading" with a
+    503 and generation endpoints refuse with 503 + Retry-After, then both turn ready."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from edgelm.serve.app import Server, make_app
+    from edgelm.serve.config import Config
+
+    async def go() -> None:
+        srv = Server(Config(model=str(model_path(SMOLLM2)), threads=2, kv_cache_mib=64))
+        async with TestClient(TestServer(make_app(srv))) as c:
+            r = await c.get("/health")
+            assert r.status == 503 and (await r.json())["status"] == "loading"
+            r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert r.status == 503 and r.headers["Retry-After"] == "1"
+            assert (await r.json())["error"]["code"] == "unavailable"
+            await srv.load()
+            r = await c.get("/health")
+            body = await r.json()
+            assert r.status == 200 and body["status"] == "ok" and body["kernel_level"]
+            r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "temperature": 0})
+            assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
+            assert srv.engine is not None
+            await srv.engine.close()
+
+    asyncio.run(go())

@@ -25,7 +25,7 @@ from aiohttp import web
 
 from edgelm import EdgelmError, Model, __version__
 from edgelm._native import Executor
-from edgelm.serve import openai_api
+from edgelm.serve import ollama_api, openai_api
 from edgelm.serve.chat import ChatTemplate
 from edgelm.serve.config import Config
 from edgelm.serve.engine import AsyncEngine, EngineError
@@ -228,23 +228,31 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return resp
     except ApiError as e:
         srv.metrics.requests.labels(endpoint, str(e.status)).inc()
-        return web.json_response(e.body(), status=e.status, headers=e.headers)
+        return _error(request, e)
     except web.HTTPException as e:
         srv.metrics.requests.labels(endpoint, str(e.status)).inc()
         if e.status < 400:
             raise
         kind = "not_found" if e.status == 404 else None
-        err = ApiError(e.reason if e.status != 413 else f"request body too large ({e.text})", None, e.status, kind)
-        return web.json_response(err.body(), status=e.status, headers={k: v for k, v in e.headers.items() if k == "Allow"})
+        err = ApiError(e.reason if e.status != 413 else f"request body too large ({e.text})", None, e.status, kind,
+                       headers={k: v for k, v in e.headers.items() if k == "Allow"})
+        return _error(request, err)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except (EdgelmError, EngineError) as e:
         srv.metrics.requests.labels(endpoint, "400").inc()
-        return web.json_response(ApiError(str(e)).body(), status=400)
+        return _error(request, ApiError(str(e)))
     except Exception as e:  # a bug: say so, keep serving
         log.exception("unhandled error in %s", request.path)
         srv.metrics.requests.labels(endpoint, "500").inc()
-        return web.json_response(ApiError(f"internal error: {e}", None, 500, None, "server_error").body(), status=500)
+        return _error(request, ApiError(f"internal error: {e}", None, 500, None, "server_error"))
+
+
+def _error(request: web.Request, e: ApiError) -> web.Response:
+    """OpenAI-style error bodies, except on the Ollama API, whose clients expect
+    `{"error": "message"}`."""
+    body: dict[str, Any] = {"error": e.message} if request.path.startswith("/api/") else e.body()
+    return web.json_response(body, status=e.status, headers=e.headers)
 
 
 def make_app(srv: Server) -> web.Application:
@@ -260,6 +268,13 @@ def make_app(srv: Server) -> web.Application:
     r.add_get("/v1/models/{model}", openai_api.get_model)
     r.add_post("/v1/completions", openai_api.completions)
     r.add_post("/v1/chat/completions", openai_api.chat_completions)
+    r.add_get("/", ollama_api.root)
+    r.add_get("/api/version", ollama_api.version)
+    r.add_get("/api/tags", ollama_api.tags)
+    r.add_get("/api/ps", ollama_api.ps)
+    r.add_post("/api/show", ollama_api.show)
+    r.add_post("/api/generate", ollama_api.generate)
+    r.add_post("/api/chat", ollama_api.chat)
     return app
 
 

@@ -33,6 +33,7 @@ from edgelm.serve.metrics import Metrics
 from edgelm.serve.openapi import openapi_spec
 from edgelm.serve.params import ApiError, Body
 from edgelm.serve.scheduler import SchedulerLimits
+from edgelm.serve.sdnotify import Notifier
 
 log = logging.getLogger("edgelm.serve")
 
@@ -283,6 +284,8 @@ def make_app(srv: Server) -> web.Application:
 
 async def serve(cfg: Config, ready_cb: Any = None) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
+    notify = Notifier()
+    notify.status(f"starting: binding {cfg.host}:{cfg.port}")
     srv = Server(cfg)
     app = make_app(srv)
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None)
@@ -292,6 +295,8 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
     addrs = runner.addresses
     port = int(addrs[0][1]) if addrs else cfg.port
     log.info("listening on http://%s:%d (loading %s)", cfg.host, port, cfg.model_path())
+    notify.status(f"loading {cfg.model_path().name}")
+    notify.start_watchdog()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -302,9 +307,11 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
     status = 0
     if load.done() and load.exception() is not None:
         log.error("could not load the model: %s", load.exception())
+        notify.status(f"failed: {load.exception()}")
         status = 1
     elif load.done():
         log.info("ready: %s on http://%s:%d", srv.model_id, cfg.host, port)
+        notify.ready(f"serving {srv.model_id} on {cfg.host}:{port} ({srv.model.kernel_level if srv.model else '?'} kernels)")
         if ready_cb is not None:
             ready_cb(srv, port)
         await stopped
@@ -313,12 +320,14 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
     log.info("stopping: no new requests; %.0fs grace for %d in flight", cfg.shutdown_grace_s,
              srv.engine.n_active if srv.engine else 0)
     srv.state = "stopping"
+    notify.stopping(f"stopping: {srv.engine.n_active if srv.engine else 0} requests in flight")
     if srv.engine is not None:
         n_aborted = await srv.engine.drain(cfg.shutdown_grace_s)
         if n_aborted:
             log.info("aborted %d requests at the end of the grace period", n_aborted)
         await srv.engine.close()
     await runner.cleanup()
+    notify.close()
     log.info("stopped")
     return status
 

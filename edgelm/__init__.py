@@ -20,6 +20,14 @@ from edgelm._native import (
 from edgelm._native import __version__ as __version__
 from edgelm.model import Model, Token
 
+
+def discover(timeout: float = 3.0, interfaces: list[str] | None = None) -> list[dict[str, object]]:
+    """edgelm daemons on the LAN (mDNS): name, url, host, addresses, port, and the TXT
+    fields (id, ver, api, path, model, state, auth, accel)."""
+    from edgelm.serve.mdns import discover as _discover
+
+    return _discover(timeout, interfaces)
+
 __all__ = [
     "CacheFullError",
     "EdgelmError",
@@ -29,4 +37,5 @@ __all__ = [
     "ModelLoadError",
     "Token",
     "TokenizerError",
+    "discover",
 ]

@@ -2,7 +2,8 @@
 
     edgelm run MODEL "prompt"     stream a continuation to the terminal
     edgelm info MODEL             architecture, sizes, quant types, tokenizer
-    edgelm serve [--config F]     the HTTP daemon (OpenAI-compatible API)
+    edgelm serve [--config F]     the HTTP daemon (OpenAI- and Ollama-compatible API)
+    edgelm discover [--json]      edgelm daemons on the LAN (mDNS)
 """
 
 from __future__ import annotations
@@ -94,6 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     flags = {k: getattr(args, k) for k in _SERVE_FLAGS}
     if args.no_prefix_cache:
         flags["prefix_cache"] = False
+    if args.no_mdns:
+        flags["mdns"] = False
     try:
         cfg, path = load_config(args.config, flags)
     except ConfigError as e:
@@ -110,9 +113,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(cfg)
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    import json
+
+    from edgelm.serve.mdns import discover
+
+    found = discover(args.timeout, args.interfaces or None)
+    if args.json:
+        print(json.dumps(found, indent=2))
+        return 0
+    if not found:
+        print(f"no edgelm daemon answered within {args.timeout:g} s", file=sys.stderr)
+        return 1
+    rows = [(d["name"], d["url"], d.get("model", ""), d.get("state", ""), d.get("accel", ""), d.get("ver", ""))
+            for d in found]
+    head = ("NAME", "URL", "MODEL", "STATE", "ACCEL", "VERSION")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
+
+
 _SERVE_FLAGS = ("model", "models_dir", "served_model_name", "host", "port", "threads", "kernel_level",
                 "kv_cache_mib", "max_context", "max_running", "max_step_tokens", "max_queue",
-                "request_timeout_s", "shutdown_grace_s", "log_level")
+                "request_timeout_s", "shutdown_grace_s", "log_level", "mdns_name", "state_dir")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,7 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--shutdown-grace-s", type=float)
     s.add_argument("--log-level")
     s.add_argument("--no-prefix-cache", action="store_true")
+    s.add_argument("--no-mdns", action="store_true", help="do not advertise on the LAN")
+    s.add_argument("--mdns-name")
+    s.add_argument("--state-dir")
     s.set_defaults(func=cmd_serve)
+
+    dsc = sub.add_parser("discover", help="list edgelm daemons on the LAN (mDNS)")
+    dsc.add_argument("--timeout", type=float, default=3.0, help="seconds to listen")
+    dsc.add_argument("--json", action="store_true")
+    dsc.add_argument("--interfaces", nargs="*", help="only these interface addresses (default: all)")
+    dsc.set_defaults(func=cmd_discover)
     return p
 
 

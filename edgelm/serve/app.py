@@ -29,6 +29,7 @@ from edgelm.serve import ollama_api, openai_api
 from edgelm.serve.chat import ChatTemplate
 from edgelm.serve.config import Config
 from edgelm.serve.engine import AsyncEngine, EngineError
+from edgelm.serve.mdns import Advertiser, default_state_dir
 from edgelm.serve.metrics import Metrics
 from edgelm.serve.openapi import openapi_spec
 from edgelm.serve.params import ApiError, Body
@@ -105,7 +106,7 @@ class Server:
             n_blocks, block_size, n_blocks * block_size * per_token / 2**20, max_ctx,
         )
 
-    async def load(self) -> None:
+    async def load(self, mark_ready: bool = True) -> None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, self._load_blocking)
         except Exception as e:
@@ -117,7 +118,8 @@ class Server:
         limits = SchedulerLimits(c.max_running, c.max_step_tokens, c.max_queue, self.max_context)
         self.engine = AsyncEngine(executor, limits, self.metrics, eog, c.prefix_cache)
         self.engine.start()
-        self.state = "ready"
+        if mark_ready:
+            self.state = "ready"
 
     # -- helpers for handlers -----------------------------------------------------
     def model_ready(self) -> Model:
@@ -297,11 +299,20 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
     log.info("listening on http://%s:%d (loading %s)", cfg.host, port, cfg.model_path())
     notify.status(f"loading {cfg.model_path().name}")
     notify.start_watchdog()
+    mdns: Advertiser | None = None
+    if cfg.mdns:
+        state_dir = Path(cfg.state_dir).expanduser() if cfg.state_dir else default_state_dir()
+        mdns = Advertiser(cfg.host, port, state_dir, cfg.mdns_name, cfg.mdns_ollama)
+        try:
+            await mdns.start(model=srv.model_id, state="loading", auth="0", accel="cpu")
+        except Exception as e:  # discovery is a convenience: serve without it
+            log.warning("mDNS advertising failed: %s", e)
+            mdns = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    load = asyncio.ensure_future(srv.load())
+    load = asyncio.ensure_future(srv.load(mark_ready=False))
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait([load, stopped], return_when=asyncio.FIRST_COMPLETED)
     status = 0
@@ -311,6 +322,12 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
         status = 1
     elif load.done():
         log.info("ready: %s on http://%s:%d", srv.model_id, cfg.host, port)
+        if mdns is not None:
+            accel = f"cpu-{srv.model.kernel_level}" if srv.model else "cpu"
+            await mdns.update(state="ready", model=srv.model_id, accel=accel)
+            busy_task = asyncio.ensure_future(_track_busy(srv, mdns))
+        # Ready everywhere at once: /health, the mDNS record, systemd.
+        srv.state = "ready"
         notify.ready(f"serving {srv.model_id} on {cfg.host}:{port} ({srv.model.kernel_level if srv.model else '?'} kernels)")
         if ready_cb is not None:
             ready_cb(srv, port)
@@ -320,6 +337,10 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
     log.info("stopping: no new requests; %.0fs grace for %d in flight", cfg.shutdown_grace_s,
              srv.engine.n_active if srv.engine else 0)
     srv.state = "stopping"
+    if mdns is not None:
+        if "busy_task" in locals():
+            busy_task.cancel()
+        await mdns.stop()  # goodbye packets: clients forget us before we go
     notify.stopping(f"stopping: {srv.engine.n_active if srv.engine else 0} requests in flight")
     if srv.engine is not None:
         n_aborted = await srv.engine.drain(cfg.shutdown_grace_s)
@@ -330,6 +351,17 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
     notify.close()
     log.info("stopped")
     return status
+
+
+async def _track_busy(srv: Server, mdns: Advertiser) -> None:
+    """Keep the TXT `state` current: busy while the batch is full or requests wait."""
+    while True:
+        await asyncio.sleep(1.0)
+        e = srv.engine
+        if e is None:
+            continue
+        busy = len(e.sched.waiting) > 0 or len(e.sched.running) >= e.sched.limits.max_running
+        await mdns.update(state="busy" if busy else "ready")
 
 
 def run(cfg: Config) -> int:

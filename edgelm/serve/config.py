@@ -61,6 +61,14 @@ class Config:
     shutdown_grace_s: float = 10.0
     max_body_kib: int = 4096
     log_level: str = "info"
+    mdns: bool = True
+    """Advertise on the LAN (only on the interfaces that carry `host`)."""
+    mdns_name: str | None = None
+    """Instance name (default "edgelm on <hostname>")."""
+    mdns_ollama: bool = False
+    """Also advertise `_ollama._tcp` on the same port."""
+    state_dir: str | None = None
+    """Where the daemon keeps its stable id (default $STATE_DIRECTORY or ~/.local/state/edgelm)."""
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:

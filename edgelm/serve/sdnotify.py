@@ -28,6 +28,9 @@ class Notifier:
             self._addr = "\0" + addr[1:] if addr.startswith("@") else addr
             try:
                 self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Never block the event loop on a slow listener: a full queue drops
+                # the datagram (a watchdog ping is resent soon anyway).
+                self._sock.setblocking(False)
             except OSError as e:
                 log.warning("cannot open the systemd notify socket: %s", e)
         usec = os.environ.get("WATCHDOG_USEC", "")
@@ -35,6 +38,7 @@ class Notifier:
         ours = not pid or pid == str(os.getpid())
         self.watchdog_s = int(usec) / 1e6 if usec.isdigit() and int(usec) > 0 and ours else None
         self._task: asyncio.Task[None] | None = None
+        self._warned = False
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +50,9 @@ class Notifier:
         try:
             self._sock.sendto("\n".join(lines).encode(), self._addr)
         except OSError as e:
-            log.warning("systemd notify failed: %s", e)
+            if not self._warned:
+                log.warning("systemd notify to %s failed: %s", self._addr, e)
+                self._warned = True
 
     def status(self, text: str) -> None:
         self.send(f"STATUS={text}")

@@ -68,7 +68,9 @@ def http(method: str, url: str, body: Any = None, raw: bytes | None = None, time
 
 
 @contextmanager
-def daemon(model: Path, *args: str, env: dict[str, str] | None = None, config: str = "") -> Iterator[Daemon]:
+def daemon(model: Path, *args: str, env: dict[str, str] | None = None, config: str = "",
+           mdns: bool = False) -> Iterator[Daemon]:
+    """The daemon on a free loopback port; mDNS (loopback only) when `mdns`."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="edgelm-test-") as tmp:
         cfg = Path(tmp) / "edgelm.yaml"
@@ -77,7 +79,7 @@ def daemon(model: Path, *args: str, env: dict[str, str] | None = None, config: s
         e = {k: v for k, v in os.environ.items() if not k.startswith("EDGELM_") or k == "EDGELM_MODELS_DIR"}
         e.update(env or {})
         cmd = [sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1",
-               "--port", str(port), "--model", str(model), "--threads", "2", *args]
+               "--port", str(port), "--model", str(model), "--threads", "2", *([] if mdns else ["--no-mdns"]), *args]
         with open(log_path, "wb") as logf:
             proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=tmp, env=e)
         d = Daemon(proc, f"http://127.0.0.1:{port}", log_path)

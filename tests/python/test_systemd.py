@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,23 +41,29 @@ def test_notify_protocol_order(tmp_path: Path) -> None:
     sock.bind(str(path))
     sock.settimeout(0.05)
     got: list[tuple[float, str]] = []
+    stop = threading.Event()
 
-    def drain(seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
+    def listen() -> None:  # what systemd does: read every datagram as it comes
+        while not stop.is_set():
             try:
                 got.append((time.monotonic(), sock.recv(4096).decode()))
             except TimeoutError:
                 pass
 
+    t = threading.Thread(target=listen)
+    t.start()
     t0 = time.monotonic()
     env = {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "300000"}
-    with daemon(model_path(SMOLLM2), env=env) as d:
-        drain(0.6)
-        d.proc.send_signal(signal.SIGTERM)
-        assert d.proc.wait(timeout=30) == 0
-        drain(0.2)
-    sock.close()
+    try:
+        with daemon(model_path(SMOLLM2), "--state-dir", str(tmp_path / "state"), env=env, mdns=True) as d:
+            time.sleep(0.6)
+            d.proc.send_signal(signal.SIGTERM)
+            assert d.proc.wait(timeout=30) == 0
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join()
+        sock.close()
     msgs = [m for _, m in got]
     first = lambda key: next(i for i, m in enumerate(msgs) if key in m.split("\n"))  # noqa: E731
     i_start = next(i for i, m in enumerate(msgs) if m.startswith("STATUS=starting"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import json
 import logging
 import os
@@ -221,11 +222,43 @@ async def openapi(request: web.Request) -> web.Response:
 # -- errors --------------------------------------------------------------------------
 
 
+OPEN_PATHS = frozenset({"/health", "/", "/api/version", "/openapi.json"})
+ADMIN_PATHS = frozenset({"/metrics"})
+
+
+def _check_auth(srv: Server, request: web.Request) -> None:
+    """Bearer keys with two scopes: inference (`api_key`) and admin (`admin_key`,
+    which also grants inference). Health and version stay open for probes."""
+    cfg = srv.cfg
+    if request.path in OPEN_PATHS or (cfg.api_key is None and cfg.admin_key is None):
+        return
+    admin = request.path in ADMIN_PATHS
+    if admin and cfg.admin_key is None:
+        return  # no admin key configured: admin endpoints are as open as the rest
+    if not admin and cfg.api_key is None:
+        return
+    auth = request.headers.get("Authorization", "")
+    token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+    challenge = {"WWW-Authenticate": 'Bearer realm="edgelm"'}
+    if not token:
+        raise ApiError("an API key is required: send 'Authorization: Bearer <key>'", None, 401, "invalid_api_key",
+                       "authentication_error", challenge)
+    ok_admin = cfg.admin_key is not None and hmac.compare_digest(token.encode(), cfg.admin_key.encode())
+    ok_user = cfg.api_key is not None and hmac.compare_digest(token.encode(), cfg.api_key.encode())
+    if admin and not ok_admin:
+        if ok_user:
+            raise ApiError("this endpoint needs the admin key", None, 403, "insufficient_scope", "permission_error")
+        raise ApiError("invalid API key", None, 401, "invalid_api_key", "authentication_error", challenge)
+    if not admin and not (ok_user or ok_admin):
+        raise ApiError("invalid API key", None, 401, "invalid_api_key", "authentication_error", challenge)
+
+
 @web.middleware
 async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     srv: Server = request.app["server"]
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
     try:
+        _check_auth(srv, request)
         resp: web.StreamResponse = await handler(request)
         srv.metrics.requests.labels(endpoint, str(resp.status)).inc()
         return resp
@@ -304,7 +337,8 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
         state_dir = Path(cfg.state_dir).expanduser() if cfg.state_dir else default_state_dir()
         mdns = Advertiser(cfg.host, port, state_dir, cfg.mdns_name, cfg.mdns_ollama)
         try:
-            await mdns.start(model=srv.model_id, state="loading", auth="0", accel="cpu")
+            auth = "1" if cfg.api_key or cfg.admin_key else "0"
+            await mdns.start(model=srv.model_id, state="loading", auth=auth, accel="cpu")
         except Exception as e:  # discovery is a convenience: serve without it
             log.warning("mDNS advertising failed: %s", e)
             mdns = None

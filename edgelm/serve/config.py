@@ -61,6 +61,10 @@ class Config:
     shutdown_grace_s: float = 10.0
     max_body_kib: int = 4096
     log_level: str = "info"
+    api_key: str | None = None
+    """When set, every API request needs `Authorization: Bearer <api_key>` (or the admin key)."""
+    admin_key: str | None = None
+    """When set, admin endpoints (/metrics, model management) need it; it also grants inference."""
     mdns: bool = True
     """Advertise on the LAN (only on the interfaces that carry `host`)."""
     mdns_name: str | None = None
@@ -95,6 +99,10 @@ class Config:
             raise bad("kernel_level", "must be scalar, avx2, avx512, neon, dotprod or i8mm")
         if not self.model:
             raise bad("model", "must not be empty")
+        for key in ("api_key", "admin_key"):
+            v = getattr(self, key)
+            if v is not None and (len(v) < 8 or any(c.isspace() for c in v)):
+                raise bad(key, "must be at least 8 characters without spaces")
 
     def model_path(self) -> Path:
         p = Path(self.model).expanduser()

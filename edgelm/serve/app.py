@@ -311,6 +311,7 @@ def make_app(srv: Server) -> web.Application:
     r.add_post("/api/show", ollama_api.show)
     r.add_post("/api/generate", ollama_api.generate)
     r.add_post("/api/chat", ollama_api.chat)
+    r.add_post("/api/embed", ollama_api.embed)
     return app
 
 

@@ -160,9 +160,16 @@ def _options(srv: Server, b: Body) -> tuple[dict[str, Any], int | None, list[str
 
 
 def _format(b: Body) -> None:
+    """Request fields this server refuses explicitly rather than ignoring."""
     f = b.data.get("format")
     if f not in (None, ""):
         raise ApiError("'format' (structured output) is not supported by this server yet", "format", 400)
+    think = b.data.get("think")
+    if think not in (None, False, "false", "none"):
+        raise ApiError("this model does not support thinking ('think')", "think", 400)
+    ka = b.data.get("keep_alive")
+    if ka is not None and not isinstance(ka, (int, float, str)) or isinstance(ka, bool):
+        raise ApiError("'keep_alive' must be a duration such as \"5m\" or a number of seconds", "keep_alive", 400)
 
 
 def _stats(st: Stream, t0: float) -> dict[str, Any]:
@@ -262,6 +269,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
         raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
     ids = (list(ctx) if ctx else []) + (srv.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
     return await _run(srv, request, ids, b, "generate")
+
+
+async def embed(request: web.Request) -> web.Response:
+    srv: Server = request.app["server"]
+    b = Body(await srv.json_body(request))
+    _check_model(srv, b)
+    raise ApiError(f"model '{b.data.get('model')}' does not support embeddings", "model", 400)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:

@@ -92,7 +92,7 @@ def test_generate_options_and_context(srv: Daemon) -> None:
     seeded = [c.generate(model=NAME, prompt="Tell me a joke.", options={"temperature": 1.0, "seed": 7, "num_predict": 12}).response
               for _ in range(2)]
     assert seeded[0] == seeded[1]
-    load = c.generate(model=NAME, prompt="")
+    load = c.generate(model=NAME, prompt="", keep_alive="5m")
     assert load.done and load.done_reason == "load"
 
 
@@ -125,6 +125,9 @@ def test_bad_input_is_4xx_with_ollama_error(srv: Daemon) -> None:
         ("/api/generate", {"model": NAME, "prompt": "x", "format": "json"}, 400),
         ("/api/generate", {"model": NAME, "prompt": "x", "options": {"num_ctx": 4}}, 400),
         ("/api/show", {"model": "nope"}, 404),
+        ("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "think": True}, 400),
+        ("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "keep_alive": [1]}, 400),
+        ("/api/embed", {"model": NAME, "input": "x"}, 400),
         ("/api/show", [], 400),
     ]
     for path, body, want in cases:

@@ -30,6 +30,7 @@ from edgelm.serve import ollama_api, openai_api
 from edgelm.serve.chat import ChatTemplate
 from edgelm.serve.config import Config
 from edgelm.serve.engine import AsyncEngine, EngineError
+from edgelm.serve.grammar import GrammarError, Grammars
 from edgelm.serve.mdns import Advertiser, default_state_dir
 from edgelm.serve.metrics import Metrics
 from edgelm.serve.openapi import openapi_spec
@@ -66,6 +67,7 @@ class Server:
         self.fingerprint = f"edgelm-{__version__}"
         self.started = time.time()
         self._bos_id: int | None = None
+        self.grammars: Grammars | None = None
 
     # -- loading -----------------------------------------------------------------
     def _load_blocking(self) -> None:
@@ -99,6 +101,7 @@ class Server:
         template = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s)
         eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
         self._bos_id = bos
+        self.grammars = Grammars(native, eog)
         self.model, self.max_context, self.template = model, max_ctx, template
         self._pending = (executor, eog)
         log.info(
@@ -119,6 +122,10 @@ class Server:
         limits = SchedulerLimits(c.max_running, c.max_step_tokens, c.max_queue, self.max_context)
         self.engine = AsyncEngine(executor, limits, self.metrics, eog, c.prefix_cache)
         self.engine.start()
+        # Warm the grammar engine's vocabulary in the background (a few seconds on a
+        # small CPU), so the first structured-output request does not pay for it.
+        if self.grammars is not None:
+            asyncio.get_running_loop().run_in_executor(None, self.grammars.tokenizer)
         if mark_ready:
             self.state = "ready"
 
@@ -132,6 +139,22 @@ class Server:
         self.model_ready()
         assert self.engine is not None
         return self.engine
+
+    def grammars_ready(self) -> Grammars:
+        self.model_ready()
+        assert self.grammars is not None
+        return self.grammars
+
+    async def grammar_for(self, schema: dict[str, Any] | None) -> str | None:
+        """Compile a JSON schema for constrained decoding (off the event loop: the
+        first call also builds the grammar engine's view of the vocabulary)."""
+        if schema is None:
+            return None
+        g = self.grammars_ready()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, g.json_schema, schema)
+        except GrammarError as e:
+            raise ApiError(str(e), "response_format", 400) from None
 
     def model_aliases(self) -> set[str]:
         return {self.model_id, Path(self.cfg.model).name}

@@ -36,6 +36,7 @@ class GenRequest:
     stop_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     timeout_s: float | None = None
+    matcher: Any = None  # llguidance LLMatcher (structured output)
 
 
 @dataclass
@@ -170,6 +171,7 @@ class AsyncEngine:
             stop_ids=req.stop_ids,
             ignore_eos=req.ignore_eos,
             deadline=deadline,
+            matcher=req.matcher,
         )
         stream = Stream(self, seq, req.stop)
         with self._lock:
@@ -192,6 +194,7 @@ class AsyncEngine:
             with self._lock:
                 busy = self.sched.has_work()
                 items = self.sched.schedule() if busy else []
+                masks = self.sched.masks
             if not busy:
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -199,7 +202,7 @@ class AsyncEngine:
             results: list[Any] = []
             if items:
                 try:
-                    results = self.executor.step(items)  # the GIL is released inside
+                    results = self.executor.step(items, masks or None)  # the GIL is released inside
                 except Exception as e:  # a bug or a resource failure: fail this step's requests, keep serving
                     log.exception("step failed")
                     with self._lock:
@@ -280,3 +283,5 @@ class AsyncEngine:
         m.kv_used.set(s.blocks.n_used)
         m.kv_cached.set(s.blocks.n_cached)
         m.preemptions.set(s.n_preemptions)
+        m.grammar_masks.set(s.n_masks)
+        m.grammar_mask_seconds.set(s.mask_seconds)

@@ -25,6 +25,8 @@ class Metrics:
         self.steps = Counter("edgelm_steps", "Scheduler steps run", registry=r)
         self.step_tokens = Counter("edgelm_step_tokens", "Tokens computed in steps", registry=r)
         self.preemptions = Gauge("edgelm_preemptions", "Sequences preempted so far (recomputed later)", registry=r)
+        self.grammar_masks = Gauge("edgelm_grammar_masks", "Token masks computed for constrained decoding", registry=r)
+        self.grammar_mask_seconds = Gauge("edgelm_grammar_mask_seconds", "Time spent computing them", registry=r)
         self.kv_used = Gauge("edgelm_kv_blocks_used", "KV blocks held by sequences", registry=r)
         self.kv_cached = Gauge("edgelm_kv_blocks_cached", "KV blocks holding a reusable prefix", registry=r)
         self.kv_total = Gauge("edgelm_kv_blocks_total", "KV blocks in the cache", registry=r)

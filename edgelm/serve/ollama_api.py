@@ -21,6 +21,7 @@ from aiohttp import web
 from edgelm import __version__
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
+from edgelm.serve.grammar import ANY_JSON_OBJECT
 from edgelm.serve.params import ApiError, Body
 from edgelm.serve.scheduler import QueueFull
 
@@ -159,17 +160,24 @@ def _options(srv: Server, b: Body) -> tuple[dict[str, Any], int | None, list[str
     return sampling, (None if n_predict < 0 else n_predict), o.stop("stop"), min(num_ctx, srv.max_context)
 
 
-def _format(b: Body) -> None:
-    """Request fields this server refuses explicitly rather than ignoring."""
+def _format(b: Body) -> dict[str, Any] | None:
+    """The JSON schema `format` asks for ("json": any object), or None; and the
+    request fields this server refuses explicitly rather than ignoring."""
     f = b.data.get("format")
-    if f not in (None, ""):
-        raise ApiError("'format' (structured output) is not supported by this server yet", "format", 400)
+    schema: dict[str, Any] | None = None
+    if f == "json":
+        schema = dict(ANY_JSON_OBJECT)
+    elif isinstance(f, dict):
+        schema = f
+    elif f not in (None, ""):
+        raise ApiError("'format' must be \"json\" or a JSON schema object", "format", 400)
     think = b.data.get("think")
     if think not in (None, False, "false", "none"):
         raise ApiError("this model does not support thinking ('think')", "think", 400)
     ka = b.data.get("keep_alive")
     if ka is not None and not isinstance(ka, (int, float, str)) or isinstance(ka, bool):
         raise ApiError("'keep_alive' must be a duration such as \"5m\" or a number of seconds", "keep_alive", 400)
+    return schema
 
 
 def _stats(st: Stream, t0: float) -> dict[str, Any]:
@@ -187,8 +195,11 @@ def _done_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"
 
 
-async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, kind: str) -> web.StreamResponse:
+async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, kind: str,
+               schema: dict[str, Any] | None = None) -> web.StreamResponse:
     sampling, n_predict, stop, num_ctx = _options(srv, b)
+    grammar = await srv.grammar_for(schema)
+    matcher = srv.grammars_ready().matcher(grammar) if grammar is not None else None
     room = num_ctx - len(prompt)
     if room <= 0:
         raise ApiError(f"the prompt has {len(prompt)} tokens; the context holds {num_ctx}", "prompt", 400)
@@ -197,7 +208,8 @@ async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, ki
     t0 = time.perf_counter()
     model = ollama_name(srv)
     try:
-        st = srv.engine_ready().submit(GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False, srv.cfg.request_timeout_s))
+        st = srv.engine_ready().submit(GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False,
+                                                  srv.cfg.request_timeout_s, matcher))
     except QueueFull as e:
         raise ApiError(f"server busy: {e}", None, 429, headers={"Retry-After": "1"}) from None
     except ValueError as e:
@@ -246,7 +258,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
     _check_model(srv, b)
-    _format(b)
+    schema = _format(b)
     native = srv.model_ready().native
     prompt = b.get("prompt", str, "")
     if b.has("images"):
@@ -268,7 +280,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if ctx is not None and not (isinstance(ctx, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < native.n_vocab for t in ctx)):
         raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
     ids = (list(ctx) if ctx else []) + (srv.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
-    return await _run(srv, request, ids, b, "generate")
+    return await _run(srv, request, ids, b, "generate", schema)
 
 
 async def embed(request: web.Request) -> web.Response:
@@ -282,7 +294,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
     _check_model(srv, b)
-    _format(b)
+    schema = _format(b)
     srv.model_ready()
     msgs = b.data.get("messages")
     if msgs is None:
@@ -309,4 +321,4 @@ async def chat(request: web.Request) -> web.StreamResponse:
         text = srv.template.render(out, add_generation_prompt=True, tools=tools or None)
     except ChatTemplateError as e:
         raise ApiError(f"the chat template failed: {e}", "messages") from None
-    return await _run(srv, request, srv.chat_tokens(text), b, "chat")
+    return await _run(srv, request, srv.chat_tokens(text), b, "chat", schema)

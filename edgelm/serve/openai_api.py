@@ -19,6 +19,7 @@ from aiohttp import web
 
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
+from edgelm.serve.grammar import ANY_JSON_OBJECT
 from edgelm.serve.params import ApiError, Body, sampling_from
 from edgelm.serve.scheduler import QueueFull
 
@@ -67,14 +68,16 @@ def _max_tokens(srv: Server, b: Body, key: str, n_prompt: int) -> int:
     return room if mt is None else min(mt, room)
 
 
-async def _submit(srv: Server, prompt: list[int], max_tokens: int, c: dict[str, Any], n_logprobs: int, n: int) -> list[Stream]:
+async def _submit(srv: Server, prompt: list[int], max_tokens: int, c: dict[str, Any], n_logprobs: int, n: int,
+                  grammar: str | None = None) -> list[Stream]:
     streams: list[Stream] = []
     try:
         for i in range(n):
             sampling = dict(c["sampling"], n_logprobs=n_logprobs)
             if sampling["seed"] is not None:
                 sampling["seed"] = (sampling["seed"] + i) % (2**64)
-            req = GenRequest(prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"])
+            matcher = srv.grammars_ready().matcher(grammar) if grammar is not None else None
+            req = GenRequest(prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher)
             streams.append(srv.engine_ready().submit(req))
     except QueueFull as e:
         for s in streams:
@@ -308,6 +311,25 @@ def _messages(b: Body) -> list[dict[str, Any]]:
     return out
 
 
+def _response_schema(b: Body) -> dict[str, Any] | None:
+    """The JSON schema `response_format` asks for (json_object: any object), or None."""
+    rf = b.data.get("response_format")
+    if rf is None:
+        return None
+    kind = rf.get("type") if isinstance(rf, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return dict(ANY_JSON_OBJECT)
+    if kind == "json_schema":
+        js = rf.get("json_schema")
+        if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+            raise ApiError("'response_format.json_schema' must be an object with a 'schema' object", "response_format")
+        schema = js.get("schema")
+        return dict(schema) if schema else dict(ANY_JSON_OBJECT)
+    raise ApiError("'response_format.type' must be text, json_object or json_schema", "response_format")
+
+
 def _chat_logprobs(srv: Server, ds: list[Delta]) -> dict[str, Any]:
     content = []
     for d in ds:
@@ -332,9 +354,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     top_lp = b.get("top_logprobs", int, None, lo=0, hi=20)
     if top_lp is not None and not want_lp:
         raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    rf = b.data.get("response_format")
-    if rf is not None and (not isinstance(rf, dict) or rf.get("type") != "text"):
-        raise ApiError("'response_format' other than text is not supported yet", "response_format")
+    grammar = await srv.grammar_for(_response_schema(b))
     tools = b.data.get("tools")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ApiError("'tools' must be an array of objects", "tools")
@@ -344,7 +364,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(f"the chat template failed: {e}", "messages") from None
     prompt = srv.chat_tokens(text)
     max_tokens = _max_tokens(srv, b, "max_completion_tokens", len(prompt))
-    streams = await _submit(srv, prompt, max_tokens, c, (top_lp or 0) if want_lp else 0, c["n"])
+    streams = await _submit(srv, prompt, max_tokens, c, (top_lp or 0) if want_lp else 0, c["n"], grammar)
     cid = "chatcmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
     del model

@@ -129,7 +129,8 @@ def openapi_spec(model_ids: list[str] | None = None) -> dict[str, Any]:
             "max_completion_tokens": _num(0, None, True),
             "logprobs": {"type": "boolean"},
             "top_logprobs": _num(0, 20, True),
-            "response_format": {"type": "object", "properties": {"type": {"const": "text"}}},
+            "response_format": {"type": "object", "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
+                                                                 "json_schema": {"type": "object"}}},
         },
     }
     choice = {"type": "object", "required": ["index", "finish_reason"]}

@@ -63,7 +63,7 @@ class Executor(Protocol):
         n_logprobs: int = ...,
     ) -> None: ...
     def remove(self, seq_id: int) -> str | None: ...
-    def step(self, items: list[StepItem]) -> list[StepResult]: ...
+    def step(self, items: list[StepItem], masks: dict[int, bytes] | None = ...) -> list[StepResult]: ...
 
 
 class QueueFull(Exception):
@@ -118,6 +118,7 @@ class Sequence:
     stop_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     deadline: float | None = None  # time.monotonic() value
+    matcher: Any = None  # an llguidance LLMatcher: constrained decoding
     id: int = field(default_factory=lambda: next(_ids))
     # State (the scheduler's).
     tokens: list[int] = field(init=False)
@@ -177,6 +178,9 @@ class Scheduler:
         self._planned: list[tuple[Sequence, int, int, bool]] = []
         self._inflight: dict[int, int] = {}  # block hash -> id of the sequence computing it
         self._ended: list[SeqOutput] = []  # ends decided in schedule(), reported by process()
+        self.masks: dict[int, bytes] = {}  # token masks of the planned step's constrained samples
+        self.mask_seconds = 0.0  # time spent computing them (the grammar's per-token cost)
+        self.n_masks = 0
         self.n_preemptions = 0
         self.n_prompt_tokens_computed = 0
         self.n_prompt_tokens_cached = 0
@@ -257,6 +261,13 @@ class Scheduler:
             budget -= n
         self.waiting.extendleft(reversed(skipped))
         self._planned = list(plan.values())
+        self.masks = {}
+        for seq, _a, _b, smp in self._planned:
+            if smp and seq.matcher is not None:
+                t0 = time.perf_counter()
+                self.masks[seq.id] = seq.matcher.compute_bitmask()
+                self.mask_seconds += time.perf_counter() - t0
+                self.n_masks += 1
         return [(s.id, a, b, list(s.blocks), smp) for s, a, b, smp in self._planned]
 
     def process(self, results: list[StepResult]) -> list[SeqOutput]:
@@ -279,8 +290,14 @@ class Scheduler:
             seq.tokens.append(tok)
             seq.n_generated += 1
             reason = None
+            done_grammar = False
+            if seq.matcher is not None:
+                seq.matcher.consume_token(tok)
+                done_grammar = seq.matcher.is_stopped() and tok not in self.eog
             if tok in seq.stop_ids or (not seq.ignore_eos and tok in self.eog):
                 reason, text = "stop", ""
+            elif done_grammar:
+                reason = "stop"  # the grammar is complete: nothing more may follow
             elif seq.n_generated >= seq.max_tokens or len(seq.tokens) >= self.limits.max_context:
                 reason = "length"
             if reason is not None:

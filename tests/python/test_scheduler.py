@@ -41,7 +41,7 @@ class FakeExecutor:
     def remove(self, seq_id: int) -> str | None:
         return "" if self.hist.pop(seq_id, None) is not None else None
 
-    def step(self, items: list[StepItem]) -> list[StepResult]:
+    def step(self, items: list[StepItem], masks: dict[int, bytes] | None = None) -> list[StepResult]:
         self.steps.append(items)
         out: list[StepResult] = []
         written: set[tuple[int, int]] = set()

@@ -122,7 +122,7 @@ def test_bad_input_is_4xx_with_ollama_error(srv: Daemon) -> None:
         ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}, 400),
         ("/api/generate", {"model": NAME, "prompt": 5}, 400),
         ("/api/generate", {"model": NAME, "prompt": "x", "context": ["a"]}, 400),
-        ("/api/generate", {"model": NAME, "prompt": "x", "format": "json"}, 400),
+        ("/api/generate", {"model": NAME, "prompt": "x", "format": 5}, 400),
         ("/api/generate", {"model": NAME, "prompt": "x", "options": {"num_ctx": 4}}, 400),
         ("/api/show", {"model": "nope"}, 404),
         ("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "think": True}, 400),

@@ -36,6 +36,9 @@ pub struct StepItem {
     pub end: usize,
     pub block_table: Vec<u32>,
     pub sample: bool,
+    /// Tokens the sample may take (constrained decoding): bit `t % 32` of word
+    /// `t / 32` set = allowed. None = any.
+    pub allowed: Option<Vec<u32>>,
 }
 
 #[derive(Clone, Debug)]
@@ -132,6 +135,15 @@ impl Executor {
             if it.sample && it.end != s.history.len() {
                 return Err(Error::invalid(format!("sequence {}: sampling needs the whole history fed", it.seq)));
             }
+            if let Some(m) = &it.allowed {
+                let nv = self.engine.model.cfg.n_vocab;
+                if m.len() * 32 < nv {
+                    return Err(Error::invalid(format!("sequence {}: the token mask covers {} of {nv} tokens", it.seq, m.len() * 32)));
+                }
+                if !(0..nv).any(|t| m[t / 32] >> (t % 32) & 1 == 1) {
+                    return Err(Error::invalid(format!("sequence {}: the token mask allows no token", it.seq)));
+                }
+            }
             self.kv.check_table(&it.block_table, it.end)?;
         }
         let inputs: Vec<SeqInput<'_>> = items
@@ -154,7 +166,20 @@ impl Executor {
         for (k, &(si, _)) in logits.rows.iter().enumerate() {
             let id = items[si].seq;
             let s = self.seqs.get_mut(&id).expect("checked above");
-            let sampled = s.sampler.sample(&logits.data[k * nv..(k + 1) * nv], &s.history);
+            let row = &logits.data[k * nv..(k + 1) * nv];
+            let sampled = match &items[si].allowed {
+                None => s.sampler.sample(row, &s.history),
+                Some(mask) => {
+                    // Disallowed tokens get -inf: the sampler draws (and reports
+                    // probabilities) within what the grammar allows.
+                    let masked: Vec<f32> = row
+                        .iter()
+                        .enumerate()
+                        .map(|(t, &x)| if mask[t / 32] >> (t % 32) & 1 == 1 { x } else { f32::NEG_INFINITY })
+                        .collect();
+                    s.sampler.sample(&masked, &s.history)
+                }
+            };
             s.history.push(sampled.token);
             let text = s.decoder.push(&self.engine.tokenizer, sampled.token);
             out.push(StepOut { seq: id, sampled, text });

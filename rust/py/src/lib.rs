@@ -319,10 +319,24 @@ impl Executor {
         Ok(self.lock()?.history(seq_id).map(|h| h.to_vec()))
     }
 
-    fn step(&self, py: Python<'_>, items: Vec<StepTuple>) -> PyResult<Vec<StepResult>> {
+    /// `masks`: for constrained sequences, the tokens their sample may take, as a
+    /// little-endian u32 bitmask (llguidance's `compute_bitmask()`).
+    #[pyo3(signature = (items, masks=None))]
+    fn step(
+        &self,
+        py: Python<'_>,
+        items: Vec<StepTuple>,
+        masks: Option<std::collections::HashMap<u64, Vec<u8>>>,
+    ) -> PyResult<Vec<StepResult>> {
+        let mut masks = masks.unwrap_or_default();
         let items: Vec<StepItem> = items
             .into_iter()
-            .map(|(seq, start, end, block_table, sample)| StepItem { seq, start, end, block_table, sample })
+            .map(|(seq, start, end, block_table, sample)| {
+                let allowed = masks.remove(&seq).map(|b| {
+                    b.chunks(4).map(|w| u32::from_le_bytes([w[0], *w.get(1).unwrap_or(&0), *w.get(2).unwrap_or(&0), *w.get(3).unwrap_or(&0)])).collect()
+                });
+                StepItem { seq, start, end, block_table, sample, allowed }
+            })
             .collect();
         let out = py.detach(|| {
             let mut ex = self.inner.lock().map_err(|_| edgelm_core::Error::invalid("executor was poisoned by an earlier panic"))?;

@@ -4,12 +4,14 @@
     edgelm info MODEL             architecture, sizes, quant types, tokenizer
     edgelm serve [--config F]     the HTTP daemon (OpenAI- and Ollama-compatible API)
     edgelm discover [--json]      edgelm daemons on the LAN (mDNS)
+    edgelm pull SOURCE            a GGUF into the models directory (URL, edgelm://, LAN)
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -134,6 +136,37 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace) -> int:
+    import asyncio
+    from pathlib import Path
+
+    from edgelm.pull import PullError, pull
+    from edgelm.serve.config import default_models_dir
+
+    def show(p: dict[str, object]) -> None:
+        total, done = p.get("total"), p.get("completed")
+        if isinstance(total, int) and isinstance(done, int) and total:
+            rate = float(p.get("rate", 0.0) or 0.0)  # type: ignore[arg-type]
+            bar = "#" * int(30 * done / total)
+            sys.stderr.write(f"\r{p['status']}: [{bar:<30}] {done / 2**20:7.1f}/{total / 2**20:.1f} MiB "
+                             f"{rate / 2**20:6.1f} MiB/s")
+            if done == total:
+                sys.stderr.write("\n")
+        else:
+            sys.stderr.write(f"{p['status']}\n")
+        sys.stderr.flush()
+
+    models_dir = Path(args.models_dir or default_models_dir()).expanduser()
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    try:
+        path = asyncio.run(pull(args.source, models_dir, args.sha256, show, headers, args.interfaces or None))
+    except PullError as e:
+        print(f"edgelm: pull failed: {e}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 _SERVE_FLAGS = ("model", "models_dir", "served_model_name", "host", "port", "threads", "kernel_level",
                 "kv_cache_mib", "max_context", "max_running", "max_step_tokens", "max_queue",
                 "request_timeout_s", "shutdown_grace_s", "log_level", "mdns_name", "state_dir")
@@ -194,6 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     dsc.add_argument("--json", action="store_true")
     dsc.add_argument("--interfaces", nargs="*", help="only these interface addresses (default: all)")
     dsc.set_defaults(func=cmd_discover)
+
+    pl = sub.add_parser("pull", help="download a GGUF model into the models directory (resumable, sha256-checked)")
+    pl.add_argument("source", help="https://…/FILE.gguf, edgelm://HOST:PORT/FILE.gguf, or FILE.gguf (ask the LAN)")
+    pl.add_argument("--models-dir", help="default: $EDGELM_MODELS_DIR or ~/.cache/edgelm/models")
+    pl.add_argument("--sha256", help="expected digest")
+    pl.add_argument("--api-key", help="key for a daemon that requires one (or EDGELM_API_KEY)",
+                    default=os.environ.get("EDGELM_API_KEY"))
+    pl.add_argument("--interfaces", nargs="*", help="mDNS interfaces for FILE.gguf lookups (default: all)")
+    pl.set_defaults(func=cmd_pull)
     return p
 
 

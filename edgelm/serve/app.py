@@ -246,7 +246,7 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 OPEN_PATHS = frozenset({"/health", "/", "/api/version", "/openapi.json"})
-ADMIN_PATHS = frozenset({"/metrics"})
+ADMIN_PATHS = frozenset({"/metrics", "/api/pull"})
 
 
 def _check_auth(srv: Server, request: web.Request) -> None:
@@ -335,6 +335,9 @@ def make_app(srv: Server) -> web.Application:
     r.add_post("/api/generate", ollama_api.generate)
     r.add_post("/api/chat", ollama_api.chat)
     r.add_post("/api/embed", ollama_api.embed)
+    r.add_post("/api/pull", ollama_api.pull)
+    r.add_get("/api/edgelm/models", ollama_api.list_files)
+    r.add_get("/api/edgelm/models/{file}", ollama_api.get_file)
     return app
 
 

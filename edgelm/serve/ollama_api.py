@@ -322,3 +322,92 @@ async def chat(request: web.Request) -> web.StreamResponse:
     except ChatTemplateError as e:
         raise ApiError(f"the chat template failed: {e}", "messages") from None
     return await _run(srv, request, srv.chat_tokens(text), b, "chat", schema)
+
+
+# -- models on the device ------------------------------------------------------------
+
+
+def _models_dir(srv: Server) -> Path:
+    return Path(srv.cfg.models_dir).expanduser()
+
+
+async def list_files(request: web.Request) -> web.Response:
+    """The GGUF files in the models directory (what other daemons may pull)."""
+    srv: Server = request.app["server"]
+    d = _models_dir(srv)
+    files = sorted(p for p in d.glob("*.gguf") if p.is_file()) if d.is_dir() else []
+    return web.json_response({"models": [{"file": p.name, "size": p.stat().st_size} for p in files]})
+
+
+_sha_cache: dict[tuple[str, int, float], str] = {}
+
+
+async def get_file(request: web.Request) -> web.StreamResponse:
+    """One model file, with Range support (resumable pulls) and its sha256."""
+    from edgelm.pull import PullError, file_sha256, safe_model_name
+
+    srv: Server = request.app["server"]
+    try:
+        name = safe_model_name(request.match_info["file"])
+    except PullError as e:
+        raise ApiError(str(e), "file", 400) from None
+    path = _models_dir(srv) / name
+    if not path.is_file():
+        raise ApiError(f"model file '{name}' not found", "file", 404)
+    st = path.stat()
+    key = (name, st.st_size, st.st_mtime)
+    if key not in _sha_cache:
+        import asyncio
+
+        _sha_cache[key] = await asyncio.get_running_loop().run_in_executor(None, file_sha256, path)
+    return web.FileResponse(path, headers={"X-Edgelm-Sha256": _sha_cache[key], "Content-Type": "application/octet-stream"})
+
+
+async def pull(request: web.Request) -> web.StreamResponse:
+    """Ollama's /api/pull: NDJSON progress lines, then {"status": "success"}."""
+    from edgelm.pull import PullError
+    from edgelm.pull import pull as do_pull
+
+    srv: Server = request.app["server"]
+    b = Body(await srv.json_body(request))
+    source = b.get("model", str) or b.get("name", str)
+    if not source:
+        raise ApiError("'model' is required", "model")
+    stream_mode = b.get("stream", bool, True)
+    from edgelm.pull import safe_model_name
+
+    try:
+        if "://" not in source:
+            safe_model_name(source)
+    except PullError as e:
+        raise ApiError(str(e), "model", 400) from None
+    lines: list[dict[str, Any]] = []
+    if not stream_mode:
+        try:
+            await do_pull(source, _models_dir(srv), progress=lines.append)
+        except PullError as e:
+            raise ApiError(str(e), "model", 400) from None
+        except OSError as e:
+            raise ApiError(f"pull failed: {e}", "model", 400) from None
+        return web.json_response({"status": "success"})
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+
+    async def send(p: dict[str, Any]) -> None:
+        await resp.write(json.dumps({k: v for k, v in p.items() if k != "rate"}).encode() + b"\n")
+
+    queue: list[dict[str, Any]] = []
+    try:
+        import asyncio
+
+        task = asyncio.ensure_future(do_pull(source, _models_dir(srv), progress=queue.append))
+        while not task.done():
+            await asyncio.sleep(0.1)
+            while queue:
+                await send(queue.pop(0))
+        task.result()
+        while queue:
+            await send(queue.pop(0))
+    except (PullError, OSError) as e:
+        await resp.write(json.dumps({"error": str(e)}).encode() + b"\n")
+    return resp

@@ -126,11 +126,7 @@ async def pull(source: str, models_dir: Path, sha256: str | None = None, progres
                             report({"status": f"downloading {src.file}", "digest": f"sha256:{src.sha256 or ''}",
                                     "total": total, "completed": done, "rate": rate})
     report({"status": "verifying sha256 digest"})
-    h = hashlib.sha256()
-    with open(part, "rb") as f:
-        while b := f.read(CHUNK):
-            h.update(b)
-    digest = h.hexdigest()
+    digest = file_sha256(part)
     if src.sha256 and digest != src.sha256.lower():
         part.unlink(missing_ok=True)
         raise PullError(f"sha256 mismatch for {src.file}: got {digest}, expected {src.sha256}")

@@ -6,6 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The systemd unit test runs `systemd-analyze verify` (Debian: package systemd).
+if ! command -v systemd-analyze >/dev/null; then
+  echo "== installing systemd (for systemd-analyze)" >&2
+  apt-get install -y -q systemd >/dev/null
+fi
 export PATH="$PWD/.venv/bin:$PATH"   # the Rust tests call python3 with gguf installed
 echo "== cargo clippy (warnings are errors)" >&2
 cargo clippy -q -p edgelm-core -p edgelm-py -- -D warnings

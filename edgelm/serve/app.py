@@ -344,7 +344,7 @@ def make_app(srv: Server) -> web.Application:
 # -- running -------------------------------------------------------------------------
 
 
-async def serve(cfg: Config, ready_cb: Any = None) -> int:
+async def serve(cfg: Config) -> int:
     """Run the daemon until SIGTERM/SIGINT; returns the exit status."""
     notify = Notifier()
     notify.status(f"starting: binding {cfg.host}:{cfg.port}")
@@ -360,6 +360,7 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
     notify.status(f"loading {cfg.model_path().name}")
     notify.start_watchdog()
     mdns: Advertiser | None = None
+    busy_task: asyncio.Future[None] | None = None
     if cfg.mdns:
         state_dir = Path(cfg.state_dir).expanduser() if cfg.state_dir else default_state_dir()
         mdns = Advertiser(cfg.host, port, state_dir, cfg.mdns_name, cfg.mdns_ollama)
@@ -390,8 +391,6 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
         # Ready everywhere at once: /health, the mDNS record, systemd.
         srv.state = "ready"
         notify.ready(f"serving {srv.model_id} on {cfg.host}:{port} ({srv.model.kernel_level if srv.model else '?'} kernels)")
-        if ready_cb is not None:
-            ready_cb(srv, port)
         await stopped
     else:
         load.cancel()
@@ -399,7 +398,7 @@ async def serve(cfg: Config, ready_cb: Any = None) -> int:
              srv.engine.n_active if srv.engine else 0)
     srv.state = "stopping"
     if mdns is not None:
-        if "busy_task" in locals():
+        if busy_task is not None:
             busy_task.cancel()
         await mdns.stop()  # goodbye packets: clients forget us before we go
     notify.stopping(f"stopping: {srv.engine.n_active if srv.engine else 0} requests in flight")

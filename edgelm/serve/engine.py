@@ -124,7 +124,6 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._gauges_at = 0.0
-        self.n_steps = 0
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self) -> None:
@@ -215,7 +214,6 @@ class AsyncEngine:
                     failed = [sid for sid, *_ in items]
                     loop.call_soon_threadsafe(self._fail, failed, f"generation failed: {e}")
                     continue
-                self.n_steps += 1
                 self.metrics.steps.inc()
                 self.metrics.step_tokens.inc(sum(b - a for _, a, b, _, _ in items))
             with self._lock:

@@ -123,7 +123,7 @@ class Advertiser:
 
     async def update(self, **txt: str) -> None:
         """Change TXT fields (state, model, ...); re-announces only on a change."""
-        new = self._properties(**{**{k: v for k, v in self.txt.items() if k not in ("txtvers", "id", "ver", "api", "path")}, **txt})
+        new = self._properties(**txt)
         if new == self.txt or self._azc is None:
             return
         self.txt = new

@@ -10,6 +10,8 @@ and `/api/show` read the server's state only: they never load a model.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import time
 from datetime import datetime, timezone
@@ -76,8 +78,6 @@ def _file_info(srv: Server) -> tuple[int, str]:
 
 def _digest(srv: Server) -> str:
     # A stable identity without hashing gigabytes on every listing: name, size, mtime.
-    import hashlib
-
     size, mtime = _file_info(srv)
     return hashlib.sha256(f"{Path(srv.cfg.model).name}:{size}:{mtime}".encode()).hexdigest()
 
@@ -357,15 +357,13 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     st = path.stat()
     key = (name, st.st_size, st.st_mtime)
     if key not in _sha_cache:
-        import asyncio
-
         _sha_cache[key] = await asyncio.get_running_loop().run_in_executor(None, file_sha256, path)
     return web.FileResponse(path, headers={"X-Edgelm-Sha256": _sha_cache[key], "Content-Type": "application/octet-stream"})
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
     """Ollama's /api/pull: NDJSON progress lines, then {"status": "success"}."""
-    from edgelm.pull import PullError
+    from edgelm.pull import PullError, safe_model_name
     from edgelm.pull import pull as do_pull
 
     srv: Server = request.app["server"]
@@ -374,40 +372,32 @@ async def pull(request: web.Request) -> web.StreamResponse:
     if not source:
         raise ApiError("'model' is required", "model")
     stream_mode = b.get("stream", bool, True)
-    from edgelm.pull import safe_model_name
-
     try:
         if "://" not in source:
             safe_model_name(source)
     except PullError as e:
         raise ApiError(str(e), "model", 400) from None
-    lines: list[dict[str, Any]] = []
     if not stream_mode:
         try:
-            await do_pull(source, _models_dir(srv), progress=lines.append)
-        except PullError as e:
-            raise ApiError(str(e), "model", 400) from None
-        except OSError as e:
+            await do_pull(source, _models_dir(srv))
+        except (PullError, OSError) as e:
             raise ApiError(f"pull failed: {e}", "model", 400) from None
         return web.json_response({"status": "success"})
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
+    lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-    async def send(p: dict[str, Any]) -> None:
+    async def run() -> None:
+        try:
+            await do_pull(source, _models_dir(srv), progress=lines.put_nowait)
+        finally:
+            lines.put_nowait(None)
+
+    task = asyncio.ensure_future(run())
+    while (p := await lines.get()) is not None:
         await resp.write(json.dumps({k: v for k, v in p.items() if k != "rate"}).encode() + b"\n")
-
-    queue: list[dict[str, Any]] = []
     try:
-        import asyncio
-
-        task = asyncio.ensure_future(do_pull(source, _models_dir(srv), progress=queue.append))
-        while not task.done():
-            await asyncio.sleep(0.1)
-            while queue:
-                await send(queue.pop(0))
         task.result()
-        while queue:
-            await send(queue.pop(0))
     except (PullError, OSError) as e:
-        await resp.write(json.dumps({"error": str(e)}).encode() + b"\n")
+        await resp.write(json.dumps({"error": f"pull failed: {e}"}).encode() + b"\n")
     return resp

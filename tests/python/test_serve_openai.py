@@ -50,6 +50,8 @@ def client(srv: Daemon) -> openai.OpenAI:
 
 
 def lib_greedy(m: edgelm.Model, text: str, n: int) -> str:
+    # The library decodes with llama.cpp-like kernels, the daemon with its
+    # batch-invariant ones; they agree except at near-ties, which these prompts avoid.
     ids = m.tokenize(text, add_special=True, parse_special=True)
     return "".join(t.text for t in m.generate(ids, max_tokens=n, temperature=0))
 

@@ -140,7 +140,7 @@ impl Executor {
                 if m.len() * 32 < nv {
                     return Err(Error::invalid(format!("sequence {}: the token mask covers {} of {nv} tokens", it.seq, m.len() * 32)));
                 }
-                if !(0..nv).any(|t| m[t / 32] >> (t % 32) & 1 == 1) {
+                if m[..nv.div_ceil(32)].iter().all(|&w| w == 0) {
                     return Err(Error::invalid(format!("sequence {}: the token mask allows no token", it.seq)));
                 }
             }

@@ -329,12 +329,15 @@ impl Executor {
         masks: Option<std::collections::HashMap<u64, Vec<u8>>>,
     ) -> PyResult<Vec<StepResult>> {
         let mut masks = masks.unwrap_or_default();
+        if let Some((seq, m)) = masks.iter().find(|(_, m)| m.len() % 4 != 0) {
+            return Err(PyValueError::new_err(format!("sequence {seq}: a token mask is whole u32 words; got {} bytes", m.len())));
+        }
         let items: Vec<StepItem> = items
             .into_iter()
             .map(|(seq, start, end, block_table, sample)| {
-                let allowed = masks.remove(&seq).map(|b| {
-                    b.chunks(4).map(|w| u32::from_le_bytes([w[0], *w.get(1).unwrap_or(&0), *w.get(2).unwrap_or(&0), *w.get(3).unwrap_or(&0)])).collect()
-                });
+                let allowed = masks
+                    .remove(&seq)
+                    .map(|b| b.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect());
                 StepItem { seq, start, end, block_table, sample, allowed }
             })
             .collect();

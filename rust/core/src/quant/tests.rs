@@ -9,14 +9,15 @@ use super::*;
 use half::{bf16, f16};
 use std::mem::offset_of;
 
-/// xorshift64*: tiny, deterministic, good enough to scatter test values.
-struct Rng(u64);
+/// xorshift64*: tiny, deterministic, good enough to scatter test values (shared with
+/// the dispatch tests).
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
     }
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         let mut x = self.0;
         x ^= x >> 12;
         x ^= x << 25;
@@ -25,17 +26,20 @@ impl Rng {
         x.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     /// Uniform in [-1, 1).
-    fn uniform(&mut self) -> f32 {
+    pub(crate) fn uniform(&mut self) -> f32 {
         ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
     /// Roughly normal (Irwin–Hall of 4), with rare 8x outliers like real weights have.
-    fn weight(&mut self) -> f32 {
+    pub(crate) fn weight(&mut self) -> f32 {
         let g = (self.uniform() + self.uniform() + self.uniform() + self.uniform()) * 0.87;
         if self.next_u64() % 97 == 0 {
             g * 8.0
         } else {
             g
         }
+    }
+    pub(crate) fn row(&mut self, n: usize) -> Vec<f32> {
+        (0..n).map(|_| self.weight()).collect()
     }
     fn bytes(&mut self, n: usize) -> Vec<u8> {
         (0..n).map(|_| self.next_u64() as u8).collect()

@@ -65,36 +65,7 @@ fn lengths(ty: GgmlType) -> Vec<usize> {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn uniform(&mut self) -> f32 {
-        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-    }
-    /// Roughly normal, with rare 8x outliers like real weights and activations.
-    fn weight(&mut self) -> f32 {
-        let g = (self.uniform() + self.uniform() + self.uniform() + self.uniform()) * 0.87;
-        if self.next_u64() % 97 == 0 {
-            g * 8.0
-        } else {
-            g
-        }
-    }
-    fn row(&mut self, n: usize) -> Vec<f32> {
-        (0..n).map(|_| self.weight()).collect()
-    }
-}
+use crate::quant::tests::Rng;
 
 fn quantize(ty: GgmlType, x: &[f32]) -> Vec<u8> {
     let mut out = vec![0u8; ty.row_bytes(x.len()).unwrap()];

@@ -37,6 +37,8 @@ from edgelm.serve.openapi import openapi_spec
 from edgelm.serve.params import ApiError, Body
 from edgelm.serve.scheduler import SchedulerLimits
 from edgelm.serve.sdnotify import Notifier
+from edgelm.serve import tools
+from edgelm.serve.tools import ToolPlan
 
 log = logging.getLogger("edgelm.serve")
 
@@ -155,6 +157,14 @@ class Server:
             return await asyncio.get_running_loop().run_in_executor(None, g.json_schema, schema)
         except GrammarError as e:
             raise ApiError(str(e), "response_format", 400) from None
+
+    async def tool_grammar(self, plan: ToolPlan, schema: dict[str, Any] | None) -> str:
+        """The grammar for an answer that may call tools (see edgelm.serve.tools)."""
+        g = self.grammars_ready()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, g.lark, tools.grammar(plan, schema))
+        except GrammarError as e:
+            raise ApiError(str(e), "tools", 400) from None
 
     def model_aliases(self) -> set[str]:
         return {self.model_id, Path(self.cfg.model).name}

@@ -258,6 +258,11 @@ class ChatTemplate:
         except Exception as e:
             raise ChatTemplateError(f"invalid chat template: {type(e).__name__}: {e}") from None
 
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template writes the request's tools into the prompt itself."""
+        return "tools" in self.source
+
     @classmethod
     def for_model(cls, source: str | None, architecture: str, bos_token: str = "", eos_token: str = "") -> ChatTemplate:
         """The model's own template, else its architecture's turn format, else ChatML."""

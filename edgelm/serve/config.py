@@ -56,6 +56,9 @@ class Config:
     max_step_tokens: int = 512
     max_queue: int = 256
     prefix_cache: bool = True
+    max_tool_rounds: int = 1
+    """Rounds of tool calls per user turn; after them the model must answer in text
+    (small models otherwise call the same tool again and again)."""
     request_timeout_s: float | None = None
     """Default per-request time limit (a request's `timeout` overrides it)."""
     shutdown_grace_s: float = 10.0
@@ -80,7 +83,7 @@ class Config:
 
         if not 0 <= self.port <= 65535:
             raise bad("port", f"{self.port} is not a TCP port (0-65535)")
-        for key in ("max_running", "max_step_tokens", "max_queue", "max_body_kib"):
+        for key in ("max_running", "max_step_tokens", "max_queue", "max_body_kib", "max_tool_rounds"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
         for key in ("threads", "kv_cache_mib", "max_context"):

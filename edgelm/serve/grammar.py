@@ -63,6 +63,16 @@ class Grammars:
             raise GrammarError(f"invalid JSON schema: {'; '.join(messages)}")
         return str(grammar)
 
+    def lark(self, source: str) -> str:
+        """A Lark grammar (with inline `%json{...}` schemas), checked against the vocabulary."""
+        import llguidance
+
+        grammar = llguidance.LLMatcher.grammar_from_lark(source)
+        is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer())
+        if is_error:
+            raise GrammarError(f"invalid tool schema: {'; '.join(messages)}")
+        return str(grammar)
+
     def matcher(self, grammar: str) -> Any:
         import llguidance
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from edgelm import __version__
+from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
@@ -120,9 +121,7 @@ async def show(request: web.Request) -> web.Response:
     model = srv.model_ready()
     md = model.metadata
     info = {k: v for k, v in md.items() if not (isinstance(v, list) and len(v) > 64)}
-    caps = ["completion"]
-    if "tools" in srv.template.source:
-        caps.append("tools")
+    caps = ["completion", "tools"]  # tools: through the template, or edgelm's tool prompt
     size, mtime = _file_info(srv)
     return web.json_response({
         "modified_at": mtime, "template": srv.template.source, "modelfile": f"FROM {srv.cfg.model_path()}\n",
@@ -196,9 +195,11 @@ def _done_reason(d: Delta) -> str:
 
 
 async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, kind: str,
-               schema: dict[str, Any] | None = None) -> web.StreamResponse:
+               schema: dict[str, Any] | None = None, plan: tools.ToolPlan | None = None) -> web.StreamResponse:
     sampling, n_predict, stop, num_ctx = _options(srv, b)
-    grammar = await srv.grammar_for(schema)
+    grammar = await (srv.tool_grammar(plan, schema) if plan else srv.grammar_for(schema))
+    if plan:
+        sampling["penalize_prompt"] = False  # see Executor.add
     matcher = srv.grammars_ready().matcher(grammar) if grammar is not None else None
     room = num_ctx - len(prompt)
     if room <= 0:
@@ -215,10 +216,12 @@ async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, ki
     except ValueError as e:
         raise ApiError(str(e), "prompt", 400) from None
 
-    def line(piece: str, done: bool, d: Delta | None = None) -> dict[str, Any]:
+    def line(piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": _now()}
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": piece}
+            if calls:
+                out["message"]["tool_calls"] = [c.ollama() for c in calls]
         else:
             out["response"] = piece
         out["done"] = done
@@ -229,19 +232,27 @@ async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, ki
             out.update(_stats(st, t0))
         return out
 
+    def ndjson(obj: dict[str, Any]) -> bytes:
+        return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
     try:
         if stream_mode:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
+            split = tools.ToolStream() if plan and plan.choice != "text" else None
             try:
                 async for d in st:
-                    if d.finish_reason is None:
-                        if d.text:
-                            await resp.write(json.dumps(line(d.text, False), ensure_ascii=False).encode() + b"\n")
-                    else:
-                        if d.text:
-                            await resp.write(json.dumps(line(d.text, False), ensure_ascii=False).encode() + b"\n")
-                        await resp.write(json.dumps(line("", True, d), ensure_ascii=False).encode() + b"\n")
+                    piece = split.feed(d.text) if split is not None else d.text
+                    if piece:
+                        await resp.write(ndjson(line(piece, False)))
+                    if d.finish_reason is not None:
+                        if split is not None:
+                            rest, calls = split.finish()
+                            if rest:
+                                await resp.write(ndjson(line(rest, False)))
+                            if calls:  # each call whole, in one chunk, as Ollama sends them
+                                await resp.write(ndjson(line("", False, calls=calls)))
+                        await resp.write(ndjson(line("", True, d)))
             except EngineError as e:
                 await resp.write(json.dumps({"error": str(e)}).encode() + b"\n")
             return resp
@@ -249,7 +260,9 @@ async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, ki
         async for d in st:
             text += d.text
             last = d
-        return web.json_response(line(text, True, last), dumps=lambda o: json.dumps(o, ensure_ascii=False))
+        calls = tools.parse_calls(text) if plan and plan.choice != "text" and text.startswith("<") else []
+        out = line("" if calls else text, True, last, calls)
+        return web.json_response(out, dumps=lambda o: json.dumps(o, ensure_ascii=False))
     finally:
         st.abort()
 
@@ -314,14 +327,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if m.get("images"):
             raise ApiError("this model does not take images", "messages")
         out.append({**m, "content": content or ""})
-    tools = b.data.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise ApiError("'tools' must be an array of objects", "tools")
+    plan = tools.parse_tools(b.data.get("tools"))
+    if plan:
+        plan = plan.limit_rounds(out, srv.cfg.max_tool_rounds)
+    msgs2, tools_arg = tools.prompt_messages(out, plan, srv.template.renders_tools)
     try:
-        text = srv.template.render(out, add_generation_prompt=True, tools=tools or None)
+        text = srv.template.render(msgs2, add_generation_prompt=True, tools=tools_arg)
     except ChatTemplateError as e:
         raise ApiError(f"the chat template failed: {e}", "messages") from None
-    return await _run(srv, request, srv.chat_tokens(text), b, "chat", schema)
+    return await _run(srv, request, srv.chat_tokens(text), b, "chat", schema, plan)
 
 
 # -- models on the device ------------------------------------------------------------

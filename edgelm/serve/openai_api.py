@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
@@ -354,12 +355,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     top_lp = b.get("top_logprobs", int, None, lo=0, hi=20)
     if top_lp is not None and not want_lp:
         raise ApiError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-    grammar = await srv.grammar_for(_response_schema(b))
-    tools = b.data.get("tools")
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise ApiError("'tools' must be an array of objects", "tools")
+    plan = tools.parse_tools(b.data.get("tools"), b.data.get("tool_choice"), b.data.get("parallel_tool_calls"))
+    if plan:
+        plan = plan.limit_rounds(msgs, srv.cfg.max_tool_rounds)
+    schema = _response_schema(b)
+    grammar = await (srv.tool_grammar(plan, schema) if plan else srv.grammar_for(schema))
+    msgs, tools_arg = tools.prompt_messages(msgs, plan, srv.template.renders_tools)
+    if plan:
+        c["sampling"]["penalize_prompt"] = False  # see Executor.add
     try:
-        text = srv.template.render(msgs, add_generation_prompt=True, tools=tools or None)
+        text = srv.template.render(msgs, add_generation_prompt=True, tools=tools_arg)
     except ChatTemplateError as e:
         raise ApiError(f"the chat template failed: {e}", "messages") from None
     prompt = srv.chat_tokens(text)
@@ -380,14 +385,29 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         if c["stream"]:
             resp = await _sse_response(request)
             ev = _Chunks({k: v for k, v in chunk("chat.completion.chunk", []).items() if k != "choices"})
+            splits = [tools.ToolStream() if plan and plan.choice != "text" else None for _ in streams]
             for i in range(len(streams)):
                 first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 await resp.write(ev.event([first]))
             try:
                 async for i, d in _merged(streams):
-                    delta: dict[str, Any] = {"content": d.text} if d.text or d.finish_reason is None else {}
                     lp = _chat_logprobs(srv, [d]) if want_lp else None
-                    ch = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+                    piece, reason, split = d.text, d.finish_reason, splits[i]
+                    if split is not None:
+                        piece = split.feed(piece)
+                        if reason is not None:
+                            rest, calls = split.finish()
+                            piece += rest
+                            if calls:
+                                for k, call in enumerate(calls):
+                                    delta = {"role": "assistant", "content": None, "tool_calls": [call.openai(k)]}
+                                    await resp.write(ev.event([{"index": i, "delta": delta, "logprobs": None,
+                                                                "finish_reason": None}]))
+                                reason = "tool_calls" if reason != "length" else reason
+                        elif not piece and split.mode == "calls":
+                            continue  # held back: the call goes out whole at the end
+                    body: dict[str, Any] = {"content": piece} if piece or reason is None else {}
+                    ch = {"index": i, "delta": body, "logprobs": lp, "finish_reason": reason}
                     await resp.write(ev.event([ch]))
             except EngineError as e:
                 await resp.write(_sse(ApiError(str(e)).body()))
@@ -402,11 +422,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             texts[i] += d.text
             deltas[i].append(d)
             finish[i] = d.finish_reason or finish[i]
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": texts[i], "refusal": None},
-             "logprobs": _chat_logprobs(srv, deltas[i]) if want_lp else None, "finish_reason": finish[i]}
-            for i in range(len(streams))
-        ]
+        choices = []
+        for i in range(len(streams)):
+            message: dict[str, Any] = {"role": "assistant", "content": texts[i], "refusal": None}
+            calls = tools.parse_calls(texts[i]) if plan and plan.choice != "text" and texts[i].startswith("<") else []
+            if calls:
+                message.update(content=None, tool_calls=[{k: v for k, v in c.openai(0).items() if k != "index"}
+                                                         for c in calls])
+                finish[i] = "tool_calls" if finish[i] != "length" else finish[i]
+            choices.append({"index": i, "message": message,
+                            "logprobs": _chat_logprobs(srv, deltas[i]) if want_lp else None, "finish_reason": finish[i]})
         return web.json_response(chunk("chat.completion", choices, _usage(streams)))
     finally:
         for s in streams:

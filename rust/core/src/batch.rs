@@ -22,6 +22,8 @@ use crate::tokenizer::StreamDecoder;
 struct Seq {
     history: Vec<u32>,
     n_prompt: usize,
+    /// Where the repetition penalties' window may start (0, or n_prompt).
+    penalty_from: usize,
     sampler: Sampler,
     decoder: StreamDecoder,
 }
@@ -77,7 +79,10 @@ impl Executor {
 
     /// Register a sequence with its prompt. Ids are the caller's; reusing a live one
     /// is an error.
-    pub fn add(&mut self, id: u64, prompt: Vec<u32>, params: SamplingParams) -> Result<()> {
+    /// Register a sequence. `penalize_prompt: false` keeps the prompt out of the
+    /// repetition penalties' window: a tool-use prompt spells out the call syntax the
+    /// answer must repeat, and penalising it would talk a small model out of calling.
+    pub fn add(&mut self, id: u64, prompt: Vec<u32>, params: SamplingParams, penalize_prompt: bool) -> Result<()> {
         if self.seqs.contains_key(&id) {
             return Err(Error::invalid(format!("sequence {id} already exists")));
         }
@@ -93,7 +98,8 @@ impl Executor {
             return Err(Error::invalid(format!("{} tokens exceed the model's context length of {max}", prompt.len())));
         }
         let sampler = Sampler::new(params)?;
-        self.seqs.insert(id, Seq { n_prompt: prompt.len(), history: prompt, sampler, decoder: StreamDecoder::new() });
+        let penalty_from = if penalize_prompt { 0 } else { prompt.len() };
+        self.seqs.insert(id, Seq { n_prompt: prompt.len(), penalty_from, history: prompt, sampler, decoder: StreamDecoder::new() });
         Ok(())
     }
 
@@ -168,7 +174,7 @@ impl Executor {
             let s = self.seqs.get_mut(&id).expect("checked above");
             let row = &logits.data[k * nv..(k + 1) * nv];
             let sampled = match &items[si].allowed {
-                None => s.sampler.sample(row, &s.history),
+                None => s.sampler.sample(row, &s.history[s.penalty_from..]),
                 Some(mask) => {
                     // Disallowed tokens get -inf: the sampler draws (and reports
                     // probabilities) within what the grammar allows.
@@ -177,7 +183,7 @@ impl Executor {
                         .enumerate()
                         .map(|(t, &x)| if mask[t / 32] >> (t % 32) & 1 == 1 { x } else { f32::NEG_INFINITY })
                         .collect();
-                    s.sampler.sample(&masked, &s.history)
+                    s.sampler.sample(&masked, &s.history[s.penalty_from..])
                 }
             };
             s.history.push(sampled.token);

@@ -275,7 +275,7 @@ impl Executor {
     #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (seq_id, prompt, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
                         repeat_penalty=1.0, repeat_last_n=64, frequency_penalty=0.0, presence_penalty=0.0,
-                        seed=None, n_logprobs=0))]
+                        seed=None, n_logprobs=0, penalize_prompt=true))]
     fn add(
         &self,
         seq_id: u64,
@@ -290,6 +290,7 @@ impl Executor {
         presence_penalty: f32,
         seed: Option<u64>,
         n_logprobs: usize,
+        penalize_prompt: bool,
     ) -> PyResult<()> {
         let sampling = SamplingParams {
             temperature,
@@ -303,7 +304,7 @@ impl Executor {
             seed,
             n_logprobs,
         };
-        self.lock()?.add(seq_id, prompt, sampling).map_err(to_py)
+        self.lock()?.add(seq_id, prompt, sampling, penalize_prompt).map_err(to_py)
     }
 
     /// Forget a sequence; returns the text its decoder still held (None if unknown).

@@ -1,0 +1,318 @@
+"""Tool calling: the tools a request offers go into the prompt, the model's answer is
+constrained to "plain text or well-formed calls", and the calls are parsed out of the
+text into the APIs' `tool_calls`.
+
+The wire format is the Hermes/Qwen one, which SmolLM-style models were trained on:
+
+    <tool_call>
+    {"name": "HassTurnOn", "arguments": {"name": "kitchen light"}}
+    </tool_call>
+
+Prompt. A model whose chat template renders `tools` itself (its source mentions them)
+gets the tools and the messages unchanged. Otherwise — SmolLM2's template, Gemma's turn
+format, ChatML — a tool-use system prompt lists the tools as JSON inside `<tools>`, an
+assistant turn's earlier `tool_calls` are written back as `<tool_call>` text, and a
+`role: tool` result becomes a user turn inside `<tool_response>` tags.
+
+Constraint (llguidance, Lark syntax). With `tool_choice` "auto" the answer is either
+text that does not start with "<", or one or more calls; each call's JSON must name
+one of the offered tools and match that tool's parameter schema, so even a 135M model
+emits calls that parse and validate. "required" or a named function leaves only the
+call branch; "none" drops the tools altogether.
+
+Streaming. The first character decides: "<" starts the call branch, whose text is held
+back and handed out as whole calls at the end (Ollama: arguments as an object, each
+call in one chunk; OpenAI: arguments as a JSON string with an id); anything else is
+content and streams as it comes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgelm.serve.params import ApiError
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+
+SYSTEM_PROMPT = (
+    "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
+    "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions "
+    "about what values to plug into functions.\n<tools>\n{tools}\n</tools>\n"
+    "For each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    "<args-json-object>}}\n</tool_call>"
+)
+"""The tool-use system prompt for templates that do not render tools (Hermes's)."""
+
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+"""How constrained JSON is spelled: json.dumps's separators, as the models were shown."""
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def wire(self) -> dict[str, Any]:
+        """The OpenAI/Ollama form: what templates that render tools expect."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description,
+                                                 "parameters": self.parameters}}
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+
+    def openai(self, index: int) -> dict[str, Any]:
+        return {"index": index, "id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+
+    def ollama(self) -> dict[str, Any]:
+        return {"function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass
+class ToolPlan:
+    """What a request asked for: the tools, "auto" | "required" | a function name, and
+    whether several calls may come in one answer."""
+
+    tools: list[Tool]
+    choice: str = "auto"  # "auto" | "required" | "text" (tools listed, but the answer must be text)
+    parallel: bool = True
+
+    def limit_rounds(self, messages: list[dict[str, Any]], max_rounds: int) -> ToolPlan:
+        """After `max_rounds` rounds of calls since the user last spoke, the answer must
+        be text. Small models, handed a tool result, call the same tool again rather than
+        answer; this ends the loop where the user is waiting (Home Assistant would go on
+        for ten rounds). The tools stay in the prompt so its cached prefix still serves."""
+        rounds = 0
+        for m in reversed(messages):
+            if m.get("role") == "user":
+                break
+            if m.get("role") == "assistant" and m.get("tool_calls"):
+                rounds += 1
+        if rounds >= max_rounds:
+            return ToolPlan(self.tools, "text", self.parallel)
+        return self
+
+
+def parse_tools(raw: Any, choice_raw: Any = None, parallel_raw: Any = None) -> ToolPlan | None:
+    """Validate `tools`, `tool_choice` and `parallel_tool_calls`; None when no tool
+    may be called (none offered, or tool_choice "none")."""
+    if raw is None or raw == []:
+        if choice_raw not in (None, "none", "auto"):
+            raise ApiError("'tool_choice' needs 'tools'", "tool_choice")
+        return None
+    if not isinstance(raw, list):
+        raise ApiError("'tools' must be an array of objects", "tools")
+    tools: list[Tool] = []
+    for i, t in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
+            raise ApiError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+        f = t["function"]
+        name = f.get("name")
+        if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
+            raise ApiError(f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.'", f"{where}.function.name")
+        if any(x.name == name for x in tools):
+            raise ApiError(f"{where}: the tool name '{name}' is used twice", f"{where}.function.name")
+        desc = f.get("description") or ""
+        if not isinstance(desc, str):
+            raise ApiError(f"{where}.function.description must be a string", f"{where}.function.description")
+        params = f.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise ApiError(f"{where}.function.parameters must be a JSON schema object", f"{where}.function.parameters")
+        tools.append(Tool(name, desc, params))
+    if parallel_raw is not None and not isinstance(parallel_raw, bool):
+        raise ApiError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
+    parallel = True if parallel_raw is None else parallel_raw
+    if choice_raw is None or choice_raw == "auto":
+        return ToolPlan(tools, "auto", parallel)
+    if choice_raw == "none":
+        return None
+    if choice_raw == "required":
+        return ToolPlan(tools, "required", parallel)
+    if isinstance(choice_raw, dict) and isinstance(choice_raw.get("function"), dict):
+        name = choice_raw["function"].get("name")
+        if not any(t.name == name for t in tools):
+            raise ApiError(f"'tool_choice' names '{name}', which is not among the tools", "tool_choice")
+        return ToolPlan([t for t in tools if t.name == name], "required", False)
+    raise ApiError("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                   "\"function\": {\"name\": ...}}", "tool_choice")
+
+
+def _arguments_object(args: Any, where: str) -> dict[str, Any]:
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise ApiError(f"{where}.function.arguments is not valid JSON", where) from None
+    if not isinstance(args, dict):
+        raise ApiError(f"{where}.function.arguments must be a JSON object", where)
+    return args
+
+
+def history_calls(m: dict[str, Any], i: int) -> list[dict[str, Any]]:
+    """An assistant message's earlier `tool_calls`, as {"name", "arguments": object}."""
+    raw = m.get("tool_calls")
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ApiError(f"messages[{i}].tool_calls must be an array", f"messages[{i}].tool_calls")
+    out = []
+    for k, c in enumerate(raw):
+        where = f"messages[{i}].tool_calls[{k}]"
+        f = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(f, dict) or not isinstance(f.get("name"), str):
+            raise ApiError(f"{where} must have a function with a name", where)
+        out.append({"name": f["name"], "arguments": _arguments_object(f.get("arguments", {}), where)})
+    return out
+
+
+def _call_text(name: str, arguments: dict[str, Any]) -> str:
+    return f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CLOSE}"
+
+
+def prompt_messages(messages: list[dict[str, Any]], plan: ToolPlan | None,
+                    template_renders_tools: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """The messages and `tools` to hand the chat template."""
+    if template_renders_tools:
+        out = []
+        for i, m in enumerate(messages):
+            calls = history_calls(m, i) if m.get("role") == "assistant" else []
+            if calls:  # HF templates expect arguments as objects
+                m = {**m, "tool_calls": [{"type": "function", "function": c} for c in calls]}
+            out.append(m)
+        return out, ([t.wire() for t in plan.tools] if plan else None)
+    out = []
+    for i, m in enumerate(messages):
+        role = m.get("role")
+        if role == "assistant" and m.get("tool_calls"):
+            calls = history_calls(m, i)
+            text = "\n".join(_call_text(c["name"], c["arguments"]) for c in calls)
+            content = m.get("content") or ""
+            out.append({"role": "assistant", "content": (content + "\n" if content else "") + text})
+        elif role == "tool":
+            body = m.get("content") or ""
+            # Consecutive results share one user turn, as Qwen's template writes them.
+            if out and out[-1].get("_tool_turn"):
+                out[-1]["content"] += f"\n<tool_response>\n{body}\n</tool_response>"
+            else:
+                out.append({"role": "user", "content": f"<tool_response>\n{body}\n</tool_response>", "_tool_turn": True})
+        else:
+            out.append({"role": role, "content": m.get("content") or ""})
+    for m in out:
+        m.pop("_tool_turn", None)
+    if plan is not None:
+        # One function per line, without the {"type": "function"} wrapper: SmolLM2-135M
+        # calls tools from this listing, and answers in prose from the wrapped one.
+        listing = "\n".join(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
+                                       ensure_ascii=False) for t in plan.tools)
+        prompt = SYSTEM_PROMPT.format(tools=listing)
+        # After the caller's system text, right before the conversation: placed first,
+        # a small model forgets it by the time the user speaks.
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": (out[0]["content"] + "\n\n" + prompt).strip()}
+        else:
+            out.insert(0, {"role": "system", "content": prompt})
+    return out, None
+
+
+def _closed(schema: Any) -> Any:
+    """A copy of a parameters schema whose objects take only the properties they list
+    (unless they say otherwise): a tool's declared parameters are its contract, and
+    without this a small model pads its calls with made-up keys."""
+    if isinstance(schema, list):
+        return [_closed(x) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _closed(v) for k, v in schema.items()}
+    if isinstance(schema.get("properties"), dict) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
+
+
+def grammar(plan: ToolPlan, text_schema: dict[str, Any] | None = None) -> str:
+    """The Lark grammar (llguidance) for an answer under `plan`; `text_schema`, from a
+    response_format, constrains the text branch to JSON too."""
+    if plan.choice == "text":
+        if text_schema is not None:
+            return "start: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}) + "\n"
+        return "start: TEXT\nTEXT: /[^<](.|\\n)*/\n"
+    one_of = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": _closed(t.parameters)},
+               "required": ["name", "arguments"], "additionalProperties": False} for t in plan.tools]
+    call_schema: dict[str, Any] = {"anyOf": one_of} if len(one_of) > 1 else one_of[0]
+    call_schema = {**call_schema, "x-guidance": JSON_STYLE}
+    lines = [
+        "call: " + json.dumps(OPEN + "\n") + " %json " + json.dumps(call_schema) + " " + json.dumps("\n" + CLOSE),
+        "calls: call (\"\\n\" call)*" if plan.parallel else "calls: call",
+    ]
+    if plan.choice == "required":
+        lines.insert(0, "start: calls")
+    elif text_schema is not None:
+        lines.insert(0, "start: answer | calls")
+        lines.append("answer: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}))
+    else:
+        lines.insert(0, "start: TEXT | calls")
+        lines.append("TEXT: /[^<](.|\\n)*/")
+    return "\n".join(lines) + "\n"
+
+
+def parse_calls(text: str) -> list[ToolCall]:
+    """The calls in an answer that took the call branch (the grammar made it well formed;
+    a cut-off answer, at max_tokens, keeps only its complete calls)."""
+    calls = []
+    pos = 0
+    while True:
+        a = text.find(OPEN, pos)
+        if a < 0:
+            break
+        b = text.find(CLOSE, a)
+        if b < 0:
+            break
+        try:
+            obj = json.loads(text[a + len(OPEN) : b])
+        except json.JSONDecodeError:
+            break
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(obj.get("arguments", {}), dict):
+            calls.append(ToolCall(obj["name"], obj.get("arguments", {})))
+        pos = b + len(CLOSE)
+    return calls
+
+
+class ToolStream:
+    """Splits a streamed answer into content (passed on at once) and calls (held back
+    until the end)."""
+
+    def __init__(self) -> None:
+        self.mode: str | None = None  # None until the first character, then "text" or "calls"
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        if self.mode == "text":
+            return piece
+        self.held += piece
+        if self.mode is None and self.held:
+            self.mode = "calls" if self.held.startswith("<") else "text"
+            if self.mode == "text":
+                out, self.held = self.held, ""
+                return out
+        return ""
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        """(content still held, the calls); content that only looked like a call start
+        is given back as text."""
+        if self.mode != "calls":
+            return "", []
+        calls = parse_calls(self.held)
+        if not calls:
+            return self.held, []
+        return "", calls

@@ -169,7 +169,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 _SERVE_FLAGS = ("model", "models_dir", "served_model_name", "host", "port", "threads", "kernel_level",
                 "kv_cache_mib", "max_context", "max_running", "max_step_tokens", "max_queue",
-                "request_timeout_s", "shutdown_grace_s", "log_level", "mdns_name", "state_dir")
+                "request_timeout_s", "shutdown_grace_s", "log_level", "mdns_name", "state_dir",
+                "memory_budget_mib", "max_loaded_models", "keep_alive", "max_tool_rounds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-running", type=int)
     s.add_argument("--max-step-tokens", type=int)
     s.add_argument("--max-queue", type=int)
+    s.add_argument("--memory-budget-mib", type=int, help="memory for all loaded models (default: 3/4 of MemAvailable)")
+    s.add_argument("--max-loaded-models", type=int)
+    s.add_argument("--keep-alive", help='how long an on-demand model stays after its last request ("5m", "0", "-1")')
+    s.add_argument("--max-tool-rounds", type=int)
     s.add_argument("--request-timeout-s", type=float)
     s.add_argument("--shutdown-grace-s", type=float)
     s.add_argument("--log-level")

@@ -12,7 +12,6 @@ when the queue is full) — nothing a client sends produces a 500.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hmac
 import json
 import logging
@@ -24,34 +23,18 @@ from typing import Any
 
 from aiohttp import web
 
-from edgelm import EdgelmError, Model, __version__
-from edgelm._native import Executor
+from edgelm import EdgelmError, __version__
 from edgelm.serve import ollama_api, openai_api
-from edgelm.serve.chat import ChatTemplate
 from edgelm.serve.config import Config
-from edgelm.serve.engine import AsyncEngine, EngineError
-from edgelm.serve.grammar import GrammarError, Grammars
+from edgelm.serve.engine import EngineError
 from edgelm.serve.mdns import Advertiser, default_state_dir
 from edgelm.serve.metrics import Metrics
+from edgelm.serve.models import ModelPool
 from edgelm.serve.openapi import openapi_spec
 from edgelm.serve.params import ApiError, Body
-from edgelm.serve.scheduler import SchedulerLimits
 from edgelm.serve.sdnotify import Notifier
-from edgelm.serve import tools
-from edgelm.serve.tools import ToolPlan
 
 log = logging.getLogger("edgelm.serve")
-
-
-def mem_available() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 class Server:
@@ -60,114 +43,39 @@ class Server:
         self.metrics = Metrics()
         self.state = "loading"
         self.error: str | None = None
-        self.model: Model | None = None
-        self.engine: AsyncEngine | None = None
-        self.template = ChatTemplate(None)
-        self.model_id = cfg.model_id()
+        self.pool = ModelPool(cfg, self.metrics, on_change=self._models_changed)
         self.created = int(time.time())
-        self.max_context = cfg.max_context or 0
         self.fingerprint = f"edgelm-{__version__}"
         self.started = time.time()
-        self._bos_id: int | None = None
-        self.grammars: Grammars | None = None
-
-    # -- loading -----------------------------------------------------------------
-    def _load_blocking(self) -> None:
-        path = self.cfg.model_path()
-        if not path.is_file():
-            raise EdgelmError(
-                f"model file {path} does not exist (set `model:` in the config, or fetch the default with "
-                f"`python scripts/fetch_models.py`)"
-            )
-        t0 = time.perf_counter()
-        model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level)
-        native = model.native
-        per_token = native.kv_bytes_per_token
-        block_size = 16
-        if self.cfg.kv_cache_mib is not None:
-            budget = self.cfg.kv_cache_mib << 20
-        else:
-            avail = mem_available() or (4 << 30)
-            budget = min(avail // 4, 2 << 30)
-        n_blocks = max(budget // (per_token * block_size), 1)
-        max_ctx = min(self.cfg.max_context or model.n_ctx_train, model.n_ctx_train, n_blocks * block_size)
-        if max_ctx < 2:
-            raise EdgelmError(f"the KV cache budget ({budget >> 20} MiB) holds fewer than 2 tokens")
-        executor = Executor(native, int(n_blocks))
-        md = model.metadata
-        tmpl = md.get("tokenizer.chat_template")
-        bos = native.bos
-        eos = native.eos
-        bos_s = native.detokenize([bos], True) if bos is not None else ""
-        eos_s = native.detokenize([eos], True) if eos is not None else ""
-        template = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s)
-        eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
-        self._bos_id = bos
-        self.grammars = Grammars(native, eog)
-        self.model, self.max_context, self.template = model, max_ctx, template
-        self._pending = (executor, eog)
-        log.info(
-            "loaded %s (%s, %s kernels, %d threads) in %.2fs; KV cache %d blocks × %d tokens = %.0f MiB, context %d",
-            path.name, model.architecture, model.kernel_level, model.n_threads, time.perf_counter() - t0,
-            n_blocks, block_size, n_blocks * block_size * per_token / 2**20, max_ctx,
-        )
+        self.mdns: Advertiser | None = None
 
     async def load(self, mark_ready: bool = True) -> None:
+        """Load the configured model (it stays loaded: see edgelm.serve.models)."""
         try:
-            await asyncio.get_running_loop().run_in_executor(None, self._load_blocking)
+            await self.pool.get(None)
         except Exception as e:
             self.state = "failed"
             self.error = str(e)
             raise
-        executor, eog = self._pending
-        c = self.cfg
-        limits = SchedulerLimits(c.max_running, c.max_step_tokens, c.max_queue, self.max_context)
-        self.engine = AsyncEngine(executor, limits, self.metrics, eog, c.prefix_cache)
-        self.engine.start()
-        # Warm the grammar engine's vocabulary in the background (a few seconds on a
-        # small CPU), so the first structured-output request does not pay for it.
-        if self.grammars is not None:
-            asyncio.get_running_loop().run_in_executor(None, self.grammars.tokenizer)
         if mark_ready:
             self.state = "ready"
 
-    # -- helpers for handlers -----------------------------------------------------
-    def model_ready(self) -> Model:
-        if self.state != "ready" or self.model is None:
+    def ready_or_503(self) -> None:
+        if self.state != "ready":
             raise ApiError(f"the server is {self.state}", None, 503, "unavailable", "server_error", {"Retry-After": "1"})
-        return self.model
 
-    def engine_ready(self) -> AsyncEngine:
-        self.model_ready()
-        assert self.engine is not None
-        return self.engine
+    def use(self, name: str | None, keep_alive: float | None | str = "default") -> Any:
+        """`async with srv.use(name) as lm:` the named model (None: the configured
+        one), loaded if needed and held while the block runs."""
+        self.ready_or_503()
+        return self.pool.use(name, keep_alive)
 
-    def grammars_ready(self) -> Grammars:
-        self.model_ready()
-        assert self.grammars is not None
-        return self.grammars
+    def loaded_names(self) -> str:
+        return ",".join(self.pool.loaded) or "-"
 
-    async def grammar_for(self, schema: dict[str, Any] | None) -> str | None:
-        """Compile a JSON schema for constrained decoding (off the event loop: the
-        first call also builds the grammar engine's view of the vocabulary)."""
-        if schema is None:
-            return None
-        g = self.grammars_ready()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, g.json_schema, schema)
-        except GrammarError as e:
-            raise ApiError(str(e), "response_format", 400) from None
-
-    async def tool_grammar(self, plan: ToolPlan, schema: dict[str, Any] | None) -> str:
-        """The grammar for an answer that may call tools (see edgelm.serve.tools)."""
-        g = self.grammars_ready()
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, g.lark, tools.grammar(plan, schema))
-        except GrammarError as e:
-            raise ApiError(str(e), "tools", 400) from None
-
-    def model_aliases(self) -> set[str]:
-        return {self.model_id, Path(self.cfg.model).name}
+    def _models_changed(self) -> None:
+        if self.mdns is not None and self.state == "ready":
+            asyncio.ensure_future(self.mdns.update(model=self.loaded_names()[:200]))
 
     async def json_body(self, request: web.Request) -> Any:
         raw = await request.read()
@@ -176,37 +84,26 @@ class Server:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(f"the request body is not valid JSON: {e}") from None
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one Server per process
-    def token_bytes(self, tid: int) -> bytes:
-        assert self.model is not None
-        return self.model.native.token_bytes(tid, True)
-
-    def token_str(self, tid: int) -> str:
-        return self.token_bytes(tid).decode("utf-8", errors="replace")
-
-    def chat_tokens(self, text: str) -> list[int]:
-        native = self.model_ready().native
-        ids = native.tokenize(text, True, True)
-        # Templates that write the BOS text themselves get it twice from add_special.
-        if self._bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self._bos_id:
-            ids = ids[1:]
-        return ids
-
 
 # -- handlers ------------------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
-    body: dict[str, Any] = {"status": "ok" if srv.state == "ready" else srv.state, "model": srv.model_id,
+    pool = srv.pool
+    body: dict[str, Any] = {"status": "ok" if srv.state == "ready" else srv.state, "model": pool.default_id,
                             "version": __version__}
-    if srv.model is not None:
-        body.update(kernel_level=srv.model.kernel_level, threads=srv.model.n_threads,
-                    architecture=srv.model.architecture, context=srv.max_context)
-    if srv.engine is not None:
-        s = srv.engine.sched
+    lm = pool.loaded.get(pool.default_id) or next(iter(pool.loaded.values()), None)
+    if lm is not None:
+        body.update(kernel_level=lm.model.kernel_level, threads=lm.model.n_threads,
+                    architecture=lm.model.architecture, context=lm.max_context)
+        s = lm.engine.sched
         body.update(running=len(s.running), waiting=len(s.waiting), kv_blocks_total=s.blocks.n_blocks,
                     kv_blocks_used=s.blocks.n_used, kv_blocks_cached=s.blocks.n_cached)
+    body["models"] = [{"model": m.id, "context": m.max_context, "memory_mib": round(m.cost_bytes / 2**20),
+                       "running": len(m.engine.sched.running), "waiting": len(m.engine.sched.waiting)}
+                      for m in pool.loaded.values()]
+    body["memory_budget_mib"] = pool.budget_bytes >> 20
     if srv.error:
         body["error"] = srv.error
     return web.json_response(body, status=200 if srv.state == "ready" else 503)
@@ -214,42 +111,43 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
-    if srv.engine is not None:
-        srv.engine._update_gauges()
+    srv.pool.update_gauges()
     return web.Response(body=srv.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def tokenize(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
-    native = srv.model_ready().native
     content = b.get("content", str)
     if content is None:
         raise ApiError("'content' is required", "content")
     add_special = b.get("add_special", bool, False)
     parse_special = b.get("parse_special", bool, True)
-    ids = native.tokenize(content, add_special, parse_special)
-    if b.get("with_pieces", bool, False):
-        return web.json_response({"tokens": [{"id": t, "piece": srv.token_str(t)} for t in ids]})
-    return web.json_response({"tokens": ids})
+    with_pieces = b.get("with_pieces", bool, False)
+    async with srv.use(b.get("model", str)) as lm:
+        ids = lm.model.native.tokenize(content, add_special, parse_special)
+        if with_pieces:
+            return web.json_response({"tokens": [{"id": t, "piece": lm.token_str(t)} for t in ids]})
+        return web.json_response({"tokens": ids})
 
 
 async def detokenize(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
-    native = srv.model_ready().native
     toks = b.data.get("tokens")
     if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
         raise ApiError("'tokens' must be an array of token ids", "tokens")
-    bad = next((t for t in toks if not 0 <= t < native.n_vocab), None)
-    if bad is not None:
-        raise ApiError(f"token id {bad} is out of range (vocabulary has {native.n_vocab} tokens)", "tokens")
-    return web.json_response({"content": native.detokenize(toks, True)})
+    async with srv.use(b.get("model", str)) as lm:
+        native = lm.model.native
+        bad = next((t for t in toks if not 0 <= t < native.n_vocab), None)
+        if bad is not None:
+            raise ApiError(f"token id {bad} is out of range (vocabulary has {native.n_vocab} tokens)", "tokens")
+        return web.json_response({"content": native.detokenize(toks, True)})
 
 
 async def openapi(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
-    return web.json_response(openapi_spec(sorted(srv.model_aliases())))
+    return web.json_response(openapi_spec(sorted(srv.pool.available())))
 
 
 # -- errors --------------------------------------------------------------------------
@@ -376,7 +274,7 @@ async def serve(cfg: Config) -> int:
         mdns = Advertiser(cfg.host, port, state_dir, cfg.mdns_name, cfg.mdns_ollama)
         try:
             auth = "1" if cfg.api_key or cfg.admin_key else "0"
-            await mdns.start(model=srv.model_id, state="loading", auth=auth, accel="cpu")
+            await mdns.start(model=srv.pool.default_id, state="loading", auth=auth, accel="cpu")
         except Exception as e:  # discovery is a convenience: serve without it
             log.warning("mDNS advertising failed: %s", e)
             mdns = None
@@ -393,30 +291,30 @@ async def serve(cfg: Config) -> int:
         notify.status(f"failed: {load.exception()}")
         status = 1
     elif load.done():
-        log.info("ready: %s on http://%s:%d", srv.model_id, cfg.host, port)
+        lm = srv.pool.loaded[srv.pool.default_id]
+        log.info("ready: %s on http://%s:%d", lm.id, cfg.host, port)
         if mdns is not None:
-            accel = f"cpu-{srv.model.kernel_level}" if srv.model else "cpu"
-            await mdns.update(state="ready", model=srv.model_id, accel=accel)
+            await mdns.update(state="ready", model=srv.loaded_names()[:200], accel=f"cpu-{lm.model.kernel_level}")
             busy_task = asyncio.ensure_future(_track_busy(srv, mdns))
         # Ready everywhere at once: /health, the mDNS record, systemd.
         srv.state = "ready"
-        notify.ready(f"serving {srv.model_id} on {cfg.host}:{port} ({srv.model.kernel_level if srv.model else '?'} kernels)")
+        srv.mdns = mdns
+        reaper = asyncio.ensure_future(srv.pool.reap())
+        notify.ready(f"serving {lm.id} on {cfg.host}:{port} ({lm.model.kernel_level} kernels)")
         await stopped
+        reaper.cancel()
     else:
         load.cancel()
-    log.info("stopping: no new requests; %.0fs grace for %d in flight", cfg.shutdown_grace_s,
-             srv.engine.n_active if srv.engine else 0)
+    log.info("stopping: no new requests; %.0fs grace for %d in flight", cfg.shutdown_grace_s, srv.pool.n_active)
     srv.state = "stopping"
     if mdns is not None:
         if busy_task is not None:
             busy_task.cancel()
         await mdns.stop()  # goodbye packets: clients forget us before we go
-    notify.stopping(f"stopping: {srv.engine.n_active if srv.engine else 0} requests in flight")
-    if srv.engine is not None:
-        n_aborted = await srv.engine.drain(cfg.shutdown_grace_s)
-        if n_aborted:
-            log.info("aborted %d requests at the end of the grace period", n_aborted)
-        await srv.engine.close()
+    notify.stopping(f"stopping: {srv.pool.n_active} requests in flight")
+    n_aborted = await srv.pool.close(cfg.shutdown_grace_s)
+    if n_aborted:
+        log.info("aborted %d requests at the end of the grace period", n_aborted)
     await runner.cleanup()
     notify.close()
     log.info("stopped")
@@ -427,10 +325,8 @@ async def _track_busy(srv: Server, mdns: Advertiser) -> None:
     """Keep the TXT `state` current: busy while the batch is full or requests wait."""
     while True:
         await asyncio.sleep(1.0)
-        e = srv.engine
-        if e is None:
-            continue
-        busy = len(e.sched.waiting) > 0 or len(e.sched.running) >= e.sched.limits.max_running
+        busy = any(len(m.engine.sched.waiting) > 0 or len(m.engine.sched.running) >= m.engine.sched.limits.max_running
+                   for m in srv.pool.loaded.values())
         await mdns.update(state="busy" if busy else "ready")
 
 

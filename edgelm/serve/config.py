@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -30,6 +31,35 @@ SEARCH_PATH = (Path("edgelm.yaml"), Path("~/.config/edgelm/edgelm.yaml"), Path("
 
 class ConfigError(ValueError):
     pass
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+
+
+def parse_keep_alive(v: Any, what: str = "keep_alive") -> float | None:
+    """Seconds from an Ollama keep_alive ("5m", "1h30m", "300ms", 300, "0", -1);
+    None = forever. Raises ValueError with a message naming `what`."""
+    if isinstance(v, bool) or v is None:
+        raise ValueError(f"'{what}' must be a duration such as \"5m\" or a number of seconds")
+    if isinstance(v, (int, float)):
+        return None if v < 0 else float(v)
+    s = str(v).strip()
+    try:
+        x = float(s)
+        return None if x < 0 else x
+    except ValueError:
+        pass
+    if s.startswith("-"):
+        return None
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(s):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+        pos = m.end()
+    if pos != len(s) or not s:
+        raise ValueError(f"'{what}' must be a duration such as \"5m\", \"1h30m\" or a number of seconds, got {v!r}")
+    return total
 
 
 def default_models_dir() -> str:
@@ -56,6 +86,13 @@ class Config:
     max_step_tokens: int = 512
     max_queue: int = 256
     prefix_cache: bool = True
+    memory_budget_mib: int | None = None
+    """Memory for all loaded models: weights + KV caches (default: three quarters of
+    MemAvailable at start; on a Pi or a Jetson that one pool is all there is)."""
+    max_loaded_models: int = 3
+    keep_alive: str = "5m"
+    """How long a model loaded on demand stays after its last request ("5m", "1h",
+    "0" = unload at once, "-1" = forever); the configured `model` stays loaded."""
     max_tool_rounds: int = 1
     """Rounds of tool calls per user turn; after them the model must answer in text
     (small models otherwise call the same tool again and again)."""
@@ -83,10 +120,14 @@ class Config:
 
         if not 0 <= self.port <= 65535:
             raise bad("port", f"{self.port} is not a TCP port (0-65535)")
-        for key in ("max_running", "max_step_tokens", "max_queue", "max_body_kib", "max_tool_rounds"):
+        for key in ("max_running", "max_step_tokens", "max_queue", "max_body_kib", "max_tool_rounds", "max_loaded_models"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
-        for key in ("threads", "kv_cache_mib", "max_context"):
+        try:
+            parse_keep_alive(self.keep_alive)
+        except ValueError as e:
+            raise bad("keep_alive", str(e)) from None
+        for key in ("threads", "kv_cache_mib", "max_context", "memory_budget_mib"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise bad(key, "must be at least 1")
@@ -161,6 +202,8 @@ def _coerce(key: str, value: Any, source: str) -> Any:
             raise fail(f"{value!r} is not a number")
         value = float(value)
     elif base == "str":
+        if key == "keep_alive" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # YAML `keep_alive: 300` means seconds
         if not isinstance(value, str):
             raise fail(f"{value!r} is not a string")
     return value

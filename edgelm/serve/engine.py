@@ -16,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,11 +112,14 @@ class AsyncEngine:
         metrics: Metrics,
         eog_ids: frozenset[int],
         enable_prefix_cache: bool = True,
+        gauges: Callable[[], None] | None = None,
     ) -> None:
         self.executor = executor
         self.sched = Scheduler(executor, limits, eog_ids, enable_prefix_cache)
         self.metrics = metrics
-        self.metrics.kv_total.set(executor.n_blocks)
+        self._gauges = gauges  # sets the gauges for every model served (else: this engine's)
+        if gauges is None:
+            self.metrics.kv_total.set(executor.n_blocks)
         self._streams: dict[int, Stream] = {}  # event-loop thread only
         self._lock = threading.Lock()  # guards the scheduler
         self._wake = threading.Event()
@@ -275,6 +278,9 @@ class AsyncEngine:
 
     def _update_gauges(self) -> None:
         self._gauges_at = time.perf_counter()
+        if self._gauges is not None:
+            self._gauges()
+            return
         m, s = self.metrics, self.sched
         m.queue.set(len(s.waiting))
         m.running.set(len(s.running))

@@ -30,6 +30,7 @@ class Metrics:
         self.kv_used = Gauge("edgelm_kv_blocks_used", "KV blocks held by sequences", registry=r)
         self.kv_cached = Gauge("edgelm_kv_blocks_cached", "KV blocks holding a reusable prefix", registry=r)
         self.kv_total = Gauge("edgelm_kv_blocks_total", "KV blocks in the cache", registry=r)
+        self.models_loaded = Gauge("edgelm_models_loaded", "Models in memory", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

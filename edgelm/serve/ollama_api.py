@@ -25,11 +25,13 @@ from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
+from edgelm.serve.config import parse_keep_alive
 from edgelm.serve.params import ApiError, Body
 from edgelm.serve.scheduler import QueueFull
 
 if TYPE_CHECKING:
     from edgelm.serve.app import Server
+    from edgelm.serve.models import LoadedModel
 
 # The Ollama API level these endpoints follow (clients check it for features).
 OLLAMA_API_VERSION = "0.12.3"
@@ -39,48 +41,62 @@ DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat
             "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0}
 
 
-def ollama_name(srv: Server) -> str:
-    mid = srv.model_id
+def ollama_name(mid: str) -> str:
     return mid if ":" in mid else f"{mid}:latest"
 
 
-def _check_model(srv: Server, b: Body) -> None:
-    name = b.get("model", str)
-    if name is None:
+def _model_name(b: Body) -> str:
+    name = b.get("model", str) or b.get("name", str)
+    if not name:
         raise ApiError("'model' is required", "model")
-    ok = srv.model_aliases() | {ollama_name(srv)}
-    if name not in ok and name.removesuffix(":latest") not in ok:
-        raise ApiError(f"model '{name}' not found", "model", 404, "model_not_found")
+    return str(name)
+
+
+def _keep_alive(b: Body) -> float | None | str:
+    """The request's keep_alive in seconds (None = forever), or "default"."""
+    ka = b.data.get("keep_alive")
+    if ka is None:
+        return "default"
+    try:
+        return parse_keep_alive(ka)
+    except ValueError as e:
+        raise ApiError(str(e), "keep_alive", 400) from None
 
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _details(srv: Server) -> dict[str, Any]:
-    md = srv.model.metadata if srv.model is not None else {}
-    arch = str(md.get("general.architecture", srv.cfg.model))
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+QUANT = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
+         12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+def _details(srv: Server, path: Path) -> dict[str, Any]:
+    md = srv.pool.details(path) or {}
+    arch = str(md.get("general.architecture") or "")
     ftype = md.get("general.file_type")
-    quant = {2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 1: "F16", 0: "F32"}
     size = md.get("general.size_label")
-    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
+    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
             "parameter_size": str(size) if size else "",
-            "quantization_level": quant.get(ftype, str(ftype or "")) if isinstance(ftype, int) else ""}
+            "quantization_level": QUANT.get(ftype, str(ftype)) if isinstance(ftype, int) else ""}
 
 
-def _file_info(srv: Server) -> tuple[int, str]:
-    p = srv.cfg.model_path()
+def _file_info(path: Path) -> tuple[int, str]:
     try:
-        st = p.stat()
+        st = path.stat()
     except OSError:
         return 0, _now()
-    return st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc).isoformat().replace("+00:00", "Z")
+    return st.st_size, _iso(st.st_mtime)
 
 
-def _digest(srv: Server) -> str:
+def _digest(path: Path) -> str:
     # A stable identity without hashing gigabytes on every listing: name, size, mtime.
-    size, mtime = _file_info(srv)
-    return hashlib.sha256(f"{Path(srv.cfg.model).name}:{size}:{mtime}".encode()).hexdigest()
+    size, mtime = _file_info(path)
+    return hashlib.sha256(f"{path.name}:{size}:{mtime}".encode()).hexdigest()
 
 
 # -- listing -----------------------------------------------------------------------------
@@ -95,45 +111,48 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def tags(request: web.Request) -> web.Response:
+    """The models in the models directory (and the configured one): file listing only,
+    never a load."""
     srv: Server = request.app["server"]
-    size, mtime = _file_info(srv)
-    name = ollama_name(srv)
-    return web.json_response({"models": [{"name": name, "model": name, "modified_at": mtime, "size": size,
-                                          "digest": _digest(srv), "details": _details(srv)}]})
+    out = []
+    for mid, path in srv.pool.available().items():
+        size, mtime = _file_info(path)
+        out.append({"name": ollama_name(mid), "model": ollama_name(mid), "modified_at": mtime, "size": size,
+                    "digest": _digest(path), "details": _details(srv, path)})
+    return web.json_response({"models": out})
 
 
 async def ps(request: web.Request) -> web.Response:
+    """The models in memory, and when each will be unloaded."""
     srv: Server = request.app["server"]
-    if srv.model is None:
-        return web.json_response({"models": []})
-    size, _ = _file_info(srv)
-    name = ollama_name(srv)
-    return web.json_response({"models": [{
-        "name": name, "model": name, "size": size, "digest": _digest(srv), "details": _details(srv),
-        "expires_at": "2318-08-27T00:00:00Z", "size_vram": 0, "context_length": srv.max_context,
-    }]})
+    out = []
+    for lm in srv.pool.loaded.values():
+        exp = "2318-08-27T00:00:00Z" if lm.expires_at is None else _iso(lm.expires_at)
+        out.append({"name": ollama_name(lm.id), "model": ollama_name(lm.id), "size": lm.cost_bytes,
+                    "digest": _digest(lm.path), "details": _details(srv, lm.path), "expires_at": exp,
+                    "size_vram": 0, "context_length": lm.max_context})
+    return web.json_response({"models": out})
 
 
 async def show(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
-    _check_model(srv, b)
-    model = srv.model_ready()
-    md = model.metadata
-    info = {k: v for k, v in md.items() if not (isinstance(v, list) and len(v) > 64)}
-    caps = ["completion", "tools"]  # tools: through the template, or edgelm's tool prompt
-    size, mtime = _file_info(srv)
-    return web.json_response({
-        "modified_at": mtime, "template": srv.template.source, "modelfile": f"FROM {srv.cfg.model_path()}\n",
-        "license": str(md.get("general.license", "")), "details": _details(srv), "model_info": info,
-        "parameters": "\n".join(f"{k} {v}" for k, v in DEFAULTS.items()), "capabilities": caps,
-    }, dumps=lambda o: json.dumps(o, default=str))
+    async with srv.use(_model_name(b)) as lm:
+        md = lm.model.metadata
+        info = {k: v for k, v in md.items() if not (isinstance(v, list) and len(v) > 64)}
+        caps = ["completion", "tools"]  # tools: through the template, or edgelm's tool prompt
+        _, mtime = _file_info(lm.path)
+        return web.json_response({
+            "modified_at": mtime, "template": lm.template.source, "modelfile": f"FROM {lm.path}\n",
+            "license": str(md.get("general.license", "")), "details": _details(srv, lm.path), "model_info": info,
+            "parameters": "\n".join(f"{k} {v}" for k, v in DEFAULTS.items()), "capabilities": caps,
+        }, dumps=lambda o: json.dumps(o, default=str))
 
 
 # -- generation ----------------------------------------------------------------------------
 
 
-def _options(srv: Server, b: Body) -> tuple[dict[str, Any], int | None, list[str], int]:
+def _options(lm: LoadedModel, b: Body) -> tuple[dict[str, Any], int | None, list[str], int]:
     """Sampling parameters, num_predict (None = until the context is full), stop
     strings and the context size from an Ollama `options` object."""
     raw = b.data.get("options")
@@ -155,8 +174,8 @@ def _options(srv: Server, b: Body) -> tuple[dict[str, Any], int | None, list[str
         raise ApiError("'options.seed' must fit in 64 bits", "options.seed")
     sampling["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
     n_predict = o.get("num_predict", int, -1, lo=-2)
-    num_ctx = o.get("num_ctx", int, srv.max_context, lo=1)
-    return sampling, (None if n_predict < 0 else n_predict), o.stop("stop"), min(num_ctx, srv.max_context)
+    num_ctx = o.get("num_ctx", int, lm.max_context, lo=1)
+    return sampling, (None if n_predict < 0 else n_predict), o.stop("stop"), min(num_ctx, lm.max_context)
 
 
 def _format(b: Body) -> dict[str, Any] | None:
@@ -173,18 +192,15 @@ def _format(b: Body) -> dict[str, Any] | None:
     think = b.data.get("think")
     if think not in (None, False, "false", "none"):
         raise ApiError("this model does not support thinking ('think')", "think", 400)
-    ka = b.data.get("keep_alive")
-    if ka is not None and not isinstance(ka, (int, float, str)) or isinstance(ka, bool):
-        raise ApiError("'keep_alive' must be a duration such as \"5m\" or a number of seconds", "keep_alive", 400)
     return schema
 
 
-def _stats(st: Stream, t0: float) -> dict[str, Any]:
+def _stats(st: Stream, t0: float, load_s: float) -> dict[str, Any]:
     now = time.perf_counter()
     first = st.first_token_at or now
     last = st.last_token_at or first
     return {
-        "total_duration": int((now - t0) * 1e9), "load_duration": 0,
+        "total_duration": int((now - t0) * 1e9), "load_duration": int(load_s * 1e9),
         "prompt_eval_count": st.n_prompt - st.n_cached, "prompt_eval_duration": int((first - st.submitted) * 1e9),
         "eval_count": st.n_generated, "eval_duration": int((last - first) * 1e9),
     }
@@ -194,22 +210,23 @@ def _done_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"
 
 
-async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, kind: str,
-               schema: dict[str, Any] | None = None, plan: tools.ToolPlan | None = None) -> web.StreamResponse:
-    sampling, n_predict, stop, num_ctx = _options(srv, b)
-    grammar = await (srv.tool_grammar(plan, schema) if plan else srv.grammar_for(schema))
+async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[int], b: Body, kind: str,
+               schema: dict[str, Any] | None = None, plan: tools.ToolPlan | None = None,
+               load_s: float = 0.0) -> web.StreamResponse:
+    sampling, n_predict, stop, num_ctx = _options(lm, b)
+    grammar = await (lm.tool_grammar(plan, schema) if plan else lm.grammar_for(schema))
     if plan:
         sampling["penalize_prompt"] = False  # see Executor.add
-    matcher = srv.grammars_ready().matcher(grammar) if grammar is not None else None
+    matcher = lm.grammars.matcher(grammar) if grammar is not None else None
     room = num_ctx - len(prompt)
     if room <= 0:
         raise ApiError(f"the prompt has {len(prompt)} tokens; the context holds {num_ctx}", "prompt", 400)
     max_tokens = room if n_predict is None else min(n_predict, room)
     stream_mode = b.get("stream", bool, True)
     t0 = time.perf_counter()
-    model = ollama_name(srv)
+    model = ollama_name(lm.id)
     try:
-        st = srv.engine_ready().submit(GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False,
+        st = lm.engine.submit(GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False,
                                                   srv.cfg.request_timeout_s, matcher))
     except QueueFull as e:
         raise ApiError(f"server busy: {e}", None, 429, headers={"Retry-After": "1"}) from None
@@ -229,7 +246,7 @@ async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, ki
             out["done_reason"] = _done_reason(d)
             if kind == "generate":
                 out["context"] = list(st.seq.tokens)
-            out.update(_stats(st, t0))
+            out.update(_stats(st, t0, load_s))
         return out
 
     def ndjson(obj: dict[str, Any]) -> bytes:
@@ -267,56 +284,77 @@ async def _run(srv: Server, request: web.Request, prompt: list[int], b: Body, ki
         st.abort()
 
 
+async def _load_or_unload(srv: Server, name: str, ka: float | None | str, kind: str) -> web.Response:
+    """Ollama's requests without a prompt: load the model (and set its keep_alive), or
+    with keep_alive 0, unload it."""
+    head: dict[str, Any] = {"model": ollama_name(srv.pool.resolve(name)[0]), "created_at": _now()}
+    head.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
+    if ka == 0:
+        srv.ready_or_503()
+        mid, _ = srv.pool.resolve(name)
+        lm = srv.pool.loaded.get(mid)
+        if lm is not None and not lm.busy:
+            await srv.pool.unload(mid)
+        elif lm is not None:
+            lm.keep_alive_s = 0.0  # unloaded when its requests end
+        return web.json_response({**head, "done": True, "done_reason": "unload"})
+    async with srv.use(name, ka):
+        return web.json_response({**head, "done": True, "done_reason": "load"})
+
+
 async def generate(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
-    _check_model(srv, b)
+    name = _model_name(b)
     schema = _format(b)
-    native = srv.model_ready().native
+    ka = _keep_alive(b)
     prompt = b.get("prompt", str, "")
     if b.has("images"):
         raise ApiError("this model does not take images", "images")
     if not prompt and not b.has("context"):
-        # Ollama's "load the model" request: answer at once, done.
-        return web.json_response({"model": ollama_name(srv), "created_at": _now(), "response": "", "done": True,
-                                  "done_reason": "load"})
+        return await _load_or_unload(srv, name, ka, "generate")
     system = b.get("system", str)
-    if b.get("raw", bool, False):
-        text = prompt
-    else:
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-        try:
-            text = srv.template.render(msgs, add_generation_prompt=True)
-        except ChatTemplateError as e:
-            raise ApiError(f"the chat template failed: {e}", "prompt") from None
+    raw = b.get("raw", bool, False)
     ctx = b.data.get("context")
-    if ctx is not None and not (isinstance(ctx, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < native.n_vocab for t in ctx)):
-        raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
-    ids = (list(ctx) if ctx else []) + (srv.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
-    return await _run(srv, request, ids, b, "generate", schema)
+    t0 = time.perf_counter()
+    async with srv.use(name, ka) as lm:
+        load_s = time.perf_counter() - t0
+        native = lm.model.native
+        if raw:
+            text = prompt
+        else:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            try:
+                text = lm.template.render(msgs, add_generation_prompt=True)
+            except ChatTemplateError as e:
+                raise ApiError(f"the chat template failed: {e}", "prompt") from None
+        if ctx is not None and not (isinstance(ctx, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                  and 0 <= t < native.n_vocab for t in ctx)):
+            raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
+        ids = (list(ctx) if ctx else []) + (lm.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
+        return await _run(srv, lm, request, ids, b, "generate", schema, None, load_s)
 
 
 async def embed(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
-    _check_model(srv, b)
-    raise ApiError(f"model '{b.data.get('model')}' does not support embeddings", "model", 400)
+    mid, _ = srv.pool.resolve(_model_name(b))
+    raise ApiError(f"model '{mid}' does not support embeddings (it is a text generation model)", "model", 400)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
-    _check_model(srv, b)
+    name = _model_name(b)
     schema = _format(b)
-    srv.model_ready()
+    ka = _keep_alive(b)
     msgs = b.data.get("messages")
     if msgs is None:
         msgs = []
     if not isinstance(msgs, list):
         raise ApiError("'messages' must be an array", "messages")
     if not msgs:
-        return web.json_response({"model": ollama_name(srv), "created_at": _now(),
-                                  "message": {"role": "assistant", "content": ""}, "done": True, "done_reason": "load"})
+        return await _load_or_unload(srv, name, ka, "chat")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
@@ -330,12 +368,15 @@ async def chat(request: web.Request) -> web.StreamResponse:
     plan = tools.parse_tools(b.data.get("tools"))
     if plan:
         plan = plan.limit_rounds(out, srv.cfg.max_tool_rounds)
-    msgs2, tools_arg = tools.prompt_messages(out, plan, srv.template.renders_tools)
-    try:
-        text = srv.template.render(msgs2, add_generation_prompt=True, tools=tools_arg)
-    except ChatTemplateError as e:
-        raise ApiError(f"the chat template failed: {e}", "messages") from None
-    return await _run(srv, request, srv.chat_tokens(text), b, "chat", schema, plan)
+    t0 = time.perf_counter()
+    async with srv.use(name, ka) as lm:
+        load_s = time.perf_counter() - t0
+        msgs2, tools_arg = tools.prompt_messages(out, plan, lm.template.renders_tools)
+        try:
+            text = lm.template.render(msgs2, add_generation_prompt=True, tools=tools_arg)
+        except ChatTemplateError as e:
+            raise ApiError(f"the chat template failed: {e}", "messages") from None
+        return await _run(srv, lm, request, lm.chat_tokens(text), b, "chat", schema, plan, load_s)
 
 
 # -- models on the device ------------------------------------------------------------

@@ -26,15 +26,9 @@ from edgelm.serve.scheduler import QueueFull
 
 if TYPE_CHECKING:
     from edgelm.serve.app import Server
+    from edgelm.serve.models import LoadedModel
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-
-
-def _check_model(srv: Server, b: Body) -> None:
-    """Unknown model ids are a 404, as OpenAI answers them."""
-    m = b.get("model", str)
-    if m is not None and m not in srv.model_aliases():
-        raise ApiError(f"The model '{m}' does not exist", "model", 404, "model_not_found")
 
 
 def _common(srv: Server, b: Body) -> dict[str, Any]:
@@ -56,11 +50,11 @@ def _common(srv: Server, b: Body) -> dict[str, Any]:
     }
 
 
-def _max_tokens(srv: Server, b: Body, key: str, n_prompt: int) -> int:
-    room = srv.max_context - n_prompt
+def _max_tokens(lm: LoadedModel, b: Body, key: str, n_prompt: int) -> int:
+    room = lm.max_context - n_prompt
     if room <= 0:
         raise ApiError(
-            f"the prompt has {n_prompt} tokens; this model's context holds {srv.max_context}",
+            f"the prompt has {n_prompt} tokens; this model's context holds {lm.max_context}",
             "messages" if key == "max_completion_tokens" else "prompt", 400, "context_length_exceeded",
         )
     mt = b.get(key, int, None, lo=0)
@@ -69,7 +63,7 @@ def _max_tokens(srv: Server, b: Body, key: str, n_prompt: int) -> int:
     return room if mt is None else min(mt, room)
 
 
-async def _submit(srv: Server, prompt: list[int], max_tokens: int, c: dict[str, Any], n_logprobs: int, n: int,
+async def _submit(lm: LoadedModel, prompt: list[int], max_tokens: int, c: dict[str, Any], n_logprobs: int, n: int,
                   grammar: str | None = None) -> list[Stream]:
     streams: list[Stream] = []
     try:
@@ -77,9 +71,9 @@ async def _submit(srv: Server, prompt: list[int], max_tokens: int, c: dict[str, 
             sampling = dict(c["sampling"], n_logprobs=n_logprobs)
             if sampling["seed"] is not None:
                 sampling["seed"] = (sampling["seed"] + i) % (2**64)
-            matcher = srv.grammars_ready().matcher(grammar) if grammar is not None else None
+            matcher = lm.grammars.matcher(grammar) if grammar is not None else None
             req = GenRequest(prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher)
-            streams.append(srv.engine_ready().submit(req))
+            streams.append(lm.engine.submit(req))
     except QueueFull as e:
         for s in streams:
             s.abort()
@@ -161,11 +155,11 @@ async def _sse_response(request: web.Request) -> web.StreamResponse:
 # -- /v1/completions -------------------------------------------------------------------
 
 
-def _prompts(srv: Server, b: Body) -> list[list[int]]:
+def _prompts(lm: LoadedModel, b: Body) -> list[list[int]]:
     p = b.data.get("prompt")
     if p is None:
         raise ApiError("'prompt' is required", "prompt")
-    native = srv.model_ready().native
+    native = lm.model.native
     n_vocab = native.n_vocab
     if isinstance(p, str):
         out = [native.tokenize(p, True, True)]
@@ -190,16 +184,16 @@ def _prompts(srv: Server, b: Body) -> list[list[int]]:
     return out
 
 
-def _completion_logprobs(srv: Server, ds: list[Delta], offset0: int) -> dict[str, Any]:
+def _completion_logprobs(lm: LoadedModel, ds: list[Delta], offset0: int) -> dict[str, Any]:
     tokens, lps, tops, offs = [], [], [], []
     off = offset0
     for d in ds:
         if d.token is None:
             continue
-        t = srv.token_str(d.token)
+        t = lm.token_str(d.token)
         tokens.append(t)
         lps.append(d.logprob)
-        tops.append({srv.token_str(tid): lp for tid, lp in d.top})
+        tops.append({lm.token_str(tid): lp for tid, lp in d.top})
         offs.append(off)
         off += len(d.text)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offs}
@@ -208,8 +202,11 @@ def _completion_logprobs(srv: Server, ds: list[Delta], offset0: int) -> dict[str
 async def completions(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
-    srv.model_ready()
-    _check_model(srv, b)
+    async with srv.use(b.get("model", str)) as lm:
+        return await _completions(request, srv, lm, b)
+
+
+async def _completions(request: web.Request, srv: Server, lm: LoadedModel, b: Body) -> web.StreamResponse:
     c = _common(srv, b)
     if b.has("suffix"):
         raise ApiError("'suffix' is not supported", "suffix")
@@ -218,18 +215,18 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise ApiError("'best_of' other than n is not supported", "best_of")
     n_lp = b.get("logprobs", int, None, lo=0, hi=20)
     echo = b.get("echo", bool, False)
-    prompts = _prompts(srv, b)
-    max_tokens = [_max_tokens(srv, b, "max_tokens", len(p)) for p in prompts]
+    prompts = _prompts(lm, b)
+    max_tokens = [_max_tokens(lm, b, "max_tokens", len(p)) for p in prompts]
     cid = "cmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
     streams: list[Stream] = []
     echoes: list[str] = []
     for p, mt in zip(prompts, max_tokens):
-        streams += await _submit(srv, p, mt, c, n_lp or 0, c["n"])
-        echoes += [srv.model_ready().native.detokenize(p, True) if echo else ""] * c["n"]
+        streams += await _submit(lm, p, mt, c, n_lp or 0, c["n"])
+        echoes += [lm.model.native.detokenize(p, True) if echo else ""] * c["n"]
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": srv.model_id,
+        out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": lm.id,
                                "system_fingerprint": srv.fingerprint, "choices": choices}
         if usage is not None:
             out["usage"] = usage
@@ -244,7 +241,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
                     await resp.write(ev.event([{"index": i, "text": e, "logprobs": None, "finish_reason": None}]))
             try:
                 async for i, d in _merged(streams):
-                    lp = _completion_logprobs(srv, [d], 0) if n_lp is not None else None
+                    lp = _completion_logprobs(lm, [d], 0) if n_lp is not None else None
                     await resp.write(ev.event([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}]))
             except EngineError as e:
                 await resp.write(_sse(ApiError(str(e)).body()))
@@ -261,7 +258,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
             finish[i] = d.finish_reason or finish[i]
         choices = [
             {"index": i, "text": texts[i],
-             "logprobs": _completion_logprobs(srv, deltas[i], len(echoes[i])) if n_lp is not None else None,
+             "logprobs": _completion_logprobs(lm, deltas[i], len(echoes[i])) if n_lp is not None else None,
              "finish_reason": finish[i]}
             for i in range(len(streams))
         ]
@@ -331,15 +328,15 @@ def _response_schema(b: Body) -> dict[str, Any] | None:
     raise ApiError("'response_format.type' must be text, json_object or json_schema", "response_format")
 
 
-def _chat_logprobs(srv: Server, ds: list[Delta]) -> dict[str, Any]:
+def _chat_logprobs(lm: LoadedModel, ds: list[Delta]) -> dict[str, Any]:
     content = []
     for d in ds:
         if d.token is None:
             continue
-        t = srv.token_str(d.token)
+        t = lm.token_str(d.token)
         content.append({
-            "token": t, "logprob": d.logprob, "bytes": list(srv.token_bytes(d.token)),
-            "top_logprobs": [{"token": srv.token_str(tid), "logprob": lp, "bytes": list(srv.token_bytes(tid))} for tid, lp in d.top],
+            "token": t, "logprob": d.logprob, "bytes": list(lm.token_bytes(d.token)),
+            "top_logprobs": [{"token": lm.token_str(tid), "logprob": lp, "bytes": list(lm.token_bytes(tid))} for tid, lp in d.top],
         })
     return {"content": content, "refusal": None}
 
@@ -347,8 +344,11 @@ def _chat_logprobs(srv: Server, ds: list[Delta]) -> dict[str, Any]:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app["server"]
     b = Body(await srv.json_body(request))
-    model = srv.model_ready()
-    _check_model(srv, b)
+    async with srv.use(b.get("model", str)) as lm:
+        return await _chat_completions(request, srv, lm, b)
+
+
+async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, b: Body) -> web.StreamResponse:
     c = _common(srv, b)
     msgs = _messages(b)
     want_lp = b.get("logprobs", bool, False)
@@ -359,23 +359,22 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if plan:
         plan = plan.limit_rounds(msgs, srv.cfg.max_tool_rounds)
     schema = _response_schema(b)
-    grammar = await (srv.tool_grammar(plan, schema) if plan else srv.grammar_for(schema))
-    msgs, tools_arg = tools.prompt_messages(msgs, plan, srv.template.renders_tools)
+    grammar = await (lm.tool_grammar(plan, schema) if plan else lm.grammar_for(schema))
+    msgs, tools_arg = tools.prompt_messages(msgs, plan, lm.template.renders_tools)
     if plan:
         c["sampling"]["penalize_prompt"] = False  # see Executor.add
     try:
-        text = srv.template.render(msgs, add_generation_prompt=True, tools=tools_arg)
+        text = lm.template.render(msgs, add_generation_prompt=True, tools=tools_arg)
     except ChatTemplateError as e:
         raise ApiError(f"the chat template failed: {e}", "messages") from None
-    prompt = srv.chat_tokens(text)
-    max_tokens = _max_tokens(srv, b, "max_completion_tokens", len(prompt))
-    streams = await _submit(srv, prompt, max_tokens, c, (top_lp or 0) if want_lp else 0, c["n"], grammar)
+    prompt = lm.chat_tokens(text)
+    max_tokens = _max_tokens(lm, b, "max_completion_tokens", len(prompt))
+    streams = await _submit(lm, prompt, max_tokens, c, (top_lp or 0) if want_lp else 0, c["n"], grammar)
     cid = "chatcmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
-    del model
 
     def chunk(obj: str, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": srv.model_id,
+        out: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": lm.id,
                                "system_fingerprint": srv.fingerprint, "choices": choices}
         if usage is not None:
             out["usage"] = usage
@@ -391,7 +390,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 await resp.write(ev.event([first]))
             try:
                 async for i, d in _merged(streams):
-                    lp = _chat_logprobs(srv, [d]) if want_lp else None
+                    lp = _chat_logprobs(lm, [d]) if want_lp else None
                     piece, reason, split = d.text, d.finish_reason, splits[i]
                     if split is not None:
                         piece = split.feed(piece)
@@ -431,7 +430,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                                                          for c in calls])
                 finish[i] = "tool_calls" if finish[i] != "length" else finish[i]
             choices.append({"index": i, "message": message,
-                            "logprobs": _chat_logprobs(srv, deltas[i]) if want_lp else None, "finish_reason": finish[i]})
+                            "logprobs": _chat_logprobs(lm, deltas[i]) if want_lp else None, "finish_reason": finish[i]})
         return web.json_response(chunk("chat.completion", choices, _usage(streams)))
     finally:
         for s in streams:
@@ -441,18 +440,17 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 # -- /v1/models ------------------------------------------------------------------------
 
 
-def _model_obj(srv: Server) -> dict[str, Any]:
-    return {"id": srv.model_id, "object": "model", "created": srv.created, "owned_by": "edgelm"}
+def _model_obj(srv: Server, mid: str) -> dict[str, Any]:
+    return {"id": mid, "object": "model", "created": srv.created, "owned_by": "edgelm"}
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """Every model this daemon can serve (loaded or not; listing never loads one)."""
     srv: Server = request.app["server"]
-    return web.json_response({"object": "list", "data": [_model_obj(srv)]})
+    return web.json_response({"object": "list", "data": [_model_obj(srv, m) for m in srv.pool.available()]})
 
 
 async def get_model(request: web.Request) -> web.Response:
     srv: Server = request.app["server"]
-    mid = request.match_info["model"]
-    if mid not in srv.model_aliases():
-        raise ApiError(f"The model '{mid}' does not exist", "model", 404, "model_not_found")
-    return web.json_response(_model_obj(srv))
+    mid, _ = srv.pool.resolve(request.match_info["model"])
+    return web.json_response(_model_obj(srv, mid))

@@ -219,7 +219,6 @@ def test_health_is_503_until_the_model_is_loaded() -> None:
             assert r.status == 200 and body["status"] == "ok" and body["kernel_level"]
             r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "temperature": 0})
             assert r.status == 200 and (await r.json())["usage"]["completion_tokens"] == 2
-            assert srv.engine is not None
-            await srv.engine.close()
+            await srv.pool.close(0.0)
 
     asyncio.run(go())

@@ -32,7 +32,7 @@ def test_root_version_tags_ps_show(srv: Daemon) -> None:
         assert r.read() == b"Ollama is running"
     c = ollama.Client(host=srv.url)
     tags = c.list()
-    assert [m.model for m in tags.models] == [NAME]
+    assert [m.model for m in tags.models][0] == NAME  # the configured model first, then models_dir
     m = tags.models[0]
     assert m.size == model_path(SMOLLM2).stat().st_size and m.details is not None and m.details.format == "gguf"
     assert m.details.family == "llama"

@@ -1,0 +1,351 @@
+"""The models a daemon serves: any GGUF in `models_dir` (plus the configured `model`),
+loaded on first request, kept under a memory budget, and unloaded after `keep_alive`
+of idleness.
+
+    async with pool.use("SmolLM2-135M-Instruct.Q4_1") as lm:   # loads if needed
+        stream = lm.engine.submit(...)
+
+Memory. A Pi or a Jetson has one pool of DRAM shared by the CPU, the page cache that
+holds the memory-mapped weights and (on a Jetson) the GPU, so the budget is one number:
+`memory_budget_mib`, by default three quarters of MemAvailable when the daemon starts.
+A model costs its file size (the weights, mapped and resident once touched) plus its
+KV cache (`kv_cache_mib`, default a quarter of the budget, at most 2 GiB) plus a fixed
+allowance for scratch. Loading a model that does not fit first unloads idle models,
+least recently used first; if it still does not fit, the request fails with 503 and a
+message that says what is loaded and what would be needed. At most
+`max_loaded_models` are loaded at once.
+
+Lifetime. Each model has a keep-alive: the configured `model` is loaded at start and
+stays (until a request says otherwise); models loaded on demand stay `keep_alive`
+(default "5m", Ollama's) after their last request ends. A request's `keep_alive`
+(Ollama's field: "5m", 300, 0 = unload when done, negative = forever) replaces the
+model's. A model with requests in flight is never unloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import gc
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm import EdgelmError, Model
+from edgelm._native import Executor
+from edgelm.serve import tools
+from edgelm.serve.chat import ChatTemplate
+from edgelm.serve.config import Config, parse_keep_alive
+from edgelm.serve.engine import AsyncEngine
+from edgelm.serve.grammar import GrammarError, Grammars
+from edgelm.serve.metrics import Metrics
+from edgelm.serve.params import ApiError
+from edgelm.serve.scheduler import SchedulerLimits
+
+log = logging.getLogger("edgelm.serve")
+
+BLOCK_SIZE = 16
+SCRATCH_BYTES = 64 << 20
+"""Allowance per model for activations, logits and the grammar vocabulary."""
+
+def mem_available() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def model_id_of(path: Path) -> str:
+    return path.name[: -len(".gguf")] if path.name.endswith(".gguf") else path.name
+
+
+@dataclass
+class LoadedModel:
+    """One model in memory, with its engine and everything a handler needs."""
+
+    id: str
+    path: Path
+    model: Model
+    engine: AsyncEngine
+    template: ChatTemplate
+    grammars: Grammars
+    max_context: int
+    cost_bytes: int
+    bos_id: int | None
+    keep_alive_s: float | None
+    loaded_at: float = field(default_factory=time.time)
+    last_used: float = field(default_factory=time.monotonic)
+    n_users: int = 0
+    expires_at: float | None = None  # wall clock; None = never
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def touch(self) -> None:
+        self.last_used = time.monotonic()
+        self.expires_at = None if self.keep_alive_s is None else time.time() + self.keep_alive_s
+
+    @property
+    def busy(self) -> bool:
+        return self.n_users > 0 or self.engine.n_active > 0
+
+    async def grammar_for(self, schema: dict[str, Any] | None) -> str | None:
+        """Compile a JSON schema for constrained decoding (off the event loop: the
+        first call also builds the grammar engine's view of the vocabulary)."""
+        if schema is None:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.json_schema, schema)
+        except GrammarError as e:
+            raise ApiError(str(e), "response_format", 400) from None
+
+    async def tool_grammar(self, plan: tools.ToolPlan, schema: dict[str, Any] | None) -> str:
+        """The grammar for an answer that may call tools (see edgelm.serve.tools)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, tools.grammar(plan, schema))
+        except GrammarError as e:
+            raise ApiError(str(e), "tools", 400) from None
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - lives as long as the model
+    def token_bytes(self, tid: int) -> bytes:
+        return self.model.native.token_bytes(tid, True)
+
+    def token_str(self, tid: int) -> str:
+        return self.token_bytes(tid).decode("utf-8", errors="replace")
+
+    def chat_tokens(self, text: str) -> list[int]:
+        ids = self.model.native.tokenize(text, True, True)
+        # Templates that write the BOS text themselves get it twice from add_special.
+        if self.bos_id is not None and len(ids) >= 2 and ids[0] == ids[1] == self.bos_id:
+            ids = ids[1:]
+        return ids
+
+
+class ModelPool:
+    def __init__(self, cfg: Config, metrics: Metrics, on_change: Callable[[], None] | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.on_change = on_change
+        avail = mem_available() or (4 << 30)
+        self.budget_bytes = (cfg.memory_budget_mib << 20) if cfg.memory_budget_mib else avail * 3 // 4
+        self.default_keep_alive = parse_keep_alive(cfg.keep_alive)
+        self.loaded: dict[str, LoadedModel] = {}
+        self._loading: dict[str, asyncio.Future[LoadedModel]] = {}
+        self._lock = asyncio.Lock()  # one load (and its evictions) at a time
+        self.default_path = cfg.model_path()
+        self.default_id = cfg.model_id()
+        self._details: dict[tuple[str, int, float], dict[str, Any]] = {}
+
+    # -- names ---------------------------------------------------------------------
+    def models_dir(self) -> Path:
+        return Path(self.cfg.models_dir).expanduser()
+
+    def available(self) -> dict[str, Path]:
+        """Every servable model: id → file (the configured model first)."""
+        out = {self.default_id: self.default_path}
+        d = self.models_dir()
+        if d.is_dir():
+            for p in sorted(d.glob("*.gguf")):
+                if p.is_file() and p.resolve() != self.default_path.resolve():
+                    out.setdefault(model_id_of(p), p)
+        return out
+
+    def resolve(self, name: str | None) -> tuple[str, Path]:
+        """The model a request names (None: the configured one). Names are ids or file
+        names; Ollama's ":latest" tag is accepted. Anything else is a 404 — a name is
+        only ever looked up, never joined to a path."""
+        if name is None or name == "":
+            return self.default_id, self.default_path
+        avail = self.available()
+        for cand in (name, name.removesuffix(":latest"), name.removesuffix(".gguf")):
+            if cand in avail:
+                return cand, avail[cand]
+        if name in (self.default_path.name, Path(self.cfg.model).name):
+            return self.default_id, self.default_path
+        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))})", "model", 404,
+                       "model_not_found")
+
+    def details(self, path: Path) -> dict[str, Any] | None:
+        """Metadata of a model loaded at some point (listing never loads one)."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return self._details.get((str(path), st.st_size, st.st_mtime))
+
+    # -- using models --------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def use(self, name: str | None, keep_alive: float | None | str = "default") -> AsyncIterator[LoadedModel]:
+        """The named model, loaded if needed, held for the duration of the block;
+        `keep_alive` (seconds, None = forever) replaces the model's when given."""
+        lm = await self.get(name)
+        lm.n_users += 1
+        try:
+            yield lm
+        finally:
+            lm.n_users -= 1
+            if keep_alive != "default":
+                lm.keep_alive_s = keep_alive  # type: ignore[assignment]
+            lm.touch()
+            if lm.keep_alive_s == 0 and not lm.busy:
+                await self.unload(lm.id)
+
+    async def get(self, name: str | None) -> LoadedModel:
+        mid, path = self.resolve(name)
+        lm = self.loaded.get(mid)
+        if lm is not None:
+            lm.last_used = time.monotonic()
+            return lm
+        fut = self._loading.get(mid)
+        if fut is None:
+            fut = asyncio.ensure_future(self._load(mid, path))
+            self._loading[mid] = fut
+            fut.add_done_callback(lambda _: self._loading.pop(mid, None))
+        return await asyncio.shield(fut)
+
+    async def _load(self, mid: str, path: Path) -> LoadedModel:
+        async with self._lock:
+            if mid in self.loaded:
+                return self.loaded[mid]
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            model, n_blocks, cost = await loop.run_in_executor(None, self._open, path)
+            await self._make_room(mid, cost)
+            parts, executor, eog = await loop.run_in_executor(None, self._build, mid, path, model, n_blocks)
+            c = self.cfg
+            limits = SchedulerLimits(c.max_running, c.max_step_tokens, c.max_queue, parts["max_context"])
+            engine = AsyncEngine(executor, limits, self.metrics, eog, c.prefix_cache, gauges=self.update_gauges)
+            lm = LoadedModel(engine=engine, cost_bytes=cost, **parts)
+            engine.start()
+            lm.touch()
+            self.loaded[mid] = lm
+            # Warm the grammar engine's vocabulary in the background (a few seconds on a
+            # small CPU), so the first structured-output request does not pay for it.
+            loop.run_in_executor(None, lm.grammars.tokenizer)
+            log.info("loaded %s in %.2fs (%.0f MiB of the %.0f MiB budget; %d models loaded)", mid,
+                     time.perf_counter() - t0, cost / 2**20, self.budget_bytes / 2**20, len(self.loaded))
+            self.metrics.models_loaded.set(len(self.loaded))
+            if self.on_change is not None:
+                self.on_change()
+            return lm
+
+    def _open(self, path: Path) -> tuple[Model, int, int]:
+        if not path.is_file():
+            raise EdgelmError(f"model file {path} does not exist (set `model:` in the config, or fetch one with "
+                              f"`edgelm pull`)")
+        model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level)
+        per_token = model.native.kv_bytes_per_token
+        if self.cfg.kv_cache_mib is not None:
+            kv_budget = self.cfg.kv_cache_mib << 20
+        else:
+            kv_budget = min(self.budget_bytes // 4, 2 << 30)
+        n_blocks = max(kv_budget // (per_token * BLOCK_SIZE), 1)
+        cost = path.stat().st_size + n_blocks * BLOCK_SIZE * per_token + SCRATCH_BYTES
+        return model, int(n_blocks), int(cost)
+
+    async def _make_room(self, mid: str, cost: int) -> None:
+        def used() -> int:
+            return sum(m.cost_bytes for m in self.loaded.values())
+
+        def too_full() -> bool:
+            return used() + cost > self.budget_bytes or len(self.loaded) >= self.cfg.max_loaded_models
+
+        while too_full():
+            idle = sorted((m for m in self.loaded.values() if not m.busy), key=lambda m: m.last_used)
+            if not idle:
+                break
+            log.info("unloading %s to make room for %s", idle[0].id, mid)
+            await self.unload(idle[0].id)
+        if too_full():
+            loaded = ", ".join(f"{m.id} ({m.cost_bytes / 2**20:.0f} MiB, busy)" for m in self.loaded.values()) or "none"
+            raise ApiError(
+                f"not enough memory for model '{mid}': it needs {cost / 2**20:.0f} MiB and "
+                f"{(self.budget_bytes - used()) / 2**20:.0f} MiB of the {self.budget_bytes / 2**20:.0f} MiB budget "
+                f"is free (max_loaded_models {self.cfg.max_loaded_models}; loaded: {loaded}); retry when they are "
+                f"idle, raise memory_budget_mib, or lower kv_cache_mib",
+                "model", 503, "insufficient_memory", "server_error", {"Retry-After": "5"})
+
+    def _build(self, mid: str, path: Path, model: Model, n_blocks: int) -> tuple[dict[str, Any], Executor, frozenset[int]]:
+        """Everything but the engine (which starts on the event loop), off the loop."""
+        native = model.native
+        max_ctx = min(self.cfg.max_context or model.n_ctx_train, model.n_ctx_train, n_blocks * BLOCK_SIZE)
+        if max_ctx < 2:
+            raise EdgelmError(f"the KV cache budget holds fewer than 2 tokens for {mid}")
+        executor = Executor(native, n_blocks)
+        md = model.metadata
+        tmpl = md.get("tokenizer.chat_template")
+        bos, eos = native.bos, native.eos
+        bos_s = native.detokenize([bos], True) if bos is not None else ""
+        eos_s = native.detokenize([eos], True) if eos is not None else ""
+        template = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s)
+        eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
+        keep = None if path == self.default_path else self.default_keep_alive
+        parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
+                 "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep}
+        st = path.stat()
+        self._details[(str(path), st.st_size, st.st_mtime)] = {
+            k: md.get(k) for k in ("general.architecture", "general.file_type", "general.size_label")}
+        log.info("%s: %s, %s kernels, %d threads; KV cache %d blocks × %d tokens, context %d", mid,
+                 model.architecture, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx)
+        return parts, executor, eog
+
+    async def unload(self, mid: str) -> bool:
+        lm = self.loaded.pop(mid, None)
+        if lm is None:
+            return False
+        await lm.engine.drain(0.0)
+        await lm.engine.close()
+        lm.token_bytes.cache_clear()
+        del lm
+        gc.collect()  # the Model's mmap goes with its last reference
+        log.info("unloaded %s", mid)
+        self.metrics.models_loaded.set(len(self.loaded))
+        self.update_gauges()
+        if self.on_change is not None:
+            self.on_change()
+        return True
+
+    async def reap(self, period_s: float = 1.0) -> None:
+        """Unload models whose keep-alive has run out (runs for the daemon's life)."""
+        while True:
+            await asyncio.sleep(period_s)
+            now = time.time()
+            for lm in list(self.loaded.values()):
+                if not lm.busy and lm.expires_at is not None and now >= lm.expires_at:
+                    log.info("%s idle for its keep_alive (%.0fs)", lm.id, lm.keep_alive_s or 0)
+                    await self.unload(lm.id)
+
+    async def close(self, grace_s: float) -> int:
+        """Drain every model (in parallel, `grace_s` for all), stop the engines;
+        returns how many requests were aborted."""
+        engines = [lm.engine for lm in self.loaded.values()]
+        n = sum(await asyncio.gather(*(e.drain(grace_s) for e in engines)))
+        for e in engines:
+            await e.close()
+        self.loaded.clear()
+        return n
+
+    @property
+    def n_active(self) -> int:
+        return sum(m.engine.n_active for m in self.loaded.values())
+
+    def update_gauges(self) -> None:
+        """Scheduler gauges summed over the loaded models."""
+        m = self.metrics
+        scheds = [lm.engine.sched for lm in list(self.loaded.values())]
+        m.queue.set(sum(len(s.waiting) for s in scheds))
+        m.running.set(sum(len(s.running) for s in scheds))
+        m.kv_total.set(sum(s.blocks.n_blocks for s in scheds))
+        m.kv_used.set(sum(s.blocks.n_used for s in scheds))
+        m.kv_cached.set(sum(s.blocks.n_cached for s in scheds))
+        m.preemptions.set(sum(s.n_preemptions for s in scheds))
+        m.grammar_masks.set(sum(s.n_masks for s in scheds))
+        m.grammar_mask_seconds.set(sum(s.mask_seconds for s in scheds))

@@ -156,6 +156,16 @@ def cmd_pull(args: argparse.Namespace) -> int:
             sys.stderr.write(f"{p['status']}\n")
         sys.stderr.flush()
 
+    if args.list:
+        from edgelm.pull import load_catalogue
+
+        for key, e in load_catalogue().items():
+            print(f"{key:32} {e.get('size', 0) / 2**20:8.1f} MiB  {', '.join(e.get('aliases', []))}")
+            print(f"{'':32} {e.get('description', '')}")
+        return 0
+    if not args.source:
+        print("edgelm: pull needs a SOURCE (or --list)", file=sys.stderr)
+        return 2
     models_dir = Path(args.models_dir or default_models_dir()).expanduser()
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     try:
@@ -234,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     dsc.set_defaults(func=cmd_discover)
 
     pl = sub.add_parser("pull", help="download a GGUF model into the models directory (resumable, sha256-checked)")
-    pl.add_argument("source", help="https://…/FILE.gguf, edgelm://HOST:PORT/FILE.gguf, or FILE.gguf (ask the LAN)")
+    pl.add_argument("source", nargs="?", help="a catalogue name (see --list), https://…/FILE.gguf, "
+                                              "edgelm://HOST:PORT/FILE.gguf, or FILE.gguf (ask the LAN)")
+    pl.add_argument("--list", action="store_true", help="list the catalogue of known models")
     pl.add_argument("--models-dir", help="default: $EDGELM_MODELS_DIR or ~/.cache/edgelm/models")
     pl.add_argument("--sha256", help="expected digest")
     pl.add_argument("--api-key", help="key for a daemon that requires one (or EDGELM_API_KEY)",

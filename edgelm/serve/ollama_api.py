@@ -418,7 +418,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
 
 async def pull(request: web.Request) -> web.StreamResponse:
     """Ollama's /api/pull: NDJSON progress lines, then {"status": "success"}."""
-    from edgelm.pull import PullError, safe_model_name
+    from edgelm.pull import PullError, catalogue_entry, load_catalogue, safe_model_name
     from edgelm.pull import pull as do_pull
 
     srv: Server = request.app["server"]
@@ -428,7 +428,10 @@ async def pull(request: web.Request) -> web.StreamResponse:
         raise ApiError("'model' is required", "model")
     stream_mode = b.get("stream", bool, True)
     try:
-        if "://" not in source:
+        if "://" not in source and catalogue_entry(source) is None:
+            if not source.endswith(".gguf") and not any(c in source for c in "/\\") and ".." not in source:
+                known = ", ".join(sorted(load_catalogue()))
+                raise PullError(f"unknown model {source!r}: give a catalogue name ({known}), FILE.gguf or a URL")
             safe_model_name(source)
     except PullError as e:
         raise ApiError(str(e), "model", 400) from None

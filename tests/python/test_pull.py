@@ -5,10 +5,16 @@ directory."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import subprocess
 import sys
 import uuid
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import ollama
 import pytest
@@ -81,3 +87,111 @@ def test_api_pull_and_lan_lookup(tmp_path: Path) -> None:
         assert sha256(tmp_path / "lan" / SMOLLM2) == sha256(src)
         r = run_pull("nobody-has-this.gguf", "--models-dir", str(tmp_path / "lan"), "--interfaces", "127.0.0.1")
         assert r.returncode == 1 and "no edgelm daemon on the LAN has" in r.stderr
+
+
+# -- the catalogue ---------------------------------------------------------------------
+
+
+@contextmanager
+def static_server(root: Path) -> Iterator[str]:
+    """An HTTP server (with Range support) for the files in `root`, on loopback."""
+    import asyncio
+    import threading
+
+    from aiohttp import web
+
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    box: dict[str, Any] = {}
+
+    async def start() -> None:
+        app = web.Application()
+        app.router.add_static("/", root)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        box["runner"] = runner
+        box["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        ready.set()
+
+    t = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    t.start()
+    ready.wait(10)
+    try:
+        yield box["url"]
+    finally:
+        asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(10)
+
+
+def _wheels(tmp: Path) -> tuple[Path, list[dict[str, str]]]:
+    """SmolLM2 split in two, each half inside a zip, as the PyPI packages ship models."""
+    data = model_path(SMOLLM2).read_bytes()
+    half = len(data) // 2
+    root = tmp / "pypi"
+    root.mkdir()
+    parts = []
+    for i, chunk in enumerate((data[:half], data[half:])):
+        whl = root / f"smol_part{i}-1.0-py3-none-any.whl"
+        with zipfile.ZipFile(whl, "w", zipfile.ZIP_STORED) as z:
+            z.writestr(f"smol_part{i}/data/model.gguf.part{i:02d}", chunk)
+        parts.append({"name": whl.name, "sha256": sha256(whl), "member": f"smol_part{i}/data/model.gguf.part{i:02d}"})
+    return root, parts
+
+
+def test_pull_from_the_catalogue_in_parts(tmp_path: Path) -> None:
+    root, parts = _wheels(tmp_path)
+    with static_server(root) as url:
+        cat = tmp_path / "catalogue.json"
+        entry = {"aliases": ["smol:tiny"], "file": SMOLLM2, "sha256": sha256(model_path(SMOLLM2)),
+                 "parts": [{"url": f"{url}/{p['name']}", "sha256": p["sha256"], "member": p["member"]} for p in parts]}
+        cat.write_text(json.dumps({"models": {"smol-test": entry}}))
+        env = {**os.environ, "EDGELM_CATALOGUE": str(cat)}
+        dest = tmp_path / "models"
+        # An interrupted download of the first part is resumed, not restarted.
+        dest.mkdir()
+        (dest / f".{SMOLLM2}.part0.partial").write_bytes((root / parts[0]["name"]).read_bytes()[: 3 << 20])
+        r = subprocess.run([sys.executable, "-m", "edgelm.cli", "pull", "smol:tiny", "--models-dir", str(dest)],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr
+        assert "resuming at 3145728 bytes" in r.stderr and "assembling" in r.stderr
+        assert sha256(dest / SMOLLM2) == entry["sha256"]
+        assert sorted(p.name for p in dest.iterdir()) == [SMOLLM2]  # parts cleaned up
+        # A part whose digest is wrong: a clear error, nothing under the model's name.
+        entry["parts"][1]["sha256"] = "0" * 64
+        cat.write_text(json.dumps({"models": {"smol-test": entry}}))
+        r = subprocess.run([sys.executable, "-m", "edgelm.cli", "pull", "smol-test", "--models-dir", str(tmp_path / "m2")],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 1 and "sha256 mismatch for part 2" in r.stderr
+        assert not (tmp_path / "m2" / SMOLLM2).exists()
+        # /api/pull takes catalogue names too (what Ollama clients send).
+        entry["parts"][1]["sha256"] = parts[1]["sha256"]
+        cat.write_text(json.dumps({"models": {"smol-test": entry}}))
+        with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path / "m3"), env={"EDGELM_CATALOGUE": str(cat)}) as d:
+            lines = list(ollama.Client(host=d.url).pull("smol:tiny", stream=True))
+            assert lines[-1].status == "success"
+            assert any((s.status or "").startswith("assembling") for s in lines)
+            status, body = http("POST", d.url + "/api/pull", {"model": "no-such-model"})
+            assert status == 400 and "unknown model 'no-such-model'" in body["error"] and "smol-test" in body["error"]
+        assert sha256(tmp_path / "m3" / SMOLLM2) == entry["sha256"]
+
+
+def test_shipped_catalogue_matches_the_real_files() -> None:
+    """The catalogue's entries name the files these tests run on, byte for byte (the
+    URLs themselves were checked by pulling them; see DEVELOPERS.md)."""
+    from edgelm.pull import _catalogue_source, catalogue_entry, load_catalogue
+
+    os.environ.pop("EDGELM_CATALOGUE", None)
+    cat = load_catalogue()
+    for name in (SMOLLM2, "gemma-3-270m-q4_k_m.gguf"):
+        hit = catalogue_entry(name)
+        assert hit is not None
+        src = _catalogue_source(*hit)
+        f = model_path(name)
+        assert src.file == f.name and hit[1]["size"] == f.stat().st_size and src.sha256 == sha256(f)
+    for key, e in cat.items():
+        src = _catalogue_source(key, e)
+        assert all(p.url.startswith("https://") and len(p.sha256 or "") == 64 for p in src.parts)
+    assert catalogue_entry("gemma3:270m") is not None and catalogue_entry("smollm2:latest") is not None

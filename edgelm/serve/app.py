@@ -31,7 +31,7 @@ from edgelm.serve.mdns import Advertiser, default_state_dir
 from edgelm.serve.metrics import Metrics
 from edgelm.serve.models import ModelPool
 from edgelm.serve.openapi import openapi_spec
-from edgelm.serve.params import ApiError, Body
+from edgelm.serve.params import ApiError, Body, SERVER
 from edgelm.serve.sdnotify import Notifier
 
 log = logging.getLogger("edgelm.serve")
@@ -89,7 +89,7 @@ class Server:
 
 
 async def health(request: web.Request) -> web.Response:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     pool = srv.pool
     body: dict[str, Any] = {"status": "ok" if srv.state == "ready" else srv.state, "model": pool.default_id,
                             "version": __version__}
@@ -110,13 +110,13 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     srv.pool.update_gauges()
     return web.Response(body=srv.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     content = b.get("content", str)
     if content is None:
@@ -132,7 +132,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     toks = b.data.get("tokens")
     if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
@@ -146,7 +146,7 @@ async def detokenize(request: web.Request) -> web.Response:
 
 
 async def openapi(request: web.Request) -> web.Response:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     return web.json_response(openapi_spec(sorted(srv.pool.available())))
 
 
@@ -186,7 +186,7 @@ def _check_auth(srv: Server, request: web.Request) -> None:
 
 @web.middleware
 async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
     try:
         _check_auth(srv, request)
@@ -224,7 +224,7 @@ def _error(request: web.Request, e: ApiError) -> web.Response:
 
 def make_app(srv: Server) -> web.Application:
     app = web.Application(middlewares=[errors], client_max_size=srv.cfg.max_body_kib * 1024)
-    app["server"] = srv
+    app[SERVER] = srv
     r = app.router
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)

@@ -26,7 +26,7 @@ from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
 from edgelm.serve.config import parse_keep_alive
-from edgelm.serve.params import ApiError, Body
+from edgelm.serve.params import ApiError, Body, SERVER
 from edgelm.serve.scheduler import QueueFull
 
 if TYPE_CHECKING:
@@ -113,7 +113,7 @@ async def version(request: web.Request) -> web.Response:
 async def tags(request: web.Request) -> web.Response:
     """The models in the models directory (and the configured one): file listing only,
     never a load."""
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     out = []
     for mid, path in srv.pool.available().items():
         size, mtime = _file_info(path)
@@ -124,7 +124,7 @@ async def tags(request: web.Request) -> web.Response:
 
 async def ps(request: web.Request) -> web.Response:
     """The models in memory, and when each will be unloaded."""
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     out = []
     for lm in srv.pool.loaded.values():
         exp = "2318-08-27T00:00:00Z" if lm.expires_at is None else _iso(lm.expires_at)
@@ -135,7 +135,7 @@ async def ps(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     async with srv.use(_model_name(b)) as lm:
         md = lm.model.metadata
@@ -303,7 +303,7 @@ async def _load_or_unload(srv: Server, name: str, ka: float | None | str, kind: 
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     name = _model_name(b)
     schema = _format(b)
@@ -336,14 +336,14 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def embed(request: web.Request) -> web.Response:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     mid, _ = srv.pool.resolve(_model_name(b))
     raise ApiError(f"model '{mid}' does not support embeddings (it is a text generation model)", "model", 400)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     name = _model_name(b)
     schema = _format(b)
@@ -388,7 +388,7 @@ def _models_dir(srv: Server) -> Path:
 
 async def list_files(request: web.Request) -> web.Response:
     """The GGUF files in the models directory (what other daemons may pull)."""
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     d = _models_dir(srv)
     files = sorted(p for p in d.glob("*.gguf") if p.is_file()) if d.is_dir() else []
     return web.json_response({"models": [{"file": p.name, "size": p.stat().st_size} for p in files]})
@@ -401,7 +401,7 @@ async def get_file(request: web.Request) -> web.StreamResponse:
     """One model file, with Range support (resumable pulls) and its sha256."""
     from edgelm.pull import PullError, file_sha256, safe_model_name
 
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     try:
         name = safe_model_name(request.match_info["file"])
     except PullError as e:
@@ -421,7 +421,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     from edgelm.pull import PullError, catalogue_entry, load_catalogue, safe_model_name
     from edgelm.pull import pull as do_pull
 
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     source = b.get("model", str) or b.get("name", str)
     if not source:

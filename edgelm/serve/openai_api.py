@@ -21,7 +21,7 @@ from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
-from edgelm.serve.params import ApiError, Body, sampling_from
+from edgelm.serve.params import ApiError, Body, SERVER, sampling_from
 from edgelm.serve.scheduler import QueueFull
 
 if TYPE_CHECKING:
@@ -200,7 +200,7 @@ def _completion_logprobs(lm: LoadedModel, ds: list[Delta], offset0: int) -> dict
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     async with srv.use(b.get("model", str)) as lm:
         return await _completions(request, srv, lm, b)
@@ -342,7 +342,7 @@ def _chat_logprobs(lm: LoadedModel, ds: list[Delta]) -> dict[str, Any]:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     async with srv.use(b.get("model", str)) as lm:
         return await _chat_completions(request, srv, lm, b)
@@ -446,11 +446,11 @@ def _model_obj(srv: Server, mid: str) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     """Every model this daemon can serve (loaded or not; listing never loads one)."""
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     return web.json_response({"object": "list", "data": [_model_obj(srv, m) for m in srv.pool.available()]})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    srv: Server = request.app["server"]
+    srv: Server = request.app[SERVER]
     mid, _ = srv.pool.resolve(request.match_info["model"])
     return web.json_response(_model_obj(srv, mid))

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+if TYPE_CHECKING:
+    from edgelm.serve.app import Server
+
+SERVER: web.AppKey[Server] = web.AppKey("server")
+"""Where the aiohttp application keeps its `Server`."""
 
 
 class ApiError(Exception):

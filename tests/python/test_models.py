@@ -133,3 +133,24 @@ def test_max_loaded_models_and_names(models_dir: Path) -> None:
         for bad_ka in ("soon", [1], True):
             status, body = d.post("/api/generate", {"model": SMOL, "prompt": "x", "keep_alive": bad_ka})
             assert status == 400 and "keep_alive" in body["error"]
+
+
+def test_mdns_record_follows_loaded_models(models_dir: Path, tmp_path: Path) -> None:
+    import uuid
+
+    from test_mdns import browse
+
+    name = f"edgelm models {uuid.uuid4().hex[:8]}"
+    with daemon(models_dir / f"{SMOL}.gguf", "--models-dir", str(models_dir), "--kv-cache-mib", "16",
+                "--mdns-name", name, "--state-dir", str(tmp_path / "state"), mdns=True) as d:
+        def record() -> dict[str, str]:
+            found = [x for x in browse(1.5) if x["name"] == name]
+            assert len(found) == 1, found
+            return found[0]
+
+        assert record()["model"] == SMOL
+        c = ollama.Client(host=d.url)
+        c.generate(model=GEMMA, prompt="", keep_alive="1m")  # load
+        assert record()["model"] == f"{SMOL},{GEMMA}"
+        c.generate(model=GEMMA, prompt="", keep_alive=0)  # unload
+        assert record()["model"] == SMOL

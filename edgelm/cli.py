@@ -180,7 +180,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 _SERVE_FLAGS = ("model", "models_dir", "served_model_name", "host", "port", "threads", "kernel_level",
                 "kv_cache_mib", "max_context", "max_running", "max_step_tokens", "max_queue",
                 "request_timeout_s", "shutdown_grace_s", "log_level", "mdns_name", "state_dir",
-                "memory_budget_mib", "max_loaded_models", "keep_alive", "max_tool_rounds")
+                "memory_budget_mib", "max_loaded_models", "keep_alive", "max_tool_rounds", "device")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int)
     s.add_argument("-t", "--threads", type=int)
     s.add_argument("--kernel-level")
+    s.add_argument("--device", help="auto (default: GPU 0 if usable), cpu, cuda or cuda:N")
     s.add_argument("--kv-cache-mib", type=int)
     s.add_argument("--max-context", type=int)
     s.add_argument("--max-running", type=int)

@@ -95,12 +95,12 @@ async def health(request: web.Request) -> web.Response:
                             "version": __version__}
     lm = pool.loaded.get(pool.default_id) or next(iter(pool.loaded.values()), None)
     if lm is not None:
-        body.update(kernel_level=lm.model.kernel_level, threads=lm.model.n_threads,
+        body.update(kernel_level=lm.model.kernel_level, threads=lm.model.n_threads, device=lm.device,
                     architecture=lm.model.architecture, context=lm.max_context)
         s = lm.engine.sched
         body.update(running=len(s.running), waiting=len(s.waiting), kv_blocks_total=s.blocks.n_blocks,
                     kv_blocks_used=s.blocks.n_used, kv_blocks_cached=s.blocks.n_cached)
-    body["models"] = [{"model": m.id, "context": m.max_context, "memory_mib": round(m.cost_bytes / 2**20),
+    body["models"] = [{"model": m.id, "device": m.device, "context": m.max_context, "memory_mib": round(m.cost_bytes / 2**20),
                        "running": len(m.engine.sched.running), "waiting": len(m.engine.sched.waiting)}
                       for m in pool.loaded.values()]
     body["memory_budget_mib"] = pool.budget_bytes >> 20
@@ -294,7 +294,8 @@ async def serve(cfg: Config) -> int:
         lm = srv.pool.loaded[srv.pool.default_id]
         log.info("ready: %s on http://%s:%d", lm.id, cfg.host, port)
         if mdns is not None:
-            await mdns.update(state="ready", model=srv.loaded_names()[:200], accel=f"cpu-{lm.model.kernel_level}")
+            accel = f"cpu-{lm.model.kernel_level}" if lm.device == "cpu" else lm.device.split(" ")[0]
+            await mdns.update(state="ready", model=srv.loaded_names()[:200], accel=accel)
             busy_task = asyncio.ensure_future(_track_busy(srv, mdns))
         # Ready everywhere at once: /health, the mDNS record, systemd.
         srv.state = "ready"

@@ -78,6 +78,8 @@ class Config:
     threads: int | None = None
     """Compute threads (default: physical cores)."""
     kernel_level: str | None = None
+    device: str = "auto"
+    """Where models run: auto (GPU 0 if usable, else the CPU), cpu, cuda, cuda:N."""
     kv_cache_mib: int | None = None
     """KV cache budget (default: a quarter of available memory, at most 2 GiB)."""
     max_context: int | None = None
@@ -143,6 +145,8 @@ class Config:
             raise bad("kernel_level", "must be scalar, avx2, avx512, neon, dotprod or i8mm")
         if not self.model:
             raise bad("model", "must not be empty")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise bad("device", f"{self.device!r}: expected auto, cpu, cuda or cuda:N")
         for key in ("api_key", "admin_key"):
             v = getattr(self, key)
             if v is not None and (len(v) < 8 or any(c.isspace() for c in v)):

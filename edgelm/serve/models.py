@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm import EdgelmError, Model
+from edgelm import EdgelmError, Model, _native
 from edgelm._native import Executor
 from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplate
@@ -81,6 +81,7 @@ class LoadedModel:
     cost_bytes: int
     bos_id: int | None
     keep_alive_s: float | None
+    device: str = "cpu"
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     n_users: int = 0
@@ -143,6 +144,7 @@ class ModelPool:
         self.default_path = cfg.model_path()
         self.default_id = cfg.model_id()
         self._details: dict[tuple[str, int, float], dict[str, Any]] = {}
+        self._device: tuple[str, dict[str, Any] | None] | None = None
 
     # -- names ---------------------------------------------------------------------
     def models_dir(self) -> Path:
@@ -217,9 +219,9 @@ class ModelPool:
                 return self.loaded[mid]
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            model, n_blocks, cost = await loop.run_in_executor(None, self._open, path)
+            model, n_blocks, cost, device = await loop.run_in_executor(None, self._open, path)
             await self._make_room(mid, cost)
-            parts, executor, eog = await loop.run_in_executor(None, self._build, mid, path, model, n_blocks)
+            parts, executor, eog = await loop.run_in_executor(None, self._build, mid, path, model, n_blocks, device)
             c = self.cfg
             limits = SchedulerLimits(c.max_running, c.max_step_tokens, c.max_queue, parts["max_context"])
             engine = AsyncEngine(executor, limits, self.metrics, eog, c.prefix_cache, gauges=self.update_gauges)
@@ -237,19 +239,52 @@ class ModelPool:
                 self.on_change()
             return lm
 
-    def _open(self, path: Path) -> tuple[Model, int, int]:
+    def device(self) -> tuple[str, dict[str, Any] | None]:
+        """The device models run on ("cpu" or "cuda:N") and the GPU's details, from
+        the `device` setting; "auto" takes GPU 0 when there is a usable one."""
+        if self._device is not None:
+            return self._device
+        want = self.cfg.device
+        if want == "cpu":
+            self._device = ("cpu", None)
+            return self._device
+        ordinal = int(want.split(":", 1)[1]) if want.startswith("cuda:") else 0
+        try:
+            info = _native.cuda_device(ordinal)
+        except EdgelmError as e:
+            if want != "auto":
+                raise EdgelmError(f"device {want!r} was asked for, but {e}") from None
+            log.info("no usable GPU (%s); running on the CPU", e)
+            self._device = ("cpu", None)
+            return self._device
+        log.info("GPU %d: %s (sm_%d, %.1f of %.1f GiB free%s; kernels from %s)", ordinal, info["name"], info["arch"],
+                 info["free_bytes"] / 2**30, info["total_bytes"] / 2**30,
+                 ", memory shared with the CPU" if info["integrated"] else "", info["kernels_from"])
+        self._device = (f"cuda:{ordinal}", info)
+        return self._device
+
+    def _open(self, path: Path) -> tuple[Model, int, int, str]:
         if not path.is_file():
             raise EdgelmError(f"model file {path} does not exist (set `model:` in the config, or fetch one with "
                               f"`edgelm pull`)")
         model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level)
+        device, info = self.device()
         per_token = model.native.kv_bytes_per_token
+        size = path.stat().st_size
+        discrete = info is not None and not info["integrated"]
         if self.cfg.kv_cache_mib is not None:
             kv_budget = self.cfg.kv_cache_mib << 20
+        elif discrete:
+            # A discrete GPU's own memory: half of what the weights leave free.
+            assert info is not None
+            kv_budget = min(max(int(info["free_bytes"]) - size, 0) // 2, 32 << 30)
         else:
             kv_budget = min(self.budget_bytes // 4, 2 << 30)
         n_blocks = max(kv_budget // (per_token * BLOCK_SIZE), 1)
-        cost = path.stat().st_size + n_blocks * BLOCK_SIZE * per_token + SCRATCH_BYTES
-        return model, int(n_blocks), int(cost)
+        # Host memory: the mapped weights, and the KV cache unless it is on a GPU of
+        # its own (on a Jetson the GPU's memory is the host's).
+        cost = size + SCRATCH_BYTES + (0 if discrete else n_blocks * BLOCK_SIZE * per_token)
+        return model, int(n_blocks), int(cost), device
 
     async def _make_room(self, mid: str, cost: int) -> None:
         def used() -> int:
@@ -273,13 +308,20 @@ class ModelPool:
                 f"idle, raise memory_budget_mib, or lower kv_cache_mib",
                 "model", 503, "insufficient_memory", "server_error", {"Retry-After": "5"})
 
-    def _build(self, mid: str, path: Path, model: Model, n_blocks: int) -> tuple[dict[str, Any], Executor, frozenset[int]]:
+    def _build(self, mid: str, path: Path, model: Model, n_blocks: int,
+               device: str) -> tuple[dict[str, Any], Executor, frozenset[int]]:
         """Everything but the engine (which starts on the event loop), off the loop."""
         native = model.native
         max_ctx = min(self.cfg.max_context or model.n_ctx_train, model.n_ctx_train, n_blocks * BLOCK_SIZE)
         if max_ctx < 2:
             raise EdgelmError(f"the KV cache budget holds fewer than 2 tokens for {mid}")
-        executor = Executor(native, n_blocks)
+        try:
+            executor = Executor(native, n_blocks, device)
+        except EdgelmError as e:
+            if self.cfg.device != "auto" or device == "cpu":
+                raise
+            log.warning("%s cannot run on %s (%s); it runs on the CPU", mid, device, e)
+            executor = Executor(native, n_blocks, "cpu")
         md = model.metadata
         tmpl = md.get("tokenizer.chat_template")
         bos, eos = native.bos, native.eos
@@ -289,12 +331,12 @@ class ModelPool:
         eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
         keep = None if path == self.default_path else self.default_keep_alive
         parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
-                 "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep}
+                 "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep, "device": executor.device}
         st = path.stat()
         self._details[(str(path), st.st_size, st.st_mtime)] = {
             k: md.get(k) for k in ("general.architecture", "general.file_type", "general.size_label")}
-        log.info("%s: %s, %s kernels, %d threads; KV cache %d blocks × %d tokens, context %d", mid,
-                 model.architecture, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx)
+        log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d", mid,
+                 model.architecture, executor.device, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx)
         return parts, executor, eog
 
     async def unload(self, mid: str) -> bool:

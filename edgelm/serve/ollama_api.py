@@ -130,7 +130,7 @@ async def ps(request: web.Request) -> web.Response:
         exp = "2318-08-27T00:00:00Z" if lm.expires_at is None else _iso(lm.expires_at)
         out.append({"name": ollama_name(lm.id), "model": ollama_name(lm.id), "size": lm.cost_bytes,
                     "digest": _digest(lm.path), "details": _details(srv, lm.path), "expires_at": exp,
-                    "size_vram": 0, "context_length": lm.max_context})
+                    "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0], "context_length": lm.max_context})
     return web.json_response({"models": out})
 
 

@@ -11,9 +11,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use crate::cuda::model::{GpuKv, GpuModel};
+use crate::cuda::Gpu;
 use crate::engine::Engine;
 use crate::error::{Error, Result};
-use crate::kv::KvCache;
+use crate::kv::{KvCache, KvShape};
 use crate::model::ops::FA_TILE_Q;
 use crate::model::{LogitsWanted, SeqInput};
 use crate::sample::{Sampled, Sampler, SamplingParams};
@@ -52,26 +54,52 @@ pub struct StepOut {
     pub text: String,
 }
 
+/// Where the forward pass runs: the CPU kernels over a host KV cache, or the GPU
+/// with the weights and the KV cache in device memory. The scheduler does not know.
+enum Backend {
+    Cpu(KvCache),
+    Cuda(Box<GpuModel>, GpuKv),
+}
+
 pub struct Executor {
     engine: Arc<Engine>,
-    kv: KvCache,
+    backend: Backend,
+    shape: KvShape,
     seqs: HashMap<u64, Seq>,
 }
 
 impl Executor {
     pub fn new(engine: Arc<Engine>, n_blocks: usize) -> Result<Executor> {
-        let kv = KvCache::new(engine.kv_shape(n_blocks))?;
-        Ok(Executor { engine, kv, seqs: HashMap::new() })
+        let shape = engine.kv_shape(n_blocks);
+        let kv = KvCache::new(shape)?;
+        Ok(Executor { engine, backend: Backend::Cpu(kv), shape, seqs: HashMap::new() })
+    }
+
+    /// An executor whose steps run on `gpu`: the weights are uploaded now, the KV
+    /// cache of `n_blocks` blocks lives in device memory.
+    pub fn new_cuda(engine: Arc<Engine>, n_blocks: usize, gpu: &Arc<Gpu>) -> Result<Executor> {
+        let shape = engine.kv_shape(n_blocks);
+        let gm = GpuModel::upload(gpu, &engine.model)?;
+        let kv = gm.new_kv(n_blocks, shape.block_size)?;
+        Ok(Executor { engine, backend: Backend::Cuda(Box::new(gm), kv), shape, seqs: HashMap::new() })
+    }
+
+    /// "cpu", or "cuda:N" with the GPU's name.
+    pub fn device(&self) -> String {
+        match &self.backend {
+            Backend::Cpu(_) => "cpu".into(),
+            Backend::Cuda(gm, _) => format!("cuda:{} ({}, sm_{})", gm.gpu.ordinal, gm.gpu.name, gm.gpu.arch),
+        }
     }
 
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
     pub fn n_blocks(&self) -> usize {
-        self.kv.shape.n_blocks
+        self.shape.n_blocks
     }
     pub fn block_size(&self) -> usize {
-        self.kv.shape.block_size
+        self.shape.block_size
     }
     pub fn n_sequences(&self) -> usize {
         self.seqs.len()
@@ -150,7 +178,7 @@ impl Executor {
                     return Err(Error::invalid(format!("sequence {}: the token mask allows no token", it.seq)));
                 }
             }
-            self.kv.check_table(&it.block_table, it.end)?;
+            self.shape.check_table(&it.block_table, it.end)?;
         }
         let inputs: Vec<SeqInput<'_>> = items
             .iter()
@@ -165,7 +193,10 @@ impl Executor {
                 input
             })
             .collect();
-        let logits = self.engine.forward_invariant(&mut self.kv, &inputs)?;
+        let logits = match &mut self.backend {
+            Backend::Cpu(kv) => self.engine.forward_invariant(kv, &inputs)?,
+            Backend::Cuda(gm, kv) => gm.forward(kv, &inputs)?,
+        };
         drop(inputs);
         let nv = logits.n_vocab;
         let mut out = Vec::with_capacity(logits.rows.len());

@@ -31,6 +31,10 @@ pub enum Error {
     /// KV cache blocks are exhausted; the caller can free sequences and retry.
     #[error("out of KV cache blocks: {0}")]
     OutOfBlocks(String),
+
+    /// CUDA is missing, failed, or cannot run this model; the caller can use the CPU.
+    #[error("CUDA: {0}")]
+    Cuda(String),
 }
 
 impl Error {

@@ -16,5 +16,6 @@ pub mod engine;
 pub mod batch;
 pub mod threads;
 pub mod bench;
+pub mod cuda;
 
 pub use error::{Error, Result};

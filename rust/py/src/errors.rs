@@ -29,6 +29,7 @@ pub fn to_py(e: Error) -> PyErr {
         Error::Tokenizer(_) => TokenizerError::new_err(msg),
         Error::InvalidInput(_) => InvalidRequestError::new_err(msg),
         Error::OutOfBlocks(_) => CacheFullError::new_err(msg),
+        Error::Cuda(_) => EdgelmError::new_err(msg),
     }
 }
 

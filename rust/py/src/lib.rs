@@ -257,11 +257,33 @@ impl Executor {
 
 #[pymethods]
 impl Executor {
+    /// `device`: "cpu", or "cuda" / "cuda:N" (the weights are uploaded now; an
+    /// EdgelmError says why when the GPU cannot take this model).
     #[new]
-    fn new(model: &Model, n_blocks: usize) -> PyResult<Self> {
-        let ex = CoreExecutor::new(Arc::clone(&model.engine), n_blocks).map_err(to_py)?;
+    #[pyo3(signature = (model, n_blocks, device="cpu"))]
+    fn new(py: Python<'_>, model: &Model, n_blocks: usize, device: &str) -> PyResult<Self> {
+        let choice: edgelm_core::cuda::DeviceChoice = device.parse().map_err(to_py)?;
+        let engine = Arc::clone(&model.engine);
+        let ex = py
+            .detach(|| match choice {
+                edgelm_core::cuda::DeviceChoice::Cpu => CoreExecutor::new(engine, n_blocks),
+                edgelm_core::cuda::DeviceChoice::Cuda(n) => {
+                    let gpu = edgelm_core::cuda::Gpu::open(n)?;
+                    CoreExecutor::new_cuda(engine, n_blocks, &gpu)
+                }
+                edgelm_core::cuda::DeviceChoice::Auto => match edgelm_core::cuda::probe() {
+                    Ok(gpu) => CoreExecutor::new_cuda(engine, n_blocks, &gpu),
+                    Err(_) => CoreExecutor::new(engine, n_blocks),
+                },
+            })
+            .map_err(to_py)?;
         let block_size = ex.block_size();
         Ok(Executor { inner: Mutex::new(ex), n_blocks, block_size })
+    }
+    /// "cpu", or "cuda:N (name, sm_XY)".
+    #[getter]
+    fn device(&self) -> PyResult<String> {
+        Ok(self.lock()?.device())
     }
     #[getter]
     fn n_blocks(&self) -> usize {
@@ -448,6 +470,26 @@ fn read_bandwidth(py: Python<'_>, n_bytes: usize, n_threads: usize, reps: usize)
 }
 
 /// The kernel level `Model` picks by default on this CPU (after EDGELM_KERNEL_LEVEL).
+/// The CUDA device `ordinal` as a dict (name, arch, memory, integrated, driver),
+/// opening it (and compiling the kernels) if needed; EdgelmError says why not.
+#[pyfunction]
+#[pyo3(signature = (ordinal=0))]
+fn cuda_device<'py>(py: Python<'py>, ordinal: usize) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
+    let gpu = py
+        .detach(|| if ordinal == 0 { edgelm_core::cuda::probe().map_err(edgelm_core::error::Error::Cuda) } else { edgelm_core::cuda::Gpu::open(ordinal) })
+        .map_err(to_py)?;
+    let (free, total) = gpu.mem_info().map_err(to_py)?;
+    let d = pyo3::types::PyDict::new(py);
+    d.set_item("name", gpu.name.clone())?;
+    d.set_item("arch", gpu.arch)?;
+    d.set_item("free_bytes", free)?;
+    d.set_item("total_bytes", total)?;
+    d.set_item("integrated", gpu.integrated)?;
+    d.set_item("driver_version", gpu.driver_version)?;
+    d.set_item("kernels_from", gpu.kernels_from)?;
+    Ok(d)
+}
+
 #[pyfunction]
 fn kernel_level() -> &'static str {
     Kernels::detect().level.name()
@@ -475,6 +517,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(physical_cores, m)?)?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;
     m.add_function(wrap_pyfunction!(kernel_level, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_device, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernel_levels, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

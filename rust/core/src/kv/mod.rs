@@ -26,6 +26,21 @@ pub struct KvShape {
 }
 
 impl KvShape {
+    /// Check a block table can hold `n_pos` positions and names only real blocks.
+    pub fn check_table(&self, table: &[u32], n_pos: usize) -> Result<()> {
+        let need = n_pos.div_ceil(self.block_size);
+        if table.len() < need {
+            return Err(Error::invalid(format!(
+                "block table has {} blocks but {n_pos} positions need {need} (block size {})",
+                table.len(),
+                self.block_size
+            )));
+        }
+        if let Some(&b) = table[..need].iter().find(|&&b| b as usize >= self.n_blocks) {
+            return Err(Error::invalid(format!("block id {b} is out of range (the cache has {} blocks)", self.n_blocks)));
+        }
+        Ok(())
+    }
     /// Bytes one token occupies across all layers (K and V).
     pub fn bytes_per_token(&self) -> usize {
         self.n_layer * (self.kv_dim_k + self.kv_dim_v) * 2
@@ -105,18 +120,7 @@ impl KvCache {
 
     /// Check a block table can hold `n_pos` positions and names only real blocks.
     pub fn check_table(&self, table: &[u32], n_pos: usize) -> Result<()> {
-        let need = n_pos.div_ceil(self.shape.block_size);
-        if table.len() < need {
-            return Err(Error::invalid(format!(
-                "block table has {} blocks but {n_pos} positions need {need} (block size {})",
-                table.len(),
-                self.shape.block_size
-            )));
-        }
-        if let Some(&b) = table[..need].iter().find(|&&b| b as usize >= self.shape.n_blocks) {
-            return Err(Error::invalid(format!("block id {b} is out of range (the cache has {} blocks)", self.shape.n_blocks)));
-        }
-        Ok(())
+        self.shape.check_table(table, n_pos)
     }
 }
 

@@ -54,35 +54,35 @@ impl Weight {
 }
 
 #[derive(Debug)]
-struct Layer {
-    attn_norm: Vec<f32>,    // [n_embd]
-    wq: Weight,             // [q_dim][n_embd]
-    wk: Weight,             // [kv_dim_k][n_embd]
-    wv: Weight,             // [kv_dim_v][n_embd]
-    wo: Weight,             // [n_embd][n_head * head_dim_v]
-    bq: Option<Vec<f32>>,   // [q_dim]      (qwen2)
-    bk: Option<Vec<f32>>,   // [kv_dim_k]   (qwen2)
-    bv: Option<Vec<f32>>,   // [kv_dim_v]   (qwen2)
-    bo: Option<Vec<f32>>,   // [n_embd]     (some llama variants)
-    q_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
-    k_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
-    post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
-    ffn_norm: Vec<f32>,     // [n_embd]
-    gate: Weight,           // [n_ff][n_embd]
-    up: Weight,             // [n_ff][n_embd]
-    down: Weight,           // [n_embd][n_ff]
-    post_ffn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
+pub(crate) struct Layer {
+    pub(crate) attn_norm: Vec<f32>,    // [n_embd]
+    pub(crate) wq: Weight,             // [q_dim][n_embd]
+    pub(crate) wk: Weight,             // [kv_dim_k][n_embd]
+    pub(crate) wv: Weight,             // [kv_dim_v][n_embd]
+    pub(crate) wo: Weight,             // [n_embd][n_head * head_dim_v]
+    pub(crate) bq: Option<Vec<f32>>,   // [q_dim]      (qwen2)
+    pub(crate) bk: Option<Vec<f32>>,   // [kv_dim_k]   (qwen2)
+    pub(crate) bv: Option<Vec<f32>>,   // [kv_dim_v]   (qwen2)
+    pub(crate) bo: Option<Vec<f32>>,   // [n_embd]     (some llama variants)
+    pub(crate) q_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
+    pub(crate) k_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
+    pub(crate) post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
+    pub(crate) ffn_norm: Vec<f32>,     // [n_embd]
+    pub(crate) gate: Weight,           // [n_ff][n_embd]
+    pub(crate) up: Weight,             // [n_ff][n_embd]
+    pub(crate) down: Weight,           // [n_embd][n_ff]
+    pub(crate) post_ffn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
 }
 
 pub struct Model {
     pub cfg: Config,
     pub file: Arc<Gguf>,
-    tok_embd: Weight,          // [n_vocab][n_embd]
-    layers: Vec<Layer>,
-    output_norm: Vec<f32>,     // [n_embd]
-    output: Weight,            // [n_vocab][n_embd] (tied to tok_embd when absent)
-    output_bias: Option<Vec<f32>>, // [n_vocab]
-    rope_freqs: Option<Vec<f32>>, // [n_rot/2] llama3-style frequency divisors
+    pub(crate) tok_embd: Weight,          // [n_vocab][n_embd]
+    pub(crate) layers: Vec<Layer>,
+    pub(crate) output_norm: Vec<f32>,     // [n_embd]
+    pub(crate) output: Weight,            // [n_vocab][n_embd] (tied to tok_embd when absent)
+    pub(crate) output_bias: Option<Vec<f32>>, // [n_vocab]
+    pub(crate) rope_freqs: Option<Vec<f32>>, // [n_rot/2] llama3-style frequency divisors
     pub profile: Profile,
 }
 

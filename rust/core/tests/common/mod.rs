@@ -123,3 +123,40 @@ pub fn tiny_llama(t: &Tiny) -> GgufWriter {
     }
     w
 }
+
+/// A tiny gemma3-architecture model: the llama one plus Gemma's per-head Q/K norms,
+/// post-attention and post-FFN norms, GELU, embedding scaling, and sliding-window
+/// attention (window 8, every other layer) with its own RoPE base.
+#[allow(dead_code)]
+pub fn tiny_gemma3(t: &Tiny) -> GgufWriter {
+    let mut w = tiny_llama(t);
+    for k in ["context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
+              "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size"] {
+        w.remove_kv(&format!("llama.{k}"));
+    }
+    let hd = t.n_embd / t.n_head;
+    w.kv("general.architecture", Value::Str("gemma3".into()))
+        .kv("gemma3.context_length", Value::U32(256))
+        .kv("gemma3.embedding_length", Value::U32(t.n_embd as u32))
+        .kv("gemma3.block_count", Value::U32(t.n_layer as u32))
+        .kv("gemma3.feed_forward_length", Value::U32(t.n_ff as u32))
+        .kv("gemma3.attention.head_count", Value::U32(t.n_head as u32))
+        .kv("gemma3.attention.head_count_kv", Value::U32(t.n_head_kv as u32))
+        .kv("gemma3.attention.key_length", Value::U32(hd as u32))
+        .kv("gemma3.attention.value_length", Value::U32(hd as u32))
+        .kv("gemma3.rope.freq_base", Value::F32(1_000_000.0))
+        .kv("gemma3.rope.freq_base_swa", Value::F32(10_000.0))
+        .kv("gemma3.attention.sliding_window", Value::U32(8))
+        .kv("gemma3.attention.sliding_window_pattern", Value::U32(2))
+        .kv("gemma3.attention.layer_norm_rms_epsilon", Value::F32(1e-6))
+        .kv("gemma3.vocab_size", Value::U32(t.n_vocab as u32));
+    for il in 0..t.n_layer {
+        let s = 1000 * (il as u64 + 1);
+        let n = |x: &str| format!("blk.{il}.{x}");
+        tensor(&mut w, &n("attn_q_norm.weight"), hd, 1, GgmlType::F32, s + 1);
+        tensor(&mut w, &n("attn_k_norm.weight"), hd, 1, GgmlType::F32, s + 2);
+        tensor(&mut w, &n("post_attention_norm.weight"), t.n_embd, 1, GgmlType::F32, s + 3);
+        tensor(&mut w, &n("post_ffw_norm.weight"), t.n_embd, 1, GgmlType::F32, s + 4);
+    }
+    w
+}

@@ -1,0 +1,170 @@
+//! GPU throughput of the serving executor on the measure model: Llama 3.2 1B
+//! shapes (dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, RoPE base 500000) with
+//! a 49152-token vocabulary and random weights in one format.
+//!
+//!     cargo run --release --example cuda_bench -- q4_0 [q4_k q8_0 ...]
+//!
+//! Prints, per format: prompt processing (pp512, one sequence), generation (tg128, one
+//! sequence), aggregate generation with 16 and 64 concurrent sequences, and tg as a
+//! fraction of the bound (weight bytes per token over the card's bandwidth, given by
+//! EDGELM_GPU_BW_GBS, default 4800 for an H200). One JSON object per format on stdout.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use edgelm_core::batch::{Executor, StepItem};
+use edgelm_core::engine::{Engine, LoadOptions};
+use edgelm_core::gguf::{Array, Gguf, GgufWriter, Value};
+use edgelm_core::quant::{self, GgmlType};
+use edgelm_core::sample::SamplingParams;
+
+const E: usize = 2048;
+const LAYERS: usize = 16;
+const HEADS: usize = 32;
+const KV_HEADS: usize = 8;
+const FF: usize = 8192;
+const VOCAB: usize = 49152;
+
+fn randn(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32 * 0.035 // σ ≈ 0.02
+        })
+        .collect()
+}
+
+/// A `rows × cols` matrix in `ty`: 64 distinct random rows, repeated (the bytes read
+/// per token are what matter here, not their variety).
+fn matrix(w: &mut GgufWriter, name: &str, cols: usize, rows: usize, ty: GgmlType, seed: u64) {
+    let rb = ty.row_bytes(cols).unwrap();
+    let distinct = 64.min(rows);
+    let mut base = vec![0u8; rb * distinct];
+    for r in 0..distinct {
+        quant::quantize_row(ty, &randn(cols, seed * 1000 + r as u64), &mut base[r * rb..(r + 1) * rb]);
+    }
+    let mut data = Vec::with_capacity(rb * rows);
+    for r in 0..rows {
+        data.extend_from_slice(&base[(r % distinct) * rb..(r % distinct + 1) * rb]);
+    }
+    w.tensor(name, &[cols as u64, rows as u64], ty, data);
+}
+
+fn model(ty: GgmlType) -> Vec<u8> {
+    let mut w = GgufWriter::new();
+    w.kv("general.architecture", Value::Str("llama".into()))
+        .kv("llama.context_length", Value::U32(8192))
+        .kv("llama.embedding_length", Value::U32(E as u32))
+        .kv("llama.block_count", Value::U32(LAYERS as u32))
+        .kv("llama.feed_forward_length", Value::U32(FF as u32))
+        .kv("llama.attention.head_count", Value::U32(HEADS as u32))
+        .kv("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32))
+        .kv("llama.rope.freq_base", Value::F32(500000.0))
+        .kv("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5))
+        .kv("llama.vocab_size", Value::U32(VOCAB as u32));
+    let mut toks: Vec<String> = (0..256u32).map(|b| char::from_u32(0x100 + b).unwrap().to_string()).collect();
+    while toks.len() < VOCAB - 1 {
+        toks.push(format!("t{}", toks.len()));
+    }
+    toks.push("<|endoftext|>".into());
+    let mut types = vec![1i32; VOCAB];
+    types[VOCAB - 1] = 3;
+    w.kv("tokenizer.ggml.model", Value::Str("gpt2".into()))
+        .kv("tokenizer.ggml.pre", Value::Str("gpt-2".into()))
+        .kv("tokenizer.ggml.tokens", Value::Array(Array::Str(toks)))
+        .kv("tokenizer.ggml.token_type", Value::Array(Array::I32(types)))
+        .kv("tokenizer.ggml.merges", Value::Array(Array::Str(vec![])))
+        .kv("tokenizer.ggml.eos_token_id", Value::U32(VOCAB as u32 - 1));
+    let hd = E / HEADS;
+    matrix(&mut w, "token_embd.weight", E, VOCAB, ty, 1);
+    w.tensor("output_norm.weight", &[E as u64], GgmlType::F32, vec![0x3f80_0000u32; E].iter().flat_map(|x| x.to_le_bytes()).collect());
+    for il in 0..LAYERS {
+        let s = 100 * (il as u64 + 1);
+        let n = |x: &str| format!("blk.{il}.{x}");
+        let ones: Vec<u8> = vec![0x3f80_0000u32; E].iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.tensor(&n("attn_norm.weight"), &[E as u64], GgmlType::F32, ones.clone());
+        w.tensor(&n("ffn_norm.weight"), &[E as u64], GgmlType::F32, ones);
+        matrix(&mut w, &n("attn_q.weight"), E, HEADS * hd, ty, s + 1);
+        matrix(&mut w, &n("attn_k.weight"), E, KV_HEADS * hd, ty, s + 2);
+        matrix(&mut w, &n("attn_v.weight"), E, KV_HEADS * hd, ty, s + 3);
+        matrix(&mut w, &n("attn_output.weight"), HEADS * hd, E, ty, s + 4);
+        matrix(&mut w, &n("ffn_gate.weight"), E, FF, ty, s + 6);
+        matrix(&mut w, &n("ffn_up.weight"), E, FF, ty, s + 7);
+        matrix(&mut w, &n("ffn_down.weight"), FF, E, ty, s + 8);
+    }
+    w.to_bytes()
+}
+
+fn main() {
+    let gpu = edgelm_core::cuda::probe().unwrap_or_else(|e| panic!("no GPU: {e}"));
+    let bw = std::env::var("EDGELM_GPU_BW_GBS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(4800.0) * 1e9;
+    let types: Vec<String> = std::env::args().skip(1).collect();
+    for name in if types.is_empty() { vec!["q4_0".to_string()] } else { types } {
+        let ty = match name.as_str() {
+            "q4_0" => GgmlType::Q4_0,
+            "q4_k" => GgmlType::Q4_K,
+            "q8_0" => GgmlType::Q8_0,
+            "q6_k" => GgmlType::Q6_K,
+            other => panic!("unknown type {other}"),
+        };
+        let t0 = Instant::now();
+        let file = Gguf::from_bytes(model(ty)).unwrap();
+        let engine = Arc::new(Engine::from_gguf(file, &LoadOptions { n_threads: Some(4), kernel_level: None }).unwrap());
+        let weight_bytes = engine.model.weight_bytes_per_token();
+        eprintln!("{name}: model built in {:.1}s ({:.0} MiB of weights read per token)", t0.elapsed().as_secs_f64(), weight_bytes as f64 / 2f64.powi(20));
+        let bs = engine.kv_shape(1).block_size;
+        let per_seq = (512 + 128 + bs) / bs + 1;
+        let mut ex = Executor::new_cuda(Arc::clone(&engine), 64 * per_seq, &gpu).unwrap();
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        let table = |i: usize| -> Vec<u32> { ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect() };
+        let mut next_id = 0u64;
+        // Prompt processing: one 512-token sequence, best of 3.
+        let mut pp = 0f64;
+        for _ in 0..3 {
+            let prompt: Vec<u32> = (0..512).map(|j| (j * 13 + 7) % (VOCAB as u32 - 1)).collect();
+            ex.add(next_id, prompt, greedy.clone(), true).unwrap();
+            let t = Instant::now();
+            ex.step(&[StepItem { seq: next_id, start: 0, end: 512, block_table: table(0), sample: true, allowed: None }]).unwrap();
+            pp = pp.max(512.0 / t.elapsed().as_secs_f64());
+            ex.remove(next_id);
+            next_id += 1;
+        }
+        // Generation with B concurrent sequences: 128 tokens each after a 32-token prompt.
+        let mut gen = Vec::new();
+        for batch in [1usize, 16, 64] {
+            let ids: Vec<u64> = (0..batch as u64).map(|k| next_id + k).collect();
+            next_id += batch as u64;
+            for (k, &id) in ids.iter().enumerate() {
+                let prompt: Vec<u32> = (0..32).map(|j| ((k * 31 + j * 7) % (VOCAB - 1)) as u32).collect();
+                ex.add(id, prompt, greedy.clone(), true).unwrap();
+            }
+            let items: Vec<StepItem> = ids.iter().enumerate().map(|(k, &id)| StepItem { seq: id, start: 0, end: 32, block_table: table(k), sample: true, allowed: None }).collect();
+            ex.step(&items).unwrap();
+            let t = Instant::now();
+            let n_steps = 128;
+            for step in 0..n_steps {
+                let items: Vec<StepItem> = ids
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &id)| StepItem { seq: id, start: 32 + step, end: 33 + step, block_table: table(k), sample: true, allowed: None })
+                    .collect();
+                ex.step(&items).unwrap();
+            }
+            let tps = (batch * n_steps) as f64 / t.elapsed().as_secs_f64();
+            for &id in &ids {
+                ex.remove(id);
+            }
+            gen.push((batch, tps));
+        }
+        let tg = gen[0].1;
+        let frac = tg * weight_bytes as f64 / bw;
+        println!(
+            "{{\"type\": \"{name}\", \"gpu\": \"{}\", \"pp512\": {pp:.1}, \"tg128\": {tg:.1}, \"agg16\": {:.1}, \"agg64\": {:.1}, \"weight_bytes_per_token\": {weight_bytes}, \"tg_fraction_of_bandwidth\": {frac:.4}}}",
+            gpu.name, gen[1].1, gen[2].1
+        );
+        eprintln!("{name}: pp512 {pp:.0} tok/s; tg128 {tg:.0} tok/s ({:.1}% of the bandwidth bound); 16 streams {:.0} tok/s; 64 streams {:.0} tok/s", 100.0 * frac, gen[1].1, gen[2].1);
+    }
+}

@@ -1,0 +1,396 @@
+// edgelm's CUDA kernels, compiled at run time by NVRTC for the GPU found (see mod.rs).
+// No includes: NVRTC ships none of the toolkit's headers. f16 conversions are PTX.
+//
+// Weights stay in their GGUF block formats (ggml's layouts, ggml's names); each kernel
+// takes the format as `type` (GgmlType's number) and a row's byte length, and decodes
+// 32 weights at a time with `deq32`. Activations are f32; the KV cache is f16.
+//
+// Launch shapes are chosen on the host (model.rs) and written beside each kernel.
+
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+
+#define NEG_INF __int_as_float(0xff800000)
+
+#define T_F32 0
+#define T_F16 1
+#define T_Q4_0 2
+#define T_Q4_1 3
+#define T_Q5_0 6
+#define T_Q5_1 7
+#define T_Q8_0 8
+#define T_Q4_K 12
+#define T_Q5_K 13
+#define T_Q6_K 14
+#define T_BF16 30
+
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+// Blocks start at even offsets only (18-, 22-, 34-byte blocks): read bytes.
+__device__ __forceinline__ u16 ld16(const u8* p) { return (u16)p[0] | ((u16)p[1] << 8); }
+__device__ __forceinline__ u32 ld32(const u8* p) {
+    return (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+}
+
+__device__ __forceinline__ void scale_min_k4(int j, const u8* q, int* sc, int* m) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *m = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// The 32 weights of block `b` (32-element block index within the row) as floats.
+// K-quants: super-block b / 8, sub-block b % 8.
+__device__ __forceinline__ void deq32(int type, const u8* row, int b, float* y) {
+    switch (type) {
+    case T_F32: {
+        const float* p = (const float*)row + b * 32;
+        for (int j = 0; j < 32; j++) y[j] = p[j];
+    } break;
+    case T_F16: {
+        const u8* p = row + b * 64;
+        for (int j = 0; j < 32; j++) y[j] = h2f(ld16(p + 2 * j));
+    } break;
+    case T_BF16: {
+        const u8* p = row + b * 64;
+        for (int j = 0; j < 32; j++) y[j] = __int_as_float(((u32)ld16(p + 2 * j)) << 16);
+    } break;
+    case T_Q4_0: {
+        const u8* p = row + b * 18;
+        const float d = h2f(ld16(p));
+        const u8* qs = p + 2;
+        for (int j = 0; j < 16; j++) {
+            y[j] = d * (float)((qs[j] & 15) - 8);
+            y[j + 16] = d * (float)((qs[j] >> 4) - 8);
+        }
+    } break;
+    case T_Q4_1: {
+        const u8* p = row + b * 20;
+        const float d = h2f(ld16(p)), m = h2f(ld16(p + 2));
+        const u8* qs = p + 4;
+        for (int j = 0; j < 16; j++) {
+            y[j] = d * (float)(qs[j] & 15) + m;
+            y[j + 16] = d * (float)(qs[j] >> 4) + m;
+        }
+    } break;
+    case T_Q5_0: {
+        const u8* p = row + b * 22;
+        const float d = h2f(ld16(p));
+        const u32 qh = ld32(p + 2);
+        const u8* qs = p + 6;
+        for (int j = 0; j < 16; j++) {
+            const int x0 = (qs[j] & 15) | (((qh >> j) << 4) & 0x10);
+            const int x1 = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10);
+            y[j] = d * (float)(x0 - 16);
+            y[j + 16] = d * (float)(x1 - 16);
+        }
+    } break;
+    case T_Q5_1: {
+        const u8* p = row + b * 24;
+        const float d = h2f(ld16(p)), m = h2f(ld16(p + 2));
+        const u32 qh = ld32(p + 4);
+        const u8* qs = p + 8;
+        for (int j = 0; j < 16; j++) {
+            const int x0 = (qs[j] & 15) | (((qh >> j) << 4) & 0x10);
+            const int x1 = (qs[j] >> 4) | ((qh >> (j + 12)) & 0x10);
+            y[j] = d * (float)x0 + m;
+            y[j + 16] = d * (float)x1 + m;
+        }
+    } break;
+    case T_Q8_0: {
+        const u8* p = row + b * 34;
+        const float d = h2f(ld16(p));
+        const i8* qs = (const i8*)(p + 2);
+        for (int j = 0; j < 32; j++) y[j] = d * (float)qs[j];
+    } break;
+    case T_Q4_K: {
+        const int s = b & 7;
+        const u8* p = row + (b >> 3) * 144;
+        const float d = h2f(ld16(p)), dmin = h2f(ld16(p + 2));
+        int sc, m;
+        scale_min_k4(s, p + 4, &sc, &m);
+        const float dl = d * sc, ml = dmin * m;
+        const u8* q = p + 16 + 32 * (s >> 1);
+        if (s & 1) {
+            for (int l = 0; l < 32; l++) y[l] = dl * (float)(q[l] >> 4) - ml;
+        } else {
+            for (int l = 0; l < 32; l++) y[l] = dl * (float)(q[l] & 15) - ml;
+        }
+    } break;
+    case T_Q5_K: {
+        const int s = b & 7;
+        const u8* p = row + (b >> 3) * 176;
+        const float d = h2f(ld16(p)), dmin = h2f(ld16(p + 2));
+        int sc, m;
+        scale_min_k4(s, p + 4, &sc, &m);
+        const float dl = d * sc, ml = dmin * m;
+        const u8* qh = p + 16;
+        const u8* ql = p + 48 + 32 * (s >> 1);
+        const u8 bit = (u8)(1u << s);
+        for (int l = 0; l < 32; l++) {
+            const int lo = (s & 1) ? (ql[l] >> 4) : (ql[l] & 15);
+            y[l] = dl * (float)(lo + ((qh[l] & bit) ? 16 : 0)) - ml;
+        }
+    } break;
+    case T_Q6_K: {
+        const int s = b & 7, n = s >> 2, r = s & 3;
+        const u8* p = row + (b >> 3) * 210;
+        const u8* ql = p + 64 * n + ((r & 1) ? 32 : 0);
+        const u8* qh = p + 128 + 32 * n;
+        const i8* sc = (const i8*)(p + 192) + 8 * n + 2 * r;
+        const float d = h2f(ld16(p + 208));
+        for (int l = 0; l < 32; l++) {
+            const int lo = (r & 2) ? (ql[l] >> 4) : (ql[l] & 15);
+            const int q = (lo | (((qh[l] >> (2 * r)) & 3) << 4)) - 32;
+            y[l] = d * (float)sc[l >> 4] * (float)q;
+        }
+    } break;
+    default:
+        for (int j = 0; j < 32; j++) y[j] = __int_as_float(0x7fc00000);  // NaN: an unsupported type is loud
+    }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Y[t][r] = sum_c W[r][c] * X[t][c] for r < rows, t < n_tok (at most MMV_TOK per launch).
+// One warp per row; lanes take 32-weight blocks in turn, so a row's weights are read
+// once for all the tokens. Block: 128 threads (4 rows); grid: ceil(rows / 4).
+#define MMV_TOK 8
+extern "C" __global__ void mmv(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
+                               const float* __restrict__ X, int n_tok, int x_stride,
+                               float* __restrict__ Y, int y_stride) {
+    const int lane = threadIdx.x & 31;
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (r >= rows) return;
+    const u8* row = W + (u64)r * row_bytes;
+    float acc[MMV_TOK];
+    for (int t = 0; t < MMV_TOK; t++) acc[t] = 0.f;
+    float w[32];
+    const int nb = cols >> 5;
+    for (int b = lane; b < nb; b += 32) {
+        deq32(type, row, b, w);
+        for (int t = 0; t < n_tok; t++) {
+            const float* x = X + (u64)t * x_stride + b * 32;
+            float s = 0.f;
+            for (int j = 0; j < 32; j++) s = fmaf(w[j], x[j], s);
+            acc[t] += s;
+        }
+    }
+    for (int t = 0; t < n_tok; t++) {
+        const float s = warp_sum(acc[t]);
+        if (lane == 0) Y[(u64)t * y_stride + r] = s;
+    }
+}
+
+// out[i][:] = scale * W[ids[i]][:] (token embeddings). Grid: n; block: 128.
+extern "C" __global__ void get_rows(int type, const u8* __restrict__ W, u64 row_bytes, const u32* __restrict__ ids,
+                                    int cols, float scale, float* __restrict__ out) {
+    const u8* row = W + (u64)ids[blockIdx.x] * row_bytes;
+    float w[32];
+    for (int b = threadIdx.x; b < (cols >> 5); b += blockDim.x) {
+        deq32(type, row, b, w);
+        float* o = out + (u64)blockIdx.x * cols + b * 32;
+        for (int j = 0; j < 32; j++) o[j] = w[j] * scale;
+    }
+}
+
+// y[r][:] = x[r][:] / rms(x[r]) * w, for rows of n (in place when y == x). The sum of
+// squares is taken in double, as the CPU does. Grid: rows; block: 256.
+extern "C" __global__ void rms_norm(const float* x, const float* __restrict__ w, float* y, int n, float eps) {
+    __shared__ double part[32];
+    const float* xr = x + (u64)blockIdx.x * n;
+    float* yr = y + (u64)blockIdx.x * n;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)xr[i] * (double)xr[i];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        double v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    const float inv = (float)(1.0 / sqrt(part[0] / n + (double)eps));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
+}
+
+// RoPE on x [n_tok][n_heads * head_dim], in place; angles as ggml builds them
+// (theta *= theta_scale, per pair). Grid: n_tok; block: 128.
+extern "C" __global__ void rope(float* x, const int* __restrict__ pos, int n_heads, int head_dim, int n_rot,
+                                float theta_scale, int neox, const float* __restrict__ freq_factors) {
+    const int half = n_rot / 2;
+    float* row = x + (u64)blockIdx.x * n_heads * head_dim;
+    const float p = (float)pos[blockIdx.x];
+    for (int k = threadIdx.x; k < n_heads * half; k += blockDim.x) {
+        const int h = k / half, i = k % half;
+        float theta = p;
+        for (int j = 0; j < i; j++) theta *= theta_scale;
+        if (freq_factors) theta /= freq_factors[i];
+        const float c = cosf(theta), s = sinf(theta);
+        float* hd = row + h * head_dim;
+        const int a = neox ? i : 2 * i, bb = neox ? i + half : 2 * i + 1;
+        const float x0 = hd[a], x1 = hd[bb];
+        hd[a] = x0 * c - x1 * s;
+        hd[bb] = x0 * s + x1 * c;
+    }
+}
+
+// x += y (n elements). Grid: ceil(n / 256); block 256.
+extern "C" __global__ void add(float* x, const float* __restrict__ y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+// x[r][c] += b[c] for rows of width n; `total` = rows * n.
+extern "C" __global__ void add_bias(float* x, const float* __restrict__ b, int n, int total) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < total) x[i] += b[i % n];
+}
+
+// g = silu(g) * u, or gelu(g) * u (tanh form), over n elements.
+extern "C" __global__ void glu(float* g, const float* __restrict__ u, int n, int gelu) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    const float x = g[i];
+    float a;
+    if (gelu) {
+        a = 0.5f * x * (1.0f + tanhf(0.7978845608f * x * (1.0f + 0.044715f * x * x)));
+    } else {
+        a = x / (1.0f + expf(-x));
+    }
+    g[i] = a * u[i];
+}
+
+// x = tanh(x / c) * c (final logit soft-capping).
+extern "C" __global__ void softcap(float* x, float c, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = tanhf(x[i] / c) * c;
+}
+
+// Write token t's K and V rows into the paged f16 cache at slot[t] (= block * bs +
+// offset). K cache: [n_slots][kvk]; V: [n_slots][kvv]. Grid: n_tok; block: 128.
+extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, u16* kc, u16* vc,
+                                    const u32* __restrict__ slot, int kvk, int kvv) {
+    const u64 s = slot[blockIdx.x];
+    for (int i = threadIdx.x; i < kvk; i += blockDim.x) kc[s * kvk + i] = f2h(k[(u64)blockIdx.x * kvk + i]);
+    for (int i = threadIdx.x; i < kvv; i += blockDim.x) vc[s * kvv + i] = f2h(v[(u64)blockIdx.x * kvv + i]);
+}
+
+// Causal attention over the paged cache for one (token, head) per block.
+// q: [n_tok][n_head * hd]; out: [n_tok][n_head * hdv]. tok_pos[t] is the token's
+// position; its keys are positions lo..pos, where lo = pos + 1 - window on sliding-
+// window layers (window 0: none). The token's block table starts at
+// tables[tok_table[t]]. Keys are taken in chunks of ATT_CHUNK with an online softmax.
+// Grid: (n_head, n_tok); block: 128; dynamic shared memory: (hd + ATT_CHUNK) floats.
+#define ATT_CHUNK 1024
+extern "C" __global__ void attention(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                     const u32* __restrict__ tables, const int* __restrict__ tok_table,
+                                     const int* __restrict__ tok_pos, float* __restrict__ out,
+                                     int n_head, int n_head_kv, int hd, int hdv, int bs, int window, float scale) {
+    extern __shared__ float sm[];
+    float* qs = sm;            // [hd]
+    float* w = sm + hd;        // [ATT_CHUNK]
+    __shared__ float red[32];
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int kvh = h / (n_head / n_head_kv);
+    const int kvk = n_head_kv * hd, kvv = n_head_kv * hdv;
+    const int pos = tok_pos[t];
+    const int lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
+    const u32* table = tables + tok_table[t];
+    for (int i = threadIdx.x; i < hd; i += blockDim.x) qs[i] = q[(u64)t * n_head * hd + h * hd + i];
+    __syncthreads();
+    // Each thread owns output dims d = threadIdx.x + k * blockDim.x (hdv <= 4 * blockDim).
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    float m = NEG_INF, l = 0.f;
+    for (int c0 = lo; c0 <= pos; c0 += ATT_CHUNK) {
+        const int n = min(ATT_CHUNK, pos + 1 - c0);
+        float cmax = NEG_INF;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const int p = c0 + j;
+            const u64 slot = (u64)table[p / bs] * bs + p % bs;
+            const u16* kr = kc + slot * kvk + kvh * hd;
+            float s = 0.f;
+            for (int i = 0; i < hd; i++) s = fmaf(qs[i], h2f(kr[i]), s);
+            s *= scale;
+            w[j] = s;
+            cmax = fmaxf(cmax, s);
+        }
+        cmax = warp_max(cmax);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = cmax;
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : NEG_INF;
+            v = warp_max(v);
+            if (threadIdx.x == 0) red[0] = v;
+        }
+        __syncthreads();
+        const float m_new = fmaxf(m, red[0]);
+        __syncthreads();
+        float psum = 0.f;
+        for (int j = threadIdx.x; j < n; j += blockDim.x) {
+            const float e = expf(w[j] - m_new);
+            w[j] = e;
+            psum += e;
+        }
+        psum = warp_sum(psum);
+        if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = psum;
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            float v = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
+            v = warp_sum(v);
+            if (threadIdx.x == 0) red[0] = v;
+        }
+        __syncthreads();
+        const float corr = expf(m - m_new);
+        l = l * corr + red[0];
+        m = m_new;
+        for (int k = 0; k < 4; k++) {
+            const int d = threadIdx.x + k * blockDim.x;
+            if (d >= hdv) break;
+            float a = acc[k] * corr;
+            for (int j = 0; j < n; j++) {
+                const int p = c0 + j;
+                const u64 slot = (u64)table[p / bs] * bs + p % bs;
+                a = fmaf(w[j], h2f(vc[slot * kvv + kvh * hdv + d]), a);
+            }
+            acc[k] = a;
+        }
+        __syncthreads();
+    }
+    for (int k = 0; k < 4; k++) {
+        const int d = threadIdx.x + k * blockDim.x;
+        if (d < hdv) out[(u64)t * n_head * hdv + h * hdv + d] = acc[k] / l;
+    }
+}
+
+// dst[i][:] = src[idx[i]][:] for rows of n. Grid: count; block: 128.
+extern "C" __global__ void copy_rows(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst, int n) {
+    const float* s = src + (u64)idx[blockIdx.x] * n;
+    float* d = dst + (u64)blockIdx.x * n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = s[i];
+}

@@ -1,0 +1,365 @@
+//! The forward pass on the GPU: the same steps as `model::Model::forward_with`, in the
+//! same order (embed → layers → norm → logits), with the weights uploaded once in
+//! their GGUF block formats and the KV cache in device memory, paged by the same
+//! block tables the scheduler manages.
+
+use std::sync::Arc;
+
+use super::{as_bytes, Arg, DevBuf, Gpu};
+use crate::error::{Error, Result};
+use crate::kv::KvShape;
+use crate::model::{Arch, Config, LogitsWanted, Model, SeqInput, StepLogits, Weight};
+use crate::quant::GgmlType;
+
+/// Formats the kernels decode (`deq32` in kernels.cu).
+pub const GPU_TYPES: &[GgmlType] = &[
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
+
+/// Tokens per `mmv` launch (MMV_TOK in kernels.cu).
+const MMV_TOK: usize = 8;
+
+pub struct GpuWeight {
+    buf: DevBuf,
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+}
+
+impl GpuWeight {
+    fn upload(gpu: &Arc<Gpu>, w: &Weight, name: &str) -> Result<GpuWeight> {
+        if !GPU_TYPES.contains(&w.ty) {
+            return Err(Error::Cuda(format!("tensor {name} is {:?}, which the CUDA kernels do not decode", w.ty)));
+        }
+        if !w.cols.is_multiple_of(32) {
+            return Err(Error::Cuda(format!("tensor {name} has {} columns, not a multiple of 32", w.cols)));
+        }
+        Ok(GpuWeight { buf: gpu.upload(w.bytes())?, ty: w.ty, rows: w.rows, cols: w.cols, row_bytes: w.row_bytes() })
+    }
+}
+
+struct GpuLayer {
+    attn_norm: DevBuf,
+    wq: GpuWeight,
+    wk: GpuWeight,
+    wv: GpuWeight,
+    wo: GpuWeight,
+    bq: Option<DevBuf>,
+    bk: Option<DevBuf>,
+    bv: Option<DevBuf>,
+    bo: Option<DevBuf>,
+    q_norm: Option<DevBuf>,
+    k_norm: Option<DevBuf>,
+    post_attn_norm: Option<DevBuf>,
+    ffn_norm: DevBuf,
+    gate: GpuWeight,
+    up: GpuWeight,
+    down: GpuWeight,
+    post_ffn_norm: Option<DevBuf>,
+}
+
+pub struct GpuModel {
+    pub gpu: Arc<Gpu>,
+    pub cfg: Config,
+    tok_embd: GpuWeight,
+    layers: Vec<GpuLayer>,
+    output_norm: DevBuf,
+    output: GpuWeight,
+    output_bias: Option<DevBuf>,
+    rope_freqs: Option<DevBuf>,
+    /// Bytes of weights on the device.
+    pub weight_bytes: usize,
+}
+
+/// The KV cache in device memory: per layer, K `[n_blocks * block_size][kv_dim_k]`
+/// and V `[n_blocks * block_size][kv_dim_v]`, f16.
+pub struct GpuKv {
+    pub shape: KvShape,
+    k: Vec<DevBuf>,
+    v: Vec<DevBuf>,
+}
+
+fn opt(gpu: &Arc<Gpu>, v: &Option<Vec<f32>>) -> Result<Option<DevBuf>> {
+    v.as_ref().map(|x| gpu.upload_f32(x)).transpose()
+}
+
+impl GpuModel {
+    /// Upload a loaded model's weights. Fails (before allocating much) when a tensor
+    /// is in a format the kernels do not decode; the caller then stays on the CPU.
+    pub fn upload(gpu: &Arc<Gpu>, m: &Model) -> Result<GpuModel> {
+        for (i, l) in m.layers.iter().enumerate() {
+            for (n, w) in [("attn_q", &l.wq), ("attn_k", &l.wk), ("attn_v", &l.wv), ("attn_output", &l.wo), ("ffn_gate", &l.gate), ("ffn_up", &l.up), ("ffn_down", &l.down)] {
+                if !GPU_TYPES.contains(&w.ty) {
+                    return Err(Error::Cuda(format!("blk.{i}.{n}.weight is {:?}, which the CUDA kernels do not decode", w.ty)));
+                }
+            }
+        }
+        let mut bytes = 0;
+        let mut up = |w: &Weight, name: &str| -> Result<GpuWeight> {
+            bytes += w.n_bytes();
+            GpuWeight::upload(gpu, w, name)
+        };
+        let tok_embd = up(&m.tok_embd, "token_embd.weight")?;
+        let output = up(&m.output, "output.weight")?;
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for (i, l) in m.layers.iter().enumerate() {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            layers.push(GpuLayer {
+                attn_norm: gpu.upload_f32(&l.attn_norm)?,
+                wq: up(&l.wq, &n("attn_q"))?,
+                wk: up(&l.wk, &n("attn_k"))?,
+                wv: up(&l.wv, &n("attn_v"))?,
+                wo: up(&l.wo, &n("attn_output"))?,
+                bq: opt(gpu, &l.bq)?,
+                bk: opt(gpu, &l.bk)?,
+                bv: opt(gpu, &l.bv)?,
+                bo: opt(gpu, &l.bo)?,
+                q_norm: opt(gpu, &l.q_norm)?,
+                k_norm: opt(gpu, &l.k_norm)?,
+                post_attn_norm: opt(gpu, &l.post_attn_norm)?,
+                ffn_norm: gpu.upload_f32(&l.ffn_norm)?,
+                gate: up(&l.gate, &n("ffn_gate"))?,
+                up: up(&l.up, &n("ffn_up"))?,
+                down: up(&l.down, &n("ffn_down"))?,
+                post_ffn_norm: opt(gpu, &l.post_ffn_norm)?,
+            });
+        }
+        Ok(GpuModel {
+            gpu: Arc::clone(gpu),
+            cfg: m.cfg.clone(),
+            tok_embd,
+            layers,
+            output_norm: gpu.upload_f32(&m.output_norm)?,
+            output,
+            output_bias: opt(gpu, &m.output_bias)?,
+            rope_freqs: opt(gpu, &m.rope_freqs)?,
+            weight_bytes: bytes,
+        })
+    }
+
+    pub fn new_kv(&self, n_blocks: usize, block_size: usize) -> Result<GpuKv> {
+        let c = &self.cfg;
+        let shape = KvShape { n_layer: c.n_layer, n_blocks, block_size, kv_dim_k: c.kv_dim_k(), kv_dim_v: c.kv_dim_v() };
+        let slots = n_blocks * block_size;
+        let mut k = Vec::with_capacity(c.n_layer);
+        let mut v = Vec::with_capacity(c.n_layer);
+        for _ in 0..c.n_layer {
+            k.push(self.gpu.zeros(slots * shape.kv_dim_k * 2)?);
+            v.push(self.gpu.zeros(slots * shape.kv_dim_v * 2)?);
+        }
+        Ok(GpuKv { shape, k, v })
+    }
+
+    /// y[t] = W x[t] for `n_tok` rows of x (stride `w.cols`) into y (stride `w.rows`).
+    fn matmul(&self, w: &GpuWeight, x: &DevBuf, n_tok: usize, y: &DevBuf) -> Result<()> {
+        let grid = w.rows.div_ceil(4) as u32;
+        for t0 in (0..n_tok).step_by(MMV_TOK) {
+            let nt = MMV_TOK.min(n_tok - t0);
+            self.gpu.launch("mmv", (grid, 1, 1), 128, 0, &[
+                Arg::I32(w.ty as i32),
+                w.buf.arg(),
+                Arg::U64(w.row_bytes as u64),
+                Arg::I32(w.rows as i32),
+                Arg::I32(w.cols as i32),
+                x.at(t0 * w.cols * 4),
+                Arg::I32(nt as i32),
+                Arg::I32(w.cols as i32),
+                y.at(t0 * w.rows * 4),
+                Arg::I32(w.rows as i32),
+            ])?;
+        }
+        Ok(())
+    }
+
+    fn rms_norm(&self, x: &DevBuf, w: &DevBuf, y: &DevBuf, rows: usize, n: usize) -> Result<()> {
+        self.gpu.launch("rms_norm", (rows as u32, 1, 1), 256, 0, &[x.arg(), w.arg(), y.arg(), Arg::I32(n as i32), Arg::F32(self.cfg.rms_eps)])
+    }
+
+    fn elementwise(&self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
+        self.gpu.launch(name, (n.div_ceil(256) as u32, 1, 1), 256, 0, args)
+    }
+
+    fn add_bias(&self, x: &DevBuf, b: &Option<DevBuf>, width: usize, n_tok: usize) -> Result<()> {
+        if let Some(b) = b {
+            self.elementwise("add_bias", width * n_tok, &[x.arg(), b.arg(), Arg::I32(width as i32), Arg::I32((width * n_tok) as i32)])?;
+        }
+        Ok(())
+    }
+
+    /// One step for a batch of sequences (see `Model::forward_with`); the logits of
+    /// the rows asked for come back to the host.
+    pub fn forward(&self, kv: &mut GpuKv, seqs: &[SeqInput<'_>]) -> Result<StepLogits> {
+        let c = &self.cfg;
+        let gpu = &self.gpu;
+        let bs = kv.shape.block_size;
+        // Validate everything before touching the device.
+        let mut ids: Vec<u32> = Vec::new();
+        let mut pos: Vec<i32> = Vec::new();
+        let mut slot: Vec<u32> = Vec::new();
+        let mut tables: Vec<u32> = Vec::new();
+        let mut tok_table: Vec<i32> = Vec::new();
+        for s in seqs {
+            if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
+                return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {} tokens)", c.n_vocab)));
+            }
+            let n_pos = s.pos + s.tokens.len();
+            let need = n_pos.div_ceil(bs);
+            if s.block_table.len() < need {
+                return Err(Error::invalid(format!("block table has {} blocks but {n_pos} positions need {need}", s.block_table.len())));
+            }
+            if let Some(&b) = s.block_table[..need].iter().find(|&&b| b as usize >= kv.shape.n_blocks) {
+                return Err(Error::invalid(format!("block id {b} is out of range (the cache has {} blocks)", kv.shape.n_blocks)));
+            }
+            let off = tables.len() as i32;
+            tables.extend_from_slice(&s.block_table[..need]);
+            for (i, &t) in s.tokens.iter().enumerate() {
+                let p = s.pos + i;
+                ids.push(t);
+                pos.push(p as i32);
+                slot.push(s.block_table[p / bs] * bs as u32 + (p % bs) as u32);
+                tok_table.push(off);
+            }
+        }
+        let n_tok = ids.len();
+        if n_tok == 0 {
+            return Ok(StepLogits { n_vocab: c.n_vocab, data: vec![], rows: vec![] });
+        }
+        let e = c.n_embd;
+        let (qd, kd, vd) = (c.q_dim(), c.kv_dim_k(), c.kv_dim_v());
+        let ad = c.n_head * c.head_dim_v;
+        let d_ids = gpu.upload(as_bytes(&ids))?;
+        let d_pos = gpu.upload(as_bytes(&pos))?;
+        let d_slot = gpu.upload(as_bytes(&slot))?;
+        let d_tables = gpu.upload(as_bytes(&tables))?;
+        let d_tok_table = gpu.upload(as_bytes(&tok_table))?;
+        let f = |n: usize| gpu.alloc(n * 4);
+        let (x, h, q, k, v, att, o, g, u) = (f(n_tok * e)?, f(n_tok * e)?, f(n_tok * qd)?, f(n_tok * kd)?, f(n_tok * vd)?, f(n_tok * ad)?, f(n_tok * e)?, f(n_tok * c.n_ff)?, f(n_tok * c.n_ff)?);
+
+        // embed
+        gpu.launch("get_rows", (n_tok as u32, 1, 1), 128, 0, &[
+            Arg::I32(self.tok_embd.ty as i32),
+            self.tok_embd.buf.arg(),
+            Arg::U64(self.tok_embd.row_bytes as u64),
+            d_ids.arg(),
+            Arg::I32(e as i32),
+            Arg::F32(c.embd_scale.unwrap_or(1.0)),
+            x.arg(),
+        ])?;
+        let ff = self.rope_freqs.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
+        for (il, l) in self.layers.iter().enumerate() {
+            // attention block
+            self.rms_norm(&x, &l.attn_norm, &h, n_tok, e)?;
+            self.matmul(&l.wq, &h, n_tok, &q)?;
+            self.matmul(&l.wk, &h, n_tok, &k)?;
+            self.matmul(&l.wv, &h, n_tok, &v)?;
+            self.add_bias(&q, &l.bq, qd, n_tok)?;
+            self.add_bias(&k, &l.bk, kd, n_tok)?;
+            self.add_bias(&v, &l.bv, vd, n_tok)?;
+            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                self.rms_norm(&q, qn, &q, n_tok * c.n_head, c.head_dim)?;
+                self.rms_norm(&k, kn, &k, n_tok * c.n_head_kv, c.head_dim)?;
+            }
+            let swa = c.swa_layers[il];
+            let base = if swa { c.rope_base_swa } else { c.rope_base };
+            let theta_scale = base.powf(-2.0 / c.n_rot as f32);
+            for (buf, heads) in [(&q, c.n_head), (&k, c.n_head_kv)] {
+                gpu.launch("rope", (n_tok as u32, 1, 1), 128, 0, &[
+                    buf.arg(), d_pos.arg(), Arg::I32(heads as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.n_rot as i32),
+                    Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
+                ])?;
+            }
+            gpu.launch("kv_write", (n_tok as u32, 1, 1), 128, 0, &[
+                k.arg(), v.arg(), kv.k[il].arg(), kv.v[il].arg(), d_slot.arg(), Arg::I32(kd as i32), Arg::I32(vd as i32),
+            ])?;
+            let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
+            if c.head_dim_v > 4 * 128 {
+                return Err(Error::Cuda(format!("head size {} is larger than the attention kernel takes (512)", c.head_dim_v)));
+            }
+            gpu.launch("attention", (c.n_head as u32, n_tok as u32, 1), 128, ((c.head_dim + 1024) * 4) as u32, &[
+                q.arg(), kv.k[il].arg(), kv.v[il].arg(), d_tables.arg(), d_tok_table.arg(), d_pos.arg(), att.arg(),
+                Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
+                Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(c.attn_scale),
+            ])?;
+            self.matmul(&l.wo, &att, n_tok, &o)?;
+            self.add_bias(&o, &l.bo, e, n_tok)?;
+            if let Some(pn) = &l.post_attn_norm {
+                self.rms_norm(&o, pn, &o, n_tok, e)?;
+            }
+            self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32)])?;
+
+            // feed-forward block
+            self.rms_norm(&x, &l.ffn_norm, &h, n_tok, e)?;
+            self.matmul(&l.gate, &h, n_tok, &g)?;
+            self.matmul(&l.up, &h, n_tok, &u)?;
+            let gelu = matches!(c.arch, Arch::Gemma3) as i32;
+            self.elementwise("glu", n_tok * c.n_ff, &[g.arg(), u.arg(), Arg::I32((n_tok * c.n_ff) as i32), Arg::I32(gelu)])?;
+            self.matmul(&l.down, &g, n_tok, &o)?;
+            if let Some(pn) = &l.post_ffn_norm {
+                self.rms_norm(&o, pn, &o, n_tok, e)?;
+            }
+            self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32)])?;
+        }
+
+        // logits, only for the rows asked for
+        let mut rows = Vec::new();
+        let mut t0 = 0;
+        for (si, s) in seqs.iter().enumerate() {
+            let n = s.tokens.len();
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
+                LogitsWanted::Last => {}
+                LogitsWanted::All => rows.extend((0..n).map(|i| (si, i, t0 + i))),
+            }
+            t0 += n;
+        }
+        let n_out = rows.len();
+        let mut data = vec![0f32; n_out * c.n_vocab];
+        if n_out > 0 {
+            let idx: Vec<i32> = rows.iter().map(|&(_, _, t)| t as i32).collect();
+            let d_idx = gpu.upload(as_bytes(&idx))?;
+            let xs = f(n_out * e)?;
+            gpu.launch("copy_rows", (n_out as u32, 1, 1), 128, 0, &[x.arg(), d_idx.arg(), xs.arg(), Arg::I32(e as i32)])?;
+            self.rms_norm(&xs, &self.output_norm, &xs, n_out, e)?;
+            let logits = f(n_out * c.n_vocab)?;
+            self.matmul(&self.output, &xs, n_out, &logits)?;
+            self.add_bias(&logits, &self.output_bias, c.n_vocab, n_out)?;
+            if let Some(cap) = c.final_logit_softcap {
+                self.elementwise("softcap", n_out * c.n_vocab, &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)])?;
+            }
+            gpu.sync()?;
+            data = logits.read_f32(n_out * c.n_vocab)?;
+        }
+        Ok(StepLogits { n_vocab: c.n_vocab, data, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect() })
+    }
+}
+
+/// The CUDA kernels run one at a time from a test: `mmv` of `n_tok` f32 rows against
+/// a weight in any GPU format (for the kernel tolerance tests).
+pub fn mmv_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
+    let row_bytes = w_bytes.len() / rows;
+    let w = GpuWeight { buf: gpu.upload(w_bytes)?, ty, rows, cols, row_bytes };
+    let dx = gpu.upload_f32(x)?;
+    let y = gpu.alloc(n_tok * rows * 4)?;
+    let grid = rows.div_ceil(4) as u32;
+    for t0 in (0..n_tok).step_by(MMV_TOK) {
+        let nt = MMV_TOK.min(n_tok - t0);
+        gpu.launch("mmv", (grid, 1, 1), 128, 0, &[
+            Arg::I32(ty as i32), w.buf.arg(), Arg::U64(row_bytes as u64), Arg::I32(rows as i32), Arg::I32(cols as i32),
+            dx.at(t0 * cols * 4), Arg::I32(nt as i32), Arg::I32(cols as i32), y.at(t0 * rows * 4), Arg::I32(rows as i32),
+        ])?;
+    }
+    gpu.sync()?;
+    y.read_f32(n_tok * rows)
+}

@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{randn, tiny_gemma3, tiny_llama, Tiny};
-use edgelm_core::cuda::model::{mmv_once, GpuModel, GPU_TYPES};
+use edgelm_core::cuda::model::{matmul_once, GpuModel, GPU_TYPES};
 use edgelm_core::cuda::{self, Gpu};
 use edgelm_core::engine::{Engine, LoadOptions};
 use edgelm_core::gguf::Gguf;
@@ -70,9 +70,9 @@ fn gpu_matrix_kernel_matches_cpu_for_every_format() {
         for r in 0..rows {
             quant::dequantize_row(ty, &wq[r * rb..(r + 1) * rb], &mut deq[r * cols..(r + 1) * cols]);
         }
-        for n_tok in [1, 5, 8, 13] {
+        for (n_tok, tiled) in [(1, false), (5, false), (8, false), (13, false), (1, true), (13, true), (70, true), (130, true)] {
             let x = randn(n_tok * cols, 99 + n_tok as u64, 1.0);
-            let y = mmv_once(&g, ty, &wq, rows, cols, &x, n_tok).unwrap();
+            let y = matmul_once(&g, ty, &wq, rows, cols, &x, n_tok, tiled).unwrap();
             for t in 0..n_tok {
                 for r in 0..rows {
                     let (mut want, mut scale) = (0f64, 0f64);
@@ -82,11 +82,11 @@ fn gpu_matrix_kernel_matches_cpu_for_every_format() {
                         scale += p.abs();
                     }
                     let got = y[t * rows + r];
-                    assert!(close(got, want, scale), "{ty:?} n_tok {n_tok} token {t} row {r}: GPU {got} vs CPU {want}");
+                    assert!(close(got, want, scale), "{ty:?} n_tok {n_tok} tiled {tiled} token {t} row {r}: GPU {got} vs CPU {want}");
                 }
             }
         }
-        eprintln!("{ty:?}: GPU matrix kernel agrees with the CPU's dequantized f64 dot");
+        eprintln!("{ty:?}: GPU decode and prompt matrix kernels agree with the CPU's dequantized f64 dot");
     }
 }
 

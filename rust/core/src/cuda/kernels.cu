@@ -176,33 +176,63 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Y[t][r] = sum_c W[r][c] * X[t][c] for r < rows, t < n_tok (at most MMV_TOK per launch).
-// One warp per row; lanes take 32-weight blocks in turn, so a row's weights are read
-// once for all the tokens. Block: 128 threads (4 rows); grid: ceil(rows / 4).
+// Y[t][r] = sum_c W[r][c] * X[t][c] for r < rows, t < n_tok (at most MMV_TOK per launch):
+// the decode kernel, for tokens that are one per sequence. One warp per row, 8 rows per
+// block; lane l takes the row's 32-weight blocks l, l + 32, ..., so a row's weights are
+// read once for all the tokens. The activations go through shared memory 1024 columns
+// at a time (read once per 8 rows instead of once per row), stored transposed so the
+// lanes' reads fall in different banks. Each token's sum is computed the same way
+// whatever else is in the launch (batching never changes a result).
+// Block: 256 threads; grid: ceil(rows / 8).
 #define MMV_TOK 8
-extern "C" __global__ void mmv(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
-                               const float* __restrict__ X, int n_tok, int x_stride,
-                               float* __restrict__ Y, int y_stride) {
+#define MMV_ROWS 8
+extern "C" __global__ void __launch_bounds__(256) mmv(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
+                                                      const float* __restrict__ X, int n_tok, int x_stride,
+                                                      float* __restrict__ Y, int y_stride) {
+    __shared__ float4 xs[MMV_TOK * 256];  // [token][float4 j of a block][block in chunk]
     const int lane = threadIdx.x & 31;
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (r >= rows) return;
-    const u8* row = W + (u64)r * row_bytes;
+    const int r = blockIdx.x * MMV_ROWS + (threadIdx.x >> 5);
+    const bool active = r < rows;
+    const u8* row = W + (u64)(active ? r : 0) * row_bytes;
     float acc[MMV_TOK];
+#pragma unroll
     for (int t = 0; t < MMV_TOK; t++) acc[t] = 0.f;
     float w[32];
     const int nb = cols >> 5;
-    for (int b = lane; b < nb; b += 32) {
-        deq32(type, row, b, w);
-        for (int t = 0; t < n_tok; t++) {
-            const float* x = X + (u64)t * x_stride + b * 32;
-            float s = 0.f;
-            for (int j = 0; j < 32; j++) s = fmaf(w[j], x[j], s);
-            acc[t] += s;
+    for (int c0 = 0; c0 < nb; c0 += 32) {
+        const int nbc = min(32, nb - c0);
+        __syncthreads();
+        for (int i = threadIdx.x; i < n_tok * nbc * 8; i += blockDim.x) {
+            const int t = i / (nbc * 8), k = i % (nbc * 8);
+            xs[t * 256 + (k & 7) * 32 + (k >> 3)] = ((const float4*)(X + (u64)t * x_stride + c0 * 32))[k];
+        }
+        __syncthreads();
+        if (active && lane < nbc) {
+            deq32(type, row, c0 + lane, w);
+#pragma unroll
+            for (int t = 0; t < MMV_TOK; t++) {
+                if (t < n_tok) {
+                    float s = 0.f;
+#pragma unroll
+                    for (int j = 0; j < 8; j++) {
+                        const float4 v = xs[t * 256 + j * 32 + lane];
+                        s = fmaf(w[4 * j], v.x, s);
+                        s = fmaf(w[4 * j + 1], v.y, s);
+                        s = fmaf(w[4 * j + 2], v.z, s);
+                        s = fmaf(w[4 * j + 3], v.w, s);
+                    }
+                    acc[t] += s;
+                }
+            }
         }
     }
-    for (int t = 0; t < n_tok; t++) {
-        const float s = warp_sum(acc[t]);
-        if (lane == 0) Y[(u64)t * y_stride + r] = s;
+    if (!active) return;
+#pragma unroll
+    for (int t = 0; t < MMV_TOK; t++) {
+        if (t < n_tok) {
+            const float s = warp_sum(acc[t]);
+            if (lane == 0) Y[(u64)t * y_stride + r] = s;
+        }
     }
 }
 
@@ -393,4 +423,58 @@ extern "C" __global__ void copy_rows(const float* __restrict__ src, const int* _
     const float* s = src + (u64)idx[blockIdx.x] * n;
     float* d = dst + (u64)blockIdx.x * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = s[i];
+}
+
+// Y[t][r] = sum_c W[r][c] * X[t][c] for many tokens (prompts, large batches): a tiled
+// product. A block computes 64 rows × 64 tokens; for each 32-wide slice of the
+// columns, 64 threads decode one weight block each into shared memory (the weights are
+// read once per 64 tokens), all 256 load the activations, then each thread accumulates
+// a 4 × 4 tile. Grid: (ceil(rows / 64), ceil(n_tok / 64)); block: 256.
+#define MMT_R 64
+#define MMT_T 64
+extern "C" __global__ void __launch_bounds__(256) mmt(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
+                                                      const float* __restrict__ X, int n_tok, int x_stride,
+                                                      float* __restrict__ Y, int y_stride) {
+    __shared__ float ws[MMT_R][33];
+    __shared__ float xs[MMT_T][33];
+    const int tid = threadIdx.x;
+    const int r0 = blockIdx.x * MMT_R, t0 = blockIdx.y * MMT_T;
+    const int tr = (tid >> 4) * 4, tt = (tid & 15) * 4;
+    float acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < 4; j++) acc[i][j] = 0.f;
+    const int nb = cols >> 5;
+    for (int b = 0; b < nb; b++) {
+        if (tid < MMT_R) {
+            const int r = r0 + tid;
+            float w[32];
+            if (r < rows) {
+                deq32(type, W + (u64)r * row_bytes, b, w);
+            } else {
+                for (int j = 0; j < 32; j++) w[j] = 0.f;
+            }
+            for (int j = 0; j < 32; j++) ws[tid][j] = w[j];
+        }
+        for (int k = tid; k < MMT_T * 32; k += 256) {
+            const int t = k >> 5, j = k & 31;
+            xs[t][j] = (t0 + t < n_tok) ? X[(u64)(t0 + t) * x_stride + b * 32 + j] : 0.f;
+        }
+        __syncthreads();
+        for (int j = 0; j < 32; j++) {
+            float wv[4], xv[4];
+            for (int i = 0; i < 4; i++) wv[i] = ws[tr + i][j];
+            for (int i = 0; i < 4; i++) xv[i] = xs[tt + i][j];
+            for (int i = 0; i < 4; i++)
+                for (int q = 0; q < 4; q++) acc[i][q] = fmaf(wv[i], xv[q], acc[i][q]);
+        }
+        __syncthreads();
+    }
+    for (int i = 0; i < 4; i++) {
+        const int r = r0 + tr + i;
+        if (r >= rows) continue;
+        for (int q = 0; q < 4; q++) {
+            const int t = t0 + tt + q;
+            if (t < n_tok) Y[(u64)t * y_stride + r] = acc[i][q];
+        }
+    }
 }

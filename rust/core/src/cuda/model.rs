@@ -88,6 +88,43 @@ pub struct GpuKv {
     pub shape: KvShape,
     k: Vec<DevBuf>,
     v: Vec<DevBuf>,
+    /// A step's activations and inputs, kept between steps and grown when a step needs
+    /// more (allocating and freeing device memory every step costs milliseconds: a free
+    /// waits for the device).
+    scratch: Vec<DevBuf>,
+}
+
+/// Scratch slots (see `GpuKv::ensure`).
+const S_X: usize = 0;
+const S_H: usize = 1;
+const S_Q: usize = 2;
+const S_K: usize = 3;
+const S_V: usize = 4;
+const S_ATT: usize = 5;
+const S_O: usize = 6;
+const S_G: usize = 7;
+const S_U: usize = 8;
+const S_IDS: usize = 9;
+const S_POS: usize = 10;
+const S_SLOT: usize = 11;
+const S_TABLES: usize = 12;
+const S_TOK_TABLE: usize = 13;
+const S_IDX: usize = 14;
+const S_XS: usize = 15;
+const S_LOGITS: usize = 16;
+const N_SCRATCH: usize = 17;
+
+impl GpuKv {
+    /// Make scratch slot `i` hold at least `bytes` (grown by half again, so a run of
+    /// slowly growing steps does not reallocate every time).
+    fn ensure(&mut self, gpu: &Arc<Gpu>, sizes: &[(usize, usize)]) -> Result<()> {
+        for &(i, bytes) in sizes {
+            if self.scratch[i].bytes < bytes {
+                self.scratch[i] = gpu.alloc(bytes + bytes / 2)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 fn opt(gpu: &Arc<Gpu>, v: &Option<Vec<f32>>) -> Result<Option<DevBuf>> {
@@ -158,26 +195,33 @@ impl GpuModel {
             k.push(self.gpu.zeros(slots * shape.kv_dim_k * 2)?);
             v.push(self.gpu.zeros(slots * shape.kv_dim_v * 2)?);
         }
-        Ok(GpuKv { shape, k, v })
+        let scratch = (0..N_SCRATCH).map(|_| self.gpu.alloc(256)).collect::<Result<Vec<_>>>()?;
+        Ok(GpuKv { shape, k, v, scratch })
     }
 
-    /// y[t] = W x[t] for `n_tok` rows of x (stride `w.cols`) into y (stride `w.rows`).
-    fn matmul(&self, w: &GpuWeight, x: &DevBuf, n_tok: usize, y: &DevBuf) -> Result<()> {
-        let grid = w.rows.div_ceil(4) as u32;
-        for t0 in (0..n_tok).step_by(MMV_TOK) {
-            let nt = MMV_TOK.min(n_tok - t0);
-            self.gpu.launch("mmv", (grid, 1, 1), 128, 0, &[
-                Arg::I32(w.ty as i32),
-                w.buf.arg(),
-                Arg::U64(w.row_bytes as u64),
-                Arg::I32(w.rows as i32),
-                Arg::I32(w.cols as i32),
-                x.at(t0 * w.cols * 4),
-                Arg::I32(nt as i32),
-                Arg::I32(w.cols as i32),
-                y.at(t0 * w.rows * 4),
-                Arg::I32(w.rows as i32),
-            ])?;
+    /// y[t] = W x[t] for the stacked tokens of a step (x stride `w.cols`, y stride
+    /// `w.rows`). `runs` splits them into (first, count, solo): solo tokens (one per
+    /// sequence: decode) take `mmv`, the others (prompt chunks) the tiled `mmt`. Each
+    /// kernel computes a token the same way whatever shares the launch, so a sequence's
+    /// results never depend on its batch.
+    fn matmul(&self, w: &GpuWeight, x: &DevBuf, runs: &[(usize, usize, bool)], y: &DevBuf) -> Result<()> {
+        for &(first, count, solo) in runs {
+            if solo {
+                for t0 in (first..first + count).step_by(MMV_TOK) {
+                    let nt = MMV_TOK.min(first + count - t0);
+                    self.gpu.launch("mmv", (w.rows.div_ceil(8) as u32, 1, 1), 256, 0, &[
+                        Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32),
+                        Arg::I32(w.cols as i32), x.at(t0 * w.cols * 4), Arg::I32(nt as i32), Arg::I32(w.cols as i32),
+                        y.at(t0 * w.rows * 4), Arg::I32(w.rows as i32),
+                    ])?;
+                }
+            } else {
+                self.gpu.launch("mmt", (w.rows.div_ceil(64) as u32, count.div_ceil(64) as u32, 1), 256, 0, &[
+                    Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32),
+                    Arg::I32(w.cols as i32), x.at(first * w.cols * 4), Arg::I32(count as i32), Arg::I32(w.cols as i32),
+                    y.at(first * w.rows * 4), Arg::I32(w.rows as i32),
+                ])?;
+            }
         }
         Ok(())
     }
@@ -209,6 +253,7 @@ impl GpuModel {
         let mut slot: Vec<u32> = Vec::new();
         let mut tables: Vec<u32> = Vec::new();
         let mut tok_table: Vec<i32> = Vec::new();
+        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
         for s in seqs {
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
                 return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {} tokens)", c.n_vocab)));
@@ -225,6 +270,11 @@ impl GpuModel {
             tables.extend_from_slice(&s.block_table[..need]);
             for (i, &t) in s.tokens.iter().enumerate() {
                 let p = s.pos + i;
+                let solo = i >= s.solo_from;
+                match runs.last_mut() {
+                    Some(r) if r.2 == solo => r.1 += 1,
+                    _ => runs.push((ids.len(), 1, solo)),
+                }
                 ids.push(t);
                 pos.push(p as i32);
                 slot.push(s.block_table[p / bs] * bs as u32 + (p % bs) as u32);
@@ -238,13 +288,33 @@ impl GpuModel {
         let e = c.n_embd;
         let (qd, kd, vd) = (c.q_dim(), c.kv_dim_k(), c.kv_dim_v());
         let ad = c.n_head * c.head_dim_v;
-        let d_ids = gpu.upload(as_bytes(&ids))?;
-        let d_pos = gpu.upload(as_bytes(&pos))?;
-        let d_slot = gpu.upload(as_bytes(&slot))?;
-        let d_tables = gpu.upload(as_bytes(&tables))?;
-        let d_tok_table = gpu.upload(as_bytes(&tok_table))?;
-        let f = |n: usize| gpu.alloc(n * 4);
-        let (x, h, q, k, v, att, o, g, u) = (f(n_tok * e)?, f(n_tok * e)?, f(n_tok * qd)?, f(n_tok * kd)?, f(n_tok * vd)?, f(n_tok * ad)?, f(n_tok * e)?, f(n_tok * c.n_ff)?, f(n_tok * c.n_ff)?);
+        let mut rows = Vec::new();
+        let mut t0 = 0;
+        for (si, s) in seqs.iter().enumerate() {
+            let n = s.tokens.len();
+            match s.logits {
+                LogitsWanted::None => {}
+                LogitsWanted::Last if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
+                LogitsWanted::Last => {}
+                LogitsWanted::All => rows.extend((0..n).map(|i| (si, i, t0 + i))),
+            }
+            t0 += n;
+        }
+        let n_out = rows.len();
+        kv.ensure(gpu, &[
+            (S_X, n_tok * e * 4), (S_H, n_tok * e * 4), (S_Q, n_tok * qd * 4), (S_K, n_tok * kd * 4), (S_V, n_tok * vd * 4),
+            (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, n_tok * c.n_ff * 4), (S_U, n_tok * c.n_ff * 4),
+            (S_IDS, n_tok * 4), (S_POS, n_tok * 4), (S_SLOT, n_tok * 4), (S_TABLES, tables.len() * 4), (S_TOK_TABLE, n_tok * 4),
+            (S_IDX, n_out * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * c.n_vocab * 4),
+        ])?;
+        let sc = &kv.scratch;
+        sc[S_IDS].write(0, as_bytes(&ids))?;
+        sc[S_POS].write(0, as_bytes(&pos))?;
+        sc[S_SLOT].write(0, as_bytes(&slot))?;
+        sc[S_TABLES].write(0, as_bytes(&tables))?;
+        sc[S_TOK_TABLE].write(0, as_bytes(&tok_table))?;
+        let (d_ids, d_pos, d_slot, d_tables, d_tok_table) = (&sc[S_IDS], &sc[S_POS], &sc[S_SLOT], &sc[S_TABLES], &sc[S_TOK_TABLE]);
+        let (x, h, q, k, v, att, o, g, u) = (&sc[S_X], &sc[S_H], &sc[S_Q], &sc[S_K], &sc[S_V], &sc[S_ATT], &sc[S_O], &sc[S_G], &sc[S_U]);
 
         // embed
         gpu.launch("get_rows", (n_tok as u32, 1, 1), 128, 0, &[
@@ -259,21 +329,21 @@ impl GpuModel {
         let ff = self.rope_freqs.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
-            self.rms_norm(&x, &l.attn_norm, &h, n_tok, e)?;
-            self.matmul(&l.wq, &h, n_tok, &q)?;
-            self.matmul(&l.wk, &h, n_tok, &k)?;
-            self.matmul(&l.wv, &h, n_tok, &v)?;
-            self.add_bias(&q, &l.bq, qd, n_tok)?;
-            self.add_bias(&k, &l.bk, kd, n_tok)?;
-            self.add_bias(&v, &l.bv, vd, n_tok)?;
+            self.rms_norm(x, &l.attn_norm, h, n_tok, e)?;
+            self.matmul(&l.wq, h, &runs, q)?;
+            self.matmul(&l.wk, h, &runs, k)?;
+            self.matmul(&l.wv, h, &runs, v)?;
+            self.add_bias(q, &l.bq, qd, n_tok)?;
+            self.add_bias(k, &l.bk, kd, n_tok)?;
+            self.add_bias(v, &l.bv, vd, n_tok)?;
             if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                self.rms_norm(&q, qn, &q, n_tok * c.n_head, c.head_dim)?;
-                self.rms_norm(&k, kn, &k, n_tok * c.n_head_kv, c.head_dim)?;
+                self.rms_norm(q, qn, q, n_tok * c.n_head, c.head_dim)?;
+                self.rms_norm(k, kn, k, n_tok * c.n_head_kv, c.head_dim)?;
             }
             let swa = c.swa_layers[il];
             let base = if swa { c.rope_base_swa } else { c.rope_base };
             let theta_scale = base.powf(-2.0 / c.n_rot as f32);
-            for (buf, heads) in [(&q, c.n_head), (&k, c.n_head_kv)] {
+            for (buf, heads) in [(q, c.n_head), (k, c.n_head_kv)] {
                 gpu.launch("rope", (n_tok as u32, 1, 1), 128, 0, &[
                     buf.arg(), d_pos.arg(), Arg::I32(heads as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.n_rot as i32),
                     Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
@@ -291,50 +361,47 @@ impl GpuModel {
                 Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
                 Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(c.attn_scale),
             ])?;
-            self.matmul(&l.wo, &att, n_tok, &o)?;
-            self.add_bias(&o, &l.bo, e, n_tok)?;
+            self.matmul(&l.wo, att, &runs, o)?;
+            self.add_bias(o, &l.bo, e, n_tok)?;
             if let Some(pn) = &l.post_attn_norm {
-                self.rms_norm(&o, pn, &o, n_tok, e)?;
+                self.rms_norm(o, pn, o, n_tok, e)?;
             }
             self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32)])?;
 
             // feed-forward block
-            self.rms_norm(&x, &l.ffn_norm, &h, n_tok, e)?;
-            self.matmul(&l.gate, &h, n_tok, &g)?;
-            self.matmul(&l.up, &h, n_tok, &u)?;
+            self.rms_norm(x, &l.ffn_norm, h, n_tok, e)?;
+            self.matmul(&l.gate, h, &runs, g)?;
+            self.matmul(&l.up, h, &runs, u)?;
             let gelu = matches!(c.arch, Arch::Gemma3) as i32;
             self.elementwise("glu", n_tok * c.n_ff, &[g.arg(), u.arg(), Arg::I32((n_tok * c.n_ff) as i32), Arg::I32(gelu)])?;
-            self.matmul(&l.down, &g, n_tok, &o)?;
+            self.matmul(&l.down, g, &runs, o)?;
             if let Some(pn) = &l.post_ffn_norm {
-                self.rms_norm(&o, pn, &o, n_tok, e)?;
+                self.rms_norm(o, pn, o, n_tok, e)?;
             }
             self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32)])?;
         }
 
         // logits, only for the rows asked for
-        let mut rows = Vec::new();
-        let mut t0 = 0;
-        for (si, s) in seqs.iter().enumerate() {
-            let n = s.tokens.len();
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
-                LogitsWanted::Last => {}
-                LogitsWanted::All => rows.extend((0..n).map(|i| (si, i, t0 + i))),
-            }
-            t0 += n;
-        }
-        let n_out = rows.len();
         let mut data = vec![0f32; n_out * c.n_vocab];
         if n_out > 0 {
             let idx: Vec<i32> = rows.iter().map(|&(_, _, t)| t as i32).collect();
-            let d_idx = gpu.upload(as_bytes(&idx))?;
-            let xs = f(n_out * e)?;
+            sc[S_IDX].write(0, as_bytes(&idx))?;
+            let (d_idx, xs) = (&sc[S_IDX], &sc[S_XS]);
             gpu.launch("copy_rows", (n_out as u32, 1, 1), 128, 0, &[x.arg(), d_idx.arg(), xs.arg(), Arg::I32(e as i32)])?;
-            self.rms_norm(&xs, &self.output_norm, &xs, n_out, e)?;
-            let logits = f(n_out * c.n_vocab)?;
-            self.matmul(&self.output, &xs, n_out, &logits)?;
-            self.add_bias(&logits, &self.output_bias, c.n_vocab, n_out)?;
+            self.rms_norm(xs, &self.output_norm, xs, n_out, e)?;
+            let logits = &sc[S_LOGITS];
+            // A sequence's last-token logits take the decode kernel, so they do not
+            // depend on how many sequences share the step.
+            let mut out_runs: Vec<(usize, usize, bool)> = Vec::new();
+            for (j, &(si, _, _)) in rows.iter().enumerate() {
+                let solo = seqs[si].logits == LogitsWanted::Last;
+                match out_runs.last_mut() {
+                    Some(r) if r.2 == solo => r.1 += 1,
+                    _ => out_runs.push((j, 1, solo)),
+                }
+            }
+            self.matmul(&self.output, xs, &out_runs, logits)?;
+            self.add_bias(logits, &self.output_bias, c.n_vocab, n_out)?;
             if let Some(cap) = c.final_logit_softcap {
                 self.elementwise("softcap", n_out * c.n_vocab, &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)])?;
             }
@@ -345,20 +412,27 @@ impl GpuModel {
     }
 }
 
-/// The CUDA kernels run one at a time from a test: `mmv` of `n_tok` f32 rows against
-/// a weight in any GPU format (for the kernel tolerance tests).
-pub fn mmv_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize) -> Result<Vec<f32>> {
+/// One matrix product on its own (for the kernel tolerance tests): `n_tok` f32 rows
+/// against a weight in any GPU format, with the decode kernel (`mmv`) or, when
+/// `tiled`, the prompt kernel (`mmt`).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize, tiled: bool) -> Result<Vec<f32>> {
     let row_bytes = w_bytes.len() / rows;
     let w = GpuWeight { buf: gpu.upload(w_bytes)?, ty, rows, cols, row_bytes };
     let dx = gpu.upload_f32(x)?;
     let y = gpu.alloc(n_tok * rows * 4)?;
-    let grid = rows.div_ceil(4) as u32;
-    for t0 in (0..n_tok).step_by(MMV_TOK) {
-        let nt = MMV_TOK.min(n_tok - t0);
-        gpu.launch("mmv", (grid, 1, 1), 128, 0, &[
+    let launch = |t0: usize, nt: usize, name: &'static str, grid: (u32, u32, u32), block: u32| {
+        gpu.launch(name, grid, block, 0, &[
             Arg::I32(ty as i32), w.buf.arg(), Arg::U64(row_bytes as u64), Arg::I32(rows as i32), Arg::I32(cols as i32),
             dx.at(t0 * cols * 4), Arg::I32(nt as i32), Arg::I32(cols as i32), y.at(t0 * rows * 4), Arg::I32(rows as i32),
-        ])?;
+        ])
+    };
+    if tiled {
+        launch(0, n_tok, "mmt", (rows.div_ceil(64) as u32, n_tok.div_ceil(64) as u32, 1), 256)?;
+    } else {
+        for t0 in (0..n_tok).step_by(MMV_TOK) {
+            launch(t0, MMV_TOK.min(n_tok - t0), "mmv", (rows.div_ceil(8) as u32, 1, 1), 256)?;
+        }
     }
     gpu.sync()?;
     y.read_f32(n_tok * rows)

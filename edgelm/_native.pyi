@@ -17,6 +17,7 @@ __all__ = [
     "dequantize",
     "available_kernel_levels",
     "kernel_level",
+    "cuda_device",
     "physical_cores",
     "read_bandwidth",
     "__version__",

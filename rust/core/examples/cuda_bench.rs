@@ -98,8 +98,30 @@ fn model(ty: GgmlType) -> Vec<u8> {
     w.to_bytes()
 }
 
+/// The matrix kernels alone, on an FFN-sized matrix: time per launch and the weight
+/// bandwidth it amounts to.
+fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str) {
+    let (rows, cols) = (8192, 2048);
+    let rb = ty.row_bytes(cols).unwrap();
+    let mut w = vec![0u8; rb * rows];
+    for r in 0..rows {
+        quant::quantize_row(ty, &randn(cols, r as u64 % 97), &mut w[r * rb..(r + 1) * rb]);
+    }
+    for (n_tok, tiled) in [(1, false), (8, false), (64, true), (512, true)] {
+        let per = edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w, rows, cols, n_tok, tiled, 200).unwrap();
+        eprintln!("{name} {rows}x{cols} n_tok {n_tok:3} ({}): {:7.1} µs per launch, {:5.0} GB/s of weights, {:6.2} TFLOP/s",
+                  if tiled { "mmt" } else { "mmv" }, per * 1e6, w.len() as f64 / per / 1e9, 2.0 * (rows * cols * n_tok) as f64 / per / 1e12);
+    }
+}
+
 fn main() {
     let gpu = edgelm_core::cuda::probe().unwrap_or_else(|e| panic!("no GPU: {e}"));
+    if std::env::var_os("EDGELM_KERNEL_BENCH").is_some() {
+        for (ty, name) in [(GgmlType::Q4_0, "q4_0"), (GgmlType::Q8_0, "q8_0"), (GgmlType::Q4_K, "q4_k")] {
+            kernel_bench(&gpu, ty, name);
+        }
+        return;
+    }
     let bw = std::env::var("EDGELM_GPU_BW_GBS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(4800.0) * 1e9;
     let types: Vec<String> = std::env::args().skip(1).collect();
     for name in if types.is_empty() { vec!["q4_0".to_string()] } else { types } {

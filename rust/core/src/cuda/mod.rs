@@ -35,6 +35,11 @@ type CuModule = *mut c_void;
 type CuFunction = *mut c_void;
 type CuStream = *mut c_void;
 type CuDevicePtr = u64;
+type CuGraph = *mut c_void;
+type CuGraphExec = *mut c_void;
+/// cuStreamBeginCapture mode: only this thread's unsafe calls are refused (other
+/// models' executors keep running on their threads).
+const CU_STREAM_CAPTURE_MODE_THREAD_LOCAL: c_int = 1;
 type NvrtcResult = c_int;
 type NvrtcProgram = *mut c_void;
 
@@ -81,6 +86,14 @@ struct Driver {
     memset_d8: unsafe extern "C" fn(CuDevicePtr, u8, usize) -> CuResult,
     mem_get_info: unsafe extern "C" fn(*mut usize, *mut usize) -> CuResult,
     get_error_string: unsafe extern "C" fn(CuResult, *mut *const c_char) -> CuResult,
+    stream_create: unsafe extern "C" fn(*mut CuStream, c_uint) -> CuResult,
+    stream_synchronize: unsafe extern "C" fn(CuStream) -> CuResult,
+    stream_begin_capture: unsafe extern "C" fn(CuStream, c_int) -> CuResult,
+    stream_end_capture: unsafe extern "C" fn(CuStream, *mut CuGraph) -> CuResult,
+    graph_instantiate: unsafe extern "C" fn(*mut CuGraphExec, CuGraph, u64) -> CuResult,
+    graph_launch: unsafe extern "C" fn(CuGraphExec, CuStream) -> CuResult,
+    graph_destroy: unsafe extern "C" fn(CuGraph) -> CuResult,
+    graph_exec_destroy: unsafe extern "C" fn(CuGraphExec) -> CuResult,
 }
 
 impl Driver {
@@ -106,6 +119,14 @@ impl Driver {
             memset_d8: sym!(lib, "cuMemsetD8_v2"),
             mem_get_info: sym!(lib, "cuMemGetInfo_v2"),
             get_error_string: sym!(lib, "cuGetErrorString"),
+            stream_create: sym!(lib, "cuStreamCreate"),
+            stream_synchronize: sym!(lib, "cuStreamSynchronize"),
+            stream_begin_capture: sym!(lib, "cuStreamBeginCapture_v2"),
+            stream_end_capture: sym!(lib, "cuStreamEndCapture"),
+            graph_instantiate: sym!(lib, "cuGraphInstantiateWithFlags"),
+            graph_launch: sym!(lib, "cuGraphLaunch"),
+            graph_destroy: sym!(lib, "cuGraphDestroy"),
+            graph_exec_destroy: sym!(lib, "cuGraphExecDestroy"),
             _lib: lib,
         })
     }
@@ -280,6 +301,9 @@ pub struct Gpu {
     pub integrated: bool,
     pub driver_version: i32,
     module: CuModule,
+    /// The stream every launch goes to (a blocking stream: it orders with the
+    /// synchronous copies on the legacy stream; capturable into CUDA graphs).
+    stream: CuStream,
     funcs: std::sync::Mutex<std::collections::HashMap<&'static str, usize>>,
     /// Where the cubin came from: "cache" or "nvrtc" (for the log line).
     pub kernels_from: &'static str,
@@ -321,7 +345,10 @@ impl Gpu {
             let (cubin, from) = Self::kernels(arch)?;
             let mut module: CuModule = std::ptr::null_mut();
             drv.check((drv.module_load_data)(&mut module, cubin.as_ptr().cast()), "cuModuleLoadData (the kernels)")?;
+            let mut stream: CuStream = std::ptr::null_mut();
+            drv.check((drv.stream_create)(&mut stream, 0), "cuStreamCreate")?;
             Ok(Arc::new(Gpu {
+                stream,
                 drv,
                 ctx,
                 ordinal,
@@ -421,15 +448,64 @@ impl Gpu {
         // its value (a device pointer, or an int/float in the low bytes, little endian),
         // which is what cuLaunchKernel reads for parameters of at most that size.
         let r = unsafe {
-            (self.drv.launch_kernel)(f, grid.0, grid.1, grid.2, block, 1, 1, shared, std::ptr::null_mut(), ptrs.as_mut_ptr(), std::ptr::null_mut())
+            (self.drv.launch_kernel)(f, grid.0, grid.1, grid.2, block, 1, 1, shared, self.stream, ptrs.as_mut_ptr(), std::ptr::null_mut())
         };
         self.drv.check(r, name)
     }
 
     pub fn sync(&self) -> Result<()> {
         self.bind()?;
+        // SAFETY: the stream lives as long as `self`.
+        self.drv.check(unsafe { (self.drv.stream_synchronize)(self.stream) }, "cuStreamSynchronize")?;
         // SAFETY: no arguments.
         self.drv.check(unsafe { (self.drv.ctx_synchronize)() }, "cuCtxSynchronize")
+    }
+
+    /// Record the launches `f` makes into a CUDA graph instead of running them (the
+    /// capture always ends, also when `f` fails); the graph replays them with one launch.
+    pub fn capture(self: &Arc<Self>, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
+        self.bind()?;
+        // SAFETY: our stream; ended below on every path.
+        self.drv.check(unsafe { (self.drv.stream_begin_capture)(self.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }, "cuStreamBeginCapture")?;
+        let r = f();
+        let mut graph: CuGraph = std::ptr::null_mut();
+        // SAFETY: ends the capture begun above.
+        let end = self.drv.check(unsafe { (self.drv.stream_end_capture)(self.stream, &mut graph) }, "cuStreamEndCapture");
+        r?;
+        end?;
+        let mut exec: CuGraphExec = std::ptr::null_mut();
+        // SAFETY: a complete graph; it is no longer needed once instantiated.
+        let inst = self.drv.check(unsafe { (self.drv.graph_instantiate)(&mut exec, graph, 0) }, "cuGraphInstantiate");
+        // SAFETY: destroyed once.
+        unsafe { (self.drv.graph_destroy)(graph) };
+        inst?;
+        Ok(Graph { gpu: Arc::clone(self), exec })
+    }
+}
+
+/// A captured sequence of launches, replayed by `launch`.
+pub struct Graph {
+    gpu: Arc<Gpu>,
+    exec: CuGraphExec,
+}
+
+// SAFETY: a graph exec is a driver object usable from any thread with the context.
+unsafe impl Send for Graph {}
+
+impl Graph {
+    pub fn launch(&self) -> Result<()> {
+        self.gpu.bind()?;
+        // SAFETY: instantiated in `Gpu::capture`, replayed on the same stream.
+        self.gpu.drv.check(unsafe { (self.gpu.drv.graph_launch)(self.exec, self.gpu.stream) }, "cuGraphLaunch")
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        if self.gpu.bind().is_ok() {
+            // SAFETY: destroyed once.
+            unsafe { (self.gpu.drv.graph_exec_destroy)(self.exec) };
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 
 use std::sync::Arc;
 
-use super::{as_bytes, Arg, DevBuf, Gpu};
+use std::collections::HashMap;
+
+use super::{as_bytes, Arg, DevBuf, Gpu, Graph};
 use crate::error::{Error, Result};
 use crate::kv::KvShape;
 use crate::model::{Arch, Config, LogitsWanted, Model, SeqInput, StepLogits, Weight};
@@ -92,7 +94,15 @@ pub struct GpuKv {
     /// more (allocating and freeing device memory every step costs milliseconds: a free
     /// waits for the device).
     scratch: Vec<DevBuf>,
+    /// Decode steps captured as CUDA graphs, by shape (tokens, output rows): a step
+    /// is ~300 small launches, and replaying them as one graph takes the per-launch
+    /// cost off every token. Inputs live in the scratch buffers, so a graph stays
+    /// valid until those are reallocated.
+    graphs: HashMap<(usize, Vec<Run>), Graph>,
 }
+
+/// Stacked tokens `first..first + count` of one kind: solo (decode) or not (prompt).
+type Run = (usize, usize, bool);
 
 /// Scratch slots (see `GpuKv::ensure`).
 const S_X: usize = 0;
@@ -121,6 +131,7 @@ impl GpuKv {
         for &(i, bytes) in sizes {
             if self.scratch[i].bytes < bytes {
                 self.scratch[i] = gpu.alloc(bytes + bytes / 2)?;
+                self.graphs.clear(); // they point at the old buffers
             }
         }
         Ok(())
@@ -196,7 +207,7 @@ impl GpuModel {
             v.push(self.gpu.zeros(slots * shape.kv_dim_v * 2)?);
         }
         let scratch = (0..N_SCRATCH).map(|_| self.gpu.alloc(256)).collect::<Result<Vec<_>>>()?;
-        Ok(GpuKv { shape, k, v, scratch })
+        Ok(GpuKv { shape, k, v, scratch, graphs: HashMap::new() })
     }
 
     /// y[t] = W x[t] for the stacked tokens of a step (x stride `w.cols`, y stride
@@ -301,14 +312,30 @@ impl GpuModel {
             t0 += n;
         }
         let n_out = rows.len();
+        // A sequence's last-token logits take the decode kernel, so they do not
+        // depend on how many sequences share the step.
+        let mut out_runs: Vec<(usize, usize, bool)> = Vec::new();
+        for (j, &(si, _, _)) in rows.iter().enumerate() {
+            let solo = seqs[si].logits == LogitsWanted::Last;
+            match out_runs.last_mut() {
+                Some(r) if r.2 == solo => r.1 += 1,
+                _ => out_runs.push((j, 1, solo)),
+            }
+        }
+        let idx: Vec<i32> = rows.iter().map(|&(_, _, t)| t as i32).collect();
+        if c.head_dim_v > 4 * 128 {
+            return Err(Error::Cuda(format!("head size {} is larger than the attention kernel takes (512)", c.head_dim_v)));
+        }
         kv.ensure(gpu, &[
             (S_X, n_tok * e * 4), (S_H, n_tok * e * 4), (S_Q, n_tok * qd * 4), (S_K, n_tok * kd * 4), (S_V, n_tok * vd * 4),
             (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, n_tok * c.n_ff * 4), (S_U, n_tok * c.n_ff * 4),
             (S_IDS, n_tok * 4), (S_POS, n_tok * 4), (S_SLOT, n_tok * 4), (S_TABLES, tables.len() * 4), (S_TOK_TABLE, n_tok * 4),
             (S_IDX, n_out * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * c.n_vocab * 4),
         ])?;
-        let sc = &kv.scratch;
+        let GpuKv { k: kv_k, v: kv_v, scratch, graphs, .. } = kv;
+        let sc = &*scratch;
         sc[S_IDS].write(0, as_bytes(&ids))?;
+        sc[S_IDX].write(0, as_bytes(&idx))?;
         sc[S_POS].write(0, as_bytes(&pos))?;
         sc[S_SLOT].write(0, as_bytes(&slot))?;
         sc[S_TABLES].write(0, as_bytes(&tables))?;
@@ -316,6 +343,7 @@ impl GpuModel {
         let (d_ids, d_pos, d_slot, d_tables, d_tok_table) = (&sc[S_IDS], &sc[S_POS], &sc[S_SLOT], &sc[S_TABLES], &sc[S_TOK_TABLE]);
         let (x, h, q, k, v, att, o, g, u) = (&sc[S_X], &sc[S_H], &sc[S_Q], &sc[S_K], &sc[S_V], &sc[S_ATT], &sc[S_O], &sc[S_G], &sc[S_U]);
 
+        let launches = || -> Result<()> {
         // embed
         gpu.launch("get_rows", (n_tok as u32, 1, 1), 128, 0, &[
             Arg::I32(self.tok_embd.ty as i32),
@@ -350,14 +378,11 @@ impl GpuModel {
                 ])?;
             }
             gpu.launch("kv_write", (n_tok as u32, 1, 1), 128, 0, &[
-                k.arg(), v.arg(), kv.k[il].arg(), kv.v[il].arg(), d_slot.arg(), Arg::I32(kd as i32), Arg::I32(vd as i32),
+                k.arg(), v.arg(), kv_k[il].arg(), kv_v[il].arg(), d_slot.arg(), Arg::I32(kd as i32), Arg::I32(vd as i32),
             ])?;
             let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
-            if c.head_dim_v > 4 * 128 {
-                return Err(Error::Cuda(format!("head size {} is larger than the attention kernel takes (512)", c.head_dim_v)));
-            }
             gpu.launch("attention", (c.n_head as u32, n_tok as u32, 1), 128, ((c.head_dim + 1024) * 4) as u32, &[
-                q.arg(), kv.k[il].arg(), kv.v[il].arg(), d_tables.arg(), d_tok_table.arg(), d_pos.arg(), att.arg(),
+                q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables.arg(), d_tok_table.arg(), d_pos.arg(), att.arg(),
                 Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
                 Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(c.attn_scale),
             ])?;
@@ -382,39 +407,78 @@ impl GpuModel {
         }
 
         // logits, only for the rows asked for
-        let mut data = vec![0f32; n_out * c.n_vocab];
         if n_out > 0 {
-            let idx: Vec<i32> = rows.iter().map(|&(_, _, t)| t as i32).collect();
-            sc[S_IDX].write(0, as_bytes(&idx))?;
-            let (d_idx, xs) = (&sc[S_IDX], &sc[S_XS]);
+            let (d_idx, xs, logits) = (&sc[S_IDX], &sc[S_XS], &sc[S_LOGITS]);
             gpu.launch("copy_rows", (n_out as u32, 1, 1), 128, 0, &[x.arg(), d_idx.arg(), xs.arg(), Arg::I32(e as i32)])?;
             self.rms_norm(xs, &self.output_norm, xs, n_out, e)?;
-            let logits = &sc[S_LOGITS];
-            // A sequence's last-token logits take the decode kernel, so they do not
-            // depend on how many sequences share the step.
-            let mut out_runs: Vec<(usize, usize, bool)> = Vec::new();
-            for (j, &(si, _, _)) in rows.iter().enumerate() {
-                let solo = seqs[si].logits == LogitsWanted::Last;
-                match out_runs.last_mut() {
-                    Some(r) if r.2 == solo => r.1 += 1,
-                    _ => out_runs.push((j, 1, solo)),
-                }
-            }
             self.matmul(&self.output, xs, &out_runs, logits)?;
             self.add_bias(logits, &self.output_bias, c.n_vocab, n_out)?;
             if let Some(cap) = c.final_logit_softcap {
                 self.elementwise("softcap", n_out * c.n_vocab, &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)])?;
             }
-            gpu.sync()?;
-            data = logits.read_f32(n_out * c.n_vocab)?;
+        }
+        Ok(())
+        };
+
+        // Decode steps (every token alone in its sequence) replay a captured graph.
+        let decode = runs.len() == 1 && runs[0].2 && graphs_enabled();
+        let key = (n_tok, out_runs.clone());
+        if decode {
+            if !graphs.contains_key(&key) {
+                if graphs.len() >= 64 {
+                    graphs.clear();
+                }
+                graphs.insert(key.clone(), gpu.capture(launches)?);
+            }
+            graphs[&key].launch()?;
+        } else {
+            launches()?;
+        }
+        let mut data = vec![0f32; n_out * c.n_vocab];
+        gpu.sync()?;
+        if n_out > 0 {
+            data = sc[S_LOGITS].read_f32(n_out * c.n_vocab)?;
         }
         Ok(StepLogits { n_vocab: c.n_vocab, data, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect() })
     }
 }
 
+/// CUDA graphs for decode steps, unless EDGELM_CUDA_GRAPHS=0 (for comparisons).
+fn graphs_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("EDGELM_CUDA_GRAPHS").is_none_or(|v| v != "0"))
+}
+
 /// One matrix product on its own (for the kernel tolerance tests): `n_tok` f32 rows
 /// against a weight in any GPU format, with the decode kernel (`mmv`) or, when
 /// `tiled`, the prompt kernel (`mmt`).
+/// Seconds per launch of the decode (`mmv`) or prompt (`mmt`) kernel, timed over
+/// `reps` launches on resident data (for the benchmarks).
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, n_tok: usize, tiled: bool, reps: usize) -> Result<f64> {
+    let row_bytes = w_bytes.len() / rows;
+    let w = gpu.upload(w_bytes)?;
+    let dx = gpu.upload_f32(&vec![0.5f32; n_tok * cols])?;
+    let y = gpu.alloc(n_tok * rows * 4)?;
+    let args = [
+        Arg::I32(ty as i32), w.arg(), Arg::U64(row_bytes as u64), Arg::I32(rows as i32), Arg::I32(cols as i32),
+        dx.arg(), Arg::I32(n_tok as i32), Arg::I32(cols as i32), y.arg(), Arg::I32(rows as i32),
+    ];
+    let go = || if tiled {
+        gpu.launch("mmt", (rows.div_ceil(64) as u32, n_tok.div_ceil(64) as u32, 1), 256, 0, &args)
+    } else {
+        gpu.launch("mmv", (rows.div_ceil(8) as u32, 1, 1), 256, 0, &args)
+    };
+    go()?;
+    gpu.sync()?;
+    let t = std::time::Instant::now();
+    for _ in 0..reps {
+        go()?;
+    }
+    gpu.sync()?;
+    Ok(t.elapsed().as_secs_f64() / reps as f64)
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize, tiled: bool) -> Result<Vec<f32>> {
     let row_bytes = w_bytes.len() / rows;

@@ -154,6 +154,7 @@ fn main() {
             ex.remove(next_id);
             next_id += 1;
         }
+        gpu.take_profile();
         // Generation with B concurrent sequences: 128 tokens each after a 32-token prompt.
         let mut gen = Vec::new();
         for batch in [1usize, 16, 64] {
@@ -176,6 +177,14 @@ fn main() {
                 ex.step(&items).unwrap();
             }
             let tps = (batch * n_steps) as f64 / t.elapsed().as_secs_f64();
+            let prof = gpu.take_profile();
+            if !prof.is_empty() {
+                let total: f64 = prof.iter().map(|p| p.2).sum();
+                eprintln!("{name}, {batch} streams, per step ({n_steps} steps):");
+                for (k, n, secs) in prof {
+                    eprintln!("  {k:10} {:6.1} launches  {:8.1} µs  {:5.1}%", n as f64 / n_steps as f64, secs / n_steps as f64 * 1e6, 100.0 * secs / total);
+                }
+            }
             for &id in &ids {
                 ex.remove(id);
             }

@@ -307,6 +307,9 @@ pub struct Gpu {
     funcs: std::sync::Mutex<std::collections::HashMap<&'static str, usize>>,
     /// Where the cubin came from: "cache" or "nvrtc" (for the log line).
     pub kernels_from: &'static str,
+    /// EDGELM_CUDA_PROFILE=1: every launch is waited for and timed, by kernel name
+    /// (a diagnosis tool: it serialises everything).
+    profile: Option<std::sync::Mutex<std::collections::HashMap<&'static str, (u64, f64)>>>,
 }
 
 // SAFETY: the context handle and module are process-wide driver objects; every call
@@ -359,6 +362,7 @@ impl Gpu {
                 module,
                 funcs: Default::default(),
                 kernels_from: from,
+                profile: std::env::var_os("EDGELM_CUDA_PROFILE").filter(|v| v != "0").map(|_| Default::default()),
             }))
         }
     }
@@ -442,6 +446,7 @@ impl Gpu {
     pub fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {
         self.bind()?;
         let f = self.func(name)?;
+        let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
         let mut storage: Vec<u64> = args.iter().map(Arg::bits).collect();
         let mut ptrs: Vec<*mut c_void> = storage.iter_mut().map(|v| (v as *mut u64).cast()).collect();
         // SAFETY: every parameter is passed by pointer to 8 bytes of storage that holds
@@ -450,7 +455,24 @@ impl Gpu {
         let r = unsafe {
             (self.drv.launch_kernel)(f, grid.0, grid.1, grid.2, block, 1, 1, shared, self.stream, ptrs.as_mut_ptr(), std::ptr::null_mut())
         };
-        self.drv.check(r, name)
+        self.drv.check(r, name)?;
+        if let (Some(p), Some(t0)) = (&self.profile, t0) {
+            // SAFETY: our stream.
+            self.drv.check(unsafe { (self.drv.stream_synchronize)(self.stream) }, name)?;
+            let mut m = p.lock().expect("not poisoned");
+            let e = m.entry(name).or_default();
+            e.0 += 1;
+            e.1 += t0.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }
+
+    /// (kernel, launches, seconds) since the last call, when EDGELM_CUDA_PROFILE is set.
+    pub fn take_profile(&self) -> Vec<(&'static str, u64, f64)> {
+        let Some(p) = &self.profile else { return Vec::new() };
+        let mut v: Vec<_> = p.lock().expect("not poisoned").drain().map(|(k, (n, s))| (k, n, s)).collect();
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        v
     }
 
     pub fn sync(&self) -> Result<()> {

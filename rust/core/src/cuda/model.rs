@@ -47,8 +47,25 @@ impl GpuWeight {
         if !w.cols.is_multiple_of(32) {
             return Err(Error::Cuda(format!("tensor {name} has {} columns, not a multiple of 32", w.cols)));
         }
-        Ok(GpuWeight { buf: gpu.upload(w.bytes())?, ty: w.ty, rows: w.rows, cols: w.cols, row_bytes: w.row_bytes() })
+        let (buf, row_bytes) = upload_rows(gpu, w.bytes(), w.rows)?;
+        Ok(GpuWeight { buf, ty: w.ty, rows: w.rows, cols: w.cols, row_bytes })
     }
+}
+
+/// Upload `rows` equal rows with each row's start at a multiple of 16 bytes (the
+/// decode kernel copies rows with aligned word loads); returns the buffer and the
+/// row stride. Rows already that long are uploaded as they are.
+fn upload_rows(gpu: &Arc<Gpu>, bytes: &[u8], rows: usize) -> Result<(DevBuf, usize)> {
+    let rb = bytes.len() / rows;
+    let stride = rb.next_multiple_of(16);
+    if stride == rb {
+        return Ok((gpu.upload(bytes)?, rb));
+    }
+    let mut padded = vec![0u8; stride * rows];
+    for (dst, src) in padded.chunks_exact_mut(stride).zip(bytes.chunks_exact(rb)) {
+        dst[..rb].copy_from_slice(src);
+    }
+    Ok((gpu.upload(&padded)?, stride))
 }
 
 struct GpuLayer {
@@ -421,7 +438,7 @@ impl GpuModel {
         };
 
         // Decode steps (every token alone in its sequence) replay a captured graph.
-        let decode = runs.len() == 1 && runs[0].2 && graphs_enabled();
+        let decode = runs.len() == 1 && runs[0].2 && graphs_enabled() && std::env::var_os("EDGELM_CUDA_PROFILE").is_none();
         let key = (n_tok, out_runs.clone());
         if decode {
             if !graphs.contains_key(&key) {
@@ -456,8 +473,7 @@ fn graphs_enabled() -> bool {
 /// `reps` launches on resident data (for the benchmarks).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, n_tok: usize, tiled: bool, reps: usize) -> Result<f64> {
-    let row_bytes = w_bytes.len() / rows;
-    let w = gpu.upload(w_bytes)?;
+    let (w, row_bytes) = upload_rows(gpu, w_bytes, rows)?;
     let dx = gpu.upload_f32(&vec![0.5f32; n_tok * cols])?;
     let y = gpu.alloc(n_tok * rows * 4)?;
     let args = [
@@ -481,8 +497,8 @@ pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize,
 
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize, tiled: bool) -> Result<Vec<f32>> {
-    let row_bytes = w_bytes.len() / rows;
-    let w = GpuWeight { buf: gpu.upload(w_bytes)?, ty, rows, cols, row_bytes };
+    let (buf, row_bytes) = upload_rows(gpu, w_bytes, rows)?;
+    let w = GpuWeight { buf, ty, rows, cols, row_bytes };
     let dx = gpu.upload_f32(x)?;
     let y = gpu.alloc(n_tok * rows * 4)?;
     let launch = |t0: usize, nt: usize, name: &'static str, grid: (u32, u32, u32), block: u32| {

@@ -269,27 +269,6 @@ extern "C" __global__ void rms_norm(const float* x, const float* __restrict__ w,
     for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
 }
 
-// RoPE on x [n_tok][n_heads * head_dim], in place; angles as ggml builds them
-// (theta *= theta_scale, per pair). Grid: n_tok; block: 128.
-extern "C" __global__ void rope(float* x, const int* __restrict__ pos, int n_heads, int head_dim, int n_rot,
-                                float theta_scale, int neox, const float* __restrict__ freq_factors) {
-    const int half = n_rot / 2;
-    float* row = x + (u64)blockIdx.x * n_heads * head_dim;
-    const float p = (float)pos[blockIdx.x];
-    for (int k = threadIdx.x; k < n_heads * half; k += blockDim.x) {
-        const int h = k / half, i = k % half;
-        float theta = p;
-        for (int j = 0; j < i; j++) theta *= theta_scale;
-        if (freq_factors) theta /= freq_factors[i];
-        const float c = cosf(theta), s = sinf(theta);
-        float* hd = row + h * head_dim;
-        const int a = neox ? i : 2 * i, bb = neox ? i + half : 2 * i + 1;
-        const float x0 = hd[a], x1 = hd[bb];
-        hd[a] = x0 * c - x1 * s;
-        hd[bb] = x0 * s + x1 * c;
-    }
-}
-
 // x += y (n elements). Grid: ceil(n / 256); block 256.
 extern "C" __global__ void add(float* x, const float* __restrict__ y, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
@@ -320,15 +299,6 @@ extern "C" __global__ void glu(float* g, const float* __restrict__ u, int n, int
 extern "C" __global__ void softcap(float* x, float c, int n) {
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = tanhf(x[i] / c) * c;
-}
-
-// Write token t's K and V rows into the paged f16 cache at slot[t] (= block * bs +
-// offset). K cache: [n_slots][kvk]; V: [n_slots][kvv]. Grid: n_tok; block: 128.
-extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v, u16* kc, u16* vc,
-                                    const u32* __restrict__ slot, int kvk, int kvv) {
-    const u64 s = slot[blockIdx.x];
-    for (int i = threadIdx.x; i < kvk; i += blockDim.x) kc[s * kvk + i] = f2h(k[(u64)blockIdx.x * kvk + i]);
-    for (int i = threadIdx.x; i < kvv; i += blockDim.x) vc[s * kvv + i] = f2h(v[(u64)blockIdx.x * kvv + i]);
 }
 
 // Causal attention over the paged cache for one (token, head) per block.
@@ -477,4 +447,61 @@ extern "C" __global__ void __launch_bounds__(256) mmt(int type, const u8* __rest
             if (t < n_tok) Y[(u64)t * y_stride + r] = acc[i][q];
         }
     }
+}
+
+// x += o, then h = rms_norm(x) * w, for rows of n: the residual add and the next
+// norm in one pass (the same arithmetic as `add` then `rms_norm`). Grid: rows; block: 256.
+extern "C" __global__ void add_rms_norm(float* x, const float* __restrict__ o, const float* __restrict__ w,
+                                        float* __restrict__ h, int n, float eps) {
+    __shared__ double part[32];
+    float* xr = x + (u64)blockIdx.x * n;
+    const float* orow = o + (u64)blockIdx.x * n;
+    float* hr = h + (u64)blockIdx.x * n;
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = xr[i] + orow[i];
+        xr[i] = v;
+        s += (double)v * (double)v;
+    }
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        double v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0;
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+        if (threadIdx.x == 0) part[0] = v;
+    }
+    __syncthreads();
+    const float inv = (float)(1.0 / sqrt(part[0] / n + (double)eps));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) hr[i] = xr[i] * inv * w[i];
+}
+
+// RoPE on q and k (angles as ggml builds them: theta *= theta_scale, per pair), then
+// k and v into the paged f16 cache at slot[t] (= block * bs + offset; K cache
+// [n_slots][kvk], V [n_slots][kvv]). Grid: n_tok; block: 128.
+extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__ v, u16* kc, u16* vc,
+                                   const int* __restrict__ pos, const u32* __restrict__ slot,
+                                   int n_head, int n_head_kv, int head_dim, int head_dim_v, int n_rot,
+                                   float theta_scale, int neox, const float* __restrict__ freq_factors) {
+    const int half = n_rot / 2;
+    const float p = (float)pos[blockIdx.x];
+    float* qrow = q + (u64)blockIdx.x * n_head * head_dim;
+    float* krow = k + (u64)blockIdx.x * n_head_kv * head_dim;
+    for (int kk = threadIdx.x; kk < (n_head + n_head_kv) * half; kk += blockDim.x) {
+        const int hh = kk / half, i = kk % half;
+        float theta = p;
+        for (int j = 0; j < i; j++) theta *= theta_scale;
+        if (freq_factors) theta /= freq_factors[i];
+        const float c = cosf(theta), s = sinf(theta);
+        float* hd = hh < n_head ? qrow + hh * head_dim : krow + (hh - n_head) * head_dim;
+        const int a = neox ? i : 2 * i, bb = neox ? i + half : 2 * i + 1;
+        const float x0 = hd[a], x1 = hd[bb];
+        hd[a] = x0 * c - x1 * s;
+        hd[bb] = x0 * s + x1 * c;
+    }
+    __syncthreads();
+    const int kvk = n_head_kv * head_dim, kvv = n_head_kv * head_dim_v;
+    const u64 sl = slot[blockIdx.x];
+    for (int i = threadIdx.x; i < kvk; i += blockDim.x) kc[sl * kvk + i] = f2h(krow[i]);
+    for (int i = threadIdx.x; i < kvv; i += blockDim.x) vc[sl * kvv + i] = f2h(v[(u64)blockIdx.x * kvv + i]);
 }

@@ -372,9 +372,17 @@ impl GpuModel {
             x.arg(),
         ])?;
         let ff = self.rope_freqs.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
+        // The residual add of a block's output goes with the next norm, in one kernel.
+        let add_norm = |w: &DevBuf| {
+            gpu.launch("add_rms_norm", (n_tok as u32, 1, 1), 256, 0, &[x.arg(), o.arg(), w.arg(), h.arg(), Arg::I32(e as i32), Arg::F32(c.rms_eps)])
+        };
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
-            self.rms_norm(x, &l.attn_norm, h, n_tok, e)?;
+            if il == 0 {
+                self.rms_norm(x, &l.attn_norm, h, n_tok, e)?;
+            } else {
+                add_norm(&l.attn_norm)?; // the previous layer's feed-forward output
+            }
             self.matmul(&l.wq, h, &runs, q)?;
             self.matmul(&l.wk, h, &runs, k)?;
             self.matmul(&l.wv, h, &runs, v)?;
@@ -388,14 +396,10 @@ impl GpuModel {
             let swa = c.swa_layers[il];
             let base = if swa { c.rope_base_swa } else { c.rope_base };
             let theta_scale = base.powf(-2.0 / c.n_rot as f32);
-            for (buf, heads) in [(q, c.n_head), (k, c.n_head_kv)] {
-                gpu.launch("rope", (n_tok as u32, 1, 1), 128, 0, &[
-                    buf.arg(), d_pos.arg(), Arg::I32(heads as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.n_rot as i32),
-                    Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
-                ])?;
-            }
-            gpu.launch("kv_write", (n_tok as u32, 1, 1), 128, 0, &[
-                k.arg(), v.arg(), kv_k[il].arg(), kv_v[il].arg(), d_slot.arg(), Arg::I32(kd as i32), Arg::I32(vd as i32),
+            gpu.launch("rope_kv", (n_tok as u32, 1, 1), 128, 0, &[
+                q.arg(), k.arg(), v.arg(), kv_k[il].arg(), kv_v[il].arg(), d_pos.arg(), d_slot.arg(),
+                Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
+                Arg::I32(c.n_rot as i32), Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
             ])?;
             let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
             gpu.launch("attention", (c.n_head as u32, n_tok as u32, 1), 128, ((c.head_dim + 1024) * 4) as u32, &[
@@ -408,10 +412,9 @@ impl GpuModel {
             if let Some(pn) = &l.post_attn_norm {
                 self.rms_norm(o, pn, o, n_tok, e)?;
             }
-            self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32)])?;
 
             // feed-forward block
-            self.rms_norm(x, &l.ffn_norm, h, n_tok, e)?;
+            add_norm(&l.ffn_norm)?;
             self.matmul(&l.gate, h, &runs, g)?;
             self.matmul(&l.up, h, &runs, u)?;
             let gelu = matches!(c.arch, Arch::Gemma3) as i32;
@@ -420,8 +423,9 @@ impl GpuModel {
             if let Some(pn) = &l.post_ffn_norm {
                 self.rms_norm(o, pn, o, n_tok, e)?;
             }
-            self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32)])?;
         }
+        // The last layer's feed-forward output (the next layer's norm took the others).
+        self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32)])?;
 
         // logits, only for the rows asked for
         if n_out > 0 {

@@ -81,7 +81,8 @@ class Config:
     device: str = "auto"
     """Where models run: auto (GPU 0 if usable, else the CPU), cpu, cuda, cuda:N."""
     kv_cache_mib: int | None = None
-    """KV cache budget (default: a quarter of available memory, at most 2 GiB)."""
+    """KV cache per model (default: a quarter of memory_budget_mib, at most 2 GiB; on a
+    discrete GPU, half of its free memory after the weights, at most 32 GiB)."""
     max_context: int | None = None
     """Tokens per sequence (default: the model's training context)."""
     max_running: int = 16

@@ -70,7 +70,7 @@ class Grammars:
         grammar = llguidance.LLMatcher.grammar_from_lark(source)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer())
         if is_error:
-            raise GrammarError(f"invalid tool schema: {'; '.join(messages)}")
+            raise GrammarError(f"invalid tool or response schema: {'; '.join(messages)}")
         return str(grammar)
 
     def matcher(self, grammar: str) -> Any:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import gc
 import logging
 import time
@@ -86,9 +85,7 @@ class LoadedModel:
     last_used: float = field(default_factory=time.monotonic)
     n_users: int = 0
     expires_at: float | None = None  # wall clock; None = never
-
-    def __hash__(self) -> int:
-        return id(self)
+    _token_bytes: dict[int, bytes] = field(default_factory=dict)  # logprob pieces, filled as asked
 
     def touch(self) -> None:
         self.last_used = time.monotonic()
@@ -115,9 +112,11 @@ class LoadedModel:
         except GrammarError as e:
             raise ApiError(str(e), "tools", 400) from None
 
-    @functools.lru_cache(maxsize=65536)  # noqa: B019 - lives as long as the model
     def token_bytes(self, tid: int) -> bytes:
-        return self.model.native.token_bytes(tid, True)
+        b = self._token_bytes.get(tid)
+        if b is None:
+            b = self._token_bytes[tid] = self.model.native.token_bytes(tid, True)
+        return b
 
     def token_str(self, tid: int) -> str:
         return self.token_bytes(tid).decode("utf-8", errors="replace")
@@ -166,8 +165,13 @@ class ModelPool:
         only ever looked up, never joined to a path."""
         if name is None or name == "":
             return self.default_id, self.default_path
+        cands = (name, name.removesuffix(":latest"), name.removesuffix(".gguf"))
+        for cand in cands:  # a loaded model: no directory scan on the request path
+            lm = self.loaded.get(cand)
+            if lm is not None:
+                return lm.id, lm.path
         avail = self.available()
-        for cand in (name, name.removesuffix(":latest"), name.removesuffix(".gguf")):
+        for cand in cands:
             if cand in avail:
                 return cand, avail[cand]
         if name in (self.default_path.name, Path(self.cfg.model).name):
@@ -345,7 +349,6 @@ class ModelPool:
             return False
         await lm.engine.drain(0.0)
         await lm.engine.close()
-        lm.token_bytes.cache_clear()
         del lm
         gc.collect()  # the Model's mmap goes with its last reference
         log.info("unloaded %s", mid)

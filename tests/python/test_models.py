@@ -10,6 +10,7 @@ import shutil
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import ollama
@@ -39,6 +40,7 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+@contextmanager
 def _serve(models_dir: Path, *args: str) -> Iterator[Daemon]:
     with daemon(models_dir / f"{SMOL}.gguf", "--models-dir", str(models_dir), "--kv-cache-mib", "16",
                 "--max-context", "512", *args) as d:
@@ -50,7 +52,7 @@ def _loaded(d: Daemon) -> list[str]:
 
 
 def test_models_load_on_demand_and_unload_after_keep_alive(models_dir: Path) -> None:
-    for d in _serve(models_dir, "--keep-alive", "2s"):
+    with _serve(models_dir, "--keep-alive", "2s") as d:
         c = ollama.Client(host=d.url)
         names = [m.model for m in c.list().models]
         assert names == [f"{SMOL}:latest", f"{GEMMA}:latest"]  # notes.txt is not a model
@@ -93,7 +95,7 @@ def test_models_load_on_demand_and_unload_after_keep_alive(models_dir: Path) -> 
 def test_memory_budget(models_dir: Path) -> None:
     # Room for either model, not both.
     budget = max(SMOL_MIB, GEMMA_MIB) + 20
-    for d in _serve(models_dir, "--memory-budget-mib", str(budget)):
+    with _serve(models_dir, "--memory-budget-mib", str(budget)) as d:
         c = ollama.Client(host=d.url)
         c.generate(model=GEMMA, prompt="Hi", options={"num_predict": 2})
         assert _loaded(d) == [f"{GEMMA}:latest"]  # the idle SmolLM2 made room
@@ -120,7 +122,7 @@ def test_memory_budget(models_dir: Path) -> None:
 
 
 def test_max_loaded_models_and_names(models_dir: Path) -> None:
-    for d in _serve(models_dir, "--max-loaded-models", "1"):
+    with _serve(models_dir, "--max-loaded-models", "1") as d:
         c = ollama.Client(host=d.url)
         c.generate(model=GEMMA, prompt="Hi", options={"num_predict": 2})
         assert _loaded(d) == [f"{GEMMA}:latest"]

@@ -223,7 +223,7 @@ def test_tool_calls_on_gemma() -> None:
                               "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": [
         {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"a": {"type": "bogus"}}}}}]},
-     "tool schema"),
+     "response schema"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{not json"}}]}], "tools": HA_TOOLS}, "arguments"),
     ("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "tools": "HassTurnOn"}, "tools"),

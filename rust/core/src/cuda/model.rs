@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use super::{as_bytes, Arg, DevBuf, Gpu, Graph};
 use crate::error::{Error, Result};
 use crate::kv::KvShape;
-use crate::model::{Arch, Config, LogitsWanted, Model, SeqInput, StepLogits, Weight};
+use crate::model::{logit_rows, Arch, Config, LogitsWanted, Model, SeqInput, StepLogits, Weight};
 use crate::quant::GgmlType;
 
 /// Formats the kernels decode (`deq32` in kernels.cu).
@@ -121,6 +121,35 @@ pub struct GpuKv {
 /// Stacked tokens `first..first + count` of one kind: solo (decode) or not (prompt).
 type Run = (usize, usize, bool);
 
+/// y[t] = W x[t] for the stacked tokens of a step (x stride `w.cols`, y stride
+/// `w.rows`). `runs` splits them into (first, count, solo): solo tokens (one per
+/// sequence: decode) take `mmv`, the others (prompt chunks) the tiled `mmt`. Each
+/// kernel computes a token the same way whatever shares the launch, so a sequence's
+/// results never depend on its batch.
+fn launch_matmul(gpu: &Arc<Gpu>, w: &GpuWeight, x: &DevBuf, runs: &[Run], y: &DevBuf) -> Result<()> {
+    for &(first, count, solo) in runs {
+        let (name, starts, grid_y) = if solo { ("mmv", MMV_TOK, 1) } else { ("mmt", count.max(1), count.div_ceil(64) as u32) };
+        let grid_x = if solo { w.rows.div_ceil(8) } else { w.rows.div_ceil(64) } as u32;
+        for t0 in (first..first + count).step_by(starts) {
+            let nt = starts.min(first + count - t0);
+            gpu.launch(name, (grid_x, grid_y, 1), 256, 0, &[
+                Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32),
+                Arg::I32(w.cols as i32), x.at(t0 * w.cols * 4), Arg::I32(nt as i32), Arg::I32(w.cols as i32),
+                y.at(t0 * w.rows * 4), Arg::I32(w.rows as i32),
+            ])?;
+        }
+    }
+    Ok(())
+}
+
+/// Extend `runs` with token `t` of kind `solo` (tokens come in order).
+fn push_run(runs: &mut Vec<Run>, t: usize, solo: bool) {
+    match runs.last_mut() {
+        Some(r) if r.2 == solo => r.1 += 1,
+        _ => runs.push((t, 1, solo)),
+    }
+}
+
 /// Scratch slots (see `GpuKv::ensure`).
 const S_X: usize = 0;
 const S_H: usize = 1;
@@ -163,6 +192,9 @@ impl GpuModel {
     /// Upload a loaded model's weights. Fails (before allocating much) when a tensor
     /// is in a format the kernels do not decode; the caller then stays on the CPU.
     pub fn upload(gpu: &Arc<Gpu>, m: &Model) -> Result<GpuModel> {
+        if m.cfg.head_dim_v > 4 * 128 {
+            return Err(Error::Cuda(format!("value head size {} is larger than the attention kernel takes (512)", m.cfg.head_dim_v)));
+        }
         for (i, l) in m.layers.iter().enumerate() {
             for (n, w) in [("attn_q", &l.wq), ("attn_k", &l.wk), ("attn_v", &l.wv), ("attn_output", &l.wo), ("ffn_gate", &l.gate), ("ffn_up", &l.up), ("ffn_down", &l.down)] {
                 if !GPU_TYPES.contains(&w.ty) {
@@ -227,31 +259,8 @@ impl GpuModel {
         Ok(GpuKv { shape, k, v, scratch, graphs: HashMap::new() })
     }
 
-    /// y[t] = W x[t] for the stacked tokens of a step (x stride `w.cols`, y stride
-    /// `w.rows`). `runs` splits them into (first, count, solo): solo tokens (one per
-    /// sequence: decode) take `mmv`, the others (prompt chunks) the tiled `mmt`. Each
-    /// kernel computes a token the same way whatever shares the launch, so a sequence's
-    /// results never depend on its batch.
-    fn matmul(&self, w: &GpuWeight, x: &DevBuf, runs: &[(usize, usize, bool)], y: &DevBuf) -> Result<()> {
-        for &(first, count, solo) in runs {
-            if solo {
-                for t0 in (first..first + count).step_by(MMV_TOK) {
-                    let nt = MMV_TOK.min(first + count - t0);
-                    self.gpu.launch("mmv", (w.rows.div_ceil(8) as u32, 1, 1), 256, 0, &[
-                        Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32),
-                        Arg::I32(w.cols as i32), x.at(t0 * w.cols * 4), Arg::I32(nt as i32), Arg::I32(w.cols as i32),
-                        y.at(t0 * w.rows * 4), Arg::I32(w.rows as i32),
-                    ])?;
-                }
-            } else {
-                self.gpu.launch("mmt", (w.rows.div_ceil(64) as u32, count.div_ceil(64) as u32, 1), 256, 0, &[
-                    Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32),
-                    Arg::I32(w.cols as i32), x.at(first * w.cols * 4), Arg::I32(count as i32), Arg::I32(w.cols as i32),
-                    y.at(first * w.rows * 4), Arg::I32(w.rows as i32),
-                ])?;
-            }
-        }
-        Ok(())
+    fn matmul(&self, w: &GpuWeight, x: &DevBuf, runs: &[Run], y: &DevBuf) -> Result<()> {
+        launch_matmul(&self.gpu, w, x, runs, y)
     }
 
     fn rms_norm(&self, x: &DevBuf, w: &DevBuf, y: &DevBuf, rows: usize, n: usize) -> Result<()> {
@@ -281,28 +290,19 @@ impl GpuModel {
         let mut slot: Vec<u32> = Vec::new();
         let mut tables: Vec<u32> = Vec::new();
         let mut tok_table: Vec<i32> = Vec::new();
-        let mut runs: Vec<(usize, usize, bool)> = Vec::new();
+        let mut runs: Vec<Run> = Vec::new();
         for s in seqs {
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
                 return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {} tokens)", c.n_vocab)));
             }
             let n_pos = s.pos + s.tokens.len();
+            kv.shape.check_table(s.block_table, n_pos)?;
             let need = n_pos.div_ceil(bs);
-            if s.block_table.len() < need {
-                return Err(Error::invalid(format!("block table has {} blocks but {n_pos} positions need {need}", s.block_table.len())));
-            }
-            if let Some(&b) = s.block_table[..need].iter().find(|&&b| b as usize >= kv.shape.n_blocks) {
-                return Err(Error::invalid(format!("block id {b} is out of range (the cache has {} blocks)", kv.shape.n_blocks)));
-            }
             let off = tables.len() as i32;
             tables.extend_from_slice(&s.block_table[..need]);
             for (i, &t) in s.tokens.iter().enumerate() {
                 let p = s.pos + i;
-                let solo = i >= s.solo_from;
-                match runs.last_mut() {
-                    Some(r) if r.2 == solo => r.1 += 1,
-                    _ => runs.push((ids.len(), 1, solo)),
-                }
+                push_run(&mut runs, ids.len(), i >= s.solo_from);
                 ids.push(t);
                 pos.push(p as i32);
                 slot.push(s.block_table[p / bs] * bs as u32 + (p % bs) as u32);
@@ -316,33 +316,15 @@ impl GpuModel {
         let e = c.n_embd;
         let (qd, kd, vd) = (c.q_dim(), c.kv_dim_k(), c.kv_dim_v());
         let ad = c.n_head * c.head_dim_v;
-        let mut rows = Vec::new();
-        let mut t0 = 0;
-        for (si, s) in seqs.iter().enumerate() {
-            let n = s.tokens.len();
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
-                LogitsWanted::Last => {}
-                LogitsWanted::All => rows.extend((0..n).map(|i| (si, i, t0 + i))),
-            }
-            t0 += n;
-        }
+        let rows = logit_rows(seqs);
         let n_out = rows.len();
         // A sequence's last-token logits take the decode kernel, so they do not
         // depend on how many sequences share the step.
-        let mut out_runs: Vec<(usize, usize, bool)> = Vec::new();
+        let mut out_runs: Vec<Run> = Vec::new();
         for (j, &(si, _, _)) in rows.iter().enumerate() {
-            let solo = seqs[si].logits == LogitsWanted::Last;
-            match out_runs.last_mut() {
-                Some(r) if r.2 == solo => r.1 += 1,
-                _ => out_runs.push((j, 1, solo)),
-            }
+            push_run(&mut out_runs, j, seqs[si].logits == LogitsWanted::Last);
         }
         let idx: Vec<i32> = rows.iter().map(|&(_, _, t)| t as i32).collect();
-        if c.head_dim_v > 4 * 128 {
-            return Err(Error::Cuda(format!("head size {} is larger than the attention kernel takes (512)", c.head_dim_v)));
-        }
         kv.ensure(gpu, &[
             (S_X, n_tok * e * 4), (S_H, n_tok * e * 4), (S_Q, n_tok * qd * 4), (S_K, n_tok * kd * 4), (S_V, n_tok * vd * 4),
             (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, n_tok * c.n_ff * 4), (S_U, n_tok * c.n_ff * 4),
@@ -477,23 +459,16 @@ fn graphs_enabled() -> bool {
 /// `reps` launches on resident data (for the benchmarks).
 #[allow(clippy::too_many_arguments)]
 pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, n_tok: usize, tiled: bool, reps: usize) -> Result<f64> {
-    let (w, row_bytes) = upload_rows(gpu, w_bytes, rows)?;
+    let (buf, row_bytes) = upload_rows(gpu, w_bytes, rows)?;
+    let w = GpuWeight { buf, ty, rows, cols, row_bytes };
     let dx = gpu.upload_f32(&vec![0.5f32; n_tok * cols])?;
     let y = gpu.alloc(n_tok * rows * 4)?;
-    let args = [
-        Arg::I32(ty as i32), w.arg(), Arg::U64(row_bytes as u64), Arg::I32(rows as i32), Arg::I32(cols as i32),
-        dx.arg(), Arg::I32(n_tok as i32), Arg::I32(cols as i32), y.arg(), Arg::I32(rows as i32),
-    ];
-    let go = || if tiled {
-        gpu.launch("mmt", (rows.div_ceil(64) as u32, n_tok.div_ceil(64) as u32, 1), 256, 0, &args)
-    } else {
-        gpu.launch("mmv", (rows.div_ceil(8) as u32, 1, 1), 256, 0, &args)
-    };
-    go()?;
+    let runs = [(0, n_tok, !tiled)];
+    launch_matmul(gpu, &w, &dx, &runs, &y)?;
     gpu.sync()?;
     let t = std::time::Instant::now();
     for _ in 0..reps {
-        go()?;
+        launch_matmul(gpu, &w, &dx, &runs, &y)?;
     }
     gpu.sync()?;
     Ok(t.elapsed().as_secs_f64() / reps as f64)
@@ -505,19 +480,7 @@ pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, co
     let w = GpuWeight { buf, ty, rows, cols, row_bytes };
     let dx = gpu.upload_f32(x)?;
     let y = gpu.alloc(n_tok * rows * 4)?;
-    let launch = |t0: usize, nt: usize, name: &'static str, grid: (u32, u32, u32), block: u32| {
-        gpu.launch(name, grid, block, 0, &[
-            Arg::I32(ty as i32), w.buf.arg(), Arg::U64(row_bytes as u64), Arg::I32(rows as i32), Arg::I32(cols as i32),
-            dx.at(t0 * cols * 4), Arg::I32(nt as i32), Arg::I32(cols as i32), y.at(t0 * rows * 4), Arg::I32(rows as i32),
-        ])
-    };
-    if tiled {
-        launch(0, n_tok, "mmt", (rows.div_ceil(64) as u32, n_tok.div_ceil(64) as u32, 1), 256)?;
-    } else {
-        for t0 in (0..n_tok).step_by(MMV_TOK) {
-            launch(t0, MMV_TOK.min(n_tok - t0), "mmv", (rows.div_ceil(8) as u32, 1, 1), 256)?;
-        }
-    }
+    launch_matmul(gpu, &w, &dx, &[(0, n_tok, !tiled)], &y)?;
     gpu.sync()?;
     y.read_f32(n_tok * rows)
 }

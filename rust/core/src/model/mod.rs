@@ -347,18 +347,7 @@ impl Model {
         }
 
         // logits, only for the rows asked for
-        let mut rows = Vec::new();
-        let mut t0 = 0;
-        for (si, s) in seqs.iter().enumerate() {
-            let n = s.tokens.len();
-            match s.logits {
-                LogitsWanted::None => {}
-                LogitsWanted::Last if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
-                LogitsWanted::Last => {}
-                LogitsWanted::All => rows.extend((0..n).map(|i| (si, i, t0 + i))),
-            }
-            t0 += n;
-        }
+        let rows = logit_rows(seqs);
         let n_out = rows.len();
         let mut xs = vec![0f32; n_out * e];
         for (j, &(_, _, t)) in rows.iter().enumerate() {
@@ -381,6 +370,24 @@ impl Model {
         }
         Ok(StepLogits { n_vocab: cfg.n_vocab, data: logits, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect() })
     }
+}
+
+/// The rows of a step whose logits are wanted: (sequence index, token index within
+/// that sequence's input, index among all stacked tokens), in input order.
+pub(crate) fn logit_rows(seqs: &[SeqInput<'_>]) -> Vec<(usize, usize, usize)> {
+    let mut rows = Vec::new();
+    let mut t0 = 0;
+    for (si, s) in seqs.iter().enumerate() {
+        let n = s.tokens.len();
+        match s.logits {
+            LogitsWanted::None => {}
+            LogitsWanted::Last if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
+            LogitsWanted::Last => {}
+            LogitsWanted::All => rows.extend((0..n).map(|i| (si, i, t0 + i))),
+        }
+        t0 += n;
+    }
+    rows
 }
 
 /// Tensor lookup with shape checks; every failure names the tensor.

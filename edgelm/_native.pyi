@@ -1,6 +1,6 @@
 """Type stubs for the Rust extension `edgelm._native` (checked by mypy.stubtest)."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from os import PathLike
 from typing import Any, final
 
@@ -20,6 +20,12 @@ __all__ = [
     "cuda_device",
     "physical_cores",
     "read_bandwidth",
+    "OutputError",
+    "file_types",
+    "quantize_plan",
+    "quantize_file",
+    "write_gguf",
+    "inspect_gguf",
     "__version__",
 ]
 
@@ -30,6 +36,7 @@ class ModelLoadError(EdgelmError): ...
 class GGUFFormatError(ModelLoadError): ...
 class TokenizerError(ModelLoadError): ...
 class InvalidRequestError(EdgelmError): ...
+class OutputError(EdgelmError): ...
 class CacheFullError(EdgelmError): ...
 
 @final
@@ -141,3 +148,16 @@ class Executor:
     def step(
         self, items: list[tuple[int, int, int, list[int], bool]], masks: dict[int, bytes] | None = None
     ) -> list[tuple[int, int, float, list[tuple[int, float]], str]]: ...
+
+def file_types() -> list[str]: ...
+def quantize_plan(input: str | PathLike[str], ftype: str, pure: bool = False) -> list[tuple[str, list[int], str, str, int]]: ...
+def quantize_file(
+    input: str | PathLike[str],
+    output: str | PathLike[str],
+    ftype: str,
+    threads: int | None = None,
+    pure: bool = False,
+    progress: Callable[[int, int, str, str, str, int, int], Any] | None = None,
+) -> dict[str, Any]: ...
+def write_gguf(output: str | PathLike[str], kv: list[tuple[str, str, Any]], tensors: list[tuple[str, list[int], str, bytes]]) -> int: ...
+def inspect_gguf(path: str | PathLike[str]) -> tuple[int, int, dict[str, Any], list[tuple[str, list[int], str, int]]]: ...

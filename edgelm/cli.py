@@ -5,6 +5,8 @@
     edgelm serve [--config F]     the HTTP daemon (OpenAI- and Ollama-compatible API)
     edgelm discover [--json]      edgelm daemons on the LAN (mDNS)
     edgelm pull SOURCE            a GGUF into the models directory (URL, edgelm://, LAN)
+    edgelm quantize IN OUT TYPE   re-encode a GGUF's weights (Q4_0 … Q8_0, Q4_K_M, …)
+    edgelm convert M.onnx OUT     import a decoder-only ONNX model (float or int4 MatMulNBits)
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from typing import TextIO
 
 from edgelm import EdgelmError, __version__
 
@@ -28,35 +31,133 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from edgelm import Model
+    from edgelm import Model, _native
 
-    m = Model(args.model, n_threads=1)
-    md = m.metadata
-    nm = m.native
-    print(f"file:          {m.path} ({_fmt_bytes(nm.file_size)}, GGUF v{nm.gguf_version})")
+    version, file_size, md, tensors = _native.inspect_gguf(args.model)
+    print(f"file:          {args.model} ({_fmt_bytes(file_size)}, GGUF v{version})")
     print(f"name:          {md.get('general.name', '?')}")
-    print(f"architecture:  {m.architecture}")
-    print(f"layers:        {nm.n_layer}   embedding: {nm.n_embd}   heads: {nm.n_head} (kv {nm.n_head_kv})")
-    print(f"context:       {m.n_ctx_train} tokens (trained)")
-    print(f"vocabulary:    {m.n_vocab} tokens, tokenizer {nm.tokenizer_model!r} pre {nm.tokenizer_pre!r}, "
-          f"bos {nm.bos} eos {nm.eos}")
-    print(f"chat template: {'yes' if 'tokenizer.chat_template' in md else 'no'}")
+    arch = md.get("general.architecture", "?")
+    ftype = md.get("general.file_type")
+    print(f"architecture:  {arch}   file type: {_FTYPE_NAMES.get(ftype, ftype) if ftype is not None else '?'}")
+    n_params = sum(_n_elements(dims) for _, dims, _, _ in tensors)
+    total = sum(nb for *_, nb in tensors) or 1
+    print(f"tensors:       {len(tensors)}, {n_params / 1e6:.1f} M weights, {_fmt_bytes(total)}, "
+          f"{8 * total / max(n_params, 1):.2f} bits per weight")
     by_type: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
-    for _, _, ty, nbytes in m.tensors():
+    elems: collections.Counter[str] = collections.Counter()
+    for _, dims, ty, nbytes in tensors:
         by_type[ty] += nbytes
         count[ty] += 1
-    print("tensor types:")
+        elems[ty] += _n_elements(dims)
+    print("bytes per type:")
     for ty, nbytes in by_type.most_common():
-        print(f"  {ty:6s} {count[ty]:4d} tensors  {_fmt_bytes(nbytes)}")
-    print(f"weights read per token: {_fmt_bytes(nm.weight_bytes_per_token)}")
+        print(f"  {ty:6s} {count[ty]:5d} tensors  {_fmt_bytes(nbytes):>10s}  {100 * nbytes / total:5.1f}%  "
+              f"{8 * nbytes / max(elems[ty], 1):5.2f} bits/weight")
+    try:
+        m = Model(args.model, n_threads=1)
+    except EdgelmError as e:
+        print(f"edgelm cannot run it: {e}")
+    else:
+        nm = m.native
+        print(f"layers:        {nm.n_layer}   embedding: {nm.n_embd}   heads: {nm.n_head} (kv {nm.n_head_kv})")
+        print(f"context:       {m.n_ctx_train} tokens (trained)")
+        print(f"vocabulary:    {m.n_vocab} tokens, tokenizer {nm.tokenizer_model!r} pre {nm.tokenizer_pre!r}, "
+              f"bos {nm.bos} eos {nm.eos}")
+        print(f"chat template: {'yes' if 'tokenizer.chat_template' in md else 'no'}")
+        print(f"weights read per token: {_fmt_bytes(nm.weight_bytes_per_token)}")
+        print(f"CPU kernels:   {m.kernel_level} (this CPU can run: {', '.join(_native.available_kernel_levels())}; "
+              f"EDGELM_KERNEL_LEVEL lowers it), {_native.physical_cores()} physical cores")
+    if not args.summary:
+        print("tensors (name, type, shape in ggml order, bytes):")
+        for name, dims, ty, nbytes in tensors:
+            print(f"  {name:40s} {ty:6s} {'x'.join(map(str, dims)):>14s} {_fmt_bytes(nbytes):>10s}")
+    return 0
+
+
+def _n_elements(dims: Sequence[int]) -> int:
+    n = 1
+    for d in dims:
+        n *= d
+    return n
+
+
+# `general.file_type` values (llama.cpp's enum llama_ftype) edgelm reads or writes.
+_FTYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+                11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
+                17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+
+
+class _ProgressBar:
+    """One line redrawn in place on a terminal; a line per tenth of the work otherwise
+    (logs, CI), so long jobs always show they are moving."""
+
+    def __init__(self, what: str, stream: TextIO | None = None) -> None:
+        self.what = what
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.perf_counter()
+        self.last_tenth = -1
+        self.last_draw = 0.0
+
+    def __call__(self, i: int, n: int, name: str, src: str, dst: str, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        now = time.perf_counter()
+        rate = done / max(now - self.t0, 1e-9) / 1e6
+        line = f"{self.what} {100 * frac:5.1f}% [{i}/{n}] {name} {src}->{dst} {rate:6.1f} MB/s"
+        if self.tty:
+            if now - self.last_draw > 0.1 or done == total:
+                bar = "#" * int(30 * frac)
+                print(f"\r[{bar:30s}] {line[:100]:100s}", end="", file=self.stream, flush=True)
+                self.last_draw = now
+        else:
+            tenth = int(10 * frac)
+            if tenth > self.last_tenth:
+                self.last_tenth = tenth
+                print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print(file=self.stream)
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
     from edgelm import _native
 
-    print(f"CPU kernels:   {m.kernel_level} (this CPU can run: {', '.join(_native.available_kernel_levels())}; "
-          f"EDGELM_KERNEL_LEVEL lowers it), {_native.physical_cores()} physical cores")
-    if args.tensors:
-        for name, dims, ty, nbytes in m.tensors():
-            print(f"  {name:40s} {ty:6s} {str(dims):20s} {_fmt_bytes(nbytes)}")
+    if args.dry_run:
+        plan = _native.quantize_plan(args.input, args.type, pure=args.pure)
+        for name, dims, src, dst, nbytes in plan:
+            print(f"  {name:40s} {src:6s} -> {dst:6s} {'x'.join(map(str, dims)):>14s} {_fmt_bytes(nbytes):>10s}")
+        print(f"total: {_fmt_bytes(sum(p[4] for p in plan))}")
+        return 0
+    bar = _ProgressBar("quantizing")
+    try:
+        s = _native.quantize_file(args.input, args.output, args.type, threads=args.threads, pure=args.pure,
+                                  progress=bar)
+    finally:
+        bar.close()
+    in_size = os.path.getsize(args.input)
+    print(f"wrote {args.output}: {s['ftype']}, {_fmt_bytes(s['out_file_bytes'])} (from {_fmt_bytes(in_size)}), "
+          f"{s['n_tensors']} tensors ({s['n_converted']} re-encoded, {s['n_fallback']} fell back to a 32-block type), "
+          f"{s['seconds']:.2f} s, {s['in_tensor_bytes'] / max(s['seconds'], 1e-9) / 1e6:.0f} MB/s of input")
+    for ty, n, nbytes in s["by_type"]:
+        print(f"  {ty:6s} {n:5d} tensors  {_fmt_bytes(nbytes)}")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from edgelm.convert import convert_onnx
+
+    bar = _ProgressBar("converting")
+    try:
+        info = convert_onnx(args.model, args.output, tokenizer=args.tokenizer, config=args.config,
+                            out_type=args.type, progress=bar)
+    finally:
+        bar.close()
+    print(f"wrote {args.output}: {info['architecture']}, {info['n_layer']} layers, {info['n_tensors']} tensors, "
+          f"{_fmt_bytes(info['file_bytes'])}")
+    for ty, n in sorted(info["types"].items()):
+        print(f"  {ty:6s} {n:5d} tensors")
     return 0
 
 
@@ -203,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a GGUF model file")
     i.add_argument("model")
-    i.add_argument("--tensors", action="store_true", help="list every tensor")
+    i.add_argument("--summary", action="store_true", help="omit the per-tensor table")
+    i.add_argument("--tensors", action="store_true", help=argparse.SUPPRESS)  # the table is the default now
     i.set_defaults(func=cmd_info)
 
     s = sub.add_parser("serve", help="run the HTTP daemon",
@@ -254,6 +356,31 @@ def build_parser() -> argparse.ArgumentParser:
                     default=os.environ.get("EDGELM_API_KEY"))
     pl.add_argument("--interfaces", nargs="*", help="mDNS interfaces for FILE.gguf lookups (default: all)")
     pl.set_defaults(func=cmd_pull)
+
+    q = sub.add_parser("quantize", help="re-encode a GGUF file's weights (llama-quantize's types and mixes)",
+                       description="Quantize IN into OUT. TYPE is a llama.cpp file type: F32 F16 BF16 Q4_0 Q4_1 Q5_0 "
+                                   "Q5_1 Q8_0 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K (Q4_K = "
+                                   "Q4_K_M). Mixes give some tensors more bits, as llama-quantize does; the output "
+                                   "is written to a temporary file and renamed when complete.")
+    q.add_argument("input")
+    q.add_argument("output")
+    q.add_argument("type")
+    q.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: physical cores)")
+    q.add_argument("--pure", action="store_true", help="every quantizable tensor gets TYPE (no mix rules)")
+    q.add_argument("--dry-run", action="store_true", help="print each tensor's new type and size, write nothing")
+    q.set_defaults(func=cmd_quantize)
+
+    c = sub.add_parser("convert", help="import an ONNX decoder-only model (float or int4 MatMulNBits) as GGUF",
+                       description="Convert a llama-family model exported to ONNX (Hugging Face Optimum or "
+                                   "onnxruntime-genai layouts) to GGUF. config.json and tokenizer.json are read from "
+                                   "the model's directory unless given. Needs the `onnx` package.")
+    c.add_argument("model", help="model.onnx (external data files beside it are read too)")
+    c.add_argument("output")
+    c.add_argument("--type", default="F16", choices=["F32", "F16"],
+                   help="type for float weights (int4 weights keep their blocks as Q4_0/Q4_1)")
+    c.add_argument("--tokenizer", help="tokenizer.json (default: beside the model)")
+    c.add_argument("--config", help="Hugging Face config.json (default: beside the model)")
+    c.set_defaults(func=cmd_convert)
     return p
 
 
@@ -266,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edgelm info M | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -32,6 +32,15 @@ pub enum Error {
     #[error("out of KV cache blocks: {0}")]
     OutOfBlocks(String),
 
+    /// An output file could not be written (disk full, permissions, file size limit).
+    /// Nothing is left under the output's name.
+    #[error("cannot write {path}: {source}")]
+    Write { path: PathBuf, source: std::io::Error },
+
+    /// The caller's progress callback asked to stop (Ctrl-C).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+
     /// CUDA is missing, failed, or cannot run this model; the caller can use the CPU.
     #[error("CUDA: {0}")]
     Cuda(String),

@@ -17,5 +17,6 @@ pub mod batch;
 pub mod threads;
 pub mod bench;
 pub mod cuda;
+pub mod tools;
 
 pub use error::{Error, Result};

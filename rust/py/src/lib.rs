@@ -2,6 +2,7 @@
 //! beyond argument conversion; every compute call releases the GIL.
 
 mod errors;
+mod tools;
 
 use std::sync::{Arc, Mutex};
 
@@ -409,7 +410,7 @@ impl Generator {
     }
 }
 
-fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
+pub(crate) fn value_to_py<'py>(py: Python<'py>, v: &Value) -> PyResult<Bound<'py, PyAny>> {
     Ok(match v {
         Value::U8(x) => x.into_pyobject(py)?.into_any(),
         Value::I8(x) => x.into_pyobject(py)?.into_any(),
@@ -519,6 +520,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(kernel_level, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_device, m)?)?;
     m.add_function(wrap_pyfunction!(available_kernel_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::file_types, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::quantize_plan, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::quantize_file, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::write_gguf, m)?)?;
+    m.add_function(wrap_pyfunction!(tools::inspect_gguf, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

@@ -17,7 +17,10 @@ struct PendingTensor {
     name: String,
     dims: Vec<u64>,
     ty: u32,
+    /// The bytes, or empty for a tensor declared by size whose data the caller streams
+    /// after `header()` (the quantizer: no whole model in memory).
     data: Vec<u8>,
+    n_bytes: u64,
     /// Tests may force an offset to build defective files.
     offset_override: Option<u64>,
 }
@@ -71,17 +74,34 @@ impl GgufWriter {
 
     /// Any type id and an optional forced offset: for crafting defective files.
     pub fn raw_tensor(&mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>, offset: Option<u64>) -> &mut Self {
-        self.tensors.push(PendingTensor { name: name.to_owned(), dims: dims.to_vec(), ty, data, offset_override: offset });
+        let n_bytes = data.len() as u64;
+        self.tensors.push(PendingTensor { name: name.to_owned(), dims: dims.to_vec(), ty, data, n_bytes, offset_override: offset });
         self
     }
 
-    pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.write(&mut out).expect("writing to a Vec cannot fail");
-        out
+    /// Declare a tensor by its size only; `write` refuses such a writer, the caller
+    /// writes `header()` and then each tensor's bytes followed by `padding(n_bytes)`.
+    pub fn tensor_sized(&mut self, name: &str, dims: &[u64], ty: GgmlType, n_bytes: u64) -> &mut Self {
+        self.tensors.push(PendingTensor {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            ty: ty as u32,
+            data: Vec::new(),
+            n_bytes,
+            offset_override: None,
+        });
+        self
     }
 
-    pub fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
+    /// Zero bytes that follow a tensor of `n_bytes` so the next one starts aligned.
+    pub fn padding(&self, n_bytes: u64) -> usize {
+        let a = self.alignment as u64;
+        (n_bytes.div_ceil(a) * a - n_bytes) as usize
+    }
+
+    /// Everything before the first tensor's bytes: header, metadata, tensor index and
+    /// the padding up to the data section.
+    pub fn header(&self) -> Vec<u8> {
         let mut head = Vec::new();
         head.extend_from_slice(super::MAGIC);
         head.extend_from_slice(&self.version.to_le_bytes());
@@ -94,7 +114,6 @@ impl GgufWriter {
         }
         let a = self.alignment as u64;
         let mut offset = 0u64;
-        let mut offsets = Vec::with_capacity(self.tensors.len());
         for t in &self.tensors {
             put_str(&mut head, &t.name);
             head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
@@ -104,21 +123,29 @@ impl GgufWriter {
             head.extend_from_slice(&t.ty.to_le_bytes());
             let off = t.offset_override.unwrap_or(offset);
             head.extend_from_slice(&off.to_le_bytes());
-            offsets.push(off);
-            offset = (offset + t.data.len() as u64).div_ceil(a) * a;
+            offset = (offset + t.n_bytes).div_ceil(a) * a;
         }
-        w.write_all(&head)?;
         let data_start = (head.len() as u64).div_ceil(a) * a;
-        w.write_all(&vec![0u8; (data_start - head.len() as u64) as usize])?;
+        head.resize(data_start as usize, 0);
+        head
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write(&mut out).expect("writing to a Vec cannot fail");
+        out
+    }
+
+    pub fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
+        if let Some(t) = self.tensors.iter().find(|t| t.data.len() as u64 != t.n_bytes) {
+            return Err(std::io::Error::other(format!("tensor {:?} was declared by size; stream its data after header()", t.name)));
+        }
+        w.write_all(&self.header())?;
         // Data is laid out in insertion order at the natural offsets; forced offsets
         // only change what the index claims.
-        let mut written = 0u64;
         for t in &self.tensors {
             w.write_all(&t.data)?;
-            written += t.data.len() as u64;
-            let pad = written.div_ceil(a) * a - written;
-            w.write_all(&vec![0u8; pad as usize])?;
-            written += pad;
+            w.write_all(&vec![0u8; self.padding(t.n_bytes)])?;
         }
         Ok(())
     }

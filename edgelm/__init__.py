@@ -15,6 +15,7 @@ from edgelm._native import (
     GGUFFormatError,
     InvalidRequestError,
     ModelLoadError,
+    OutputError,
     TokenizerError,
 )
 from edgelm._native import __version__ as __version__
@@ -35,6 +36,7 @@ __all__ = [
     "InvalidRequestError",
     "Model",
     "ModelLoadError",
+    "OutputError",
     "Token",
     "TokenizerError",
     "discover",

@@ -655,8 +655,69 @@ macro_rules! x86_kernels {
                     GgmlType::Q4_K => dot_q45_k::<false>(n / 256, x, y),
                     GgmlType::Q5_K => dot_q45_k::<true>(n / 256, x, y),
                     GgmlType::Q6_K => dot_q6_k(n / 256, x, y),
+                    GgmlType::F32 => dot_float::<0>(n, x, y),
+                    GgmlType::F16 => dot_float::<1>(n, x, y),
+                    GgmlType::BF16 => dot_float::<2>(n, x, y),
                     _ => return None,
                 })
+            }
+        }
+
+        // ---- float rows ------------------------------------------------------------------
+
+        /// 8 values of float kind `K` (0 = f32, 1 = f16, 2 = bf16) at `p`, as f32.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn ld_float<const K: u8>(p: *const u8) -> __m256 {
+            // SAFETY: the caller guarantees 8 readable values at `p`.
+            unsafe {
+                match K {
+                    0 => _mm256_loadu_ps(p.cast()),
+                    1 => _mm256_cvtph_ps(ld128(p)),
+                    // bf16 is the top half of an f32.
+                    _ => _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(ld128(p)), 16)),
+                }
+            }
+        }
+
+        /// Float weights (and their same-type activations): f32 FMA over four 8-lane
+        /// accumulators, the tail in scalar f32. ggml's SIMD float dots sum in f32 the same
+        /// way; the scalar reference keeps f64 sums, within the tolerance table.
+        #[target_feature(enable = $feat)]
+        unsafe fn dot_float<const K: u8>(n: usize, x: *const u8, y: *const u8) -> f32 {
+            let sz = if K == 0 { 4 } else { 2 };
+            let get = |p: *const u8, i: usize| -> f32 {
+                // SAFETY: i < n, and the rows hold n values.
+                unsafe {
+                    let q = p.add(i * sz);
+                    match K {
+                        0 => rd_f32(q),
+                        1 => f16::from_bits(rd_u16(q)).to_f32(),
+                        _ => f32::from_bits((rd_u16(q) as u32) << 16),
+                    }
+                }
+            };
+            // SAFETY: every load below stays within the n values of each row.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                let mut i = 0;
+                while i + 32 <= n {
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        let o = (i + 8 * k) * sz;
+                        *a = _mm256_fmadd_ps(ld_float::<K>(x.add(o)), ld_float::<K>(y.add(o)), *a);
+                    }
+                    i += 32;
+                }
+                while i + 8 <= n {
+                    acc[0] = _mm256_fmadd_ps(ld_float::<K>(x.add(i * sz)), ld_float::<K>(y.add(i * sz)), acc[0]);
+                    i += 8;
+                }
+                let mut sum = hsum_ps(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+                while i < n {
+                    sum += get(x, i) * get(y, i);
+                    i += 1;
+                }
+                sum
             }
         }
 

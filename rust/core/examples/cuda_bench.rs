@@ -107,10 +107,10 @@ fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str) {
     for r in 0..rows {
         quant::quantize_row(ty, &randn(cols, r as u64 % 97), &mut w[r * rb..(r + 1) * rb]);
     }
-    for (n_tok, tiled) in [(1, false), (8, false), (64, true), (512, true)] {
+    for (n_tok, tiled) in [(1, false), (2, false), (8, false), (16, false), (64, false), (64, true), (512, true)] {
         let per = edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w, rows, cols, n_tok, tiled, 200).unwrap();
         eprintln!("{name} {rows}x{cols} n_tok {n_tok:3} ({}): {:7.1} µs per launch, {:5.0} GB/s of weights, {:6.2} TFLOP/s",
-                  if tiled { "mmt" } else { "mmv" }, per * 1e6, w.len() as f64 / per / 1e9, 2.0 * (rows * cols * n_tok) as f64 / per / 1e12);
+                  if tiled { "mmt" } else { "mmvq" }, per * 1e6, w.len() as f64 / per / 1e9, 2.0 * (rows * cols * n_tok) as f64 / per / 1e12);
     }
 }
 

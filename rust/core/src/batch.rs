@@ -205,7 +205,10 @@ impl Executor {
             let s = self.seqs.get_mut(&id).expect("checked above");
             let row = &logits.data[k * nv..(k + 1) * nv];
             let sampled = match &items[si].allowed {
-                None => s.sampler.sample(row, &s.history[s.penalty_from..]),
+                None => match logits.lse.get(k) {
+                    Some(&lse) => s.sampler.sample_with_lse(row, &s.history[s.penalty_from..], lse),
+                    None => s.sampler.sample(row, &s.history[s.penalty_from..]),
+                },
                 Some(mask) => {
                     // Disallowed tokens get -inf: the sampler draws (and reports
                     // probabilities) within what the grammar allows.

@@ -57,9 +57,9 @@ fn close(got: f32, want: f64, scale: f64, quant: f64) -> bool {
 
 /// The tolerance table, per kernel, against the f64 dot of the dequantized weights
 /// with the f32 activations:
-/// - f32 activations (`mmv` for the float formats, `mmt` for all): 2e-5 of Σ|w·x|
+/// - f32 activations (`mmv` and `mmt`, the float formats' kernels): 2e-5 of Σ|w·x|
 ///   (f32 accumulation), nothing else.
-/// - int8 activations (`mmvq`, the decode kernel of the quantized formats): each
+/// - int8 activations (`mmvq` and `mmq`, the quantized formats' kernels): each
 ///   activation is rounded to the nearest multiple of its 32-block's d = amax / 127,
 ///   an error of at most d / 2, so the product moves by at most Σ_c |w_c| · d_c / 2
 ///   (`quant` below, with 1e-5 for the rounding of x / d itself), on top of the f32
@@ -92,8 +92,8 @@ fn gpu_matrix_kernel_matches_cpu_for_every_format() {
         let mut worst = [0f64; 2]; // largest |error| / tolerance: decode, prompt
         for (n_tok, tiled) in [(1, false), (2, false), (4, false), (5, false), (8, false), (13, false), (1, true), (13, true), (70, true), (130, true)] {
             let x = randn(n_tok * cols, 99 + n_tok as u64, 1.0);
-            let y = matmul_once(&g, ty, &wq, rows, cols, &x, n_tok, tiled).unwrap();
-            let int8 = !tiled && int8_decode(ty);
+            let y = matmul_once(&g, ty, &wq, rows, cols, &x, n_tok, tiled, 8).unwrap();
+            let int8 = int8_decode(ty);
             for t in 0..n_tok {
                 let xt = &x[t * cols..(t + 1) * cols];
                 for r in 0..rows {
@@ -112,32 +112,40 @@ fn gpu_matrix_kernel_matches_cpu_for_every_format() {
                 }
             }
         }
-        eprintln!("{ty:?}: GPU decode ({}) and prompt matrix kernels agree with the CPU's dequantized f64 dot; worst error / tolerance {:.3} and {:.3}",
+        eprintln!("{ty:?}: GPU decode and prompt matrix kernels ({}) agree with the CPU's dequantized f64 dot; worst error / tolerance {:.3} and {:.3}",
                   if int8_decode(ty) { "int8 activations" } else { "f32" }, worst[0], worst[1]);
     }
 }
 
-/// The int8 decode kernel gives every token the same bits whether it comes alone or
-/// with up to 15 others (each launch variant: 1, 2, 4, 8 tokens a block).
+/// The int8 kernels give every token the same bits whether it comes alone or with up
+/// to 15 others, through `mmvq` (each launch variant: 1, 2, 4, 8 tokens a block) or the
+/// tensor-core `mmq` (as decode tokens or as a prompt).
 #[test]
-fn gpu_decode_kernel_is_batch_invariant() {
+fn gpu_int8_kernels_are_batch_invariant() {
     let Some(g) = gpu() else { return };
-    let (rows, cols) = (300, 512);
-    for &ty in GPU_TYPES.iter().filter(|&&t| int8_decode(t)) {
-        let w = randn(rows * cols, 3 + ty as u64, 0.5);
-        let rb = ty.row_bytes(cols).unwrap();
-        let mut wq = vec![0u8; rows * rb];
-        for r in 0..rows {
-            quant::quantize_row(ty, &w[r * cols..(r + 1) * cols], &mut wq[r * rb..(r + 1) * rb]);
-        }
-        let x = randn(16 * cols, 5, 1.0);
-        let all = matmul_once(&g, ty, &wq, rows, cols, &x, 16, false).unwrap();
-        for n in [1usize, 2, 3, 4, 7, 8, 9] {
-            let part = matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false).unwrap();
-            assert!(part.iter().zip(&all).all(|(a, b)| a.to_bits() == b.to_bits()), "{ty:?}: {n} tokens differ from the same tokens among 16");
+    for (rows, cols) in [(300, 512), (67, 768), (40, 8192)] {
+        for &ty in GPU_TYPES.iter().filter(|&&t| int8_decode(t)) {
+            let w = randn(rows * cols, 3 + ty as u64, 0.5);
+            let rb = ty.row_bytes(cols).unwrap();
+            let mut wq = vec![0u8; rows * rb];
+            for r in 0..rows {
+                quant::quantize_row(ty, &w[r * cols..(r + 1) * cols], &mut wq[r * rb..(r + 1) * rb]);
+            }
+            let x = randn(16 * cols, 5, 1.0);
+            let all = matmul_once(&g, ty, &wq, rows, cols, &x, 16, false, usize::MAX).unwrap();
+            let same = |v: &[f32], what: &str| {
+                let bad = v.iter().zip(&all).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert!(bad.is_none(), "{ty:?} {rows}x{cols}: {what} differs from mmvq with 16 tokens at {bad:?}");
+            };
+            for n in [1usize, 2, 3, 4, 7, 8, 9] {
+                same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, usize::MAX).unwrap(), &format!("mmvq, {n} tokens"));
+                same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, 1).unwrap(), &format!("mmq, {n} tokens"));
+            }
+            same(&matmul_once(&g, ty, &wq, rows, cols, &x, 16, false, 1).unwrap(), "mmq, 16 tokens");
+            same(&matmul_once(&g, ty, &wq, rows, cols, &x, 16, true, 1).unwrap(), "mmq as a prompt, 16 tokens");
         }
     }
-    eprintln!("int8 decode kernel: 1..9 tokens give the same bits as among 16");
+    eprintln!("int8 kernels: mmvq and mmq, 1..16 tokens, give a token the same bits");
 }
 
 /// Greedy decoding of `n_gen` tokens after `prompt`, CPU and GPU side by side; returns

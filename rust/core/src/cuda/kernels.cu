@@ -435,6 +435,15 @@ __device__ __forceinline__ void load_act(const Unit& w, const i8* __restrict__ x
     x.db = __ldg(xd + w.db);
 }
 
+// A unit's partial from its two exact integer half sums and the token's block scales:
+// the one float formula of both decode kernels (`mmvq`, `mmq`).
+__device__ __forceinline__ float unit_combine(const Unit& w, float2 da, float2 db, int sa, int sb) {
+    float r = __fmul_rn(__fmul_rn(w.fa, da.x), (float)sa);
+    r = __fmaf_rn(__fmul_rn(w.fb, db.x), (float)sb, r);
+    r = __fmaf_rn(w.ma, da.y, r);
+    return __fmaf_rn(w.mb, db.y, r);
+}
+
 // The unit's partial against one token's activations.
 __device__ __forceinline__ float unit_dot(const Unit& w, const Act& x) {
     int sa = dp4a(w.q[0], x.a.x, 0);
@@ -445,18 +454,16 @@ __device__ __forceinline__ float unit_dot(const Unit& w, const Act& x) {
     sb = dp4a(w.q[5], x.b.y, sb);
     sb = dp4a(w.q[6], x.b.z, sb);
     sb = dp4a(w.q[7], x.b.w, sb);
-    float r = __fmul_rn(__fmul_rn(w.fa, x.da.x), (float)sa);
-    r = __fmaf_rn(__fmul_rn(w.fb, x.db.x), (float)sb, r);
-    r = __fmaf_rn(w.ma, x.da.y, r);
-    return __fmaf_rn(w.mb, x.db.y, r);
+    return unit_combine(w, x.da, x.db, sa, sb);
 }
 
 // Y[t][r] = Σ_c W[r][c] X[t][c] for the tokens t < n_tok of token group blockIdx.y (NT
 // tokens a group), X given as int8 (Xq, Xd from quantize_q8). A warp takes R rows;
 // lane l their units l, l + 32, ...: it loads the R rows' weights of a unit (R loads in
-// flight), then each token's activations once for all R rows. A (row, token)'s partials
-// and the warp's reduction order depend only on the lane and the unit, never on NT,
-// R or n_tok, so every variant gives a token the same bits.
+// flight), then each token's activations once for all R rows. A (row, token)'s sum is
+// fixed by the units alone: slice l (lane l) adds units l, l + 32, ... in order, then
+// the 32 slices are added pairwise in order. Every variant (NT, R, n_tok) and `mmq`
+// keep that order, so a token gets the same bits from any of them.
 // Block: 128 (4 warps, 4R rows); grid: (ceil(rows / 4R), ceil(n_tok / NT)).
 template <int T, int NT, int R>
 __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
@@ -497,8 +504,10 @@ __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, 
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
+                // Pairwise over the lanes in order ((0 + 1) + (2 + 3)) + ...: lane 0 ends
+                // with the sum, in the order `mmq` reproduces.
                 float s = acc[i][t];
-                for (int o = 16; o > 0; o >>= 1) s = __fadd_rn(s, __shfl_xor_sync(0xffffffffu, s, o));
+                for (int o = 1; o < 32; o <<= 1) s = __fadd_rn(s, __shfl_down_sync(0xffffffffu, s, o));
                 if (lane == 0 && r0 + i < rows) Y[(u64)(t0 + t) * y_stride + r0 + i] = s;
             }
         }
@@ -525,6 +534,103 @@ MMVQ_KERNEL(mmvq1, 1, 2)
 MMVQ_KERNEL(mmvq2, 2, 2)
 MMVQ_KERNEL(mmvq4, 4, 4)
 MMVQ_KERNEL(mmvq8, 8, 2)
+
+// ---- int8 tensor-core kernel -----------------------------------------------------------
+
+// C = A·B for one 16×16 s8 tile of weights (a0: row g, a1: row g + 8; k = 4·(lane % 4)..)
+// and a 16×8 s8 tile of activations (b0: k = 4·(lane % 4).., token g), exact int32:
+// c0, c1 row g, tokens 2·(lane % 4) + 0, 1; c2, c3 row g + 8 (g = lane / 4).
+__device__ __forceinline__ void mma_s8_16816(int a0, int a1, int b0, int* c) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};"
+                 : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0), "r"(0), "r"(0), "r"(0), "r"(0));
+}
+
+// q[k] for k < 4 without indexing a register array by a lane-dependent value (which
+// would put it in local memory).
+__device__ __forceinline__ int pick4(const int* q, int k) {
+    return k == 0 ? q[0] : k == 1 ? q[1] : k == 2 ? q[2] : q[3];
+}
+
+// Y[t][r] = Σ_c W[r][c] X[t][c] on the tensor cores, for a 16-row × 8-token tile a block
+// (int8 activations as for `mmvq`). Each unit of 32 weights is two m16n8k16 products
+// (its halves A and B: exact integer sums, as mmvq's dp4a gives), combined with the
+// scales by `unit_combine`. Warp w keeps slices 8w..8w+7 (slice s: units s, s + 32, ...,
+// added in order), adds its 8 slices pairwise, and the 4 warps' sums are added
+// pairwise: exactly mmvq's order, so a token gets the same bits from either kernel and
+// the choice between them (by the number of tokens) never changes a result.
+// Block: 128; grid: (ceil(rows / 16), ceil(n_tok / 8)).
+template <int T>
+__device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
+                                      const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
+                                      float* __restrict__ Y, int y_stride) {
+    __shared__ float part[4][16][8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int r0 = blockIdx.x * 16, tok0 = blockIdx.y * 8;
+    const int nb = cols >> 5;
+    const u8* rowA = W + (u64)min(r0 + g, rows - 1) * row_bytes;
+    const u8* rowB = W + (u64)min(r0 + g + 8, rows - 1) * row_bytes;
+    const bool vB = tok0 + g < n_tok;  // this lane feeds token tok0 + g to B
+    const i8* xqB = Xq + (u64)(vB ? tok0 + g : 0) * cols;
+    const float2* xd0 = Xd + (u64)min(tok0 + 2 * tq, n_tok - 1) * nb;  // its C columns' tokens
+    const float2* xd1 = Xd + (u64)min(tok0 + 2 * tq + 1, n_tok - 1) * nb;
+    float acc[8][4];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[i][c] = 0.f;
+    for (int u0 = 8 * warp; u0 < nb; u0 += 32) {
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int u = u0 + i;
+            if (u < nb) {
+                Unit wa, wb;
+                load_unit<T>(rowA, nb, u, wa);
+                load_unit<T>(rowB, nb, u, wb);
+                const int bA = vB ? __ldg((const int*)(xqB + wa.xa) + tq) : 0;
+                const int bB = vB ? __ldg((const int*)(xqB + wa.xb) + tq) : 0;
+                int cA[4], cB[4];
+                mma_s8_16816(pick4(wa.q, tq), pick4(wb.q, tq), bA, cA);
+                mma_s8_16816(pick4(wa.q + 4, tq), pick4(wb.q + 4, tq), bB, cB);
+                const float2 da0 = __ldg(xd0 + wa.da), db0 = __ldg(xd0 + wa.db);
+                const float2 da1 = __ldg(xd1 + wa.da), db1 = __ldg(xd1 + wa.db);
+                acc[i][0] = __fadd_rn(acc[i][0], unit_combine(wa, da0, db0, cA[0], cB[0]));
+                acc[i][1] = __fadd_rn(acc[i][1], unit_combine(wa, da1, db1, cA[1], cB[1]));
+                acc[i][2] = __fadd_rn(acc[i][2], unit_combine(wb, da0, db0, cA[2], cB[2]));
+                acc[i][3] = __fadd_rn(acc[i][3], unit_combine(wb, da1, db1, cA[3], cB[3]));
+            }
+        }
+    }
+    float res[4];
+#pragma unroll
+    for (int c = 0; c < 4; c++) {
+        res[c] = __fadd_rn(__fadd_rn(__fadd_rn(acc[0][c], acc[1][c]), __fadd_rn(acc[2][c], acc[3][c])),
+                           __fadd_rn(__fadd_rn(acc[4][c], acc[5][c]), __fadd_rn(acc[6][c], acc[7][c])));
+    }
+    part[warp][g][2 * tq] = res[0];
+    part[warp][g][2 * tq + 1] = res[1];
+    part[warp][g + 8][2 * tq] = res[2];
+    part[warp][g + 8][2 * tq + 1] = res[3];
+    __syncthreads();
+    const int rr = threadIdx.x >> 3, tt = threadIdx.x & 7;
+    const float v = __fadd_rn(__fadd_rn(part[0][rr][tt], part[1][rr][tt]), __fadd_rn(part[2][rr][tt], part[3][rr][tt]));
+    if (r0 + rr < rows && tok0 + tt < n_tok) Y[(u64)(tok0 + tt) * y_stride + r0 + rr] = v;
+}
+
+extern "C" __global__ void __launch_bounds__(128) mmq(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
+                                                      const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
+                                                      float* __restrict__ Y, int y_stride) {
+    switch (type) {
+    case T_Q4_0: mmq_t<T_Q4_0>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+    case T_Q4_1: mmq_t<T_Q4_1>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+    case T_Q5_0: mmq_t<T_Q5_0>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+    case T_Q5_1: mmq_t<T_Q5_1>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+    case T_Q8_0: mmq_t<T_Q8_0>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+    case T_Q4_K: mmq_t<T_Q4_K>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+    case T_Q5_K: mmq_t<T_Q5_K>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+    case T_Q6_K: mmq_t<T_Q6_K>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+    }
+}
 
 // out[i][:] = scale * W[ids[i]][:] (token embeddings). Grid: n; block: 128.
 extern "C" __global__ void get_rows(int type, const u8* __restrict__ W, u64 row_bytes, const u32* __restrict__ ids,
@@ -720,32 +826,43 @@ __device__ __forceinline__ void attn_tok_t(const float* __restrict__ q, const u1
             acc[h][i] = 0.f;
         }
     }
-    for (int p = lo + warp; p <= pos; p += ATT_WARPS) {
-        const u64 slot = (u64)table[p / bs] * bs + p % bs;
-        const u16* kr = kc + slot * kvd + kvh * HD + lane * EPL;
-        const u16* vr = vc + slot * kvd + kvh * HD + lane * EPL;
-        float k[EPL], v[EPL];
+    // Two keys a step (p and p + 8): their rows are loaded before either is used.
+    for (int p = lo + warp; p <= pos; p += 2 * ATT_WARPS) {
+        float k[2][EPL], v[2][EPL];
+        const int np = p + ATT_WARPS <= pos ? 2 : 1;
 #pragma unroll
-        for (int i = 0; i < EPL; i += 2) {
-            const u32 kk = *(const u32*)(kr + i), vv = *(const u32*)(vr + i);
-            k[i] = h2f((u16)kk);
-            k[i + 1] = h2f((u16)(kk >> 16));
-            v[i] = h2f((u16)vv);
-            v[i + 1] = h2f((u16)(vv >> 16));
+        for (int j = 0; j < 2; j++) {
+            const int pj = j < np ? p + j * ATT_WARPS : p;
+            const u64 slot = (u64)table[pj / bs] * bs + pj % bs;
+            const u16* kr = kc + slot * kvd + kvh * HD + lane * EPL;
+            const u16* vr = vc + slot * kvd + kvh * HD + lane * EPL;
+#pragma unroll
+            for (int i = 0; i < EPL; i += 2) {
+                const u32 kk = *(const u32*)(kr + i), vv = *(const u32*)(vr + i);
+                k[j][i] = h2f((u16)kk);
+                k[j][i + 1] = h2f((u16)(kk >> 16));
+                v[j][i] = h2f((u16)vv);
+                v[j][i + 1] = h2f((u16)(vv >> 16));
+            }
         }
 #pragma unroll
-        for (int h = 0; h < ATT_HG; h++) {
-            if (h < hg) {
-                float s = 0.f;
+        for (int j = 0; j < 2; j++) {
+            if (j < np) {
 #pragma unroll
-                for (int i = 0; i < EPL; i++) s = fmaf(qv[h][i], k[i], s);
-                s = warp_sum(s) * scale;
-                const float mn = fmaxf(m[h], s);
-                const float corr = expf(m[h] - mn), e = expf(s - mn);
-                l[h] = l[h] * corr + e;
+                for (int h = 0; h < ATT_HG; h++) {
+                    if (h < hg) {
+                        float s = 0.f;
 #pragma unroll
-                for (int i = 0; i < EPL; i++) acc[h][i] = fmaf(e, v[i], acc[h][i] * corr);
-                m[h] = mn;
+                        for (int i = 0; i < EPL; i++) s = fmaf(qv[h][i], k[j][i], s);
+                        s = warp_sum(s) * scale;
+                        const float mn = fmaxf(m[h], s);
+                        const float corr = expf(m[h] - mn), e = expf(s - mn);
+                        l[h] = l[h] * corr + e;
+#pragma unroll
+                        for (int i = 0; i < EPL; i++) acc[h][i] = fmaf(e, v[j][i], acc[h][i] * corr);
+                        m[h] = mn;
+                    }
+                }
             }
         }
     }
@@ -929,8 +1046,9 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
 }
 
 // lse[r] = log Σ_i exp(x[r][i]) for rows of n, as the CPU's `log_sum_exp` computes it
-// (max first, the sum of exp(x - max) in double), so the sampler's log-probabilities
-// need no pass over the vocabulary on the host. Grid: rows; block: 256.
+// (max first, then the sum of exp(x - max) in double; here each exp in f32, within an
+// ulp of the CPU's f64 one), so the sampler's log-probabilities need no pass over the
+// vocabulary on the host. Grid: rows; block: 1024.
 extern "C" __global__ void row_lse(const float* __restrict__ x, int n, float* __restrict__ lse) {
     __shared__ float fm[32];
     __shared__ double part[32];
@@ -948,7 +1066,7 @@ extern "C" __global__ void row_lse(const float* __restrict__ x, int n, float* __
     __syncthreads();
     m = fm[0];
     double s = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += exp((double)(r[i] - m));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)expf(r[i] - m);
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
     __syncthreads();

@@ -146,6 +146,9 @@ pub struct GpuModel {
     rope_freqs: Option<DevBuf>,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
+    /// Whether any matrix is in a quantized format (`int8_decode`): then every matrix
+    /// input is also made in int8.
+    int8: bool,
 }
 
 /// The KV cache in device memory: per layer, K `[n_blocks * block_size][kv_dim_k]`
@@ -184,28 +187,46 @@ fn quantize_input(gpu: &Arc<Gpu>, x: &DevBuf, cols: usize, n_tok: usize, q: &Dev
     ])
 }
 
-/// `x` as a matrix input for `runs`: quantized into `xq`, `xd` when some are decode tokens.
-fn prepare_input<'a>(gpu: &Arc<Gpu>, x: &'a DevBuf, cols: usize, n_tok: usize, runs: &[Run], xq: &'a DevBuf, xd: &'a DevBuf) -> Result<Input<'a>> {
-    if runs.iter().any(|r| r.2) {
-        quantize_input(gpu, x, cols, n_tok, xq, xd)?;
-        return Ok(Input { x, q8: Some((xq, xd)) });
-    }
-    Ok(Input { x, q8: None })
+/// `x` as a matrix input, also quantized into `xq`, `xd`.
+fn prepare_input<'a>(gpu: &Arc<Gpu>, x: &'a DevBuf, cols: usize, n_tok: usize, xq: &'a DevBuf, xd: &'a DevBuf) -> Result<Input<'a>> {
+    quantize_input(gpu, x, cols, n_tok, xq, xd)?;
+    Ok(Input { x, q8: Some((xq, xd)) })
+}
+
+/// Tokens from which a run of int8 tokens takes the tensor-core kernel (`mmq`) rather
+/// than `mmvq` (`EDGELM_MMQ_MIN` overrides, for measurements). The two give a token the
+/// same bits (kernels.cu: the same slices, added in the same order), so where the line
+/// falls never changes a result.
+fn mmq_min() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::env::var("EDGELM_MMQ_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(8))
 }
 
 /// y[t] = W x[t] for the stacked tokens of a step (x stride `w.cols`, y stride
 /// `w.rows`). `runs` splits them into (first, count, solo): solo tokens (one per
-/// sequence: decode) take the decode kernel — `mmvq` on int8 activations for the
-/// quantized formats, else `mmv` — the others (prompt chunks) the tiled `mmt`. Each
-/// kernel computes a token the same way whatever shares the launch, so a sequence's
-/// results never depend on its batch.
+/// sequence: decode) and the others (prompt chunks). Quantized formats take int8
+/// activations: `mmvq` for short runs of decode tokens, the tensor-core `mmq` for the
+/// rest (bit-identical per token); float formats take `mmv` (decode) or the tiled
+/// `mmt`. Each kernel computes a token the same way whatever shares the launch, so a
+/// sequence's results never depend on its batch.
 fn launch_matmul(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf) -> Result<()> {
+    launch_matmul_with(gpu, w, x, runs, y, mmq_min())
+}
+
+fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf, mmq_from: usize) -> Result<()> {
     for &(first, count, solo) in runs {
-        if solo && int8_decode(w.ty) {
+        if int8_decode(w.ty) {
             let Some((xq, xd)) = x.q8 else {
-                return Err(Error::Cuda("decode tokens without quantized activations".into()));
+                return Err(Error::Cuda("int8 matrix product without quantized activations".into()));
             };
-            // Tokens a block: each token's arithmetic is the same in every variant.
+            let (xq, xd) = (xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8));
+            let tail = [Arg::I32(count as i32), y.at(first * w.rows * 4), Arg::I32(w.rows as i32)];
+            let head = [Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32), xq, xd];
+            let args: Vec<Arg> = head.into_iter().chain(tail).collect();
+            if !solo || count >= mmq_from {
+                gpu.launch("mmq", (w.rows.div_ceil(16) as u32, count.div_ceil(8) as u32, 1), 128, 0, &args)?;
+                continue;
+            }
             // (kernel, tokens a block, rows a warp): MMVQ_KERNEL in kernels.cu.
             let (name, nt, rpw) = match count {
                 1 => ("mmvq1", 1, 2),
@@ -213,11 +234,7 @@ fn launch_matmul(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &
                 3 | 4 => ("mmvq4", 4, 4),
                 _ => ("mmvq8", 8, 2),
             };
-            gpu.launch(name, (w.rows.div_ceil(4 * rpw) as u32, count.div_ceil(nt) as u32, 1), 128, 0, &[
-                Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32),
-                Arg::I32(w.cols as i32), xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8), Arg::I32(count as i32),
-                y.at(first * w.rows * 4), Arg::I32(w.rows as i32),
-            ])?;
+            gpu.launch(name, (w.rows.div_ceil(4 * rpw) as u32, count.div_ceil(nt) as u32, 1), 128, 0, &args)?;
             continue;
         }
         let (name, starts, grid_y) = if solo { ("mmv", MMV_TOK, 1) } else { ("mmt", count.max(1), count.div_ceil(64) as u32) };
@@ -320,6 +337,8 @@ impl GpuModel {
             bytes += w.n_bytes();
             GpuWeight::upload(gpu, w, name)
         };
+        let int8 = int8_decode(m.output.ty)
+            || m.layers.iter().any(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].iter().any(|w| int8_decode(w.ty)));
         let tok_embd = up(&m.tok_embd, "token_embd.weight")?;
         let output = up(&m.output, "output.weight")?;
         let mut layers = Vec::with_capacity(m.layers.len());
@@ -355,6 +374,7 @@ impl GpuModel {
             output_bias: opt(gpu, &m.output_bias)?,
             rope_freqs: opt(gpu, &m.rope_freqs)?,
             weight_bytes: bytes,
+            int8,
         })
     }
 
@@ -460,12 +480,13 @@ impl GpuModel {
         let (xq, xd) = (&sc[S_XQ], &sc[S_XD]);
         // A matrix input; quantized (into the one int8 scratch: inputs are used in
         // turn) when decode tokens will read it.
-        let input = |buf, cols, rows, runs: &[Run]| prepare_input(gpu, buf, cols, rows, runs, xq, xd);
-        // Decode tokens read int8 activations: the kernels that make a matrix input
-        // (norm, attention, GLU) then write it as int8 too (q8_args), saving a launch.
-        let any_solo = runs.iter().any(|r| r.2);
-        let q8_args = if any_solo { [xq.arg(), xd.arg()] } else { [Arg::Ptr(0), Arg::Ptr(0)] };
-        let fused = |buf| Input { x: buf, q8: any_solo.then_some((xq, xd)) };
+        let input = |buf, cols, rows| prepare_input(gpu, buf, cols, rows, xq, xd);
+        // The quantized formats' kernels read int8 activations: the kernels that make
+        // a matrix input (norm, attention, GLU) write it as int8 too (q8_args), which
+        // saves a launch each.
+        let int8 = self.int8;
+        let q8_args = if int8 { [xq.arg(), xd.arg()] } else { [Arg::Ptr(0), Arg::Ptr(0)] };
+        let fused = |buf| Input { x: buf, q8: int8.then_some((xq, xd)) };
 
         let launches = || -> Result<()> {
         // embed
@@ -482,7 +503,9 @@ impl GpuModel {
         // The residual add of a block's output goes with the next norm, in one kernel.
         // (The first layer's norm has no residual to add: o = null.)
         let add_norm = |w: &DevBuf, first: bool| {
-            gpu.launch("add_rms_norm", (n_tok as u32, 1, 1), 256, 0, &[
+            // 1024 threads: a decode step has one row a token, and a row of a few
+            // thousand is otherwise a long serial loop on one multiprocessor.
+            gpu.launch("add_rms_norm", (n_tok as u32, 1, 1), 1024, 0, &[
                 x.arg(), if first { Arg::Ptr(0) } else { o.arg() }, w.arg(), h.arg(), Arg::I32(e as i32), Arg::F32(c.rms_eps),
                 q8_args[0], q8_args[1],
             ])
@@ -523,7 +546,7 @@ impl GpuModel {
                     Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(c.attn_scale),
                 ])?;
             }
-            let ain = if attn_tok_kernel(c).is_some() { fused(att) } else { input(att, ad, n_tok, &runs)? };
+            let ain = if attn_tok_kernel(c).is_some() || !int8 { fused(att) } else { input(att, ad, n_tok)? };
             self.matmul(&l.wo, ain, &runs, o)?;
             self.add_bias(o, &l.bo, e, n_tok)?;
             if let Some(pn) = &l.post_attn_norm {
@@ -552,12 +575,13 @@ impl GpuModel {
             let (d_idx, xs, logits) = (&sc[S_IDX], &sc[S_XS], &sc[S_LOGITS]);
             gpu.launch("copy_rows", (n_out as u32, 1, 1), 128, 0, &[x.arg(), d_idx.arg(), xs.arg(), Arg::I32(e as i32)])?;
             self.rms_norm(xs, &self.output_norm, xs, n_out, e)?;
-            self.matmul(&self.output, input(xs, e, n_out, &out_runs)?, &out_runs, logits)?;
+            let xin = if int8 { input(xs, e, n_out)? } else { fused(xs) };
+            self.matmul(&self.output, xin, &out_runs, logits)?;
             self.add_bias(logits, &self.output_bias, c.n_vocab, n_out)?;
             if let Some(cap) = c.final_logit_softcap {
                 self.elementwise("softcap", n_out * c.n_vocab, &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)])?;
             }
-            gpu.launch("row_lse", (n_out as u32, 1, 1), 256, 0, &[logits.arg(), Arg::I32(c.n_vocab as i32), sc[S_LSE].arg()])?;
+            gpu.launch("row_lse", (n_out as u32, 1, 1), 1024, 0, &[logits.arg(), Arg::I32(c.n_vocab as i32), sc[S_LSE].arg()])?;
         }
         Ok(())
         };
@@ -592,24 +616,20 @@ fn graphs_enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("EDGELM_CUDA_GRAPHS").is_none_or(|v| v != "0"))
 }
 
-/// Seconds per launch of the decode (`mmv`) or prompt (`mmt`) kernel, timed over
-/// `reps` launches on resident data (for the benchmarks).
+/// Seconds per launch of the matrix kernels on resident data, timed over `reps`
+/// launches (for the benchmarks): `tiled` runs the tokens as a prompt, else as decode
+/// tokens with the tensor-core kernel from `mmq_from` tokens. The int8 formats'
+/// activation quantization is counted in.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, n_tok: usize, tiled: bool, reps: usize) -> Result<f64> {
+pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, n_tok: usize, tiled: bool, mmq_from: usize, reps: usize) -> Result<f64> {
     let w = GpuWeight::from_gguf(gpu, ty, w_bytes, rows, cols)?;
     let dx = gpu.upload_f32(&vec![0.5f32; n_tok * cols])?;
     let (xq, xd) = (gpu.alloc(n_tok * cols)?, gpu.alloc(n_tok * cols / 32 * 8)?);
     let y = gpu.alloc(n_tok * rows * 4)?;
     let runs = [(0, n_tok, !tiled)];
-    // The activations' quantization is part of a decode matrix product's cost.
     let once = || -> Result<()> {
-        let input = if tiled {
-            Input { x: &dx, q8: None }
-        } else {
-            quantize_input(gpu, &dx, cols, n_tok, &xq, &xd)?;
-            Input { x: &dx, q8: Some((&xq, &xd)) }
-        };
-        launch_matmul(gpu, &w, input, &runs, &y)
+        let input = prepare_input(gpu, &dx, cols, n_tok, &xq, &xd)?;
+        launch_matmul_with(gpu, &w, input, &runs, &y, mmq_from)
     };
     once()?;
     gpu.sync()?;
@@ -622,22 +642,17 @@ pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize,
 }
 
 /// One matrix product on its own (for the kernel tolerance tests): `n_tok` f32 rows
-/// against a weight in any GPU format (GGUF layout), with the decode kernel (`mmvq`
-/// on int8 activations for the quantized formats, else `mmv`) or, when `tiled`, the
-/// prompt kernel (`mmt`).
+/// against a weight in any GPU format (GGUF layout), as decode tokens (`mmvq` below
+/// `mmq_from` tokens, else `mmq`, for the quantized formats; `mmv` for the float ones)
+/// or, when `tiled`, as a prompt (`mmq`; `mmt` for the float formats).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize, tiled: bool) -> Result<Vec<f32>> {
+pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize, tiled: bool, mmq_from: usize) -> Result<Vec<f32>> {
     let w = GpuWeight::from_gguf(gpu, ty, w_bytes, rows, cols)?;
     let dx = gpu.upload_f32(x)?;
     let (xq, xd) = (gpu.alloc(n_tok * cols)?, gpu.alloc(n_tok * cols / 32 * 8)?);
     let y = gpu.alloc(n_tok * rows * 4)?;
-    let input = if tiled {
-        Input { x: &dx, q8: None }
-    } else {
-        quantize_input(gpu, &dx, cols, n_tok, &xq, &xd)?;
-        Input { x: &dx, q8: Some((&xq, &xd)) }
-    };
-    launch_matmul(gpu, &w, input, &[(0, n_tok, !tiled)], &y)?;
+    let input = prepare_input(gpu, &dx, cols, n_tok, &xq, &xd)?;
+    launch_matmul_with(gpu, &w, input, &[(0, n_tok, !tiled)], &y, mmq_from)?;
     gpu.sync()?;
     y.read_f32(n_tok * rows)
 }

@@ -118,7 +118,7 @@ fn gpu_matrix_kernel_matches_cpu_for_every_format() {
 }
 
 /// The int8 kernels give every token the same bits whether it comes alone or with up
-/// to 15 others, through `mmvq` (each launch variant: 1, 2, 4, 8 tokens a block) or the
+/// to 39 others, through `mmvq` (each launch variant: 1, 2, 4, 8 tokens a block) or the
 /// tensor-core `mmq` (as decode tokens or as a prompt).
 #[test]
 fn gpu_int8_kernels_are_batch_invariant() {
@@ -131,21 +131,21 @@ fn gpu_int8_kernels_are_batch_invariant() {
             for r in 0..rows {
                 quant::quantize_row(ty, &w[r * cols..(r + 1) * cols], &mut wq[r * rb..(r + 1) * rb]);
             }
-            let x = randn(16 * cols, 5, 1.0);
-            let all = matmul_once(&g, ty, &wq, rows, cols, &x, 16, false, usize::MAX).unwrap();
+            let x = randn(40 * cols, 5, 1.0);
+            let all = matmul_once(&g, ty, &wq, rows, cols, &x, 40, false, usize::MAX).unwrap();
             let same = |v: &[f32], what: &str| {
                 let bad = v.iter().zip(&all).position(|(a, b)| a.to_bits() != b.to_bits());
-                assert!(bad.is_none(), "{ty:?} {rows}x{cols}: {what} differs from mmvq with 16 tokens at {bad:?}");
+                assert!(bad.is_none(), "{ty:?} {rows}x{cols}: {what} differs from mmvq with 40 tokens at {bad:?}");
             };
-            for n in [1usize, 2, 3, 4, 7, 8, 9] {
+            // mmvq1/2/4/8 and mmq1/2/4 (8, 16, 32 tokens a block), as decode and prompt.
+            for n in [1usize, 2, 3, 4, 7, 8, 9, 16, 17, 40] {
                 same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, usize::MAX).unwrap(), &format!("mmvq, {n} tokens"));
                 same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, 1).unwrap(), &format!("mmq, {n} tokens"));
+                same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, true, 1).unwrap(), &format!("mmq as a prompt, {n} tokens"));
             }
-            same(&matmul_once(&g, ty, &wq, rows, cols, &x, 16, false, 1).unwrap(), "mmq, 16 tokens");
-            same(&matmul_once(&g, ty, &wq, rows, cols, &x, 16, true, 1).unwrap(), "mmq as a prompt, 16 tokens");
         }
     }
-    eprintln!("int8 kernels: mmvq and mmq, 1..16 tokens, give a token the same bits");
+    eprintln!("int8 kernels: mmvq and mmq, 1..40 tokens, give a token the same bits");
 }
 
 /// Greedy decoding of `n_gen` tokens after `prompt`, CPU and GPU side by side; returns

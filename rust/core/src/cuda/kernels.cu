@@ -468,9 +468,9 @@ __device__ __forceinline__ float unit_dot(const Unit& w, const Act& x) {
 template <int T, int NT, int R>
 __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                        const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
-                                       float* __restrict__ Y, int y_stride) {
+                                       float* __restrict__ Y, int y_stride, int blk) {
     const int lane = threadIdx.x & 31;
-    const int r0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * R;
+    const int r0 = (blk * 4 + (threadIdx.x >> 5)) * R;
     if (r0 >= rows) return;
     const int t0 = blockIdx.y * NT;
     const int nt = min(NT, n_tok - t0);
@@ -514,22 +514,37 @@ __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, 
     }
 }
 
+// Up to three matrices with the same input in one launch (q, k, v; gate, up): the
+// blocks of matrix 0 come first, then 1, then 2 (rows 0 for an absent one); each block
+// runs mmvq_t for its matrix, so a matrix's results are those of a launch of its own.
+// Grid: (Σ ceil(rows_i / 4R), ceil(n_tok / NT)).
+template <int NT, int R>
+__device__ __forceinline__ void mmvq_pick(int type, const u8* W, u64 rb, int rows, int cols, const i8* __restrict__ Xq,
+                                          const float2* __restrict__ Xd, int n_tok, float* Y, int ys, int blk) {
+    switch (type) {
+    case T_Q4_0: mmvq_t<T_Q4_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    case T_Q4_1: mmvq_t<T_Q4_1, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    case T_Q5_0: mmvq_t<T_Q5_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    case T_Q5_1: mmvq_t<T_Q5_1, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    case T_Q8_0: mmvq_t<T_Q8_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    case T_Q4_K: mmvq_t<T_Q4_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    case T_Q5_K: mmvq_t<T_Q5_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    case T_Q6_K: mmvq_t<T_Q6_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    }
+}
+
 #define MMVQ_KERNEL(NAME, NT, R)                                                                                      \
     extern "C" __global__ void __launch_bounds__(128, 4)                                                              \
-        NAME(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols, const i8* __restrict__ Xq,        \
-             const float2* __restrict__ Xd, int n_tok, float* __restrict__ Y, int y_stride) {                         \
-        switch (type) {                                                                                               \
-        case T_Q4_0: mmvq_t<T_Q4_0, NT, R>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q4_1: mmvq_t<T_Q4_1, NT, R>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_0: mmvq_t<T_Q5_0, NT, R>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_1: mmvq_t<T_Q5_1, NT, R>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q8_0: mmvq_t<T_Q8_0, NT, R>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q4_K: mmvq_t<T_Q4_K, NT, R>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_K: mmvq_t<T_Q5_K, NT, R>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q6_K: mmvq_t<T_Q6_K, NT, R>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        }                                                                                                             \
+        NAME(int cols, const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,                            \
+             int t0, const u8* W0, u64 rb0, int rows0, float* Y0, int ys0,                                             \
+             int t1, const u8* W1, u64 rb1, int rows1, float* Y1, int ys1,                                             \
+             int t2, const u8* W2, u64 rb2, int rows2, float* Y2, int ys2) {                                           \
+        const int nb0 = (rows0 + 4 * R - 1) / (4 * R), nb1 = (rows1 + 4 * R - 1) / (4 * R);                           \
+        const int b = blockIdx.x;                                                                                      \
+        if (b < nb0) mmvq_pick<NT, R>(t0, W0, rb0, rows0, cols, Xq, Xd, n_tok, Y0, ys0, b);                            \
+        else if (b < nb0 + nb1) mmvq_pick<NT, R>(t1, W1, rb1, rows1, cols, Xq, Xd, n_tok, Y1, ys1, b - nb0);          \
+        else mmvq_pick<NT, R>(t2, W2, rb2, rows2, cols, Xq, Xd, n_tok, Y2, ys2, b - nb0 - nb1);                        \
     }
-// (tokens a group, rows a warp): model.rs picks by the number of tokens.
 MMVQ_KERNEL(mmvq1, 1, 2)
 MMVQ_KERNEL(mmvq2, 2, 2)
 MMVQ_KERNEL(mmvq4, 4, 4)
@@ -552,85 +567,106 @@ __device__ __forceinline__ int pick4(const int* q, int k) {
     return k == 0 ? q[0] : k == 1 ? q[1] : k == 2 ? q[2] : q[3];
 }
 
-// Y[t][r] = Σ_c W[r][c] X[t][c] on the tensor cores, for a 16-row × 8-token tile a block
-// (int8 activations as for `mmvq`). Each unit of 32 weights is two m16n8k16 products
-// (its halves A and B: exact integer sums, as mmvq's dp4a gives), combined with the
-// scales by `unit_combine`. Warp w keeps slices 8w..8w+7 (slice s: units s, s + 32, ...,
-// added in order), adds its 8 slices pairwise, and the 4 warps' sums are added
-// pairwise: exactly mmvq's order, so a token gets the same bits from either kernel and
-// the choice between them (by the number of tokens) never changes a result.
-// Block: 128; grid: (ceil(rows / 16), ceil(n_tok / 8)).
-template <int T>
+// Y[t][r] = Σ_c W[r][c] X[t][c] on the tensor cores, for a tile of 16 rows × 8·MT
+// tokens a block (int8 activations as for `mmvq`). Each unit of 32 weights is two
+// m16n8k16 products per 8 tokens (its halves A and B: exact integer sums, as mmvq's
+// dp4a gives), combined with the scales by `unit_combine`; a unit's weights are
+// unpacked once for all MT token tiles. Warp w keeps slices 4w..4w+3 (slice s: units s,
+// s + 32, ..., added in order), adds its 4 slices pairwise, and the 8 warps' sums are
+// added pairwise: exactly mmvq's order, so a token gets the same bits from either
+// kernel, whatever MT, and the choice between them never changes a result.
+// Block: 256; grid: (ceil(rows / 16), ceil(n_tok / 8·MT)); dynamic shared memory:
+// 8 × 16 × 8·MT floats.
+template <int T, int MT>
 __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                       const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
                                       float* __restrict__ Y, int y_stride) {
-    __shared__ float part[4][16][8];
+    extern __shared__ float part[];  // [warp][row 16][token 8·MT]
+    const int NTT = 8 * MT;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int r0 = blockIdx.x * 16, tok0 = blockIdx.y * 8;
+    const int r0 = blockIdx.x * 16, tok0 = blockIdx.y * NTT;
     const int nb = cols >> 5;
     const u8* rowA = W + (u64)min(r0 + g, rows - 1) * row_bytes;
     const u8* rowB = W + (u64)min(r0 + g + 8, rows - 1) * row_bytes;
-    const bool vB = tok0 + g < n_tok;  // this lane feeds token tok0 + g to B
-    const i8* xqB = Xq + (u64)(vB ? tok0 + g : 0) * cols;
-    const float2* xd0 = Xd + (u64)min(tok0 + 2 * tq, n_tok - 1) * nb;  // its C columns' tokens
-    const float2* xd1 = Xd + (u64)min(tok0 + 2 * tq + 1, n_tok - 1) * nb;
-    float acc[8][4];
+    float acc[4][MT][4];
 #pragma unroll
-    for (int i = 0; i < 8; i++)
+    for (int i = 0; i < 4; i++)
 #pragma unroll
-        for (int c = 0; c < 4; c++) acc[i][c] = 0.f;
-    for (int u0 = 8 * warp; u0 < nb; u0 += 32) {
+        for (int m = 0; m < MT; m++)
 #pragma unroll
-        for (int i = 0; i < 8; i++) {
+            for (int c = 0; c < 4; c++) acc[i][m][c] = 0.f;
+    for (int u0 = 4 * warp; u0 < nb; u0 += 32) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
             const int u = u0 + i;
             if (u < nb) {
                 Unit wa, wb;
                 load_unit<T>(rowA, nb, u, wa);
                 load_unit<T>(rowB, nb, u, wb);
-                const int bA = vB ? __ldg((const int*)(xqB + wa.xa) + tq) : 0;
-                const int bB = vB ? __ldg((const int*)(xqB + wa.xb) + tq) : 0;
-                int cA[4], cB[4];
-                mma_s8_16816(pick4(wa.q, tq), pick4(wb.q, tq), bA, cA);
-                mma_s8_16816(pick4(wa.q + 4, tq), pick4(wb.q + 4, tq), bB, cB);
-                const float2 da0 = __ldg(xd0 + wa.da), db0 = __ldg(xd0 + wa.db);
-                const float2 da1 = __ldg(xd1 + wa.da), db1 = __ldg(xd1 + wa.db);
-                acc[i][0] = __fadd_rn(acc[i][0], unit_combine(wa, da0, db0, cA[0], cB[0]));
-                acc[i][1] = __fadd_rn(acc[i][1], unit_combine(wa, da1, db1, cA[1], cB[1]));
-                acc[i][2] = __fadd_rn(acc[i][2], unit_combine(wb, da0, db0, cA[2], cB[2]));
-                acc[i][3] = __fadd_rn(acc[i][3], unit_combine(wb, da1, db1, cA[3], cB[3]));
+                const int aA0 = pick4(wa.q, tq), aA1 = pick4(wb.q, tq);
+                const int aB0 = pick4(wa.q + 4, tq), aB1 = pick4(wb.q + 4, tq);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    const int tb = tok0 + 8 * m + g;  // this lane feeds token tb to B
+                    const i8* xqB = Xq + (u64)min(tb, n_tok - 1) * cols;
+                    const int bA = tb < n_tok ? __ldg((const int*)(xqB + wa.xa) + tq) : 0;
+                    const int bB = tb < n_tok ? __ldg((const int*)(xqB + wa.xb) + tq) : 0;
+                    int cA[4], cB[4];
+                    mma_s8_16816(aA0, aA1, bA, cA);
+                    mma_s8_16816(aB0, aB1, bB, cB);
+                    // This lane's C columns: tokens tok0 + 8m + 2tq + {0, 1}.
+                    const float2* xd0 = Xd + (u64)min(tok0 + 8 * m + 2 * tq, n_tok - 1) * nb;
+                    const float2* xd1 = Xd + (u64)min(tok0 + 8 * m + 2 * tq + 1, n_tok - 1) * nb;
+                    const float2 da0 = __ldg(xd0 + wa.da), db0 = __ldg(xd0 + wa.db);
+                    const float2 da1 = __ldg(xd1 + wa.da), db1 = __ldg(xd1 + wa.db);
+                    acc[i][m][0] = __fadd_rn(acc[i][m][0], unit_combine(wa, da0, db0, cA[0], cB[0]));
+                    acc[i][m][1] = __fadd_rn(acc[i][m][1], unit_combine(wa, da1, db1, cA[1], cB[1]));
+                    acc[i][m][2] = __fadd_rn(acc[i][m][2], unit_combine(wb, da0, db0, cA[2], cB[2]));
+                    acc[i][m][3] = __fadd_rn(acc[i][m][3], unit_combine(wb, da1, db1, cA[3], cB[3]));
+                }
             }
         }
     }
-    float res[4];
+    float* pw = part + warp * 16 * NTT;
 #pragma unroll
-    for (int c = 0; c < 4; c++) {
-        res[c] = __fadd_rn(__fadd_rn(__fadd_rn(acc[0][c], acc[1][c]), __fadd_rn(acc[2][c], acc[3][c])),
-                           __fadd_rn(__fadd_rn(acc[4][c], acc[5][c]), __fadd_rn(acc[6][c], acc[7][c])));
+    for (int m = 0; m < MT; m++) {
+#pragma unroll
+        for (int c = 0; c < 4; c++) {
+            const float v = __fadd_rn(__fadd_rn(acc[0][m][c], acc[1][m][c]), __fadd_rn(acc[2][m][c], acc[3][m][c]));
+            pw[(g + 8 * (c >> 1)) * NTT + 8 * m + 2 * tq + (c & 1)] = v;
+        }
     }
-    part[warp][g][2 * tq] = res[0];
-    part[warp][g][2 * tq + 1] = res[1];
-    part[warp][g + 8][2 * tq] = res[2];
-    part[warp][g + 8][2 * tq + 1] = res[3];
     __syncthreads();
-    const int rr = threadIdx.x >> 3, tt = threadIdx.x & 7;
-    const float v = __fadd_rn(__fadd_rn(part[0][rr][tt], part[1][rr][tt]), __fadd_rn(part[2][rr][tt], part[3][rr][tt]));
-    if (r0 + rr < rows && tok0 + tt < n_tok) Y[(u64)(tok0 + tt) * y_stride + r0 + rr] = v;
+    for (int k = threadIdx.x; k < 16 * NTT; k += blockDim.x) {
+        const int rr = k / NTT, tt = k % NTT;
+        float w8[8];
+#pragma unroll
+        for (int w = 0; w < 8; w++) w8[w] = part[w * 16 * NTT + k];
+        const float v = __fadd_rn(__fadd_rn(__fadd_rn(w8[0], w8[1]), __fadd_rn(w8[2], w8[3])),
+                                  __fadd_rn(__fadd_rn(w8[4], w8[5]), __fadd_rn(w8[6], w8[7])));
+        if (r0 + rr < rows && tok0 + tt < n_tok) Y[(u64)(tok0 + tt) * y_stride + r0 + rr] = v;
+    }
 }
 
-extern "C" __global__ void __launch_bounds__(128) mmq(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
-                                                      const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
-                                                      float* __restrict__ Y, int y_stride) {
-    switch (type) {
-    case T_Q4_0: mmq_t<T_Q4_0>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
-    case T_Q4_1: mmq_t<T_Q4_1>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
-    case T_Q5_0: mmq_t<T_Q5_0>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
-    case T_Q5_1: mmq_t<T_Q5_1>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
-    case T_Q8_0: mmq_t<T_Q8_0>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
-    case T_Q4_K: mmq_t<T_Q4_K>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
-    case T_Q5_K: mmq_t<T_Q5_K>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
-    case T_Q6_K: mmq_t<T_Q6_K>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;
+#define MMQ_KERNEL(NAME, MT)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                                 \
+        NAME(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols, const i8* __restrict__ Xq,        \
+             const float2* __restrict__ Xd, int n_tok, float* __restrict__ Y, int y_stride) {                         \
+        switch (type) {                                                                                               \
+        case T_Q4_0: mmq_t<T_Q4_0, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        case T_Q4_1: mmq_t<T_Q4_1, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        case T_Q5_0: mmq_t<T_Q5_0, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        case T_Q5_1: mmq_t<T_Q5_1, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        case T_Q8_0: mmq_t<T_Q8_0, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        case T_Q4_K: mmq_t<T_Q4_K, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        case T_Q5_K: mmq_t<T_Q5_K, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        case T_Q6_K: mmq_t<T_Q6_K, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        }                                                                                                             \
     }
-}
+// MT token tiles of 8 a block: model.rs picks by the number of tokens.
+MMQ_KERNEL(mmq1, 1)
+MMQ_KERNEL(mmq2, 2)
+MMQ_KERNEL(mmq4, 4)
 
 // out[i][:] = scale * W[ids[i]][:] (token embeddings). Grid: n; block: 128.
 extern "C" __global__ void get_rows(int type, const u8* __restrict__ W, u64 row_bytes, const u32* __restrict__ ids,
@@ -791,12 +827,15 @@ extern "C" __global__ void attention(const float* __restrict__ q, const u16* __r
 
 // Attention for one token and `hg` query heads that share a KV head (GQA), over the
 // paged f16 cache: the same inputs and outputs as `attention`, for head sizes 64, 128
-// and 256 (EPL = head size / 32 elements a lane). The 8 warps take keys lo + w,
-// lo + w + 8, ...: each loads a key's row once for the hg heads (lane l holds elements
-// l·EPL..), reduces the dot products across the warp and keeps its own online softmax;
-// the warps' partial results are merged at the end. The split depends only on the
-// token's positions, so a token's result never depends on its batch.
-// Grid: (n_head / hg, n_tok); block: 256.
+// and 256 (EPL = head size / 32). The 8 warps take chunks of 32 keys (chunk c: keys
+// lo + 32c.., warp w the chunks w, w + 8, ...). In a chunk lane j scores key j
+// against the hg query heads (its K row in 16-byte loads, q from shared memory), the
+// warp takes the chunk's max and sum at once, then adds the chunk's V rows (lane l
+// owns dims l·EPL..) with online-softmax rescaling; the warps' partial results are
+// merged at the end (prompt tokens; decode tokens take `attn_dec`). The split depends
+// only on the token's positions, so a token's result never depends on its batch. When
+// Xq is set, the output is also written as int8 for the next matrix product. Tokens
+// t0 + blockIdx.y. Grid: (n_head / hg, tokens); block: 256.
 #define ATT_WARPS 8
 #define ATT_HG 4
 template <int EPL>
@@ -804,11 +843,155 @@ __device__ __forceinline__ void attn_tok_t(const float* __restrict__ q, const u1
                                            const u32* __restrict__ tables, const int* __restrict__ tok_table,
                                            const int* __restrict__ tok_pos, float* __restrict__ out,
                                            int n_head, int n_head_kv, int bs, int window, float scale, int hg,
-                                           i8* __restrict__ Xq, float2* __restrict__ Xd) {
+                                           i8* __restrict__ Xq, float2* __restrict__ Xd, int t0) {
     const int HD = EPL * 32;
     __shared__ float sm_acc[ATT_WARPS][ATT_HG][EPL * 32];
     __shared__ float sm_m[ATT_WARPS][ATT_HG], sm_l[ATT_WARPS][ATT_HG];
-    const int h0 = blockIdx.x * hg, t = blockIdx.y;
+    __shared__ float qs[ATT_HG][EPL * 32];
+    const int h0 = blockIdx.x * hg, t = t0 + blockIdx.y;
+    const int kvh = h0 / (n_head / n_head_kv);
+    const int kvd = n_head_kv * HD;
+    const int pos = tok_pos[t];
+    const int lo = (window > 0 && pos + 1 > window) ? pos + 1 - window : 0;
+    const u32* table = tables + tok_table[t];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int k = threadIdx.x; k < ATT_HG * HD; k += blockDim.x) {
+        const int h = k / HD;
+        qs[h][k % HD] = h < hg ? q[(u64)t * n_head * HD + (h0 + h) * HD + k % HD] : 0.f;
+    }
+    __syncthreads();
+    float acc[ATT_HG][EPL], m[ATT_HG], l[ATT_HG];
+#pragma unroll
+    for (int h = 0; h < ATT_HG; h++) {
+        m[h] = NEG_INF;
+        l[h] = 0.f;
+#pragma unroll
+        for (int i = 0; i < EPL; i++) acc[h][i] = 0.f;
+    }
+    for (int c0 = lo + 32 * warp; c0 <= pos; c0 += 32 * ATT_WARPS) {
+        const int p = c0 + lane;
+        const bool valid = p <= pos;
+        const int pp = valid ? p : pos;
+        const u32 slot = table[pp / bs] * (u32)bs + (u32)(pp % bs);
+        const uint4* kr = (const uint4*)(kc + (u64)slot * kvd + kvh * HD);
+        float s[ATT_HG];
+#pragma unroll
+        for (int h = 0; h < ATT_HG; h++) s[h] = 0.f;
+#pragma unroll
+        for (int c = 0; c < HD / 8; c++) {
+            const uint4 kk = kr[c];
+            const u32 kw[4] = {kk.x, kk.y, kk.z, kk.w};
+            float kf[8];
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                kf[2 * e] = h2f((u16)kw[e]);
+                kf[2 * e + 1] = h2f((u16)(kw[e] >> 16));
+            }
+#pragma unroll
+            for (int h = 0; h < ATT_HG; h++) {
+                if (h < hg) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) s[h] = fmaf(qs[h][8 * c + e], kf[e], s[h]);
+                }
+            }
+        }
+        float pj[ATT_HG];
+#pragma unroll
+        for (int h = 0; h < ATT_HG; h++) {
+            pj[h] = 0.f;
+            if (h < hg) {
+                const float sc = valid ? s[h] * scale : NEG_INF;
+                const float mn = fmaxf(m[h], warp_max(sc));
+                const float corr = expf(m[h] - mn);
+                pj[h] = valid ? expf(sc - mn) : 0.f;
+                l[h] = l[h] * corr + warp_sum(pj[h]);
+#pragma unroll
+                for (int i = 0; i < EPL; i++) acc[h][i] *= corr;
+                m[h] = mn;
+            }
+        }
+        const int n = min(32, pos + 1 - c0);
+#pragma unroll 4
+        for (int j = 0; j < n; j++) {
+            const u32 sj = __shfl_sync(0xffffffffu, slot, j);
+            const u16* vr = vc + (u64)sj * kvd + kvh * HD + lane * EPL;
+            float vf[EPL];
+#pragma unroll
+            for (int i = 0; i < EPL; i += 2) {
+                const u32 vv = *(const u32*)(vr + i);
+                vf[i] = h2f((u16)vv);
+                vf[i + 1] = h2f((u16)(vv >> 16));
+            }
+#pragma unroll
+            for (int h = 0; h < ATT_HG; h++) {
+                if (h < hg) {
+                    const float w = __shfl_sync(0xffffffffu, pj[h], j);
+#pragma unroll
+                    for (int i = 0; i < EPL; i++) acc[h][i] = fmaf(w, vf[i], acc[h][i]);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int h = 0; h < ATT_HG; h++) {
+        if (h < hg) {
+#pragma unroll
+            for (int i = 0; i < EPL; i++) sm_acc[warp][h][lane * EPL + i] = acc[h][i];
+            if (lane == 0) {
+                sm_m[warp][h] = m[h];
+                sm_l[warp][h] = l[h];
+            }
+        }
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < hg * HD; k += blockDim.x) {
+        const int h = k / HD, d = k % HD;
+        float mx = NEG_INF;
+        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm_m[w][h]);
+        float L = 0.f, o = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) {
+            if (sm_m[w][h] == NEG_INF) continue;  // a warp that had no keys
+            const float f = expf(sm_m[w][h] - mx);
+            L = fmaf(sm_l[w][h], f, L);
+            o = fmaf(sm_acc[w][h][d], f, o);
+        }
+        const float y = o / L;
+        out[(u64)t * n_head * HD + (h0 + h) * HD + d] = y;
+        // A warp's 32 outputs are one 32-block of the token's row (HD is a multiple of 32).
+        if (Xq) q8_block(y, t, ((h0 + h) * HD + d) >> 5, n_head * HD, Xq, Xd);
+    }
+}
+
+#define ATTN_TOK_KERNEL(NAME, EPL)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(256)                                                                  \
+        NAME(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,                      \
+             const u32* __restrict__ tables, const int* __restrict__ tok_table, const int* __restrict__ tok_pos,       \
+             float* __restrict__ out, int n_head, int n_head_kv, int bs, int window, float scale, int hg,              \
+             i8* __restrict__ Xq, float2* __restrict__ Xd, int t0) {                                                   \
+        attn_tok_t<EPL>(q, kc, vc, tables, tok_table, tok_pos, out, n_head, n_head_kv, bs, window, scale, hg, Xq, Xd, t0); \
+    }
+ATTN_TOK_KERNEL(attn_tok64, 2)
+ATTN_TOK_KERNEL(attn_tok128, 4)
+ATTN_TOK_KERNEL(attn_tok256, 8)
+
+// Attention for a decode token: the inputs, outputs and shapes of `attn_tok`, for the
+// short key ranges of one token a sequence. The 8 warps take keys lo + w, lo + w + 8,
+// ... two at a time (both rows loaded first): each loads a key's row once for the hg
+// heads (lane l holds elements l·EPL..), reduces the dot products across the warp and
+// keeps its own online softmax; the warps' partial results are merged at the end.
+// (attn_tok's chunks of 32 keys a warp serialize a decode token's few keys behind one
+// another; here 8 warps have two keys each in flight.) A token's split depends only
+// on its positions, never on its batch. Grid: (n_head / hg, tokens); block: 256.
+template <int EPL>
+__device__ __forceinline__ void attn_dec_t(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                           const u32* __restrict__ tables, const int* __restrict__ tok_table,
+                                           const int* __restrict__ tok_pos, float* __restrict__ out,
+                                           int n_head, int n_head_kv, int bs, int window, float scale, int hg,
+                                           i8* __restrict__ Xq, float2* __restrict__ Xd, int t0) {
+    const int HD = EPL * 32;
+    __shared__ float sm_acc[ATT_WARPS][ATT_HG][EPL * 32];
+    __shared__ float sm_m[ATT_WARPS][ATT_HG], sm_l[ATT_WARPS][ATT_HG];
+    const int h0 = blockIdx.x * hg, t = t0 + blockIdx.y;
     const int kvh = h0 / (n_head / n_head_kv);
     const int kvd = n_head_kv * HD;
     const int pos = tok_pos[t];
@@ -896,17 +1079,17 @@ __device__ __forceinline__ void attn_tok_t(const float* __restrict__ q, const u1
     }
 }
 
-#define ATTN_TOK_KERNEL(NAME, EPL)                                                                                     \
+#define ATTN_DEC_KERNEL(NAME, EPL)                                                                                     \
     extern "C" __global__ void __launch_bounds__(256)                                                                  \
         NAME(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,                      \
              const u32* __restrict__ tables, const int* __restrict__ tok_table, const int* __restrict__ tok_pos,       \
              float* __restrict__ out, int n_head, int n_head_kv, int bs, int window, float scale, int hg,              \
-             i8* __restrict__ Xq, float2* __restrict__ Xd) {                                                           \
-        attn_tok_t<EPL>(q, kc, vc, tables, tok_table, tok_pos, out, n_head, n_head_kv, bs, window, scale, hg, Xq, Xd); \
+             i8* __restrict__ Xq, float2* __restrict__ Xd, int t0) {                                                   \
+        attn_dec_t<EPL>(q, kc, vc, tables, tok_table, tok_pos, out, n_head, n_head_kv, bs, window, scale, hg, Xq, Xd, t0); \
     }
-ATTN_TOK_KERNEL(attn_tok64, 2)
-ATTN_TOK_KERNEL(attn_tok128, 4)
-ATTN_TOK_KERNEL(attn_tok256, 8)
+ATTN_DEC_KERNEL(attn_dec64, 2)
+ATTN_DEC_KERNEL(attn_dec128, 4)
+ATTN_DEC_KERNEL(attn_dec256, 8)
 
 // dst[i][:] = src[idx[i]][:] for rows of n. Grid: count; block: 128.
 extern "C" __global__ void copy_rows(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst, int n) {

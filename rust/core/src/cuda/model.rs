@@ -210,7 +210,50 @@ fn mmq_min() -> usize {
 /// `mmt`. Each kernel computes a token the same way whatever shares the launch, so a
 /// sequence's results never depend on its batch.
 fn launch_matmul(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf) -> Result<()> {
-    launch_matmul_with(gpu, w, x, runs, y, mmq_min())
+    launch_matmuls(gpu, &[(w, y)], x, runs, mmq_min())
+}
+
+/// `launch_matmul` for several matrices with the same input (q, k, v; gate, up): runs
+/// of decode tokens that take `mmvq` do all of them (up to three) in one launch, with
+/// the results of separate launches.
+fn launch_matmuls(gpu: &Arc<Gpu>, ws: &[(&GpuWeight, &DevBuf)], x: Input<'_>, runs: &[Run], mmq_from: usize) -> Result<()> {
+    let cols = ws[0].0.cols;
+    for &(first, count, solo) in runs {
+        let run = [(first, count, solo)];
+        let all_int8 = ws.iter().all(|(w, _)| int8_decode(w.ty) && w.cols == cols);
+        if !(all_int8 && solo && count < mmq_from) {
+            for &(w, y) in ws {
+                launch_matmul_with(gpu, w, x, &run, y, mmq_from)?;
+            }
+            continue;
+        }
+        let Some((xq, xd)) = x.q8 else {
+            return Err(Error::Cuda("int8 matrix product without quantized activations".into()));
+        };
+        // (kernel, tokens a block, rows a warp): MMVQ_KERNEL in kernels.cu.
+        let (name, nt, rpw) = match count {
+            1 => ("mmvq1", 1, 2),
+            2 => ("mmvq2", 2, 2),
+            3 | 4 => ("mmvq4", 4, 4),
+            _ => ("mmvq8", 8, 2),
+        };
+        for group in ws.chunks(3) {
+            let mut args = vec![Arg::I32(cols as i32), xq.at(first * cols), xd.at(first * (cols / 32) * 8), Arg::I32(count as i32)];
+            let mut blocks = 0;
+            for k in 0..3 {
+                match group.get(k) {
+                    Some(&(w, y)) => {
+                        args.extend([Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32)]);
+                        args.extend([y.at(first * w.rows * 4), Arg::I32(w.rows as i32)]);
+                        blocks += w.rows.div_ceil(4 * rpw);
+                    }
+                    None => args.extend([Arg::I32(0), Arg::Ptr(0), Arg::U64(0), Arg::I32(0), Arg::Ptr(0), Arg::I32(0)]),
+                }
+            }
+            gpu.launch(name, (blocks as u32, count.div_ceil(nt) as u32, 1), 128, 0, &args)?;
+        }
+    }
+    Ok(())
 }
 
 fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf, mmq_from: usize) -> Result<()> {
@@ -219,22 +262,22 @@ fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run],
             let Some((xq, xd)) = x.q8 else {
                 return Err(Error::Cuda("int8 matrix product without quantized activations".into()));
             };
-            let (xq, xd) = (xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8));
-            let tail = [Arg::I32(count as i32), y.at(first * w.rows * 4), Arg::I32(w.rows as i32)];
-            let head = [Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32), xq, xd];
-            let args: Vec<Arg> = head.into_iter().chain(tail).collect();
-            if !solo || count >= mmq_from {
-                gpu.launch("mmq", (w.rows.div_ceil(16) as u32, count.div_ceil(8) as u32, 1), 128, 0, &args)?;
+            if solo && count < mmq_from {
+                launch_matmuls(gpu, &[(w, y)], x, &[(first, count, solo)], mmq_from)?;
                 continue;
             }
-            // (kernel, tokens a block, rows a warp): MMVQ_KERNEL in kernels.cu.
-            let (name, nt, rpw) = match count {
-                1 => ("mmvq1", 1, 2),
-                2 => ("mmvq2", 2, 2),
-                3 | 4 => ("mmvq4", 4, 4),
-                _ => ("mmvq8", 8, 2),
+            // Token tiles of 8 a block (MMQ_KERNEL in kernels.cu); shared memory:
+            // 8 warps × 16 rows × the block's tokens.
+            let (name, mt) = match count {
+                0..=8 => ("mmq1", 1),
+                9..=16 => ("mmq2", 2),
+                _ => ("mmq4", 4),
             };
-            gpu.launch(name, (w.rows.div_ceil(4 * rpw) as u32, count.div_ceil(nt) as u32, 1), 128, 0, &args)?;
+            gpu.launch(name, (w.rows.div_ceil(16) as u32, count.div_ceil(8 * mt) as u32, 1), 256, (8 * 16 * 8 * mt * 4) as u32, &[
+                Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32),
+                xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8), Arg::I32(count as i32), y.at(first * w.rows * 4),
+                Arg::I32(w.rows as i32),
+            ])?;
             continue;
         }
         let (name, starts, grid_y) = if solo { ("mmv", MMV_TOK, 1) } else { ("mmt", count.max(1), count.div_ceil(64) as u32) };
@@ -251,14 +294,15 @@ fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run],
     Ok(())
 }
 
-/// The per-token attention kernel (`attn_tok*`: a block per token and group of up to
-/// 4 query heads sharing a KV head, keys split over 8 warps) and its group size, for
-/// head sizes 64, 128 and 256 (K and V alike); other shapes take `attention`.
-fn attn_tok_kernel(c: &Config) -> Option<(&'static str, usize)> {
+/// The per-token attention kernels ([prompt tokens: `attn_tok*`, decode tokens:
+/// `attn_dec*`]: a block per token and group of up to 4 query heads sharing a KV head,
+/// keys split over 8 warps) and the group size, for head sizes 64, 128 and 256 (K and
+/// V alike); other shapes take `attention`.
+fn attn_tok_kernel(c: &Config) -> Option<([&'static str; 2], usize)> {
     let name = match c.head_dim {
-        64 => "attn_tok64",
-        128 => "attn_tok128",
-        256 => "attn_tok256",
+        64 => ["attn_tok64", "attn_dec64"],
+        128 => ["attn_tok128", "attn_dec128"],
+        256 => ["attn_tok256", "attn_dec256"],
         _ => return None,
     };
     if c.head_dim_v != c.head_dim || c.n_head_kv == 0 || !c.n_head.is_multiple_of(c.n_head_kv) {
@@ -514,9 +558,7 @@ impl GpuModel {
             // attention block
             add_norm(&l.attn_norm, il == 0)?; // + the previous layer's feed-forward output
             let hin = fused(h);
-            self.matmul(&l.wq, hin, &runs, q)?;
-            self.matmul(&l.wk, hin, &runs, k)?;
-            self.matmul(&l.wv, hin, &runs, v)?;
+            launch_matmuls(gpu, &[(&l.wq, q), (&l.wk, k), (&l.wv, v)], hin, &runs, mmq_min())?;
             self.add_bias(q, &l.bq, qd, n_tok)?;
             self.add_bias(k, &l.bk, kd, n_tok)?;
             self.add_bias(v, &l.bv, vd, n_tok)?;
@@ -527,18 +569,21 @@ impl GpuModel {
             let swa = c.swa_layers[il];
             let base = if swa { c.rope_base_swa } else { c.rope_base };
             let theta_scale = base.powf(-2.0 / c.n_rot as f32);
-            gpu.launch("rope_kv", (n_tok as u32, 1, 1), 128, 0, &[
+            gpu.launch("rope_kv", (n_tok as u32, 1, 1), 512, 0, &[
                 q.arg(), k.arg(), v.arg(), kv_k[il].arg(), kv_v[il].arg(), d_pos.arg(), d_slot.arg(),
                 Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
                 Arg::I32(c.n_rot as i32), Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
             ])?;
             let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
-            if let Some((name, hg)) = attn_tok_kernel(c) {
-                gpu.launch(name, ((c.n_head / hg) as u32, n_tok as u32, 1), 256, 0, &[
-                    q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables.arg(), d_tok_table.arg(), d_pos.arg(), att.arg(),
-                    Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
-                    Arg::F32(c.attn_scale), Arg::I32(hg as i32), q8_args[0], q8_args[1],
-                ])?;
+            if let Some((names, hg)) = attn_tok_kernel(c) {
+                // Decode tokens and prompt tokens each take their kernel (see kernels.cu).
+                for &(first, count, solo) in &runs {
+                    gpu.launch(names[solo as usize], ((c.n_head / hg) as u32, count as u32, 1), 256, 0, &[
+                        q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables.arg(), d_tok_table.arg(), d_pos.arg(), att.arg(),
+                        Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
+                        Arg::F32(c.attn_scale), Arg::I32(hg as i32), q8_args[0], q8_args[1], Arg::I32(first as i32),
+                    ])?;
+                }
             } else {
                 gpu.launch("attention", (c.n_head as u32, n_tok as u32, 1), 128, ((c.head_dim + 1024) * 4) as u32, &[
                     q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables.arg(), d_tok_table.arg(), d_pos.arg(), att.arg(),
@@ -556,8 +601,7 @@ impl GpuModel {
             // feed-forward block
             add_norm(&l.ffn_norm, false)?;
             let hin = fused(h);
-            self.matmul(&l.gate, hin, &runs, g)?;
-            self.matmul(&l.up, hin, &runs, u)?;
+            launch_matmuls(gpu, &[(&l.gate, g), (&l.up, u)], hin, &runs, mmq_min())?;
             let gelu = matches!(c.arch, Arch::Gemma3) as i32;
             self.elementwise("glu", n_tok * c.n_ff, &[
                 g.arg(), u.arg(), Arg::I32((n_tok * c.n_ff) as i32), Arg::I32(gelu), Arg::I32(c.n_ff as i32), q8_args[0], q8_args[1],

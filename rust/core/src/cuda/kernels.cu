@@ -421,6 +421,9 @@ __device__ __forceinline__ void load_unit(const u8* __restrict__ row, int nb, in
     }
 }
 
+// Whether a format's two unit halves share the activation block (and so its scales).
+#define ONE_BLOCK(T) (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1 || T == T_Q8_0)
+
 // One token's int8 activations for a unit (the same for every row: they depend on the
 // unit's index only).
 struct Act {
@@ -428,16 +431,21 @@ struct Act {
     float2 da, db;
 };
 
+template <int T>
 __device__ __forceinline__ void load_act(const Unit& w, const i8* __restrict__ xq, const float2* __restrict__ xd, Act& x) {
     x.a = __ldg((const int4*)(xq + w.xa));
     x.b = __ldg((const int4*)(xq + w.xb));
     x.da = __ldg(xd + w.da);
-    x.db = __ldg(xd + w.db);
+    x.db = ONE_BLOCK(T) ? x.da : __ldg(xd + w.db);
 }
 
 // A unit's partial from its two exact integer half sums and the token's block scales:
-// the one float formula of both decode kernels (`mmvq`, `mmq`).
+// the one float formula of both int8 kernels (`mmvq`, `mmq`). The 32-block formats
+// have one scale and one activation block for both halves: their sum goes whole.
+template <int T>
 __device__ __forceinline__ float unit_combine(const Unit& w, float2 da, float2 db, int sa, int sb) {
+    if (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) return __fmul_rn(__fmul_rn(w.fa, da.x), (float)(sa + sb));
+    if (T == T_Q4_1 || T == T_Q5_1) return __fmaf_rn(w.ma, da.y, __fmul_rn(__fmul_rn(w.fa, da.x), (float)(sa + sb)));
     float r = __fmul_rn(__fmul_rn(w.fa, da.x), (float)sa);
     r = __fmaf_rn(__fmul_rn(w.fb, db.x), (float)sb, r);
     r = __fmaf_rn(w.ma, da.y, r);
@@ -445,6 +453,7 @@ __device__ __forceinline__ float unit_combine(const Unit& w, float2 da, float2 d
 }
 
 // The unit's partial against one token's activations.
+template <int T>
 __device__ __forceinline__ float unit_dot(const Unit& w, const Act& x) {
     int sa = dp4a(w.q[0], x.a.x, 0);
     sa = dp4a(w.q[1], x.a.y, sa);
@@ -454,7 +463,7 @@ __device__ __forceinline__ float unit_dot(const Unit& w, const Act& x) {
     sb = dp4a(w.q[5], x.b.y, sb);
     sb = dp4a(w.q[6], x.b.z, sb);
     sb = dp4a(w.q[7], x.b.w, sb);
-    return unit_combine(w, x.da, x.db, sa, sb);
+    return unit_combine<T>(w, x.da, x.db, sa, sb);
 }
 
 // Y[t][r] = Σ_c W[r][c] X[t][c] for the tokens t < n_tok of token group blockIdx.y (NT
@@ -493,9 +502,9 @@ __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, 
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
                 Act x;
-                load_act(w[0], xq + (u64)t * cols, xd + (u64)t * nb, x);
+                load_act<T>(w[0], xq + (u64)t * cols, xd + (u64)t * nb, x);
 #pragma unroll
-                for (int i = 0; i < R; i++) acc[i][t] = __fadd_rn(acc[i][t], unit_dot(w[i], x));
+                for (int i = 0; i < R; i++) acc[i][t] = __fadd_rn(acc[i][t], unit_dot<T>(w[i], x));
             }
         }
     }
@@ -617,12 +626,12 @@ __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, i
                     // This lane's C columns: tokens tok0 + 8m + 2tq + {0, 1}.
                     const float2* xd0 = Xd + (u64)min(tok0 + 8 * m + 2 * tq, n_tok - 1) * nb;
                     const float2* xd1 = Xd + (u64)min(tok0 + 8 * m + 2 * tq + 1, n_tok - 1) * nb;
-                    const float2 da0 = __ldg(xd0 + wa.da), db0 = __ldg(xd0 + wa.db);
-                    const float2 da1 = __ldg(xd1 + wa.da), db1 = __ldg(xd1 + wa.db);
-                    acc[i][m][0] = __fadd_rn(acc[i][m][0], unit_combine(wa, da0, db0, cA[0], cB[0]));
-                    acc[i][m][1] = __fadd_rn(acc[i][m][1], unit_combine(wa, da1, db1, cA[1], cB[1]));
-                    acc[i][m][2] = __fadd_rn(acc[i][m][2], unit_combine(wb, da0, db0, cA[2], cB[2]));
-                    acc[i][m][3] = __fadd_rn(acc[i][m][3], unit_combine(wb, da1, db1, cA[3], cB[3]));
+                    const float2 da0 = __ldg(xd0 + wa.da), db0 = ONE_BLOCK(T) ? da0 : __ldg(xd0 + wa.db);
+                    const float2 da1 = __ldg(xd1 + wa.da), db1 = ONE_BLOCK(T) ? da1 : __ldg(xd1 + wa.db);
+                    acc[i][m][0] = __fadd_rn(acc[i][m][0], unit_combine<T>(wa, da0, db0, cA[0], cB[0]));
+                    acc[i][m][1] = __fadd_rn(acc[i][m][1], unit_combine<T>(wa, da1, db1, cA[1], cB[1]));
+                    acc[i][m][2] = __fadd_rn(acc[i][m][2], unit_combine<T>(wb, da0, db0, cA[2], cB[2]));
+                    acc[i][m][3] = __fadd_rn(acc[i][m][3], unit_combine<T>(wb, da1, db1, cA[3], cB[3]));
                 }
             }
         }
@@ -975,22 +984,23 @@ ATTN_TOK_KERNEL(attn_tok128, 4)
 ATTN_TOK_KERNEL(attn_tok256, 8)
 
 // Attention for a decode token: the inputs, outputs and shapes of `attn_tok`, for the
-// short key ranges of one token a sequence. The 8 warps take keys lo + w, lo + w + 8,
+// short key ranges of one token a sequence. The NW warps take keys lo + w, lo + w + NW,
 // ... two at a time (both rows loaded first): each loads a key's row once for the hg
 // heads (lane l holds elements l·EPL..), reduces the dot products across the warp and
 // keeps its own online softmax; the warps' partial results are merged at the end.
 // (attn_tok's chunks of 32 keys a warp serialize a decode token's few keys behind one
-// another; here 8 warps have two keys each in flight.) A token's split depends only
-// on its positions, never on its batch. Grid: (n_head / hg, tokens); block: 256.
-template <int EPL>
+// another; here NW warps have two keys each in flight.) A token's split depends only
+// on its positions, never on its batch. NW warps: 16 for head sizes up to 128, 8 for 256
+// (the partial results' shared memory). Grid: (n_head / hg, tokens); block: 32·NW.
+template <int EPL, int NW>
 __device__ __forceinline__ void attn_dec_t(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
                                            const u32* __restrict__ tables, const int* __restrict__ tok_table,
                                            const int* __restrict__ tok_pos, float* __restrict__ out,
                                            int n_head, int n_head_kv, int bs, int window, float scale, int hg,
                                            i8* __restrict__ Xq, float2* __restrict__ Xd, int t0) {
     const int HD = EPL * 32;
-    __shared__ float sm_acc[ATT_WARPS][ATT_HG][EPL * 32];
-    __shared__ float sm_m[ATT_WARPS][ATT_HG], sm_l[ATT_WARPS][ATT_HG];
+    __shared__ float sm_acc[NW][ATT_HG][EPL * 32];
+    __shared__ float sm_m[NW][ATT_HG], sm_l[NW][ATT_HG];
     const int h0 = blockIdx.x * hg, t = t0 + blockIdx.y;
     const int kvh = h0 / (n_head / n_head_kv);
     const int kvd = n_head_kv * HD;
@@ -1010,12 +1020,12 @@ __device__ __forceinline__ void attn_dec_t(const float* __restrict__ q, const u1
         }
     }
     // Two keys a step (p and p + 8): their rows are loaded before either is used.
-    for (int p = lo + warp; p <= pos; p += 2 * ATT_WARPS) {
+    for (int p = lo + warp; p <= pos; p += 2 * NW) {
         float k[2][EPL], v[2][EPL];
-        const int np = p + ATT_WARPS <= pos ? 2 : 1;
+        const int np = p + NW <= pos ? 2 : 1;
 #pragma unroll
         for (int j = 0; j < 2; j++) {
-            const int pj = j < np ? p + j * ATT_WARPS : p;
+            const int pj = j < np ? p + j * NW : p;
             const u64 slot = (u64)table[pj / bs] * bs + pj % bs;
             const u16* kr = kc + slot * kvd + kvh * HD + lane * EPL;
             const u16* vr = vc + slot * kvd + kvh * HD + lane * EPL;
@@ -1064,9 +1074,9 @@ __device__ __forceinline__ void attn_dec_t(const float* __restrict__ q, const u1
     for (int k = threadIdx.x; k < hg * HD; k += blockDim.x) {
         const int h = k / HD, d = k % HD;
         float mx = NEG_INF;
-        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm_m[w][h]);
+        for (int w = 0; w < NW; w++) mx = fmaxf(mx, sm_m[w][h]);
         float L = 0.f, o = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) {
+        for (int w = 0; w < NW; w++) {
             if (sm_m[w][h] == NEG_INF) continue;  // a warp that had no keys
             const float f = expf(sm_m[w][h] - mx);
             L = fmaf(sm_l[w][h], f, L);
@@ -1079,17 +1089,17 @@ __device__ __forceinline__ void attn_dec_t(const float* __restrict__ q, const u1
     }
 }
 
-#define ATTN_DEC_KERNEL(NAME, EPL)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(256)                                                                  \
+#define ATTN_DEC_KERNEL(NAME, EPL, NW)                                                                                     \
+    extern "C" __global__ void __launch_bounds__(32 * NW)                                                                  \
         NAME(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,                      \
              const u32* __restrict__ tables, const int* __restrict__ tok_table, const int* __restrict__ tok_pos,       \
              float* __restrict__ out, int n_head, int n_head_kv, int bs, int window, float scale, int hg,              \
              i8* __restrict__ Xq, float2* __restrict__ Xd, int t0) {                                                   \
-        attn_dec_t<EPL>(q, kc, vc, tables, tok_table, tok_pos, out, n_head, n_head_kv, bs, window, scale, hg, Xq, Xd, t0); \
+        attn_dec_t<EPL, NW>(q, kc, vc, tables, tok_table, tok_pos, out, n_head, n_head_kv, bs, window, scale, hg, Xq, Xd, t0); \
     }
-ATTN_DEC_KERNEL(attn_dec64, 2)
-ATTN_DEC_KERNEL(attn_dec128, 4)
-ATTN_DEC_KERNEL(attn_dec256, 8)
+ATTN_DEC_KERNEL(attn_dec64, 2, 16)
+ATTN_DEC_KERNEL(attn_dec128, 4, 16)
+ATTN_DEC_KERNEL(attn_dec256, 8, 8)
 
 // dst[i][:] = src[idx[i]][:] for rows of n. Grid: count; block: 128.
 extern "C" __global__ void copy_rows(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst, int n) {

@@ -576,9 +576,10 @@ impl GpuModel {
             ])?;
             let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
             if let Some((names, hg)) = attn_tok_kernel(c) {
-                // Decode tokens and prompt tokens each take their kernel (see kernels.cu).
+                // Decode tokens and prompt tokens each take their kernel (see kernels.cu; attn_dec
+                // runs 16 warps for head sizes up to 128, else 8).
                 for &(first, count, solo) in &runs {
-                    gpu.launch(names[solo as usize], ((c.n_head / hg) as u32, count as u32, 1), 256, 0, &[
+                    gpu.launch(names[solo as usize], ((c.n_head / hg) as u32, count as u32, 1), if solo && c.head_dim <= 128 { 512 } else { 256 }, 0, &[
                         q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables.arg(), d_tok_table.arg(), d_pos.arg(), att.arg(),
                         Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
                         Arg::F32(c.attn_scale), Arg::I32(hg as i32), q8_args[0], q8_args[1], Arg::I32(first as i32),

@@ -1,9 +1,12 @@
 // edgelm's CUDA kernels, compiled at run time by NVRTC for the GPU found (see mod.rs).
 // No includes: NVRTC ships none of the toolkit's headers. f16 conversions are PTX.
 //
-// Weights stay in their GGUF block formats (ggml's layouts, ggml's names); each kernel
+// Weights stay in their GGUF block formats (ggml's encodings and names; within a row the
+// 32-block formats and Q6_K are reordered at upload, see `deq32`); each kernel
 // takes the format as `type` (GgmlType's number) and a row's byte length, and decodes
-// 32 weights at a time with `deq32`. Activations are f32; the KV cache is f16.
+// 32 weights at a time with `deq32` (float kernels) or `load_unit` (int8 kernels).
+// Activations are f32, and int8 (q8 blocks) for the quantized formats' matrix kernels;
+// the KV cache is f16.
 //
 // Launch shapes are chosen on the host (model.rs) and written beside each kernel.
 

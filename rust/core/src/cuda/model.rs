@@ -57,8 +57,8 @@ impl GpuWeight {
     }
 }
 
-/// Whether decode tokens take the int8 kernel (`mmvq`) for weights of this format:
-/// their activations are quantized to 8 bits per 32-block first, as on the CPU.
+/// Whether weights of this format take the int8 kernels (`mmvq`, `mmq`): their
+/// activations are quantized to 8 bits per 32-block first, as on the CPU.
 pub fn int8_decode(ty: GgmlType) -> bool {
     use GgmlType::*;
     matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K)
@@ -162,7 +162,7 @@ pub struct GpuKv {
     /// waits for the device).
     scratch: Vec<DevBuf>,
     /// Decode steps captured as CUDA graphs, by shape (tokens, output rows): a step
-    /// is ~300 small launches, and replaying them as one graph takes the per-launch
+    /// is ~150 small launches, and replaying them as one graph takes the per-launch
     /// cost off every token. Inputs live in the scratch buffers, so a graph stays
     /// valid until those are reallocated.
     graphs: HashMap<(usize, Vec<Run>), Graph>,
@@ -171,8 +171,8 @@ pub struct GpuKv {
 /// Stacked tokens `first..first + count` of one kind: solo (decode) or not (prompt).
 type Run = (usize, usize, bool);
 
-/// A matrix input: `n_tok` f32 rows of `cols`, and (`q8`) the same rows quantized by
-/// `quantize_input` for the int8 decode kernel, when there are decode tokens.
+/// A matrix input: `n_tok` f32 rows of `cols`, and (`q8`) the same rows in int8 (from
+/// `quantize_input` or the kernel that made them) for the int8 kernels.
 #[derive(Clone, Copy)]
 struct Input<'a> {
     x: &'a DevBuf,
@@ -532,8 +532,7 @@ impl GpuModel {
         let (d_ids, d_pos, d_slot, d_tok_table, d_idx, d_tables) = (at(0), at(n_tok), at(2 * n_tok), at(3 * n_tok), at(4 * n_tok), at(4 * n_tok + n_out));
         let (x, h, q, k, v, att, o, g, u) = (&sc[S_X], &sc[S_H], &sc[S_Q], &sc[S_K], &sc[S_V], &sc[S_ATT], &sc[S_O], &sc[S_G], &sc[S_U]);
         let (xq, xd) = (&sc[S_XQ], &sc[S_XD]);
-        // A matrix input; quantized (into the one int8 scratch: inputs are used in
-        // turn) when decode tokens will read it.
+        // A matrix input, quantized into the one int8 scratch (inputs are used in turn).
         let input = |buf, cols, rows| prepare_input(gpu, buf, cols, rows, xq, xd);
         // The quantized formats' kernels read int8 activations: the kernels that make
         // a matrix input (norm, attention, GLU) write it as int8 too (q8_args), which

@@ -107,10 +107,13 @@ fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str) {
     for r in 0..rows {
         quant::quantize_row(ty, &randn(cols, r as u64 % 97), &mut w[r * rb..(r + 1) * rb]);
     }
-    for (n_tok, tiled) in [(1, false), (8, false), (64, true), (512, true)] {
-        let per = edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w, rows, cols, n_tok, tiled, 200).unwrap();
-        eprintln!("{name} {rows}x{cols} n_tok {n_tok:3} ({}): {:7.1} µs per launch, {:5.0} GB/s of weights, {:6.2} TFLOP/s",
-                  if tiled { "mmt" } else { "mmv" }, per * 1e6, w.len() as f64 / per / 1e9, 2.0 * (rows * cols * n_tok) as f64 / per / 1e12);
+    // (tokens, as a prompt, tensor-core kernel from): decode runs through mmvq and mmq.
+    for (n_tok, tiled, from) in [(1, false, 2), (1, false, 1), (2, false, 3), (8, false, 9), (8, false, 1), (16, false, 99), (16, false, 1),
+                                 (64, false, 99), (64, false, 1), (512, true, 1)] {
+        let per = edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w, rows, cols, n_tok, tiled, from, 200).unwrap();
+        let kernel = if tiled { "prompt" } else if edgelm_core::cuda::model::decode_takes_mmvq(ty, n_tok, from) { "mmvq" } else { "mmq" };
+        eprintln!("{name} {rows}x{cols} n_tok {n_tok:3} ({kernel}): {:7.1} µs per launch, {:5.0} GB/s of weights, {:6.2} TFLOP/s",
+                  per * 1e6, w.len() as f64 / per / 1e9, 2.0 * (rows * cols * n_tok) as f64 / per / 1e12);
     }
 }
 

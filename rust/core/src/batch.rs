@@ -199,13 +199,20 @@ impl Executor {
         };
         drop(inputs);
         let nv = logits.n_vocab;
-        let mut out = Vec::with_capacity(logits.rows.len());
-        for (k, &(si, _)) in logits.rows.iter().enumerate() {
-            let id = items[si].seq;
-            let s = self.seqs.get_mut(&id).expect("checked above");
-            let row = &logits.data[k * nv..(k + 1) * nv];
+        // Each row's sequence, in row order (a sequence has at most one row).
+        let row_of: HashMap<u64, usize> = logits.rows.iter().enumerate().map(|(k, &(si, _))| (items[si].seq, k)).collect();
+        let mut work: Vec<(usize, u64, &mut Seq)> =
+            self.seqs.iter_mut().filter_map(|(&id, s)| row_of.get(&id).map(|&k| (k, id, s))).collect();
+        work.sort_unstable_by_key(|w| w.0);
+        let tokenizer = &self.engine.tokenizer;
+        let sample_one = |(k, id, s): &mut (usize, u64, &mut Seq)| -> StepOut {
+            let row = &logits.data[*k * nv..(*k + 1) * nv];
+            let si = logits.rows[*k].0;
             let sampled = match &items[si].allowed {
-                None => s.sampler.sample(row, &s.history[s.penalty_from..]),
+                None => match logits.lse.get(*k) {
+                    Some(&lse) => s.sampler.sample_with_lse(row, &s.history[s.penalty_from..], lse),
+                    None => s.sampler.sample(row, &s.history[s.penalty_from..]),
+                },
                 Some(mask) => {
                     // Disallowed tokens get -inf: the sampler draws (and reports
                     // probabilities) within what the grammar allows.
@@ -218,9 +225,23 @@ impl Executor {
                 }
             };
             s.history.push(sampled.token);
-            let text = s.decoder.push(&self.engine.tokenizer, sampled.token);
-            out.push(StepOut { seq: id, sampled, text });
-        }
+            let text = s.decoder.push(tokenizer, sampled.token);
+            StepOut { seq: *id, sampled, text }
+        };
+        // Sequences sample independently (each has its own generator), so a large
+        // batch's are spread over threads: a pass over the vocabulary per sequence is
+        // the host's share of a GPU step. The results are the same in any split.
+        const PER_THREAD: usize = 8;
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(work.len() / PER_THREAD);
+        let out: Vec<StepOut> = if threads <= 1 {
+            work.iter_mut().map(sample_one).collect()
+        } else {
+            let chunk = work.len().div_ceil(threads);
+            std::thread::scope(|sc| {
+                let handles: Vec<_> = work.chunks_mut(chunk).map(|c| sc.spawn(|| c.iter_mut().map(sample_one).collect::<Vec<_>>())).collect();
+                handles.into_iter().flat_map(|h| h.join().expect("sampling thread panicked")).collect()
+            })
+        };
         Ok(out)
     }
 }

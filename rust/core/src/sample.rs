@@ -103,8 +103,14 @@ impl Sampler {
 
     /// `history`: every token of the sequence so far (prompt + generated).
     pub fn sample(&mut self, raw: &[f32], history: &[u32]) -> Sampled {
+        self.sample_with_lse(raw, history, log_sum_exp(raw))
+    }
+
+    /// `sample` with `raw`'s log-sum-exp already known (the GPU computes it beside the
+    /// logits: a pass over the vocabulary in f64 per sequence is the host's largest
+    /// cost in a decode step).
+    pub fn sample_with_lse(&mut self, raw: &[f32], history: &[u32], lse: f32) -> Sampled {
         let p = &self.params;
-        let lse = log_sum_exp(raw);
         let top = if p.n_logprobs > 0 { top_n(raw, p.n_logprobs).into_iter().map(|(t, l)| (t, l - lse)).collect() } else { Vec::new() };
 
         let penalised;

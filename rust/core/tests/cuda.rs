@@ -10,7 +10,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{randn, tiny_gemma3, tiny_llama, Tiny};
-use edgelm_core::cuda::model::{matmul_once, GpuModel, GPU_TYPES};
+use edgelm_core::cuda::model::{int8_decode, matmul_once, GpuModel, GPU_TYPES};
 use edgelm_core::cuda::{self, Gpu};
 use edgelm_core::engine::{Engine, LoadOptions};
 use edgelm_core::gguf::Gguf;
@@ -51,8 +51,27 @@ fn kernels_compile_for_orin_and_hopper() {
 }
 
 /// Tolerance: f32 accumulation over `cols` products, against an f64 reference.
-fn close(got: f32, want: f64, scale: f64) -> bool {
-    (got as f64 - want).abs() <= 2e-5 * scale + 1e-6
+fn close(got: f32, want: f64, scale: f64, quant: f64) -> bool {
+    (got as f64 - want).abs() <= 2e-5 * scale + quant + 1e-6
+}
+
+/// The tolerance table, per kernel, against the f64 dot of the dequantized weights
+/// with the f32 activations:
+/// - f32 activations (`mmv` and `mmt`, the float formats' kernels): 2e-5 of Σ|w·x|
+///   (f32 accumulation), nothing else.
+/// - int8 activations (`mmvq` and `mmq`, the quantized formats' kernels): each
+///   activation is rounded to the nearest multiple of its 32-block's d = amax / 127,
+///   an error of at most d / 2, so the product moves by at most Σ_c |w_c| · d_c / 2
+///   (`quant` below, with 1e-5 for the rounding of x / d itself), on top of the f32
+///   term. The integer dot products are exact; this bound is what the CPU's own
+///   Q8 activations allow too.
+fn int8_bound(w: &[f32], x: &[f32]) -> f64 {
+    let mut bound = 0f64;
+    for (wb, xb) in w.chunks(32).zip(x.chunks(32)) {
+        let d = xb.iter().fold(0f32, |a, v| a.max(v.abs())) as f64 / 127.0;
+        bound += wb.iter().map(|v| v.abs() as f64).sum::<f64>() * d * 0.5 * (1.0 + 1e-5);
+    }
+    bound
 }
 
 #[test]
@@ -70,24 +89,63 @@ fn gpu_matrix_kernel_matches_cpu_for_every_format() {
         for r in 0..rows {
             quant::dequantize_row(ty, &wq[r * rb..(r + 1) * rb], &mut deq[r * cols..(r + 1) * cols]);
         }
-        for (n_tok, tiled) in [(1, false), (5, false), (8, false), (13, false), (1, true), (13, true), (70, true), (130, true)] {
+        let mut worst = [0f64; 2]; // largest |error| / tolerance: decode, prompt
+        for (n_tok, tiled) in [(1, false), (2, false), (4, false), (5, false), (8, false), (13, false), (1, true), (13, true), (70, true), (130, true)] {
             let x = randn(n_tok * cols, 99 + n_tok as u64, 1.0);
-            let y = matmul_once(&g, ty, &wq, rows, cols, &x, n_tok, tiled).unwrap();
+            let y = matmul_once(&g, ty, &wq, rows, cols, &x, n_tok, tiled, 8).unwrap();
+            let int8 = int8_decode(ty);
             for t in 0..n_tok {
+                let xt = &x[t * cols..(t + 1) * cols];
                 for r in 0..rows {
+                    let wr = &deq[r * cols..(r + 1) * cols];
                     let (mut want, mut scale) = (0f64, 0f64);
                     for c in 0..cols {
-                        let p = deq[r * cols + c] as f64 * x[t * cols + c] as f64;
+                        let p = wr[c] as f64 * xt[c] as f64;
                         want += p;
                         scale += p.abs();
                     }
+                    let quant = if int8 { int8_bound(wr, xt) } else { 0.0 };
                     let got = y[t * rows + r];
-                    assert!(close(got, want, scale), "{ty:?} n_tok {n_tok} tiled {tiled} token {t} row {r}: GPU {got} vs CPU {want}");
+                    assert!(close(got, want, scale, quant), "{ty:?} n_tok {n_tok} tiled {tiled} token {t} row {r}: GPU {got} vs CPU {want} (tolerance {})", 2e-5 * scale + quant + 1e-6);
+                    let k = tiled as usize;
+                    worst[k] = worst[k].max((got as f64 - want).abs() / (2e-5 * scale + quant + 1e-6));
                 }
             }
         }
-        eprintln!("{ty:?}: GPU decode and prompt matrix kernels agree with the CPU's dequantized f64 dot");
+        eprintln!("{ty:?}: GPU decode and prompt matrix kernels ({}) agree with the CPU's dequantized f64 dot; worst error / tolerance {:.3} and {:.3}",
+                  if int8_decode(ty) { "int8 activations" } else { "f32" }, worst[0], worst[1]);
     }
+}
+
+/// The int8 kernels give every token the same bits whether it comes alone or with up
+/// to 39 others, through `mmvq` (each launch variant: 1, 2, 4, 8 tokens a block) or the
+/// tensor-core `mmq` (as decode tokens or as a prompt).
+#[test]
+fn gpu_int8_kernels_are_batch_invariant() {
+    let Some(g) = gpu() else { return };
+    for (rows, cols) in [(300, 512), (67, 768), (40, 8192)] {
+        for &ty in GPU_TYPES.iter().filter(|&&t| int8_decode(t)) {
+            let w = randn(rows * cols, 3 + ty as u64, 0.5);
+            let rb = ty.row_bytes(cols).unwrap();
+            let mut wq = vec![0u8; rows * rb];
+            for r in 0..rows {
+                quant::quantize_row(ty, &w[r * cols..(r + 1) * cols], &mut wq[r * rb..(r + 1) * rb]);
+            }
+            let x = randn(40 * cols, 5, 1.0);
+            let all = matmul_once(&g, ty, &wq, rows, cols, &x, 40, false, usize::MAX).unwrap();
+            let same = |v: &[f32], what: &str| {
+                let bad = v.iter().zip(&all).position(|(a, b)| a.to_bits() != b.to_bits());
+                assert!(bad.is_none(), "{ty:?} {rows}x{cols}: {what} differs from mmvq with 40 tokens at {bad:?}");
+            };
+            // mmvq1/2/4/8 and mmq1/2/4 (8, 16, 32 tokens a block), as decode and prompt.
+            for n in [1usize, 2, 3, 4, 7, 8, 9, 16, 17, 40] {
+                same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, usize::MAX).unwrap(), &format!("mmvq, {n} tokens"));
+                same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, 1).unwrap(), &format!("mmq, {n} tokens"));
+                same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, true, 1).unwrap(), &format!("mmq as a prompt, {n} tokens"));
+            }
+        }
+    }
+    eprintln!("int8 kernels: mmvq and mmq, 1..40 tokens, give a token the same bits");
 }
 
 /// Greedy decoding of `n_gen` tokens after `prompt`, CPU and GPU side by side; returns

@@ -47,25 +47,72 @@ impl GpuWeight {
         if !w.cols.is_multiple_of(32) {
             return Err(Error::Cuda(format!("tensor {name} has {} columns, not a multiple of 32", w.cols)));
         }
-        let (buf, row_bytes) = upload_rows(gpu, w.bytes(), w.rows)?;
-        Ok(GpuWeight { buf, ty: w.ty, rows: w.rows, cols: w.cols, row_bytes })
+        GpuWeight::from_gguf(gpu, w.ty, w.bytes(), w.rows, w.cols)
+    }
+
+    /// Upload `rows` rows of GGUF-layout bytes, repacked for the kernels.
+    fn from_gguf(gpu: &Arc<Gpu>, ty: GgmlType, bytes: &[u8], rows: usize, cols: usize) -> Result<GpuWeight> {
+        let (buf, row_bytes) = upload_rows(gpu, ty, cols, bytes, rows)?;
+        Ok(GpuWeight { buf, ty, rows, cols, row_bytes })
     }
 }
 
-/// Upload `rows` equal rows with each row's start at a multiple of 16 bytes (the
-/// decode kernel copies rows with aligned word loads); returns the buffer and the
-/// row stride. Rows already that long are uploaded as they are.
-fn upload_rows(gpu: &Arc<Gpu>, bytes: &[u8], rows: usize) -> Result<(DevBuf, usize)> {
+/// Whether weights of this format take the int8 kernels (`mmvq`, `mmq`): their
+/// activations are quantized to 8 bits per 32-block first, as on the CPU.
+pub fn int8_decode(ty: GgmlType) -> bool {
+    use GgmlType::*;
+    matches!(ty, Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q4_K | Q5_K | Q6_K)
+}
+
+/// One row from GGUF's block layout to the kernels' (see `deq32` in kernels.cu): for
+/// the 32-block formats the quants of all blocks first (16 or 32 bytes a block, so a
+/// block is one or two aligned 16-byte loads), then each per-block field as its own
+/// array; Q6_K keeps ql/qh/scales (208 bytes, a 16-byte multiple) and moves its f16
+/// d behind them. Same bytes, reordered; other formats are copied.
+fn repack_row(ty: GgmlType, cols: usize, src: &[u8], dst: &mut [u8]) {
+    use GgmlType::*;
+    // (block bytes, [(offset in the block, length)] of the fields, quants last).
+    let fields: &[(usize, usize)] = match ty {
+        Q4_0 => &[(0, 2), (2, 16)],
+        Q4_1 => &[(0, 4), (4, 16)],
+        Q5_0 => &[(2, 4), (0, 2), (6, 16)],
+        Q5_1 => &[(4, 4), (0, 4), (8, 16)],
+        Q8_0 => &[(0, 2), (2, 32)],
+        Q6_K => &[(208, 2), (0, 208)],
+        _ => {
+            dst.copy_from_slice(src);
+            return;
+        }
+    };
+    let bsize: usize = fields.iter().map(|f| f.1).sum();
+    let n = src.len() / bsize;
+    debug_assert_eq!(n * ty.block_size(), cols);
+    // The quants (the last field) go first, then the others in the order listed.
+    let (qoff, qlen) = fields[fields.len() - 1];
+    let mut at = 0;
+    for (b, blk) in src.chunks_exact(bsize).enumerate() {
+        dst[b * qlen..(b + 1) * qlen].copy_from_slice(&blk[qoff..qoff + qlen]);
+    }
+    at += n * qlen;
+    for &(off, len) in &fields[..fields.len() - 1] {
+        for (b, blk) in src.chunks_exact(bsize).enumerate() {
+            dst[at + b * len..at + (b + 1) * len].copy_from_slice(&blk[off..off + len]);
+        }
+        at += n * len;
+    }
+}
+
+/// Upload `rows` equal rows of GGUF-layout bytes, each repacked (`repack_row`) and
+/// starting at a multiple of 16 bytes (the decode kernel reads weights with 16-byte
+/// loads); returns the buffer and the row stride.
+fn upload_rows(gpu: &Arc<Gpu>, ty: GgmlType, cols: usize, bytes: &[u8], rows: usize) -> Result<(DevBuf, usize)> {
     let rb = bytes.len() / rows;
     let stride = rb.next_multiple_of(16);
-    if stride == rb {
-        return Ok((gpu.upload(bytes)?, rb));
+    let mut packed = vec![0u8; stride * rows];
+    for (dst, src) in packed.chunks_exact_mut(stride).zip(bytes.chunks_exact(rb)) {
+        repack_row(ty, cols, src, &mut dst[..rb]);
     }
-    let mut padded = vec![0u8; stride * rows];
-    for (dst, src) in padded.chunks_exact_mut(stride).zip(bytes.chunks_exact(rb)) {
-        dst[..rb].copy_from_slice(src);
-    }
-    Ok((gpu.upload(&padded)?, stride))
+    Ok((gpu.upload(&packed)?, stride))
 }
 
 struct GpuLayer {
@@ -99,6 +146,9 @@ pub struct GpuModel {
     rope_freqs: Option<DevBuf>,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
+    /// Whether any matrix is in a quantized format (`int8_decode`): then every matrix
+    /// input is also made in int8.
+    int8: bool,
 }
 
 /// The KV cache in device memory: per layer, K `[n_blocks * block_size][kv_dim_k]`
@@ -112,7 +162,7 @@ pub struct GpuKv {
     /// waits for the device).
     scratch: Vec<DevBuf>,
     /// Decode steps captured as CUDA graphs, by shape (tokens, output rows): a step
-    /// is ~300 small launches, and replaying them as one graph takes the per-launch
+    /// is ~150 small launches, and replaying them as one graph takes the per-launch
     /// cost off every token. Inputs live in the scratch buffers, so a graph stays
     /// valid until those are reallocated.
     graphs: HashMap<(usize, Vec<Run>), Graph>,
@@ -121,25 +171,155 @@ pub struct GpuKv {
 /// Stacked tokens `first..first + count` of one kind: solo (decode) or not (prompt).
 type Run = (usize, usize, bool);
 
+/// A matrix input: `n_tok` f32 rows of `cols`, and (`q8`) the same rows in int8 (from
+/// `quantize_input` or the kernel that made them) for the int8 kernels.
+#[derive(Clone, Copy)]
+struct Input<'a> {
+    x: &'a DevBuf,
+    q8: Option<(&'a DevBuf, &'a DevBuf)>,
+}
+
+/// q[t][c] (int8) and d[t][c / 32] (f32 pairs: scale, scale × quant sum) from the f32
+/// rows x[t][c], t < n_tok: the decode kernel's activations.
+fn quantize_input(gpu: &Arc<Gpu>, x: &DevBuf, cols: usize, n_tok: usize, q: &DevBuf, d: &DevBuf) -> Result<()> {
+    gpu.launch("quantize_q8", (cols.div_ceil(256) as u32, n_tok as u32, 1), 256, 0, &[
+        x.arg(), Arg::I32(cols as i32), Arg::I32(cols as i32), q.arg(), d.arg(),
+    ])
+}
+
+/// `x` as a matrix input, also quantized into `xq`, `xd`.
+fn prepare_input<'a>(gpu: &Arc<Gpu>, x: &'a DevBuf, cols: usize, n_tok: usize, xq: &'a DevBuf, xd: &'a DevBuf) -> Result<Input<'a>> {
+    quantize_input(gpu, x, cols, n_tok, xq, xd)?;
+    Ok(Input { x, q8: Some((xq, xd)) })
+}
+
+/// Tokens from which a run of int8 tokens takes the tensor-core kernel (`mmq`) rather
+/// than `mmvq` (`EDGELM_MMQ_MIN` overrides, for measurements). The two give a token the
+/// same bits (kernels.cu: the same slices, added in the same order), so where the line
+/// falls never changes a result.
+fn mmq_min() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| std::env::var("EDGELM_MMQ_MIN").ok().and_then(|v| v.parse().ok()).unwrap_or(8))
+}
+
 /// y[t] = W x[t] for the stacked tokens of a step (x stride `w.cols`, y stride
 /// `w.rows`). `runs` splits them into (first, count, solo): solo tokens (one per
-/// sequence: decode) take `mmv`, the others (prompt chunks) the tiled `mmt`. Each
-/// kernel computes a token the same way whatever shares the launch, so a sequence's
-/// results never depend on its batch.
-fn launch_matmul(gpu: &Arc<Gpu>, w: &GpuWeight, x: &DevBuf, runs: &[Run], y: &DevBuf) -> Result<()> {
+/// sequence: decode) and the others (prompt chunks). Quantized formats take int8
+/// activations: `mmvq` for short runs of decode tokens, the tensor-core `mmq` for the
+/// rest (bit-identical per token); float formats take `mmv` (decode) or the tiled
+/// `mmt`. Each kernel computes a token the same way whatever shares the launch, so a
+/// sequence's results never depend on its batch.
+fn launch_matmul(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf) -> Result<()> {
+    launch_matmuls(gpu, &[(w, y)], x, runs, mmq_min())
+}
+
+/// Whether `count` decode tokens take `mmvq` (else `mmq`, with the same bits): below
+/// `mmq_from` tokens, and always for the K-quants, whose per-lane unpacking (scales
+/// and mins) costs `mmq` more than the tensor cores save at decode batch sizes
+/// (measured on the H200: 8192×2048 Q4_K, 64 tokens, 98 µs mmvq against 107 µs).
+pub fn decode_takes_mmvq(ty: GgmlType, count: usize, mmq_from: usize) -> bool {
+    use GgmlType::*;
+    count < mmq_from || matches!(ty, Q4_K | Q5_K | Q6_K)
+}
+
+/// `launch_matmul` for several matrices with the same input (q, k, v; gate, up): runs
+/// of decode tokens that take `mmvq` do all of them (up to three) in one launch, with
+/// the results of separate launches.
+fn launch_matmuls(gpu: &Arc<Gpu>, ws: &[(&GpuWeight, &DevBuf)], x: Input<'_>, runs: &[Run], mmq_from: usize) -> Result<()> {
+    let cols = ws[0].0.cols;
     for &(first, count, solo) in runs {
+        let run = [(first, count, solo)];
+        let all_int8 = ws.iter().all(|(w, _)| int8_decode(w.ty) && w.cols == cols);
+        if !(all_int8 && solo && ws.iter().all(|(w, _)| decode_takes_mmvq(w.ty, count, mmq_from))) {
+            for &(w, y) in ws {
+                launch_matmul_with(gpu, w, x, &run, y, mmq_from)?;
+            }
+            continue;
+        }
+        let Some((xq, xd)) = x.q8 else {
+            return Err(Error::Cuda("int8 matrix product without quantized activations".into()));
+        };
+        // (kernel, tokens a block, rows a warp): MMVQ_KERNEL in kernels.cu.
+        let (name, nt, rpw) = match count {
+            1 => ("mmvq1", 1, 2),
+            2 => ("mmvq2", 2, 2),
+            3 | 4 => ("mmvq4", 4, 4),
+            _ => ("mmvq8", 8, 2),
+        };
+        for group in ws.chunks(3) {
+            let mut args = vec![Arg::I32(cols as i32), xq.at(first * cols), xd.at(first * (cols / 32) * 8), Arg::I32(count as i32)];
+            let mut blocks = 0;
+            for k in 0..3 {
+                match group.get(k) {
+                    Some(&(w, y)) => {
+                        args.extend([Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32)]);
+                        args.extend([y.at(first * w.rows * 4), Arg::I32(w.rows as i32)]);
+                        blocks += w.rows.div_ceil(4 * rpw);
+                    }
+                    None => args.extend([Arg::I32(0), Arg::Ptr(0), Arg::U64(0), Arg::I32(0), Arg::Ptr(0), Arg::I32(0)]),
+                }
+            }
+            gpu.launch(name, (blocks as u32, count.div_ceil(nt) as u32, 1), 128, 0, &args)?;
+        }
+    }
+    Ok(())
+}
+
+fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf, mmq_from: usize) -> Result<()> {
+    for &(first, count, solo) in runs {
+        if int8_decode(w.ty) {
+            let Some((xq, xd)) = x.q8 else {
+                return Err(Error::Cuda("int8 matrix product without quantized activations".into()));
+            };
+            if solo && decode_takes_mmvq(w.ty, count, mmq_from) {
+                launch_matmuls(gpu, &[(w, y)], x, &[(first, count, solo)], mmq_from)?;
+                continue;
+            }
+            // Token tiles of 8 a block (MMQ_KERNEL in kernels.cu); shared memory:
+            // 8 warps × 16 rows × the block's tokens.
+            let (name, mt) = match count {
+                0..=8 => ("mmq1", 1),
+                9..=16 => ("mmq2", 2),
+                _ => ("mmq4", 4),
+            };
+            gpu.launch(name, (w.rows.div_ceil(16) as u32, count.div_ceil(8 * mt) as u32, 1), 256, (8 * 16 * 8 * mt * 4) as u32, &[
+                Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32),
+                xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8), Arg::I32(count as i32), y.at(first * w.rows * 4),
+                Arg::I32(w.rows as i32),
+            ])?;
+            continue;
+        }
         let (name, starts, grid_y) = if solo { ("mmv", MMV_TOK, 1) } else { ("mmt", count.max(1), count.div_ceil(64) as u32) };
         let grid_x = if solo { w.rows.div_ceil(8) } else { w.rows.div_ceil(64) } as u32;
         for t0 in (first..first + count).step_by(starts) {
             let nt = starts.min(first + count - t0);
             gpu.launch(name, (grid_x, grid_y, 1), 256, 0, &[
                 Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32),
-                Arg::I32(w.cols as i32), x.at(t0 * w.cols * 4), Arg::I32(nt as i32), Arg::I32(w.cols as i32),
+                Arg::I32(w.cols as i32), x.x.at(t0 * w.cols * 4), Arg::I32(nt as i32), Arg::I32(w.cols as i32),
                 y.at(t0 * w.rows * 4), Arg::I32(w.rows as i32),
             ])?;
         }
     }
     Ok(())
+}
+
+/// The per-token attention kernels ([prompt tokens: `attn_tok*`, decode tokens:
+/// `attn_dec*`]: a block per token and group of up to 4 query heads sharing a KV head,
+/// keys split over 8 warps) and the group size, for head sizes 64, 128 and 256 (K and
+/// V alike); other shapes take `attention`.
+fn attn_tok_kernel(c: &Config) -> Option<([&'static str; 2], usize)> {
+    let name = match c.head_dim {
+        64 => ["attn_tok64", "attn_dec64"],
+        128 => ["attn_tok128", "attn_dec128"],
+        256 => ["attn_tok256", "attn_dec256"],
+        _ => return None,
+    };
+    if c.head_dim_v != c.head_dim || c.n_head_kv == 0 || !c.n_head.is_multiple_of(c.n_head_kv) {
+        return None;
+    }
+    let group = c.n_head / c.n_head_kv;
+    let hg = [4, 2, 1].into_iter().find(|&k| group.is_multiple_of(k))?;
+    Some((name, hg))
 }
 
 /// Extend `runs` with token `t` of kind `solo` (tokens come in order).
@@ -160,15 +340,12 @@ const S_ATT: usize = 5;
 const S_O: usize = 6;
 const S_G: usize = 7;
 const S_U: usize = 8;
-const S_IDS: usize = 9;
-const S_POS: usize = 10;
-const S_SLOT: usize = 11;
-const S_TABLES: usize = 12;
-const S_TOK_TABLE: usize = 13;
-const S_IDX: usize = 14;
-const S_XS: usize = 15;
-const S_LOGITS: usize = 16;
-const N_SCRATCH: usize = 17;
+const S_INPUTS: usize = 9;
+const S_XS: usize = 10;
+const S_LOGITS: usize = 11;
+const S_XQ: usize = 12;
+const S_XD: usize = 13;
+const N_SCRATCH: usize = 14;
 
 impl GpuKv {
     /// Make scratch slot `i` hold at least `bytes` (grown by half again, so a run of
@@ -207,6 +384,8 @@ impl GpuModel {
             bytes += w.n_bytes();
             GpuWeight::upload(gpu, w, name)
         };
+        let int8 = int8_decode(m.output.ty)
+            || m.layers.iter().any(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].iter().any(|w| int8_decode(w.ty)));
         let tok_embd = up(&m.tok_embd, "token_embd.weight")?;
         let output = up(&m.output, "output.weight")?;
         let mut layers = Vec::with_capacity(m.layers.len());
@@ -242,6 +421,7 @@ impl GpuModel {
             output_bias: opt(gpu, &m.output_bias)?,
             rope_freqs: opt(gpu, &m.rope_freqs)?,
             weight_bytes: bytes,
+            int8,
         })
     }
 
@@ -259,7 +439,7 @@ impl GpuModel {
         Ok(GpuKv { shape, k, v, scratch, graphs: HashMap::new() })
     }
 
-    fn matmul(&self, w: &GpuWeight, x: &DevBuf, runs: &[Run], y: &DevBuf) -> Result<()> {
+    fn matmul(&self, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf) -> Result<()> {
         launch_matmul(&self.gpu, w, x, runs, y)
     }
 
@@ -311,7 +491,7 @@ impl GpuModel {
         }
         let n_tok = ids.len();
         if n_tok == 0 {
-            return Ok(StepLogits { n_vocab: c.n_vocab, data: vec![], rows: vec![] });
+            return Ok(StepLogits { n_vocab: c.n_vocab, data: vec![], rows: vec![], lse: vec![] });
         }
         let e = c.n_embd;
         let (qd, kd, vd) = (c.q_dim(), c.kv_dim_k(), c.kv_dim_v());
@@ -325,22 +505,41 @@ impl GpuModel {
             push_run(&mut out_runs, j, seqs[si].logits == LogitsWanted::Last);
         }
         let idx: Vec<i32> = rows.iter().map(|&(_, _, t)| t as i32).collect();
+        // The widest matrix input (int8 activations: one byte a column).
+        let wide = e.max(ad).max(c.n_ff);
         kv.ensure(gpu, &[
             (S_X, n_tok * e * 4), (S_H, n_tok * e * 4), (S_Q, n_tok * qd * 4), (S_K, n_tok * kd * 4), (S_V, n_tok * vd * 4),
             (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, n_tok * c.n_ff * 4), (S_U, n_tok * c.n_ff * 4),
-            (S_IDS, n_tok * 4), (S_POS, n_tok * 4), (S_SLOT, n_tok * 4), (S_TABLES, tables.len() * 4), (S_TOK_TABLE, n_tok * 4),
-            (S_IDX, n_out * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * c.n_vocab * 4),
+            (S_INPUTS, (4 * n_tok + n_out + tables.len()) * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * (c.n_vocab + 1) * 4),
+            (S_XQ, n_tok.max(n_out) * wide), (S_XD, n_tok.max(n_out) * wide / 32 * 8),
         ])?;
         let GpuKv { k: kv_k, v: kv_v, scratch, graphs, .. } = kv;
         let sc = &*scratch;
-        sc[S_IDS].write(0, as_bytes(&ids))?;
-        sc[S_IDX].write(0, as_bytes(&idx))?;
-        sc[S_POS].write(0, as_bytes(&pos))?;
-        sc[S_SLOT].write(0, as_bytes(&slot))?;
-        sc[S_TABLES].write(0, as_bytes(&tables))?;
-        sc[S_TOK_TABLE].write(0, as_bytes(&tok_table))?;
-        let (d_ids, d_pos, d_slot, d_tables, d_tok_table) = (&sc[S_IDS], &sc[S_POS], &sc[S_SLOT], &sc[S_TABLES], &sc[S_TOK_TABLE]);
+        // The step's inputs in one copy (each a synchronous transfer otherwise): ids,
+        // positions, slots, per-token table offsets [n_tok each], logit rows [n_out],
+        // then the block tables, whose length alone varies between steps of one shape
+        // (a captured graph keeps the others' offsets).
+        let mut packed: Vec<u32> = Vec::with_capacity(4 * n_tok + n_out + tables.len());
+        packed.extend_from_slice(&ids);
+        packed.extend(pos.iter().map(|&p| p as u32));
+        packed.extend_from_slice(&slot);
+        packed.extend(tok_table.iter().map(|&t| t as u32));
+        packed.extend(idx.iter().map(|&i| i as u32));
+        packed.extend_from_slice(&tables);
+        let inp = &sc[S_INPUTS];
+        inp.write(0, as_bytes(&packed))?;
+        let at = |k: usize| inp.at(k * 4);
+        let (d_ids, d_pos, d_slot, d_tok_table, d_idx, d_tables) = (at(0), at(n_tok), at(2 * n_tok), at(3 * n_tok), at(4 * n_tok), at(4 * n_tok + n_out));
         let (x, h, q, k, v, att, o, g, u) = (&sc[S_X], &sc[S_H], &sc[S_Q], &sc[S_K], &sc[S_V], &sc[S_ATT], &sc[S_O], &sc[S_G], &sc[S_U]);
+        let (xq, xd) = (&sc[S_XQ], &sc[S_XD]);
+        // A matrix input, quantized into the one int8 scratch (inputs are used in turn).
+        let input = |buf, cols, rows| prepare_input(gpu, buf, cols, rows, xq, xd);
+        // The quantized formats' kernels read int8 activations: the kernels that make
+        // a matrix input (norm, attention, GLU) write it as int8 too (q8_args), which
+        // saves a launch each.
+        let int8 = self.int8;
+        let q8_args = if int8 { [xq.arg(), xd.arg()] } else { [Arg::Ptr(0), Arg::Ptr(0)] };
+        let fused = |buf| Input { x: buf, q8: int8.then_some((xq, xd)) };
 
         let launches = || -> Result<()> {
         // embed
@@ -348,26 +547,27 @@ impl GpuModel {
             Arg::I32(self.tok_embd.ty as i32),
             self.tok_embd.buf.arg(),
             Arg::U64(self.tok_embd.row_bytes as u64),
-            d_ids.arg(),
+            d_ids,
             Arg::I32(e as i32),
             Arg::F32(c.embd_scale.unwrap_or(1.0)),
             x.arg(),
         ])?;
         let ff = self.rope_freqs.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
         // The residual add of a block's output goes with the next norm, in one kernel.
-        let add_norm = |w: &DevBuf| {
-            gpu.launch("add_rms_norm", (n_tok as u32, 1, 1), 256, 0, &[x.arg(), o.arg(), w.arg(), h.arg(), Arg::I32(e as i32), Arg::F32(c.rms_eps)])
+        // (The first layer's norm has no residual to add: o = null.)
+        let add_norm = |w: &DevBuf, first: bool| {
+            // 1024 threads: a decode step has one row a token, and a row of a few
+            // thousand is otherwise a long serial loop on one multiprocessor.
+            gpu.launch("add_rms_norm", (n_tok as u32, 1, 1), 1024, 0, &[
+                x.arg(), if first { Arg::Ptr(0) } else { o.arg() }, w.arg(), h.arg(), Arg::I32(e as i32), Arg::F32(c.rms_eps),
+                q8_args[0], q8_args[1],
+            ])
         };
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
-            if il == 0 {
-                self.rms_norm(x, &l.attn_norm, h, n_tok, e)?;
-            } else {
-                add_norm(&l.attn_norm)?; // the previous layer's feed-forward output
-            }
-            self.matmul(&l.wq, h, &runs, q)?;
-            self.matmul(&l.wk, h, &runs, k)?;
-            self.matmul(&l.wv, h, &runs, v)?;
+            add_norm(&l.attn_norm, il == 0)?; // + the previous layer's feed-forward output
+            let hin = fused(h);
+            launch_matmuls(gpu, &[(&l.wq, q), (&l.wk, k), (&l.wv, v)], hin, &runs, mmq_min())?;
             self.add_bias(q, &l.bq, qd, n_tok)?;
             self.add_bias(k, &l.bk, kd, n_tok)?;
             self.add_bias(v, &l.bv, vd, n_tok)?;
@@ -378,30 +578,45 @@ impl GpuModel {
             let swa = c.swa_layers[il];
             let base = if swa { c.rope_base_swa } else { c.rope_base };
             let theta_scale = base.powf(-2.0 / c.n_rot as f32);
-            gpu.launch("rope_kv", (n_tok as u32, 1, 1), 128, 0, &[
-                q.arg(), k.arg(), v.arg(), kv_k[il].arg(), kv_v[il].arg(), d_pos.arg(), d_slot.arg(),
+            gpu.launch("rope_kv", (n_tok as u32, 1, 1), 512, 0, &[
+                q.arg(), k.arg(), v.arg(), kv_k[il].arg(), kv_v[il].arg(), d_pos, d_slot,
                 Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
                 Arg::I32(c.n_rot as i32), Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
             ])?;
             let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
-            gpu.launch("attention", (c.n_head as u32, n_tok as u32, 1), 128, ((c.head_dim + 1024) * 4) as u32, &[
-                q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables.arg(), d_tok_table.arg(), d_pos.arg(), att.arg(),
-                Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
-                Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(c.attn_scale),
-            ])?;
-            self.matmul(&l.wo, att, &runs, o)?;
+            if let Some((names, hg)) = attn_tok_kernel(c) {
+                // Decode tokens and prompt tokens each take their kernel (see kernels.cu; attn_dec
+                // runs 16 warps for head sizes up to 128, else 8).
+                for &(first, count, solo) in &runs {
+                    gpu.launch(names[solo as usize], ((c.n_head / hg) as u32, count as u32, 1), if solo && c.head_dim <= 128 { 512 } else { 256 }, 0, &[
+                        q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
+                        Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
+                        Arg::F32(c.attn_scale), Arg::I32(hg as i32), q8_args[0], q8_args[1], Arg::I32(first as i32),
+                    ])?;
+                }
+            } else {
+                gpu.launch("attention", (c.n_head as u32, n_tok as u32, 1), 128, ((c.head_dim + 1024) * 4) as u32, &[
+                    q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
+                    Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
+                    Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(c.attn_scale),
+                ])?;
+            }
+            let ain = if attn_tok_kernel(c).is_some() || !int8 { fused(att) } else { input(att, ad, n_tok)? };
+            self.matmul(&l.wo, ain, &runs, o)?;
             self.add_bias(o, &l.bo, e, n_tok)?;
             if let Some(pn) = &l.post_attn_norm {
                 self.rms_norm(o, pn, o, n_tok, e)?;
             }
 
             // feed-forward block
-            add_norm(&l.ffn_norm)?;
-            self.matmul(&l.gate, h, &runs, g)?;
-            self.matmul(&l.up, h, &runs, u)?;
+            add_norm(&l.ffn_norm, false)?;
+            let hin = fused(h);
+            launch_matmuls(gpu, &[(&l.gate, g), (&l.up, u)], hin, &runs, mmq_min())?;
             let gelu = matches!(c.arch, Arch::Gemma3) as i32;
-            self.elementwise("glu", n_tok * c.n_ff, &[g.arg(), u.arg(), Arg::I32((n_tok * c.n_ff) as i32), Arg::I32(gelu)])?;
-            self.matmul(&l.down, g, &runs, o)?;
+            self.elementwise("glu", n_tok * c.n_ff, &[
+                g.arg(), u.arg(), Arg::I32((n_tok * c.n_ff) as i32), Arg::I32(gelu), Arg::I32(c.n_ff as i32), q8_args[0], q8_args[1],
+            ])?;
+            self.matmul(&l.down, fused(g), &runs, o)?;
             if let Some(pn) = &l.post_ffn_norm {
                 self.rms_norm(o, pn, o, n_tok, e)?;
             }
@@ -411,14 +626,17 @@ impl GpuModel {
 
         // logits, only for the rows asked for
         if n_out > 0 {
-            let (d_idx, xs, logits) = (&sc[S_IDX], &sc[S_XS], &sc[S_LOGITS]);
-            gpu.launch("copy_rows", (n_out as u32, 1, 1), 128, 0, &[x.arg(), d_idx.arg(), xs.arg(), Arg::I32(e as i32)])?;
+            let (xs, logits) = (&sc[S_XS], &sc[S_LOGITS]);
+            gpu.launch("copy_rows", (n_out as u32, 1, 1), 128, 0, &[x.arg(), d_idx, xs.arg(), Arg::I32(e as i32)])?;
             self.rms_norm(xs, &self.output_norm, xs, n_out, e)?;
-            self.matmul(&self.output, xs, &out_runs, logits)?;
+            let xin = if int8 { input(xs, e, n_out)? } else { fused(xs) };
+            self.matmul(&self.output, xin, &out_runs, logits)?;
             self.add_bias(logits, &self.output_bias, c.n_vocab, n_out)?;
             if let Some(cap) = c.final_logit_softcap {
                 self.elementwise("softcap", n_out * c.n_vocab, &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)])?;
             }
+            // (the log-sum-exps after the logits: one transfer back)
+            gpu.launch("row_lse", (n_out as u32, 1, 1), 1024, 0, &[logits.arg(), Arg::I32(c.n_vocab as i32), logits.at(n_out * c.n_vocab * 4)])?;
         }
         Ok(())
         };
@@ -437,12 +655,13 @@ impl GpuModel {
         } else {
             launches()?;
         }
-        let mut data = vec![0f32; n_out * c.n_vocab];
+        let (mut data, mut lse) = (Vec::new(), Vec::new());
         gpu.sync()?;
         if n_out > 0 {
-            data = sc[S_LOGITS].read_f32(n_out * c.n_vocab)?;
+            data = sc[S_LOGITS].read_f32(n_out * (c.n_vocab + 1))?;
+            lse = data.split_off(n_out * c.n_vocab);
         }
-        Ok(StepLogits { n_vocab: c.n_vocab, data, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect() })
+        Ok(StepLogits { n_vocab: c.n_vocab, data, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(), lse })
     }
 }
 
@@ -452,35 +671,43 @@ fn graphs_enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("EDGELM_CUDA_GRAPHS").is_none_or(|v| v != "0"))
 }
 
-/// One matrix product on its own (for the kernel tolerance tests): `n_tok` f32 rows
-/// against a weight in any GPU format, with the decode kernel (`mmv`) or, when
-/// `tiled`, the prompt kernel (`mmt`).
-/// Seconds per launch of the decode (`mmv`) or prompt (`mmt`) kernel, timed over
-/// `reps` launches on resident data (for the benchmarks).
+/// Seconds per launch of the matrix kernels on resident data, timed over `reps`
+/// launches (for the benchmarks): `tiled` runs the tokens as a prompt, else as decode
+/// tokens with the tensor-core kernel from `mmq_from` tokens. The int8 formats'
+/// activation quantization is counted in.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, n_tok: usize, tiled: bool, reps: usize) -> Result<f64> {
-    let (buf, row_bytes) = upload_rows(gpu, w_bytes, rows)?;
-    let w = GpuWeight { buf, ty, rows, cols, row_bytes };
+pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, n_tok: usize, tiled: bool, mmq_from: usize, reps: usize) -> Result<f64> {
+    let w = GpuWeight::from_gguf(gpu, ty, w_bytes, rows, cols)?;
     let dx = gpu.upload_f32(&vec![0.5f32; n_tok * cols])?;
+    let (xq, xd) = (gpu.alloc(n_tok * cols)?, gpu.alloc(n_tok * cols / 32 * 8)?);
     let y = gpu.alloc(n_tok * rows * 4)?;
     let runs = [(0, n_tok, !tiled)];
-    launch_matmul(gpu, &w, &dx, &runs, &y)?;
+    let once = || -> Result<()> {
+        let input = prepare_input(gpu, &dx, cols, n_tok, &xq, &xd)?;
+        launch_matmul_with(gpu, &w, input, &runs, &y, mmq_from)
+    };
+    once()?;
     gpu.sync()?;
     let t = std::time::Instant::now();
     for _ in 0..reps {
-        launch_matmul(gpu, &w, &dx, &runs, &y)?;
+        once()?;
     }
     gpu.sync()?;
     Ok(t.elapsed().as_secs_f64() / reps as f64)
 }
 
+/// One matrix product on its own (for the kernel tolerance tests): `n_tok` f32 rows
+/// against a weight in any GPU format (GGUF layout), as decode tokens (`mmvq` below
+/// `mmq_from` tokens, else `mmq`, for the quantized formats; `mmv` for the float ones)
+/// or, when `tiled`, as a prompt (`mmq`; `mmt` for the float formats).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize, tiled: bool) -> Result<Vec<f32>> {
-    let (buf, row_bytes) = upload_rows(gpu, w_bytes, rows)?;
-    let w = GpuWeight { buf, ty, rows, cols, row_bytes };
+pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize, tiled: bool, mmq_from: usize) -> Result<Vec<f32>> {
+    let w = GpuWeight::from_gguf(gpu, ty, w_bytes, rows, cols)?;
     let dx = gpu.upload_f32(x)?;
+    let (xq, xd) = (gpu.alloc(n_tok * cols)?, gpu.alloc(n_tok * cols / 32 * 8)?);
     let y = gpu.alloc(n_tok * rows * 4)?;
-    launch_matmul(gpu, &w, &dx, &[(0, n_tok, !tiled)], &y)?;
+    let input = prepare_input(gpu, &dx, cols, n_tok, &xq, &xd)?;
+    launch_matmul_with(gpu, &w, input, &[(0, n_tok, !tiled)], &y, mmq_from)?;
     gpu.sync()?;
     y.read_f32(n_tok * rows)
 }

@@ -174,6 +174,9 @@ pub struct StepLogits {
     pub data: Vec<f32>,
     /// (sequence index, token index within that sequence's input) for each row.
     pub rows: Vec<(usize, usize)>,
+    /// Each row's log-sum-exp (`sample::log_sum_exp`), when the backend computed it
+    /// (the GPU does, beside the logits); empty otherwise.
+    pub lse: Vec<f32>,
 }
 
 
@@ -368,7 +371,7 @@ impl Model {
         if let Some(c) = cfg.final_logit_softcap {
             logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
         }
-        Ok(StepLogits { n_vocab: cfg.n_vocab, data: logits, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect() })
+        Ok(StepLogits { n_vocab: cfg.n_vocab, data: logits, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(), lse: Vec::new() })
     }
 }
 

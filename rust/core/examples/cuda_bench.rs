@@ -8,6 +8,10 @@
 //! sequence), aggregate generation with 16 and 64 concurrent sequences, and tg as a
 //! fraction of the bound (weight bytes per token over the card's bandwidth, given by
 //! EDGELM_GPU_BW_GBS, default 4800 for an H200). One JSON object per format on stdout.
+//!
+//! `EDGELM_BENCH_SAVE=DIR` also writes each model to `DIR/measure-<type>.gguf` (the
+//! same bytes edgelm runs), so llama-bench can run the very same file
+//! (benches/cuda_side_by_side.sh); `EDGELM_BENCH_SAVE_ONLY=1` writes and exits.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -136,7 +140,16 @@ fn main() {
             other => panic!("unknown type {other}"),
         };
         let t0 = Instant::now();
-        let file = Gguf::from_bytes(model(ty)).unwrap();
+        let bytes = model(ty);
+        if let Some(dir) = std::env::var_os("EDGELM_BENCH_SAVE") {
+            let path = std::path::Path::new(&dir).join(format!("measure-{name}.gguf"));
+            std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+            eprintln!("{name}: wrote {}", path.display());
+            if std::env::var_os("EDGELM_BENCH_SAVE_ONLY").is_some() {
+                continue;
+            }
+        }
+        let file = Gguf::from_bytes(bytes).unwrap();
         let engine = Arc::new(Engine::from_gguf(file, &LoadOptions { n_threads: Some(4), kernel_level: None }).unwrap());
         let weight_bytes = engine.model.weight_bytes_per_token();
         eprintln!("{name}: model built in {:.1}s ({:.0} MiB of weights read per token)", t0.elapsed().as_secs_f64(), weight_bytes as f64 / 2f64.powi(20));

@@ -284,6 +284,16 @@ _SERVE_FLAGS = ("model", "models_dir", "served_model_name", "host", "port", "thr
                 "memory_budget_mib", "max_loaded_models", "keep_alive", "max_tool_rounds", "device")
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} is not at least 1")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgelm", description="LLM inference for edge devices")
     p.add_argument("--version", action="version", version=f"edgelm {__version__}")
@@ -293,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="path to a GGUF file")
     r.add_argument("prompt")
     r.add_argument("-n", "--max-tokens", type=int, default=128)
-    r.add_argument("-t", "--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    r.add_argument("-t", "--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
     r.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     r.add_argument("--top-k", type=int, default=40)
     r.add_argument("--top-p", type=float, default=0.95)
@@ -365,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("input")
     q.add_argument("output")
     q.add_argument("type")
-    q.add_argument("-t", "--threads", type=int, default=None, help="worker threads (default: physical cores)")
+    q.add_argument("-t", "--threads", type=_positive_int, default=None, help="worker threads (default: physical cores)")
     q.add_argument("--pure", action="store_true", help="every quantizable tensor gets TYPE (no mix rules)")
     q.add_argument("--dry-run", action="store_true", help="print each tensor's new type and size, write nothing")
     q.set_defaults(func=cmd_quantize)

@@ -181,6 +181,8 @@ def test_bad_types_and_paths(f16: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "importance matrix" in r.stderr and "Q4_K_M" in r.stderr
     r = cli("quantize", str(f16), str(out), "Q7")
     assert r.returncode == 2 and "unknown quantization type" in r.stderr
+    r = cli("quantize", "-t", "0", str(f16), str(out), "Q4_0")
+    assert r.returncode == 2 and "not at least 1" in r.stderr and "Traceback" not in r.stderr
     r = cli("quantize", str(f16), str(tmp_path / "no" / "such" / "dir.gguf"), "Q4_0")
     assert r.returncode == 2 and "does not exist" in r.stderr
     r = cli("quantize", str(tmp_path / "absent.gguf"), str(out), "Q4_0")

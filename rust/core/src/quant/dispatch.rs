@@ -17,8 +17,9 @@
 //! | i8mm    | + FEAT_I8MM                        | `smmla` 2×2 tiles in gemm            |
 //!
 //! Formats with SIMD at every level: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
-//! (vec_dot and gemm); activation quantizers Q8_0, Q8_1, Q8_K and F16. Everything else
-//! (Q2_K, Q3_K, Q8_1/Q8_K weights, float weights) answers with the scalar reference.
+//! (vec_dot and gemm); float weights F32, F16, BF16 (vec_dot, f32 sums); activation
+//! quantizers Q8_0, Q8_1, Q8_K and F16. Everything else (Q2_K, Q3_K, Q8_1/Q8_K weights)
+//! answers with the scalar reference.
 //!
 //! Results equal the reference up to float rounding (the integer sums are exact; the
 //! per-block scaling is fused and reassociated), see the tolerance table in

@@ -424,8 +424,69 @@ unsafe fn vec_dot_dp<const DP: bool>(
             GgmlType::Q4_K => dot_q45_k::<false, DP>(n / 256, x, y),
             GgmlType::Q5_K => dot_q45_k::<true, DP>(n / 256, x, y),
             GgmlType::Q6_K => dot_q6_k::<DP>(n / 256, x, y),
+            GgmlType::F32 => dot_float::<0>(n, x, y),
+            GgmlType::F16 => dot_float::<1>(n, x, y),
+            GgmlType::BF16 => dot_float::<2>(n, x, y),
             _ => return None,
         })
+    }
+}
+
+/// 4 values of float kind `K` (0 = f32, 1 = f16, 2 = bf16) at `p`, as f32.
+#[target_feature(enable = "neon")]
+#[inline]
+unsafe fn ld_float<const K: u8>(p: *const u8) -> float32x4_t {
+    // SAFETY: the caller guarantees 4 readable values at `p`.
+    unsafe {
+        match K {
+            0 => vld1q_f32(p.cast()),
+            1 => {
+                // `vcvt_f32_f16` needs the unstable f16 vector types: FCVTL is base ASIMD.
+                let h = vld1_u16(p.cast());
+                let f: float32x4_t;
+                asm!("fcvtl {0:v}.4s, {1:v}.4h", out(vreg) f, in(vreg) h, options(pure, nomem, nostack));
+                f
+            }
+            // bf16 is the top half of an f32.
+            _ => vreinterpretq_f32_u32(vshll_n_u16::<16>(vld1_u16(p.cast()))),
+        }
+    }
+}
+
+/// Float weights with same-type activations: f32 FMA over four 4-lane accumulators,
+/// the tail in scalar f32 (the x86 levels do the same over 8 lanes).
+#[target_feature(enable = "neon")]
+unsafe fn dot_float<const K: u8>(n: usize, x: *const u8, y: *const u8) -> f32 {
+    let sz = if K == 0 { 4 } else { 2 };
+    // SAFETY: every load below stays within the n values of each row.
+    unsafe {
+        let get = |p: *const u8, i: usize| -> f32 {
+            let q = p.add(i * sz);
+            match K {
+                0 => rd_f32(q),
+                1 => f16::from_bits(rd_u16(q)).to_f32(),
+                _ => f32::from_bits((rd_u16(q) as u32) << 16),
+            }
+        };
+        let mut acc = [vdupq_n_f32(0.0); 4];
+        let mut i = 0;
+        while i + 16 <= n {
+            for (k, a) in acc.iter_mut().enumerate() {
+                let o = (i + 4 * k) * sz;
+                *a = vfmaq_f32(*a, ld_float::<K>(x.add(o)), ld_float::<K>(y.add(o)));
+            }
+            i += 16;
+        }
+        while i + 4 <= n {
+            acc[0] = vfmaq_f32(acc[0], ld_float::<K>(x.add(i * sz)), ld_float::<K>(y.add(i * sz)));
+            i += 4;
+        }
+        let mut sum = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
+        while i < n {
+            sum += get(x, i) * get(y, i);
+            i += 1;
+        }
+        sum
     }
 }
 

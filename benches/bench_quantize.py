@@ -15,7 +15,6 @@ llama.cpp comes from $LLAMA_CPP_BIN (default ~/.cache/edgelm/llama-build/bin).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -26,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_cpu import _cpu_name  # benches/ is on sys.path when run as a script
+from edgelm.pull import file_sha256 as sha256
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benches" / "results"
 MODELS = Path(os.environ.get("EDGELM_MODELS_DIR", Path.home() / ".cache/edgelm/models"))
@@ -33,14 +35,6 @@ LLAMA_BIN = Path(os.environ.get("LLAMA_CPP_BIN", Path.home() / ".cache/edgelm/ll
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K"]
 PPL_TEXT = ROOT / "tests" / "fixtures" / "ppl_text.txt"
 N_CTX, CHUNKS = 256, 8
-
-
-def sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def timed(cmd: list[str], reps: int) -> float:
@@ -129,16 +123,6 @@ def main() -> int:
     print("\n".join(lines))
     _chart(rows, RESULTS / "quantize.png")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def _chart(rows: list[dict], out: Path) -> None:  # type: ignore[type-arg]

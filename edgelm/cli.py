@@ -142,6 +142,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
           f"{s['seconds']:.2f} s, {s['in_tensor_bytes'] / max(s['seconds'], 1e-9) / 1e6:.0f} MB/s of input")
     for ty, n, nbytes in s["by_type"]:
         print(f"  {ty:6s} {n:5d} tensors  {_fmt_bytes(nbytes)}")
+    if s["n_requantized"]:
+        print(f"note: {s['n_requantized']} tensors were already quantized in {args.input}; re-encoding them adds "
+              f"error on top of theirs. Quantize from the F16/BF16/F32 original where you have it.", file=sys.stderr)
     return 0
 
 

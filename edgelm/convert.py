@@ -105,34 +105,30 @@ class Found:
     widened: list[str] = field(default_factory=list)
 
 
-def _fail(msg: str) -> ConvertError:
-    return ConvertError(msg)
-
-
 def _load(path: Path) -> Any:
     try:
         import onnx
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise _fail("`edgelm convert` needs the onnx package: pip install onnx") from e
+        raise ConvertError("`edgelm convert` needs the onnx package: pip install onnx") from e
     if not path.is_file():
-        raise _fail(f"{path} does not exist")
+        raise ConvertError(f"{path} does not exist")
     try:
         return onnx.load(str(path), load_external_data=True)
     except Exception as e:  # protobuf DecodeError, missing external data, …
-        raise _fail(f"cannot read ONNX model {path}: {type(e).__name__}: {e} "
+        raise ConvertError(f"cannot read ONNX model {path}: {type(e).__name__}: {e} "
                     f"(is the file complete? external data files must sit beside it)") from e
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
-        raise _fail(f"{what} not found at {path}: the exporter writes it beside model.onnx; copy the model's "
+        raise ConvertError(f"{what} not found at {path}: the exporter writes it beside model.onnx; copy the model's "
                     f"Hugging Face {path.name} there or pass --{'config' if 'config' in path.name else 'tokenizer'}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise _fail(f"cannot parse {path}: {e}") from e
+        raise ConvertError(f"cannot parse {path}: {e}") from e
     if not isinstance(data, dict):
-        raise _fail(f"{path} is not a JSON object")
+        raise ConvertError(f"{path} is not a JSON object")
     return data
 
 
@@ -152,22 +148,22 @@ def _int4_weight(node: Any, inits: dict[str, np.ndarray]) -> tuple[Weight, bool]
     bits, block = int(_attr(node, "bits", 4)), int(_attr(node, "block_size"))
     inputs = list(node.input) + [""] * (6 - len(node.input))
     if bits != 4:
-        raise _fail(f"MatMulNBits node {node.name}: {bits}-bit weights are not supported (only 4-bit)")
+        raise ConvertError(f"MatMulNBits node {node.name}: {bits}-bit weights are not supported (only 4-bit)")
     if inputs[4]:
-        raise _fail(f"MatMulNBits node {node.name}: g_idx (act-order reordering) is not supported")
+        raise ConvertError(f"MatMulNBits node {node.name}: g_idx (act-order reordering) is not supported")
     if inputs[5]:
-        raise _fail(f"MatMulNBits node {node.name}: a bias input is not supported")
+        raise ConvertError(f"MatMulNBits node {node.name}: a bias input is not supported")
     for i in (1, 2) + ((3,) if inputs[3] else ()):
         if inputs[i] not in inits:
-            raise _fail(f"MatMulNBits node {node.name}: input {inputs[i]!r} is not an initializer")
+            raise ConvertError(f"MatMulNBits node {node.name}: input {inputs[i]!r} is not an initializer")
     if block < 16 or block & (block - 1):
-        raise _fail(f"MatMulNBits node {node.name}: block_size {block} is not a power of two ≥ 16")
+        raise ConvertError(f"MatMulNBits node {node.name}: block_size {block} is not a power of two ≥ 16")
     if k % 32:
-        raise _fail(f"MatMulNBits node {node.name}: K = {k} is not a multiple of 32, which GGUF blocks need")
+        raise ConvertError(f"MatMulNBits node {node.name}: K = {k} is not a multiple of 32, which GGUF blocks need")
     n_blocks = -(-k // block)
     b = inits[inputs[1]]
     if b.dtype != np.uint8 or b.size != n * n_blocks * block // 2:
-        raise _fail(f"MatMulNBits node {node.name}: B {inputs[1]} has shape {b.shape} {b.dtype}; "
+        raise ConvertError(f"MatMulNBits node {node.name}: B {inputs[1]} has shape {b.shape} {b.dtype}; "
                     f"expected uint8 [{n}, {n_blocks}, {block // 2}]")
     b = b.reshape(n, n_blocks * block // 2)
     codes = np.empty((n, n_blocks * block), np.uint8)
@@ -180,7 +176,7 @@ def _int4_weight(node: Any, inits: dict[str, np.ndarray]) -> tuple[Weight, bool]
         if zp.dtype == np.uint8:
             per_row = -(-n_blocks // 2)
             if zp.size != n * per_row:
-                raise _fail(f"MatMulNBits node {node.name}: zero_points {inputs[3]} has {zp.size} bytes; "
+                raise ConvertError(f"MatMulNBits node {node.name}: zero_points {inputs[3]} has {zp.size} bytes; "
                             f"expected {n * per_row} (4-bit, packed per row)")
             zp = zp.reshape(n, per_row)
             z = np.empty((n, per_row * 2), np.float32)
@@ -207,13 +203,13 @@ def _float_weight(node: Any, inits: dict[str, np.ndarray], producers: dict[str, 
     if w_name in inits:
         w = inits[w_name]
         if w.ndim != 2:
-            raise _fail(f"MatMul node {node.name}: weight {w_name} has shape {list(w.shape)}; expected 2-D")
+            raise ConvertError(f"MatMul node {node.name}: weight {w_name} has shape {list(w.shape)}; expected 2-D")
         return Weight(w_name, w.shape[1], w.shape[0], data=np.ascontiguousarray(w.T)), w_name
     p = producers.get(w_name)
     if p is not None and p.op_type == "Transpose" and p.input[0] in inits:
         w = inits[p.input[0]]  # stored [out, in]: already GGUF's orientation
         return Weight(p.input[0], w.shape[0], w.shape[1], data=w), p.input[0]
-    raise _fail(f"MatMul node {node.name}: its weight {w_name!r} is not a constant initializer")
+    raise ConvertError(f"MatMul node {node.name}: its weight {w_name!r} is not a constant initializer")
 
 
 def _scan(model: Any, inits: dict[str, np.ndarray]) -> Found:
@@ -221,7 +217,7 @@ def _scan(model: Any, inits: dict[str, np.ndarray]) -> Found:
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         if node.op_type not in ALLOWED_OPS:
-            raise _fail(f"unsupported op {node.op_type} (node {node.name or '?'}, domain "
+            raise ConvertError(f"unsupported op {node.op_type} (node {node.name or '?'}, domain "
                         f"{node.domain or 'ai.onnx'}): not part of a llama-family decoder this importer knows")
         if node.op_type not in ("MatMul", "MatMulNBits"):
             continue
@@ -229,7 +225,7 @@ def _scan(model: Any, inits: dict[str, np.ndarray]) -> Found:
         if not (m or head):
             if node.op_type == "MatMulNBits" or (len(node.input) > 1 and node.input[1] in inits
                                                   and inits[node.input[1]].ndim == 2):
-                raise _fail(f"weight matrix of node {node.name or '?'} ({node.op_type}) belongs to no projection "
+                raise ConvertError(f"weight matrix of node {node.name or '?'} ({node.op_type}) belongs to no projection "
                             f"this importer knows (expected /model/layers.N/(self_attn|attn|mlp)/*_proj/"
                             f"{node.op_type} or /lm_head/{node.op_type})")
             continue  # activation × activation (attention scores)
@@ -281,7 +277,7 @@ def _tokenizer_kv(tok: dict[str, Any], tok_cfg: dict[str, Any], cfg: dict[str, A
                   where: Path) -> list[tuple[str, str, Any]]:
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
-        raise _fail(f"{where}: tokenizer model {model.get('type')!r} is not supported; only byte-level BPE "
+        raise ConvertError(f"{where}: tokenizer model {model.get('type')!r} is not supported; only byte-level BPE "
                     f"(GPT-2, Llama 3, SmolLM2, Qwen2 families) is")
     pre = _pre_name(tok.get("pre_tokenizer"), where)
     vocab: dict[str, int] = model.get("vocab") or {}
@@ -289,12 +285,12 @@ def _tokenizer_kv(tok: dict[str, Any], tok_cfg: dict[str, Any], cfg: dict[str, A
     types = [1] * n_vocab  # 1 normal, 3 control, 4 user-defined
     for text, i in vocab.items():
         if not 0 <= i < n_vocab:
-            raise _fail(f"{where}: token {text!r} has id {i}, outside the model's vocabulary of {n_vocab}")
+            raise ConvertError(f"{where}: token {text!r} has id {i}, outside the model's vocabulary of {n_vocab}")
         tokens[i] = text
     for a in tok.get("added_tokens") or []:
         i = int(a["id"])
         if not 0 <= i < n_vocab:
-            raise _fail(f"{where}: added token {a.get('content')!r} has id {i}, outside the vocabulary of {n_vocab}")
+            raise ConvertError(f"{where}: added token {a.get('content')!r} has id {i}, outside the vocabulary of {n_vocab}")
         tokens[i] = a["content"]
         types[i] = 3 if a.get("special") else 4
     for i, t in enumerate(tokens):
@@ -351,7 +347,7 @@ def _pre_name(pre: Any, where: Path) -> str:
             return "llama-bpe"
         if pattern == _QWEN2_RE:
             return "qwen2"
-    raise _fail(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one edgelm implements "
+    raise ConvertError(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one edgelm implements "
                 f"(GPT-2, Llama 3, SmolLM2 or Qwen2 splitting)")
 
 
@@ -360,13 +356,13 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
                  progress: Callable[[int, int, str, str, str, int, int], None] | None = None) -> dict[str, Any]:
     """Convert; returns a summary (architecture, n_layer, n_tensors, file_bytes, types, widened)."""
     if out_type not in ("F16", "F32"):
-        raise _fail(f"--type {out_type!r}: float weights can be written as F16 or F32 (quantize afterwards "
+        raise ConvertError(f"--type {out_type!r}: float weights can be written as F16 or F32 (quantize afterwards "
                     f"with `edgelm quantize`)")
     from onnx import numpy_helper
 
     model_path = Path(model_path)
     if not model_path.is_file():
-        raise _fail(f"{model_path} does not exist")
+        raise ConvertError(f"{model_path} does not exist")
     here = model_path.parent
     cfg = _read_json(Path(config) if config else here / "config.json", "config.json")
     tok = _read_json(Path(tokenizer) if tokenizer else here / "tokenizer.json", "tokenizer.json")
@@ -376,12 +372,12 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
     model_type = cfg.get("model_type", "llama")
     arch = {"llama": "llama", "mistral": "llama", "smollm": "llama", "qwen2": "qwen2"}.get(model_type)
     if arch is None:
-        raise _fail(f"config.json model_type {model_type!r} is not a llama-family decoder this importer knows "
+        raise ConvertError(f"config.json model_type {model_type!r} is not a llama-family decoder this importer knows "
                     f"(llama, mistral, qwen2)")
 
     def need(key: str) -> int:
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
-            raise _fail(f"config.json: {key} is missing or not a positive integer")
+            raise ConvertError(f"config.json: {key} is missing or not a positive integer")
         return int(cfg[key])
 
     n_embd, n_layer, n_head = need("hidden_size"), need("num_hidden_layers"), need("num_attention_heads")
@@ -389,7 +385,7 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
     n_head_kv = int(cfg.get("num_key_value_heads") or n_head)
     head_dim = int(cfg.get("head_dim") or n_embd // n_head)
     if cfg.get("rope_scaling"):
-        raise _fail(f"config.json rope_scaling {cfg['rope_scaling']} is not supported yet")
+        raise ConvertError(f"config.json rope_scaling {cfg['rope_scaling']} is not supported yet")
 
     graph = _load(model_path)
     inits: dict[str, np.ndarray] = {}
@@ -397,7 +393,7 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
         try:
             inits[t.name] = numpy_helper.to_array(t)
         except Exception as e:
-            raise _fail(f"initializer {t.name}: cannot read its data ({e}); is the external data complete?") from e
+            raise ConvertError(f"initializer {t.name}: cannot read its data ({e}); is the external data complete?") from e
     found = _scan(graph, inits)
 
     def init(name: str, shape: tuple[int, ...], *alts: str) -> np.ndarray:
@@ -405,13 +401,13 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
             if n in inits:
                 a = inits[n]
                 if tuple(a.shape) != shape:
-                    raise _fail(f"tensor {n} has shape {list(a.shape)}; config.json implies {list(shape)}")
+                    raise ConvertError(f"tensor {n} has shape {list(a.shape)}; config.json implies {list(shape)}")
                 found.used.add(n)
                 return a.astype(np.float32)
-        raise _fail(f"tensor {name} is missing from the graph")
+        raise ConvertError(f"tensor {name} is missing from the graph")
 
     tensors: list[tuple[str, list[int], str, bytes]] = []
-    n_expected = 3 + 9 * n_layer
+    n_expected = 3 + (12 if arch == "qwen2" else 9) * n_layer  # for the progress bar; the last call says 100%
 
     def report(name: str, ty: str) -> None:
         if progress is not None:
@@ -419,7 +415,7 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
 
     def put_matrix(gguf_name: str, w: Weight, rows: int, cols: int) -> None:
         if (w.rows, w.cols) != (rows, cols):
-            raise _fail(f"tensor {w.name} ({gguf_name}) is {w.rows}x{w.cols} (out x in); config.json implies "
+            raise ConvertError(f"tensor {w.name} ({gguf_name}) is {w.rows}x{w.cols} (out x in); config.json implies "
                         f"{rows}x{cols}")
         ty, data = _matrix(w, out_type)
         tensors.append((gguf_name, [cols, rows], ty, data))
@@ -429,8 +425,7 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
         tensors.append((gguf_name, [int(v.size)], "F32", np.ascontiguousarray(v, np.float32).tobytes()))
 
     embd = init("model.embed_tokens.weight", (n_vocab, n_embd))
-    emb_type = out_type
-    tensors.append(("token_embd.weight", [n_embd, n_vocab], emb_type,
+    tensors.append(("token_embd.weight", [n_embd, n_vocab], out_type,
                     embd.astype(np.float16 if out_type == "F16" else np.float32).tobytes()))
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
     for i in range(n_layer):
@@ -440,14 +435,14 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
         if "qkv_proj" in p:  # onnxruntime-genai fuses q, k and v: split the rows
             w = p.pop("qkv_proj")
             if w.rows != q_dim + 2 * kv_dim:
-                raise _fail(f"tensor {w.name}: {w.rows} rows; q+k+v need {q_dim + 2 * kv_dim}")
+                raise ConvertError(f"tensor {w.name}: {w.rows} rows; q+k+v need {q_dim + 2 * kv_dim}")
             p["q_proj"] = w.take_rows(np.arange(0, q_dim))
             p["k_proj"] = w.take_rows(np.arange(q_dim, q_dim + kv_dim))
             p["v_proj"] = w.take_rows(np.arange(q_dim + kv_dim, q_dim + 2 * kv_dim))
         if "gate_up_proj" in p:
             w = p.pop("gate_up_proj")
             if w.rows != 2 * n_ff:
-                raise _fail(f"tensor {w.name}: {w.rows} rows; gate+up need {2 * n_ff}")
+                raise ConvertError(f"tensor {w.name}: {w.rows} rows; gate+up need {2 * n_ff}")
             p["gate_proj"] = w.take_rows(np.arange(0, n_ff))
             p["up_proj"] = w.take_rows(np.arange(n_ff, 2 * n_ff))
         shapes = {"q_proj": (q_dim, n_embd), "k_proj": (kv_dim, n_embd), "v_proj": (kv_dim, n_embd),
@@ -455,7 +450,7 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
                   "down_proj": (n_embd, n_ff)}
         for proj, (rows, cols) in shapes.items():
             if proj not in p:
-                raise _fail(f"layer {i}: no {proj} MatMul found (expected a node named "
+                raise ConvertError(f"layer {i}: no {proj} MatMul found (expected a node named "
                             f"/model/layers.{i}/self_attn|attn|mlp/{proj}/MatMul)")
             w = p[proj]
             if arch == "llama" and proj in ("q_proj", "k_proj"):
@@ -466,7 +461,7 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
                 bias = f"model.layers.{i}.{attn}.{proj}.bias"
                 if bias in inits:
                     if arch != "qwen2":
-                        raise _fail(f"tensor {bias}: biases are only supported for qwen2 models")
+                        raise ConvertError(f"tensor {bias}: biases are only supported for qwen2 models")
                     put_vector(f"blk.{i}.{_GGUF_PROJ[proj]}.bias", init(bias, (n,)))
     put_vector("output_norm.weight", init("model.norm.weight", (n_embd,),
                                           f"model.layers.{n_layer}.final_norm_layernorm.weight"))
@@ -476,13 +471,13 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
         if not tied:
             put_matrix("output.weight", head, n_vocab, n_embd)
     elif not cfg.get("tie_word_embeddings", False):
-        raise _fail("no /lm_head/MatMul found and config.json does not say the embeddings are tied")
+        raise ConvertError("no /lm_head/MatMul found and config.json does not say the embeddings are tied")
 
     # Every sizeable initializer must have been claimed by a layer above.
     for name, a in inits.items():
         if name in found.used or a.size < 64 or re.search(r"(cos|sin|rotary|inv_freq|mask|causal)", name, re.I):
             continue
-        raise _fail(f"tensor {name} (shape {list(a.shape)}) is not part of any layer this importer knows; "
+        raise ConvertError(f"tensor {name} (shape {list(a.shape)}) is not part of any layer this importer knows; "
                     f"the graph is not a plain llama-family decoder")
 
     n_quant = sum(1 for t in tensors if t[2] in ("Q4_0", "Q4_1"))

@@ -11,7 +11,6 @@ failure cases: each ends with a clear error and nothing under the output name.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import resource
 import shutil
@@ -27,17 +26,10 @@ import pytest
 import edgelm
 from conftest import FIXTURES, GEMMA3, SMOLLM2, load_fixture, model_path
 from edgelm import _native
+from edgelm.pull import file_sha256 as sha256
 
 GOLDEN = load_fixture("quantize_golden.json")
 PPL_TEXT = (FIXTURES / "ppl_text.txt").read_text()
-
-
-def sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for b in iter(lambda: f.read(1 << 20), b""):
-            h.update(b)
-    return h.hexdigest()
 
 
 def cli(*args: str, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
@@ -132,6 +124,9 @@ def test_cli_summary_and_info(f16: Path, tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert "Q4_K_M" in r.stdout and "MB/s" in r.stdout and "re-encoded" in r.stdout
     assert "quantizing" in r.stderr and "100.0%" in r.stderr  # progress lines when not a tty
+    assert "already quantized" not in r.stderr
+    r = cli("quantize", str(model_path(SMOLLM2)), str(tmp_path / "re.gguf"), "Q8_0")
+    assert r.returncode == 0 and "210 tensors were already quantized" in r.stderr, r.stderr
     info = cli("info", str(out))
     assert info.returncode == 0, info.stderr
     assert "file type: Q4_K_M" in info.stdout and "bytes per type:" in info.stdout

@@ -79,6 +79,7 @@ pub fn quantize_file<'py>(
     d.set_item("ftype", s.ftype.name())?;
     d.set_item("n_tensors", s.n_tensors)?;
     d.set_item("n_converted", s.n_converted)?;
+    d.set_item("n_requantized", s.n_requantized)?;
     d.set_item("n_fallback", s.n_fallback)?;
     d.set_item("in_tensor_bytes", s.in_tensor_bytes)?;
     d.set_item("out_tensor_bytes", s.out_tensor_bytes)?;

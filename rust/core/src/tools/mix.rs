@@ -191,12 +191,14 @@ fn n_dims(dims: &[u64]) -> usize {
 }
 
 /// `tensor_allows_quantization`: only 2-D and 3-D weights, and never norms, gates of
-/// experts, positional or token-type embeddings, or small convolution kernels.
+/// experts, positional or token-type embeddings, small convolution or RWKV mixing
+/// weights, or the multimodal and audio tensors llama.cpp keeps as they are. (The
+/// glm5-next-only exclusions are left out: edgelm does not read that architecture.)
 pub fn allows_quantization(name: &str, dims: &[u64]) -> bool {
     if n_dims(dims) < 2 || !name.ends_with("weight") {
         return false;
     }
-    const NEVER: [&str; 13] = [
+    const NEVER_CONTAINS: [&str; 35] = [
         "_norm.weight",
         "ffn_gate_inp.weight",
         "ffn_gate_tid2eid.weight",
@@ -205,13 +207,37 @@ pub fn allows_quantization(name: &str, dims: &[u64]) -> bool {
         "per_layer_model_proj",
         "ssm_conv1d",
         "shortconv.conv.weight",
-        "time_mix_",
+        "indexer.k_proj.weight",
+        "indexer.q_proj.weight",
+        "time_mix_first.weight",
+        "time_mix_w0.weight",
+        "time_mix_w1.weight",
+        "time_mix_w2.weight",
+        "time_mix_v0.weight",
+        "time_mix_v1.weight",
+        "time_mix_v2.weight",
+        "time_mix_a0.weight",
+        "time_mix_a1.weight",
+        "time_mix_a2.weight",
+        "time_mix_g1.weight",
+        "time_mix_g2.weight",
+        "time_mix_decay_w1.weight",
+        "time_mix_decay_w2.weight",
+        "time_mix_lerp_fused.weight",
         "attn_rel_b.weight",
         ".position_embd",
+        "sam.pos_embd",
+        "sam.neck.",
+        "sam.net_",
         ".rel_pos",
         ".patch_embd",
+        ".patch_merger",
+        "a.rvq.codebook",
+        "mm.a.code_embd",
     ];
-    !NEVER.iter().any(|s| name.contains(s)) && name != "position_embd.weight" && name != "token_types.weight"
+    !NEVER_CONTAINS.iter().any(|s| name.contains(s))
+        && name != "position_embd.weight"
+        && name != "token_types.weight"
 }
 
 /// The running state of one pass over the tensors (llama.cpp's `quantize_state_impl`
@@ -405,6 +431,15 @@ mod tests {
         let mut m = Mixer::new(FileType::Q4_0, false, facts(30));
         assert_eq!(m.target("blk.5.attn_q.weight", &[40, 8], GgmlType::F16), GgmlType::F16);
         assert_eq!(m.n_fallback, 1);
+    }
+
+    #[test]
+    fn exclusions_are_llama_cpps_names_not_prefixes() {
+        assert!(!allows_quantization("blk.0.time_mix_w1.weight", &[64, 64]));
+        assert!(allows_quantization("blk.0.time_mix_key.weight", &[64, 64]));
+        assert!(!allows_quantization("blk.0.ffn_norm.weight", &[64, 64]));
+        assert!(!allows_quantization("blk.0.attn_q.weight", &[64]));
+        assert!(allows_quantization("blk.0.attn_q.weight", &[64, 64, 1]));
     }
 
     #[test]

@@ -84,6 +84,9 @@ pub struct Summary {
     pub n_tensors: usize,
     /// Tensors re-encoded (the others were copied).
     pub n_converted: usize,
+    /// Of those, tensors that were already quantized: each loses a little more
+    /// precision (llama-quantize refuses them without `--allow-requantize`).
+    pub n_requantized: usize,
     pub n_fallback: usize,
     pub in_tensor_bytes: u64,
     pub out_tensor_bytes: u64,
@@ -167,6 +170,7 @@ pub fn quantize_file(
         ftype: opts.ftype,
         n_tensors: plan.tensors.len(),
         n_converted: plan.tensors.iter().filter(|p| p.to != p.info.ty).count(),
+        n_requantized: plan.tensors.iter().filter(|p| p.to != p.info.ty && p.info.ty.is_quantized()).count(),
         n_fallback: plan.n_fallback,
         in_tensor_bytes: plan.tensors.iter().map(|p| p.info.n_bytes).sum(),
         out_tensor_bytes: plan.tensors.iter().map(|p| p.out_bytes).sum(),

@@ -85,8 +85,10 @@ class Config:
     discrete GPU, half of its free memory after the weights, at most 32 GiB)."""
     max_context: int | None = None
     """Tokens per sequence (default: the model's training context)."""
-    max_running: int = 16
-    max_step_tokens: int = 512
+    max_running: int | None = None
+    """Sequences decoded together (default 16 on the CPU, 64 on a GPU)."""
+    max_step_tokens: int | None = None
+    """Tokens per step, prompt chunks included (default 512 on the CPU, 2048 on a GPU)."""
     max_queue: int = 256
     prefix_cache: bool = True
     memory_budget_mib: int | None = None
@@ -123,19 +125,30 @@ class Config:
 
         if not 0 <= self.port <= 65535:
             raise bad("port", f"{self.port} is not a TCP port (0-65535)")
-        for key in ("max_running", "max_step_tokens", "max_queue", "max_body_kib", "max_tool_rounds", "max_loaded_models"):
+        for key in ("max_queue", "max_body_kib", "max_tool_rounds", "max_loaded_models"):
             if getattr(self, key) < 1:
                 raise bad(key, "must be at least 1")
         try:
             parse_keep_alive(self.keep_alive)
         except ValueError as e:
             raise bad("keep_alive", str(e)) from None
-        for key in ("threads", "kv_cache_mib", "max_context", "memory_budget_mib"):
+        for key in ("threads", "kv_cache_mib", "max_context", "memory_budget_mib", "max_running", "max_step_tokens"):
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise bad(key, "must be at least 1")
-        if self.max_step_tokens < self.max_running:
+        if self.max_step_tokens is not None and self.max_step_tokens < (self.max_running or 1):
             raise bad("max_step_tokens", f"must be at least max_running ({self.max_running})")
+
+    def step_limits(self, device: str) -> tuple[int, int]:
+        """(max_running, max_step_tokens) for models on `device` ("cpu", "cuda:N"): the
+        configured values, else the device's defaults. A GPU step costs about the same
+        for 1 or 64 sequences, so it takes bigger batches; the scheduler is the same."""
+        gpu = device.startswith("cuda")
+        running = self.max_running or (64 if gpu else 16)
+        step = self.max_step_tokens or max(2048 if gpu else 512, running)
+        if step < running:
+            raise ConfigError(f"config key 'max_step_tokens': must be at least max_running ({running})")
+        return running, step
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise bad("request_timeout_s", "must be positive")
         if self.shutdown_grace_s < 0:

@@ -227,7 +227,8 @@ class ModelPool:
             await self._make_room(mid, cost)
             parts, executor, eog = await loop.run_in_executor(None, self._build, mid, path, model, n_blocks, device)
             c = self.cfg
-            limits = SchedulerLimits(c.max_running, c.max_step_tokens, c.max_queue, parts["max_context"])
+            max_running, max_step_tokens = c.step_limits(device)
+            limits = SchedulerLimits(max_running, max_step_tokens, c.max_queue, parts["max_context"])
             engine = AsyncEngine(executor, limits, self.metrics, eog, c.prefix_cache, gauges=self.update_gauges)
             lm = LoadedModel(engine=engine, cost_bytes=cost, **parts)
             engine.start()

@@ -142,6 +142,23 @@ def test_config_precedence_and_validation(tmp_path: Path) -> None:
     assert r.returncode == 0 and "port: 9001" in r.stdout and "max_running: 3" in r.stdout
 
 
+def test_step_limits_follow_the_device() -> None:
+    """Unset, the batch budgets are the device's: 16 sequences / 512 tokens a step on
+    the CPU, 64 / 2048 on a GPU; set ones are kept on either, and checked."""
+    c, _ = load_config("/dev/null", {}, {})
+    assert c.step_limits("cpu") == (16, 512) and c.step_limits("cuda:0") == (64, 2048)
+    c, _ = load_config("/dev/null", {"max_running": 8}, {})
+    assert c.step_limits("cpu") == (8, 512) and c.step_limits("cuda:1") == (8, 2048)
+    c, _ = load_config("/dev/null", {"max_running": 4096}, {})
+    assert c.step_limits("cuda:0") == (4096, 4096)
+    c, _ = load_config("/dev/null", {"max_step_tokens": 32}, {})
+    assert c.step_limits("cpu") == (16, 32)
+    with pytest.raises(ConfigError, match="'max_step_tokens'.*max_running \\(64\\)"):
+        c.step_limits("cuda:0")
+    with pytest.raises(ConfigError, match="'max_running'"):
+        load_config("/dev/null", {}, {"EDGELM_MAX_RUNNING": "0"})
+
+
 def test_defaults_serve_smollm2_on_8080() -> None:
     c, _ = load_config("/dev/null", {}, {})
     assert c.port == 8080 and c.model_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"

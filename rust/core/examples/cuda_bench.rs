@@ -102,6 +102,23 @@ fn model(ty: GgmlType) -> Vec<u8> {
     w.to_bytes()
 }
 
+/// The measure model as Q4_K_M: built as F16, then quantized with llama.cpp's mix rules
+/// (attn_v and ffn_down of the use_more_bits layers and the tied output in Q6_K) by
+/// edgelm's quantizer, which writes the same bytes as llama-quantize.
+fn mixed(_ty: GgmlType) -> Vec<u8> {
+    let dir = std::env::temp_dir().join(format!("edgelm-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (f16, out) = (dir.join("measure-f16.gguf"), dir.join("measure-q4_k_m.gguf"));
+    std::fs::write(&f16, model(GgmlType::F16)).unwrap();
+    let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+    let opts = edgelm_core::tools::Options { ftype: edgelm_core::tools::FileType::parse("Q4_K_M").unwrap(), threads, pure: false };
+    let sum = edgelm_core::tools::quantize_file(&f16, &out, &opts, &mut |_| Ok(())).unwrap();
+    eprintln!("q4_k_m: quantized in {:.1}s: {:?}", sum.seconds, sum.by_type);
+    let bytes = std::fs::read(&out).unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
+}
+
 /// The matrix kernels alone, on an FFN-sized matrix: time per launch and the weight
 /// bandwidth it amounts to.
 fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str) {
@@ -119,12 +136,23 @@ fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str) {
         eprintln!("{name} {rows}x{cols} n_tok {n_tok:3} ({kernel}): {:7.1} µs per launch, {:5.0} GB/s of weights, {:6.2} TFLOP/s",
                   per * 1e6, w.len() as f64 / per / 1e9, 2.0 * (rows * cols * n_tok) as f64 / per / 1e12);
     }
+    // Each mmq block shape at batch and prompt sizes, on this and a 2048-row matrix
+    // (what `mmq_tile` chooses between).
+    for tile in [(1, 4), (2, 4), (4, 4)] {
+        edgelm_core::cuda::model::set_mmq_tile(Some(tile));
+        for (r, n_tok) in [(8192, 64), (2048, 64), (8192, 512), (2048, 512)] {
+            let per = edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w[..r * rb], r, cols, n_tok, n_tok > 64, 1, 100).unwrap();
+            eprintln!("{name} {r}x{cols} n_tok {n_tok:3} mmq {}x{}: {:7.1} µs, {:6.2} TFLOP/s", tile.0, tile.1, per * 1e6,
+                      2.0 * (r * cols * n_tok) as f64 / per / 1e12);
+        }
+    }
+    edgelm_core::cuda::model::set_mmq_tile(None);
 }
 
 fn main() {
     let gpu = edgelm_core::cuda::probe().unwrap_or_else(|e| panic!("no GPU: {e}"));
     if std::env::var_os("EDGELM_KERNEL_BENCH").is_some() {
-        for (ty, name) in [(GgmlType::Q4_0, "q4_0"), (GgmlType::Q8_0, "q8_0"), (GgmlType::Q4_K, "q4_k")] {
+        for (ty, name) in [(GgmlType::Q4_0, "q4_0"), (GgmlType::Q8_0, "q8_0"), (GgmlType::Q4_K, "q4_k"), (GgmlType::Q6_K, "q6_k")] {
             kernel_bench(&gpu, ty, name);
         }
         return;
@@ -137,10 +165,12 @@ fn main() {
             "q4_k" => GgmlType::Q4_K,
             "q8_0" => GgmlType::Q8_0,
             "q6_k" => GgmlType::Q6_K,
+            // The Q4_K_M: llama-quantize's mix (edgelm quantize makes the same file).
+            "q4_k_m" => GgmlType::Q4_K,
             other => panic!("unknown type {other}"),
         };
         let t0 = Instant::now();
-        let bytes = model(ty);
+        let bytes = if name == "q4_k_m" { mixed(ty) } else { model(ty) };
         if let Some(dir) = std::env::var_os("EDGELM_BENCH_SAVE") {
             let path = std::path::Path::new(&dir).join(format!("measure-{name}.gguf"));
             std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));

@@ -184,7 +184,13 @@ impl Executor {
             .iter()
             .map(|it| {
                 let s = &self.seqs[&it.seq];
-                let wanted = if it.sample { LogitsWanted::Last } else { LogitsWanted::None };
+                // Plain greedy rows let a backend skip the logits (the GPU returns only
+                // each row's maximum): the same token and log-probability.
+                let wanted = match it.sample {
+                    true if it.allowed.is_none() && s.sampler.plain_greedy() => LogitsWanted::Greedy,
+                    true => LogitsWanted::Last,
+                    false => LogitsWanted::None,
+                };
                 let mut input = SeqInput::new(&s.history[it.start..it.end], it.start, &it.block_table, wanted);
                 // The attention numerics of a prompt follow from its whole length, not
                 // from how the scheduler chunked it this time (generated tokens, fed
@@ -206,6 +212,12 @@ impl Executor {
         work.sort_unstable_by_key(|w| w.0);
         let tokenizer = &self.engine.tokenizer;
         let sample_one = |(k, id, s): &mut (usize, u64, &mut Seq)| -> StepOut {
+            if let Some(&(token, logit)) = logits.greedy.get(*k) {
+                let sampled = s.sampler.pick_greedy(token, logit, logits.lse[*k]);
+                s.history.push(sampled.token);
+                let text = s.decoder.push(tokenizer, sampled.token);
+                return StepOut { seq: *id, sampled, text };
+            }
             let row = &logits.data[*k * nv..(*k + 1) * nv];
             let si = logits.rows[*k].0;
             let sampled = match &items[si].allowed {
@@ -232,7 +244,9 @@ impl Executor {
         // batch's are spread over threads: a pass over the vocabulary per sequence is
         // the host's share of a GPU step. The results are the same in any split.
         const PER_THREAD: usize = 8;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(work.len() / PER_THREAD);
+        // (Greedy rows the backend already picked cost nothing: no threads for them.)
+        let per = if logits.greedy.is_empty() { PER_THREAD } else { usize::MAX };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(work.len() / per);
         let out: Vec<StepOut> = if threads <= 1 {
             work.iter_mut().map(sample_one).collect()
         } else {

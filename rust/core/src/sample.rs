@@ -125,6 +125,20 @@ impl Sampler {
         Sampled { token, logprob: raw[token as usize] - lse, top }
     }
 
+    /// Greedy with nothing that needs the logits beyond their maximum: no penalties, no
+    /// top log-probabilities. Its pick is `argmax` of the raw logits, and its
+    /// log-probability that logit minus the log-sum-exp (what `pick_greedy` takes).
+    pub fn plain_greedy(&self) -> bool {
+        self.params.temperature <= 0.0 && !self.has_penalties() && self.params.n_logprobs == 0
+    }
+
+    /// `sample_with_lse` for a `plain_greedy` sampler, given the row's first maximum
+    /// (token, logit) and log-sum-exp: the same result, without the row.
+    pub fn pick_greedy(&self, token: u32, logit: f32, lse: f32) -> Sampled {
+        debug_assert!(self.plain_greedy());
+        Sampled { token, logprob: logit - lse, top: Vec::new() }
+    }
+
     fn has_penalties(&self) -> bool {
         let p = &self.params;
         p.repeat_last_n > 0 && (p.repeat_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0)
@@ -266,5 +280,41 @@ impl Rng {
     }
     fn next_f64(&mut self) -> f64 {
         (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU's greedy shortcut (`pick_greedy` from a row's first maximum and its
+    /// log-sum-exp) gives what `sample_with_lse` gives from the whole row, ties and
+    /// infinities included; and only plain greedy samplers take it.
+    #[test]
+    fn pick_greedy_equals_sampling_the_row() {
+        let mut s = Sampler::new(SamplingParams { temperature: 0.0, seed: Some(1), ..Default::default() }).unwrap();
+        assert!(s.plain_greedy());
+        let rows: Vec<Vec<f32>> = vec![
+            vec![0.5, 2.0, -1.0, 2.0, 1.5],
+            vec![f32::NEG_INFINITY; 4],
+            vec![-3.0, f32::NEG_INFINITY, -3.5, -2.9999],
+            (0..1000).map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0).collect(),
+        ];
+        for row in &rows {
+            let lse = log_sum_exp(row);
+            let full = s.sample_with_lse(row, &[], lse);
+            // The GPU's pick: the first index of the maximum, and that logit.
+            let best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let first = if best == f32::NEG_INFINITY { 0 } else { row.iter().position(|&v| v == best).unwrap() };
+            let short = s.pick_greedy(first as u32, best, lse);
+            assert_eq!((full.token, full.logprob.to_bits(), full.top.len()), (short.token, short.logprob.to_bits(), 0), "{row:?}");
+        }
+        for p in [
+            SamplingParams { temperature: 0.7, ..Default::default() },
+            SamplingParams { temperature: 0.0, n_logprobs: 2, ..Default::default() },
+            SamplingParams { temperature: 0.0, repeat_penalty: 1.1, repeat_last_n: 64, ..Default::default() },
+        ] {
+            assert!(!Sampler::new(p).unwrap().plain_greedy());
+        }
     }
 }

@@ -16,6 +16,21 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// Programmatic dependent launch (sm_90+: model.rs launches with it): a kernel may be
+// started while the one before it finishes, and waits here, before it reads or writes
+// anything, until that one is complete; then it lets the next one start the same way.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define GRID_DEP_WAIT()                                    \
+    do {                                                   \
+        asm volatile("griddepcontrol.wait;" ::: "memory"); \
+        asm volatile("griddepcontrol.launch_dependents;"); \
+    } while (0)
+#else
+#define GRID_DEP_WAIT() \
+    do {                \
+    } while (0)
+#endif
+
 #define NEG_INF __int_as_float(0xff800000)
 
 #define T_F32 0
@@ -197,6 +212,7 @@ __device__ __forceinline__ float warp_max(float v) {
 extern "C" __global__ void __launch_bounds__(256) mmv(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                                       const float* __restrict__ X, int n_tok, int x_stride,
                                                       float* __restrict__ Y, int y_stride) {
+    GRID_DEP_WAIT();
     __shared__ float4 xs[MMV_TOK * 256];  // [token][float4 j of a block][block in chunk]
     const int lane = threadIdx.x & 31;
     const int r = blockIdx.x * MMV_ROWS + (threadIdx.x >> 5);
@@ -279,6 +295,7 @@ __device__ __forceinline__ void q8_block(float x, int t, int b, int cols, i8* __
 // floats apart. Grid: (ceil(cols / 256), n_tok); block 256: a warp per 32-block.
 extern "C" __global__ void __launch_bounds__(256) quantize_q8(const float* __restrict__ X, int x_stride, int cols,
                                                               i8* __restrict__ Xq, float2* __restrict__ Xd) {
+    GRID_DEP_WAIT();
     const int b = blockIdx.x * 8 + (threadIdx.x >> 5);
     if (b >= (cols >> 5)) return;
     const int t = blockIdx.y;
@@ -304,8 +321,9 @@ struct Unit {
     int xa, xb, da, db;
 };
 
-// Units per row: a 32-block for the 32-block formats, 16 bytes of quants (two half
-// sub-blocks) for the K-quants; either way 32 weights and `cols / 32` units.
+// Units per row: a 32-block for the 32-block formats, a 32-element sub-block for Q4_K
+// and Q5_K, 16 bytes of quants (two half sub-blocks) for Q6_K; either way 32 weights
+// and `cols / 32` units.
 // Nibble spread: bit i of h (i < 4) to bit 4 of byte i.
 __device__ __forceinline__ u32 spread4(u32 h) {
     return ((h << 4) & 0x10u) | ((h << 11) & 0x1000u) | ((h << 18) & 0x100000u) | ((h << 25) & 0x10000000u);
@@ -360,41 +378,36 @@ __device__ __forceinline__ void load_unit(const u8* __restrict__ row, int nb, in
         w.xb = u * 32 + 16;
         w.da = w.db = u;
     } else if (T == T_Q4_K || T == T_Q5_K) {
-        // Unit u: super-block u / 8; k = u % 8 names sub-blocks 2p, 2p + 1 (p = k / 2)
-        // and their elements 16h..16h+15 (h = k % 2): low nibbles → 2p, high → 2p + 1.
-        const int sb = u >> 3, k = u & 7, p = k >> 1, h = k & 1;
+        // Unit u: sub-block j = u % 8 of super-block u / 8 (its own scale and min, like
+        // a Q4_1 block): the low (j even) or high nibbles of quant bytes 32(j / 2)..+31,
+        // and for Q5_K bit j of the 32 high-bit bytes.
+        const int sb = u >> 3, j = u & 7, sh = 4 * (j & 1);
         const u8* blk = row + sb * (T == T_Q4_K ? 144 : 176);
-        const uint4 v = __ldg((const uint4*)(blk + (T == T_Q4_K ? 16 : 48) + 32 * p + 16 * h));
-        const u32 vi[4] = {v.x, v.y, v.z, v.w};
-        uint4 hv;
-        hv.x = hv.y = hv.z = hv.w = 0;
-        if (T == T_Q5_K) hv = __ldg((const uint4*)(blk + 16 + 16 * h));
-        const u32 hi4[4] = {hv.x, hv.y, hv.z, hv.w};
+        const uint4* qs = (const uint4*)(blk + (T == T_Q4_K ? 16 : 48) + 32 * (j >> 1));
+        const uint4 va = __ldg(qs), vb = __ldg(qs + 1);
+        const u32 vi[8] = {va.x, va.y, va.z, va.w, vb.x, vb.y, vb.z, vb.w};
+        uint4 ha, hb;
+        ha.x = ha.y = ha.z = ha.w = hb.x = hb.y = hb.z = hb.w = 0;
+        if (T == T_Q5_K) {
+            ha = __ldg((const uint4*)(blk + 16));
+            hb = __ldg((const uint4*)(blk + 32));
+        }
+        const u32 hi8[8] = {ha.x, ha.y, ha.z, ha.w, hb.x, hb.y, hb.z, hb.w};
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            u32 lo = vi[i] & M, hi = (vi[i] >> 4) & M;
-            if (T == T_Q5_K) {
-                lo |= ((hi4[i] >> (2 * p)) << 4) & 0x10101010u;
-                hi |= ((hi4[i] >> (2 * p + 1)) << 4) & 0x10101010u;
-            }
-            w.q[i] = (int)lo;
-            w.q[4 + i] = (int)hi;
+        for (int i = 0; i < 8; i++) {
+            u32 q = (vi[i] >> sh) & M;
+            if (T == T_Q5_K) q |= ((hi8[i] >> j) & 0x01010101u) << 4;
+            w.q[i] = (int)q;
         }
         const u32 dd = __ldg((const u32*)blk);
-        const float d = h2f((u16)dd), dmin = h2f((u16)(dd >> 16));
-        int sc0, m0, sc1, m1;
-        scale_min_k4(2 * p, blk + 4, &sc0, &m0);
-        scale_min_k4(2 * p + 1, blk + 4, &sc1, &m1);
-        w.fa = d * (float)sc0;
-        w.fb = d * (float)sc1;
-        // The mins take the whole 32-block sums, so only the first half carries them.
-        w.ma = h ? 0.f : -dmin * (float)m0;
-        w.mb = h ? 0.f : -dmin * (float)m1;
-        const int a0 = sb * 8 + 2 * p;
-        w.xa = a0 * 32 + 16 * h;
-        w.xb = (a0 + 1) * 32 + 16 * h;
-        w.da = a0;
-        w.db = a0 + 1;
+        int sc, m;
+        scale_min_k4(j, blk + 4, &sc, &m);
+        w.fa = w.fb = h2f((u16)dd) * (float)sc;
+        w.ma = -h2f((u16)(dd >> 16)) * (float)m;
+        w.mb = 0.f;
+        w.xa = u * 32;
+        w.xb = u * 32 + 16;
+        w.da = w.db = u;
     } else if (T == T_Q6_K) {
         // Unit u: super-block u / 8, k = u % 8: n = k / 4 (which 128), g = (k / 2) % 2,
         // j = k % 2. ql bytes 64n + 32g + 16j.. hold elements 128n + 32g + 16j + i (low
@@ -425,7 +438,9 @@ __device__ __forceinline__ void load_unit(const u8* __restrict__ row, int nb, in
 }
 
 // Whether a format's two unit halves share the activation block (and so its scales).
-#define ONE_BLOCK(T) (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1 || T == T_Q8_0)
+#define ONE_BLOCK(T) (T != T_Q6_K)
+// Whether a format has a min term (the block's activation sum times the weight min).
+#define HAS_MIN(T) (T == T_Q4_1 || T == T_Q5_1 || T == T_Q4_K || T == T_Q5_K)
 
 // One token's int8 activations for a unit (the same for every row: they depend on the
 // unit's index only).
@@ -442,22 +457,51 @@ __device__ __forceinline__ void load_act(const Unit& w, const i8* __restrict__ x
     x.db = ONE_BLOCK(T) ? x.da : __ldg(xd + w.db);
 }
 
-// A unit's partial from its two exact integer half sums and the token's block scales:
-// the one float formula of both int8 kernels (`mmvq`, `mmq`). The 32-block formats
-// have one scale and one activation block for both halves: their sum goes whole.
+// Exact int → float for |s| < 2^22 (a unit's integer sums are at most 32 · 127 · 128):
+// s goes into the mantissa of 1.5 · 2^23, which is then taken away. Full-rate integer
+// and float adds instead of the quarter-rate conversion, and the same value as (float)s.
+__device__ __forceinline__ float i2f(int s) { return __fsub_rn(__int_as_float(0x4B400000 + s), 12582912.f); }
+
+// A unit's contribution to one (row, token) sum, from its exact integer half sums sa, sb
+// and the scales; `apply` adds it: acc ← x·y + (m·n + acc), one rounding per fma. Both
+// int8 kernels (`mmvq`, `mmq`) build it and apply it the same way, in the same order, so
+// a token's result is the same bits from either. Only the float steps are written with
+// _rn intrinsics, which the compiler can neither contract nor reorder.
+struct Contrib {
+    float x, y, m, n;
+};
+
 template <int T>
-__device__ __forceinline__ float unit_combine(const Unit& w, float2 da, float2 db, int sa, int sb) {
-    if (T == T_Q4_0 || T == T_Q5_0 || T == T_Q8_0) return __fmul_rn(__fmul_rn(w.fa, da.x), (float)(sa + sb));
-    if (T == T_Q4_1 || T == T_Q5_1) return __fmaf_rn(w.ma, da.y, __fmul_rn(__fmul_rn(w.fa, da.x), (float)(sa + sb)));
-    float r = __fmul_rn(__fmul_rn(w.fa, da.x), (float)sa);
-    r = __fmaf_rn(__fmul_rn(w.fb, db.x), (float)sb, r);
-    r = __fmaf_rn(w.ma, da.y, r);
-    return __fmaf_rn(w.mb, db.y, r);
+__device__ __forceinline__ Contrib contrib(float fa, float fb, float ma, float mb, float2 da, float2 db, int sa, int sb) {
+    Contrib c;
+    c.m = c.n = 0.f;
+    if (ONE_BLOCK(T)) {
+        c.x = __fmul_rn(fa, da.x);
+        c.y = i2f(sa + sb);
+        if (HAS_MIN(T)) {
+            c.m = ma;  // the min times the whole block's activation sum
+            c.n = da.y;
+        }
+    } else {
+        float r = __fmul_rn(__fmul_rn(fa, da.x), i2f(sa));
+        r = __fmaf_rn(__fmul_rn(fb, db.x), i2f(sb), r);
+        r = __fmaf_rn(ma, da.y, r);
+        c.x = __fmaf_rn(mb, db.y, r);
+        c.y = 1.f;
+    }
+    return c;
 }
 
-// The unit's partial against one token's activations.
 template <int T>
-__device__ __forceinline__ float unit_dot(const Unit& w, const Act& x) {
+__device__ __forceinline__ float apply(float acc, const Contrib& c) {
+    if (HAS_MIN(T)) acc = __fmaf_rn(c.m, c.n, acc);
+    if (ONE_BLOCK(T)) return __fmaf_rn(c.x, c.y, acc);
+    return __fadd_rn(acc, c.x);  // = fma(x, 1, acc)
+}
+
+// The unit's contribution against one token's activations (dp4a).
+template <int T>
+__device__ __forceinline__ Contrib unit_contrib(const Unit& w, const Act& x) {
     int sa = dp4a(w.q[0], x.a.x, 0);
     sa = dp4a(w.q[1], x.a.y, sa);
     sa = dp4a(w.q[2], x.a.z, sa);
@@ -466,16 +510,37 @@ __device__ __forceinline__ float unit_dot(const Unit& w, const Act& x) {
     sb = dp4a(w.q[5], x.b.y, sb);
     sb = dp4a(w.q[6], x.b.z, sb);
     sb = dp4a(w.q[7], x.b.w, sb);
-    return unit_combine<T>(w, x.da, x.db, sa, sb);
+    return contrib<T>(w.fa, w.fb, w.ma, w.mb, x.da, x.db, sa, sb);
+}
+
+// The order of a (row, token) sum, which every int8 kernel keeps: the row's units go to
+// 8 slices (slice s: units s, s + 8, s + 16, ..., applied in order from 0), and the 8
+// slice sums are added pairwise: ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)).
+//
+// In `mmvq`, lane l of a warp holds unit base + l, so slice s (kept by lane s < 8) takes
+// the units of lanes s, s + 8, s + 16, s + 24 in turn: `chain` applies them (those below
+// nb) on lane s. Lanes 8..31 compute values nobody reads.
+template <int T>
+__device__ __forceinline__ float chain(float acc, const Contrib& c, int u, int nb) {
+    if (u < nb) acc = apply<T>(acc, c);
+#pragma unroll
+    for (int k = 1; k < 4; k++) {
+        Contrib o;
+        o.x = __shfl_down_sync(0xffffffffu, c.x, 8 * k);
+        o.y = __shfl_down_sync(0xffffffffu, c.y, 8 * k);
+        o.m = HAS_MIN(T) ? __shfl_down_sync(0xffffffffu, c.m, 8 * k) : 0.f;
+        o.n = HAS_MIN(T) ? __shfl_down_sync(0xffffffffu, c.n, 8 * k) : 0.f;
+        if (u + 8 * k < nb) acc = apply<T>(acc, o);
+    }
+    return acc;
 }
 
 // Y[t][r] = Σ_c W[r][c] X[t][c] for the tokens t < n_tok of token group blockIdx.y (NT
 // tokens a group), X given as int8 (Xq, Xd from quantize_q8). A warp takes R rows;
-// lane l their units l, l + 32, ...: it loads the R rows' weights of a unit (R loads in
-// flight), then each token's activations once for all R rows. A (row, token)'s sum is
-// fixed by the units alone: slice l (lane l) adds units l, l + 32, ... in order, then
-// the 32 slices are added pairwise in order. Every variant (NT, R, n_tok) and `mmq`
-// keep that order, so a token gets the same bits from any of them.
+// lane l their units base + l for base = 0, 32, ...: it loads the R rows' weights of a
+// unit (R loads in flight), then each token's activations once for all R rows, and the
+// contributions go to their slices by `chain`. Every variant (NT, R, n_tok) and `mmq`
+// keep the order above, so a token gets the same bits from any of them.
 // Block: 128 (4 warps, 4R rows); grid: (ceil(rows / 4R), ceil(n_tok / NT)).
 template <int T, int NT, int R>
 __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
@@ -483,7 +548,7 @@ __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, 
                                        float* __restrict__ Y, int y_stride, int blk) {
     const int lane = threadIdx.x & 31;
     const int r0 = (blk * 4 + (threadIdx.x >> 5)) * R;
-    if (r0 >= rows) return;
+    if (r0 >= rows) return;  // the whole warp
     const int t0 = blockIdx.y * NT;
     const int nt = min(NT, n_tok - t0);
     const int nb = cols >> 5;
@@ -497,17 +562,19 @@ __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, 
     for (int i = 0; i < R; i++)
 #pragma unroll
         for (int t = 0; t < NT; t++) acc[i][t] = 0.f;
-    for (int u = lane; u < nb; u += 32) {
+    for (int base = 0; base < nb; base += 32) {
+        const int u = base + lane;
+        const int uu = min(u, nb - 1);  // lanes past the row load a real unit, never applied
         Unit w[R];
 #pragma unroll
-        for (int i = 0; i < R; i++) load_unit<T>(rp[i], nb, u, w[i]);
+        for (int i = 0; i < R; i++) load_unit<T>(rp[i], nb, uu, w[i]);
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
                 Act x;
                 load_act<T>(w[0], xq + (u64)t * cols, xd + (u64)t * nb, x);
 #pragma unroll
-                for (int i = 0; i < R; i++) acc[i][t] = __fadd_rn(acc[i][t], unit_dot<T>(w[i], x));
+                for (int i = 0; i < R; i++) acc[i][t] = chain<T>(acc[i][t], unit_contrib<T>(w[i], x), u, nb);
             }
         }
     }
@@ -516,10 +583,11 @@ __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, 
 #pragma unroll
         for (int t = 0; t < NT; t++) {
             if (t < nt) {
-                // Pairwise over the lanes in order ((0 + 1) + (2 + 3)) + ...: lane 0 ends
-                // with the sum, in the order `mmq` reproduces.
+                // Lanes 0..7 hold the slices: pairwise, in the order `mmq` reproduces.
                 float s = acc[i][t];
-                for (int o = 1; o < 32; o <<= 1) s = __fadd_rn(s, __shfl_down_sync(0xffffffffu, s, o));
+                s = __fadd_rn(s, __shfl_down_sync(0xffffffffu, s, 1));
+                s = __fadd_rn(s, __shfl_down_sync(0xffffffffu, s, 2));
+                s = __fadd_rn(s, __shfl_down_sync(0xffffffffu, s, 4));
                 if (lane == 0 && r0 + i < rows) Y[(u64)(t0 + t) * y_stride + r0 + i] = s;
             }
         }
@@ -551,6 +619,7 @@ __device__ __forceinline__ void mmvq_pick(int type, const u8* W, u64 rb, int row
              int t0, const u8* W0, u64 rb0, int rows0, float* Y0, int ys0,                                             \
              int t1, const u8* W1, u64 rb1, int rows1, float* Y1, int ys1,                                             \
              int t2, const u8* W2, u64 rb2, int rows2, float* Y2, int ys2) {                                           \
+        GRID_DEP_WAIT();                                                                                               \
         const int nb0 = (rows0 + 4 * R - 1) / (4 * R), nb1 = (rows1 + 4 * R - 1) / (4 * R);                           \
         const int b = blockIdx.x;                                                                                      \
         if (b < nb0) mmvq_pick<NT, R>(t0, W0, rb0, rows0, cols, Xq, Xd, n_tok, Y0, ys0, b);                            \
@@ -564,125 +633,267 @@ MMVQ_KERNEL(mmvq8, 8, 2)
 
 // ---- int8 tensor-core kernel -----------------------------------------------------------
 
-// C = A·B for one 16×16 s8 tile of weights (a0: row g, a1: row g + 8; k = 4·(lane % 4)..)
-// and a 16×8 s8 tile of activations (b0: k = 4·(lane % 4).., token g), exact int32:
-// c0, c1 row g, tokens 2·(lane % 4) + 0, 1; c2, c3 row g + 8 (g = lane / 4).
+// Exact int32 C = A·B on the tensor cores (lane = 4g + tq):
+// m16n8k32: A 16×32 s8 (a0: row g, k 4tq..4tq+3; a1: row g + 8, same k; a2, a3: the
+// same at k + 16), B 32×8 s8 (b0: token g, k 4tq..; b1: k + 16);
+// m16n8k16: A 16×16 (a0: row g, a1: row g + 8, k 4tq..), B 16×8 (b0: token g, k 4tq..);
+// C: c0, c1 row g, tokens 2tq, 2tq + 1; c2, c3 row g + 8.
+__device__ __forceinline__ void mma_s8_16832(int a0, int a1, int a2, int a3, int b0, int b1, int* c) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%10, %11, %12, %13};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0), "r"(0), "r"(0), "r"(0));
+}
+
 __device__ __forceinline__ void mma_s8_16816(int a0, int a1, int b0, int* c) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};"
-                 : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-                 : "r"(a0), "r"(a1), "r"(b0), "r"(0), "r"(0), "r"(0), "r"(0));
+    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};"
+        : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0), "r"(0), "r"(0), "r"(0), "r"(0));
 }
 
-// q[k] for k < 4 without indexing a register array by a lane-dependent value (which
-// would put it in local memory).
-__device__ __forceinline__ int pick4(const int* q, int k) {
-    return k == 0 ? q[0] : k == 1 ? q[1] : k == 2 ? q[2] : q[3];
+// Where unit u's activations are: bytes xa.. (half A) and xb.. (half B) of a token's
+// row, scales in blocks da and db (as `load_unit` sets them).
+struct UnitPos {
+    int xa, xb, da, db;
+};
+
+template <int T>
+__device__ __forceinline__ UnitPos unit_pos(int u) {
+    UnitPos p;
+    if (ONE_BLOCK(T)) {
+        p.xa = u * 32;
+        p.xb = u * 32 + 16;
+        p.da = p.db = u;
+    } else {  // Q6_K
+        const int k = u & 7, a0 = (u >> 3) * 8 + 4 * (k >> 2) + ((k >> 1) & 1), j = k & 1;
+        p.xa = a0 * 32 + 16 * j;
+        p.xb = (a0 + 2) * 32 + 16 * j;
+        p.da = a0;
+        p.db = a0 + 2;
+    }
+    return p;
 }
 
-// Y[t][r] = Σ_c W[r][c] X[t][c] on the tensor cores, for a tile of 16 rows × 8·MT
-// tokens a block (int8 activations as for `mmvq`). Each unit of 32 weights is two
-// m16n8k16 products per 8 tokens (its halves A and B: exact integer sums, as mmvq's
-// dp4a gives), combined with the scales by `unit_combine`; a unit's weights are
-// unpacked once for all MT token tiles. Warp w keeps slices 4w..4w+3 (slice s: units s,
-// s + 32, ..., added in order), adds its 4 slices pairwise, and the 8 warps' sums are
-// added pairwise: exactly mmvq's order, so a token gets the same bits from either
-// kernel, whatever MT, and the choice between them never changes a result.
-// Block: 256; grid: (ceil(rows / 16), ceil(n_tok / 8·MT)); dynamic shared memory:
-// 8 × 16 × 8·MT floats.
-template <int T, int MT>
+// Lane tq's share of unit u of a row, as the tensor cores take it: weights 4tq..4tq+3
+// of each half (qa: half A, qb: half B; `load_unit`'s q[tq] and q[4 + tq]), and the
+// unit's scales. Only the lane's 4 bytes of each half are loaded and unpacked.
+struct Slice {
+    int qa, qb;
+    float fa, fb, ma, mb;
+};
+
+template <int T>
+__device__ __forceinline__ void load_slice(const u8* __restrict__ row, int nb, int u, int tq, Slice& s) {
+    const u32 M = 0x0F0F0F0Fu;
+    s.fb = s.ma = s.mb = 0.f;
+    if (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1) {
+        const u32 v = __ldg((const u32*)(row + 16 * u) + tq);
+        u32 lo = v & M, hi = (v >> 4) & M;
+        if (T == T_Q5_0 || T == T_Q5_1) {
+            const u32 qh = __ldg((const u32*)(row + nb * 16) + u);
+            lo |= spread4(qh >> (4 * tq));
+            hi |= spread4(qh >> (4 * tq + 16));
+        }
+        if (T == T_Q4_0) {
+            lo = sub_bytes(lo, 0x08080808u);
+            hi = sub_bytes(hi, 0x08080808u);
+        } else if (T == T_Q5_0) {
+            lo = sub_bytes(lo, 0x10101010u);
+            hi = sub_bytes(hi, 0x10101010u);
+        }
+        s.qa = (int)lo;
+        s.qb = (int)hi;
+        if (T == T_Q4_0) s.fa = h2f(__ldg((const u16*)(row + nb * 16) + u));
+        if (T == T_Q5_0) s.fa = h2f(__ldg((const u16*)(row + nb * 20) + u));
+        if (T == T_Q4_1 || T == T_Q5_1) {
+            const u32 dm = __ldg((const u32*)(row + nb * (T == T_Q4_1 ? 16 : 20)) + u);
+            s.fa = h2f((u16)dm);
+            s.ma = h2f((u16)(dm >> 16));
+        }
+        s.fb = s.fa;
+    } else if (T == T_Q8_0) {
+        s.qa = __ldg((const int*)(row + 32 * u) + tq);
+        s.qb = __ldg((const int*)(row + 32 * u + 16) + tq);
+        s.fa = s.fb = h2f(__ldg((const u16*)(row + nb * 32) + u));
+    } else if (T == T_Q4_K || T == T_Q5_K) {
+        const int sb = u >> 3, j = u & 7, sh = 4 * (j & 1);
+        const u8* blk = row + sb * (T == T_Q4_K ? 144 : 176);
+        const u8* qs = blk + (T == T_Q4_K ? 16 : 48) + 32 * (j >> 1);
+        u32 lo = (__ldg((const u32*)qs + tq) >> sh) & M, hi = (__ldg((const u32*)(qs + 16) + tq) >> sh) & M;
+        if (T == T_Q5_K) {
+            lo |= ((__ldg((const u32*)(blk + 16) + tq) >> j) & 0x01010101u) << 4;
+            hi |= ((__ldg((const u32*)(blk + 32) + tq) >> j) & 0x01010101u) << 4;
+        }
+        s.qa = (int)lo;
+        s.qb = (int)hi;
+        const u32 dd = __ldg((const u32*)blk);
+        int sc, m;
+        scale_min_k4(j, blk + 4, &sc, &m);
+        s.fa = s.fb = h2f((u16)dd) * (float)sc;
+        s.ma = -h2f((u16)(dd >> 16)) * (float)m;
+    } else if (T == T_Q6_K) {
+        const int sb = u >> 3, k = u & 7, n = k >> 2, g = (k >> 1) & 1, j = k & 1;
+        const u8* blk = row + sb * 208;
+        const u32 v = __ldg((const u32*)(blk + 64 * n + 32 * g + 16 * j) + tq);
+        const u32 hv = __ldg((const u32*)(blk + 128 + 32 * n + 16 * j) + tq);
+        const u32 lo = (v & M) | (((hv >> (2 * g)) & 0x03030303u) << 4);
+        const u32 hi = ((v >> 4) & M) | (((hv >> (4 + 2 * g)) & 0x03030303u) << 4);
+        s.qa = sub_bytes(lo, 0x20202020u);
+        s.qb = sub_bytes(hi, 0x20202020u);
+        const float d = h2f(__ldg((const u16*)(row + (nb >> 3) * 208) + sb));
+        const i8* sc = (const i8*)(blk + 192);
+        s.fa = d * (float)sc[8 * n + 2 * g + j];
+        s.fb = d * (float)sc[8 * n + 4 + 2 * g + j];
+    }
+}
+
+// Y[t][r] = Σ_c W[r][c] X[t][c] on the tensor cores, for a tile of 16·RT rows × 8·MT
+// tokens a block (int8 activations as for `mmvq`). Warp w is slice w of the order
+// above: it takes units w, w + 8, ... in order, for the whole tile. A unit is one
+// m16n8k32 product per 16 rows × 8 tokens (two m16n8k16 for the K-quants, whose halves
+// have their own scales), turned into contributions as `mmvq` does; each lane loads and
+// unpacks only its own 4 bytes of each half. The 8 warps' sums are then added pairwise
+// through shared memory, in the order `mmvq` adds its slices: a token gets the same
+// bits from either kernel, whatever RT and MT, and the choice never changes a result.
+// Block: 256; grid: (ceil(rows / 16RT), ceil(n_tok / 8MT)); dynamic shared memory:
+// 4 × RT × MT × 128 floats.
+template <int T, int RT, int MT>
 __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                       const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
                                       float* __restrict__ Y, int y_stride) {
-    extern __shared__ float part[];  // [warp][row 16][token 8·MT]
-    const int NTT = 8 * MT;
+    extern __shared__ float part[];  // [slot 4][RT][MT][c 4][lane 32]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int r0 = blockIdx.x * 16, tok0 = blockIdx.y * NTT;
+    const int r0 = blockIdx.x * 16 * RT, tok0 = blockIdx.y * 8 * MT;
     const int nb = cols >> 5;
-    const u8* rowA = W + (u64)min(r0 + g, rows - 1) * row_bytes;
-    const u8* rowB = W + (u64)min(r0 + g + 8, rows - 1) * row_bytes;
-    float acc[4][MT][4];
+    float acc[RT][MT][4];
 #pragma unroll
-    for (int i = 0; i < 4; i++)
+    for (int i = 0; i < RT; i++)
 #pragma unroll
         for (int m = 0; m < MT; m++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][m][c] = 0.f;
-    for (int u0 = 4 * warp; u0 < nb; u0 += 32) {
+    // This lane's B token (g of each token tile) and C tokens (2tq, 2tq + 1), clamped.
+    u32 xb_off[MT], xd_off0[MT], xd_off1[MT];
+    bool tok_ok[MT];
 #pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const int u = u0 + i;
-            if (u < nb) {
-                Unit wa, wb;
-                load_unit<T>(rowA, nb, u, wa);
-                load_unit<T>(rowB, nb, u, wb);
-                const int aA0 = pick4(wa.q, tq), aA1 = pick4(wb.q, tq);
-                const int aB0 = pick4(wa.q + 4, tq), aB1 = pick4(wb.q + 4, tq);
+    for (int m = 0; m < MT; m++) {
+        const int tb = tok0 + 8 * m + g;
+        tok_ok[m] = tb < n_tok;
+        xb_off[m] = (u32)min(tb, n_tok - 1) * (u32)cols;
+        xd_off0[m] = (u32)min(tok0 + 8 * m + 2 * tq, n_tok - 1) * (u32)nb;
+        xd_off1[m] = (u32)min(tok0 + 8 * m + 2 * tq + 1, n_tok - 1) * (u32)nb;
+    }
+    const u8* rowp[RT][2];
 #pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    const int tb = tok0 + 8 * m + g;  // this lane feeds token tb to B
-                    const i8* xqB = Xq + (u64)min(tb, n_tok - 1) * cols;
-                    const int bA = tb < n_tok ? __ldg((const int*)(xqB + wa.xa) + tq) : 0;
-                    const int bB = tb < n_tok ? __ldg((const int*)(xqB + wa.xb) + tq) : 0;
-                    int cA[4], cB[4];
-                    mma_s8_16816(aA0, aA1, bA, cA);
-                    mma_s8_16816(aB0, aB1, bB, cB);
-                    // This lane's C columns: tokens tok0 + 8m + 2tq + {0, 1}.
-                    const float2* xd0 = Xd + (u64)min(tok0 + 8 * m + 2 * tq, n_tok - 1) * nb;
-                    const float2* xd1 = Xd + (u64)min(tok0 + 8 * m + 2 * tq + 1, n_tok - 1) * nb;
-                    const float2 da0 = __ldg(xd0 + wa.da), db0 = ONE_BLOCK(T) ? da0 : __ldg(xd0 + wa.db);
-                    const float2 da1 = __ldg(xd1 + wa.da), db1 = ONE_BLOCK(T) ? da1 : __ldg(xd1 + wa.db);
-                    acc[i][m][0] = __fadd_rn(acc[i][m][0], unit_combine<T>(wa, da0, db0, cA[0], cB[0]));
-                    acc[i][m][1] = __fadd_rn(acc[i][m][1], unit_combine<T>(wa, da1, db1, cA[1], cB[1]));
-                    acc[i][m][2] = __fadd_rn(acc[i][m][2], unit_combine<T>(wb, da0, db0, cA[2], cB[2]));
-                    acc[i][m][3] = __fadd_rn(acc[i][m][3], unit_combine<T>(wb, da1, db1, cA[3], cB[3]));
+    for (int i = 0; i < RT; i++) {
+        rowp[i][0] = W + (u64)min(r0 + 16 * i + g, rows - 1) * row_bytes;
+        rowp[i][1] = W + (u64)min(r0 + 16 * i + g + 8, rows - 1) * row_bytes;
+    }
+    for (int u = warp; u < nb; u += 8) {
+        const UnitPos p = unit_pos<T>(u);
+        int b0[MT], b1[MT];
+        float2 dA0[MT], dA1[MT], dB0[MT], dB1[MT];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+            const i8* xq = Xq + xb_off[m];
+            b0[m] = tok_ok[m] ? __ldg((const int*)(xq + p.xa) + tq) : 0;
+            b1[m] = tok_ok[m] ? __ldg((const int*)(xq + p.xb) + tq) : 0;
+            dA0[m] = __ldg(Xd + xd_off0[m] + p.da);
+            dA1[m] = __ldg(Xd + xd_off1[m] + p.da);
+            dB0[m] = ONE_BLOCK(T) ? dA0[m] : __ldg(Xd + xd_off0[m] + p.db);
+            dB1[m] = ONE_BLOCK(T) ? dA1[m] : __ldg(Xd + xd_off1[m] + p.db);
+        }
+#pragma unroll
+        for (int i = 0; i < RT; i++) {
+            Slice sa, sb;
+            load_slice<T>(rowp[i][0], nb, u, tq, sa);
+            load_slice<T>(rowp[i][1], nb, u, tq, sb);
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                int c[4], c2[4];
+                if (ONE_BLOCK(T)) {
+                    mma_s8_16832(sa.qa, sb.qa, sa.qb, sb.qb, b0[m], b1[m], c);
+                    c2[0] = c2[1] = c2[2] = c2[3] = 0;
+                } else {
+                    mma_s8_16816(sa.qa, sb.qa, b0[m], c);
+                    mma_s8_16816(sa.qb, sb.qb, b1[m], c2);
                 }
+                acc[i][m][0] = apply<T>(acc[i][m][0], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA0[m], dB0[m], c[0], c2[0]));
+                acc[i][m][1] = apply<T>(acc[i][m][1], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA1[m], dB1[m], c[1], c2[1]));
+                acc[i][m][2] = apply<T>(acc[i][m][2], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA0[m], dB0[m], c[2], c2[2]));
+                acc[i][m][3] = apply<T>(acc[i][m][3], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA1[m], dB1[m], c[3], c2[3]));
             }
         }
     }
-    float* pw = part + warp * 16 * NTT;
+    // Pairwise over the warps (slices): (0 + 1), (2 + 3), (4 + 5), (6 + 7); then
+    // (0 + 2), (4 + 6); then (0 + 4). The right operand goes through shared memory.
+    const int S = RT * MT * 4 * 32;
 #pragma unroll
-    for (int m = 0; m < MT; m++) {
+    for (int step = 1; step < 8; step <<= 1) {
+        const bool sender = (warp & (2 * step - 1)) == step, receiver = (warp & (2 * step - 1)) == 0;
+        float* slot = part + (warp / (2 * step)) * S + lane;
+        if (sender) {
 #pragma unroll
-        for (int c = 0; c < 4; c++) {
-            const float v = __fadd_rn(__fadd_rn(acc[0][m][c], acc[1][m][c]), __fadd_rn(acc[2][m][c], acc[3][m][c]));
-            pw[(g + 8 * (c >> 1)) * NTT + 8 * m + 2 * tq + (c & 1)] = v;
+            for (int i = 0; i < RT; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) slot[((i * MT + m) * 4 + c) * 32] = acc[i][m][c];
         }
-    }
-    __syncthreads();
-    for (int k = threadIdx.x; k < 16 * NTT; k += blockDim.x) {
-        const int rr = k / NTT, tt = k % NTT;
-        float w8[8];
+        __syncthreads();
+        if (receiver) {
 #pragma unroll
-        for (int w = 0; w < 8; w++) w8[w] = part[w * 16 * NTT + k];
-        const float v = __fadd_rn(__fadd_rn(__fadd_rn(w8[0], w8[1]), __fadd_rn(w8[2], w8[3])),
-                                  __fadd_rn(__fadd_rn(w8[4], w8[5]), __fadd_rn(w8[6], w8[7])));
-        if (r0 + rr < rows && tok0 + tt < n_tok) Y[(u64)(tok0 + tt) * y_stride + r0 + rr] = v;
+            for (int i = 0; i < RT; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) acc[i][m][c] = __fadd_rn(acc[i][m][c], slot[((i * MT + m) * 4 + c) * 32]);
+        }
+        __syncthreads();
+    }
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < RT; i++)
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int r = r0 + 16 * i + g + 8 * (c >> 1), t = tok0 + 8 * m + 2 * tq + (c & 1);
+                    if (r < rows && t < n_tok) Y[(u64)t * y_stride + r] = acc[i][m][c];
+                }
     }
 }
 
-#define MMQ_KERNEL(NAME, MT)                                                                                          \
-    extern "C" __global__ void __launch_bounds__(256)                                                                 \
+#define MMQ_KERNEL(NAME, RT, MT, KQ)                                                                                \
+    extern "C" __global__ void __launch_bounds__(256, KQ == 2 ? 1 : 2)                                                           \
         NAME(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols, const i8* __restrict__ Xq,        \
              const float2* __restrict__ Xd, int n_tok, float* __restrict__ Y, int y_stride) {                         \
+        GRID_DEP_WAIT();                                                                                               \
         switch (type) {                                                                                               \
-        case T_Q4_0: mmq_t<T_Q4_0, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
-        case T_Q4_1: mmq_t<T_Q4_1, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
-        case T_Q5_0: mmq_t<T_Q5_0, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
-        case T_Q5_1: mmq_t<T_Q5_1, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
-        case T_Q8_0: mmq_t<T_Q8_0, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
-        case T_Q4_K: mmq_t<T_Q4_K, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
-        case T_Q5_K: mmq_t<T_Q5_K, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
-        case T_Q6_K: mmq_t<T_Q6_K, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;                \
+        case T_Q4_0: if (KQ != 2) mmq_t<T_Q4_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q4_1: if (KQ != 2) mmq_t<T_Q4_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q5_0: if (KQ != 2) mmq_t<T_Q5_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q5_1: if (KQ != 2) mmq_t<T_Q5_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q8_0: if (KQ != 2) mmq_t<T_Q8_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q4_K: if (KQ) mmq_t<T_Q4_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q5_K: if (KQ) mmq_t<T_Q5_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q6_K: if (KQ) mmq_t<T_Q6_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
         }                                                                                                             \
     }
-// MT token tiles of 8 a block: model.rs picks by the number of tokens.
-MMQ_KERNEL(mmq1, 1)
-MMQ_KERNEL(mmq2, 2)
-MMQ_KERNEL(mmq4, 4)
+// 16·RT rows × 8·MT tokens a block: model.rs `mmq_tile` picks by rows and tokens. The
+// K-quants (KQ), whose scales take more registers, stop at 32 rows (4x4 would spill).
+MMQ_KERNEL(mmq_1x1, 1, 1, 1)
+MMQ_KERNEL(mmq_1x2, 1, 2, 1)
+MMQ_KERNEL(mmq_1x4, 1, 4, 1)
+MMQ_KERNEL(mmq_2x4, 2, 4, 1)
+MMQ_KERNEL(mmq_4x4, 4, 4, 0)
+// The K-quants' 4x4, one block a multiprocessor (it needs more than 128 registers).
+MMQ_KERNEL(mmq_4x4k, 4, 4, 2)
 
 // out[i][:] = scale * W[ids[i]][:] (token embeddings). Grid: n; block: 128.
 extern "C" __global__ void get_rows(int type, const u8* __restrict__ W, u64 row_bytes, const u32* __restrict__ ids,
                                     int cols, float scale, float* __restrict__ out) {
+    GRID_DEP_WAIT();
     const u8* row = W + (u64)ids[blockIdx.x] * row_bytes;
     float w[32];
     for (int b = threadIdx.x; b < (cols >> 5); b += blockDim.x) {
@@ -695,6 +906,7 @@ extern "C" __global__ void get_rows(int type, const u8* __restrict__ W, u64 row_
 // y[r][:] = x[r][:] / rms(x[r]) * w, for rows of n (in place when y == x). The sum of
 // squares is taken in double, as the CPU does. Grid: rows; block: 256.
 extern "C" __global__ void rms_norm(const float* x, const float* __restrict__ w, float* y, int n, float eps) {
+    GRID_DEP_WAIT();
     __shared__ double part[32];
     const float* xr = x + (u64)blockIdx.x * n;
     float* yr = y + (u64)blockIdx.x * n;
@@ -715,12 +927,14 @@ extern "C" __global__ void rms_norm(const float* x, const float* __restrict__ w,
 
 // x += y (n elements). Grid: ceil(n / 256); block 256.
 extern "C" __global__ void add(float* x, const float* __restrict__ y, int n) {
+    GRID_DEP_WAIT();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];
 }
 
 // x[r][c] += b[c] for rows of width n; `total` = rows * n.
 extern "C" __global__ void add_bias(float* x, const float* __restrict__ b, int n, int total) {
+    GRID_DEP_WAIT();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < total) x[i] += b[i % n];
 }
@@ -730,6 +944,7 @@ extern "C" __global__ void add_bias(float* x, const float* __restrict__ b, int n
 // elements are one block of one row).
 extern "C" __global__ void glu(float* g, const float* __restrict__ u, int n, int gelu, int cols, i8* __restrict__ Xq,
                                float2* __restrict__ Xd) {
+    GRID_DEP_WAIT();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     const float x = g[i];
@@ -746,6 +961,7 @@ extern "C" __global__ void glu(float* g, const float* __restrict__ u, int n, int
 
 // x = tanh(x / c) * c (final logit soft-capping).
 extern "C" __global__ void softcap(float* x, float c, int n) {
+    GRID_DEP_WAIT();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = tanhf(x[i] / c) * c;
 }
@@ -761,6 +977,7 @@ extern "C" __global__ void attention(const float* __restrict__ q, const u16* __r
                                      const u32* __restrict__ tables, const int* __restrict__ tok_table,
                                      const int* __restrict__ tok_pos, float* __restrict__ out,
                                      int n_head, int n_head_kv, int hd, int hdv, int bs, int window, float scale) {
+    GRID_DEP_WAIT();
     extern __shared__ float sm[];
     float* qs = sm;            // [hd]
     float* w = sm + hd;        // [ATT_CHUNK]
@@ -980,6 +1197,7 @@ __device__ __forceinline__ void attn_tok_t(const float* __restrict__ q, const u1
              const u32* __restrict__ tables, const int* __restrict__ tok_table, const int* __restrict__ tok_pos,       \
              float* __restrict__ out, int n_head, int n_head_kv, int bs, int window, float scale, int hg,              \
              i8* __restrict__ Xq, float2* __restrict__ Xd, int t0) {                                                   \
+        GRID_DEP_WAIT();                                                                                                               \
         attn_tok_t<EPL>(q, kc, vc, tables, tok_table, tok_pos, out, n_head, n_head_kv, bs, window, scale, hg, Xq, Xd, t0); \
     }
 ATTN_TOK_KERNEL(attn_tok64, 2)
@@ -1098,6 +1316,7 @@ __device__ __forceinline__ void attn_dec_t(const float* __restrict__ q, const u1
              const u32* __restrict__ tables, const int* __restrict__ tok_table, const int* __restrict__ tok_pos,       \
              float* __restrict__ out, int n_head, int n_head_kv, int bs, int window, float scale, int hg,              \
              i8* __restrict__ Xq, float2* __restrict__ Xd, int t0) {                                                   \
+        GRID_DEP_WAIT();                                                                                                               \
         attn_dec_t<EPL, NW>(q, kc, vc, tables, tok_table, tok_pos, out, n_head, n_head_kv, bs, window, scale, hg, Xq, Xd, t0); \
     }
 ATTN_DEC_KERNEL(attn_dec64, 2, 16)
@@ -1106,6 +1325,7 @@ ATTN_DEC_KERNEL(attn_dec256, 8, 8)
 
 // dst[i][:] = src[idx[i]][:] for rows of n. Grid: count; block: 128.
 extern "C" __global__ void copy_rows(const float* __restrict__ src, const int* __restrict__ idx, float* __restrict__ dst, int n) {
+    GRID_DEP_WAIT();
     const float* s = src + (u64)idx[blockIdx.x] * n;
     float* d = dst + (u64)blockIdx.x * n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) d[i] = s[i];
@@ -1121,6 +1341,7 @@ extern "C" __global__ void copy_rows(const float* __restrict__ src, const int* _
 extern "C" __global__ void __launch_bounds__(256) mmt(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                                       const float* __restrict__ X, int n_tok, int x_stride,
                                                       float* __restrict__ Y, int y_stride) {
+    GRID_DEP_WAIT();
     __shared__ float ws[MMT_R][33];
     __shared__ float xs[MMT_T][33];
     const int tid = threadIdx.x;
@@ -1171,6 +1392,7 @@ extern "C" __global__ void __launch_bounds__(256) mmt(int type, const u8* __rest
 extern "C" __global__ void add_rms_norm(float* x, const float* __restrict__ o, const float* __restrict__ w,
                                         float* __restrict__ h, int n, float eps, i8* __restrict__ Xq,
                                         float2* __restrict__ Xd) {
+    GRID_DEP_WAIT();
     __shared__ double part[32];
     float* xr = x + (u64)blockIdx.x * n;
     const float* orow = o ? o + (u64)blockIdx.x * n : nullptr;
@@ -1210,6 +1432,7 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
                                    const int* __restrict__ pos, const u32* __restrict__ slot,
                                    int n_head, int n_head_kv, int head_dim, int head_dim_v, int n_rot,
                                    float theta_scale, int neox, const float* __restrict__ freq_factors) {
+    GRID_DEP_WAIT();
     // cos and sin of each pair's angle, once for all heads (n_rot <= 512); theta built
     // as the CPU does, by repeated multiplication.
     __shared__ float cs[512];
@@ -1244,10 +1467,15 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
 // lse[r] = log Σ_i exp(x[r][i]) for rows of n, as the CPU's `log_sum_exp` computes it
 // (max first, then the sum of exp(x - max) in double; here each exp in f32, within an
 // ulp of the CPU's f64 one), so the sampler's log-probabilities need no pass over the
-// vocabulary on the host. Grid: rows; block: 1024.
-extern "C" __global__ void row_lse(const float* __restrict__ x, int n, float* __restrict__ lse) {
+// vocabulary on the host. With `am`, also each row's greedy pick: am[2r] the first index
+// of the maximum (the host's `argmax`), am[2r + 1] the maximum's bits, so a step whose
+// rows are all greedy copies back 12 bytes a row instead of the logits.
+// Grid: rows; block: 1024.
+extern "C" __global__ void row_lse(const float* __restrict__ x, int n, float* __restrict__ lse, u32* __restrict__ am) {
+    GRID_DEP_WAIT();
     __shared__ float fm[32];
     __shared__ double part[32];
+    __shared__ int fi[32];
     const float* r = x + (u64)blockIdx.x * n;
     float m = NEG_INF;
     for (int i = threadIdx.x; i < n; i += blockDim.x) m = fmaxf(m, r[i]);
@@ -1262,13 +1490,33 @@ extern "C" __global__ void row_lse(const float* __restrict__ x, int n, float* __
     __syncthreads();
     m = fm[0];
     double s = 0.0;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) s += (double)expf(r[i] - m);
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = s;
+    int first = n;  // the first index holding the maximum (the host's argmax)
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = r[i];
+        s += (double)expf(v - m);
+        if (v == m && i < first) first = i;
+    }
+    for (int off = 16; off > 0; off >>= 1) {
+        s += __shfl_xor_sync(0xffffffffu, s, off);
+        first = min(first, __shfl_xor_sync(0xffffffffu, first, off));
+    }
+    if ((threadIdx.x & 31) == 0) {
+        part[threadIdx.x >> 5] = s;
+        fi[threadIdx.x >> 5] = first;
+    }
     __syncthreads();
     if (threadIdx.x == 0) {
         double v = 0.0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++) v += part[w];
+        int f = n;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
+            v += part[w];
+            f = min(f, fi[w]);
+        }
         lse[blockIdx.x] = m + (float)log(v);
+        // A row of -inf (or NaN) has no strictly larger entry: the host's argmax says 0.
+        if (am) {
+            am[2 * blockIdx.x] = (m == NEG_INF || f >= n) ? 0u : (u32)f;
+            am[2 * blockIdx.x + 1] = __float_as_uint(m);
+        }
     }
 }

@@ -46,6 +46,29 @@ type NvrtcProgram = *mut c_void;
 const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR: c_int = 75;
 const CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR: c_int = 76;
 const CU_DEVICE_ATTRIBUTE_INTEGRATED: c_int = 18;
+const CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT: c_int = 16;
+/// CUlaunchAttributeID: the launch may overlap the previous kernel in the stream, which
+/// it waits for with `griddepcontrol.wait` (GRID_DEP_WAIT in kernels.cu).
+const CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION: c_uint = 6;
+
+/// CUlaunchAttribute (cuda.h): an id, padding to 8 bytes, a 64-byte value union.
+#[repr(C)]
+struct CuLaunchAttribute {
+    id: c_uint,
+    pad: [u8; 4],
+    value: [u64; 8],
+}
+
+/// CUlaunchConfig (cuda.h).
+#[repr(C)]
+struct CuLaunchConfig {
+    grid: [c_uint; 3],
+    block: [c_uint; 3],
+    shared: c_uint,
+    stream: CuStream,
+    attrs: *mut CuLaunchAttribute,
+    num_attrs: c_uint,
+}
 
 fn cuda_err(msg: impl Into<String>) -> Error {
     Error::Cuda(msg.into())
@@ -79,6 +102,8 @@ struct Driver {
     launch_kernel: unsafe extern "C" fn(
         CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CuStream, *mut *mut c_void, *mut *mut c_void,
     ) -> CuResult,
+    /// cuLaunchKernelEx (CUDA 12.0+), for programmatic dependent launch.
+    launch_kernel_ex: Option<unsafe extern "C" fn(*const CuLaunchConfig, CuFunction, *mut *mut c_void, *mut *mut c_void) -> CuResult>,
     mem_alloc: unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult,
     mem_free: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
     memcpy_htod: unsafe extern "C" fn(CuDevicePtr, *const c_void, usize) -> CuResult,
@@ -112,6 +137,8 @@ impl Driver {
             module_load_data: sym!(lib, "cuModuleLoadData"),
             module_get_function: sym!(lib, "cuModuleGetFunction"),
             launch_kernel: sym!(lib, "cuLaunchKernel"),
+            // SAFETY: cuLaunchKernelEx's prototype from cuda.h, as declared above.
+            launch_kernel_ex: unsafe { lib.get(b"cuLaunchKernelEx\0") }.ok().map(|s| *s),
             mem_alloc: sym!(lib, "cuMemAlloc_v2"),
             mem_free: sym!(lib, "cuMemFree_v2"),
             memcpy_htod: sym!(lib, "cuMemcpyHtoD_v2"),
@@ -300,6 +327,12 @@ pub struct Gpu {
     /// CPU and GPU share DRAM (Jetson): there is no point in a second copy.
     pub integrated: bool,
     pub driver_version: i32,
+    /// Streaming multiprocessors (launch shapes aim at filling them).
+    pub sms: u32,
+    /// Kernels are launched with programmatic dependent launch (sm_90+ and a driver
+    /// with cuLaunchKernelEx; EDGELM_CUDA_PDL=0 turns it off): each one's start overlaps
+    /// the end of the one before, which it waits for inside (kernels.cu GRID_DEP_WAIT).
+    pub pdl: bool,
     module: CuModule,
     /// The stream every launch goes to (a blocking stream: it orders with the
     /// synchronous copies on the legacy stream; capturable into CUDA graphs).
@@ -334,10 +367,11 @@ impl Gpu {
             }
             let mut dev: CuDevice = 0;
             drv.check((drv.device_get)(&mut dev, ordinal as c_int), "cuDeviceGet")?;
-            let (mut major, mut minor, mut integ) = (0, 0, 0);
+            let (mut major, mut minor, mut integ, mut sms) = (0, 0, 0, 0);
             drv.check((drv.device_get_attribute)(&mut major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "attribute")?;
             drv.check((drv.device_get_attribute)(&mut minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "attribute")?;
             drv.check((drv.device_get_attribute)(&mut integ, CU_DEVICE_ATTRIBUTE_INTEGRATED, dev), "attribute")?;
+            drv.check((drv.device_get_attribute)(&mut sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "attribute")?;
             let mut name = [0 as c_char; 256];
             drv.check((drv.device_get_name)(name.as_mut_ptr(), 256, dev), "cuDeviceGetName")?;
             let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
@@ -350,7 +384,10 @@ impl Gpu {
             drv.check((drv.module_load_data)(&mut module, cubin.as_ptr().cast()), "cuModuleLoadData (the kernels)")?;
             let mut stream: CuStream = std::ptr::null_mut();
             drv.check((drv.stream_create)(&mut stream, 0), "cuStreamCreate")?;
+            let pdl = arch >= 90 && drv.launch_kernel_ex.is_some() && std::env::var("EDGELM_CUDA_PDL").map_or(true, |v| v != "0");
             Ok(Arc::new(Gpu {
+                sms: sms.max(1) as u32,
+                pdl,
                 stream,
                 drv,
                 ctx,
@@ -452,8 +489,25 @@ impl Gpu {
         // SAFETY: every parameter is passed by pointer to 8 bytes of storage that holds
         // its value (a device pointer, or an int/float in the low bytes, little endian),
         // which is what cuLaunchKernel reads for parameters of at most that size.
-        let r = unsafe {
-            (self.drv.launch_kernel)(f, grid.0, grid.1, grid.2, block, 1, 1, shared, self.stream, ptrs.as_mut_ptr(), std::ptr::null_mut())
+        let r = match self.drv.launch_kernel_ex.filter(|_| self.pdl) {
+            Some(launch_ex) => {
+                let mut attr = CuLaunchAttribute { id: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, pad: [0; 4], value: [0; 8] };
+                attr.value[0] = 1; // programmaticStreamSerializationAllowed (an int, little endian)
+                let cfg = CuLaunchConfig {
+                    grid: [grid.0, grid.1, grid.2],
+                    block: [block, 1, 1],
+                    shared,
+                    stream: self.stream,
+                    attrs: &mut attr,
+                    num_attrs: 1,
+                };
+                // SAFETY: as for cuLaunchKernel; the config and its attribute outlive the call.
+                unsafe { launch_ex(&cfg, f, ptrs.as_mut_ptr(), std::ptr::null_mut()) }
+            }
+            // SAFETY: see above.
+            None => unsafe {
+                (self.drv.launch_kernel)(f, grid.0, grid.1, grid.2, block, 1, 1, shared, self.stream, ptrs.as_mut_ptr(), std::ptr::null_mut())
+            },
         };
         self.drv.check(r, name)?;
         if let (Some(p), Some(t0)) = (&self.profile, t0) {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use std::collections::HashMap;
 
-use super::{as_bytes, Arg, DevBuf, Gpu, Graph};
+use super::{as_bytes, as_bytes_mut, Arg, DevBuf, Gpu, Graph};
 use crate::error::{Error, Result};
 use crate::kv::KvShape;
 use crate::model::{logit_rows, Arch, Config, LogitsWanted, Model, SeqInput, StepLogits, Weight};
@@ -214,12 +214,15 @@ fn launch_matmul(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &
 }
 
 /// Whether `count` decode tokens take `mmvq` (else `mmq`, with the same bits): below
-/// `mmq_from` tokens, and always for the K-quants, whose per-lane unpacking (scales
-/// and mins) costs `mmq` more than the tensor cores save at decode batch sizes
-/// (measured on the H200: 8192×2048 Q4_K, 64 tokens, 98 µs mmvq against 107 µs).
+/// `mmq_from` tokens; the K-quants, whose per-lane unpacking (scales and mins) costs
+/// `mmq` more, from `EDGELM_MMQ_MIN_KQ` (default 24) unless `mmq_from` is 1 (all
+/// tokens to `mmq`: tests and measurements).
 pub fn decode_takes_mmvq(ty: GgmlType, count: usize, mmq_from: usize) -> bool {
     use GgmlType::*;
-    count < mmq_from || matches!(ty, Q4_K | Q5_K | Q6_K)
+    static KQ: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let kq = *KQ.get_or_init(|| std::env::var("EDGELM_MMQ_MIN_KQ").ok().and_then(|v| v.parse().ok()).unwrap_or(24));
+    let from = if matches!(ty, Q4_K | Q5_K | Q6_K) && mmq_from > 1 { mmq_from.max(kq) } else { mmq_from };
+    count < from
 }
 
 /// `launch_matmul` for several matrices with the same input (q, k, v; gate, up): runs
@@ -265,6 +268,51 @@ fn launch_matmuls(gpu: &Arc<Gpu>, ws: &[(&GpuWeight, &DevBuf)], x: Input<'_>, ru
     Ok(())
 }
 
+/// `set_mmq_tile`'s choice (row tiles << 8 | token tiles; 0: none).
+static MMQ_TILE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Make every `mmq` launch use blocks of 16·`rt` rows × 8·`mt` tokens (tests: each
+/// variant must give the same bits), or (None) let `mmq_tile` choose again.
+pub fn set_mmq_tile(tile: Option<(usize, usize)>) {
+    MMQ_TILE.store(tile.map_or(0, |(rt, mt)| rt << 8 | mt), std::sync::atomic::Ordering::Relaxed);
+}
+
+/// The `mmq` variant for `n` tokens of a `rows`-row matrix: (kernel, row tiles of 16,
+/// token tiles of 8) a block (MMQ_KERNEL in kernels.cu). Token tiles: as few as cover
+/// the tokens, up to 4. Row tiles: the most (4, or 2 for the K-quants) that still give
+/// two blocks per multiprocessor; larger blocks reuse each weight and activation load
+/// over more products, smaller ones keep every multiprocessor busy on small batches.
+fn mmq_tile(gpu: &Gpu, ty: GgmlType, rows: usize, n: usize) -> (&'static str, usize, usize) {
+    use GgmlType::*;
+    let forced = MMQ_TILE.load(std::sync::atomic::Ordering::Relaxed);
+    let (rt, mt) = if forced != 0 {
+        (forced >> 8, forced & 0xff)
+    } else {
+        let mt = match n {
+            0..=8 => 1,
+            9..=16 => 2,
+            _ => 4,
+        };
+        let fill = 2 * gpu.sms as usize;
+        let rt = [4, 2, 1]
+            .into_iter()
+            .filter(|&rt| mt == 4 && !(matches!(ty, Q4_K | Q5_K | Q6_K) && rt == 4))
+            .find(|&rt| rows.div_ceil(16 * rt) * n.div_ceil(8 * mt) >= fill)
+            .unwrap_or(1);
+        (rt, mt)
+    };
+    // The variants kernels.cu has; the K-quants' 4x4 is its own kernel (one block a
+    // multiprocessor: it needs more than 128 registers).
+    match (rt, mt) {
+        (1, 1) => ("mmq_1x1", 1, 1),
+        (1, 2) => ("mmq_1x2", 1, 2),
+        (2, 4) => ("mmq_2x4", 2, 4),
+        (4, 4) if matches!(ty, Q4_K | Q5_K | Q6_K) => ("mmq_4x4k", 4, 4),
+        (4, 4) => ("mmq_4x4", 4, 4),
+        _ => ("mmq_1x4", 1, 4),
+    }
+}
+
 fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf, mmq_from: usize) -> Result<()> {
     for &(first, count, solo) in runs {
         if int8_decode(w.ty) {
@@ -275,14 +323,8 @@ fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run],
                 launch_matmuls(gpu, &[(w, y)], x, &[(first, count, solo)], mmq_from)?;
                 continue;
             }
-            // Token tiles of 8 a block (MMQ_KERNEL in kernels.cu); shared memory:
-            // 8 warps × 16 rows × the block's tokens.
-            let (name, mt) = match count {
-                0..=8 => ("mmq1", 1),
-                9..=16 => ("mmq2", 2),
-                _ => ("mmq4", 4),
-            };
-            gpu.launch(name, (w.rows.div_ceil(16) as u32, count.div_ceil(8 * mt) as u32, 1), 256, (8 * 16 * 8 * mt * 4) as u32, &[
+            let (name, rt, mt) = mmq_tile(gpu, w.ty, w.rows, count);
+            gpu.launch(name, (w.rows.div_ceil(16 * rt) as u32, count.div_ceil(8 * mt) as u32, 1), 256, (4 * rt * mt * 128 * 4) as u32, &[
                 Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32),
                 xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8), Arg::I32(count as i32), y.at(first * w.rows * 4),
                 Arg::I32(w.rows as i32),
@@ -491,7 +533,7 @@ impl GpuModel {
         }
         let n_tok = ids.len();
         if n_tok == 0 {
-            return Ok(StepLogits { n_vocab: c.n_vocab, data: vec![], rows: vec![], lse: vec![] });
+            return Ok(StepLogits { n_vocab: c.n_vocab, data: vec![], rows: vec![], lse: vec![], greedy: vec![] });
         }
         let e = c.n_embd;
         let (qd, kd, vd) = (c.q_dim(), c.kv_dim_k(), c.kv_dim_v());
@@ -502,7 +544,7 @@ impl GpuModel {
         // depend on how many sequences share the step.
         let mut out_runs: Vec<Run> = Vec::new();
         for (j, &(si, _, _)) in rows.iter().enumerate() {
-            push_run(&mut out_runs, j, seqs[si].logits == LogitsWanted::Last);
+            push_run(&mut out_runs, j, seqs[si].logits.last());
         }
         let idx: Vec<i32> = rows.iter().map(|&(_, _, t)| t as i32).collect();
         // The widest matrix input (int8 activations: one byte a column).
@@ -510,7 +552,7 @@ impl GpuModel {
         kv.ensure(gpu, &[
             (S_X, n_tok * e * 4), (S_H, n_tok * e * 4), (S_Q, n_tok * qd * 4), (S_K, n_tok * kd * 4), (S_V, n_tok * vd * 4),
             (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, n_tok * c.n_ff * 4), (S_U, n_tok * c.n_ff * 4),
-            (S_INPUTS, (4 * n_tok + n_out + tables.len()) * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * (c.n_vocab + 1) * 4),
+            (S_INPUTS, (4 * n_tok + n_out + tables.len()) * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * (c.n_vocab + 3) * 4),
             (S_XQ, n_tok.max(n_out) * wide), (S_XD, n_tok.max(n_out) * wide / 32 * 8),
         ])?;
         let GpuKv { k: kv_k, v: kv_v, scratch, graphs, .. } = kv;
@@ -635,8 +677,11 @@ impl GpuModel {
             if let Some(cap) = c.final_logit_softcap {
                 self.elementwise("softcap", n_out * c.n_vocab, &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)])?;
             }
-            // (the log-sum-exps after the logits: one transfer back)
-            gpu.launch("row_lse", (n_out as u32, 1, 1), 1024, 0, &[logits.arg(), Arg::I32(c.n_vocab as i32), logits.at(n_out * c.n_vocab * 4)])?;
+            // The log-sum-exps after the logits, then each row's (first maximum, its
+            // logit): one transfer back, of everything or (all rows greedy) the tail.
+            gpu.launch("row_lse", (n_out as u32, 1, 1), 1024, 0, &[
+                logits.arg(), Arg::I32(c.n_vocab as i32), logits.at(n_out * c.n_vocab * 4), logits.at(n_out * (c.n_vocab + 1) * 4),
+            ])?;
         }
         Ok(())
         };
@@ -655,13 +700,20 @@ impl GpuModel {
         } else {
             launches()?;
         }
-        let (mut data, mut lse) = (Vec::new(), Vec::new());
+        let (mut data, mut lse, mut greedy) = (Vec::new(), Vec::new(), Vec::new());
         gpu.sync()?;
-        if n_out > 0 {
+        if n_out > 0 && rows.iter().all(|&(si, _, _)| seqs[si].logits == LogitsWanted::Greedy) {
+            // Greedy rows: the tokens, their logits and the log-sum-exps, not the logits.
+            let mut tail = vec![0f32; 3 * n_out];
+            sc[S_LOGITS].read(n_out * c.n_vocab * 4, as_bytes_mut(&mut tail))?;
+            greedy = tail[n_out..].chunks(2).map(|p| (p[0].to_bits(), f32::from_bits(p[1].to_bits()))).collect();
+            tail.truncate(n_out);
+            lse = tail;
+        } else if n_out > 0 {
             data = sc[S_LOGITS].read_f32(n_out * (c.n_vocab + 1))?;
             lse = data.split_off(n_out * c.n_vocab);
         }
-        Ok(StepLogits { n_vocab: c.n_vocab, data, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(), lse })
+        Ok(StepLogits { n_vocab: c.n_vocab, data, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(), lse, greedy })
     }
 }
 

@@ -166,6 +166,16 @@ pub enum LogitsWanted {
     None,
     Last,
     All,
+    /// The last token's, for a greedy pick only: a backend may return just the row's
+    /// first maximum and log-sum-exp (`StepLogits::greedy`) instead of the logits.
+    Greedy,
+}
+
+impl LogitsWanted {
+    /// One row, for the sequence's last token (`Last` or `Greedy`).
+    pub fn last(self) -> bool {
+        matches!(self, LogitsWanted::Last | LogitsWanted::Greedy)
+    }
 }
 
 /// Logits of a step: one `n_vocab` row per requested token, in input order.
@@ -177,6 +187,10 @@ pub struct StepLogits {
     /// Each row's log-sum-exp (`sample::log_sum_exp`), when the backend computed it
     /// (the GPU does, beside the logits); empty otherwise.
     pub lse: Vec<f32>,
+    /// When every row was `LogitsWanted::Greedy` and the backend took the shortcut
+    /// (the GPU does): each row's first maximum (`sample::argmax`) and its logit, and
+    /// `data` is empty. Empty otherwise.
+    pub greedy: Vec<(u32, f32)>,
 }
 
 
@@ -362,7 +376,7 @@ impl Model {
         if n_out > 0 {
             // A sequence's last-token logits always take the one-token kernels, so they
             // do not depend on how many sequences share the step.
-            let solo_out: Vec<bool> = rows.iter().map(|&(si, _, _)| seqs[si].logits == LogitsWanted::Last).collect();
+            let solo_out: Vec<bool> = rows.iter().map(|&(si, _, _)| seqs[si].logits.last()).collect();
             self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits, &solo_out, invariant));
         }
         if let Some(b) = &self.output_bias {
@@ -371,7 +385,7 @@ impl Model {
         if let Some(c) = cfg.final_logit_softcap {
             logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
         }
-        Ok(StepLogits { n_vocab: cfg.n_vocab, data: logits, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(), lse: Vec::new() })
+        Ok(StepLogits { n_vocab: cfg.n_vocab, data: logits, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(), lse: Vec::new(), greedy: Vec::new() })
     }
 }
 
@@ -384,8 +398,8 @@ pub(crate) fn logit_rows(seqs: &[SeqInput<'_>]) -> Vec<(usize, usize, usize)> {
         let n = s.tokens.len();
         match s.logits {
             LogitsWanted::None => {}
-            LogitsWanted::Last if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
-            LogitsWanted::Last => {}
+            LogitsWanted::Last | LogitsWanted::Greedy if n > 0 => rows.push((si, n - 1, t0 + n - 1)),
+            LogitsWanted::Last | LogitsWanted::Greedy => {}
             LogitsWanted::All => rows.extend((0..n).map(|i| (si, i, t0 + i))),
         }
         t0 += n;

@@ -52,7 +52,7 @@ def main():
     for arch in arches:
         rc, log = report(lib, src, arch)
         if rc:
-            print(log)
+            print("\n".join(line for line in log.splitlines() if "error" in line)[:4000])
             sys.exit(f"sm_{arch}: compile failed ({rc})")
         name = "?"
         print(f"== sm_{arch}")

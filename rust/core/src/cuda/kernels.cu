@@ -676,21 +676,24 @@ __device__ __forceinline__ UnitPos unit_pos(int u) {
 
 // Lane tq's share of unit u of a row, as the tensor cores take it: weights 4tq..4tq+3
 // of each half (qa: half A, qb: half B; `load_unit`'s q[tq] and q[4 + tq]), and the
-// unit's scales. Only the lane's 4 bytes of each half are loaded and unpacked.
+// unit's scales. Only the lane's 4 bytes of each half are loaded and unpacked. `row`
+// is a row in global memory (G), or `mmq_t`'s copy in shared memory of 8 units of it
+// (`stage_unit`), laid out as a row of nb = 8 units.
+#define LDS(p) (G ? __ldg(p) : *(p))
 struct Slice {
     int qa, qb;
     float fa, fb, ma, mb;
 };
 
-template <int T>
-__device__ __forceinline__ void load_slice(const u8* __restrict__ row, int nb, int u, int tq, Slice& s) {
+template <int T, bool G>
+__device__ __forceinline__ void load_slice(const u8* row, int nb, int u, int tq, Slice& s) {
     const u32 M = 0x0F0F0F0Fu;
     s.fb = s.ma = s.mb = 0.f;
     if (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1) {
-        const u32 v = __ldg((const u32*)(row + 16 * u) + tq);
+        const u32 v = LDS((const u32*)(row + 16 * u) + tq);
         u32 lo = v & M, hi = (v >> 4) & M;
         if (T == T_Q5_0 || T == T_Q5_1) {
-            const u32 qh = __ldg((const u32*)(row + nb * 16) + u);
+            const u32 qh = LDS((const u32*)(row + nb * 16) + u);
             lo |= spread4(qh >> (4 * tq));
             hi |= spread4(qh >> (4 * tq + 16));
         }
@@ -703,30 +706,30 @@ __device__ __forceinline__ void load_slice(const u8* __restrict__ row, int nb, i
         }
         s.qa = (int)lo;
         s.qb = (int)hi;
-        if (T == T_Q4_0) s.fa = h2f(__ldg((const u16*)(row + nb * 16) + u));
-        if (T == T_Q5_0) s.fa = h2f(__ldg((const u16*)(row + nb * 20) + u));
+        if (T == T_Q4_0) s.fa = h2f(LDS((const u16*)(row + nb * 16) + u));
+        if (T == T_Q5_0) s.fa = h2f(LDS((const u16*)(row + nb * 20) + u));
         if (T == T_Q4_1 || T == T_Q5_1) {
-            const u32 dm = __ldg((const u32*)(row + nb * (T == T_Q4_1 ? 16 : 20)) + u);
+            const u32 dm = LDS((const u32*)(row + nb * (T == T_Q4_1 ? 16 : 20)) + u);
             s.fa = h2f((u16)dm);
             s.ma = h2f((u16)(dm >> 16));
         }
         s.fb = s.fa;
     } else if (T == T_Q8_0) {
-        s.qa = __ldg((const int*)(row + 32 * u) + tq);
-        s.qb = __ldg((const int*)(row + 32 * u + 16) + tq);
-        s.fa = s.fb = h2f(__ldg((const u16*)(row + nb * 32) + u));
+        s.qa = LDS((const int*)(row + 32 * u) + tq);
+        s.qb = LDS((const int*)(row + 32 * u + 16) + tq);
+        s.fa = s.fb = h2f(LDS((const u16*)(row + nb * 32) + u));
     } else if (T == T_Q4_K || T == T_Q5_K) {
         const int sb = u >> 3, j = u & 7, sh = 4 * (j & 1);
         const u8* blk = row + sb * (T == T_Q4_K ? 144 : 176);
         const u8* qs = blk + (T == T_Q4_K ? 16 : 48) + 32 * (j >> 1);
-        u32 lo = (__ldg((const u32*)qs + tq) >> sh) & M, hi = (__ldg((const u32*)(qs + 16) + tq) >> sh) & M;
+        u32 lo = (LDS((const u32*)qs + tq) >> sh) & M, hi = (LDS((const u32*)(qs + 16) + tq) >> sh) & M;
         if (T == T_Q5_K) {
-            lo |= ((__ldg((const u32*)(blk + 16) + tq) >> j) & 0x01010101u) << 4;
-            hi |= ((__ldg((const u32*)(blk + 32) + tq) >> j) & 0x01010101u) << 4;
+            lo |= ((LDS((const u32*)(blk + 16) + tq) >> j) & 0x01010101u) << 4;
+            hi |= ((LDS((const u32*)(blk + 32) + tq) >> j) & 0x01010101u) << 4;
         }
         s.qa = (int)lo;
         s.qb = (int)hi;
-        const u32 dd = __ldg((const u32*)blk);
+        const u32 dd = LDS((const u32*)blk);
         int sc, m;
         scale_min_k4(j, blk + 4, &sc, &m);
         s.fa = s.fb = h2f((u16)dd) * (float)sc;
@@ -734,31 +737,200 @@ __device__ __forceinline__ void load_slice(const u8* __restrict__ row, int nb, i
     } else if (T == T_Q6_K) {
         const int sb = u >> 3, k = u & 7, n = k >> 2, g = (k >> 1) & 1, j = k & 1;
         const u8* blk = row + sb * 208;
-        const u32 v = __ldg((const u32*)(blk + 64 * n + 32 * g + 16 * j) + tq);
-        const u32 hv = __ldg((const u32*)(blk + 128 + 32 * n + 16 * j) + tq);
+        const u32 v = LDS((const u32*)(blk + 64 * n + 32 * g + 16 * j) + tq);
+        const u32 hv = LDS((const u32*)(blk + 128 + 32 * n + 16 * j) + tq);
         const u32 lo = (v & M) | (((hv >> (2 * g)) & 0x03030303u) << 4);
         const u32 hi = ((v >> 4) & M) | (((hv >> (4 + 2 * g)) & 0x03030303u) << 4);
         s.qa = sub_bytes(lo, 0x20202020u);
         s.qb = sub_bytes(hi, 0x20202020u);
-        const float d = h2f(__ldg((const u16*)(row + (nb >> 3) * 208) + sb));
+        const float d = h2f(LDS((const u16*)(row + (nb >> 3) * 208) + sb));
         const i8* sc = (const i8*)(blk + 192);
         s.fa = d * (float)sc[8 * n + 2 * g + j];
         s.fb = d * (float)sc[8 * n + 4 + 2 * g + j];
     }
 }
 
+// A row's bytes for 8 units (one K-quant super-block) in shared memory, laid out as a
+// whole row of nb = 8 units (so `load_slice` reads it as it would the row): the 32-block
+// formats' parts one after the other (quants, then high bits / scales), a K-quant's
+// super-block as it is (Q6_K's d after it). MMQ_PITCH: bytes a staged row takes, a
+// multiple of 16 whose words ≡ 4 (mod 8), so 8 rows × 4 lanes of 4 bytes hit 32 banks.
+template <int T>
+struct Stage {
+    // Bytes a unit per part (0: absent) and where the part starts in a global row.
+    static constexpr int S0 = T == T_Q8_0 ? 32 : T == T_Q4_K ? 18 : T == T_Q5_K ? 22 : T == T_Q6_K ? 26 : 16;
+    static constexpr int S1 = (T == T_Q4_0 || T == T_Q8_0) ? 2 : (T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1) ? 4 : 0;
+    static constexpr int S2 = T == T_Q5_0 ? 2 : T == T_Q5_1 ? 4 : 0;
+    static constexpr int BYTES = 8 * (S0 + S1 + S2) + (T == T_Q6_K ? 2 : 0);
+    static constexpr int P16 = (BYTES + 15) / 16 * 16;
+    static constexpr int PITCH = (P16 / 4) % 8 == 4 ? P16 : P16 + 16;
+};
+
+// Copy unit u0 + ul's bytes (ul < 8, the unit inside the row) of global row `g` (nb
+// units) to staged row `d`. A K-quant's super-block is copied by its 8 units' threads,
+// 16 bytes each (and the rest by ul 0).
+template <int T>
+__device__ __forceinline__ void stage_unit(const u8* __restrict__ g, int nb, int u0, int ul, u8* d) {
+    typedef Stage<T> L;
+    const int u = u0 + ul;
+    if (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) {
+        const int sbb = T == T_Q4_K ? 144 : T == T_Q5_K ? 176 : 208;
+        const uint4* src = (const uint4*)(g + (u0 >> 3) * sbb);
+        for (int c = ul; c < sbb / 16; c += 8) ((uint4*)d)[c] = __ldg(src + c);
+        if (T == T_Q6_K && ul == 0) *(u16*)(d + 208) = __ldg((const u16*)(g + (nb >> 3) * 208) + (u0 >> 3));
+        return;
+    }
+    if (u >= nb) return;
+    const uint4* q = (const uint4*)(g + L::S0 * u);
+#pragma unroll
+    for (int c = 0; c < L::S0 / 16; c++) ((uint4*)(d + L::S0 * ul))[c] = __ldg(q + c);
+    u8* d1 = d + 8 * L::S0;
+    if (L::S1 == 2) ((u16*)d1)[ul] = __ldg((const u16*)(g + L::S0 * nb) + u);
+    if (L::S1 == 4) ((u32*)d1)[ul] = __ldg((const u32*)(g + L::S0 * nb) + u);
+    u8* d2 = d1 + 8 * L::S1;
+    if (L::S2 == 2) ((u16*)d2)[ul] = __ldg((const u16*)(g + (L::S0 + L::S1) * nb) + u);
+    if (L::S2 == 4) ((u32*)d2)[ul] = __ldg((const u32*)(g + (L::S0 + L::S1) * nb) + u);
+}
+
 // Y[t][r] = Σ_c W[r][c] X[t][c] on the tensor cores, for a tile of 16·RT rows × 8·MT
-// tokens a block (int8 activations as for `mmvq`). Warp w is slice w of the order
-// above: it takes units w, w + 8, ... in order, for the whole tile. A unit is one
-// m16n8k32 product per 16 rows × 8 tokens (two m16n8k16 for the K-quants, whose halves
-// have their own scales), turned into contributions as `mmvq` does; each lane loads and
-// unpacks only its own 4 bytes of each half. The 8 warps' sums are then added pairwise
-// through shared memory, in the order `mmvq` adds its slices: a token gets the same
-// bits from either kernel, whatever RT and MT, and the choice never changes a result.
+// tokens a block (int8 activations as for `mmvq`). The block walks the row 8 units at
+// a time: its threads copy the tile's weights, activations and activation scales for
+// those units to shared memory (coalesced 16-byte loads), then warp w takes unit
+// u0 + w: it is slice w of the order above, so it takes units w, w + 8, ... in order,
+// for the whole tile. A unit is one m16n8k32 product per 16 rows × 8 tokens (two
+// m16n8k16 for Q6_K, whose halves have their own scales), turned into contributions
+// as `mmvq` does; each lane reads and unpacks only its own 4 bytes of each half. The 8
+// warps' sums are then added pairwise through shared memory, in the order `mmvq` adds
+// its slices: a token gets the same bits from either kernel, whatever RT and MT, and
+// the choice never changes a result.
 // Block: 256; grid: (ceil(rows / 16RT), ceil(n_tok / 8MT)); dynamic shared memory:
-// 4 × RT × MT × 128 floats.
+// `mmq_shared` bytes (model.rs).
+#define MMQ_XPITCH 272  // a staged token's 8 units of activations: 256 bytes + 16
 template <int T, int RT, int MT>
 __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
+                                      const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
+                                      float* __restrict__ Y, int y_stride) {
+    extern __shared__ __align__(16) u8 smem[];
+    typedef Stage<T> L;
+    u8* ws = smem;                                    // [16RT rows][PITCH]
+    u8* xs = ws + 16 * RT * L::PITCH;                 // [8MT tokens][MMQ_XPITCH]
+    float2* ds = (float2*)(xs + 8 * MT * MMQ_XPITCH);  // [8MT tokens][8 units]
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int r0 = blockIdx.x * 16 * RT, tok0 = blockIdx.y * 8 * MT;
+    const int nb = cols >> 5;
+    float acc[RT][MT][4];
+#pragma unroll
+    for (int i = 0; i < RT; i++)
+#pragma unroll
+        for (int m = 0; m < MT; m++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[i][m][c] = 0.f;
+    for (int u0 = 0; u0 < nb; u0 += 8) {
+        // Stage: (row, unit) and (token, unit) items, 8 consecutive threads a row.
+        for (int it = threadIdx.x; it < 16 * RT * 8; it += 256) {
+            const int r = it >> 3, ul = it & 7;
+            stage_unit<T>(W + (u64)min(r0 + r, rows - 1) * row_bytes, nb, u0, ul, ws + r * L::PITCH);
+        }
+        for (int it = threadIdx.x; it < 8 * MT * 8; it += 256) {
+            const int t = it >> 3, ul = it & 7, tt = min(tok0 + t, n_tok - 1);
+            if (u0 + ul < nb) {
+                const uint4* src = (const uint4*)(Xq + (u64)tt * cols + 32 * (u0 + ul));
+                uint4* dst = (uint4*)(xs + t * MMQ_XPITCH + 32 * ul);
+                dst[0] = __ldg(src);
+                dst[1] = __ldg(src + 1);
+                ds[t * 8 + ul] = __ldg(Xd + (u64)tt * nb + u0 + ul);
+            }
+        }
+        __syncthreads();
+        const int u = u0 + warp;
+        if (u < nb) {
+            UnitPos p = unit_pos<T>(u);
+            p.xa -= 32 * u0;
+            p.xb -= 32 * u0;
+            p.da -= u0;
+            p.db -= u0;
+            int b0[MT], b1[MT];
+            float2 dA0[MT], dA1[MT], dB0[MT], dB1[MT];
+#pragma unroll
+            for (int m = 0; m < MT; m++) {
+                const u8* xt = xs + (8 * m + g) * MMQ_XPITCH;
+                b0[m] = *(const int*)(xt + p.xa + 4 * tq);
+                b1[m] = *(const int*)(xt + p.xb + 4 * tq);
+                const float2* d0 = ds + (8 * m + 2 * tq) * 8;
+                dA0[m] = d0[p.da];
+                dA1[m] = d0[8 + p.da];
+                dB0[m] = ONE_BLOCK(T) ? dA0[m] : d0[p.db];
+                dB1[m] = ONE_BLOCK(T) ? dA1[m] : d0[8 + p.db];
+            }
+#pragma unroll
+            for (int i = 0; i < RT; i++) {
+                Slice sa, sb;
+                load_slice<T, false>(ws + (16 * i + g) * L::PITCH, 8, u - u0, tq, sa);
+                load_slice<T, false>(ws + (16 * i + g + 8) * L::PITCH, 8, u - u0, tq, sb);
+#pragma unroll
+                for (int m = 0; m < MT; m++) {
+                    int c[4], c2[4];
+                    if (ONE_BLOCK(T)) {
+                        mma_s8_16832(sa.qa, sb.qa, sa.qb, sb.qb, b0[m], b1[m], c);
+                        c2[0] = c2[1] = c2[2] = c2[3] = 0;
+                    } else {
+                        mma_s8_16816(sa.qa, sb.qa, b0[m], c);
+                        mma_s8_16816(sa.qb, sb.qb, b1[m], c2);
+                    }
+                    acc[i][m][0] = apply<T>(acc[i][m][0], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA0[m], dB0[m], c[0], c2[0]));
+                    acc[i][m][1] = apply<T>(acc[i][m][1], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA1[m], dB1[m], c[1], c2[1]));
+                    acc[i][m][2] = apply<T>(acc[i][m][2], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA0[m], dB0[m], c[2], c2[2]));
+                    acc[i][m][3] = apply<T>(acc[i][m][3], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA1[m], dB1[m], c[3], c2[3]));
+                }
+            }
+        }
+        __syncthreads();
+    }
+    // Pairwise over the warps (slices): (0 + 1), (2 + 3), (4 + 5), (6 + 7); then
+    // (0 + 2), (4 + 6); then (0 + 4). The right operand goes through shared memory.
+    float* part = (float*)smem;  // [slot 4][RT][MT][c 4][lane 32]
+    const int S = RT * MT * 4 * 32;
+#pragma unroll
+    for (int step = 1; step < 8; step <<= 1) {
+        const bool sender = (warp & (2 * step - 1)) == step, receiver = (warp & (2 * step - 1)) == 0;
+        float* slot = part + (warp / (2 * step)) * S + lane;
+        if (sender) {
+#pragma unroll
+            for (int i = 0; i < RT; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) slot[((i * MT + m) * 4 + c) * 32] = acc[i][m][c];
+        }
+        __syncthreads();
+        if (receiver) {
+#pragma unroll
+            for (int i = 0; i < RT; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) acc[i][m][c] = __fadd_rn(acc[i][m][c], slot[((i * MT + m) * 4 + c) * 32]);
+        }
+        __syncthreads();
+    }
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < RT; i++)
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int r = r0 + 16 * i + g + 8 * (c >> 1), t = tok0 + 8 * m + 2 * tq + (c & 1);
+                    if (r < rows && t < n_tok) Y[(u64)t * y_stride + r] = acc[i][m][c];
+                }
+    }
+}
+
+// `mmq_t` without the staging, for small tiles (16 rows × 8 or 16 tokens: decode
+// batches), where the staging's copies and barriers cost more than they save: each
+// lane reads its slices straight from global memory. The same order, so the same bits.
+template <int T, int RT, int MT>
+__device__ __forceinline__ void mmq_direct_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                       const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
                                       float* __restrict__ Y, int y_stride) {
     extern __shared__ float part[];  // [slot 4][RT][MT][c 4][lane 32]
@@ -806,8 +978,8 @@ __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, i
 #pragma unroll
         for (int i = 0; i < RT; i++) {
             Slice sa, sb;
-            load_slice<T>(rowp[i][0], nb, u, tq, sa);
-            load_slice<T>(rowp[i][1], nb, u, tq, sb);
+            load_slice<T, false>(rowp[i][0], nb, u, tq, sa);
+            load_slice<T, false>(rowp[i][1], nb, u, tq, sb);
 #pragma unroll
             for (int m = 0; m < MT; m++) {
                 int c[4], c2[4];
@@ -864,20 +1036,28 @@ __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, i
     }
 }
 
+// Staged for blocks of 32 tokens, direct for smaller ones.
+template <int T, int RT, int MT>
+__device__ __forceinline__ void mmq_impl(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
+                                         const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
+                                         float* __restrict__ Y, int y_stride) {
+    if (MT < 4) mmq_direct_t<T, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride);
+    else mmq_t<T, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride);
+}
 #define MMQ_KERNEL(NAME, RT, MT, KQ)                                                                                \
     extern "C" __global__ void __launch_bounds__(256, KQ == 2 ? 1 : 2)                                                           \
         NAME(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols, const i8* __restrict__ Xq,        \
              const float2* __restrict__ Xd, int n_tok, float* __restrict__ Y, int y_stride) {                         \
         GRID_DEP_WAIT();                                                                                               \
         switch (type) {                                                                                               \
-        case T_Q4_0: if (KQ != 2) mmq_t<T_Q4_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q4_1: if (KQ != 2) mmq_t<T_Q4_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_0: if (KQ != 2) mmq_t<T_Q5_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_1: if (KQ != 2) mmq_t<T_Q5_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q8_0: if (KQ != 2) mmq_t<T_Q8_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q4_K: if (KQ) mmq_t<T_Q4_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_K: if (KQ) mmq_t<T_Q5_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q6_K: if (KQ) mmq_t<T_Q6_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q4_0: if (KQ != 2) mmq_impl<T_Q4_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q4_1: if (KQ != 2) mmq_impl<T_Q4_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q5_0: if (KQ != 2) mmq_impl<T_Q5_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q5_1: if (KQ != 2) mmq_impl<T_Q5_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q8_0: if (KQ != 2) mmq_impl<T_Q8_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q4_K: if (KQ) mmq_impl<T_Q4_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q5_K: if (KQ) mmq_impl<T_Q5_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q6_K: if (KQ) mmq_impl<T_Q6_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
         }                                                                                                             \
     }
 // 16·RT rows × 8·MT tokens a block: model.rs `mmq_tile` picks by rows and tokens. The

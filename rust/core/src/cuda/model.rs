@@ -146,6 +146,10 @@ pub struct GpuModel {
     rope_freqs: Option<DevBuf>,
     /// Bytes of weights on the device.
     pub weight_bytes: usize,
+    /// On a GPU that shares DRAM with the CPU: bytes of the model file's tensor pages
+    /// let go after the upload (`Gguf::release_tensor_pages`), so the weights are not
+    /// in memory twice.
+    pub host_bytes_released: usize,
     /// Whether any matrix is in a quantized format (`int8_decode`): then every matrix
     /// input is also made in int8.
     int8: bool,
@@ -268,6 +272,15 @@ fn launch_matmuls(gpu: &Arc<Gpu>, ws: &[(&GpuWeight, &DevBuf)], x: Input<'_>, ru
     Ok(())
 }
 
+/// Dynamic shared memory of an `mmq` block of 16·rt rows × 8·mt tokens (kernels.cu
+/// `mmq_t`): the staged weights (at most 272 bytes a row, Q8_0's), activations (272
+/// bytes a token) and their scales (64 bytes a token), or the warps' partial sums
+/// (4 × rt × mt × 128 floats) that reuse the space after the loop, whichever is larger.
+fn mmq_shared(rt: usize, mt: usize) -> u32 {
+    let staged = 16 * rt * 272 + 8 * mt * (272 + 64);
+    staged.max(4 * rt * mt * 128 * 4) as u32
+}
+
 /// `set_mmq_tile`'s choice (row tiles << 8 | token tiles; 0: none).
 static MMQ_TILE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
@@ -324,7 +337,7 @@ fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run],
                 continue;
             }
             let (name, rt, mt) = mmq_tile(gpu, w.ty, w.rows, count);
-            gpu.launch(name, (w.rows.div_ceil(16 * rt) as u32, count.div_ceil(8 * mt) as u32, 1), 256, (4 * rt * mt * 128 * 4) as u32, &[
+            gpu.launch(name, (w.rows.div_ceil(16 * rt) as u32, count.div_ceil(8 * mt) as u32, 1), 256, mmq_shared(rt, mt), &[
                 Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32),
                 xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8), Arg::I32(count as i32), y.at(first * w.rows * 4),
                 Arg::I32(w.rows as i32),
@@ -453,7 +466,7 @@ impl GpuModel {
                 post_ffn_norm: opt(gpu, &l.post_ffn_norm)?,
             });
         }
-        Ok(GpuModel {
+        let gm = GpuModel {
             gpu: Arc::clone(gpu),
             cfg: m.cfg.clone(),
             tok_embd,
@@ -464,7 +477,13 @@ impl GpuModel {
             rope_freqs: opt(gpu, &m.rope_freqs)?,
             weight_bytes: bytes,
             int8,
-        })
+            host_bytes_released: 0,
+        };
+        // A GPU sharing DRAM with the CPU (Jetson) now holds the weights: the file's
+        // pages need not stay beside them (EDGELM_KEEP_HOST_WEIGHTS=1 keeps them).
+        let keep = std::env::var("EDGELM_KEEP_HOST_WEIGHTS").is_ok_and(|v| v != "0");
+        let released = if gpu.integrated && !keep { m.file.release_tensor_pages()? } else { 0 };
+        Ok(GpuModel { host_bytes_released: released, ..gm })
     }
 
     pub fn new_kv(&self, n_blocks: usize, block_size: usize) -> Result<GpuKv> {

@@ -349,6 +349,36 @@ impl Gguf {
         Ok(Arc::new(g))
     }
 
+    /// Let go of the tensor data's pages: drop them from this process's map and ask the
+    /// kernel to drop them from the page cache. For a GPU that shares DRAM with the CPU
+    /// (a Jetson), once the weights are on it, so they are not kept twice. Reading a
+    /// tensor afterwards is still correct (its pages come back from the file), only
+    /// slower. Returns the bytes given up: 0 for an image held in memory, whose bytes
+    /// exist nowhere else.
+    pub fn release_tensor_pages(&self) -> Result<usize> {
+        let Bytes::Mapped(map) = &self.bytes else { return Ok(0) };
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+        let start = self.data_start.div_ceil(page) * page;
+        let len = map.len().saturating_sub(start) / page * page;
+        if len == 0 {
+            return Ok(0);
+        }
+        let path = self.path.clone().unwrap_or_default();
+        // SAFETY: the map is a read-only private map of a file that is never written
+        // through it, so MADV_DONTNEED only drops pages that the next read brings back
+        // unchanged from the file; no reference into the map is invalidated.
+        unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) }
+            .map_err(|source| Error::Io { path: path.clone(), source })?;
+        // The page cache's copy too (best effort: pages other processes map stay).
+        if let Ok(f) = std::fs::File::open(&path) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a valid open descriptor and an in-file range.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), start as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED) };
+        }
+        Ok(len)
+    }
+
     /// Validate a GGUF image held in memory (tests, fuzzing, downloads).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Arc<Gguf>> {
         Ok(Arc::new(Self::parse(Bytes::Owned(bytes))?))

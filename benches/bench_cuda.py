@@ -2,7 +2,8 @@
 (Llama 3.2 1B shapes, SmolLM2's vocabulary size, random weights) for each format:
 pp512 and tg128 of one sequence, and aggregate generation with 16 and 64 concurrent
 sequences through the serving executor. Prints a table and writes
-benches/results/cuda.{json,md,png}.
+benches/results/cuda_edgelm.{json,md,png} (benches/cuda_report.py
+writes cuda.* from a side-by-side run).
 
 The work is in the Rust example `cuda_bench` (rust/core/examples/cuda_bench.rs). A GPU
 machine without Rust runs a binary built elsewhere:
@@ -48,7 +49,7 @@ def main() -> int:
         return 1
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "note": args.note, "gpu": rows[0]["gpu"]}
-    (RESULTS / "cuda.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (RESULTS / "cuda_edgelm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     table = ["| model | pp512 tok/s | tg128 tok/s | tg / bandwidth bound | 16 streams tok/s | 64 streams tok/s |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -58,7 +59,7 @@ def main() -> int:
           "Measure model: Llama 3.2 1B shapes (dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, RoPE base "
           "500000), vocabulary 49152, random weights. The bound is the card's bandwidth (4.8 TB/s) over the weight "
           "bytes read per token.\n\n" + "\n".join(table) + "\n")
-    (RESULTS / "cuda.md").write_text(md)
+    (RESULTS / "cuda_edgelm.md").write_text(md)
     print(md)
     try:
         import matplotlib
@@ -77,7 +78,7 @@ def main() -> int:
         ax.set_title(f"edgelm CUDA, 1B measure model, {meta['gpu']}")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(RESULTS / "cuda.png", dpi=120)
+        fig.savefig(RESULTS / "cuda_edgelm.png", dpi=120)
     except ImportError:
         print("matplotlib missing: no chart", file=sys.stderr)
     return 0

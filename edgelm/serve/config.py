@@ -138,17 +138,6 @@ class Config:
                 raise bad(key, "must be at least 1")
         if self.max_step_tokens is not None and self.max_step_tokens < (self.max_running or 1):
             raise bad("max_step_tokens", f"must be at least max_running ({self.max_running})")
-
-    def step_limits(self, device: str) -> tuple[int, int]:
-        """(max_running, max_step_tokens) for models on `device` ("cpu", "cuda:N"): the
-        configured values, else the device's defaults. A GPU step costs about the same
-        for 1 or 64 sequences, so it takes bigger batches; the scheduler is the same."""
-        gpu = device.startswith("cuda")
-        running = self.max_running or (64 if gpu else 16)
-        step = self.max_step_tokens or max(2048 if gpu else 512, running)
-        if step < running:
-            raise ConfigError(f"config key 'max_step_tokens': must be at least max_running ({running})")
-        return running, step
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise bad("request_timeout_s", "must be positive")
         if self.shutdown_grace_s < 0:
@@ -165,6 +154,17 @@ class Config:
             v = getattr(self, key)
             if v is not None and (len(v) < 8 or any(c.isspace() for c in v)):
                 raise bad(key, "must be at least 8 characters without spaces")
+
+    def step_limits(self, device: str) -> tuple[int, int]:
+        """(max_running, max_step_tokens) for models on `device` ("cpu", "cuda:N"): the
+        configured values, else the device's defaults. A GPU step costs about the same
+        for 1 or 64 sequences, so it takes bigger batches; the scheduler is the same."""
+        gpu = device.startswith("cuda")
+        running = self.max_running or (64 if gpu else 16)
+        step = self.max_step_tokens or max(2048 if gpu else 512, running)
+        if step < running:
+            raise ConfigError(f"config key 'max_step_tokens': must be at least max_running ({running})")
+        return running, step
 
     def model_path(self) -> Path:
         p = Path(self.model).expanduser()

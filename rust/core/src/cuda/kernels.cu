@@ -792,6 +792,74 @@ __device__ __forceinline__ void stage_unit(const u8* __restrict__ g, int nb, int
     if (L::S2 == 4) ((u32*)d2)[ul] = __ldg((const u32*)(g + (L::S0 + L::S1) * nb) + u);
 }
 
+// One unit of `mmq` for the rows of a 16-row tile (g and g + 8: slices sa, sb) and
+// every token tile m (B fragments b0, b1; activation scales of this lane's C tokens 2tq
+// and 2tq + 1, dA for half A and dB for half B): the products and their contributions.
+template <int T, int MT>
+__device__ __forceinline__ void mmq_rows(float (&acc)[MT][4], const Slice& sa, const Slice& sb, const int (&b0)[MT],
+                                         const int (&b1)[MT], const float2 (&dA0)[MT], const float2 (&dA1)[MT],
+                                         const float2 (&dB0)[MT], const float2 (&dB1)[MT]) {
+#pragma unroll
+    for (int m = 0; m < MT; m++) {
+        int c[4], c2[4];
+        if (ONE_BLOCK(T)) {
+            mma_s8_16832(sa.qa, sb.qa, sa.qb, sb.qb, b0[m], b1[m], c);
+            c2[0] = c2[1] = c2[2] = c2[3] = 0;
+        } else {
+            mma_s8_16816(sa.qa, sb.qa, b0[m], c);
+            mma_s8_16816(sa.qb, sb.qb, b1[m], c2);
+        }
+        acc[m][0] = apply<T>(acc[m][0], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA0[m], dB0[m], c[0], c2[0]));
+        acc[m][1] = apply<T>(acc[m][1], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA1[m], dB1[m], c[1], c2[1]));
+        acc[m][2] = apply<T>(acc[m][2], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA0[m], dB0[m], c[2], c2[2]));
+        acc[m][3] = apply<T>(acc[m][3], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA1[m], dB1[m], c[3], c2[3]));
+    }
+}
+
+// The end of `mmq`: the 8 warps' (slices') sums added pairwise, (0 + 1), (2 + 3),
+// (4 + 5), (6 + 7); then (0 + 2), (4 + 6); then (0 + 4), the right operand through
+// shared memory (`part`: 4 × RT × MT × 128 floats); warp 0 writes the tile.
+template <int RT, int MT>
+__device__ __forceinline__ void mmq_finish(float (&acc)[RT][MT][4], float* part, int r0, int tok0, int rows, int n_tok,
+                                           float* __restrict__ Y, int y_stride) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int S = RT * MT * 4 * 32;  // [slot 4][RT][MT][c 4][lane 32]
+#pragma unroll
+    for (int step = 1; step < 8; step <<= 1) {
+        const bool sender = (warp & (2 * step - 1)) == step, receiver = (warp & (2 * step - 1)) == 0;
+        float* slot = part + (warp / (2 * step)) * S + lane;
+        if (sender) {
+#pragma unroll
+            for (int i = 0; i < RT; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) slot[((i * MT + m) * 4 + c) * 32] = acc[i][m][c];
+        }
+        __syncthreads();
+        if (receiver) {
+#pragma unroll
+            for (int i = 0; i < RT; i++)
+#pragma unroll
+                for (int m = 0; m < MT; m++)
+#pragma unroll
+                    for (int c = 0; c < 4; c++) acc[i][m][c] = __fadd_rn(acc[i][m][c], slot[((i * MT + m) * 4 + c) * 32]);
+        }
+        __syncthreads();
+    }
+    if (warp == 0) {
+#pragma unroll
+        for (int i = 0; i < RT; i++)
+#pragma unroll
+            for (int m = 0; m < MT; m++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) {
+                    const int r = r0 + 16 * i + g + 8 * (c >> 1), t = tok0 + 8 * m + 2 * tq + (c & 1);
+                    if (r < rows && t < n_tok) Y[(u64)t * y_stride + r] = acc[i][m][c];
+                }
+    }
+}
+
 // Y[t][r] = Σ_c W[r][c] X[t][c] on the tensor cores, for a tile of 16·RT rows × 8·MT
 // tokens a block (int8 activations as for `mmvq`). The block walks the row 8 units at
 // a time: its threads copy the tile's weights, activations and activation scales for
@@ -867,63 +935,12 @@ __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, i
                 Slice sa, sb;
                 load_slice<T, false>(ws + (16 * i + g) * L::PITCH, 8, u - u0, tq, sa);
                 load_slice<T, false>(ws + (16 * i + g + 8) * L::PITCH, 8, u - u0, tq, sb);
-#pragma unroll
-                for (int m = 0; m < MT; m++) {
-                    int c[4], c2[4];
-                    if (ONE_BLOCK(T)) {
-                        mma_s8_16832(sa.qa, sb.qa, sa.qb, sb.qb, b0[m], b1[m], c);
-                        c2[0] = c2[1] = c2[2] = c2[3] = 0;
-                    } else {
-                        mma_s8_16816(sa.qa, sb.qa, b0[m], c);
-                        mma_s8_16816(sa.qb, sb.qb, b1[m], c2);
-                    }
-                    acc[i][m][0] = apply<T>(acc[i][m][0], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA0[m], dB0[m], c[0], c2[0]));
-                    acc[i][m][1] = apply<T>(acc[i][m][1], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA1[m], dB1[m], c[1], c2[1]));
-                    acc[i][m][2] = apply<T>(acc[i][m][2], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA0[m], dB0[m], c[2], c2[2]));
-                    acc[i][m][3] = apply<T>(acc[i][m][3], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA1[m], dB1[m], c[3], c2[3]));
-                }
+                mmq_rows<T, MT>(acc[i], sa, sb, b0, b1, dA0, dA1, dB0, dB1);
             }
         }
         __syncthreads();
     }
-    // Pairwise over the warps (slices): (0 + 1), (2 + 3), (4 + 5), (6 + 7); then
-    // (0 + 2), (4 + 6); then (0 + 4). The right operand goes through shared memory.
-    float* part = (float*)smem;  // [slot 4][RT][MT][c 4][lane 32]
-    const int S = RT * MT * 4 * 32;
-#pragma unroll
-    for (int step = 1; step < 8; step <<= 1) {
-        const bool sender = (warp & (2 * step - 1)) == step, receiver = (warp & (2 * step - 1)) == 0;
-        float* slot = part + (warp / (2 * step)) * S + lane;
-        if (sender) {
-#pragma unroll
-            for (int i = 0; i < RT; i++)
-#pragma unroll
-                for (int m = 0; m < MT; m++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) slot[((i * MT + m) * 4 + c) * 32] = acc[i][m][c];
-        }
-        __syncthreads();
-        if (receiver) {
-#pragma unroll
-            for (int i = 0; i < RT; i++)
-#pragma unroll
-                for (int m = 0; m < MT; m++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) acc[i][m][c] = __fadd_rn(acc[i][m][c], slot[((i * MT + m) * 4 + c) * 32]);
-        }
-        __syncthreads();
-    }
-    if (warp == 0) {
-#pragma unroll
-        for (int i = 0; i < RT; i++)
-#pragma unroll
-            for (int m = 0; m < MT; m++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const int r = r0 + 16 * i + g + 8 * (c >> 1), t = tok0 + 8 * m + 2 * tq + (c & 1);
-                    if (r < rows && t < n_tok) Y[(u64)t * y_stride + r] = acc[i][m][c];
-                }
-    }
+    mmq_finish<RT, MT>(acc, (float*)smem, r0, tok0, rows, n_tok, Y, y_stride);
 }
 
 // `mmq_t` without the staging, for small tiles (16 rows × 8 or 16 tokens: decode
@@ -980,60 +997,10 @@ __device__ __forceinline__ void mmq_direct_t(const u8* __restrict__ W, u64 row_b
             Slice sa, sb;
             load_slice<T, false>(rowp[i][0], nb, u, tq, sa);
             load_slice<T, false>(rowp[i][1], nb, u, tq, sb);
-#pragma unroll
-            for (int m = 0; m < MT; m++) {
-                int c[4], c2[4];
-                if (ONE_BLOCK(T)) {
-                    mma_s8_16832(sa.qa, sb.qa, sa.qb, sb.qb, b0[m], b1[m], c);
-                    c2[0] = c2[1] = c2[2] = c2[3] = 0;
-                } else {
-                    mma_s8_16816(sa.qa, sb.qa, b0[m], c);
-                    mma_s8_16816(sa.qb, sb.qb, b1[m], c2);
-                }
-                acc[i][m][0] = apply<T>(acc[i][m][0], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA0[m], dB0[m], c[0], c2[0]));
-                acc[i][m][1] = apply<T>(acc[i][m][1], contrib<T>(sa.fa, sa.fb, sa.ma, sa.mb, dA1[m], dB1[m], c[1], c2[1]));
-                acc[i][m][2] = apply<T>(acc[i][m][2], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA0[m], dB0[m], c[2], c2[2]));
-                acc[i][m][3] = apply<T>(acc[i][m][3], contrib<T>(sb.fa, sb.fb, sb.ma, sb.mb, dA1[m], dB1[m], c[3], c2[3]));
-            }
+            mmq_rows<T, MT>(acc[i], sa, sb, b0, b1, dA0, dA1, dB0, dB1);
         }
     }
-    // Pairwise over the warps (slices): (0 + 1), (2 + 3), (4 + 5), (6 + 7); then
-    // (0 + 2), (4 + 6); then (0 + 4). The right operand goes through shared memory.
-    const int S = RT * MT * 4 * 32;
-#pragma unroll
-    for (int step = 1; step < 8; step <<= 1) {
-        const bool sender = (warp & (2 * step - 1)) == step, receiver = (warp & (2 * step - 1)) == 0;
-        float* slot = part + (warp / (2 * step)) * S + lane;
-        if (sender) {
-#pragma unroll
-            for (int i = 0; i < RT; i++)
-#pragma unroll
-                for (int m = 0; m < MT; m++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) slot[((i * MT + m) * 4 + c) * 32] = acc[i][m][c];
-        }
-        __syncthreads();
-        if (receiver) {
-#pragma unroll
-            for (int i = 0; i < RT; i++)
-#pragma unroll
-                for (int m = 0; m < MT; m++)
-#pragma unroll
-                    for (int c = 0; c < 4; c++) acc[i][m][c] = __fadd_rn(acc[i][m][c], slot[((i * MT + m) * 4 + c) * 32]);
-        }
-        __syncthreads();
-    }
-    if (warp == 0) {
-#pragma unroll
-        for (int i = 0; i < RT; i++)
-#pragma unroll
-            for (int m = 0; m < MT; m++)
-#pragma unroll
-                for (int c = 0; c < 4; c++) {
-                    const int r = r0 + 16 * i + g + 8 * (c >> 1), t = tok0 + 8 * m + 2 * tq + (c & 1);
-                    if (r < rows && t < n_tok) Y[(u64)t * y_stride + r] = acc[i][m][c];
-                }
-    }
+    mmq_finish<RT, MT>(acc, part, r0, tok0, rows, n_tok, Y, y_stride);
 }
 
 // Staged for blocks of 32 tokens, direct for smaller ones.

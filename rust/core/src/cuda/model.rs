@@ -295,7 +295,7 @@ pub fn set_mmq_tile(tile: Option<(usize, usize)>) {
 /// the tokens, up to 4. Row tiles: the most (4, or 2 for the K-quants) that still give
 /// two blocks per multiprocessor; larger blocks reuse each weight and activation load
 /// over more products, smaller ones keep every multiprocessor busy on small batches.
-fn mmq_tile(gpu: &Gpu, ty: GgmlType, rows: usize, n: usize) -> (&'static str, usize, usize) {
+fn mmq_tile(sms: usize, ty: GgmlType, rows: usize, n: usize) -> (&'static str, usize, usize) {
     use GgmlType::*;
     let forced = MMQ_TILE.load(std::sync::atomic::Ordering::Relaxed);
     let (rt, mt) = if forced != 0 {
@@ -306,7 +306,7 @@ fn mmq_tile(gpu: &Gpu, ty: GgmlType, rows: usize, n: usize) -> (&'static str, us
             9..=16 => 2,
             _ => 4,
         };
-        let fill = 2 * gpu.sms as usize;
+        let fill = 2 * sms;
         let rt = [4, 2, 1]
             .into_iter()
             .filter(|&rt| mt == 4 && !(matches!(ty, Q4_K | Q5_K | Q6_K) && rt == 4))
@@ -336,7 +336,7 @@ fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run],
                 launch_matmuls(gpu, &[(w, y)], x, &[(first, count, solo)], mmq_from)?;
                 continue;
             }
-            let (name, rt, mt) = mmq_tile(gpu, w.ty, w.rows, count);
+            let (name, rt, mt) = mmq_tile(gpu.sms as usize, w.ty, w.rows, count);
             gpu.launch(name, (w.rows.div_ceil(16 * rt) as u32, count.div_ceil(8 * mt) as u32, 1), 256, mmq_shared(rt, mt), &[
                 Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32),
                 xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8), Arg::I32(count as i32), y.at(first * w.rows * 4),
@@ -781,4 +781,34 @@ pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, co
     launch_matmul_with(gpu, &w, input, &[(0, n_tok, !tiled)], &y, mmq_from)?;
     gpu.sync()?;
     y.read_f32(n_tok * rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The block shapes `mmq_tile` picks (the H200's 132 multiprocessors, Orin's 16), and
+    /// that each fits the kernels: a variant kernels.cu has, within 48 KiB of dynamic
+    /// shared memory (more needs an opt-in the launch does not make).
+    #[test]
+    fn mmq_tiles_fit_the_kernels() {
+        use GgmlType::*;
+        let tiles = |sms, ty, rows, n| mmq_tile(sms, ty, rows, n);
+        // Decode batches: one row tile, as many token tiles as the tokens need.
+        assert_eq!(tiles(132, Q4_0, 8192, 8), ("mmq_1x1", 1, 1));
+        assert_eq!(tiles(132, Q4_0, 8192, 16), ("mmq_1x2", 1, 2));
+        // 32-token blocks: the most rows that still give two blocks a multiprocessor.
+        assert_eq!(tiles(132, Q4_0, 2048, 64), ("mmq_1x4", 1, 4));
+        assert_eq!(tiles(132, Q4_0, 8192, 64), ("mmq_2x4", 2, 4));
+        assert_eq!(tiles(132, Q4_0, 2048, 512), ("mmq_4x4", 4, 4));
+        assert_eq!(tiles(16, Q4_0, 2048, 64), ("mmq_4x4", 4, 4));
+        // The K-quants stop at 32 rows unless a test forces the 4x4.
+        assert_eq!(tiles(132, Q4_K, 2048, 512), ("mmq_2x4", 2, 4));
+        assert_eq!(tiles(132, Q6_K, 8192, 512), ("mmq_2x4", 2, 4));
+        for rt in [1, 2, 4] {
+            for mt in [1, 2, 4] {
+                assert!(mmq_shared(rt, mt) <= 48 * 1024, "{rt}x{mt}: {} bytes", mmq_shared(rt, mt));
+            }
+        }
+    }
 }

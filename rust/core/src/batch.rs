@@ -212,23 +212,22 @@ impl Executor {
         work.sort_unstable_by_key(|w| w.0);
         let tokenizer = &self.engine.tokenizer;
         let sample_one = |(k, id, s): &mut (usize, u64, &mut Seq)| -> StepOut {
-            if let Some(&(token, logit)) = logits.greedy.get(*k) {
-                let sampled = s.sampler.pick_greedy(token, logit, logits.lse[*k]);
-                s.history.push(sampled.token);
-                let text = s.decoder.push(tokenizer, sampled.token);
-                return StepOut { seq: *id, sampled, text };
-            }
-            let row = &logits.data[*k * nv..(*k + 1) * nv];
+            let row = || &logits.data[*k * nv..(*k + 1) * nv];
             let si = logits.rows[*k].0;
             let sampled = match &items[si].allowed {
+                // The backend already picked this row's greedy token.
+                None if !logits.greedy.is_empty() => {
+                    let (token, logit) = logits.greedy[*k];
+                    s.sampler.pick_greedy(token, logit, logits.lse[*k])
+                }
                 None => match logits.lse.get(*k) {
-                    Some(&lse) => s.sampler.sample_with_lse(row, &s.history[s.penalty_from..], lse),
-                    None => s.sampler.sample(row, &s.history[s.penalty_from..]),
+                    Some(&lse) => s.sampler.sample_with_lse(row(), &s.history[s.penalty_from..], lse),
+                    None => s.sampler.sample(row(), &s.history[s.penalty_from..]),
                 },
                 Some(mask) => {
                     // Disallowed tokens get -inf: the sampler draws (and reports
                     // probabilities) within what the grammar allows.
-                    let masked: Vec<f32> = row
+                    let masked: Vec<f32> = row()
                         .iter()
                         .enumerate()
                         .map(|(t, &x)| if mask[t / 32] >> (t % 32) & 1 == 1 { x } else { f32::NEG_INFINITY })

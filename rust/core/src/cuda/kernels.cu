@@ -1214,6 +1214,47 @@ extern "C" __global__ void attention(const float* __restrict__ q, const u16* __r
 // t0 + blockIdx.y. Grid: (n_head / hg, tokens); block: 256.
 #define ATT_WARPS 8
 #define ATT_HG 4
+// The end of both attention kernels: each warp's online-softmax state (running max m,
+// sum l, and its weighted values acc) for the block's hg query heads, merged over the NW
+// warps through shared memory; writes the token's outputs (and their int8 blocks).
+template <int EPL, int NW>
+__device__ __forceinline__ void attn_merge(const float (&acc)[ATT_HG][EPL], const float (&m)[ATT_HG],
+                                           const float (&l)[ATT_HG], float (&sm_acc)[NW][ATT_HG][EPL * 32],
+                                           float (&sm_m)[NW][ATT_HG], float (&sm_l)[NW][ATT_HG], int hg, int t, int h0,
+                                           int n_head, float* __restrict__ out, i8* __restrict__ Xq,
+                                           float2* __restrict__ Xd) {
+    constexpr int HD = EPL * 32;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+    for (int h = 0; h < ATT_HG; h++) {
+        if (h < hg) {
+#pragma unroll
+            for (int i = 0; i < EPL; i++) sm_acc[warp][h][lane * EPL + i] = acc[h][i];
+            if (lane == 0) {
+                sm_m[warp][h] = m[h];
+                sm_l[warp][h] = l[h];
+            }
+        }
+    }
+    __syncthreads();
+    for (int k = threadIdx.x; k < hg * HD; k += blockDim.x) {
+        const int h = k / HD, d = k % HD;
+        float mx = NEG_INF;
+        for (int w = 0; w < NW; w++) mx = fmaxf(mx, sm_m[w][h]);
+        float L = 0.f, o = 0.f;
+        for (int w = 0; w < NW; w++) {
+            if (sm_m[w][h] == NEG_INF) continue;  // a warp that had no keys
+            const float f = expf(sm_m[w][h] - mx);
+            L = fmaf(sm_l[w][h], f, L);
+            o = fmaf(sm_acc[w][h][d], f, o);
+        }
+        const float y = o / L;
+        out[(u64)t * n_head * HD + (h0 + h) * HD + d] = y;
+        // A warp's 32 outputs are one 32-block of the token's row (HD is a multiple of 32).
+        if (Xq) q8_block(y, t, ((h0 + h) * HD + d) >> 5, n_head * HD, Xq, Xd);
+    }
+}
+
 template <int EPL>
 __device__ __forceinline__ void attn_tok_t(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
                                            const u32* __restrict__ tables, const int* __restrict__ tok_table,
@@ -1308,34 +1349,7 @@ __device__ __forceinline__ void attn_tok_t(const float* __restrict__ q, const u1
             }
         }
     }
-#pragma unroll
-    for (int h = 0; h < ATT_HG; h++) {
-        if (h < hg) {
-#pragma unroll
-            for (int i = 0; i < EPL; i++) sm_acc[warp][h][lane * EPL + i] = acc[h][i];
-            if (lane == 0) {
-                sm_m[warp][h] = m[h];
-                sm_l[warp][h] = l[h];
-            }
-        }
-    }
-    __syncthreads();
-    for (int k = threadIdx.x; k < hg * HD; k += blockDim.x) {
-        const int h = k / HD, d = k % HD;
-        float mx = NEG_INF;
-        for (int w = 0; w < ATT_WARPS; w++) mx = fmaxf(mx, sm_m[w][h]);
-        float L = 0.f, o = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) {
-            if (sm_m[w][h] == NEG_INF) continue;  // a warp that had no keys
-            const float f = expf(sm_m[w][h] - mx);
-            L = fmaf(sm_l[w][h], f, L);
-            o = fmaf(sm_acc[w][h][d], f, o);
-        }
-        const float y = o / L;
-        out[(u64)t * n_head * HD + (h0 + h) * HD + d] = y;
-        // A warp's 32 outputs are one 32-block of the token's row (HD is a multiple of 32).
-        if (Xq) q8_block(y, t, ((h0 + h) * HD + d) >> 5, n_head * HD, Xq, Xd);
-    }
+    attn_merge<EPL, ATT_WARPS>(acc, m, l, sm_acc, sm_m, sm_l, hg, t, h0, n_head, out, Xq, Xd);
 }
 
 #define ATTN_TOK_KERNEL(NAME, EPL)                                                                                     \
@@ -1427,34 +1441,7 @@ __device__ __forceinline__ void attn_dec_t(const float* __restrict__ q, const u1
             }
         }
     }
-#pragma unroll
-    for (int h = 0; h < ATT_HG; h++) {
-        if (h < hg) {
-#pragma unroll
-            for (int i = 0; i < EPL; i++) sm_acc[warp][h][lane * EPL + i] = acc[h][i];
-            if (lane == 0) {
-                sm_m[warp][h] = m[h];
-                sm_l[warp][h] = l[h];
-            }
-        }
-    }
-    __syncthreads();
-    for (int k = threadIdx.x; k < hg * HD; k += blockDim.x) {
-        const int h = k / HD, d = k % HD;
-        float mx = NEG_INF;
-        for (int w = 0; w < NW; w++) mx = fmaxf(mx, sm_m[w][h]);
-        float L = 0.f, o = 0.f;
-        for (int w = 0; w < NW; w++) {
-            if (sm_m[w][h] == NEG_INF) continue;  // a warp that had no keys
-            const float f = expf(sm_m[w][h] - mx);
-            L = fmaf(sm_l[w][h], f, L);
-            o = fmaf(sm_acc[w][h][d], f, o);
-        }
-        const float y = o / L;
-        out[(u64)t * n_head * HD + (h0 + h) * HD + d] = y;
-        // A warp's 32 outputs are one 32-block of the token's row (HD is a multiple of 32).
-        if (Xq) q8_block(y, t, ((h0 + h) * HD + d) >> 5, n_head * HD, Xq, Xd);
-    }
+    attn_merge<EPL, NW>(acc, m, l, sm_acc, sm_m, sm_l, hg, t, h0, n_head, out, Xq, Xd);
 }
 
 #define ATTN_DEC_KERNEL(NAME, EPL, NW)                                                                                     \

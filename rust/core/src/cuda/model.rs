@@ -466,7 +466,11 @@ impl GpuModel {
                 post_ffn_norm: opt(gpu, &l.post_ffn_norm)?,
             });
         }
-        let gm = GpuModel {
+        // A GPU sharing DRAM with the CPU (Jetson) now holds the weights: the file's
+        // pages need not stay beside them (EDGELM_KEEP_HOST_WEIGHTS=1 keeps them).
+        let keep = std::env::var("EDGELM_KEEP_HOST_WEIGHTS").is_ok_and(|v| v != "0");
+        let host_bytes_released = if gpu.integrated && !keep { m.file.release_tensor_pages()? } else { 0 };
+        Ok(GpuModel {
             gpu: Arc::clone(gpu),
             cfg: m.cfg.clone(),
             tok_embd,
@@ -477,13 +481,8 @@ impl GpuModel {
             rope_freqs: opt(gpu, &m.rope_freqs)?,
             weight_bytes: bytes,
             int8,
-            host_bytes_released: 0,
-        };
-        // A GPU sharing DRAM with the CPU (Jetson) now holds the weights: the file's
-        // pages need not stay beside them (EDGELM_KEEP_HOST_WEIGHTS=1 keeps them).
-        let keep = std::env::var("EDGELM_KEEP_HOST_WEIGHTS").is_ok_and(|v| v != "0");
-        let released = if gpu.integrated && !keep { m.file.release_tensor_pages()? } else { 0 };
-        Ok(GpuModel { host_bytes_released: released, ..gm })
+            host_bytes_released,
+        })
     }
 
     pub fn new_kv(&self, n_blocks: usize, block_size: usize) -> Result<GpuKv> {

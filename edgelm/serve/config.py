@@ -163,7 +163,9 @@ class Config:
         running = self.max_running or (64 if gpu else 16)
         step = self.max_step_tokens or max(2048 if gpu else 512, running)
         if step < running:
-            raise ConfigError(f"config key 'max_step_tokens': must be at least max_running ({running})")
+            where = "set" if self.max_running else f"the default on {'a GPU' if gpu else 'the CPU'}"
+            raise ConfigError(f"config key 'max_step_tokens': {step} must be at least max_running ({running}, {where}); "
+                              "raise max_step_tokens or lower max_running")
         return running, step
 
     def model_path(self) -> Path:

@@ -153,7 +153,7 @@ def test_step_limits_follow_the_device() -> None:
     assert c.step_limits("cuda:0") == (4096, 4096)
     c, _ = load_config("/dev/null", {"max_step_tokens": 32}, {})
     assert c.step_limits("cpu") == (16, 32)
-    with pytest.raises(ConfigError, match="'max_step_tokens'.*max_running \\(64\\)"):
+    with pytest.raises(ConfigError, match="'max_step_tokens': 32 .*max_running \\(64, the default on a GPU\\); raise"):
         c.step_limits("cuda:0")
     with pytest.raises(ConfigError, match="'max_running'"):
         load_config("/dev/null", {}, {"EDGELM_MAX_RUNNING": "0"})

@@ -200,7 +200,14 @@ fn main() {
             ex.remove(next_id);
             next_id += 1;
         }
-        gpu.take_profile();
+        let prof = gpu.take_profile();
+        if !prof.is_empty() {
+            let total: f64 = prof.iter().map(|p| p.2).sum();
+            eprintln!("{name}, pp512, per prompt (3 prompts; each launch waited for):");
+            for (k, n, secs) in prof {
+                eprintln!("  {k:10} {:6.1} launches  {:8.1} µs  {:5.1}%", n as f64 / 3.0, secs / 3.0 * 1e6, 100.0 * secs / total);
+            }
+        }
         // Generation with B concurrent sequences: 128 tokens each after a 32-token prompt.
         let mut gen = Vec::new();
         for batch in [1usize, 16, 64] {

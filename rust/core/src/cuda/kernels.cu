@@ -458,15 +458,19 @@ __device__ __forceinline__ void load_act(const Unit& w, const i8* __restrict__ x
 }
 
 // Exact int → float for |s| < 2^22 (a unit's integer sums are at most 32 · 127 · 128):
-// s goes into the mantissa of 1.5 · 2^23, which is then taken away. Full-rate integer
-// and float adds instead of the quarter-rate conversion, and the same value as (float)s.
-__device__ __forceinline__ float i2f(int s) { return __fsub_rn(__int_as_float(0x4B400000 + s), 12582912.f); }
+// the integer products are summed onto I2F_BIAS, the bits of 1.5 · 2^23, so the sum's
+// bits are the float 1.5 · 2^23 + s, from which `unbias` takes 1.5 · 2^23 away. The
+// dp4a chains and the tensor-core products start from the bias for free; one full-rate
+// float add is left of the quarter-rate conversion, with the same value as (float)s.
+#define I2F_BIAS 0x4B400000
+__device__ __forceinline__ float unbias(int v) { return __fsub_rn(__int_as_float(v), 12582912.f); }
 
 // A unit's contribution to one (row, token) sum, from its exact integer half sums sa, sb
 // and the scales; `apply` adds it: acc ← x·y + (m·n + acc), one rounding per fma. Both
 // int8 kernels (`mmvq`, `mmq`) build it and apply it the same way, in the same order, so
 // a token's result is the same bits from either. Only the float steps are written with
-// _rn intrinsics, which the compiler can neither contract nor reorder.
+// _rn intrinsics, which the compiler can neither contract nor reorder. sa and sb are
+// the half sums onto I2F_BIAS (formats with one block: sa is the whole unit's, sb unused).
 struct Contrib {
     float x, y, m, n;
 };
@@ -477,14 +481,14 @@ __device__ __forceinline__ Contrib contrib(float fa, float fb, float ma, float m
     c.m = c.n = 0.f;
     if (ONE_BLOCK(T)) {
         c.x = __fmul_rn(fa, da.x);
-        c.y = i2f(sa + sb);
+        c.y = unbias(sa);
         if (HAS_MIN(T)) {
             c.m = ma;  // the min times the whole block's activation sum
             c.n = da.y;
         }
     } else {
-        float r = __fmul_rn(__fmul_rn(fa, da.x), i2f(sa));
-        r = __fmaf_rn(__fmul_rn(fb, db.x), i2f(sb), r);
+        float r = __fmul_rn(__fmul_rn(fa, da.x), unbias(sa));
+        r = __fmaf_rn(__fmul_rn(fb, db.x), unbias(sb), r);
         r = __fmaf_rn(ma, da.y, r);
         c.x = __fmaf_rn(mb, db.y, r);
         c.y = 1.f;
@@ -502,15 +506,15 @@ __device__ __forceinline__ float apply(float acc, const Contrib& c) {
 // The unit's contribution against one token's activations (dp4a).
 template <int T>
 __device__ __forceinline__ Contrib unit_contrib(const Unit& w, const Act& x) {
-    int sa = dp4a(w.q[0], x.a.x, 0);
+    int sa = dp4a(w.q[0], x.a.x, I2F_BIAS);
     sa = dp4a(w.q[1], x.a.y, sa);
     sa = dp4a(w.q[2], x.a.z, sa);
     sa = dp4a(w.q[3], x.a.w, sa);
-    int sb = dp4a(w.q[4], x.b.x, 0);
+    int sb = dp4a(w.q[4], x.b.x, ONE_BLOCK(T) ? sa : I2F_BIAS);
     sb = dp4a(w.q[5], x.b.y, sb);
     sb = dp4a(w.q[6], x.b.z, sb);
     sb = dp4a(w.q[7], x.b.w, sb);
-    return contrib<T>(w.fa, w.fb, w.ma, w.mb, x.da, x.db, sa, sb);
+    return contrib<T>(w.fa, w.fb, w.ma, w.mb, x.da, x.db, ONE_BLOCK(T) ? sb : sa, sb);  // one block: sb ends the chain
 }
 
 // The order of a (row, token) sum, which every int8 kernel keeps: the row's units go to
@@ -637,18 +641,19 @@ MMVQ_KERNEL(mmvq8, 8, 2)
 // m16n8k32: A 16×32 s8 (a0: row g, k 4tq..4tq+3; a1: row g + 8, same k; a2, a3: the
 // same at k + 16), B 32×8 s8 (b0: token g, k 4tq..; b1: k + 16);
 // m16n8k16: A 16×16 (a0: row g, a1: row g + 8, k 4tq..), B 16×8 (b0: token g, k 4tq..);
-// C: c0, c1 row g, tokens 2tq, 2tq + 1; c2, c3 row g + 8.
+// C: c0, c1 row g, tokens 2tq, 2tq + 1; c2, c3 row g + 8; each onto I2F_BIAS.
 __device__ __forceinline__ void mma_s8_16832(int a0, int a1, int a2, int a3, int b0, int b1, int* c) {
     asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%10, %11, %12, %13};"
         : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(0), "r"(0), "r"(0), "r"(0));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1), "r"(I2F_BIAS), "r"(I2F_BIAS), "r"(I2F_BIAS),
+          "r"(I2F_BIAS));
 }
 
 __device__ __forceinline__ void mma_s8_16816(int a0, int a1, int b0, int* c) {
     asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%7, %8, %9, %10};"
         : "=r"(c[0]), "=r"(c[1]), "=r"(c[2]), "=r"(c[3])
-        : "r"(a0), "r"(a1), "r"(b0), "r"(0), "r"(0), "r"(0), "r"(0));
+        : "r"(a0), "r"(a1), "r"(b0), "r"(I2F_BIAS), "r"(I2F_BIAS), "r"(I2F_BIAS), "r"(I2F_BIAS));
 }
 
 // Where unit u's activations are: bytes xa.. (half A) and xb.. (half B) of a token's
@@ -677,8 +682,8 @@ __device__ __forceinline__ UnitPos unit_pos(int u) {
 // Lane tq's share of unit u of a row, as the tensor cores take it: weights 4tq..4tq+3
 // of each half (qa: half A, qb: half B; `load_unit`'s q[tq] and q[4 + tq]), and the
 // unit's scales. Only the lane's 4 bytes of each half are loaded and unpacked. `row`
-// is a row in global memory (G), or `mmq_t`'s copy in shared memory of 8 units of it
-// (`stage_unit`), laid out as a row of nb = 8 units.
+// is a row in global memory (G: through the read-only cache), or `mmq_t`'s copy in
+// shared memory of 8 units of it (`stage_rows`), laid out as a row of nb = 8 units.
 #define LDS(p) (G ? __ldg(p) : *(p))
 struct Slice {
     int qa, qb;
@@ -686,9 +691,8 @@ struct Slice {
 };
 
 template <int T, bool G>
-__device__ __forceinline__ void load_slice(const u8* row, int nb, int u, int tq, Slice& s) {
+__device__ __forceinline__ void load_quants(const u8* row, int nb, int u, int tq, Slice& s) {
     const u32 M = 0x0F0F0F0Fu;
-    s.fb = s.ma = s.mb = 0.f;
     if (T == T_Q4_0 || T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1) {
         const u32 v = LDS((const u32*)(row + 16 * u) + tq);
         u32 lo = v & M, hi = (v >> 4) & M;
@@ -706,18 +710,9 @@ __device__ __forceinline__ void load_slice(const u8* row, int nb, int u, int tq,
         }
         s.qa = (int)lo;
         s.qb = (int)hi;
-        if (T == T_Q4_0) s.fa = h2f(LDS((const u16*)(row + nb * 16) + u));
-        if (T == T_Q5_0) s.fa = h2f(LDS((const u16*)(row + nb * 20) + u));
-        if (T == T_Q4_1 || T == T_Q5_1) {
-            const u32 dm = LDS((const u32*)(row + nb * (T == T_Q4_1 ? 16 : 20)) + u);
-            s.fa = h2f((u16)dm);
-            s.ma = h2f((u16)(dm >> 16));
-        }
-        s.fb = s.fa;
     } else if (T == T_Q8_0) {
         s.qa = LDS((const int*)(row + 32 * u) + tq);
         s.qb = LDS((const int*)(row + 32 * u + 16) + tq);
-        s.fa = s.fb = h2f(LDS((const u16*)(row + nb * 32) + u));
     } else if (T == T_Q4_K || T == T_Q5_K) {
         const int sb = u >> 3, j = u & 7, sh = 4 * (j & 1);
         const u8* blk = row + sb * (T == T_Q4_K ? 144 : 176);
@@ -729,11 +724,6 @@ __device__ __forceinline__ void load_slice(const u8* row, int nb, int u, int tq,
         }
         s.qa = (int)lo;
         s.qb = (int)hi;
-        const u32 dd = LDS((const u32*)blk);
-        int sc, m;
-        scale_min_k4(j, blk + 4, &sc, &m);
-        s.fa = s.fb = h2f((u16)dd) * (float)sc;
-        s.ma = -h2f((u16)(dd >> 16)) * (float)m;
     } else if (T == T_Q6_K) {
         const int sb = u >> 3, k = u & 7, n = k >> 2, g = (k >> 1) & 1, j = k & 1;
         const u8* blk = row + sb * 208;
@@ -743,53 +733,162 @@ __device__ __forceinline__ void load_slice(const u8* row, int nb, int u, int tq,
         const u32 hi = ((v >> 4) & M) | (((hv >> (4 + 2 * g)) & 0x03030303u) << 4);
         s.qa = sub_bytes(lo, 0x20202020u);
         s.qb = sub_bytes(hi, 0x20202020u);
-        const float d = h2f(LDS((const u16*)(row + (nb >> 3) * 208) + sb));
+    }
+}
+
+// The unit's scales (fa, fb, ma, mb of `Unit`). In `mmq_t`'s staged copy, Q6_K's d is
+// entry d6 of the copied pair.
+template <int T, bool G>
+__device__ __forceinline__ void load_scales(const u8* row, int nb, int u, Slice& s, int d6 = 0) {
+    s.fb = s.ma = s.mb = 0.f;
+    if (T == T_Q4_0) s.fa = h2f(LDS((const u16*)(row + nb * 16) + u));
+    if (T == T_Q5_0) s.fa = h2f(LDS((const u16*)(row + nb * 20) + u));
+    if (T == T_Q4_1 || T == T_Q5_1) {
+        const u32 dm = LDS((const u32*)(row + nb * (T == T_Q4_1 ? 16 : 20)) + u);
+        s.fa = h2f((u16)dm);
+        s.ma = h2f((u16)(dm >> 16));
+    }
+    if (T == T_Q8_0) s.fa = h2f(LDS((const u16*)(row + nb * 32) + u));
+    if (T == T_Q4_K || T == T_Q5_K) {
+        const int sb = u >> 3, j = u & 7;
+        const u8* blk = row + sb * (T == T_Q4_K ? 144 : 176);
+        const u32 dd = LDS((const u32*)blk);
+        int sc, m;
+        scale_min_k4(j, blk + 4, &sc, &m);
+        s.fa = h2f((u16)dd) * (float)sc;
+        s.ma = -h2f((u16)(dd >> 16)) * (float)m;
+    }
+    if (ONE_BLOCK(T)) s.fb = s.fa;
+    if (T == T_Q6_K) {
+        const int sb = u >> 3, k = u & 7, n = k >> 2, g = (k >> 1) & 1, j = k & 1;
+        const u8* blk = row + sb * 208;
+        const float d = h2f(LDS((const u16*)(row + (nb >> 3) * 208) + sb + d6));
         const i8* sc = (const i8*)(blk + 192);
         s.fa = d * (float)sc[8 * n + 2 * g + j];
         s.fb = d * (float)sc[8 * n + 4 + 2 * g + j];
     }
 }
 
+// The slices of unit u for a lane's 2·RT rows of a tile: s[i][h] is row r0 + 16i + 8h +
+// g (rows past `rlast` read row rlast), rows `pitch` bytes apart from `base`. Q4_K and
+// Q5_K's packed 6-bit scale and min take some 20 integer and conversion steps a row,
+// the same for the group's 4 lanes (lanes 4g..4g + 3 share their rows): lane tq decodes
+// rows k ≡ tq (mod 4) of the 2·RT (k = 2i + h) and passes them round by shuffles
+// (measured: 4x4 blocks 5% faster; Q6_K's plain int8 scales were slower that way). The
+// whole warp must call it.
+template <int T, bool G, int RT>
+__device__ __forceinline__ void load_tile_slices(const u8* base, u64 pitch, int r0, int rlast, int nb, int u, int g, int tq,
+                                                 int d6, Slice (&s)[RT][2]) {
+#pragma unroll
+    for (int i = 0; i < RT; i++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const u8* row = base + (u64)min(r0 + 16 * i + 8 * h + g, rlast) * pitch;
+            load_quants<T, G>(row, nb, u, tq, s[i][h]);
+            if (!(T == T_Q4_K || T == T_Q5_K)) load_scales<T, G>(row, nb, u, s[i][h], d6);
+        }
+    if (T == T_Q4_K || T == T_Q5_K) {
+        constexpr int PER = (2 * RT + 3) / 4;
+        float x[PER], y[PER];
+#pragma unroll
+        for (int p = 0; p < PER; p++) {
+            const int k = min(4 * p + tq, 2 * RT - 1);
+            Slice t;
+            load_scales<T, G>(base + (u64)min(r0 + 16 * (k >> 1) + 8 * (k & 1) + g, rlast) * pitch, nb, u, t, d6);
+            x[p] = t.fa;
+            y[p] = t.ma;
+        }
+        const int src = (threadIdx.x & 28);
+#pragma unroll
+        for (int i = 0; i < RT; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int k = 2 * i + h;
+                const float a = __shfl_sync(0xffffffffu, x[k >> 2], src | (k & 3));
+                const float b = __shfl_sync(0xffffffffu, y[k >> 2], src | (k & 3));
+                s[i][h].fa = s[i][h].fb = a;
+                s[i][h].ma = b;
+                s[i][h].mb = 0.f;
+            }
+    }
+}
+
 // A row's bytes for 8 units (one K-quant super-block) in shared memory, laid out as a
-// whole row of nb = 8 units (so `load_slice` reads it as it would the row): the 32-block
+// whole row of nb = 8 units (so `load_quants` reads it as it would the row): the 32-block
 // formats' parts one after the other (quants, then high bits / scales), a K-quant's
-// super-block as it is (Q6_K's d after it). MMQ_PITCH: bytes a staged row takes, a
-// multiple of 16 whose words ≡ 4 (mod 8), so 8 rows × 4 lanes of 4 bytes hit 32 banks.
+// super-block as it is (Q6_K: then the 4-byte-aligned pair of d values that holds its
+// d). MMQ_PITCH: bytes a staged row takes, a multiple of 16 whose words ≡ 4 (mod 8), so
+// 8 rows × 4 lanes of 4 bytes hit 32 banks.
 template <int T>
 struct Stage {
     // Bytes a unit per part (0: absent) and where the part starts in a global row.
     static constexpr int S0 = T == T_Q8_0 ? 32 : T == T_Q4_K ? 18 : T == T_Q5_K ? 22 : T == T_Q6_K ? 26 : 16;
     static constexpr int S1 = (T == T_Q4_0 || T == T_Q8_0) ? 2 : (T == T_Q4_1 || T == T_Q5_0 || T == T_Q5_1) ? 4 : 0;
     static constexpr int S2 = T == T_Q5_0 ? 2 : T == T_Q5_1 ? 4 : 0;
-    static constexpr int BYTES = 8 * (S0 + S1 + S2) + (T == T_Q6_K ? 2 : 0);
+    static constexpr int BYTES = 8 * (S0 + S1 + S2) + (T == T_Q6_K ? 4 : 0);
     static constexpr int P16 = (BYTES + 15) / 16 * 16;
     static constexpr int PITCH = (P16 / 4) % 8 == 4 ? P16 : P16 + 16;
 };
 
-// Copy unit u0 + ul's bytes (ul < 8, the unit inside the row) of global row `g` (nb
-// units) to staged row `d`. A K-quant's super-block is copied by its 8 units' threads,
-// 16 bytes each (and the rest by ul 0).
-template <int T>
-__device__ __forceinline__ void stage_unit(const u8* __restrict__ g, int nb, int u0, int ul, u8* d) {
+// Asynchronous copies global → shared (sm_80's cp.async) of C = 4, 8 or 16 bytes, of
+// which the first `n` are read and the rest zero-filled (n = 0 reads nothing); the
+// copies a thread issued before `cp_commit` complete at the matching `cp_wait<N>` (all
+// but the N newest groups).
+template <int C>
+__device__ __forceinline__ void cp_async(void* dst, const void* src, int n) {
+    const u32 d = (u32)__cvta_generic_to_shared(dst);
+    if (C == 16) asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(n) : "memory");
+    if (C == 8) asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(d), "l"(src), "r"(n) : "memory");
+    if (C == 4) asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(d), "l"(src), "r"(n) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
+// One part of a tile's rows (16·RT of them from r0, each `pitch` bytes in shared
+// memory from dst): BYTES bytes from byte `off` of each global row to byte `at` of its
+// staged row, of which the first `valid` are real (the rest of the part is past the
+// row's last unit: zeros). C-byte copies, C dividing `off` (rows start at multiples
+// of 16); the 256 threads take (row, copy) items in turn.
+template <int C, int BYTES, int RT>
+__device__ __forceinline__ void stage_part(const u8* __restrict__ W, u64 row_bytes, int r0, int rows, u64 off, int valid,
+                                           u8* dst, int pitch, int at) {
+    constexpr int PER_ROW = (BYTES + C - 1) / C;
+    for (int it = threadIdx.x; it < 16 * RT * PER_ROW; it += 256) {
+        const int r = it / PER_ROW, k = it - r * PER_ROW;
+        const u8* row = W + (u64)min(r0 + r, rows - 1) * row_bytes;
+        const int n = min(max(valid - k * C, 0), C);
+        cp_async<C>(dst + r * pitch + at + k * C, n ? row + off + k * C : row, n);
+    }
+}
+
+// `stage_part` with the largest copy (16, 8 or 4 bytes) that `off`'s alignment allows.
+template <int BYTES, int RT>
+__device__ __forceinline__ void stage_part_any(const u8* __restrict__ W, u64 row_bytes, int r0, int rows, u64 off, int valid,
+                                               u8* dst, int pitch, int at) {
+    if ((off & 15) == 0) stage_part<16, BYTES, RT>(W, row_bytes, r0, rows, off, valid, dst, pitch, at);
+    else if ((off & 7) == 0) stage_part<8, BYTES, RT>(W, row_bytes, r0, rows, off, valid, dst, pitch, at);
+    else stage_part<4, BYTES, RT>(W, row_bytes, r0, rows, off, valid, dst, pitch, at);
+}
+
+// Start copying a tile's weights for units u0..u0 + 7 (nb units a row) to `ws`.
+template <int T, int RT>
+__device__ __forceinline__ void stage_rows(const u8* __restrict__ W, u64 row_bytes, int r0, int rows, int nb, int u0, u8* ws) {
     typedef Stage<T> L;
-    const int u = u0 + ul;
     if (T == T_Q4_K || T == T_Q5_K || T == T_Q6_K) {
-        const int sbb = T == T_Q4_K ? 144 : T == T_Q5_K ? 176 : 208;
-        const uint4* src = (const uint4*)(g + (u0 >> 3) * sbb);
-        for (int c = ul; c < sbb / 16; c += 8) ((uint4*)d)[c] = __ldg(src + c);
-        if (T == T_Q6_K && ul == 0) *(u16*)(d + 208) = __ldg((const u16*)(g + (nb >> 3) * 208) + (u0 >> 3));
+        constexpr int SBB = T == T_Q4_K ? 144 : T == T_Q5_K ? 176 : 208;
+        const int sb = u0 >> 3;
+        stage_part<16, SBB, RT>(W, row_bytes, r0, rows, (u64)sb * SBB, SBB, ws, L::PITCH, 0);
+        // Q6_K's d values (f16) follow the super-blocks: the aligned pair holding this one.
+        if (T == T_Q6_K) stage_part<4, 4, RT>(W, row_bytes, r0, rows, (u64)(nb >> 3) * 208 + 4 * (sb >> 1), 4, ws, L::PITCH, 208);
         return;
     }
-    if (u >= nb) return;
-    const uint4* q = (const uint4*)(g + L::S0 * u);
-#pragma unroll
-    for (int c = 0; c < L::S0 / 16; c++) ((uint4*)(d + L::S0 * ul))[c] = __ldg(q + c);
-    u8* d1 = d + 8 * L::S0;
-    if (L::S1 == 2) ((u16*)d1)[ul] = __ldg((const u16*)(g + L::S0 * nb) + u);
-    if (L::S1 == 4) ((u32*)d1)[ul] = __ldg((const u32*)(g + L::S0 * nb) + u);
-    u8* d2 = d1 + 8 * L::S1;
-    if (L::S2 == 2) ((u16*)d2)[ul] = __ldg((const u16*)(g + (L::S0 + L::S1) * nb) + u);
-    if (L::S2 == 4) ((u32*)d2)[ul] = __ldg((const u32*)(g + (L::S0 + L::S1) * nb) + u);
+    const int nv = min(8, nb - u0);  // units left in the row
+    stage_part<16, 8 * L::S0, RT>(W, row_bytes, r0, rows, (u64)L::S0 * u0, nv * L::S0, ws, L::PITCH, 0);
+    stage_part_any<8 * L::S1, RT>(W, row_bytes, r0, rows, (u64)L::S0 * nb + L::S1 * u0, nv * L::S1, ws, L::PITCH, 8 * L::S0);
+    if (L::S2)
+        stage_part_any<8 * (L::S2 ? L::S2 : 1), RT>(W, row_bytes, r0, rows, (u64)(L::S0 + L::S1) * nb + L::S2 * u0, nv * L::S2, ws,
+                                                    L::PITCH, 8 * (L::S0 + L::S1));
 }
 
 // One unit of `mmq` for the rows of a 16-row tile (g and g + 8: slices sa, sb) and
@@ -804,7 +903,7 @@ __device__ __forceinline__ void mmq_rows(float (&acc)[MT][4], const Slice& sa, c
         int c[4], c2[4];
         if (ONE_BLOCK(T)) {
             mma_s8_16832(sa.qa, sb.qa, sa.qb, sb.qb, b0[m], b1[m], c);
-            c2[0] = c2[1] = c2[2] = c2[3] = 0;
+            c2[0] = c2[1] = c2[2] = c2[3] = I2F_BIAS;
         } else {
             mma_s8_16816(sa.qa, sb.qa, b0[m], c);
             mma_s8_16816(sa.qb, sb.qb, b1[m], c2);
@@ -860,29 +959,58 @@ __device__ __forceinline__ void mmq_finish(float (&acc)[RT][MT][4], float* part,
     }
 }
 
+// Start the copies of a tile's units u0..u0 + 7 into the stage at `base`, as one group
+// (`mmq_t`).
+#define MMQ_XPITCH 272  // a staged token's 8 units of activations: 256 bytes + 16
+template <int T, int RT, int MT>
+__device__ __forceinline__ void mmq_issue(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
+                                          const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok, int r0,
+                                          int tok0, int u0, u8* base) {
+    constexpr int XS = 16 * RT * Stage<T>::PITCH, DS = XS + 8 * MT * MMQ_XPITCH;
+    const int nb = cols >> 5;
+    // Opaque copies of the tile's origin: the copies' addresses are worked out afresh
+    // each time rather than kept in registers across `mmq_t`'s loop.
+    asm volatile("" : "+r"(r0), "+r"(tok0));
+    stage_rows<T, RT>(W, row_bytes, r0, rows, nb, u0, base);
+    const int nv = min(8, nb - u0);
+    // Activations: (token, 16 bytes) items; scales: (token, 8 bytes).
+    for (int it = threadIdx.x; it < 8 * MT * 16; it += 256) {
+        const int t = it >> 4, k = it & 15, tt = min(tok0 + t, n_tok - 1);
+        const i8* src = Xq + (u64)tt * cols + 32 * u0 + 16 * k;
+        const int n = 16 * k < 32 * nv ? 16 : 0;
+        cp_async<16>(base + XS + t * MMQ_XPITCH + 16 * k, n ? (const void*)src : (const void*)Xq, n);
+    }
+    for (int it = threadIdx.x; it < 8 * MT * 8; it += 256) {
+        const int t = it >> 3, k = it & 7, tt = min(tok0 + t, n_tok - 1);
+        const int n = k < nv ? 8 : 0;
+        cp_async<8>(base + DS + t * 64 + 8 * k, n ? (const void*)(Xd + (u64)tt * nb + u0 + k) : (const void*)Xd, n);
+    }
+    cp_commit();
+}
+
 // Y[t][r] = Σ_c W[r][c] X[t][c] on the tensor cores, for a tile of 16·RT rows × 8·MT
 // tokens a block (int8 activations as for `mmvq`). The block walks the row 8 units at
-// a time: its threads copy the tile's weights, activations and activation scales for
-// those units to shared memory (coalesced 16-byte loads), then warp w takes unit
-// u0 + w: it is slice w of the order above, so it takes units w, w + 8, ... in order,
-// for the whole tile. A unit is one m16n8k32 product per 16 rows × 8 tokens (two
-// m16n8k16 for Q6_K, whose halves have their own scales), turned into contributions
-// as `mmvq` does; each lane reads and unpacks only its own 4 bytes of each half. The 8
-// warps' sums are then added pairwise through shared memory, in the order `mmvq` adds
-// its slices: a token gets the same bits from either kernel, whatever RT and MT, and
-// the choice never changes a result.
+// a time through two stages of shared memory: while its warps work on one, the tile's
+// weights, activations and activation scales for the next 8 units are copied into the
+// other (cp.async, 16-byte copies where aligned). Warp w takes unit u0 + w: it is
+// slice w of the order above, so it takes units w, w + 8, ... in order, for the whole
+// tile. A unit is one m16n8k32 product per 16 rows × 8 tokens (two m16n8k16 for Q6_K,
+// whose halves have their own scales), turned into contributions as `mmvq` does; each
+// lane reads and unpacks only its own 4 bytes of each half. The 8 warps' sums are then
+// added pairwise through shared memory, in the order `mmvq` adds its slices: a token
+// gets the same bits from either kernel, whatever RT and MT, and the choice never
+// changes a result.
 // Block: 256; grid: (ceil(rows / 16RT), ceil(n_tok / 8MT)); dynamic shared memory:
 // `mmq_shared` bytes (model.rs).
-#define MMQ_XPITCH 272  // a staged token's 8 units of activations: 256 bytes + 16
 template <int T, int RT, int MT>
 __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                       const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
                                       float* __restrict__ Y, int y_stride) {
     extern __shared__ __align__(16) u8 smem[];
     typedef Stage<T> L;
-    u8* ws = smem;                                    // [16RT rows][PITCH]
-    u8* xs = ws + 16 * RT * L::PITCH;                 // [8MT tokens][MMQ_XPITCH]
-    float2* ds = (float2*)(xs + 8 * MT * MMQ_XPITCH);  // [8MT tokens][8 units]
+    // A stage: [16RT rows][PITCH] weights, [8MT tokens][MMQ_XPITCH] activations,
+    // [8MT tokens][8 units] activation scales.
+    constexpr int XS = 16 * RT * L::PITCH, DS = XS + 8 * MT * MMQ_XPITCH, STAGE = DS + 8 * MT * 64;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
     const int r0 = blockIdx.x * 16 * RT, tok0 = blockIdx.y * 8 * MT;
     const int nb = cols >> 5;
@@ -893,23 +1021,20 @@ __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, i
         for (int m = 0; m < MT; m++)
 #pragma unroll
             for (int c = 0; c < 4; c++) acc[i][m][c] = 0.f;
-    for (int u0 = 0; u0 < nb; u0 += 8) {
-        // Stage: (row, unit) and (token, unit) items, 8 consecutive threads a row.
-        for (int it = threadIdx.x; it < 16 * RT * 8; it += 256) {
-            const int r = it >> 3, ul = it & 7;
-            stage_unit<T>(W + (u64)min(r0 + r, rows - 1) * row_bytes, nb, u0, ul, ws + r * L::PITCH);
-        }
-        for (int it = threadIdx.x; it < 8 * MT * 8; it += 256) {
-            const int t = it >> 3, ul = it & 7, tt = min(tok0 + t, n_tok - 1);
-            if (u0 + ul < nb) {
-                const uint4* src = (const uint4*)(Xq + (u64)tt * cols + 32 * (u0 + ul));
-                uint4* dst = (uint4*)(xs + t * MMQ_XPITCH + 32 * ul);
-                dst[0] = __ldg(src);
-                dst[1] = __ldg(src + 1);
-                ds[t * 8 + ul] = __ldg(Xd + (u64)tt * nb + u0 + ul);
-            }
+    mmq_issue<T, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, r0, tok0, 0, smem);
+#pragma unroll 1
+    for (int u0 = 0, st = 0; u0 < nb; u0 += 8, st ^= 1) {
+        if (u0 + 8 < nb) {
+            // Into the stage the warps left at the last barrier.
+            mmq_issue<T, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, r0, tok0, u0 + 8, smem + (st ^ 1) * STAGE);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
         }
         __syncthreads();
+        const u8* ws = smem + st * STAGE;
+        const u8* xs = ws + XS;
+        const float2* ds = (const float2*)(ws + DS);
         const int u = u0 + warp;
         if (u < nb) {
             UnitPos p = unit_pos<T>(u);
@@ -930,15 +1055,13 @@ __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, i
                 dB0[m] = ONE_BLOCK(T) ? dA0[m] : d0[p.db];
                 dB1[m] = ONE_BLOCK(T) ? dA1[m] : d0[8 + p.db];
             }
+            const int d6 = (u0 >> 3) & 1;  // Q6_K: which d of the staged pair
+            Slice sl[RT][2];
+            load_tile_slices<T, false, RT>(ws, L::PITCH, 0, 16 * RT - 1, 8, u - u0, g, tq, d6, sl);
 #pragma unroll
-            for (int i = 0; i < RT; i++) {
-                Slice sa, sb;
-                load_slice<T, false>(ws + (16 * i + g) * L::PITCH, 8, u - u0, tq, sa);
-                load_slice<T, false>(ws + (16 * i + g + 8) * L::PITCH, 8, u - u0, tq, sb);
-                mmq_rows<T, MT>(acc[i], sa, sb, b0, b1, dA0, dA1, dB0, dB1);
-            }
+            for (int i = 0; i < RT; i++) mmq_rows<T, MT>(acc[i], sl[i][0], sl[i][1], b0, b1, dA0, dA1, dB0, dB1);
         }
-        __syncthreads();
+        __syncthreads();  // the next iteration's copies overwrite this stage
     }
     mmq_finish<RT, MT>(acc, (float*)smem, r0, tok0, rows, n_tok, Y, y_stride);
 }
@@ -972,12 +1095,6 @@ __device__ __forceinline__ void mmq_direct_t(const u8* __restrict__ W, u64 row_b
         xd_off0[m] = (u32)min(tok0 + 8 * m + 2 * tq, n_tok - 1) * (u32)nb;
         xd_off1[m] = (u32)min(tok0 + 8 * m + 2 * tq + 1, n_tok - 1) * (u32)nb;
     }
-    const u8* rowp[RT][2];
-#pragma unroll
-    for (int i = 0; i < RT; i++) {
-        rowp[i][0] = W + (u64)min(r0 + 16 * i + g, rows - 1) * row_bytes;
-        rowp[i][1] = W + (u64)min(r0 + 16 * i + g + 8, rows - 1) * row_bytes;
-    }
     for (int u = warp; u < nb; u += 8) {
         const UnitPos p = unit_pos<T>(u);
         int b0[MT], b1[MT];
@@ -992,13 +1109,10 @@ __device__ __forceinline__ void mmq_direct_t(const u8* __restrict__ W, u64 row_b
             dB0[m] = ONE_BLOCK(T) ? dA0[m] : __ldg(Xd + xd_off0[m] + p.db);
             dB1[m] = ONE_BLOCK(T) ? dA1[m] : __ldg(Xd + xd_off1[m] + p.db);
         }
+        Slice sl[RT][2];
+        load_tile_slices<T, false, RT>(W, row_bytes, r0, rows - 1, nb, u, g, tq, 0, sl);
 #pragma unroll
-        for (int i = 0; i < RT; i++) {
-            Slice sa, sb;
-            load_slice<T, false>(rowp[i][0], nb, u, tq, sa);
-            load_slice<T, false>(rowp[i][1], nb, u, tq, sb);
-            mmq_rows<T, MT>(acc[i], sa, sb, b0, b1, dA0, dA1, dB0, dB1);
-        }
+        for (int i = 0; i < RT; i++) mmq_rows<T, MT>(acc[i], sl[i][0], sl[i][1], b0, b1, dA0, dA1, dB0, dB1);
     }
     mmq_finish<RT, MT>(acc, part, r0, tok0, rows, n_tok, Y, y_stride);
 }
@@ -1364,6 +1478,237 @@ __device__ __forceinline__ void attn_tok_t(const float* __restrict__ q, const u1
 ATTN_TOK_KERNEL(attn_tok64, 2)
 ATTN_TOK_KERNEL(attn_tok128, 4)
 ATTN_TOK_KERNEL(attn_tok256, 8)
+
+// ---- prompt attention on the tensor cores ---------------------------------------------
+
+// Two floats as f16x2 (lo in the low half), rounded to nearest.
+__device__ __forceinline__ u32 pack_h2(float lo, float hi) {
+    u32 r;
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+// D = A·B + C on the tensor cores, f16 inputs and f32 sums (m16n8k16; fragments as
+// for `mma_s8_16816`, two f16 a register: a0 row g, k 2tq, 2tq + 1; a1 row g + 8; a2,
+// a3 the same at k + 8; b0 k 2tq, 2tq + 1 of column g; b1 k + 8).
+__device__ __forceinline__ void mma_f16_16816(const u32 (&a)[4], u32 b0, u32 b1, float (&c)[4]) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Four 8×8 f16 matrices from shared memory, transposed: lane l gives the address of
+// row l % 8 of matrix l / 8; register i gets matrix i's elements (2tq, g), (2tq + 1, g)
+// (row, column), a B fragment when the rows are k.
+__device__ __forceinline__ void ldsm_x4_t(const void* p, u32& r0, u32& r1, u32& r2, u32& r3) {
+    const u32 a = (u32)__cvta_generic_to_shared(p);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(a));
+}
+
+// Attention for the prompt tokens of a step, flash-attention style on the tensor cores
+// (head sizes 64 and 128). A block takes a tile of up to 16 consecutive tokens of one
+// sequence (`tiles`: first token and count, pairs) and one KV head; its warp w takes
+// query head kvh · group + w for the tile (so the group's heads share each staged key
+// and value). The keys go by in chunks of 32 at multiples of 32 from the tile's lowest
+// key: staged in shared memory (f16, as cached), S = Q·Kᵀ (Q rounded to f16) on the
+// tensor cores, scaled and masked (keys before the window or after the token), an
+// online softmax in f32 per row, and P (f16) · V on the tensor cores into f32 outputs.
+// A row's result depends only on its own token: a chunk without keys for it leaves its
+// state exactly as it was, and chunks start at fixed positions, so neither the tile
+// nor the batch changes a bit. Writes the outputs as `attn_tok` does, the int8 copy by
+// `q8_block`'s arithmetic. Grid: (n_head_kv, tiles); block: 32 · group (≤ 8 warps).
+template <int HD>
+__device__ __forceinline__ void attn_fa_t(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,
+                                          const u32* __restrict__ tables, const int* __restrict__ tok_table,
+                                          const int* __restrict__ tok_pos, float* __restrict__ out, int n_head,
+                                          int n_head_kv, int bs, int window, float scale, i8* __restrict__ Xq,
+                                          float2* __restrict__ Xd, const int* __restrict__ tiles) {
+    constexpr int KP = HD + 8;  // a staged row: HD f16 + 16 bytes (rows 4 banks apart)
+    __shared__ __align__(16) u16 ks[32][KP];
+    __shared__ __align__(16) u16 vs[32][KP];
+    __shared__ u32 slots[32];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+    const int group = n_head / n_head_kv, kvh = blockIdx.x, h = kvh * group + warp;
+    const int kvd = n_head_kv * HD;
+    const int first = tiles[2 * blockIdx.y], cnt = tiles[2 * blockIdx.y + 1];
+    // This lane's rows g (A) and g + 8 (B); rows past the tile repeat its last token.
+    const int tA = first + min(g, cnt - 1), tB = first + min(g + 8, cnt - 1);
+    const int posA = tok_pos[tA], posB = tok_pos[tB];
+    const int loA = (window > 0 && posA + 1 > window) ? posA + 1 - window : 0;
+    const int loB = (window > 0 && posB + 1 > window) ? posB + 1 - window : 0;
+    int kmin = min(loA, loB), kmax = max(posA, posB);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        kmin = min(kmin, __shfl_xor_sync(0xffffffffu, kmin, o));
+        kmax = max(kmax, __shfl_xor_sync(0xffffffffu, kmax, o));
+    }
+    const u32* table = tables + tok_table[first];
+    // Q as A fragments, f16.
+    u32 qf[HD / 16][4];
+    {
+        const float* qa = q + (u64)tA * n_head * HD + h * HD;
+        const float* qb = q + (u64)tB * n_head * HD + h * HD;
+#pragma unroll
+        for (int k = 0; k < HD / 16; k++) {
+            const float2 a0 = *(const float2*)(qa + 16 * k + 2 * tq), a2 = *(const float2*)(qa + 16 * k + 8 + 2 * tq);
+            const float2 b0 = *(const float2*)(qb + 16 * k + 2 * tq), b2 = *(const float2*)(qb + 16 * k + 8 + 2 * tq);
+            qf[k][0] = pack_h2(a0.x, a0.y);
+            qf[k][1] = pack_h2(b0.x, b0.y);
+            qf[k][2] = pack_h2(a2.x, a2.y);
+            qf[k][3] = pack_h2(b2.x, b2.y);
+        }
+    }
+    float o[HD / 8][4];
+#pragma unroll
+    for (int n = 0; n < HD / 8; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float mA = NEG_INF, mB = NEG_INF, lA = 0.f, lB = 0.f;
+    for (int c0 = kmin & ~31; c0 <= kmax; c0 += 32) {
+        __syncthreads();  // the last chunk's reads are done
+        if (threadIdx.x < 32) {
+            const int p = min(c0 + (int)threadIdx.x, kmax);
+            slots[threadIdx.x] = table[p / bs] * (u32)bs + (u32)(p % bs);
+        }
+        __syncthreads();
+        for (int it = threadIdx.x; it < 32 * (HD / 8); it += blockDim.x) {
+            const int key = it / (HD / 8), c = it % (HD / 8);
+            const u64 off = (u64)slots[key] * kvd + kvh * HD + 8 * c;
+            *(uint4*)&ks[key][8 * c] = *(const uint4*)(kc + off);
+            *(uint4*)&vs[key][8 * c] = *(const uint4*)(vc + off);
+        }
+        __syncthreads();
+        // S: keys 8j + (2tq, 2tq + 1) of rows g (s[j][0..1]) and g + 8 (s[j][2..3]).
+        float sc[4][4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.f;
+#pragma unroll
+            for (int k = 0; k < HD / 16; k++) {
+                const u32 b0 = *(const u32*)&ks[8 * j + g][16 * k + 2 * tq];
+                const u32 b1 = *(const u32*)&ks[8 * j + g][16 * k + 8 + 2 * tq];
+                mma_f16_16816(qf[k], b0, b1, sc[j]);
+            }
+        }
+        float rmA = NEG_INF, rmB = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int key = c0 + 8 * j + 2 * tq + (e & 1);
+                const bool ok = e < 2 ? (key >= loA && key <= posA) : (key >= loB && key <= posB);
+                sc[j][e] = ok ? sc[j][e] * scale : NEG_INF;
+                if (e < 2) rmA = fmaxf(rmA, sc[j][e]);
+                else rmB = fmaxf(rmB, sc[j][e]);
+            }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            rmA = fmaxf(rmA, __shfl_xor_sync(0xffffffffu, rmA, x));
+            rmB = fmaxf(rmB, __shfl_xor_sync(0xffffffffu, rmB, x));
+        }
+        // A row with no keys yet and none here keeps m = -inf, l = 0, o = 0.
+        const float nA = fmaxf(mA, rmA), nB = fmaxf(mB, rmB);
+        const float refA = nA == NEG_INF ? 0.f : nA, refB = nB == NEG_INF ? 0.f : nB;
+        const float corrA = expf(mA - refA), corrB = expf(mB - refB);
+        float sA = 0.f, sB = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                sc[j][e] = expf(sc[j][e] - (e < 2 ? refA : refB));
+                if (e < 2) sA += sc[j][e];
+                else sB += sc[j][e];
+            }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            sA += __shfl_xor_sync(0xffffffffu, sA, x);
+            sB += __shfl_xor_sync(0xffffffffu, sB, x);
+        }
+        lA = lA * corrA + sA;
+        lB = lB * corrB + sB;
+        mA = nA;
+        mB = nB;
+#pragma unroll
+        for (int n = 0; n < HD / 8; n++) {
+            o[n][0] *= corrA;
+            o[n][1] *= corrA;
+            o[n][2] *= corrB;
+            o[n][3] *= corrB;
+        }
+        // O += P·V: keys 16kk.. as k; P's C fragments are its A fragments.
+#pragma unroll
+        for (int kk = 0; kk < 2; kk++) {
+            const u32 pa[4] = {pack_h2(sc[2 * kk][0], sc[2 * kk][1]), pack_h2(sc[2 * kk][2], sc[2 * kk][3]),
+                               pack_h2(sc[2 * kk + 1][0], sc[2 * kk + 1][1]), pack_h2(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+            const int mi = lane >> 3;  // the matrix this lane addresses: keys +8·(mi & 1), dims +8·(mi >> 1)
+#pragma unroll
+            for (int n = 0; n < HD / 16; n++) {
+                u32 b0, b1, b2, b3;
+                ldsm_x4_t(&vs[16 * kk + 8 * (mi & 1) + (lane & 7)][16 * n + 8 * (mi >> 1)], b0, b1, b2, b3);
+                mma_f16_16816(pa, b0, b1, o[2 * n]);
+                mma_f16_16816(pa, b2, b3, o[2 * n + 1]);
+            }
+        }
+    }
+    // Rows g and g + 8: dims 8n + 2tq, + 1; written, and each 32-dim block as int8,
+    // its 32 values held by the row's 4 lanes (4 tiles of 8 dims, 2 values each).
+    const float iA = 1.f / lA, iB = 1.f / lB;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        const int row = g + 8 * r;
+        const bool ok = row < cnt;
+        const int t = first + row;
+        const float inv = r ? iB : iA;
+        float* orow = out + (u64)t * n_head * HD + h * HD;
+#pragma unroll
+        for (int b = 0; b < HD / 32; b++) {
+            float y[8];
+            float amax = 0.f;
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+                y[2 * n] = o[4 * b + n][2 * r] * inv;
+                y[2 * n + 1] = o[4 * b + n][2 * r + 1] * inv;
+                amax = fmaxf(amax, fmaxf(fabsf(y[2 * n]), fabsf(y[2 * n + 1])));
+                if (ok) *(float2*)(orow + 32 * b + 8 * n + 2 * tq) = make_float2(y[2 * n], y[2 * n + 1]);
+            }
+            if (Xq) {
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+                const float d = amax / 127.f;
+                const float id = d != 0.f ? 1.f / d : 0.f;
+                int sum = 0;
+                const int cols = n_head * HD, blk = (h * HD >> 5) + b;
+#pragma unroll
+                for (int n = 0; n < 4; n++) {
+                    const int q0 = (int)roundf(y[2 * n] * id), q1 = (int)roundf(y[2 * n + 1] * id);
+                    sum += q0 + q1;
+                    if (ok) *(u16*)(Xq + (u64)t * cols + 32 * blk + 8 * n + 2 * tq) = (u16)((u8)(i8)q0 | ((u16)(u8)(i8)q1 << 8));
+                }
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                if (ok && tq == 0) {
+                    float2 v;
+                    v.x = d;
+                    v.y = d * (float)sum;
+                    Xd[(u64)t * (cols >> 5) + blk] = v;
+                }
+            }
+        }
+    }
+}
+
+#define ATTN_FA_KERNEL(NAME, HD)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(256)                                                                  \
+        NAME(const float* __restrict__ q, const u16* __restrict__ kc, const u16* __restrict__ vc,                      \
+             const u32* __restrict__ tables, const int* __restrict__ tok_table, const int* __restrict__ tok_pos,       \
+             float* __restrict__ out, int n_head, int n_head_kv, int bs, int window, float scale,                      \
+             i8* __restrict__ Xq, float2* __restrict__ Xd, const int* __restrict__ tiles) {                            \
+        GRID_DEP_WAIT();                                                                                               \
+        attn_fa_t<HD>(q, kc, vc, tables, tok_table, tok_pos, out, n_head, n_head_kv, bs, window, scale, Xq, Xd, tiles); \
+    }
+ATTN_FA_KERNEL(attn_fa64, 64)
+ATTN_FA_KERNEL(attn_fa128, 128)
 
 // Attention for a decode token: the inputs, outputs and shapes of `attn_tok`, for the
 // short key ranges of one token a sequence. The NW warps take keys lo + w, lo + w + NW,

@@ -98,6 +98,7 @@ struct Driver {
     ctx_synchronize: unsafe extern "C" fn() -> CuResult,
     module_load_data: unsafe extern "C" fn(*mut CuModule, *const c_void) -> CuResult,
     module_get_function: unsafe extern "C" fn(*mut CuFunction, CuModule, *const c_char) -> CuResult,
+    func_set_attribute: unsafe extern "C" fn(CuFunction, c_int, c_int) -> CuResult,
     #[allow(clippy::type_complexity)]
     launch_kernel: unsafe extern "C" fn(
         CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CuStream, *mut *mut c_void, *mut *mut c_void,
@@ -136,6 +137,7 @@ impl Driver {
             ctx_synchronize: sym!(lib, "cuCtxSynchronize"),
             module_load_data: sym!(lib, "cuModuleLoadData"),
             module_get_function: sym!(lib, "cuModuleGetFunction"),
+            func_set_attribute: sym!(lib, "cuFuncSetAttribute"),
             launch_kernel: sym!(lib, "cuLaunchKernel"),
             // SAFETY: cuLaunchKernelEx's prototype from cuda.h, as declared above.
             launch_kernel_ex: unsafe { lib.get(b"cuLaunchKernelEx\0") }.ok().map(|s| *s),
@@ -279,6 +281,10 @@ impl Nvrtc {
 
 /// NVRTC options: real machine code for the GPU found, fast math off (the kernels are
 /// tested against the CPU with tight tolerances).
+/// The dynamic shared memory the `mmq` kernels may take a block (the most sm_86 and
+/// sm_89 allow; sm_80/sm_87 allow 163 KiB, sm_90 227).
+pub const MAX_DYNAMIC_SHARED: u32 = 99 * 1024;
+
 pub fn compile_options(arch: u32) -> Vec<String> {
     vec![format!("--gpu-architecture=sm_{arch}"), "--std=c++17".into(), "-default-device".into()]
 }
@@ -440,6 +446,13 @@ impl Gpu {
         let mut f: CuFunction = std::ptr::null_mut();
         // SAFETY: the module is loaded; the name is NUL-terminated.
         self.drv.check(unsafe { (self.drv.module_get_function)(&mut f, self.module, cname.as_ptr()) }, name)?;
+        if name.starts_with("mmq_") {
+            // Their staging takes more than the 48 KiB a block gets without asking.
+            const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: c_int = 8;
+            // SAFETY: a function of our module; an int attribute.
+            let r = unsafe { (self.drv.func_set_attribute)(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, MAX_DYNAMIC_SHARED as c_int) };
+            self.drv.check(r, name)?;
+        }
         cache.insert(name, f as usize);
         Ok(f)
     }

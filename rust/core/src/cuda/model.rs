@@ -272,12 +272,33 @@ fn launch_matmuls(gpu: &Arc<Gpu>, ws: &[(&GpuWeight, &DevBuf)], x: Input<'_>, ru
     Ok(())
 }
 
+/// Bytes a staged weight row takes in `mmq_t`'s shared memory (kernels.cu `Stage`): the
+/// row's 8 units of each part, rounded up to 16 bytes and padded so that the words
+/// between rows are ≡ 4 (mod 8) (no bank conflicts).
+fn mmq_stage_pitch(ty: GgmlType) -> usize {
+    use GgmlType::*;
+    let bytes: usize = match ty {
+        Q4_0 => 8 * 18,
+        Q4_1 => 8 * 20,
+        Q5_0 => 8 * 22,
+        Q5_1 => 8 * 24,
+        Q8_0 => 8 * 34,
+        Q4_K => 144,
+        Q5_K => 176,
+        Q6_K => 208 + 4,
+        _ => 8 * 34,
+    };
+    let p16 = bytes.next_multiple_of(16);
+    if (p16 / 4) % 8 == 4 { p16 } else { p16 + 16 }
+}
+
 /// Dynamic shared memory of an `mmq` block of 16·rt rows × 8·mt tokens (kernels.cu
-/// `mmq_t`): the staged weights (at most 272 bytes a row, Q8_0's), activations (272
+/// `mmq_t`): two stages of staged weights (`mmq_stage_pitch` a row), activations (272
 /// bytes a token) and their scales (64 bytes a token), or the warps' partial sums
 /// (4 × rt × mt × 128 floats) that reuse the space after the loop, whichever is larger.
-fn mmq_shared(rt: usize, mt: usize) -> u32 {
-    let staged = 16 * rt * 272 + 8 * mt * (272 + 64);
+/// Above 48 KiB a kernel needs the opt-in that `Gpu::launch` makes.
+fn mmq_shared(ty: GgmlType, rt: usize, mt: usize) -> u32 {
+    let staged = 2 * (16 * rt * mmq_stage_pitch(ty) + 8 * mt * (272 + 64));
     staged.max(4 * rt * mt * 128 * 4) as u32
 }
 
@@ -292,9 +313,11 @@ pub fn set_mmq_tile(tile: Option<(usize, usize)>) {
 
 /// The `mmq` variant for `n` tokens of a `rows`-row matrix: (kernel, row tiles of 16,
 /// token tiles of 8) a block (MMQ_KERNEL in kernels.cu). Token tiles: as few as cover
-/// the tokens, up to 4. Row tiles: the most (4, or 2 for the K-quants) that still give
-/// two blocks per multiprocessor; larger blocks reuse each weight and activation load
-/// over more products, smaller ones keep every multiprocessor busy on small batches.
+/// the tokens, up to 4. Row tiles: the most (4, or 2 for Q6_K, whose 4x4 measured
+/// slower) that still give two blocks per multiprocessor (Q4_K's and Q5_K's 4x4 run
+/// one at a time, in as many waves); larger blocks reuse each weight and activation
+/// load over more products, smaller ones keep every multiprocessor busy on small
+/// batches.
 fn mmq_tile(sms: usize, ty: GgmlType, rows: usize, n: usize) -> (&'static str, usize, usize) {
     use GgmlType::*;
     let forced = MMQ_TILE.load(std::sync::atomic::Ordering::Relaxed);
@@ -309,7 +332,7 @@ fn mmq_tile(sms: usize, ty: GgmlType, rows: usize, n: usize) -> (&'static str, u
         let fill = 2 * sms;
         let rt = [4, 2, 1]
             .into_iter()
-            .filter(|&rt| mt == 4 && !(matches!(ty, Q4_K | Q5_K | Q6_K) && rt == 4))
+            .filter(|&rt| mt == 4 && !(rt == 4 && ty == Q6_K))
             .find(|&rt| rows.div_ceil(16 * rt) * n.div_ceil(8 * mt) >= fill)
             .unwrap_or(1);
         (rt, mt)
@@ -337,7 +360,7 @@ fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run],
                 continue;
             }
             let (name, rt, mt) = mmq_tile(gpu.sms as usize, w.ty, w.rows, count);
-            gpu.launch(name, (w.rows.div_ceil(16 * rt) as u32, count.div_ceil(8 * mt) as u32, 1), 256, mmq_shared(rt, mt), &[
+            gpu.launch(name, (w.rows.div_ceil(16 * rt) as u32, count.div_ceil(8 * mt) as u32, 1), 256, mmq_shared(w.ty, rt, mt), &[
                 Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32),
                 xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8), Arg::I32(count as i32), y.at(first * w.rows * 4),
                 Arg::I32(w.rows as i32),
@@ -375,6 +398,25 @@ fn attn_tok_kernel(c: &Config) -> Option<([&'static str; 2], usize)> {
     let group = c.n_head / c.n_head_kv;
     let hg = [4, 2, 1].into_iter().find(|&k| group.is_multiple_of(k))?;
     Some((name, hg))
+}
+
+/// The tensor-core prompt attention kernel (kernels.cu `attn_fa_t`) for this model, if
+/// it has one: head sizes 64 and 128, at most 8 query heads a KV head (a warp each).
+/// `EDGELM_CUDA_FA=0` keeps `attn_tok` (measurements).
+fn attn_fa_kernel(c: &Config) -> Option<&'static str> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *OFF.get_or_init(|| std::env::var("EDGELM_CUDA_FA").is_ok_and(|v| v == "0")) {
+        return None;
+    }
+    let group = c.n_head.checked_div(c.n_head_kv)?;
+    if c.head_dim_v != c.head_dim || group == 0 || group > 8 || c.n_head != group * c.n_head_kv {
+        return None;
+    }
+    match c.head_dim {
+        64 => Some("attn_fa64"),
+        128 => Some("attn_fa128"),
+        _ => None,
+    }
 }
 
 /// Extend `runs` with token `t` of kind `solo` (tokens come in order).
@@ -549,6 +591,25 @@ impl GpuModel {
                 tok_table.push(off);
             }
         }
+        // Prompt attention tiles (kernels.cu `attn_fa_t`), per run: the run's tokens split
+        // at each sequence's start and every 16 tokens, as (first token, count) pairs.
+        let mut tiles: Vec<u32> = Vec::new();
+        let mut run_tiles: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
+        for &(first, count, solo) in &runs {
+            let start = tiles.len() / 2;
+            if !solo {
+                let mut t = first;
+                while t < first + count {
+                    let mut n = 1;
+                    while n < 16 && t + n < first + count && tok_table[t + n] == tok_table[t] {
+                        n += 1;
+                    }
+                    tiles.extend([t as u32, n as u32]);
+                    t += n;
+                }
+            }
+            run_tiles.push((start, tiles.len() / 2 - start));
+        }
         let n_tok = ids.len();
         if n_tok == 0 {
             return Ok(StepLogits { n_vocab: c.n_vocab, data: vec![], rows: vec![], lse: vec![], greedy: vec![] });
@@ -570,7 +631,7 @@ impl GpuModel {
         kv.ensure(gpu, &[
             (S_X, n_tok * e * 4), (S_H, n_tok * e * 4), (S_Q, n_tok * qd * 4), (S_K, n_tok * kd * 4), (S_V, n_tok * vd * 4),
             (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, n_tok * c.n_ff * 4), (S_U, n_tok * c.n_ff * 4),
-            (S_INPUTS, (4 * n_tok + n_out + tables.len()) * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * (c.n_vocab + 3) * 4),
+            (S_INPUTS, (4 * n_tok + n_out + tables.len() + tiles.len()) * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * (c.n_vocab + 3) * 4),
             (S_XQ, n_tok.max(n_out) * wide), (S_XD, n_tok.max(n_out) * wide / 32 * 8),
         ])?;
         let GpuKv { k: kv_k, v: kv_v, scratch, graphs, .. } = kv;
@@ -578,18 +639,21 @@ impl GpuModel {
         // The step's inputs in one copy (each a synchronous transfer otherwise): ids,
         // positions, slots, per-token table offsets [n_tok each], logit rows [n_out],
         // then the block tables, whose length alone varies between steps of one shape
-        // (a captured graph keeps the others' offsets).
-        let mut packed: Vec<u32> = Vec::with_capacity(4 * n_tok + n_out + tables.len());
+        // (a captured graph keeps the others' offsets), then the prompt attention tiles
+        // (none in a decode step).
+        let mut packed: Vec<u32> = Vec::with_capacity(4 * n_tok + n_out + tables.len() + tiles.len());
         packed.extend_from_slice(&ids);
         packed.extend(pos.iter().map(|&p| p as u32));
         packed.extend_from_slice(&slot);
         packed.extend(tok_table.iter().map(|&t| t as u32));
         packed.extend(idx.iter().map(|&i| i as u32));
         packed.extend_from_slice(&tables);
+        packed.extend_from_slice(&tiles);
         let inp = &sc[S_INPUTS];
         inp.write(0, as_bytes(&packed))?;
         let at = |k: usize| inp.at(k * 4);
         let (d_ids, d_pos, d_slot, d_tok_table, d_idx, d_tables) = (at(0), at(n_tok), at(2 * n_tok), at(3 * n_tok), at(4 * n_tok), at(4 * n_tok + n_out));
+        let tiles_at = 4 * n_tok + n_out + tables.len();
         let (x, h, q, k, v, att, o, g, u) = (&sc[S_X], &sc[S_H], &sc[S_Q], &sc[S_K], &sc[S_V], &sc[S_ATT], &sc[S_O], &sc[S_G], &sc[S_U]);
         let (xq, xd) = (&sc[S_XQ], &sc[S_XD]);
         // A matrix input, quantized into the one int8 scratch (inputs are used in turn).
@@ -647,7 +711,15 @@ impl GpuModel {
             if let Some((names, hg)) = attn_tok_kernel(c) {
                 // Decode tokens and prompt tokens each take their kernel (see kernels.cu; attn_dec
                 // runs 16 warps for head sizes up to 128, else 8).
-                for &(first, count, solo) in &runs {
+                for (&(first, count, solo), &(tile0, n_tiles)) in runs.iter().zip(&run_tiles) {
+                    if let (false, Some(fa)) = (solo, attn_fa_kernel(c)) {
+                        gpu.launch(fa, (c.n_head_kv as u32, n_tiles as u32, 1), 32 * (c.n_head / c.n_head_kv) as u32, 0, &[
+                            q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
+                            Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
+                            Arg::F32(c.attn_scale), q8_args[0], q8_args[1], at(tiles_at + 2 * tile0),
+                        ])?;
+                        continue;
+                    }
                     gpu.launch(names[solo as usize], ((c.n_head / hg) as u32, count as u32, 1), if solo && c.head_dim <= 128 { 512 } else { 256 }, 0, &[
                         q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
                         Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
@@ -787,8 +859,10 @@ mod tests {
     use super::*;
 
     /// The block shapes `mmq_tile` picks (the H200's 132 multiprocessors, Orin's 16), and
-    /// that each fits the kernels: a variant kernels.cu has, within 48 KiB of dynamic
-    /// shared memory (more needs an opt-in the launch does not make).
+    /// that each fits the kernels: a variant kernels.cu has, with dynamic shared memory
+    /// for two blocks a multiprocessor within the smallest of sm_80+ (sm_86/sm_89's
+    /// 100 KiB; Orin's sm_87 has 164, the H200's sm_90 228) and within the opt-in
+    /// `Gpu::launch` makes (`MAX_DYNAMIC_SHARED`).
     #[test]
     fn mmq_tiles_fit_the_kernels() {
         use GgmlType::*;
@@ -801,12 +875,21 @@ mod tests {
         assert_eq!(tiles(132, Q4_0, 8192, 64), ("mmq_2x4", 2, 4));
         assert_eq!(tiles(132, Q4_0, 2048, 512), ("mmq_4x4", 4, 4));
         assert_eq!(tiles(16, Q4_0, 2048, 64), ("mmq_4x4", 4, 4));
-        // The K-quants stop at 32 rows unless a test forces the 4x4.
-        assert_eq!(tiles(132, Q4_K, 2048, 512), ("mmq_2x4", 2, 4));
+        // Q4_K's and Q5_K's 4x4 (one block a multiprocessor) as the others'; Q6_K stops
+        // at 32 rows unless a test forces the 4x4.
+        assert_eq!(tiles(132, Q4_K, 2048, 512), ("mmq_4x4k", 4, 4));
+        assert_eq!(tiles(132, Q4_K, 2048, 64), ("mmq_1x4", 1, 4));
+        assert_eq!(tiles(132, Q5_K, 8192, 64), ("mmq_2x4", 2, 4));
         assert_eq!(tiles(132, Q6_K, 8192, 512), ("mmq_2x4", 2, 4));
-        for rt in [1, 2, 4] {
-            for mt in [1, 2, 4] {
-                assert!(mmq_shared(rt, mt) <= 48 * 1024, "{rt}x{mt}: {} bytes", mmq_shared(rt, mt));
+        for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K] {
+            for rt in [1, 2, 4] {
+                for mt in [1, 2, 4] {
+                    // Two blocks a multiprocessor on sm_80/sm_87 (164 KiB, 1 KiB a block
+                    // reserved), one on sm_86/sm_89 (99 KiB a block at most).
+                    let bytes = mmq_shared(ty, rt, mt) as usize;
+                    assert!(2 * (bytes + 1024) <= 164 * 1024 && bytes <= 99 * 1024, "{ty:?} {rt}x{mt}: {bytes} bytes");
+                    assert!(bytes <= crate::cuda::MAX_DYNAMIC_SHARED as usize, "{ty:?} {rt}x{mt}: {bytes} bytes");
+                }
             }
         }
     }

@@ -9,6 +9,10 @@
 //! fraction of the bound (weight bytes per token over the card's bandwidth, given by
 //! EDGELM_GPU_BW_GBS, default 4800 for an H200). One JSON object per format on stdout.
 //!
+//! `EDGELM_KERNEL_BENCH=1` measures the matrix kernels alone instead (8192×2048, every
+//! decode and prompt size, each `mmq` block shape); `=q4_k,q6_k` (say) only those
+//! formats' block shapes.
+//!
 //! `EDGELM_BENCH_SAVE=DIR` also writes each model to `DIR/measure-<type>.gguf` (the
 //! same bytes edgelm runs), so llama-bench can run the very same file
 //! (benches/cuda_side_by_side.sh); `EDGELM_BENCH_SAVE_ONLY=1` writes and exits.
@@ -121,7 +125,7 @@ fn mixed(_ty: GgmlType) -> Vec<u8> {
 
 /// The matrix kernels alone, on an FFN-sized matrix: time per launch and the weight
 /// bandwidth it amounts to.
-fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str) {
+fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str, shapes_only: bool) {
     let (rows, cols) = (8192, 2048);
     let rb = ty.row_bytes(cols).unwrap();
     let mut w = vec![0u8; rb * rows];
@@ -129,8 +133,12 @@ fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str) {
         quant::quantize_row(ty, &randn(cols, r as u64 % 97), &mut w[r * rb..(r + 1) * rb]);
     }
     // (tokens, as a prompt, tensor-core kernel from): decode runs through mmvq and mmq.
-    for (n_tok, tiled, from) in [(1, false, 2), (1, false, 1), (2, false, 3), (8, false, 9), (8, false, 1), (16, false, 99), (16, false, 1),
-                                 (64, false, 99), (64, false, 1), (512, true, 1)] {
+    let runs: &[(usize, bool, usize)] = if shapes_only {
+        &[]
+    } else {
+        &[(1, false, 2), (1, false, 1), (2, false, 3), (8, false, 9), (8, false, 1), (16, false, 99), (16, false, 1), (64, false, 99), (64, false, 1), (512, true, 1)]
+    };
+    for &(n_tok, tiled, from) in runs {
         let per = edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w, rows, cols, n_tok, tiled, from, 200).unwrap();
         let kernel = if tiled { "prompt" } else if edgelm_core::cuda::model::decode_takes_mmvq(ty, n_tok, from) { "mmvq" } else { "mmq" };
         eprintln!("{name} {rows}x{cols} n_tok {n_tok:3} ({kernel}): {:7.1} µs per launch, {:5.0} GB/s of weights, {:6.2} TFLOP/s",
@@ -151,9 +159,14 @@ fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str) {
 
 fn main() {
     let gpu = edgelm_core::cuda::probe().unwrap_or_else(|e| panic!("no GPU: {e}"));
-    if std::env::var_os("EDGELM_KERNEL_BENCH").is_some() {
+    // EDGELM_KERNEL_BENCH=1: every kernel measure; =q4_k,q6_k (say): those formats' mmq
+    // block shapes only.
+    if let Ok(which) = std::env::var("EDGELM_KERNEL_BENCH") {
+        let only: Vec<&str> = which.split(',').filter(|w| *w != "1").collect();
         for (ty, name) in [(GgmlType::Q4_0, "q4_0"), (GgmlType::Q8_0, "q8_0"), (GgmlType::Q4_K, "q4_k"), (GgmlType::Q6_K, "q6_k")] {
-            kernel_bench(&gpu, ty, name);
+            if only.is_empty() || only.contains(&name) {
+                kernel_bench(&gpu, ty, name, !only.is_empty());
+            }
         }
         return;
     }

@@ -1131,25 +1131,28 @@ __device__ __forceinline__ void mmq_impl(const u8* __restrict__ W, u64 row_bytes
              const float2* __restrict__ Xd, int n_tok, float* __restrict__ Y, int y_stride) {                         \
         GRID_DEP_WAIT();                                                                                               \
         switch (type) {                                                                                               \
-        case T_Q4_0: if (KQ != 2) mmq_impl<T_Q4_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q4_1: if (KQ != 2) mmq_impl<T_Q4_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_0: if (KQ != 2) mmq_impl<T_Q5_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_1: if (KQ != 2) mmq_impl<T_Q5_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q8_0: if (KQ != 2) mmq_impl<T_Q8_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q4_0: if (KQ < 2) mmq_impl<T_Q4_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q4_1: if (KQ < 2) mmq_impl<T_Q4_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q5_0: if (KQ < 2) mmq_impl<T_Q5_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q5_1: if (KQ < 2) mmq_impl<T_Q5_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
+        case T_Q8_0: if (KQ < 2) mmq_impl<T_Q8_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
         case T_Q4_K: if (KQ) mmq_impl<T_Q4_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
         case T_Q5_K: if (KQ) mmq_impl<T_Q5_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
         case T_Q6_K: if (KQ) mmq_impl<T_Q6_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
         }                                                                                                             \
     }
-// 16·RT rows × 8·MT tokens a block: model.rs `mmq_tile` picks by rows and tokens. The
-// K-quants (KQ), whose scales take more registers, stop at 32 rows (4x4 would spill).
+// 16·RT rows × 8·MT tokens a block: model.rs `mmq_tile` picks by rows and tokens. KQ:
+// which formats a kernel has (0: the 32-block formats, 1: all, 2 and 3: the K-quants,
+// whose 4x4 takes more registers: 2 with up to 255 of them, one block a multiprocessor).
 MMQ_KERNEL(mmq_1x1, 1, 1, 1)
 MMQ_KERNEL(mmq_1x2, 1, 2, 1)
 MMQ_KERNEL(mmq_1x4, 1, 4, 1)
 MMQ_KERNEL(mmq_2x4, 2, 4, 1)
 MMQ_KERNEL(mmq_4x4, 4, 4, 0)
-// The K-quants' 4x4, one block a multiprocessor (it needs more than 128 registers).
+// The K-quants' 4x4: one block a multiprocessor (it takes 211 registers), or two, held
+// to 128 registers (spilling some, and faster for Q4_K; model.rs `k44_blocks`).
 MMQ_KERNEL(mmq_4x4k, 4, 4, 2)
+MMQ_KERNEL(mmq_4x4k2, 4, 4, 3)
 
 // out[i][:] = scale * W[ids[i]][:] (token embeddings). Grid: n; block: 128.
 extern "C" __global__ void get_rows(int type, const u8* __restrict__ W, u64 row_bytes, const u32* __restrict__ ids,

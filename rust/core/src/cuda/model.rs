@@ -313,11 +313,10 @@ pub fn set_mmq_tile(tile: Option<(usize, usize)>) {
 
 /// The `mmq` variant for `n` tokens of a `rows`-row matrix: (kernel, row tiles of 16,
 /// token tiles of 8) a block (MMQ_KERNEL in kernels.cu). Token tiles: as few as cover
-/// the tokens, up to 4. Row tiles: the most (4, or 2 for Q6_K, whose 4x4 measured
-/// slower) that still give two blocks per multiprocessor (Q4_K's and Q5_K's 4x4 run
-/// one at a time, in as many waves); larger blocks reuse each weight and activation
-/// load over more products, smaller ones keep every multiprocessor busy on small
-/// batches.
+/// the tokens, up to 4. Row tiles: the most (up to 4) that still give two blocks per
+/// multiprocessor (the K-quants' 4x4 may run one at a time, in as many waves); larger
+/// blocks reuse each weight and activation load over more products, smaller ones keep
+/// every multiprocessor busy on small batches.
 fn mmq_tile(sms: usize, ty: GgmlType, rows: usize, n: usize) -> (&'static str, usize, usize) {
     use GgmlType::*;
     let forced = MMQ_TILE.load(std::sync::atomic::Ordering::Relaxed);
@@ -332,21 +331,33 @@ fn mmq_tile(sms: usize, ty: GgmlType, rows: usize, n: usize) -> (&'static str, u
         let fill = 2 * sms;
         let rt = [4, 2, 1]
             .into_iter()
-            .filter(|&rt| mt == 4 && !(rt == 4 && ty == Q6_K))
+            .filter(|&rt| mt == 4)
             .find(|&rt| rows.div_ceil(16 * rt) * n.div_ceil(8 * mt) >= fill)
             .unwrap_or(1);
         (rt, mt)
     };
-    // The variants kernels.cu has; the K-quants' 4x4 is its own kernel (one block a
-    // multiprocessor: it needs more than 128 registers).
+    // The variants kernels.cu has; the K-quants' 4x4 is its own kernel (`k44_blocks`).
     match (rt, mt) {
         (1, 1) => ("mmq_1x1", 1, 1),
         (1, 2) => ("mmq_1x2", 1, 2),
         (2, 4) => ("mmq_2x4", 2, 4),
-        (4, 4) if matches!(ty, Q4_K | Q5_K | Q6_K) => ("mmq_4x4k", 4, 4),
+        (4, 4) if matches!(ty, Q4_K | Q5_K | Q6_K) => (if k44_blocks() == 2 { "mmq_4x4k2" } else { "mmq_4x4k" }, 4, 4),
         (4, 4) => ("mmq_4x4", 4, 4),
         _ => ("mmq_1x4", 1, 4),
     }
+}
+
+/// Blocks a multiprocessor of the K-quants' 4x4 `mmq`: 2 (`mmq_4x4k2`, held to 128
+/// registers a thread, spilling some) or 1 (`mmq_4x4k`, up to 255 registers);
+/// `EDGELM_MMQ_K44_BLOCKS=1` picks the second. Both give the same bits. Measured on the
+/// H200 (8192×2048, 512 tokens): Q4_K 207 µs with two against 268 with one; Q6_K 307
+/// against 295.
+fn k44_blocks() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| match std::env::var("EDGELM_MMQ_K44_BLOCKS").as_deref() {
+        Ok("1") => 1,
+        _ => 2,
+    })
 }
 
 fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf, mmq_from: usize) -> Result<()> {
@@ -875,12 +886,12 @@ mod tests {
         assert_eq!(tiles(132, Q4_0, 8192, 64), ("mmq_2x4", 2, 4));
         assert_eq!(tiles(132, Q4_0, 2048, 512), ("mmq_4x4", 4, 4));
         assert_eq!(tiles(16, Q4_0, 2048, 64), ("mmq_4x4", 4, 4));
-        // Q4_K's and Q5_K's 4x4 (one block a multiprocessor) as the others'; Q6_K stops
-        // at 32 rows unless a test forces the 4x4.
-        assert_eq!(tiles(132, Q4_K, 2048, 512), ("mmq_4x4k", 4, 4));
+        // The K-quants' 4x4 is a kernel of their own.
+        let k44 = if k44_blocks() == 2 { "mmq_4x4k2" } else { "mmq_4x4k" };
+        assert_eq!(tiles(132, Q4_K, 2048, 512), (k44, 4, 4));
+        assert_eq!(tiles(132, Q6_K, 8192, 512), (k44, 4, 4));
         assert_eq!(tiles(132, Q4_K, 2048, 64), ("mmq_1x4", 1, 4));
         assert_eq!(tiles(132, Q5_K, 8192, 64), ("mmq_2x4", 2, 4));
-        assert_eq!(tiles(132, Q6_K, 8192, 512), ("mmq_2x4", 2, 4));
         for ty in [Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K] {
             for rt in [1, 2, 4] {
                 for mt in [1, 2, 4] {

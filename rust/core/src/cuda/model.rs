@@ -314,7 +314,7 @@ pub fn set_mmq_tile(tile: Option<(usize, usize)>) {
 /// The `mmq` variant for `n` tokens of a `rows`-row matrix: (kernel, row tiles of 16,
 /// token tiles of 8) a block (MMQ_KERNEL in kernels.cu). Token tiles: as few as cover
 /// the tokens, up to 4. Row tiles: the most (up to 4) that still give two blocks per
-/// multiprocessor (the K-quants' 4x4 may run one at a time, in as many waves); larger
+/// multiprocessor (`k44_blocks` may hold the K-quants' 4x4 to one); larger
 /// blocks reuse each weight and activation load over more products, smaller ones keep
 /// every multiprocessor busy on small batches.
 fn mmq_tile(sms: usize, ty: GgmlType, rows: usize, n: usize) -> (&'static str, usize, usize) {
@@ -328,12 +328,9 @@ fn mmq_tile(sms: usize, ty: GgmlType, rows: usize, n: usize) -> (&'static str, u
             9..=16 => 2,
             _ => 4,
         };
+        // Only the 32-token blocks come in more than one height.
         let fill = 2 * sms;
-        let rt = [4, 2, 1]
-            .into_iter()
-            .filter(|&rt| mt == 4)
-            .find(|&rt| rows.div_ceil(16 * rt) * n.div_ceil(8 * mt) >= fill)
-            .unwrap_or(1);
+        let rt = if mt < 4 { 1 } else { [4, 2].into_iter().find(|&rt| rows.div_ceil(16 * rt) * n.div_ceil(8 * mt) >= fill).unwrap_or(1) };
         (rt, mt)
     };
     // The variants kernels.cu has; the K-quants' 4x4 is its own kernel (`k44_blocks`).

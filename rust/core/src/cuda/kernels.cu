@@ -887,8 +887,8 @@ __device__ __forceinline__ void stage_rows(const u8* __restrict__ W, u64 row_byt
     stage_part<16, 8 * L::S0, RT>(W, row_bytes, r0, rows, (u64)L::S0 * u0, nv * L::S0, ws, L::PITCH, 0);
     stage_part_any<8 * L::S1, RT>(W, row_bytes, r0, rows, (u64)L::S0 * nb + L::S1 * u0, nv * L::S1, ws, L::PITCH, 8 * L::S0);
     if (L::S2)
-        stage_part_any<8 * (L::S2 ? L::S2 : 1), RT>(W, row_bytes, r0, rows, (u64)(L::S0 + L::S1) * nb + L::S2 * u0, nv * L::S2, ws,
-                                                    L::PITCH, 8 * (L::S0 + L::S1));
+        stage_part_any<8 * L::S2, RT>(W, row_bytes, r0, rows, (u64)(L::S0 + L::S1) * nb + L::S2 * u0, nv * L::S2, ws, L::PITCH,
+                                      8 * (L::S0 + L::S1));
 }
 
 // One unit of `mmq` for the rows of a 16-row tile (g and g + 8: slices sa, sb) and

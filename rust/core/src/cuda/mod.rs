@@ -381,6 +381,13 @@ impl Gpu {
             let mut name = [0 as c_char; 256];
             drv.check((drv.device_get_name)(name.as_mut_ptr(), 256, dev), "cuDeviceGetName")?;
             let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
+            // The tensor-core kernels (mma.sync on int8, cp.async, ldmatrix) are sm_80's.
+            if major < 8 {
+                return Err(cuda_err(format!(
+                    "{name} (CUDA device {ordinal}) has compute capability {major}.{minor}; edgelm's CUDA kernels need 8.0 or \
+                     newer (Ampere, Ada, Hopper, Jetson Orin): set device: cpu, or device: auto to fall back to the CPU"
+                )));
+            }
             let mut ctx: CuContext = std::ptr::null_mut();
             drv.check((drv.primary_ctx_retain)(&mut ctx, dev), "cuDevicePrimaryCtxRetain")?;
             drv.check((drv.ctx_set_current)(ctx), "cuCtxSetCurrent")?;

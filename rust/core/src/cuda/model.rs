@@ -601,11 +601,12 @@ impl GpuModel {
         }
         // Prompt attention tiles (kernels.cu `attn_fa_t`), per run: the run's tokens split
         // at each sequence's start and every 16 tokens, as (first token, count) pairs.
+        let fa = attn_fa_kernel(c);
         let mut tiles: Vec<u32> = Vec::new();
         let mut run_tiles: Vec<(usize, usize)> = Vec::with_capacity(runs.len());
         for &(first, count, solo) in &runs {
             let start = tiles.len() / 2;
-            if !solo {
+            if !solo && fa.is_some() {
                 let mut t = first;
                 while t < first + count {
                     let mut n = 1;
@@ -720,7 +721,7 @@ impl GpuModel {
                 // Decode tokens and prompt tokens each take their kernel (see kernels.cu; attn_dec
                 // runs 16 warps for head sizes up to 128, else 8).
                 for (&(first, count, solo), &(tile0, n_tiles)) in runs.iter().zip(&run_tiles) {
-                    if let (false, Some(fa)) = (solo, attn_fa_kernel(c)) {
+                    if let (false, Some(fa)) = (solo, fa) {
                         gpu.launch(fa, (c.n_head_kv as u32, n_tiles as u32, 1), 32 * (c.n_head / c.n_head_kv) as u32, 0, &[
                             q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
                             Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),

@@ -209,12 +209,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edgelm: config error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
-        import dataclasses
-
         import yaml
 
-        print(f"# from {path or 'defaults'} + environment + flags")
-        print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")
+        print(f"# from {path or 'defaults'} + environment + flags (keys redacted)")
+        print(yaml.safe_dump(cfg.redacted(), sort_keys=False), end="")
         return 0
     return run(cfg)
 
@@ -284,7 +282,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
 _SERVE_FLAGS = ("model", "models_dir", "served_model_name", "host", "port", "threads", "kernel_level",
                 "kv_cache_mib", "max_context", "max_running", "max_step_tokens", "max_queue",
                 "request_timeout_s", "shutdown_grace_s", "log_level", "mdns_name", "state_dir",
-                "memory_budget_mib", "max_loaded_models", "keep_alive", "max_tool_rounds", "device")
+                "memory_budget_mib", "max_loaded_models", "keep_alive", "max_tool_rounds", "device",
+                "allowed_hosts", "allowed_origins", "max_connections", "header_timeout_s", "idle_timeout_s",
+                "max_pull_mib")
 
 
 def _positive_int(text: str) -> int:
@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-mdns", action="store_true", help="do not advertise on the LAN")
     s.add_argument("--mdns-name")
     s.add_argument("--state-dir")
+    s.add_argument("--allowed-hosts", help="extra Host names clients may use, comma-separated (\"*\": no check)")
+    s.add_argument("--allowed-origins", help="browser origins allowed to call the API (CORS), comma-separated")
+    s.add_argument("--max-connections", type=int)
+    s.add_argument("--header-timeout-s", type=float)
+    s.add_argument("--idle-timeout-s", type=float)
+    s.add_argument("--max-pull-mib", type=int)
     s.set_defaults(func=cmd_serve)
 
     dsc = sub.add_parser("discover", help="list edgelm daemons on the LAN (mDNS)")

@@ -12,12 +12,11 @@ when the queue is full) — nothing a client sends produces a 500.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
 import os
 import signal
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,16 @@ from aiohttp import web
 from edgelm import EdgelmError, __version__
 from edgelm.serve import ollama_api, openai_api
 from edgelm.serve.config import Config
+from edgelm.serve.connections import (ConnectionGuard, GuardedSite, MalformedHttpFilter, default_max_connections,
+                                      raise_nofile_limit)
 from edgelm.serve.engine import EngineError
 from edgelm.serve.mdns import Advertiser, default_state_dir
 from edgelm.serve.metrics import Metrics
 from edgelm.serve.models import ModelPool
 from edgelm.serve.openapi import openapi_spec
-from edgelm.serve.params import ApiError, Body, SERVER
+from edgelm.serve.params import ApiError, Body, SERVER, int_list, parse_json
 from edgelm.serve.sdnotify import Notifier
+from edgelm.serve.security import add_cors_headers, make_guard
 
 log = logging.getLogger("edgelm.serve")
 
@@ -48,6 +50,17 @@ class Server:
         self.fingerprint = f"edgelm-{__version__}"
         self.started = time.time()
         self.mdns: Advertiser | None = None
+        self.connections: ConnectionGuard | None = None
+        self.file_digests: dict[tuple[str, int, float], str] = {}  # model files served to other daemons
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def background(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """A task the server owns (a pull): kept until it ends, cancelled at shutdown."""
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+        return task
 
     async def load(self, mark_ready: bool = True) -> None:
         """Load the configured model (it stays loaded: see edgelm.serve.models)."""
@@ -78,11 +91,15 @@ class Server:
             asyncio.ensure_future(self.mdns.update(model=self.loaded_names()[:200]))
 
     async def json_body(self, request: web.Request) -> Any:
-        raw = await request.read()
+        """The request's JSON body, parsed within edgelm.serve.params' limits."""
         try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(f"the request body is not valid JSON: {e}") from None
+            raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ApiError(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s", None, 408) from None
+        return parse_json(raw)
+
+
+BODY_TIMEOUT_S = 60.0
 
 
 # -- handlers ------------------------------------------------------------------------
@@ -112,6 +129,10 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     srv: Server = request.app[SERVER]
     srv.pool.update_gauges()
+    if srv.connections is not None:
+        srv.metrics.connections_open.set(len(srv.connections.live))
+        for reason, n in srv.connections.dropped.items():
+            srv.metrics.connections_dropped.labels(reason).set(n)
     return web.Response(body=srv.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -134,14 +155,13 @@ async def tokenize(request: web.Request) -> web.Response:
 async def detokenize(request: web.Request) -> web.Response:
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
-    toks = b.data.get("tokens")
-    if not isinstance(toks, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in toks):
-        raise ApiError("'tokens' must be an array of token ids", "tokens")
+    toks = int_list(b.data.get("tokens"), "tokens")
     async with srv.use(b.get("model", str)) as lm:
         native = lm.model.native
-        bad = next((t for t in toks if not 0 <= t < native.n_vocab), None)
+        bad = next((i for i, t in enumerate(toks) if not 0 <= t < native.n_vocab), None)
         if bad is not None:
-            raise ApiError(f"token id {bad} is out of range (vocabulary has {native.n_vocab} tokens)", "tokens")
+            raise ApiError(f"'tokens[{bad}]' = {toks[bad]} is not a token id (the vocabulary has {native.n_vocab} "
+                           "tokens)", "tokens")
         return web.json_response({"content": native.detokenize(toks, True)})
 
 
@@ -153,43 +173,11 @@ async def openapi(request: web.Request) -> web.Response:
 # -- errors --------------------------------------------------------------------------
 
 
-OPEN_PATHS = frozenset({"/health", "/", "/api/version", "/openapi.json"})
-ADMIN_PATHS = frozenset({"/metrics", "/api/pull"})
-
-
-def _check_auth(srv: Server, request: web.Request) -> None:
-    """Bearer keys with two scopes: inference (`api_key`) and admin (`admin_key`,
-    which also grants inference). Health and version stay open for probes."""
-    cfg = srv.cfg
-    if request.path in OPEN_PATHS or (cfg.api_key is None and cfg.admin_key is None):
-        return
-    admin = request.path in ADMIN_PATHS
-    if admin and cfg.admin_key is None:
-        return  # no admin key configured: admin endpoints are as open as the rest
-    if not admin and cfg.api_key is None:
-        return
-    auth = request.headers.get("Authorization", "")
-    token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-    challenge = {"WWW-Authenticate": 'Bearer realm="edgelm"'}
-    if not token:
-        raise ApiError("an API key is required: send 'Authorization: Bearer <key>'", None, 401, "invalid_api_key",
-                       "authentication_error", challenge)
-    ok_admin = cfg.admin_key is not None and hmac.compare_digest(token.encode(), cfg.admin_key.encode())
-    ok_user = cfg.api_key is not None and hmac.compare_digest(token.encode(), cfg.api_key.encode())
-    if admin and not ok_admin:
-        if ok_user:
-            raise ApiError("this endpoint needs the admin key", None, 403, "insufficient_scope", "permission_error")
-        raise ApiError("invalid API key", None, 401, "invalid_api_key", "authentication_error", challenge)
-    if not admin and not (ok_user or ok_admin):
-        raise ApiError("invalid API key", None, 401, "invalid_api_key", "authentication_error", challenge)
-
-
 @web.middleware
 async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
     srv: Server = request.app[SERVER]
     endpoint = request.match_info.route.resource.canonical if request.match_info.route.resource else "unknown"
     try:
-        _check_auth(srv, request)
         resp: web.StreamResponse = await handler(request)
         srv.metrics.requests.labels(endpoint, str(resp.status)).inc()
         return resp
@@ -223,8 +211,9 @@ def _error(request: web.Request, e: ApiError) -> web.Response:
 
 
 def make_app(srv: Server) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=srv.cfg.max_body_kib * 1024)
+    app = web.Application(middlewares=[errors, make_guard(srv.cfg)], client_max_size=srv.cfg.max_body_kib * 1024)
     app[SERVER] = srv
+    app.on_response_prepare.append(add_cors_headers)
     r = app.router
     r.add_get("/health", health)
     r.add_get("/metrics", metrics)
@@ -244,6 +233,8 @@ def make_app(srv: Server) -> web.Application:
     r.add_post("/api/chat", ollama_api.chat)
     r.add_post("/api/embed", ollama_api.embed)
     r.add_post("/api/pull", ollama_api.pull)
+    r.add_delete("/api/delete", ollama_api.delete)
+    r.add_post("/api/copy", ollama_api.copy)
     r.add_get("/api/edgelm/models", ollama_api.list_files)
     r.add_get("/api/edgelm/models/{file}", ollama_api.get_file)
     return app
@@ -258,9 +249,13 @@ async def serve(cfg: Config) -> int:
     notify.status(f"starting: binding {cfg.host}:{cfg.port}")
     srv = Server(cfg)
     app = make_app(srv)
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
+                           keepalive_timeout=cfg.idle_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, cfg.host, cfg.port, reuse_address=True)
+    nofile = raise_nofile_limit()
+    guard = ConnectionGuard(cfg.max_connections or default_max_connections(nofile), cfg.header_timeout_s)
+    srv.connections = guard
+    site = GuardedSite(runner, cfg.host, cfg.port, guard)
     await site.start()
     addrs = runner.addresses
     port = int(addrs[0][1]) if addrs else cfg.port
@@ -313,6 +308,8 @@ async def serve(cfg: Config) -> int:
             busy_task.cancel()
         await mdns.stop()  # goodbye packets: clients forget us before we go
     notify.stopping(f"stopping: {srv.pool.n_active} requests in flight")
+    for task in list(srv.tasks):
+        task.cancel()
     n_aborted = await srv.pool.close(cfg.shutdown_grace_s)
     if n_aborted:
         log.info("aborted %d requests at the end of the grace period", n_aborted)
@@ -333,6 +330,7 @@ async def _track_busy(srv: Server, mdns: Advertiser) -> None:
 
 def run(cfg: Config) -> int:
     logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:  # uvloop: a cheaper event loop, where it is installed
         import uvloop

@@ -16,6 +16,7 @@ Unknown keys and bad values are errors that name the key and where it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -33,33 +34,50 @@ class ConfigError(ValueError):
     pass
 
 
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+_UNIT_S = {"ns": 1e-9, "us": 1e-6, "\u00b5s": 1e-6, "\u03bcs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_KEEP_ALIVE_S = (2**63 - 1) / 1e9
+"""Go's longest time.Duration (about 292 years): Ollama refuses anything longer."""
 
 
 def parse_keep_alive(v: Any, what: str = "keep_alive") -> float | None:
-    """Seconds from an Ollama keep_alive ("5m", "1h30m", "300ms", 300, "0", -1);
-    None = forever. Raises ValueError with a message naming `what`."""
+    """Seconds from an Ollama keep_alive, None = forever. As Ollama's api/types.go reads
+    it: a number of seconds, or a Go duration string ("5m", "1h30m", "300ms", "-1.0s",
+    which is what Home Assistant sends); negative means forever. A plain number in a
+    string ("300") is seconds too. NaN, infinities and durations past Go's limit are
+    errors. Raises ValueError with a message naming `what`."""
+    usage = f"'{what}' must be a duration such as \"5m\", \"1h30m\", a number of seconds, or -1 (forever)"
     if isinstance(v, bool) or v is None:
-        raise ValueError(f"'{what}' must be a duration such as \"5m\" or a number of seconds")
+        raise ValueError(usage)
     if isinstance(v, (int, float)):
-        return None if v < 0 else float(v)
-    s = str(v).strip()
-    try:
-        x = float(s)
-        return None if x < 0 else x
-    except ValueError:
-        pass
-    if s.startswith("-"):
+        seconds = float(v)
+    elif isinstance(v, str):
+        s = v.strip()
+        if _NUMBER.fullmatch(s):
+            seconds = float(s)
+        else:
+            sign = -1.0 if s[:1] == "-" else 1.0
+            body = s[1:] if s[:1] in "+-" else s
+            pos, total = 0, 0.0
+            for m in _DURATION.finditer(body):
+                if m.start() != pos:
+                    break
+                total += float(m.group(1)) * _UNIT_S[m.group(2)]
+                pos = m.end()
+            if not body or pos != len(body):
+                raise ValueError(f"{usage}, got {v!r}")
+            seconds = sign * total
+    else:
+        raise ValueError(usage)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{usage}, got {v!r}")
+    if seconds < 0:
         return None
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(s):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
-        pos = m.end()
-    if pos != len(s) or not s:
-        raise ValueError(f"'{what}' must be a duration such as \"5m\", \"1h30m\" or a number of seconds, got {v!r}")
-    return total
+    if seconds > MAX_KEEP_ALIVE_S:
+        raise ValueError(f"'{what}' is {v!r}: longer than the longest duration (about 292 years); use -1 to keep "
+                         "the model loaded for good")
+    return seconds
 
 
 def default_models_dir() -> str:
@@ -118,6 +136,27 @@ class Config:
     """Also advertise `_ollama._tcp` on the same port."""
     state_dir: str | None = None
     """Where the daemon keeps its stable id (default $STATE_DIRECTORY or ~/.local/state/edgelm)."""
+    allowed_hosts: list[str] = dataclasses.field(default_factory=list)
+    """Host names clients may use in the Host header, beside localhost, the bind address,
+    this machine's addresses and names and its mDNS name (a defence against DNS
+    rebinding); "*" turns the check off (behind a reverse proxy that checks it)."""
+    allowed_origins: list[str] = dataclasses.field(default_factory=list)
+    """Browser origins allowed to call the API (CORS), e.g. "http://homeassistant.local:8123";
+    "*" allows any. Pages on this machine (http://localhost:*, 127.0.0.1, [::1]) always may."""
+    allow_url_pull: bool | None = None
+    """Whether /api/pull may fetch an arbitrary http(s) URL (catalogue names and edgelm
+    daemons on the LAN always may). Default: yes when bound to loopback or when a key is
+    set; no for a daemon on the LAN without keys."""
+    max_pull_mib: int | None = None
+    """Largest model file a pull may download (default: whatever the disk holds)."""
+    max_connections: int | None = None
+    """Open HTTP connections (default 1024, or the open-file limit less 64 if lower).
+    At the limit the oldest connection that has not sent a whole request is closed; if
+    every connection is busy, a new one gets 503."""
+    header_timeout_s: float = 10.0
+    """Time a new connection has to send its request headers."""
+    idle_timeout_s: float = 15.0
+    """Time an idle keep-alive connection is kept open."""
 
     def __post_init__(self) -> None:
         def bad(key: str, why: str) -> ConfigError:
@@ -154,6 +193,46 @@ class Config:
             v = getattr(self, key)
             if v is not None and (len(v) < 8 or any(c.isspace() for c in v)):
                 raise bad(key, "must be at least 8 characters without spaces")
+        for key in ("header_timeout_s", "idle_timeout_s"):
+            if not getattr(self, key) > 0:
+                raise bad(key, "must be positive")
+        for key in ("max_connections", "max_pull_mib"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise bad(key, "must be at least 1")
+        for origin in self.allowed_origins:
+            if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
+                raise bad("allowed_origins", f"{origin!r} is not an origin such as \"http://homeassistant.local:8123\" "
+                                             "(scheme://host[:port], no path) or \"*\"")
+        for host in self.allowed_hosts:
+            if not host or any(c.isspace() or c in "/@" for c in host):
+                raise bad("allowed_hosts", f"{host!r} is not a host name or address")
+
+    def redacted(self) -> dict[str, Any]:
+        """The configuration as a dict, secrets replaced (for --print-config and logs)."""
+        out = dataclasses.asdict(self)
+        for key in ("api_key", "admin_key"):
+            if out[key] is not None:
+                out[key] = "<set, redacted>"
+        return out
+
+    @property
+    def loopback_only(self) -> bool:
+        """Bound to a loopback address: only this machine can connect."""
+        import ipaddress
+
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def url_pull_allowed(self) -> bool:
+        if self.allow_url_pull is not None:
+            return self.allow_url_pull
+        return self.loopback_only or self.api_key is not None or self.admin_key is not None
 
     def step_limits(self, device: str) -> tuple[int, int]:
         """(max_running, max_step_tokens) for models on `device` ("cpu", "cuda:N"): the
@@ -197,6 +276,12 @@ def _coerce(key: str, value: Any, source: str) -> Any:
         if optional:
             return None
         raise fail("must not be null")
+    if base == "list[str]":
+        if isinstance(value, str):  # environment and flags: comma-separated
+            value = [x.strip() for x in value.split(",") if x.strip()]
+        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
+            raise fail(f"{value!r} is not a list of strings")
+        return value
     if isinstance(value, str) and base != "str":
         s = value.strip()
         if optional and s.lower() in ("", "none", "null"):

@@ -31,6 +31,10 @@ class Metrics:
         self.kv_cached = Gauge("edgelm_kv_blocks_cached", "KV blocks holding a reusable prefix", registry=r)
         self.kv_total = Gauge("edgelm_kv_blocks_total", "KV blocks in the cache", registry=r)
         self.models_loaded = Gauge("edgelm_models_loaded", "Models in memory", registry=r)
+        self.connections_open = Gauge("edgelm_http_connections_open", "HTTP connections open", registry=r)
+        self.connections_dropped = Gauge("edgelm_http_connections_dropped", "HTTP connections closed by the server "
+                                         "so far: header_timeout, evicted (at the cap), refused (503)", ["reason"],
+                                         registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm import EdgelmError, Model, _native
+from edgelm import EdgelmError, Model, _native, store
 from edgelm._native import Executor
 from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplate
@@ -142,7 +142,7 @@ class ModelPool:
         self._lock = asyncio.Lock()  # one load (and its evictions) at a time
         self.default_path = cfg.model_path()
         self.default_id = cfg.model_id()
-        self._details: dict[tuple[str, int, float], dict[str, Any]] = {}
+        self._metadata: dict[tuple[str, int, float], dict[str, Any]] = {}
         self._device: tuple[str, dict[str, Any] | None] | None = None
 
     # -- names ---------------------------------------------------------------------
@@ -160,9 +160,10 @@ class ModelPool:
         return out
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
-        """The model a request names (None: the configured one). Names are ids or file
-        names; Ollama's ":latest" tag is accepted. Anything else is a 404 — a name is
-        only ever looked up, never joined to a path."""
+        """The model a request names (None: the configured one). Names are ids, file
+        names, or the names of edgelm.store (pulled and copied names, the catalogue's
+        aliases of present files); Ollama's ":latest" tag is accepted. Anything else is
+        a 404 — a name is only ever looked up, never joined to a path."""
         if name is None or name == "":
             return self.default_id, self.default_path
         cands = (name, name.removesuffix(":latest"), name.removesuffix(".gguf"))
@@ -176,29 +177,64 @@ class ModelPool:
                 return cand, avail[cand]
         if name in (self.default_path.name, Path(self.cfg.model).name):
             return self.default_id, self.default_path
-        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))})", "model", 404,
-                       "model_not_found")
+        file = store.lookup(self.models_dir(), name) if self.models_dir().is_dir() else None
+        if file is not None:
+            path = self.models_dir() / file
+            mid = next((m for m, p in avail.items() if p == path), model_id_of(path))
+            return mid, avail.get(mid, path)
+        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))}; `edgelm pull` or "
+                       "/api/pull fetches models)", "model", 404, "model_not_found")
 
-    def details(self, path: Path) -> dict[str, Any] | None:
-        """Metadata of a model loaded at some point (listing never loads one)."""
+    def names(self) -> list[tuple[str, str, Path]]:
+        """Every name a client can list: (name, model id, file) for each servable file
+        and for each name edgelm.store keeps (pulled or copied names)."""
+        avail = self.available()
+        out = [(mid, mid, path) for mid, path in avail.items()]
+        by_path = {p: mid for mid, p in avail.items()}
+        d = self.models_dir()
+        if d.is_dir():
+            for name, file in sorted(store.read_names(d).items()):
+                mid = by_path.get(d / file)
+                if mid is not None:
+                    out.append((name, mid, d / file))
+        return out
+
+    def in_use(self, path: Path) -> bool:
+        """Whether `path` is a loaded model's file (a pull must not replace it)."""
         try:
-            st = path.stat()
+            target = path.resolve()
         except OSError:
-            return None
-        return self._details.get((str(path), st.st_size, st.st_mtime))
+            return False
+        return any(lm.path.resolve() == target for lm in self.loaded.values()) or (
+            target == self.default_path.resolve() and self.default_id in self._loading)
+
+    async def file_metadata(self, path: Path) -> dict[str, Any]:
+        """A GGUF file's metadata (arrays longer than 64 left out), read without loading
+        the model, cached per file version."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime)
+        md = self._metadata.get(key)
+        if md is None:
+            _, _, raw, _ = await asyncio.get_running_loop().run_in_executor(None, _native.inspect_gguf, str(path))
+            md = {k: v for k, v in raw.items() if not (isinstance(v, list) and len(v) > 64)}
+            self._metadata = {k: v for k, v in self._metadata.items() if k[0] != key[0]}
+            self._metadata[key] = md
+        return md
 
     # -- using models --------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def use(self, name: str | None, keep_alive: float | None | str = "default") -> AsyncIterator[LoadedModel]:
         """The named model, loaded if needed, held for the duration of the block;
-        `keep_alive` (seconds, None = forever) replaces the model's when given."""
+        `keep_alive` (seconds, None = forever) replaces the model's when given — except
+        for the configured model, which stays loaded whatever a request says (only an
+        explicit unload, an admin action, takes it out)."""
         lm = await self.get(name)
         lm.n_users += 1
         try:
             yield lm
         finally:
             lm.n_users -= 1
-            if keep_alive != "default":
+            if keep_alive != "default" and lm.path != self.default_path:
                 lm.keep_alive_s = keep_alive  # type: ignore[assignment]
             lm.touch()
             if lm.keep_alive_s == 0 and not lm.busy:
@@ -337,9 +373,6 @@ class ModelPool:
         keep = None if path == self.default_path else self.default_keep_alive
         parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
                  "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep, "device": executor.device}
-        st = path.stat()
-        self._details[(str(path), st.st_size, st.st_mtime)] = {
-            k: md.get(k) for k in ("general.architecture", "general.file_type", "general.size_label")}
         log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d", mid,
                  model.architecture, executor.device, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx)
         return parts, executor, eog

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,14 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgelm import __version__
+from edgelm import EdgelmError, __version__, store
 from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
 from edgelm.serve.config import parse_keep_alive
-from edgelm.serve.params import ApiError, Body, SERVER
+from edgelm.serve.params import ApiError, Body, SERVER, int_list
 from edgelm.serve.scheduler import QueueFull
+from edgelm.serve.security import require_admin
+
+log = logging.getLogger("edgelm.serve")
 
 if TYPE_CHECKING:
     from edgelm.serve.app import Server
@@ -75,14 +79,30 @@ QUANT = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_
          12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 
 
-def _details(srv: Server, path: Path) -> dict[str, Any]:
-    md = srv.pool.details(path) or {}
+async def _metadata(srv: Server, path: Path) -> dict[str, Any]:
+    """A listed file's metadata, without loading it; {} for a file that is not GGUF."""
+    try:
+        return await srv.pool.file_metadata(path)
+    except (EdgelmError, OSError):
+        return {}
+
+
+def _details(md: dict[str, Any]) -> dict[str, Any]:
     arch = str(md.get("general.architecture") or "")
     ftype = md.get("general.file_type")
     size = md.get("general.size_label")
     return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
             "parameter_size": str(size) if size else "",
             "quantization_level": QUANT.get(ftype, str(ftype)) if isinstance(ftype, int) else ""}
+
+
+def _capabilities(md: dict[str, Any]) -> list[str]:
+    """What a model can do, as Ollama reports it: a model without a chat template is a
+    base model (text completion only); edgelm gives any chat model tools (through its
+    template, or edgelm's tool prompt)."""
+    if not md.get("tokenizer.chat_template"):
+        return ["completion"]
+    return ["completion", "tools"]
 
 
 def _file_info(path: Path) -> tuple[int, str]:
@@ -111,42 +131,59 @@ async def version(request: web.Request) -> web.Response:
 
 
 async def tags(request: web.Request) -> web.Response:
-    """The models in the models directory (and the configured one): file listing only,
-    never a load."""
+    """The models in the models directory (and the configured one), under every name
+    they have: file listing and metadata only, never a load."""
     srv: Server = request.app[SERVER]
     out = []
-    for mid, path in srv.pool.available().items():
+    for name, _, path in srv.pool.names():
         size, mtime = _file_info(path)
-        out.append({"name": ollama_name(mid), "model": ollama_name(mid), "modified_at": mtime, "size": size,
-                    "digest": _digest(path), "details": _details(srv, path)})
+        md = await _metadata(srv, path)
+        out.append({"name": ollama_name(name), "model": ollama_name(name), "modified_at": mtime, "size": size,
+                    "digest": _digest(path), "details": _details(md), "capabilities": _capabilities(md)})
     return web.json_response({"models": out})
+
+
+def _expires(lm: LoadedModel) -> str:
+    if lm.expires_at is None:
+        return "2318-08-27T00:00:00Z"  # Ollama's "forever"
+    try:
+        return _iso(lm.expires_at)
+    except (OverflowError, OSError, ValueError):
+        return "2318-08-27T00:00:00Z"
 
 
 async def ps(request: web.Request) -> web.Response:
     """The models in memory, and when each will be unloaded."""
     srv: Server = request.app[SERVER]
     out = []
-    for lm in srv.pool.loaded.values():
-        exp = "2318-08-27T00:00:00Z" if lm.expires_at is None else _iso(lm.expires_at)
+    for lm in list(srv.pool.loaded.values()):
+        md = await _metadata(srv, lm.path)
         out.append({"name": ollama_name(lm.id), "model": ollama_name(lm.id), "size": lm.cost_bytes,
-                    "digest": _digest(lm.path), "details": _details(srv, lm.path), "expires_at": exp,
+                    "digest": _digest(lm.path), "details": _details(md), "expires_at": _expires(lm),
                     "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0], "context_length": lm.max_context})
     return web.json_response({"models": out})
 
 
 async def show(request: web.Request) -> web.Response:
+    """A model's metadata, template and capabilities, read from its file: /api/show
+    never loads a model."""
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
-    async with srv.use(_model_name(b)) as lm:
-        md = lm.model.metadata
-        info = {k: v for k, v in md.items() if not (isinstance(v, list) and len(v) > 64)}
-        caps = ["completion", "tools"]  # tools: through the template, or edgelm's tool prompt
-        _, mtime = _file_info(lm.path)
-        return web.json_response({
-            "modified_at": mtime, "template": lm.template.source, "modelfile": f"FROM {lm.path}\n",
-            "license": str(md.get("general.license", "")), "details": _details(srv, lm.path), "model_info": info,
-            "parameters": "\n".join(f"{k} {v}" for k, v in DEFAULTS.items()), "capabilities": caps,
-        }, dumps=lambda o: json.dumps(o, default=str))
+    mid, path = srv.pool.resolve(_model_name(b))
+    if not path.is_file():
+        raise ApiError(f"model '{mid}' has no file at {path.name}", "model", 404, "model_not_found")
+    try:
+        md = await srv.pool.file_metadata(path)
+    except EdgelmError as e:
+        raise ApiError(f"model '{mid}' cannot be read: {e}", "model", 422) from None
+    template = md.get("tokenizer.chat_template")
+    _, mtime = _file_info(path)
+    return web.json_response({
+        "modified_at": mtime, "template": template if isinstance(template, str) else "",
+        "modelfile": f"FROM {path}\n", "license": str(md.get("general.license", "")), "details": _details(md),
+        "model_info": md, "parameters": "\n".join(f"{k} {v}" for k, v in DEFAULTS.items()),
+        "capabilities": _capabilities(md),
+    }, dumps=lambda o: json.dumps(o, default=str))
 
 
 # -- generation ----------------------------------------------------------------------------
@@ -158,7 +195,7 @@ def _options(lm: LoadedModel, b: Body) -> tuple[dict[str, Any], int | None, list
     raw = b.data.get("options")
     if raw is not None and not isinstance(raw, dict):
         raise ApiError("'options' must be an object", "options")
-    o = Body(raw or {}, "options")
+    o = Body(raw or {}, "options", "options.")
     sampling: dict[str, Any] = {
         "temperature": float(o.get("temperature", float, DEFAULTS["temperature"], lo=0.0, hi=100.0)),
         "top_k": int(o.get("top_k", int, DEFAULTS["top_k"], lo=0, hi=1 << 20)),
@@ -170,10 +207,8 @@ def _options(lm: LoadedModel, b: Body) -> tuple[dict[str, Any], int | None, list
         "frequency_penalty": float(o.get("frequency_penalty", float, 0.0, lo=-2.0, hi=2.0)),
     }
     seed = o.get("seed", int)
-    if seed is not None and not -(2**63) <= seed < 2**64:
-        raise ApiError("'options.seed' must fit in 64 bits", "options.seed")
     sampling["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
-    n_predict = o.get("num_predict", int, -1, lo=-2)
+    n_predict = o.get("num_predict", int, -1, lo=-2)  # -1: until done, -2: until the context is full
     num_ctx = o.get("num_ctx", int, lm.max_context, lo=1)
     return sampling, (None if n_predict < 0 else n_predict), o.stop("stop"), min(num_ctx, lm.max_context)
 
@@ -225,6 +260,17 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[
     stream_mode = b.get("stream", bool, True)
     t0 = time.perf_counter()
     model = ollama_name(lm.id)
+    if max_tokens == 0:  # num_predict 0: "at most 0 tokens" — nothing to compute
+        done: dict[str, Any] = {"model": model, "created_at": _now(), "done": True, "done_reason": "length",
+                                "total_duration": 0, "load_duration": int(load_s * 1e9),
+                                "prompt_eval_count": 0, "prompt_eval_duration": 0, "eval_count": 0, "eval_duration": 0}
+        done.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
+        if stream_mode:
+            resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await resp.prepare(request)
+            await resp.write(json.dumps(done).encode() + b"\n")
+            return resp
+        return web.json_response(done)
     try:
         st = lm.engine.submit(GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False,
                                                   srv.cfg.request_timeout_s, matcher))
@@ -284,12 +330,15 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[
         st.abort()
 
 
-async def _load_or_unload(srv: Server, name: str, ka: float | None | str, kind: str) -> web.Response:
+async def _load_or_unload(srv: Server, request: web.Request, name: str, ka: float | None | str,
+                          kind: str) -> web.Response:
     """Ollama's requests without a prompt: load the model (and set its keep_alive), or
-    with keep_alive 0, unload it."""
+    with keep_alive 0, unload it — an admin action (it may take the configured model
+    out of memory, which no other request's keep_alive does)."""
     head: dict[str, Any] = {"model": ollama_name(srv.pool.resolve(name)[0]), "created_at": _now()}
     head.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
     if ka == 0:
+        require_admin(request)
         srv.ready_or_503()
         mid, _ = srv.pool.resolve(name)
         lm = srv.pool.loaded.get(mid)
@@ -312,7 +361,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if b.has("images"):
         raise ApiError("this model does not take images", "images")
     if not prompt and not b.has("context"):
-        return await _load_or_unload(srv, name, ka, "generate")
+        return await _load_or_unload(srv, request, name, ka, "generate")
     system = b.get("system", str)
     raw = b.get("raw", bool, False)
     ctx = b.data.get("context")
@@ -328,9 +377,10 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 text = lm.template.render(msgs, add_generation_prompt=True)
             except ChatTemplateError as e:
                 raise ApiError(f"the chat template failed: {e}", "prompt") from None
-        if ctx is not None and not (isinstance(ctx, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                                                  and 0 <= t < native.n_vocab for t in ctx)):
-            raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
+        if ctx is not None:
+            ctx = int_list(ctx, "context")
+            if not all(0 <= t < native.n_vocab for t in ctx):
+                raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
         ids = (list(ctx) if ctx else []) + (lm.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
         return await _run(srv, lm, request, ids, b, "generate", schema, None, load_s)
 
@@ -354,7 +404,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
     if not isinstance(msgs, list):
         raise ApiError("'messages' must be an array", "messages")
     if not msgs:
-        return await _load_or_unload(srv, name, ka, "chat")
+        return await _load_or_unload(srv, request, name, ka, "chat")
     out = []
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
@@ -394,9 +444,6 @@ async def list_files(request: web.Request) -> web.Response:
     return web.json_response({"models": [{"file": p.name, "size": p.stat().st_size} for p in files]})
 
 
-_sha_cache: dict[tuple[str, int, float], str] = {}
-
-
 async def get_file(request: web.Request) -> web.StreamResponse:
     """One model file, with Range support (resumable pulls) and its sha256."""
     from edgelm.pull import PullError, file_sha256, safe_model_name
@@ -411,15 +458,18 @@ async def get_file(request: web.Request) -> web.StreamResponse:
         raise ApiError(f"model file '{name}' not found", "file", 404)
     st = path.stat()
     key = (name, st.st_size, st.st_mtime)
-    if key not in _sha_cache:
-        _sha_cache[key] = await asyncio.get_running_loop().run_in_executor(None, file_sha256, path)
-    return web.FileResponse(path, headers={"X-Edgelm-Sha256": _sha_cache[key], "Content-Type": "application/octet-stream"})
+    digest = srv.file_digests.get(key)
+    if digest is None:
+        digest = srv.file_digests[key] = await asyncio.get_running_loop().run_in_executor(None, file_sha256, path)
+    return web.FileResponse(path, headers={"X-Edgelm-Sha256": digest, "Content-Type": "application/octet-stream"})
 
 
 async def pull(request: web.Request) -> web.StreamResponse:
-    """Ollama's /api/pull: NDJSON progress lines, then {"status": "success"}."""
-    from edgelm.pull import PullError, catalogue_entry, load_catalogue, safe_model_name
-    from edgelm.pull import pull as do_pull
+    """Ollama's /api/pull: NDJSON progress lines, then {"status": "success"} — or an
+    {"error": ...} line: a pull never ends in silence. The pull itself runs as a task
+    the server owns, so a client that goes away does not leave a half-written file
+    (the pull finishes, or fails and cleans up, on its own)."""
+    from edgelm.pull import PullError, pull_source, resolve
 
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
@@ -427,35 +477,97 @@ async def pull(request: web.Request) -> web.StreamResponse:
     if not source:
         raise ApiError("'model' is required", "model")
     stream_mode = b.get("stream", bool, True)
-    try:
-        if "://" not in source and catalogue_entry(source) is None:
-            if not source.endswith(".gguf") and not any(c in source for c in "/\\") and ".." not in source:
-                known = ", ".join(sorted(load_catalogue()))
-                raise PullError(f"unknown model {source!r}: give a catalogue name ({known}), FILE.gguf or a URL")
-            safe_model_name(source)
+    cfg = srv.cfg
+    try:  # what can be refused at once gets its status before anything streams
+        src = await resolve(source, allow_urls=cfg.url_pull_allowed)
     except PullError as e:
-        raise ApiError(str(e), "model", 400) from None
-    if not stream_mode:
-        try:
-            await do_pull(source, _models_dir(srv))
-        except (PullError, OSError) as e:
-            raise ApiError(f"pull failed: {e}", "model", 400) from None
-        return web.json_response({"status": "success"})
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await resp.prepare(request)
+        raise ApiError(str(e), "model", e.status) from None
     lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
-    async def run() -> None:
+    async def run() -> Path:
         try:
-            await do_pull(source, _models_dir(srv), progress=lines.put_nowait)
+            return await pull_source(src, _models_dir(srv), lines.put_nowait,
+                                     max_bytes=(cfg.max_pull_mib << 20) if cfg.max_pull_mib else None,
+                                     in_use=srv.pool.in_use)
         finally:
             lines.put_nowait(None)
 
-    task = asyncio.ensure_future(run())
+    task = srv.background(run(), f"pull {source[:200]}")
+
+    def failure() -> tuple[str, int]:
+        exc = task.exception()
+        if isinstance(exc, PullError):
+            if exc.detail:
+                log.warning("pull of %s failed: %s (%s)", source[:200], exc, exc.detail)
+            return f"pull failed: {exc}", exc.status
+        log.error("pull of %s failed", source[:200], exc_info=exc)
+        return "pull failed: internal error (the daemon log has the details)", 500
+
+    if not stream_mode:
+        await asyncio.wait([task])  # not cancelled with this handler: the pull ends on its own
+        if task.exception() is not None:
+            msg, status = failure()
+            raise ApiError(msg, "model", status)
+        return web.json_response({"status": "success"})
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
     while (p := await lines.get()) is not None:
         await resp.write(json.dumps({k: v for k, v in p.items() if k != "rate"}).encode() + b"\n")
-    try:
-        task.result()
-    except (PullError, OSError) as e:
-        await resp.write(json.dumps({"error": f"pull failed: {e}"}).encode() + b"\n")
+    await asyncio.wait([task])
+    if task.exception() is not None:
+        msg, _ = failure()
+        await resp.write(json.dumps({"error": msg}).encode() + b"\n")
     return resp
+
+
+async def delete(request: web.Request) -> web.Response:
+    """Ollama's /api/delete. A name kept by edgelm.store (pulled or copied) is removed,
+    the file stays; a file's own id deletes the file and every name pointing at it. The
+    configured model and models with requests in flight are refused (409); an idle
+    loaded model is unloaded first."""
+    srv: Server = request.app[SERVER]
+    b = Body(await srv.json_body(request))
+    name = _model_name(b)
+    d = _models_dir(srv)
+    loop = asyncio.get_running_loop()
+    if store.normalize(name) in store.read_names(d):
+        await loop.run_in_executor(None, store.remove_name, d, name)
+        return web.json_response({})
+    mid, path = srv.pool.resolve(name)
+    if path == srv.pool.default_path or path.resolve() == srv.pool.default_path.resolve():
+        raise ApiError(f"'{mid}' is the configured model (`model:` in the config); it cannot be deleted while it "
+                       "is", "model", 409, "model_in_use")
+    if path.parent.resolve() != d.resolve():
+        raise ApiError(f"'{mid}' is not in the models directory", "model", 409)
+    lm = srv.pool.loaded.get(mid)
+    if lm is not None:
+        if lm.busy:
+            raise ApiError(f"'{mid}' has requests in flight; delete it when they are done", "model", 409,
+                           "model_in_use")
+        await srv.pool.unload(mid)
+    await loop.run_in_executor(None, store.forget_file, d, path.name)
+    path.unlink(missing_ok=True)
+    log.info("deleted %s", path)
+    return web.json_response({})
+
+
+async def copy(request: web.Request) -> web.Response:
+    """Ollama's /api/copy: a new name for a model (no bytes are copied)."""
+    srv: Server = request.app[SERVER]
+    b = Body(await srv.json_body(request))
+    src = b.get("source", str)
+    dst = b.get("destination", str)
+    if not src or not dst:
+        raise ApiError("'source' and 'destination' are required", "source" if not src else "destination")
+    mid, path = srv.pool.resolve(src)
+    d = _models_dir(srv)
+    if path.parent.resolve() != d.resolve():
+        raise ApiError(f"'{mid}' is not in the models directory; copy a model that is", "source", 400)
+    try:
+        name = store.check_name(dst)
+    except store.ModelNameError as e:
+        raise ApiError(str(e), "destination") from None
+    if name.removesuffix(":latest") in srv.pool.available():
+        raise ApiError(f"'{dst}' is a model file's own name; choose another", "destination", 409)
+    await asyncio.get_running_loop().run_in_executor(None, store.add_name, d, name, path.name)
+    return web.json_response({})

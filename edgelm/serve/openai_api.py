@@ -21,7 +21,7 @@ from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
-from edgelm.serve.params import ApiError, Body, SERVER, sampling_from
+from edgelm.serve.params import ApiError, Body, SERVER, int_list, sampling_from
 from edgelm.serve.scheduler import QueueFull
 
 if TYPE_CHECKING:
@@ -51,15 +51,18 @@ def _common(srv: Server, b: Body) -> dict[str, Any]:
 
 
 def _max_tokens(lm: LoadedModel, b: Body, key: str, n_prompt: int) -> int:
+    """The token budget: the request's (at least 1, as OpenAI requires; /v1/completions
+    takes 0 with `echo`, to score a prompt), capped by the room left in the context."""
     room = lm.max_context - n_prompt
     if room <= 0:
         raise ApiError(
             f"the prompt has {n_prompt} tokens; this model's context holds {lm.max_context}",
             "messages" if key == "max_completion_tokens" else "prompt", 400, "context_length_exceeded",
         )
-    mt = b.get(key, int, None, lo=0)
+    lo = 0 if key == "max_tokens" and b.get("echo", bool, False) else 1
+    mt = b.get(key, int, None, lo=lo)
     if mt is None and key == "max_completion_tokens":
-        mt = b.get("max_tokens", int, None, lo=0)
+        mt = b.get("max_tokens", int, None, lo=1)
     return room if mt is None else min(mt, room)
 
 
@@ -165,12 +168,10 @@ def _prompts(lm: LoadedModel, b: Body) -> list[list[int]]:
         out = [native.tokenize(p, True, True)]
     elif isinstance(p, list) and p and all(isinstance(x, str) for x in p):
         out = [native.tokenize(x, True, True) for x in p]
-    elif isinstance(p, list) and p and all(isinstance(x, int) and not isinstance(x, bool) for x in p):
-        out = [list(p)]
+    elif isinstance(p, list) and p and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in p):
+        out = [int_list(p, "prompt")]
     elif isinstance(p, list) and p and all(isinstance(x, list) for x in p):
-        if not all(all(isinstance(t, int) and not isinstance(t, bool) for t in x) for x in p):
-            raise ApiError("'prompt' arrays must hold token ids (integers)", "prompt")
-        out = [list(x) for x in p]
+        out = [int_list(x, f"prompt[{i}]") for i, x in enumerate(p)]
     else:
         raise ApiError("'prompt' must be a string, an array of strings, or token ids", "prompt")
     if len(out) > 16:
@@ -221,9 +222,18 @@ async def _completions(request: web.Request, srv: Server, lm: LoadedModel, b: Bo
     created = int(time.time())
     streams: list[Stream] = []
     echoes: list[str] = []
+    for p in prompts:
+        echoes += [lm.model.native.detokenize(p, True) if echo else ""] * c["n"]
+    if max_tokens[0] == 0:  # echo with max_tokens 0: the prompt back, nothing generated
+        n_prompt = sum(len(p) for p in prompts)
+        return web.json_response({
+            "id": cid, "object": "text_completion", "created": created, "model": lm.id,
+            "system_fingerprint": srv.fingerprint,
+            "choices": [{"index": i, "text": e, "logprobs": None, "finish_reason": "length"} for i, e in enumerate(echoes)],
+            "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt,
+                      "prompt_tokens_details": {"cached_tokens": 0}}})
     for p, mt in zip(prompts, max_tokens):
         streams += await _submit(lm, p, mt, c, n_lp or 0, c["n"])
-        echoes += [lm.model.native.detokenize(p, True) if echo else ""] * c["n"]
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": lm.id,

@@ -240,6 +240,42 @@ def _closed(schema: Any) -> Any:
     return out
 
 
+def _hoisted(tools: list[Tool]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Each tool's (closed) parameters as a reference into one shared `$defs`, with the
+    definitions of each tool (`$defs`/`definitions`, as Pydantic writes them) moved
+    there under the tool's own prefix and every `$ref` of the tool rewritten to match:
+    a tool's schema may refer to its own root ("#") and its own definitions, and those
+    references must still hold once the tools are put side by side in one schema."""
+    defs: dict[str, Any] = {}
+    refs: list[dict[str, Any]] = []
+    for i, t in enumerate(tools):
+        prefix = f"t{i}_"
+        params = dict(t.parameters)
+        own = {**(params.pop("definitions", None) or {}), **(params.pop("$defs", None) or {})}
+
+        def rewrite(node: Any) -> Any:
+            if isinstance(node, list):
+                return [rewrite(x) for x in node]
+            if not isinstance(node, dict):
+                return node
+            out = {k: rewrite(v) for k, v in node.items()}
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#"):
+                for head in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(head):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(head):]}"
+                        break
+                else:  # the tool's root, or a path under it
+                    out["$ref"] = f"#/$defs/{prefix}args" + ref[1:]
+            return out
+
+        defs[f"{prefix}args"] = _closed(rewrite(params))
+        for name, d in own.items():
+            defs[f"{prefix}{name}"] = _closed(rewrite(d))
+        refs.append({"$ref": f"#/$defs/{prefix}args"})
+    return refs, defs
+
+
 def grammar(plan: ToolPlan, text_schema: dict[str, Any] | None = None) -> str:
     """The Lark grammar (llguidance) for an answer under `plan`; `text_schema`, from a
     response_format, constrains the text branch to JSON too."""
@@ -247,10 +283,11 @@ def grammar(plan: ToolPlan, text_schema: dict[str, Any] | None = None) -> str:
         if text_schema is not None:
             return "start: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}) + "\n"
         return "start: TEXT\nTEXT: /[^<](.|\\n)*/\n"
-    one_of = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": _closed(t.parameters)},
-               "required": ["name", "arguments"], "additionalProperties": False} for t in plan.tools]
+    refs, defs = _hoisted(plan.tools)
+    one_of = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": ref},
+               "required": ["name", "arguments"], "additionalProperties": False} for t, ref in zip(plan.tools, refs)]
     call_schema: dict[str, Any] = {"anyOf": one_of} if len(one_of) > 1 else one_of[0]
-    call_schema = {**call_schema, "x-guidance": JSON_STYLE}
+    call_schema = {**call_schema, "$defs": defs, "x-guidance": JSON_STYLE}
     lines = [
         "call: " + json.dumps(OPEN + "\n") + " %json " + json.dumps(call_schema) + " " + json.dumps("\n" + CLOSE),
         "calls: call (\"\\n\" call)*" if plan.parallel else "calls: call",

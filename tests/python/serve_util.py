@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -51,9 +52,11 @@ class Daemon:
         return total
 
 
-def http(method: str, url: str, body: Any = None, raw: bytes | None = None, timeout: float = 120) -> tuple[int, Any]:
+def http(method: str, url: str, body: Any = None, raw: bytes | None = None, timeout: float = 120,
+         headers: dict[str, str] | None = None) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
+                                                                          **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             payload = r.read()
@@ -69,8 +72,11 @@ def http(method: str, url: str, body: Any = None, raw: bytes | None = None, time
 
 @contextmanager
 def daemon(model: Path, *args: str, env: dict[str, str] | None = None, config: str = "",
-           mdns: bool = False) -> Iterator[Daemon]:
-    """The daemon on a free loopback port; mDNS (loopback only) when `mdns`."""
+           mdns: bool = False, host: str = "127.0.0.1", prefix: list[str] | None = None,
+           nofile: int | None = None) -> Iterator[Daemon]:
+    """The daemon on a free port of `host` (loopback by default; `prefix` runs it in a
+    network namespace, see lan_util); mDNS (loopback only) when `mdns`; `nofile` sets
+    its open-file limit (soft and hard)."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="edgelm-test-") as tmp:
         cfg = Path(tmp) / "edgelm.yaml"
@@ -78,11 +84,16 @@ def daemon(model: Path, *args: str, env: dict[str, str] | None = None, config: s
         log_path = Path(tmp) / "daemon.log"
         e = {k: v for k, v in os.environ.items() if not k.startswith("EDGELM_") or k == "EDGELM_MODELS_DIR"}
         e.update(env or {})
-        cmd = [sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg), "--host", "127.0.0.1",
+        cmd = [*(prefix or []), sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg), "--host", host,
                "--port", str(port), "--model", str(model), "--threads", "2", *([] if mdns else ["--no-mdns"]), *args]
+
+        def limit() -> None:
+            if nofile is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
         with open(log_path, "wb") as logf:
-            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=tmp, env=e)
-        d = Daemon(proc, f"http://127.0.0.1:{port}", log_path)
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=tmp, env=e, preexec_fn=limit)
+        d = Daemon(proc, f"http://{host}:{port}", log_path)
         try:
             deadline = time.monotonic() + 60
             while True:

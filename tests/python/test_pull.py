@@ -93,8 +93,9 @@ def test_api_pull_and_lan_lookup(tmp_path: Path) -> None:
 
 
 @contextmanager
-def static_server(root: Path) -> Iterator[str]:
-    """An HTTP server (with Range support) for the files in `root`, on loopback."""
+def static_server(root: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """An HTTP server (with Range support) for the files in `root`, on loopback (or
+    `host`)."""
     import asyncio
     import threading
 
@@ -109,10 +110,10 @@ def static_server(root: Path) -> Iterator[str]:
         app.router.add_static("/", root)
         runner = web.AppRunner(app)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, host, 0)
         await site.start()
         box["runner"] = runner
-        box["url"] = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        box["url"] = f"http://{host}:{runner.addresses[0][1]}"
         ready.set()
 
     t = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
@@ -158,7 +159,9 @@ def test_pull_from_the_catalogue_in_parts(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert "resuming at 3145728 bytes" in r.stderr and "assembling" in r.stderr
         assert sha256(dest / SMOLLM2) == entry["sha256"]
-        assert sorted(p.name for p in dest.iterdir()) == [SMOLLM2]  # parts cleaned up
+        # Parts cleaned up; the name it was pulled by is kept (edgelm.store).
+        assert sorted(p.name for p in dest.iterdir()) == [".edgelm-names.json", SMOLLM2]
+        assert json.loads((dest / ".edgelm-names.json").read_text()) == {"names": {"smol:tiny": SMOLLM2}}
         # A part whose digest is wrong: a clear error, nothing under the model's name.
         entry["parts"][1]["sha256"] = "0" * 64
         cat.write_text(json.dumps({"models": {"smol-test": entry}}))
@@ -174,7 +177,7 @@ def test_pull_from_the_catalogue_in_parts(tmp_path: Path) -> None:
             assert lines[-1].status == "success"
             assert any((s.status or "").startswith("assembling") for s in lines)
             status, body = http("POST", d.url + "/api/pull", {"model": "no-such-model"})
-            assert status == 400 and "unknown model 'no-such-model'" in body["error"] and "smol-test" in body["error"]
+            assert status == 404 and "unknown model 'no-such-model'" in body["error"] and "smol-test" in body["error"]
         assert sha256(tmp_path / "m3" / SMOLLM2) == entry["sha256"]
 
 
@@ -194,4 +197,15 @@ def test_shipped_catalogue_matches_the_real_files() -> None:
     for key, e in cat.items():
         src = _catalogue_source(key, e)
         assert all(p.url.startswith("https://") and len(p.sha256 or "") == 64 for p in src.parts)
-    assert catalogue_entry("gemma3:270m") is not None and catalogue_entry("smollm2:latest") is not None
+    assert catalogue_entry("gemma3-base:270m") is not None and catalogue_entry("smollm2:latest") is not None
+    # The Gemma 3 270M file is the base model (no chat template): it must not answer to
+    # the name of Ollama's instruction-tuned gemma3:270m.
+    assert catalogue_entry("gemma3:270m") is None
+    for key, e in cat.items():
+        f = model_path(e["file"])
+        from edgelm import _native
+
+        md = _native.inspect_gguf(str(f))[2]
+        chat = "tokenizer.chat_template" in md
+        assert ("tools" in e["capabilities"]) == chat, key
+        assert ("base model" in e["description"]) == (not chat), key

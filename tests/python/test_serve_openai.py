@@ -255,11 +255,13 @@ def test_bad_input_is_4xx_with_openai_error(srv: Daemon, client: openai.OpenAI) 
 def test_disconnect_aborts_and_frees_blocks(srv: Daemon) -> None:
     body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 1500, "ignore_eos": True, "stream": True}).encode()
     s = socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])))
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     got = b""
     while got.count(b"data: ") < 5:
-        got += s.recv(65536)
+        chunk = s.recv(65536)
+        assert chunk, got  # the server closed the connection
+        got += chunk
     _, h = srv.get("/health")
     assert h["running"] == 1 and h["kv_blocks_used"] > 0
     s.close()

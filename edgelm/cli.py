@@ -273,7 +273,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
     try:
         path = asyncio.run(pull(args.source, models_dir, args.sha256, show, headers, args.interfaces or None))
     except PullError as e:
-        print(f"edgelm: pull failed: {e}", file=sys.stderr)
+        print(f"edgelm: pull failed: {e}" + (f" ({e.detail})" if e.detail else ""), file=sys.stderr)
         return 1
     print(path)
     return 0

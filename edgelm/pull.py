@@ -289,11 +289,11 @@ async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, hea
             have = 0  # no range support: start over
         length = r.headers.get("Content-Length")
         total = have + int(length) if length and length.isdigit() else None
+        if total is not None:
+            _check_room(part.parent, total - have, label)
         if total is not None and max_bytes is not None and total > max_bytes:
             raise PullError(f"the model file is {total / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB "
                             "this pull may take (max_pull_mib, or the catalogue's size)", 413, url)
-        if total is not None:
-            _check_room(part.parent, total - have, label)
         announced: str | None = r.headers.get("X-Edgelm-Sha256")
         if have:
             report({"status": f"resuming at {have} bytes", "total": total, "completed": have})

@@ -455,9 +455,10 @@ def _model_obj(srv: Server, mid: str) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """Every model this daemon can serve (loaded or not; listing never loads one)."""
+    """Every model this daemon can serve, under each of its names (loaded or not;
+    listing never loads one)."""
     srv: Server = request.app[SERVER]
-    return web.json_response({"object": "list", "data": [_model_obj(srv, m) for m in srv.pool.available()]})
+    return web.json_response({"object": "list", "data": [_model_obj(srv, name) for name, _, _ in srv.pool.names()]})
 
 
 async def get_model(request: web.Request) -> web.Response:

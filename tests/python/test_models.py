@@ -86,9 +86,14 @@ def test_models_load_on_demand_and_unload_after_keep_alive(models_dir: Path) -> 
         assert _loaded(d) == [f"{SMOL}:latest"]
         r2 = c.generate(model=SMOL, prompt="", keep_alive=0)
         assert r2.done_reason == "unload" and _loaded(d) == []
-        r2 = c.generate(model=SMOL, prompt="", keep_alive="1h")  # load, and keep for an hour
+        # A request's keep_alive sets an on-demand model's stay, never the configured
+        # model's: that one, loaded again, stays for good.
+        r2 = c.generate(model=SMOL, prompt="", keep_alive="1h")
         assert r2.done_reason == "load" and _loaded(d) == [f"{SMOL}:latest"]
         exp = c.ps().models[0].expires_at
+        assert exp is not None and exp.year == 2318
+        r2 = c.generate(model=GEMMA, prompt="", keep_alive="1h")  # load, and keep for an hour
+        exp = {m.model: m.expires_at for m in c.ps().models}[f"{GEMMA}:latest"]
         assert exp is not None and 3500 < exp.timestamp() - time.time() < 3700
 
 

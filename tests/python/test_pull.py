@@ -9,9 +9,10 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -93,9 +94,9 @@ def test_api_pull_and_lan_lookup(tmp_path: Path) -> None:
 
 
 @contextmanager
-def static_server(root: Path, host: str = "127.0.0.1") -> Iterator[str]:
-    """An HTTP server (with Range support) for the files in `root`, on loopback (or
-    `host`)."""
+def http_server(setup: Callable[[Any], None], host: str = "127.0.0.1") -> Iterator[str]:
+    """An aiohttp server on its own thread, on loopback (or `host`); `setup` adds the
+    routes to its application. Yields its base URL."""
     import asyncio
     import threading
 
@@ -107,7 +108,7 @@ def static_server(root: Path, host: str = "127.0.0.1") -> Iterator[str]:
 
     async def start() -> None:
         app = web.Application()
-        app.router.add_static("/", root)
+        setup(app)
         runner = web.AppRunner(app)
         await runner.setup()
         site = web.TCPSite(runner, host, 0)
@@ -125,6 +126,13 @@ def static_server(root: Path, host: str = "127.0.0.1") -> Iterator[str]:
         asyncio.run_coroutine_threadsafe(box["runner"].cleanup(), loop).result(10)
         loop.call_soon_threadsafe(loop.stop)
         t.join(10)
+
+
+@contextmanager
+def static_server(root: Path, host: str = "127.0.0.1") -> Iterator[str]:
+    """An HTTP server (with Range support) for the files in `root`."""
+    with http_server(lambda app: app.router.add_static("/", root), host) as url:
+        yield url
 
 
 def _wheels(tmp: Path) -> tuple[Path, list[dict[str, str]]]:
@@ -209,3 +217,172 @@ def test_shipped_catalogue_matches_the_real_files() -> None:
         chat = "tokenizer.chat_template" in md
         assert ("tools" in e["capabilities"]) == chat, key
         assert ("base model" in e["description"]) == (not chat), key
+
+
+# -- a pull on a shared LAN: nothing bad gets installed, nothing in use is replaced ------
+
+
+def upstream(files: dict[str, Path]) -> Callable[[Any], None]:
+    """Routes of an upstream that misbehaves in every way a pull must survive; `files`
+    maps a name to a real file served (with Range) under /good/NAME and, slowly, under
+    /slow/NAME."""
+    import asyncio
+
+    from aiohttp import web
+
+    async def good(request: web.Request) -> web.StreamResponse:
+        return web.FileResponse(files[request.match_info["name"]])
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        data = files[request.match_info["name"]].read_bytes()
+        resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
+        await resp.prepare(request)
+        for i in range(0, len(data), 4 << 20):  # about 2 s for SmolLM2
+            await resp.write(data[i: i + (4 << 20)])
+            await asyncio.sleep(0.08)
+        return resp
+
+    async def fake(request: web.Request) -> web.Response:
+        return web.Response(body=b"GGUF" + b"\x03\x00\x00\x00" + os.urandom(1 << 20))  # a GGUF-looking megabyte
+
+    async def drop(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(8 << 20)})
+        await resp.prepare(request)
+        await resp.write(b"GGUF" + bytes(1 << 20))
+        assert request.transport is not None
+        request.transport.close()  # the upstream goes away mid-file
+        return resp
+
+    async def to_ftp(request: web.Request) -> web.Response:
+        raise web.HTTPFound("ftp://127.0.0.1/x.gguf")
+
+    async def to_good(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"/good/{request.match_info['name']}")
+
+    async def huge(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": str(10**14)})  # 100 TB
+        await resp.prepare(request)
+        await asyncio.sleep(2)
+        return resp
+
+    async def big(request: web.Request) -> web.Response:
+        return web.Response(body=b"GGUF" + bytes(130 << 20))
+
+    async def teapot(request: web.Request) -> web.Response:
+        return web.Response(status=418, text="redis-server 7.0 says hello")
+
+    def setup(app: Any) -> None:
+        for path, h in (("/good/{name}", good), ("/slow/{name}", slow), ("/fake/{name}", fake), ("/drop/{name}", drop),
+                        ("/to-ftp/{name}", to_ftp), ("/to-good/{name}", to_good), ("/huge/{name}", huge),
+                        ("/big/{name}", big), ("/teapot/{name}", teapot)):
+            app.router.add_get(path, h)
+
+    return setup
+
+
+def pull_lines(url: str, model: str, **body: Any) -> list[dict[str, Any]]:
+    status, raw = http("POST", url + "/api/pull", {"model": model, **body}, timeout=300)
+    assert status == 200, raw
+    return [json.loads(x) for x in raw.strip().splitlines()] if isinstance(raw, str) else [raw]
+
+
+def test_a_pull_never_installs_a_bad_file_nor_replaces_one_in_use(tmp_path: Path) -> None:
+    import shutil
+
+    models = tmp_path / "models"
+    models.mkdir()
+    served = models / SMOLLM2
+    shutil.copy(model_path(SMOLLM2), served)
+    spare = models / "spare.gguf"
+    shutil.copy(model_path(SMOLLM2), spare)
+    digest = sha256(served)
+    with http_server(upstream({"SmolLM2.gguf": model_path(SMOLLM2)})) as up, \
+            daemon(served, "--models-dir", str(models), config="max_pull_mib: 120\n") as d:
+        # Over the served model's name: refused before a byte is fetched.
+        status, body = http("POST", d.url + "/api/pull", {"model": f"{up}/fake/{SMOLLM2}", "stream": False})
+        assert status == 409 and "in use" in body["error"], body
+        # A GGUF-looking megabyte is not a model: never installed; the old file stays.
+        for name in ("spare.gguf", "new.gguf"):
+            lines = pull_lines(d.url, f"{up}/fake/{name}")
+            assert "error" in lines[-1] and "not a model edgelm can run" in lines[-1]["error"], lines[-1]
+        assert sha256(spare) == digest and not (models / "new.gguf").exists()
+        # Upstreams that fail: each ends with an error line, never a silent end.
+        for route, needle in (("drop", "could not download"), ("to-ftp", "not http(s)"), ("teapot", "could not download"),
+                              ("big", "max_pull_mib"), ("huge", "not enough disk space")):
+            lines = pull_lines(d.url, f"{up}/{route}/{route}.gguf")
+            assert "error" in lines[-1] and needle in lines[-1]["error"], (route, lines[-1])
+            assert "418" not in lines[-1]["error"] and "redis" not in lines[-1]["error"]  # nothing about what answered
+            status, body = http("POST", d.url + "/api/pull", {"model": f"{up}/{route}/{route}.gguf", "stream": False})
+            assert 400 <= status < 600 and needle in body["error"], (route, status, body)
+        assert sorted(p.name for p in models.iterdir() if not p.name.endswith(".partial")) == [SMOLLM2, "spare.gguf"]
+        assert not (models / "huge.gguf.partial").exists()  # refused before writing
+        # A redirect to http(s) is followed; then the file is proven and installed.
+        lines = pull_lines(d.url, f"{up}/to-good/SmolLM2.gguf")
+        assert lines[-1].get("status") == "success", lines[-1]
+        assert any(x.get("status") == "checking that the model loads" for x in lines)
+        assert sha256(models / "SmolLM2.gguf") == digest
+        log = d.log()
+    assert "Traceback" not in log and " ERROR " not in log
+    assert "HTTP 418" in log  # the detail went to the log
+
+
+def test_concurrent_pulls_of_one_file(tmp_path: Path) -> None:
+    """Two /api/pull requests and an `edgelm pull` process for the same file at once:
+    one downloads, the others wait and find it in place; never two writers."""
+    import threading
+
+    models = tmp_path / "models"
+    digest = sha256(model_path(SMOLLM2))
+    with http_server(upstream({"smol.gguf": model_path(SMOLLM2)})) as up, \
+            daemon(model_path(SMOLLM2), "--models-dir", str(models)) as d:
+        src = f"{up}/slow/smol.gguf"
+        results: dict[str, Any] = {}
+
+        def api(key: str) -> None:
+            results[key] = pull_lines(d.url, src)
+
+        def cli() -> None:
+            results["cli"] = run_pull(src, "--models-dir", str(models), "--sha256", digest)
+
+        threads = [threading.Thread(target=api, args=("a",)), threading.Thread(target=api, args=("b",)),
+                   threading.Thread(target=cli)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        assert results["a"][-1]["status"] == "success" and results["b"][-1]["status"] == "success"
+        assert results["cli"].returncode == 0, results["cli"].stderr
+        waited = [k for k in ("a", "b") if any("waiting for another pull" in x.get("status", "") for x in results[k])]
+        waited += ["cli"] if "waiting for another pull" in results["cli"].stderr else []
+        assert len(waited) >= 1, results
+        assert sha256(models / "smol.gguf") == digest
+        assert sorted(p.name for p in models.iterdir()) == ["smol.gguf"]  # no partial, no lock left
+
+
+def test_health_answers_during_a_large_pull(tmp_path: Path) -> None:
+    """Download, hashing, writing and checking run off the event loop: /health (the
+    systemd watchdog's view) keeps answering quickly during a 250 MB pull."""
+    import threading
+
+    models = tmp_path / "models"
+    gemma = model_path("gemma-3-270m-q4_k_m.gguf")
+    with http_server(upstream({"g.gguf": gemma})) as up, daemon(model_path(SMOLLM2), "--models-dir", str(models)) as d:
+        done = threading.Event()
+        out: dict[str, Any] = {}
+
+        def go() -> None:
+            out["lines"] = pull_lines(d.url, f"{up}/good/g.gguf")
+            done.set()
+
+        threading.Thread(target=go).start()
+        worst, n = 0.0, 0
+        while not done.is_set():
+            t0 = time.perf_counter()
+            assert http("GET", d.url + "/health", timeout=10)[0] == 200
+            worst = max(worst, time.perf_counter() - t0)
+            n += 1
+            time.sleep(0.02)
+        assert out["lines"][-1]["status"] == "success", out["lines"][-1]
+        print(f"/health during the pull: {n} requests, slowest {worst * 1000:.0f} ms")
+        assert n >= 5 and worst < 1.5, (n, worst)
+        assert sha256(models / "g.gguf") == sha256(gemma)

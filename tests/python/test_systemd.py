@@ -23,6 +23,8 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     unit = (ROOT / "systemd/edgelm.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "DynamicUser=yes" in unit
     assert "ProtectSystem=strict" in unit and "NoNewPrivileges=yes" in unit and "StateDirectory=edgelm" in unit
+    # Enough descriptors for a LAN of clients; the daemon caps its connections below this.
+    assert "LimitNOFILE=65536" in unit
     # verify checks that ExecStart exists: point it at this checkout's daemon.
     edgelm = Path(sys.executable).parent / "edgelm"
     (tmp_path / "edgelm.service").write_text(unit.replace("/opt/edgelm/.venv/bin/edgelm", str(edgelm)))

@@ -231,7 +231,7 @@ fn greedy_side_by_side(engine: &Engine, name: &str, g: &Arc<Gpu>, prompt: &[u32]
 #[test]
 fn gpu_forward_matches_cpu_on_tiny_models() {
     let Some(g) = gpu() else { return };
-    let opts = LoadOptions { n_threads: Some(2), kernel_level: None };
+    let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     let prompt: Vec<u32> = (0..37).map(|i| (i * 7 + 3) % 250).collect();
     // Every weight format, on the llama architecture (256 columns: the K-quants' block).
     for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
@@ -292,7 +292,7 @@ fn gpu_executor_batches_without_changing_results() {
     use edgelm_core::batch::{Executor, StepItem};
     use edgelm_core::sample::SamplingParams;
     let Some(g) = gpu() else { return };
-    let opts = LoadOptions { n_threads: Some(2), kernel_level: None };
+    let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     let t = Tiny { n_embd: 256, n_ff: 512, n_head: 4, n_head_kv: 2, wtype: GgmlType::Q4_K, ..Tiny::default() };
     let engine = Arc::new(Engine::from_gguf(Gguf::from_bytes(tiny_llama(&t).to_bytes()).unwrap(), &opts).unwrap());
     let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
@@ -335,7 +335,7 @@ fn gpu_executor_batches_without_changing_results() {
 /// everywhere, so a GPU run never starts from a broken model).
 #[test]
 fn tiny_models_run_on_the_cpu() {
-    let opts = LoadOptions { n_threads: Some(2), kernel_level: None };
+    let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     for w in [tiny_llama(&Tiny { n_embd: 256, n_ff: 512, wtype: GgmlType::Q4_K, ..Tiny::default() }),
               tiny_gemma3(&Tiny { n_embd: 256, n_ff: 512, n_head_kv: 1, wtype: GgmlType::Q8_0, ..Tiny::default() })] {
         let engine = Engine::from_gguf(Gguf::from_bytes(w.to_bytes()).unwrap(), &opts).unwrap();
@@ -351,7 +351,7 @@ fn gpu_greedy_shortcut_equals_the_full_sampler() {
     use edgelm_core::batch::{Executor, StepItem};
     use edgelm_core::sample::SamplingParams;
     let Some(g) = gpu() else { return };
-    let opts = LoadOptions { n_threads: Some(2), kernel_level: None };
+    let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     let t = Tiny { n_embd: 256, n_ff: 512, n_head: 4, n_head_kv: 2, wtype: GgmlType::Q4_0, ..Tiny::default() };
     let engine = Arc::new(Engine::from_gguf(Gguf::from_bytes(tiny_llama(&t).to_bytes()).unwrap(), &opts).unwrap());
     let bs = engine.kv_shape(1).block_size;
@@ -402,7 +402,7 @@ fn gpu_greedy_matches_cpu_and_llama_cpp_on_real_models() {
     let cuda_golden: Option<serde_json::Value> =
         std::fs::read_to_string(fixtures.join("greedy_golden_cuda.json")).ok().map(|t| serde_json::from_str(&t).unwrap());
     assert!(cuda_golden.is_some() || !required("EDGELM_REQUIRE_REAL_MODELS"), "greedy_golden_cuda.json is missing");
-    let opts = LoadOptions { n_threads: None, kernel_level: None };
+    let opts = LoadOptions { n_threads: None, kernel_level: None, n_ctx: None };
     let (mut cases, mut equal_cpu, mut equal_peer, mut equal_peer_cuda) = (0, 0, 0, 0);
     for (name, gold) in golden.as_object().unwrap() {
         let path = dir.join(name);

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use super::{as_bytes, as_bytes_mut, Arg, DevBuf, Gpu, Graph};
 use crate::error::{Error, Result};
 use crate::kv::KvShape;
-use crate::model::{logit_rows, Arch, Config, LogitsWanted, Model, SeqInput, StepLogits, Weight};
+use crate::model::{logit_rows, Arch, Config, Ffn, LogitsWanted, Model, SeqInput, StepLogits, Weight};
 use crate::quant::GgmlType;
 
 /// Formats the kernels decode (`deq32` in kernels.cu).
@@ -478,7 +478,10 @@ impl GpuModel {
             return Err(Error::Cuda(format!("value head size {} is larger than the attention kernel takes (512)", m.cfg.head_dim_v)));
         }
         for (i, l) in m.layers.iter().enumerate() {
-            for (n, w) in [("attn_q", &l.wq), ("attn_k", &l.wk), ("attn_v", &l.wv), ("attn_output", &l.wo), ("ffn_gate", &l.gate), ("ffn_up", &l.up), ("ffn_down", &l.down)] {
+            let Ffn::Dense { gate, up, down, .. } = &l.ffn else {
+                return Err(Error::Cuda("mixture-of-experts layers do not run on the GPU yet".into()));
+            };
+            for (n, w) in [("attn_q", &l.wq), ("attn_k", &l.wk), ("attn_v", &l.wv), ("attn_output", &l.wo), ("ffn_gate", gate), ("ffn_up", up), ("ffn_down", down)] {
                 if !GPU_TYPES.contains(&w.ty) {
                     return Err(Error::Cuda(format!("blk.{i}.{n}.weight is {:?}, which the CUDA kernels do not decode", w.ty)));
                 }
@@ -490,12 +493,16 @@ impl GpuModel {
             GpuWeight::upload(gpu, w, name)
         };
         let int8 = int8_decode(m.output.ty)
-            || m.layers.iter().any(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].iter().any(|w| int8_decode(w.ty)));
+            || m.layers.iter().any(|l| {
+                let Ffn::Dense { gate, up, down, .. } = &l.ffn else { return false };
+                [&l.wq, &l.wk, &l.wv, &l.wo, gate, up, down].iter().any(|w| int8_decode(w.ty))
+            });
         let tok_embd = up(&m.tok_embd, "token_embd.weight")?;
         let output = up(&m.output, "output.weight")?;
         let mut layers = Vec::with_capacity(m.layers.len());
         for (i, l) in m.layers.iter().enumerate() {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let Ffn::Dense { gate, up: upw, down, .. } = &l.ffn else { unreachable!("checked above") };
             layers.push(GpuLayer {
                 attn_norm: gpu.upload_f32(&l.attn_norm)?,
                 wq: up(&l.wq, &n("attn_q"))?,
@@ -510,9 +517,9 @@ impl GpuModel {
                 k_norm: opt(gpu, &l.k_norm)?,
                 post_attn_norm: opt(gpu, &l.post_attn_norm)?,
                 ffn_norm: gpu.upload_f32(&l.ffn_norm)?,
-                gate: up(&l.gate, &n("ffn_gate"))?,
-                up: up(&l.up, &n("ffn_up"))?,
-                down: up(&l.down, &n("ffn_down"))?,
+                gate: up(gate, &n("ffn_gate"))?,
+                up: up(upw, &n("ffn_up"))?,
+                down: up(down, &n("ffn_down"))?,
                 post_ffn_norm: opt(gpu, &l.post_ffn_norm)?,
             });
         }

@@ -42,6 +42,9 @@ class Model:
         n_threads: compute threads (default: physical cores).
         kernel_level: force a CPU kernel level ("scalar", "avx2", "avx512", "neon",
             "dotprod", "i8mm"); default: the best this CPU has (EDGELM_KERNEL_LEVEL lowers it).
+        n_ctx: tokens per sequence you will run (default: the model's context length).
+            Only LongRoPE models (Phi-3.5/Phi-4-mini) depend on it: above their original
+            context they take the long RoPE factors, as llama.cpp does for its context.
 
     Raises:
         GGUFFormatError: the file is not valid GGUF (the message names the defect).
@@ -49,10 +52,14 @@ class Model:
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], n_threads: int | None = None, kernel_level: str | None = None
+        self,
+        path: str | os.PathLike[str],
+        n_threads: int | None = None,
+        kernel_level: str | None = None,
+        n_ctx: int | None = None,
     ) -> None:
         self.path = os.fspath(path)
-        self._m = _native.Model(self.path, n_threads, kernel_level)
+        self._m = _native.Model(self.path, n_threads, kernel_level, n_ctx)
 
     # -- facts -----------------------------------------------------------------
     @property

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# ARM kernel tests under qemu-user: cross-builds edgelm-core's `quant` and tiled-attention
-# (`model::attn`) unit tests for
+# ARM kernel tests under qemu-user: cross-builds edgelm-core's `quant`, tiled-attention
+# (`model::attn`) and mixture-of-experts (`model::moe`: routing, grouped matmul) unit tests for
 # aarch64 with Debian's rustc and runs them on three emulated CPUs, one per NEON level:
 #   cortex-a72 → neon            cortex-a76 → neon + dotprod            max → + i8mm
 # Each run prints the levels it exercised ("kernel levels tested: ..."); the script fails
@@ -46,7 +46,7 @@ for cpu_level in cortex-a72:neon cortex-a76:dotprod max:i8mm; do
     cpu=${cpu_level%%:*} want=${cpu_level##*:}
     echo "== QEMU_CPU=$cpu" >&2
     log=$(mktemp)
-    if QEMU_CPU=$cpu cargo test "${CARGO_ARGS[@]}" -- quant model::attn --nocapture >"$log" 2>&1; then
+    if QEMU_CPU=$cpu cargo test "${CARGO_ARGS[@]}" -- quant model::attn model::moe --nocapture >"$log" 2>&1; then
         ok=1
     else
         ok=0

@@ -193,7 +193,7 @@ fn main() {
             }
         }
         let file = Gguf::from_bytes(bytes).unwrap();
-        let engine = Arc::new(Engine::from_gguf(file, &LoadOptions { n_threads: Some(4), kernel_level: None }).unwrap());
+        let engine = Arc::new(Engine::from_gguf(file, &LoadOptions { n_threads: Some(4), kernel_level: None, n_ctx: None }).unwrap());
         let weight_bytes = engine.model.weight_bytes_per_token();
         eprintln!("{name}: model built in {:.1}s ({:.0} MiB of weights read per token)", t0.elapsed().as_secs_f64(), weight_bytes as f64 / 2f64.powi(20));
         let bs = engine.kv_shape(1).block_size;

@@ -28,6 +28,9 @@ pub struct LoadOptions {
     /// Force a kernel level (tests, bug reports); None = the best this CPU has, as
     /// lowered by EDGELM_KERNEL_LEVEL.
     pub kernel_level: Option<Level>,
+    /// Tokens per sequence the caller will run; None = the model's context length.
+    /// LongRoPE models (phi3) pick their RoPE factors by it, as llama.cpp does.
+    pub n_ctx: Option<usize>,
 }
 
 pub struct Engine {
@@ -45,7 +48,7 @@ impl Engine {
     }
 
     pub fn from_gguf(file: Arc<Gguf>, opts: &LoadOptions) -> Result<Engine> {
-        let model = Model::load(Arc::clone(&file))?;
+        let model = Model::load_with(Arc::clone(&file), opts.n_ctx)?;
         let tokenizer = Tokenizer::from_gguf(&file)?;
         if tokenizer.n_vocab() != model.cfg.n_vocab {
             return Err(Error::model(format!(
@@ -113,6 +116,21 @@ impl Engine {
             out.extend_from_slice(&r.data);
         }
         Ok(out)
+    }
+
+    /// Every MoE layer's routing for one sequence run as a single prompt (tests: the
+    /// router against a float64 reference). Empty for dense models.
+    pub fn moe_trace(&self, ids: &[u32]) -> Result<Vec<crate::model::moe::Trace>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.check_len(ids.len())?;
+        let mut kv = KvCache::new(self.kv_shape(ids.len().div_ceil(BLOCK_SIZE)))?;
+        let table: Vec<u32> = (0..kv.shape.n_blocks as u32).collect();
+        let seq = SeqInput::new(ids, 0, &table, LogitsWanted::None);
+        let mut trace = Vec::new();
+        self.model.forward_traced(&self.pool, self.kernels, &mut kv, &[seq], false, Some(&mut trace))?;
+        Ok(trace)
     }
 
     /// Perplexity the way llama-perplexity computes it: the text is cut into chunks of

@@ -9,7 +9,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{randn, tiny_gemma3, tiny_llama, Tiny};
+use common::{randn, tiny_gemma3, tiny_granite, tiny_llama, tiny_phi3, tiny_qwen3, tiny_qwen3moe, Tiny};
 use edgelm_core::cuda::model::{int8_decode, matmul_once, set_mmq_tile, GpuModel, GPU_TYPES};
 use edgelm_core::cuda::{self, Gpu};
 use edgelm_core::engine::{Engine, LoadOptions};
@@ -231,7 +231,7 @@ fn greedy_side_by_side(engine: &Engine, name: &str, g: &Arc<Gpu>, prompt: &[u32]
 #[test]
 fn gpu_forward_matches_cpu_on_tiny_models() {
     let Some(g) = gpu() else { return };
-    let opts = LoadOptions { n_threads: Some(2), kernel_level: None };
+    let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     let prompt: Vec<u32> = (0..37).map(|i| (i * 7 + 3) % 250).collect();
     // Every weight format, on the llama architecture (256 columns: the K-quants' block).
     for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
@@ -273,8 +273,30 @@ fn gpu_forward_matches_cpu_on_tiny_models() {
         eprintln!("tiny gemma3 {ty:?}: largest logit difference GPU vs CPU {worst:.2e}");
         assert!(worst < 2e-2, "gemma3 {ty:?}: logits differ by {worst}");
     }
-    // The fixtures: llama3 (rope_freqs, untied output) and qwen2 (biases), F32.
-    for name in ["tiny-llama3.gguf", "tiny-qwen2.gguf"] {
+    // The Pi/Jetson families: qwen3 (q/k norms, head size 128 on a 256-wide model),
+    // qwen3moe (router, experts by pair for decode and by tile for the prompt), phi3
+    // (fused tensors, partial rotary, LongRoPE, Q scale), granite (the four multipliers,
+    // biases).
+    for ty in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q4_0] {
+        let t = Tiny { n_embd: 256, n_ff: 256, n_head: 4, n_head_kv: 2, wtype: ty, ..Tiny::default() };
+        for (name, w) in [("qwen3", tiny_qwen3(&t)), ("qwen3moe", tiny_qwen3moe(&t, 8, 2)), ("phi3", tiny_phi3(&t)), ("granite", tiny_granite(&t))] {
+            let engine = Engine::from_gguf(Gguf::from_bytes(w.to_bytes()).unwrap(), &opts).unwrap();
+            let name = format!("tiny {name} {ty:?}");
+            let worst = compare_forward(&engine, &name, &g, &prompt, 24);
+            eprintln!("{name}: largest logit difference GPU vs CPU {worst:.2e}");
+            assert!(worst < 2e-2, "{name}: logits differ by {worst}");
+        }
+    }
+    // A long prompt on the MoE: 32-pair tiles of an expert (the staged `mmq_moe_1x4`).
+    let long: Vec<u32> = (0..300).map(|i| (i * 7 + 3) % 250).collect();
+    let t = Tiny { n_embd: 256, n_ff: 256, n_head: 4, n_head_kv: 2, wtype: GgmlType::Q4_K, ..Tiny::default() };
+    let engine = Engine::from_gguf(Gguf::from_bytes(tiny_qwen3moe(&t, 8, 2).to_bytes()).unwrap(), &opts).unwrap();
+    let worst = compare_forward(&engine, "tiny qwen3moe Q4_K, 300-token prompt", &g, &long, 8);
+    eprintln!("tiny qwen3moe Q4_K, 300-token prompt: largest logit difference GPU vs CPU {worst:.2e}");
+    assert!(worst < 2e-2, "qwen3moe long prompt: logits differ by {worst}");
+    // The fixtures: llama3 (rope_freqs, untied output) and qwen2 (biases), qwen3, phi3
+    // and granite, F32 (tiny-qwen3moe.gguf's F32 experts stay on the CPU).
+    for name in ["tiny-llama3.gguf", "tiny-qwen2.gguf", "tiny-qwen3.gguf", "tiny-phi3.gguf", "tiny-granite.gguf"] {
         // The build machine's path, or the repository root this runs in (a GPU machine).
         let dir = Some(common::fixtures_dir()).filter(|d| d.is_dir()).unwrap_or_else(|| "tests/fixtures".into());
         let engine = Engine::load(dir.join(name), &opts).unwrap();
@@ -292,9 +314,13 @@ fn gpu_executor_batches_without_changing_results() {
     use edgelm_core::batch::{Executor, StepItem};
     use edgelm_core::sample::SamplingParams;
     let Some(g) = gpu() else { return };
-    let opts = LoadOptions { n_threads: Some(2), kernel_level: None };
+    let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     let t = Tiny { n_embd: 256, n_ff: 512, n_head: 4, n_head_kv: 2, wtype: GgmlType::Q4_K, ..Tiny::default() };
-    let engine = Arc::new(Engine::from_gguf(Gguf::from_bytes(tiny_llama(&t).to_bytes()).unwrap(), &opts).unwrap());
+    // llama, and qwen3moe: together its 16 decode tokens take the expert tiles
+    // (`mmq_moe`), alone one block row per pair (`mmvq_moe`).
+    let moe = Tiny { n_ff: 256, ..t };
+    for w in [tiny_llama(&t), tiny_qwen3moe(&moe, 8, 2)] {
+    let engine = Arc::new(Engine::from_gguf(Gguf::from_bytes(w.to_bytes()).unwrap(), &opts).unwrap());
     let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
     let prompts: Vec<Vec<u32>> = (0..16u32).map(|i| (0..(5 + 3 * i)).map(|j| (i * 31 + j * 7 + 1) % 250).collect()).collect();
     let n_gen: usize = 20;
@@ -324,20 +350,24 @@ fn gpu_executor_batches_without_changing_results() {
         which.iter().map(|&i| ex.history(i as u64).unwrap()[prompts[i].len()..].to_vec()).collect()
     };
     let together = run(&(0..16).collect::<Vec<_>>());
+    let arch = engine.model.cfg.arch.name();
     for (i, batched) in together.iter().enumerate() {
         let alone = run(&[i]);
-        assert_eq!(&alone[0], batched, "sequence {i}: alone and in a batch of 16 differ");
+        assert_eq!(&alone[0], batched, "{arch}: sequence {i}: alone and in a batch of 16 differ");
     }
-    eprintln!("16 sequences × {n_gen} tokens on the GPU: batched == alone, token for token");
+    eprintln!("{arch}: 16 sequences × {n_gen} tokens on the GPU: batched == alone, token for token");
+    }
 }
 
 /// The tiny models the GPU comparisons use load and run on the CPU (checked
 /// everywhere, so a GPU run never starts from a broken model).
 #[test]
 fn tiny_models_run_on_the_cpu() {
-    let opts = LoadOptions { n_threads: Some(2), kernel_level: None };
+    let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
+    let t = Tiny { n_embd: 256, n_ff: 256, n_head: 4, n_head_kv: 2, wtype: GgmlType::Q4_K, ..Tiny::default() };
     for w in [tiny_llama(&Tiny { n_embd: 256, n_ff: 512, wtype: GgmlType::Q4_K, ..Tiny::default() }),
-              tiny_gemma3(&Tiny { n_embd: 256, n_ff: 512, n_head_kv: 1, wtype: GgmlType::Q8_0, ..Tiny::default() })] {
+              tiny_gemma3(&Tiny { n_embd: 256, n_ff: 512, n_head_kv: 1, wtype: GgmlType::Q8_0, ..Tiny::default() }),
+              tiny_qwen3(&t), tiny_qwen3moe(&t, 8, 2), tiny_phi3(&t), tiny_granite(&t)] {
         let engine = Engine::from_gguf(Gguf::from_bytes(w.to_bytes()).unwrap(), &opts).unwrap();
         let logits = engine.logits(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
@@ -351,7 +381,7 @@ fn gpu_greedy_shortcut_equals_the_full_sampler() {
     use edgelm_core::batch::{Executor, StepItem};
     use edgelm_core::sample::SamplingParams;
     let Some(g) = gpu() else { return };
-    let opts = LoadOptions { n_threads: Some(2), kernel_level: None };
+    let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     let t = Tiny { n_embd: 256, n_ff: 512, n_head: 4, n_head_kv: 2, wtype: GgmlType::Q4_0, ..Tiny::default() };
     let engine = Arc::new(Engine::from_gguf(Gguf::from_bytes(tiny_llama(&t).to_bytes()).unwrap(), &opts).unwrap());
     let bs = engine.kv_shape(1).block_size;
@@ -402,7 +432,7 @@ fn gpu_greedy_matches_cpu_and_llama_cpp_on_real_models() {
     let cuda_golden: Option<serde_json::Value> =
         std::fs::read_to_string(fixtures.join("greedy_golden_cuda.json")).ok().map(|t| serde_json::from_str(&t).unwrap());
     assert!(cuda_golden.is_some() || !required("EDGELM_REQUIRE_REAL_MODELS"), "greedy_golden_cuda.json is missing");
-    let opts = LoadOptions { n_threads: None, kernel_level: None };
+    let opts = LoadOptions { n_threads: None, kernel_level: None, n_ctx: None };
     let (mut cases, mut equal_cpu, mut equal_peer, mut equal_peer_cuda) = (0, 0, 0, 0);
     for (name, gold) in golden.as_object().unwrap() {
         let path = dir.join(name);

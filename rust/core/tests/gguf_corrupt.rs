@@ -137,7 +137,7 @@ fn corrupt_file_table() {
         // Valid GGUF, but not a model we can build.
         ("unsupported architecture", {
             let mut w = valid(); w.kv("general.architecture", Value::Str("mamba".into())); w.to_bytes()
-        }, "unsupported architecture \"mamba\"; supported architectures: llama, qwen2, gemma3"),
+        }, "unsupported architecture \"mamba\"; supported architectures: llama, qwen2, gemma3, qwen3, qwen3moe, phi3, granite"),
         ("missing architecture", { let mut w = valid(); w.remove_kv("general.architecture"); w.to_bytes() }, "\"general.architecture\" is missing"),
         ("missing required metadata", { let mut w = valid(); w.remove_kv("llama.block_count"); w.to_bytes() }, "required metadata key \"llama.block_count\" is missing"),
         ("metadata of the wrong type", {

@@ -36,7 +36,7 @@ fn released_tensor_pages_leave_memory_and_come_back_from_the_file() {
     std::fs::write(&path, tiny_llama(&t).to_bytes()).unwrap();
     let size = std::fs::metadata(&path).unwrap().len() as usize;
 
-    let engine = Engine::load(&path, &LoadOptions { n_threads: Some(2), kernel_level: None }).unwrap();
+    let engine = Engine::load(&path, &LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None }).unwrap();
     let prompt: Vec<u32> = (0..12).map(|i| (i * 37 + 5) % 4000).collect();
     let before = engine.logits(&prompt).unwrap();
     let held = resident(&path);

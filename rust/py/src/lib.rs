@@ -26,8 +26,8 @@ struct Model {
 #[pymethods]
 impl Model {
     #[new]
-    #[pyo3(signature = (path, n_threads=None, kernel_level=None))]
-    fn new(py: Python<'_>, path: std::path::PathBuf, n_threads: Option<usize>, kernel_level: Option<&str>) -> PyResult<Self> {
+    #[pyo3(signature = (path, n_threads=None, kernel_level=None, n_ctx=None))]
+    fn new(py: Python<'_>, path: std::path::PathBuf, n_threads: Option<usize>, kernel_level: Option<&str>, n_ctx: Option<usize>) -> PyResult<Self> {
         let kernel_level = match kernel_level {
             None => None,
             Some(s) => Some(Level::parse(s).ok_or_else(|| {
@@ -36,7 +36,7 @@ impl Model {
                 ))
             })?),
         };
-        let opts = LoadOptions { n_threads, kernel_level };
+        let opts = LoadOptions { n_threads, kernel_level, n_ctx };
         let engine = py.detach(|| Engine::load(&path, &opts)).map_err(to_py)?;
         Ok(Model { engine: Arc::new(engine) })
     }
@@ -110,6 +110,28 @@ impl Model {
     #[getter]
     fn weight_bytes_per_token(&self) -> usize {
         self.engine.model.weight_bytes_per_token()
+    }
+    /// The tensor the RoPE frequency factors come from ("rope_freqs",
+    /// "rope_factors_long", "rope_factors_short"), or None.
+    #[getter]
+    fn rope_factors(&self) -> Option<&'static str> {
+        self.engine.model.rope_freqs_name
+    }
+
+    /// Each MoE layer's routing for `ids` run as one prompt: (layer, the router's input
+    /// as float32 bytes `[len(ids)][n_embd]`, experts `[len(ids)][n_expert_used]` best
+    /// first, their weights).
+    #[allow(clippy::type_complexity)]
+    fn moe_trace<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Vec<(usize, Bound<'py, PyBytes>, Vec<u32>, Vec<f32>)>> {
+        self.check_ids(&ids)?;
+        let trace = py.detach(|| self.engine.moe_trace(&ids)).map_err(to_py)?;
+        Ok(trace
+            .into_iter()
+            .map(|t| {
+                let bytes: Vec<u8> = t.input.iter().flat_map(|v| v.to_le_bytes()).collect();
+                (t.layer, PyBytes::new(py, &bytes), t.experts, t.weights)
+            })
+            .collect())
     }
 
     /// Seconds spent per kind of operation since the last call (needs EDGELM_PROFILE=1

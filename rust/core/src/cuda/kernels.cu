@@ -549,11 +549,11 @@ __device__ __forceinline__ float chain(float acc, const Contrib& c, int u, int n
 template <int T, int NT, int R>
 __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                        const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
-                                       float* __restrict__ Y, int y_stride, int blk) {
+                                       float* __restrict__ Y, int y_stride, int blk, int tg) {
     const int lane = threadIdx.x & 31;
     const int r0 = (blk * 4 + (threadIdx.x >> 5)) * R;
     if (r0 >= rows) return;  // the whole warp
-    const int t0 = blockIdx.y * NT;
+    const int t0 = tg * NT;
     const int nt = min(NT, n_tok - t0);
     const int nb = cols >> 5;
     const i8* xq = Xq + (u64)t0 * cols;
@@ -604,16 +604,17 @@ __device__ __forceinline__ void mmvq_t(const u8* __restrict__ W, u64 row_bytes, 
 // Grid: (Σ ceil(rows_i / 4R), ceil(n_tok / NT)).
 template <int NT, int R>
 __device__ __forceinline__ void mmvq_pick(int type, const u8* W, u64 rb, int rows, int cols, const i8* __restrict__ Xq,
-                                          const float2* __restrict__ Xd, int n_tok, float* Y, int ys, int blk) {
+                                          const float2* __restrict__ Xd, int n_tok, float* Y, int ys, int blk,
+                                          int tg) {
     switch (type) {
-    case T_Q4_0: mmvq_t<T_Q4_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
-    case T_Q4_1: mmvq_t<T_Q4_1, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
-    case T_Q5_0: mmvq_t<T_Q5_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
-    case T_Q5_1: mmvq_t<T_Q5_1, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
-    case T_Q8_0: mmvq_t<T_Q8_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
-    case T_Q4_K: mmvq_t<T_Q4_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
-    case T_Q5_K: mmvq_t<T_Q5_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
-    case T_Q6_K: mmvq_t<T_Q6_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk); break;
+    case T_Q4_0: mmvq_t<T_Q4_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk, tg); break;
+    case T_Q4_1: mmvq_t<T_Q4_1, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk, tg); break;
+    case T_Q5_0: mmvq_t<T_Q5_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk, tg); break;
+    case T_Q5_1: mmvq_t<T_Q5_1, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk, tg); break;
+    case T_Q8_0: mmvq_t<T_Q8_0, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk, tg); break;
+    case T_Q4_K: mmvq_t<T_Q4_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk, tg); break;
+    case T_Q5_K: mmvq_t<T_Q5_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk, tg); break;
+    case T_Q6_K: mmvq_t<T_Q6_K, NT, R>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, blk, tg); break;
     }
 }
 
@@ -626,9 +627,10 @@ __device__ __forceinline__ void mmvq_pick(int type, const u8* W, u64 rb, int row
         GRID_DEP_WAIT();                                                                                               \
         const int nb0 = (rows0 + 4 * R - 1) / (4 * R), nb1 = (rows1 + 4 * R - 1) / (4 * R);                           \
         const int b = blockIdx.x;                                                                                      \
-        if (b < nb0) mmvq_pick<NT, R>(t0, W0, rb0, rows0, cols, Xq, Xd, n_tok, Y0, ys0, b);                            \
-        else if (b < nb0 + nb1) mmvq_pick<NT, R>(t1, W1, rb1, rows1, cols, Xq, Xd, n_tok, Y1, ys1, b - nb0);          \
-        else mmvq_pick<NT, R>(t2, W2, rb2, rows2, cols, Xq, Xd, n_tok, Y2, ys2, b - nb0 - nb1);                        \
+        const int tg = blockIdx.y;                                                                                     \
+        if (b < nb0) mmvq_pick<NT, R>(t0, W0, rb0, rows0, cols, Xq, Xd, n_tok, Y0, ys0, b, tg);                        \
+        else if (b < nb0 + nb1) mmvq_pick<NT, R>(t1, W1, rb1, rows1, cols, Xq, Xd, n_tok, Y1, ys1, b - nb0, tg);      \
+        else mmvq_pick<NT, R>(t2, W2, rb2, rows2, cols, Xq, Xd, n_tok, Y2, ys2, b - nb0 - nb1, tg);                    \
     }
 MMVQ_KERNEL(mmvq1, 1, 2)
 MMVQ_KERNEL(mmvq2, 2, 2)
@@ -1005,14 +1007,14 @@ __device__ __forceinline__ void mmq_issue(const u8* __restrict__ W, u64 row_byte
 template <int T, int RT, int MT>
 __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                       const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
-                                      float* __restrict__ Y, int y_stride) {
+                                      float* __restrict__ Y, int y_stride, int tok0) {
     extern __shared__ __align__(16) u8 smem[];
     typedef Stage<T> L;
     // A stage: [16RT rows][PITCH] weights, [8MT tokens][MMQ_XPITCH] activations,
     // [8MT tokens][8 units] activation scales.
     constexpr int XS = 16 * RT * L::PITCH, DS = XS + 8 * MT * MMQ_XPITCH, STAGE = DS + 8 * MT * 64;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int r0 = blockIdx.x * 16 * RT, tok0 = blockIdx.y * 8 * MT;
+    const int r0 = blockIdx.x * 16 * RT;
     const int nb = cols >> 5;
     float acc[RT][MT][4];
 #pragma unroll
@@ -1072,10 +1074,10 @@ __device__ __forceinline__ void mmq_t(const u8* __restrict__ W, u64 row_bytes, i
 template <int T, int RT, int MT>
 __device__ __forceinline__ void mmq_direct_t(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                       const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
-                                      float* __restrict__ Y, int y_stride) {
+                                      float* __restrict__ Y, int y_stride, int tok0) {
     extern __shared__ float part[];  // [slot 4][RT][MT][c 4][lane 32]
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-    const int r0 = blockIdx.x * 16 * RT, tok0 = blockIdx.y * 8 * MT;
+    const int r0 = blockIdx.x * 16 * RT;
     const int nb = cols >> 5;
     float acc[RT][MT][4];
 #pragma unroll
@@ -1117,29 +1119,37 @@ __device__ __forceinline__ void mmq_direct_t(const u8* __restrict__ W, u64 row_b
     mmq_finish<RT, MT>(acc, part, r0, tok0, rows, n_tok, Y, y_stride);
 }
 
-// Staged for blocks of 32 tokens, direct for smaller ones.
+// Staged for blocks of 32 tokens, direct for smaller ones. `tok0`: the block's first
+// token (blockIdx.y's tile for a plain matrix; 0 for an expert tile, whose pointers
+// start at its first pair).
 template <int T, int RT, int MT>
 __device__ __forceinline__ void mmq_impl(const u8* __restrict__ W, u64 row_bytes, int rows, int cols,
                                          const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
-                                         float* __restrict__ Y, int y_stride) {
-    if (MT < 4) mmq_direct_t<T, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride);
-    else mmq_t<T, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride);
+                                         float* __restrict__ Y, int y_stride, int tok0) {
+    if (MT < 4) mmq_direct_t<T, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride, tok0);
+    else mmq_t<T, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride, tok0);
+}
+template <int RT, int MT, int KQ>
+__device__ __forceinline__ void mmq_pick(int type, const u8* __restrict__ W, u64 rb, int rows, int cols,
+                                         const i8* __restrict__ Xq, const float2* __restrict__ Xd, int n_tok,
+                                         float* __restrict__ Y, int ys, int tok0) {
+    switch (type) {
+    case T_Q4_0: if (KQ < 2) mmq_impl<T_Q4_0, RT, MT>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, tok0); break;
+    case T_Q4_1: if (KQ < 2) mmq_impl<T_Q4_1, RT, MT>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, tok0); break;
+    case T_Q5_0: if (KQ < 2) mmq_impl<T_Q5_0, RT, MT>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, tok0); break;
+    case T_Q5_1: if (KQ < 2) mmq_impl<T_Q5_1, RT, MT>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, tok0); break;
+    case T_Q8_0: if (KQ < 2) mmq_impl<T_Q8_0, RT, MT>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, tok0); break;
+    case T_Q4_K: if (KQ) mmq_impl<T_Q4_K, RT, MT>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, tok0); break;
+    case T_Q5_K: if (KQ) mmq_impl<T_Q5_K, RT, MT>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, tok0); break;
+    case T_Q6_K: if (KQ) mmq_impl<T_Q6_K, RT, MT>(W, rb, rows, cols, Xq, Xd, n_tok, Y, ys, tok0); break;
+    }
 }
 #define MMQ_KERNEL(NAME, RT, MT, KQ)                                                                                \
     extern "C" __global__ void __launch_bounds__(256, KQ == 2 ? 1 : 2)                                                           \
         NAME(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols, const i8* __restrict__ Xq,        \
              const float2* __restrict__ Xd, int n_tok, float* __restrict__ Y, int y_stride) {                         \
         GRID_DEP_WAIT();                                                                                               \
-        switch (type) {                                                                                               \
-        case T_Q4_0: if (KQ < 2) mmq_impl<T_Q4_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q4_1: if (KQ < 2) mmq_impl<T_Q4_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_0: if (KQ < 2) mmq_impl<T_Q5_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_1: if (KQ < 2) mmq_impl<T_Q5_1, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q8_0: if (KQ < 2) mmq_impl<T_Q8_0, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q4_K: if (KQ) mmq_impl<T_Q4_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q5_K: if (KQ) mmq_impl<T_Q5_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        case T_Q6_K: if (KQ) mmq_impl<T_Q6_K, RT, MT>(W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride); break;            \
-        }                                                                                                             \
+        mmq_pick<RT, MT, KQ>(type, W, row_bytes, rows, cols, Xq, Xd, n_tok, Y, y_stride, blockIdx.y * 8 * MT);        \
     }
 // 16·RT rows × 8·MT tokens a block: model.rs `mmq_tile` picks by rows and tokens. KQ:
 // which formats a kernel has (0: the 32-block formats, 1: all, 2 and 3: the K-quants,
@@ -1153,6 +1163,198 @@ MMQ_KERNEL(mmq_4x4, 4, 4, 0)
 // to 128 registers (spilling some, and faster for Q4_K; model.rs `k44_blocks`).
 MMQ_KERNEL(mmq_4x4k, 4, 4, 2)
 MMQ_KERNEL(mmq_4x4k2, 4, 4, 3)
+
+// ---- mixture of experts (qwen3moe) ------------------------------------------------------
+//
+// A step's (token, slot) pairs are routed (`moe_route`), sorted by expert
+// (`moe_sort`), and each expert's run of pairs multiplies that expert's rows: the
+// stacked expert tensors ([n_expert * rows][cols], expert e from row e * rows) go
+// through the plain matrix kernels with an expert id per token tile (`mmq_moe_*`) or
+// per pair (`mmvq_moe`), so a pair gets the bits a plain launch would give it and an
+// expert's weights are read once per tile, not once per token.
+
+// Router: per token, softmax over the n_expert logits, the k largest (best first, ties
+// to the lower id), their probabilities renormalised to sum 1 (norm; the sum clamped to
+// 6.1e-5 as ggml does) and scaled: ids[t][s], w[t][s]. The CPU's order of operations
+// (exp(x - max), the sum in double, times the f32 reciprocal). n_expert <= 1024.
+// Grid: n_tok; block: 32.
+extern "C" __global__ void moe_route(const float* __restrict__ logits, int n_expert, int k, int norm, float scale,
+                                     int* __restrict__ ids, float* __restrict__ w) {
+    GRID_DEP_WAIT();
+    const int lane = threadIdx.x;
+    const u64 t = blockIdx.x;
+    const float* l = logits + t * n_expert;
+    float p[32];  // expert lane + 32 j; -1: no such expert, -2: chosen
+    float m = NEG_INF;
+    for (int j = 0; j < 32; j++) {
+        const int e = lane + 32 * j;
+        p[j] = e < n_expert ? l[e] : NEG_INF;
+        m = fmaxf(m, p[j]);
+    }
+    m = warp_max(m);
+    double sum = 0.0;
+    for (int j = 0; j < 32; j++) {
+        p[j] = lane + 32 * j < n_expert ? expf(p[j] - m) : 0.f;
+        sum += (double)p[j];
+    }
+    for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    const float inv = (float)(1.0 / sum);
+    for (int j = 0; j < 32; j++) p[j] = lane + 32 * j < n_expert ? __fmul_rn(p[j], inv) : -1.f;
+    double tot = 0.0;
+    for (int s = 0; s < k; s++) {
+        // The lane's first maximum, then the warp's (ties to the lower expert id); the
+        // butterfly leaves every lane with the same pick.
+        float bv = -3.f;
+        int be = 1 << 30;
+        for (int j = 0; j < 32; j++)
+            if (p[j] > bv) bv = p[j], be = lane + 32 * j;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oe = __shfl_xor_sync(0xffffffffu, be, o);
+            if (ov > bv || (ov == bv && oe < be)) bv = ov, be = oe;
+        }
+        if ((be & 31) == lane) p[be >> 5] = -2.f;
+        if (lane == 0) {
+            ids[t * k + s] = be;
+            w[t * k + s] = bv;
+        }
+        tot += (double)bv;
+    }
+    __syncwarp();
+    const float d = fmaxf((float)tot, 6.103515625e-5f);
+    for (int s = lane; s < k; s += 32) {
+        float x = w[t * k + s];
+        if (norm) x = __fdiv_rn(x, d);
+        if (scale != 1.f) x = __fmul_rn(x, scale);
+        w[t * k + s] = x;
+    }
+}
+
+// Sort the n_pairs = n_tok * k pairs (pair t * k + s) by expert, stably: sorted[i] is
+// the pair at position i, inv[pair] its position, sexp[i] its expert; and cut each
+// expert's run into tiles of `tt` pairs: tiles[3j..3j+2] = (expert, first position,
+// pairs), for j < max_tiles (the rest (0, 0, 0)). Thread e handles expert e.
+// Grid: 1; block: 1024 (n_expert <= 1024).
+extern "C" __global__ void __launch_bounds__(1024) moe_sort(const int* __restrict__ ids, int n_pairs, int n_expert,
+                                                            int tt, int max_tiles, int* __restrict__ sorted,
+                                                            int* __restrict__ inv, int* __restrict__ sexp,
+                                                            int* __restrict__ tiles) {
+    GRID_DEP_WAIT();
+    __shared__ int cnt[1024], off[1025], toff[1025];
+    __shared__ int chunk[2048];
+    const int e = threadIdx.x;
+    int c = 0;
+    for (int base = 0; base < n_pairs; base += 2048) {
+        const int n = min(2048, n_pairs - base);
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) chunk[i] = ids[base + i];
+        __syncthreads();
+        if (e < n_expert)
+            for (int i = 0; i < n; i++) c += chunk[i] == e;
+    }
+    cnt[e] = e < n_expert ? c : 0;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        off[0] = 0;
+        toff[0] = 0;
+        for (int x = 0; x < n_expert; x++) {
+            off[x + 1] = off[x] + cnt[x];
+            toff[x + 1] = toff[x] + (cnt[x] + tt - 1) / tt;
+        }
+    }
+    __syncthreads();
+    int at = e < n_expert ? off[e] : 0;
+    for (int base = 0; base < n_pairs; base += 2048) {
+        const int n = min(2048, n_pairs - base);
+        __syncthreads();
+        for (int i = threadIdx.x; i < n; i += blockDim.x) chunk[i] = ids[base + i];
+        __syncthreads();
+        if (e < n_expert)
+            for (int i = 0; i < n; i++)
+                if (chunk[i] == e) {
+                    sorted[at] = base + i;
+                    inv[base + i] = at;
+                    sexp[at] = e;
+                    at++;
+                }
+    }
+    if (e < n_expert)
+        for (int j = 0; j < toff[e + 1] - toff[e]; j++) {
+            int* tl = tiles + 3 * (toff[e] + j);
+            tl[0] = e;
+            tl[1] = off[e] + j * tt;
+            tl[2] = min(tt, cnt[e] - j * tt);
+        }
+    for (int j = toff[n_expert] + threadIdx.x; j < max_tiles; j += blockDim.x) {
+        tiles[3 * j] = 0;
+        tiles[3 * j + 1] = 0;
+        tiles[3 * j + 2] = 0;
+    }
+}
+
+// Gather the int8 input rows of the sorted pairs: row i of (Gq, Gd) = row sorted[i] / k
+// of (Xq, Xd) (its token's). Grid: n_pairs; block: 128.
+extern "C" __global__ void moe_gather_q8(const i8* __restrict__ Xq, const float2* __restrict__ Xd,
+                                         const int* __restrict__ sorted, int k, int cols, i8* __restrict__ Gq,
+                                         float2* __restrict__ Gd) {
+    GRID_DEP_WAIT();
+    const int t = sorted[blockIdx.x] / k;
+    const int* src = (const int*)(Xq + (u64)t * cols);
+    int* dst = (int*)(Gq + (u64)blockIdx.x * cols);
+    for (int i = threadIdx.x; i < cols / 4; i += blockDim.x) dst[i] = src[i];
+    for (int i = threadIdx.x; i < cols / 32; i += blockDim.x) Gd[(u64)blockIdx.x * (cols / 32) + i] = Xd[(u64)t * (cols / 32) + i];
+}
+
+// The experts' outputs back to the tokens: out[t] = (D[inv[t k]] · w[t k]) +
+// (D[inv[t k + 1]] · w[t k + 1]) + ..., in slot order, each product rounded (the CPU's
+// multiply, then add). Grid: n_tok; block: 256.
+extern "C" __global__ void moe_combine(const float* __restrict__ D, const float* __restrict__ w,
+                                       const int* __restrict__ inv, int k, int n, float* __restrict__ out) {
+    GRID_DEP_WAIT();
+    const u64 t = blockIdx.x;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float acc = 0.f;
+        for (int s = 0; s < k; s++) {
+            const float v = __fmul_rn(D[(u64)inv[t * k + s] * n + i], w[t * k + s]);
+            acc = s == 0 ? v : __fadd_rn(acc, v);
+        }
+        out[t * n + i] = acc;
+    }
+}
+
+// Decode-sized expert products: block row y is sorted pair y, multiplied by its expert's
+// rows (`mmvq_t` with one token: the bits of a plain mmvq1 launch). Up to two matrices
+// with the same input (gate, up), blocks of matrix 0 first. Each matrix: [n_expert *
+// rows][cols]; input and output rows are the sorted pairs'.
+// Grid: (Σ ceil(rows_i / 8), n_pairs); block: 128.
+extern "C" __global__ void __launch_bounds__(128, 4)
+    mmvq_moe(int cols, const i8* __restrict__ Xq, const float2* __restrict__ Xd, const int* __restrict__ sexp,
+             int t0, const u8* W0, u64 rb0, int rows0, float* Y0, int t1, const u8* W1, u64 rb1, int rows1, float* Y1) {
+    GRID_DEP_WAIT();
+    const int nb0 = (rows0 + 7) / 8;
+    const int p = blockIdx.y, e = sexp[p], b = blockIdx.x;
+    const i8* xq = Xq + (u64)p * cols;
+    const float2* xd = Xd + (u64)p * (cols >> 5);
+    if (b < nb0) mmvq_pick<1, 2>(t0, W0 + (u64)e * rows0 * rb0, rb0, rows0, cols, xq, xd, 1, Y0 + (u64)p * rows0, rows0, b, 0);
+    else mmvq_pick<1, 2>(t1, W1 + (u64)e * rows1 * rb1, rb1, rows1, cols, xq, xd, 1, Y1 + (u64)p * rows1, rows1, b - nb0, 0);
+}
+
+// Prompt-sized expert products: block row y is token tile y of `moe_sort` (an expert
+// and up to 8·MT of its pairs; tiles past the real ones have no pairs and return).
+// Grid: (ceil(rows / 16RT), max_tiles); block: 256; shared memory as `mmq_*`.
+#define MMQ_MOE_KERNEL(NAME, RT, MT)                                                                               \
+    extern "C" __global__ void __launch_bounds__(256, 2)                                                             \
+        NAME(int type, const u8* __restrict__ W, u64 row_bytes, int rows, int cols, const i8* __restrict__ Xq,      \
+             const float2* __restrict__ Xd, const int* __restrict__ tiles, float* __restrict__ Y) {                 \
+        GRID_DEP_WAIT();                                                                                             \
+        const int e = tiles[3 * blockIdx.y], first = tiles[3 * blockIdx.y + 1], n = tiles[3 * blockIdx.y + 2];    \
+        if (n == 0) return;                                                                                          \
+        mmq_pick<RT, MT, 1>(type, W + (u64)e * rows * row_bytes, row_bytes, rows, cols, Xq + (u64)first * cols,     \
+                            Xd + (u64)first * (cols >> 5), n, Y + (u64)first * rows, rows, 0);                       \
+    }
+MMQ_MOE_KERNEL(mmq_moe_1x1, 1, 1)
+MMQ_MOE_KERNEL(mmq_moe_1x2, 1, 2)
+MMQ_MOE_KERNEL(mmq_moe_1x4, 1, 4)
 
 // out[i][:] = scale * W[ids[i]][:] (token embeddings). Grid: n; block: 128.
 extern "C" __global__ void get_rows(int type, const u8* __restrict__ W, u64 row_bytes, const u32* __restrict__ ids,
@@ -1189,11 +1391,18 @@ extern "C" __global__ void rms_norm(const float* x, const float* __restrict__ w,
     for (int i = threadIdx.x; i < n; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
 }
 
-// x += y (n elements). Grid: ceil(n / 256); block 256.
-extern "C" __global__ void add(float* x, const float* __restrict__ y, int n) {
+// x += y · scale (n elements; scale 1 is exact). Grid: ceil(n / 256); block 256.
+extern "C" __global__ void add(float* x, const float* __restrict__ y, int n, float scale) {
     GRID_DEP_WAIT();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) x[i] += y[i];
+    if (i < n) x[i] = __fadd_rn(x[i], __fmul_rn(y[i], scale));
+}
+
+// x *= s (n elements): Granite's logits times 1 / logit_scale.
+extern "C" __global__ void scale_f32(float* x, float s, int n) {
+    GRID_DEP_WAIT();
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = __fmul_rn(x[i], s);
 }
 
 // x[r][c] += b[c] for rows of width n; `total` = rows * n.
@@ -1871,9 +2080,10 @@ extern "C" __global__ void __launch_bounds__(256) mmt(int type, const u8* __rest
 // x += o (when o is set), then h = rms_norm(x) * w, for rows of n: the residual add and
 // the next norm in one pass (the same arithmetic as `add` then `rms_norm`); when Xq is
 // set, h also as int8 for the decode kernel (`quantize_q8`'s bytes). Grid: rows; block: 256.
+// `o_scale` multiplies o first (Granite's residual multiplier; 1 elsewhere, exact).
 extern "C" __global__ void add_rms_norm(float* x, const float* __restrict__ o, const float* __restrict__ w,
                                         float* __restrict__ h, int n, float eps, i8* __restrict__ Xq,
-                                        float2* __restrict__ Xd) {
+                                        float2* __restrict__ Xd, float o_scale) {
     GRID_DEP_WAIT();
     __shared__ double part[32];
     float* xr = x + (u64)blockIdx.x * n;
@@ -1883,7 +2093,7 @@ extern "C" __global__ void add_rms_norm(float* x, const float* __restrict__ o, c
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         float v = xr[i];
         if (orow) {
-            v += orow[i];
+            v = __fadd_rn(v, __fmul_rn(orow[i], o_scale));
             xr[i] = v;
         }
         s += (double)v * (double)v;
@@ -1910,10 +2120,13 @@ extern "C" __global__ void add_rms_norm(float* x, const float* __restrict__ o, c
 // RoPE on q and k (angles as ggml builds them: theta *= theta_scale, per pair), then
 // k and v into the paged f16 cache at slot[t] (= block * bs + offset; K cache
 // [n_slots][kvk], V [n_slots][kvv]). Grid: n_tok; block: 128.
+// freq_scale multiplies each angle (linear RoPE scaling), mscale cos and sin (LongRoPE's
+// magnitude factor), as ggml's rope_yarn without the YaRN ramp; n_rot 0: no rotation.
 extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__ v, u16* kc, u16* vc,
                                    const int* __restrict__ pos, const u32* __restrict__ slot,
                                    int n_head, int n_head_kv, int head_dim, int head_dim_v, int n_rot,
-                                   float theta_scale, int neox, const float* __restrict__ freq_factors) {
+                                   float theta_scale, int neox, const float* __restrict__ freq_factors,
+                                   float freq_scale, float mscale) {
     GRID_DEP_WAIT();
     // cos and sin of each pair's angle, once for all heads (n_rot <= 512); theta built
     // as the CPU does, by repeated multiplication.
@@ -1924,8 +2137,9 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
         float theta = p;
         for (int j = 0; j < i; j++) theta *= theta_scale;
         if (freq_factors) theta /= freq_factors[i];
-        cs[2 * i] = cosf(theta);
-        cs[2 * i + 1] = sinf(theta);
+        theta = __fmul_rn(freq_scale, theta);
+        cs[2 * i] = __fmul_rn(cosf(theta), mscale);
+        cs[2 * i + 1] = __fmul_rn(sinf(theta), mscale);
     }
     __syncthreads();
     float* qrow = q + (u64)blockIdx.x * n_head * head_dim;

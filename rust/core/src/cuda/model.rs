@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use super::{as_bytes, as_bytes_mut, Arg, DevBuf, Gpu, Graph};
 use crate::error::{Error, Result};
 use crate::kv::KvShape;
-use crate::model::{logit_rows, Arch, Config, LogitsWanted, Model, SeqInput, StepLogits, Weight};
+use crate::model::{logit_rows, Arch, Config, Ffn, LogitsWanted, Model, SeqInput, StepLogits, Weight};
 use crate::quant::GgmlType;
 
 /// Formats the kernels decode (`deq32` in kernels.cu).
@@ -129,10 +129,15 @@ struct GpuLayer {
     k_norm: Option<DevBuf>,
     post_attn_norm: Option<DevBuf>,
     ffn_norm: DevBuf,
-    gate: GpuWeight,
-    up: GpuWeight,
-    down: GpuWeight,
+    ffn: GpuFfn,
     post_ffn_norm: Option<DevBuf>,
+}
+
+/// A layer's feed-forward weights on the device (see `model::Ffn`).
+enum GpuFfn {
+    Dense { gate: GpuWeight, up: GpuWeight, down: GpuWeight, b_gate: Option<DevBuf>, b_up: Option<DevBuf>, b_down: Option<DevBuf> },
+    /// The router, and the stacked experts (`[n_expert * rows][cols]`, as in the file).
+    Moe { router: GpuWeight, gate: GpuWeight, up: GpuWeight, down: GpuWeight },
 }
 
 pub struct GpuModel {
@@ -427,6 +432,22 @@ fn attn_fa_kernel(c: &Config) -> Option<&'static str> {
     }
 }
 
+/// The `mmq_moe` tiles for `n_pairs` (token, slot) pairs over `n_expert` experts:
+/// (token tiles of 8 a block, `MT`, sized to the pairs an expert gets on average; the
+/// most tiles `moe_sort` can cut: one partial tile per expert used, the rest full).
+fn moe_tiles(n_pairs: usize, n_expert: usize) -> (usize, usize) {
+    if n_pairs == 0 {
+        return (1, 0);
+    }
+    let avg = n_pairs.div_ceil(n_expert.min(n_pairs));
+    let mt = match avg {
+        0..=8 => 1,
+        9..=16 => 2,
+        _ => 4,
+    };
+    (mt, n_pairs.div_ceil(8 * mt) + n_expert.min(n_pairs))
+}
+
 /// Extend `runs` with token `t` of kind `solo` (tokens come in order).
 fn push_run(runs: &mut Vec<Run>, t: usize, solo: bool) {
     match runs.last_mut() {
@@ -450,7 +471,14 @@ const S_XS: usize = 10;
 const S_LOGITS: usize = 11;
 const S_XQ: usize = 12;
 const S_XD: usize = 13;
-const N_SCRATCH: usize = 14;
+// Mixture of experts: router logits, the routing's ints (ids, weights, sorted pairs,
+// their positions and experts, tiles), the gathered int8 inputs, the experts' outputs.
+const S_MLOG: usize = 14;
+const S_MOE: usize = 15;
+const S_GQ: usize = 16;
+const S_GD: usize = 17;
+const S_MD: usize = 18;
+const N_SCRATCH: usize = 19;
 
 impl GpuKv {
     /// Make scratch slot `i` hold at least `bytes` (grown by half again, so a run of
@@ -477,10 +505,31 @@ impl GpuModel {
         if m.cfg.head_dim_v > 4 * 128 {
             return Err(Error::Cuda(format!("value head size {} is larger than the attention kernel takes (512)", m.cfg.head_dim_v)));
         }
+        // The feed-forward matrices of a layer, by name (the MoE router first).
+        let ffn_mats = |l: &crate::model::Layer| -> Vec<(&'static str, Weight)> {
+            match &l.ffn {
+                Ffn::Dense { gate, up, down, .. } => vec![("ffn_gate", gate.clone()), ("ffn_up", up.clone()), ("ffn_down", down.clone())],
+                Ffn::Moe(x) => vec![("ffn_gate_inp", x.router.clone()), ("ffn_gate_exps", x.gate.clone()), ("ffn_up_exps", x.up.clone()), ("ffn_down_exps", x.down.clone())],
+            }
+        };
         for (i, l) in m.layers.iter().enumerate() {
-            for (n, w) in [("attn_q", &l.wq), ("attn_k", &l.wk), ("attn_v", &l.wv), ("attn_output", &l.wo), ("ffn_gate", &l.gate), ("ffn_up", &l.up), ("ffn_down", &l.down)] {
+            let attn = [("attn_q", l.wq.clone()), ("attn_k", l.wk.clone()), ("attn_v", l.wv.clone()), ("attn_output", l.wo.clone())];
+            for (n, w) in attn.into_iter().chain(ffn_mats(l)) {
                 if !GPU_TYPES.contains(&w.ty) {
                     return Err(Error::Cuda(format!("blk.{i}.{n}.weight is {:?}, which the CUDA kernels do not decode", w.ty)));
+                }
+                // The experts go through the int8 kernels only (`mmq_moe`, `mmvq_moe`).
+                if n.ends_with("_exps") && !int8_decode(w.ty) {
+                    return Err(Error::Cuda(format!(
+                        "blk.{i}.{n}.weight is {:?}; mixture-of-experts layers run on the GPU with quantized experts \
+                         (Q4_0 … Q8_0, Q4_K … Q6_K), the CPU runs this file",
+                        w.ty
+                    )));
+                }
+            }
+            if let Some(moe) = &m.cfg.moe {
+                if moe.n_expert > 1024 {
+                    return Err(Error::Cuda(format!("{} experts: the GPU router takes at most 1024", moe.n_expert)));
                 }
             }
         }
@@ -490,12 +539,28 @@ impl GpuModel {
             GpuWeight::upload(gpu, w, name)
         };
         let int8 = int8_decode(m.output.ty)
-            || m.layers.iter().any(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down].iter().any(|w| int8_decode(w.ty)));
+            || m.layers.iter().any(|l| [&l.wq, &l.wk, &l.wv, &l.wo].iter().any(|w| int8_decode(w.ty)) || ffn_mats(l).iter().any(|(_, w)| int8_decode(w.ty)));
         let tok_embd = up(&m.tok_embd, "token_embd.weight")?;
         let output = up(&m.output, "output.weight")?;
         let mut layers = Vec::with_capacity(m.layers.len());
         for (i, l) in m.layers.iter().enumerate() {
             let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let ffn = match &l.ffn {
+                Ffn::Dense { gate, up: upw, down, b_gate, b_up, b_down } => GpuFfn::Dense {
+                    gate: up(gate, &n("ffn_gate"))?,
+                    up: up(upw, &n("ffn_up"))?,
+                    down: up(down, &n("ffn_down"))?,
+                    b_gate: opt(gpu, b_gate)?,
+                    b_up: opt(gpu, b_up)?,
+                    b_down: opt(gpu, b_down)?,
+                },
+                Ffn::Moe(x) => GpuFfn::Moe {
+                    router: up(&x.router, &n("ffn_gate_inp"))?,
+                    gate: up(&x.gate, &n("ffn_gate_exps"))?,
+                    up: up(&x.up, &n("ffn_up_exps"))?,
+                    down: up(&x.down, &n("ffn_down_exps"))?,
+                },
+            };
             layers.push(GpuLayer {
                 attn_norm: gpu.upload_f32(&l.attn_norm)?,
                 wq: up(&l.wq, &n("attn_q"))?,
@@ -510,9 +575,7 @@ impl GpuModel {
                 k_norm: opt(gpu, &l.k_norm)?,
                 post_attn_norm: opt(gpu, &l.post_attn_norm)?,
                 ffn_norm: gpu.upload_f32(&l.ffn_norm)?,
-                gate: up(&l.gate, &n("ffn_gate"))?,
-                up: up(&l.up, &n("ffn_up"))?,
-                down: up(&l.down, &n("ffn_down"))?,
+                ffn,
                 post_ffn_norm: opt(gpu, &l.post_ffn_norm)?,
             });
         }
@@ -637,11 +700,19 @@ impl GpuModel {
         let idx: Vec<i32> = rows.iter().map(|&(_, _, t)| t as i32).collect();
         // The widest matrix input (int8 activations: one byte a column).
         let wide = e.max(ad).max(c.n_ff);
+        // Mixture of experts: n_pairs (token, slot) pairs a layer, each a row of the
+        // experts' products; `moe_tiles` their tiles for `mmq_moe`.
+        let (n_pairs, n_ff_exp, n_expert) = c.moe.as_ref().map_or((0, 0, 0), |m| (n_tok * m.n_expert_used, m.n_ff_exp, m.n_expert));
+        let (moe_mt, moe_tiles) = moe_tiles(n_pairs, n_expert);
+        let ffn_rows = (n_tok * c.n_ff).max(n_pairs * n_ff_exp);
+        let q8_rows = (n_tok.max(n_out) * wide).max(n_pairs * n_ff_exp);
         kv.ensure(gpu, &[
             (S_X, n_tok * e * 4), (S_H, n_tok * e * 4), (S_Q, n_tok * qd * 4), (S_K, n_tok * kd * 4), (S_V, n_tok * vd * 4),
-            (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, n_tok * c.n_ff * 4), (S_U, n_tok * c.n_ff * 4),
+            (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, ffn_rows * 4), (S_U, ffn_rows * 4),
             (S_INPUTS, (4 * n_tok + n_out + tables.len() + tiles.len()) * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * (c.n_vocab + 3) * 4),
-            (S_XQ, n_tok.max(n_out) * wide), (S_XD, n_tok.max(n_out) * wide / 32 * 8),
+            (S_XQ, q8_rows), (S_XD, q8_rows / 32 * 8),
+            (S_MLOG, n_tok * n_expert * 4), (S_MOE, (5 * n_pairs + 3 * moe_tiles) * 4), (S_GQ, n_pairs * e), (S_GD, n_pairs * e / 32 * 8),
+            (S_MD, n_pairs * e * 4),
         ])?;
         let GpuKv { k: kv_k, v: kv_v, scratch, graphs, .. } = kv;
         let sc = &*scratch;
@@ -688,14 +759,18 @@ impl GpuModel {
         let ff = self.rope_freqs.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
         // The residual add of a block's output goes with the next norm, in one kernel.
         // (The first layer's norm has no residual to add: o = null.)
+        // Granite scales each block's output before the residual add.
+        let res_scale = c.residual_scale.unwrap_or(1.0);
         let add_norm = |w: &DevBuf, first: bool| {
             // 1024 threads: a decode step has one row a token, and a row of a few
             // thousand is otherwise a long serial loop on one multiprocessor.
             gpu.launch("add_rms_norm", (n_tok as u32, 1, 1), 1024, 0, &[
                 x.arg(), if first { Arg::Ptr(0) } else { o.arg() }, w.arg(), h.arg(), Arg::I32(e as i32), Arg::F32(c.rms_eps),
-                q8_args[0], q8_args[1],
+                q8_args[0], q8_args[1], Arg::F32(res_scale),
             ])
         };
+        // Phi-3 scales Q before attention; here the scores (the same product).
+        let att_scale = c.attn_scale * c.q_scale.unwrap_or(1.0);
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
             add_norm(&l.attn_norm, il == 0)?; // + the previous layer's feed-forward output
@@ -714,7 +789,8 @@ impl GpuModel {
             gpu.launch("rope_kv", (n_tok as u32, 1, 1), 512, 0, &[
                 q.arg(), k.arg(), v.arg(), kv_k[il].arg(), kv_v[il].arg(), d_pos, d_slot,
                 Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
-                Arg::I32(c.n_rot as i32), Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
+                Arg::I32(if c.use_rope { c.n_rot as i32 } else { 0 }), Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
+                Arg::F32(if swa { 1.0 } else { c.rope_freq_scale }), Arg::F32(c.rope_attn_factor),
             ])?;
             let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
             if let Some((names, hg)) = attn_tok_kernel(c) {
@@ -725,21 +801,21 @@ impl GpuModel {
                         gpu.launch(fa, (c.n_head_kv as u32, n_tiles as u32, 1), 32 * (c.n_head / c.n_head_kv) as u32, 0, &[
                             q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
                             Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
-                            Arg::F32(c.attn_scale), q8_args[0], q8_args[1], at(tiles_at + 2 * tile0),
+                            Arg::F32(att_scale), q8_args[0], q8_args[1], at(tiles_at + 2 * tile0),
                         ])?;
                         continue;
                     }
                     gpu.launch(names[solo as usize], ((c.n_head / hg) as u32, count as u32, 1), if solo && c.head_dim <= 128 { 512 } else { 256 }, 0, &[
                         q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
                         Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
-                        Arg::F32(c.attn_scale), Arg::I32(hg as i32), q8_args[0], q8_args[1], Arg::I32(first as i32),
+                        Arg::F32(att_scale), Arg::I32(hg as i32), q8_args[0], q8_args[1], Arg::I32(first as i32),
                     ])?;
                 }
             } else {
                 gpu.launch("attention", (c.n_head as u32, n_tok as u32, 1), 128, ((c.head_dim + 1024) * 4) as u32, &[
                     q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
                     Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
-                    Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(c.attn_scale),
+                    Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(att_scale),
                 ])?;
             }
             let ain = if attn_tok_kernel(c).is_some() || !int8 { fused(att) } else { input(att, ad, n_tok)? };
@@ -752,18 +828,80 @@ impl GpuModel {
             // feed-forward block
             add_norm(&l.ffn_norm, false)?;
             let hin = fused(h);
-            launch_matmuls(gpu, &[(&l.gate, g), (&l.up, u)], hin, &runs, mmq_min())?;
-            let gelu = matches!(c.arch, Arch::Gemma3) as i32;
-            self.elementwise("glu", n_tok * c.n_ff, &[
-                g.arg(), u.arg(), Arg::I32((n_tok * c.n_ff) as i32), Arg::I32(gelu), Arg::I32(c.n_ff as i32), q8_args[0], q8_args[1],
-            ])?;
-            self.matmul(&l.down, fused(g), &runs, o)?;
+            match &l.ffn {
+                GpuFfn::Dense { gate, up, down, b_gate, b_up, b_down } => {
+                    launch_matmuls(gpu, &[(gate, g), (up, u)], hin, &runs, mmq_min())?;
+                    self.add_bias(g, b_gate, c.n_ff, n_tok)?;
+                    self.add_bias(u, b_up, c.n_ff, n_tok)?;
+                    let gelu = matches!(c.arch, Arch::Gemma3) as i32;
+                    self.elementwise("glu", n_tok * c.n_ff, &[
+                        g.arg(), u.arg(), Arg::I32((n_tok * c.n_ff) as i32), Arg::I32(gelu), Arg::I32(c.n_ff as i32), q8_args[0], q8_args[1],
+                    ])?;
+                    self.matmul(down, fused(g), &runs, o)?;
+                    self.add_bias(o, b_down, e, n_tok)?;
+                }
+                GpuFfn::Moe { router, gate, up, down } => {
+                    let m = c.moe.as_ref().expect("MoE layers have a MoE config");
+                    let (k, f) = (m.n_expert_used, m.n_ff_exp);
+                    let (mlog, mi, gq, gd, md) = (&sc[S_MLOG], &sc[S_MOE], &sc[S_GQ], &sc[S_GD], &sc[S_MD]);
+                    // The routing's ints: ids, weights, sorted, inv, sexp [n_pairs each], tiles.
+                    let part = |i: usize| mi.at(i * n_pairs * 4);
+                    let (ids, wts, sorted, inv, sexp, mtiles) = (part(0), part(1), part(2), part(3), part(4), part(5));
+                    self.matmul(router, hin, &runs, mlog)?;
+                    gpu.launch("moe_route", (n_tok as u32, 1, 1), 32, 0, &[
+                        mlog.arg(), Arg::I32(m.n_expert as i32), Arg::I32(k as i32), Arg::I32(m.norm_weights as i32),
+                        Arg::F32(m.weights_scale), ids, wts,
+                    ])?;
+                    gpu.launch("moe_sort", (1, 1, 1), 1024, 0, &[
+                        ids, Arg::I32(n_pairs as i32), Arg::I32(m.n_expert as i32), Arg::I32((8 * moe_mt) as i32),
+                        Arg::I32(moe_tiles as i32), sorted, inv, sexp, mtiles,
+                    ])?;
+                    gpu.launch("moe_gather_q8", (n_pairs as u32, 1, 1), 128, 0, &[
+                        xq.arg(), xd.arg(), sorted, Arg::I32(k as i32), Arg::I32(e as i32), gq.arg(), gd.arg(),
+                    ])?;
+                    // Decode steps of few tokens: a block row per pair (`mmvq_moe`);
+                    // else tiles of an expert's pairs (`mmq_moe`). The same bits either way.
+                    let per_pair = runs.iter().all(|r| r.2) && n_tok < mmq_min();
+                    let experts = |ws: &[(&GpuWeight, &DevBuf)], q: &DevBuf, d: &DevBuf| -> Result<()> {
+                        if per_pair {
+                            let mut args = vec![Arg::I32(ws[0].0.cols as i32), q.arg(), d.arg(), sexp];
+                            let mut blocks = 0;
+                            for i in 0..2 {
+                                match ws.get(i) {
+                                    Some(&(w, y)) => {
+                                        let rows = w.rows / m.n_expert;
+                                        args.extend([Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(rows as i32), y.arg()]);
+                                        blocks += rows.div_ceil(8);
+                                    }
+                                    None => args.extend([Arg::I32(0), Arg::Ptr(0), Arg::U64(0), Arg::I32(0), Arg::Ptr(0)]),
+                                }
+                            }
+                            return gpu.launch("mmvq_moe", (blocks as u32, n_pairs as u32, 1), 128, 0, &args);
+                        }
+                        let name = ["mmq_moe_1x1", "mmq_moe_1x2", "mmq_moe_1x4", "mmq_moe_1x4"][moe_mt / 2];
+                        for &(w, y) in ws {
+                            let rows = w.rows / m.n_expert;
+                            gpu.launch(name, (rows.div_ceil(16) as u32, moe_tiles as u32, 1), 256, mmq_shared(w.ty, 1, moe_mt), &[
+                                Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(rows as i32),
+                                Arg::I32(w.cols as i32), q.arg(), d.arg(), mtiles, y.arg(),
+                            ])?;
+                        }
+                        Ok(())
+                    };
+                    experts(&[(gate, g), (up, u)], gq, gd)?;
+                    self.elementwise("glu", n_pairs * f, &[
+                        g.arg(), u.arg(), Arg::I32((n_pairs * f) as i32), Arg::I32(0), Arg::I32(f as i32), xq.arg(), xd.arg(),
+                    ])?;
+                    experts(&[(down, md)], xq, xd)?;
+                    gpu.launch("moe_combine", (n_tok as u32, 1, 1), 256, 0, &[md.arg(), wts, inv, Arg::I32(k as i32), Arg::I32(e as i32), o.arg()])?;
+                }
+            }
             if let Some(pn) = &l.post_ffn_norm {
                 self.rms_norm(o, pn, o, n_tok, e)?;
             }
         }
         // The last layer's feed-forward output (the next layer's norm took the others).
-        self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32)])?;
+        self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32), Arg::F32(res_scale)])?;
 
         // logits, only for the rows asked for
         if n_out > 0 {
@@ -773,6 +911,9 @@ impl GpuModel {
             let xin = if int8 { input(xs, e, n_out)? } else { fused(xs) };
             self.matmul(&self.output, xin, &out_runs, logits)?;
             self.add_bias(logits, &self.output_bias, c.n_vocab, n_out)?;
+            if let Some(ls) = c.logit_scale {
+                self.elementwise("scale_f32", n_out * c.n_vocab, &[logits.arg(), Arg::F32(1.0 / ls), Arg::I32((n_out * c.n_vocab) as i32)])?;
+            }
             if let Some(cap) = c.final_logit_softcap {
                 self.elementwise("softcap", n_out * c.n_vocab, &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)])?;
             }

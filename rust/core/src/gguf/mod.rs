@@ -274,6 +274,14 @@ impl TensorData {
     pub fn bytes(&self) -> &[u8] {
         &self.file.bytes[self.start..self.start + self.len]
     }
+
+    /// Bytes `start..start + len` of this tensor, as a handle of its own (a fused
+    /// tensor's parts: phi3's `attn_qkv` rows, one expert of a 3-D `ffn_*_exps`).
+    /// `info` stays the whole tensor's, so errors still name the file's tensor.
+    pub fn slice(&self, start: usize, len: usize) -> TensorData {
+        assert!(start.checked_add(len).is_some_and(|end| end <= self.len), "TensorData::slice {start}+{len} beyond {}", self.len);
+        TensorData { file: Arc::clone(&self.file), start: self.start + start, len, info: self.info.clone() }
+    }
 }
 
 impl fmt::Debug for TensorData {

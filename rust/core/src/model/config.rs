@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 
-pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "gemma3"];
+pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "gemma3", "qwen3", "qwen3moe", "phi3", "granite"];
 
 /// Limits on hyper-parameters, checked before anything is sized from them (the file is
 /// untrusted). Each is far beyond any published model of the supported families.
@@ -18,6 +18,10 @@ const LIMITS: &[(&str, usize)] = &[
     ("attention.value_length", 1 << 13),
     ("context_length", 1 << 24),
     ("vocab_size", 1 << 22),
+    ("expert_feed_forward_length", 1 << 20),
+    // llama.cpp's LLAMA_MAX_EXPERTS.
+    ("expert_count", 512),
+    ("expert_used_count", 512),
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +32,16 @@ pub enum Arch {
     Qwen2,
     /// Gemma 3: q/k norms, post-norms, GeGLU, scaled embeddings, interleaved SWA.
     Gemma3,
+    /// Qwen3: per-head q/k RMSNorm before RoPE, no biases, NEOX RoPE.
+    Qwen3,
+    /// Qwen3's mixture of experts: qwen3 attention; a softmax router picks
+    /// `expert_used_count` of `expert_count` SwiGLU experts per token.
+    Qwen3Moe,
+    /// Phi-3/3.5/4-mini: fused q/k/v and gate/up tensors, partial rotary, LongRoPE
+    /// factors, NEOX RoPE, Q scaled before attention.
+    Phi3,
+    /// IBM Granite 3.x: llama with embedding, residual, attention and logit multipliers.
+    Granite,
 }
 
 impl Arch {
@@ -36,8 +50,26 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Qwen2 => "qwen2",
             Arch::Gemma3 => "gemma3",
+            Arch::Qwen3 => "qwen3",
+            Arch::Qwen3Moe => "qwen3moe",
+            Arch::Phi3 => "phi3",
+            Arch::Granite => "granite",
         }
     }
+}
+
+/// The mixture-of-experts feed-forward of a layer (qwen3moe), as llama.cpp's
+/// `build_moe_ffn` runs it: router logits → softmax over all experts → the
+/// `n_expert_used` largest → their probabilities, renormalised to sum 1 when
+/// `norm_weights`, times `weights_scale` → Σ weight · down(silu(gate x) · up x).
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub n_expert: usize,
+    pub n_expert_used: usize,
+    /// Rows of each expert's gate/up (`expert_feed_forward_length`).
+    pub n_ff_exp: usize,
+    pub norm_weights: bool,
+    pub weights_scale: f32,
 }
 
 #[derive(Clone, Debug)]
@@ -71,6 +103,27 @@ pub struct Config {
     /// Gemma multiplies embeddings by sqrt(n_embd).
     pub embd_scale: Option<f32>,
     pub final_logit_softcap: Option<f32>,
+    /// RoPE positions times this (1 / `rope.scaling.factor` with linear scaling; 1
+    /// without). Gemma 3's local layers never scale.
+    pub rope_freq_scale: f32,
+    /// RoPE's cos and sin times this (`rope.scaling.attn_factor`: LongRoPE's magnitude
+    /// correction, so q·k is scaled by its square).
+    pub rope_attn_factor: f32,
+    /// Whether RoPE runs at all (Granite's `rope.scaling.finetuned` switch).
+    pub use_rope: bool,
+    /// The context LongRoPE's short factors cover (`rope.scaling.original_context_length`,
+    /// default `context_length`): llama.cpp takes the long factors when its context per
+    /// sequence is larger.
+    pub n_ctx_orig: usize,
+    /// Phi-3 multiplies Q by 1/sqrt(head_dim) after RoPE and attends with scale 1
+    /// (`attn_scale` is then 1): the same math, but Q is rounded to f16 after the scale.
+    pub q_scale: Option<f32>,
+    /// Granite: each block's output times this before the residual add.
+    pub residual_scale: Option<f32>,
+    /// Granite: logits times 1 / this.
+    pub logit_scale: Option<f32>,
+    /// Set for the mixture-of-experts architectures (every layer is MoE).
+    pub moe: Option<MoeConfig>,
 }
 
 impl Config {
@@ -82,6 +135,10 @@ impl Config {
             "llama" => Arch::Llama,
             "qwen2" => Arch::Qwen2,
             "gemma3" => Arch::Gemma3,
+            "qwen3" => Arch::Qwen3,
+            "qwen3moe" => Arch::Qwen3Moe,
+            "phi3" => Arch::Phi3,
+            "granite" => Arch::Granite,
             other => {
                 return Err(Error::model(format!(
                     "unsupported architecture {other:?}; supported architectures: {}",
@@ -111,7 +168,8 @@ impl Config {
         let n_layer = req("block_count")?;
         let n_head = req("attention.head_count")?;
         let n_head_kv = g.get_usize(&format!("{a}.attention.head_count_kv"))?.unwrap_or(n_head);
-        let n_ff = req("feed_forward_length")?;
+        // A MoE file's dense width is informational (llama.cpp reads it as optional).
+        let n_ff = if arch == Arch::Qwen3Moe { g.get_usize(&format!("{a}.feed_forward_length"))?.unwrap_or(0) } else { req("feed_forward_length")? };
         let n_ctx_train = req("context_length")?;
         let head_dim = g.get_usize(&format!("{a}.attention.key_length"))?.unwrap_or(n_embd / n_head);
         let head_dim_v = g.get_usize(&format!("{a}.attention.value_length"))?.unwrap_or(head_dim);
@@ -128,11 +186,13 @@ impl Config {
         if n_vocab == 0 || n_vocab > 1 << 22 {
             return Err(Error::model(format!("vocabulary size {n_vocab} is out of range (1 to {})", 1 << 22)));
         }
-        // Every layer needs at least 9 tensors: a block count beyond that is a lie.
-        if n_layer * 9 > g.tensors().len() {
+        // Every layer has at least 6 tensors (phi3's fused ones; 9 elsewhere): a block
+        // count beyond that is a lie.
+        let per_layer = if arch == Arch::Phi3 { 6 } else { 9 };
+        if n_layer * per_layer > g.tensors().len() {
             return Err(Error::model(format!(
                 "block_count {n_layer} needs at least {} tensors but the file has {}",
-                n_layer * 9,
+                n_layer * per_layer,
                 g.tensors().len()
             )));
         }
@@ -152,6 +212,33 @@ impl Config {
             return Err(Error::model(format!("{a}.rope.freq_base is {rope_base}; it must be a positive number")));
         }
 
+        // RoPE scaling, read for every architecture as llama.cpp's load_hparams does.
+        let scaling = g.get_str(&format!("{a}.rope.scaling.type"))?.unwrap_or("linear");
+        let factor = match opt_f("rope.scaling.factor")? {
+            Some(f) => Some(f),
+            None => opt_f("rope.scale_linear")?,
+        }
+        .filter(|&f| f != 0.0);
+        let rope_freq_scale = match scaling {
+            "none" => 1.0,
+            "linear" | "longrope" => factor.map_or(1.0, |f| 1.0 / f),
+            "yarn" => {
+                return Err(Error::model(format!(
+                    "{a}.rope.scaling.type is \"yarn\", which edgelm does not implement yet; use a file without YaRN scaling \
+                     (YaRN only matters beyond the model's original context)"
+                )))
+            }
+            other => return Err(Error::model(format!("{a}.rope.scaling.type is {other:?}; expected none, linear, yarn or longrope"))),
+        };
+        if !positive(rope_freq_scale) {
+            return Err(Error::model(format!("{a}.rope.scaling.factor gives a RoPE scale of {rope_freq_scale}; it must be a positive number")));
+        }
+        let rope_attn_factor = opt_f("rope.scaling.attn_factor")?.unwrap_or(1.0);
+        if !positive(rope_attn_factor) {
+            return Err(Error::model(format!("{a}.rope.scaling.attn_factor is {rope_attn_factor}; it must be a positive number")));
+        }
+        let n_ctx_orig = g.get_usize(&format!("{a}.rope.scaling.original_context_length"))?.filter(|&n| n > 0).unwrap_or(n_ctx_train);
+
         let mut cfg = Config {
             arch,
             n_vocab,
@@ -167,12 +254,22 @@ impl Config {
             rope_base,
             rope_base_swa: rope_base,
             n_rot,
-            rope_neox: arch != Arch::Llama,
+            // llama.cpp: NORM (pairs 2i, 2i+1) for llama and granite, whose converters permute
+            // Q/K to it; NEOX for every other architecture here.
+            rope_neox: !matches!(arch, Arch::Llama | Arch::Granite),
             swa_window: None,
             swa_layers: vec![false; n_layer],
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
             embd_scale: None,
             final_logit_softcap: None,
+            rope_freq_scale,
+            rope_attn_factor,
+            use_rope: true,
+            n_ctx_orig,
+            q_scale: None,
+            residual_scale: None,
+            logit_scale: None,
+            moe: None,
         };
         if arch == Arch::Gemma3 {
             cfg.embd_scale = Some((n_embd as f32).sqrt());
@@ -189,6 +286,80 @@ impl Config {
                 cfg.swa_layers = (0..n_layer).map(|il| pattern == 0 || il % pattern < pattern - 1).collect();
                 cfg.rope_base_swa = opt_f("rope.freq_base_swa")?.unwrap_or(10000.0);
             }
+        }
+        match arch {
+            Arch::Qwen3 | Arch::Qwen3Moe if n_rot != head_dim => {
+                return Err(Error::model(format!("{a}.rope.dimension_count is {n_rot}; {a} rotates whole heads ({head_dim})")));
+            }
+            Arch::Qwen3Moe => {
+                let n_expert = req("expert_count")?;
+                let n_expert_used = req("expert_used_count")?;
+                if n_expert_used > n_expert {
+                    return Err(Error::model(format!(
+                        "{a}.expert_used_count ({n_expert_used}) is larger than {a}.expert_count ({n_expert})"
+                    )));
+                }
+                // llama.cpp: expert_feed_forward_length, else feed_forward_length / used.
+                let n_ff_exp = match g.get_usize(&format!("{a}.expert_feed_forward_length"))?.filter(|&n| n > 0) {
+                    Some(n) => n,
+                    None if n_ff >= n_expert_used => n_ff / n_expert_used,
+                    None => return Err(Error::model(format!("{a}.expert_feed_forward_length is missing (and {a}.feed_forward_length does not give it)"))),
+                };
+                // llama.cpp b11434's qwen3moe graph always renormalises the chosen
+                // weights and never scales them (Qwen3-MoE's norm_topk_prob is true and its
+                // converter writes neither key). edgelm also honours the keys when a file
+                // sets them, with llama.cpp's behaviour as the default.
+                let norm_weights = g.get_bool(&format!("{a}.expert_weights_norm"))?.unwrap_or(true);
+                let weights_scale = opt_f("expert_weights_scale")?.filter(|&s| s != 0.0).unwrap_or(1.0);
+                if !weights_scale.is_finite() {
+                    return Err(Error::model(format!("{a}.expert_weights_scale is {weights_scale}; it must be a finite number")));
+                }
+                if g.get_usize(&format!("{a}.expert_group_count"))?.unwrap_or(0) > 1 {
+                    return Err(Error::model(format!("{a}.expert_group_count is set; grouped expert selection is not supported")));
+                }
+                cfg.moe = Some(MoeConfig { n_expert, n_expert_used, n_ff_exp, norm_weights, weights_scale });
+            }
+            Arch::Phi3 => {
+                if cfg.q_dim() != n_embd {
+                    return Err(Error::model(format!(
+                        "phi3 needs head_count × key_length = embedding_length, got {n_head} × {head_dim} = {} ≠ {n_embd}",
+                        cfg.q_dim()
+                    )));
+                }
+                // `phi3.attention.sliding_window` is read and then switched off by llama.cpp
+                // b11434 ("Phi SWA is currently disabled", llama.cpp PR 13676: converted
+                // files carry windows the models were not run with), so every layer attends
+                // to the whole context here too.
+                cfg.q_scale = Some(1.0 / (head_dim as f32).sqrt());
+                cfg.attn_scale = 1.0;
+            }
+            Arch::Granite => {
+                let logit = opt_f("logit_scale")?.ok_or_else(|| Error::model("required metadata key \"granite.logit_scale\" is missing"))?;
+                if !positive(logit) {
+                    return Err(Error::model(format!("granite.logit_scale is {logit}; it must be a positive number")));
+                }
+                cfg.logit_scale = Some(logit);
+                // Zero means "not set" for these, as in llama.cpp.
+                let nonzero = |k: &str| -> Result<Option<f32>> {
+                    match opt_f(k)? {
+                        Some(v) if v != 0.0 && !v.is_finite() => Err(Error::model(format!("granite.{k} is {v}; it must be a finite number"))),
+                        v => Ok(v.filter(|&v| v != 0.0)),
+                    }
+                };
+                cfg.residual_scale = nonzero("residual_scale")?;
+                cfg.embd_scale = nonzero("embedding_scale")?;
+                if let Some(s) = nonzero("attention.scale")? {
+                    cfg.attn_scale = s;
+                }
+                cfg.use_rope = g.get_bool("granite.rope.scaling.finetuned")?.unwrap_or(true);
+                if g.get_usize("granite.expert_count")?.unwrap_or(0) > 0 {
+                    return Err(Error::model("granite.expert_count is set: Granite MoE files are not supported (dense granite is)"));
+                }
+                if g.get("granite.deepstack_mapping").is_some() {
+                    return Err(Error::model("granite.deepstack_mapping is set: Granite Vision's deepstack layers are not supported"));
+                }
+            }
+            _ => {}
         }
         Ok(cfg)
     }

@@ -11,11 +11,12 @@
 
 pub mod attn;
 pub mod config;
+pub mod moe;
 pub mod ops;
 
 use std::sync::Arc;
 
-pub use config::{Arch, Config, SUPPORTED_ARCHS};
+pub use config::{Arch, Config, MoeConfig, SUPPORTED_ARCHS};
 
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorData};
@@ -51,6 +52,13 @@ impl Weight {
     pub fn bytes(&self) -> &[u8] {
         self.data.bytes()
     }
+    /// Rows `first..first + n` as a weight of their own (no copy): the parts of a fused
+    /// tensor (phi3's `attn_qkv`, `ffn_up`), one expert of a stacked `ffn_*_exps`.
+    pub fn rows_view(&self, first: usize, n: usize) -> Weight {
+        assert!(first + n <= self.rows, "rows {first}..{} of a {}-row weight", first + n, self.rows);
+        let rb = self.row_bytes();
+        Weight { ty: self.ty, rows: n, cols: self.cols, data: self.data.slice(first * rb, n * rb) }
+    }
 }
 
 #[derive(Debug)]
@@ -68,10 +76,26 @@ pub(crate) struct Layer {
     pub(crate) k_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
     pub(crate) post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
     pub(crate) ffn_norm: Vec<f32>,     // [n_embd]
-    pub(crate) gate: Weight,           // [n_ff][n_embd]
-    pub(crate) up: Weight,             // [n_ff][n_embd]
-    pub(crate) down: Weight,           // [n_embd][n_ff]
+    pub(crate) ffn: Ffn,
     pub(crate) post_ffn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
+}
+
+/// A layer's feed-forward block.
+#[derive(Debug)]
+pub enum Ffn {
+    /// down(act(gate·x + b_gate) · (up·x + b_up)) + b_down; act is SiLU (GELU on gemma3).
+    /// Phi-3's fused `ffn_up` is `[2 n_ff][n_embd]`, gate rows first: gate and up are
+    /// its two halves.
+    Dense {
+        gate: Weight,                 // [n_ff][n_embd]
+        up: Weight,                   // [n_ff][n_embd]
+        down: Weight,                 // [n_embd][n_ff]
+        b_gate: Option<Vec<f32>>,     // [n_ff]   (granite, optional)
+        b_up: Option<Vec<f32>>,       // [n_ff]   (granite, optional)
+        b_down: Option<Vec<f32>>,     // [n_embd] (granite, optional)
+    },
+    /// Mixture of experts (see `moe`).
+    Moe(moe::Experts),
 }
 
 pub struct Model {
@@ -82,7 +106,12 @@ pub struct Model {
     pub(crate) output_norm: Vec<f32>,     // [n_embd]
     pub(crate) output: Weight,            // [n_vocab][n_embd] (tied to tok_embd when absent)
     pub(crate) output_bias: Option<Vec<f32>>, // [n_vocab]
-    pub(crate) rope_freqs: Option<Vec<f32>>, // [n_rot/2] llama3-style frequency divisors
+    /// [n_rot/2] RoPE frequency divisors: llama3's `rope_freqs`, or the LongRoPE factors
+    /// chosen at load (`rope_factors_long`/`_short`).
+    pub(crate) rope_freqs: Option<Vec<f32>>,
+    /// Which tensor `rope_freqs` came from ("rope_freqs", "rope_factors_long",
+    /// "rope_factors_short"), if any.
+    pub rope_freqs_name: Option<&'static str>,
     pub profile: Profile,
 }
 
@@ -101,11 +130,13 @@ pub enum Op {
     Norm,
     Rope,
     Activation,
+    /// MoE: the router's softmax and top-k, the sort by expert, the weighted sum.
+    Routing,
 }
 
 impl Op {
-    const COUNT: usize = 5;
-    pub const ALL: [Op; Op::COUNT] = [Op::Matmul, Op::Attention, Op::Norm, Op::Rope, Op::Activation];
+    const COUNT: usize = 6;
+    pub const ALL: [Op; Op::COUNT] = [Op::Matmul, Op::Attention, Op::Norm, Op::Rope, Op::Activation, Op::Routing];
     pub fn name(self) -> &'static str {
         match self {
             Op::Matmul => "matmul",
@@ -113,12 +144,13 @@ impl Op {
             Op::Norm => "norm",
             Op::Rope => "rope",
             Op::Activation => "activation",
+            Op::Routing => "routing",
         }
     }
 }
 
 impl Profile {
-    fn time<R>(&self, op: Op, f: impl FnOnce() -> R) -> R {
+    pub(crate) fn time<R>(&self, op: Op, f: impl FnOnce() -> R) -> R {
         if !self.enabled {
             return f();
         }
@@ -196,6 +228,14 @@ pub struct StepLogits {
 
 impl Model {
     pub fn load(file: Arc<Gguf>) -> Result<Model> {
+        Self::load_with(file, None)
+    }
+
+    /// Load for a context of `n_ctx` tokens per sequence (default: the model's
+    /// `context_length`). Only LongRoPE files depend on it: like llama.cpp, they take
+    /// `rope_factors_long` when the context is larger than the original one
+    /// (`rope.scaling.original_context_length`), else `rope_factors_short`.
+    pub fn load_with(file: Arc<Gguf>, n_ctx: Option<usize>) -> Result<Model> {
         let cfg = Config::from_gguf(&file)?;
         let (e, v) = (cfg.n_embd, cfg.n_vocab);
         let t = Tensors { g: &file };
@@ -208,31 +248,50 @@ impl Model {
         for il in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{il}.{s}");
             let gemma = cfg.arch == Arch::Gemma3;
+            let qk_norm = matches!(cfg.arch, Arch::Gemma3 | Arch::Qwen3 | Arch::Qwen3Moe);
+            let (wq, wk, wv, bq, bk, bv) = t.qkv(il, &cfg)?;
             layers.push(Layer {
                 attn_norm: t.vector(&n("attn_norm.weight"), e)?,
-                wq: t.weight(&n("attn_q.weight"), e, cfg.q_dim())?,
-                wk: t.weight(&n("attn_k.weight"), e, cfg.kv_dim_k())?,
-                wv: t.weight(&n("attn_v.weight"), e, cfg.kv_dim_v())?,
+                wq,
+                wk,
+                wv,
                 wo: t.weight(&n("attn_output.weight"), cfg.n_head * cfg.head_dim_v, e)?,
-                bq: t.opt_vector(&n("attn_q.bias"), cfg.q_dim())?,
-                bk: t.opt_vector(&n("attn_k.bias"), cfg.kv_dim_k())?,
-                bv: t.opt_vector(&n("attn_v.bias"), cfg.kv_dim_v())?,
+                bq,
+                bk,
+                bv,
                 bo: t.opt_vector(&n("attn_output.bias"), e)?,
-                q_norm: if gemma { Some(t.vector(&n("attn_q_norm.weight"), cfg.head_dim)?) } else { None },
-                k_norm: if gemma { Some(t.vector(&n("attn_k_norm.weight"), cfg.head_dim)?) } else { None },
+                q_norm: if qk_norm { Some(t.vector(&n("attn_q_norm.weight"), cfg.head_dim)?) } else { None },
+                k_norm: if qk_norm { Some(t.vector(&n("attn_k_norm.weight"), cfg.head_dim)?) } else { None },
                 post_attn_norm: if gemma { Some(t.vector(&n("post_attention_norm.weight"), e)?) } else { None },
                 ffn_norm: t.vector(&n("ffn_norm.weight"), e)?,
-                gate: t.weight(&n("ffn_gate.weight"), e, cfg.n_ff)?,
-                up: t.weight(&n("ffn_up.weight"), e, cfg.n_ff)?,
-                down: t.weight(&n("ffn_down.weight"), cfg.n_ff, e)?,
+                ffn: t.ffn(il, &cfg)?,
                 post_ffn_norm: if gemma { Some(t.vector(&n("post_ffw_norm.weight"), e)?) } else { None },
             });
         }
         let output_norm = t.vector("output_norm.weight", e)?;
-        let rope_freqs = t.opt_vector("rope_freqs.weight", cfg.n_rot / 2)?;
+        // RoPE frequency divisors, where the architecture reads them (llama.cpp's
+        // get_rope_factors: a `rope_freqs` tensor wins, else LongRoPE's pair by context).
+        let half = cfg.n_rot / 2;
+        let longrope = file.get_str(&format!("{}.rope.scaling.type", cfg.arch.name()))? == Some("longrope");
+        let (rope_freqs, rope_freqs_name) = match cfg.arch {
+            Arch::Llama => (t.opt_vector("rope_freqs.weight", half)?, "rope_freqs"),
+            Arch::Granite if !longrope => (t.opt_vector("rope_freqs.weight", half)?, "rope_freqs"),
+            Arch::Phi3 | Arch::Granite => {
+                let long = n_ctx.unwrap_or(cfg.n_ctx_train) > cfg.n_ctx_orig;
+                let name = if long { "rope_factors_long" } else { "rope_factors_short" };
+                // Both are checked, whichever is used.
+                let (l, s) = (t.opt_vector("rope_factors_long.weight", half)?, t.opt_vector("rope_factors_short.weight", half)?);
+                (if long { l } else { s }, name)
+            }
+            _ => (None, ""),
+        };
+        if let Some(f) = rope_freqs.as_ref().and_then(|f| f.iter().find(|x| !(x.is_finite() && **x > 0.0))) {
+            return Err(Error::model(format!("tensor \"{rope_freqs_name}.weight\" holds {f}; RoPE frequency factors must be positive")));
+        }
+        let rope_freqs_name = rope_freqs.as_ref().map(|_| rope_freqs_name);
         let output_bias = t.opt_vector("output.bias", v)?;
         let profile = Profile { enabled: std::env::var_os("EDGELM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0"), ..Default::default() };
-        Ok(Model { cfg, tok_embd, layers, output_norm, output, output_bias, rope_freqs, profile, file: Arc::clone(&file) })
+        Ok(Model { cfg, tok_embd, layers, output_norm, output, output_bias, rope_freqs, rope_freqs_name, profile, file: Arc::clone(&file) })
     }
 
     /// Bytes of weights the forward pass reads per token (the bandwidth bound).
@@ -240,7 +299,17 @@ impl Model {
         let per_layer: usize = self
             .layers
             .iter()
-            .map(|l| l.wq.n_bytes() + l.wk.n_bytes() + l.wv.n_bytes() + l.wo.n_bytes() + l.gate.n_bytes() + l.up.n_bytes() + l.down.n_bytes())
+            .map(|l| {
+                let ffn = match &l.ffn {
+                    Ffn::Dense { gate, up, down, .. } => gate.n_bytes() + up.n_bytes() + down.n_bytes(),
+                    // The router and the experts a token uses.
+                    Ffn::Moe(x) => {
+                        let m = self.cfg.moe.as_ref().expect("MoE layers have a MoE config");
+                        x.router.n_bytes() + (x.gate.n_bytes() + x.up.n_bytes() + x.down.n_bytes()) / m.n_expert * m.n_expert_used
+                    }
+                };
+                l.wq.n_bytes() + l.wk.n_bytes() + l.wv.n_bytes() + l.wo.n_bytes() + ffn
+            })
             .sum();
         per_layer + self.output.n_bytes()
     }
@@ -259,6 +328,20 @@ impl Model {
         kv: &mut KvCache,
         seqs: &[SeqInput<'_>],
         invariant: bool,
+    ) -> Result<StepLogits> {
+        self.forward_traced(pool, kern, kv, seqs, invariant, None)
+    }
+
+    /// `forward_with`, recording each MoE layer's routing into `trace` (tests: the
+    /// router against a float64 reference).
+    pub fn forward_traced(
+        &self,
+        pool: &ThreadPool,
+        kern: &Kernels,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        invariant: bool,
+        mut trace: Option<&mut Vec<moe::Trace>>,
     ) -> Result<StepLogits> {
         let cfg = &self.cfg;
         // Validate everything before touching the cache.
@@ -298,8 +381,9 @@ impl Model {
         let mut v = vec![0f32; n_tok * cfg.kv_dim_v()];
         let mut att = vec![0f32; n_tok * cfg.n_head * cfg.head_dim_v];
         let mut o = vec![0f32; n_tok * e];
-        let mut g = vec![0f32; n_tok * cfg.n_ff];
-        let mut u = vec![0f32; n_tok * cfg.n_ff];
+        let n_ff = if cfg.moe.is_some() { 0 } else { cfg.n_ff };
+        let mut g = vec![0f32; n_tok * n_ff];
+        let mut u = vec![0f32; n_tok * n_ff];
 
         for (il, l) in self.layers.iter().enumerate() {
             // attention block
@@ -318,10 +402,23 @@ impl Model {
                 self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut k, kn, cfg.head_dim, cfg.rms_eps));
             }
             let swa = cfg.swa_layers[il];
-            let base = if swa { cfg.rope_base_swa } else { cfg.rope_base };
-            let rope = ops::Rope { n_rot: cfg.n_rot, head_dim: cfg.head_dim, base, neox: cfg.rope_neox, freq_factors: self.rope_freqs.as_deref() };
-            self.profile.time(Op::Rope, || rope.apply(pool, &mut q, &positions, cfg.n_head));
-            self.profile.time(Op::Rope, || rope.apply(pool, &mut k, &positions, cfg.n_head_kv));
+            if cfg.use_rope {
+                let rope = ops::Rope {
+                    n_rot: cfg.n_rot,
+                    head_dim: cfg.head_dim,
+                    base: if swa { cfg.rope_base_swa } else { cfg.rope_base },
+                    neox: cfg.rope_neox,
+                    freq_factors: self.rope_freqs.as_deref(),
+                    // llama.cpp's sliding-window layers never scale positions (gemma3).
+                    freq_scale: if swa { 1.0 } else { cfg.rope_freq_scale },
+                    mscale: cfg.rope_attn_factor,
+                };
+                self.profile.time(Op::Rope, || rope.apply(pool, &mut q, &positions, cfg.n_head));
+                self.profile.time(Op::Rope, || rope.apply(pool, &mut k, &positions, cfg.n_head_kv));
+            }
+            if let Some(s) = cfg.q_scale {
+                q.iter_mut().for_each(|x| *x *= s);
+            }
 
             let mut t0 = 0;
             for s in seqs {
@@ -346,19 +443,44 @@ impl Model {
             if let Some(pn) = &l.post_attn_norm {
                 self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps));
             }
+            if let Some(rs) = cfg.residual_scale {
+                o.iter_mut().for_each(|x| *x *= rs);
+            }
             ops::add_inplace(&mut x, &o);
 
             // feed-forward block
             self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &x, &mut h, &l.ffn_norm, e, cfg.rms_eps));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.gate, &h, n_tok, &mut g, &solo, invariant));
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.up, &h, n_tok, &mut u, &solo, invariant));
-            match cfg.arch {
-                Arch::Gemma3 => self.profile.time(Op::Activation, || ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff)),
-                Arch::Llama | Arch::Qwen2 => self.profile.time(Op::Activation, || ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff)),
+            match &l.ffn {
+                Ffn::Dense { gate, up, down, b_gate, b_up, b_down } => {
+                    self.profile.time(Op::Matmul, || ops::matmul(pool, kern, gate, &h, n_tok, &mut g, &solo, invariant));
+                    self.profile.time(Op::Matmul, || ops::matmul(pool, kern, up, &h, n_tok, &mut u, &solo, invariant));
+                    for (buf, b) in [(&mut g, b_gate), (&mut u, b_up)] {
+                        if let Some(b) = b {
+                            ops::add_bias_rows(buf, b);
+                        }
+                    }
+                    match cfg.arch {
+                        Arch::Gemma3 => self.profile.time(Op::Activation, || ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff)),
+                        _ => self.profile.time(Op::Activation, || ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff)),
+                    }
+                    self.profile.time(Op::Matmul, || ops::matmul(pool, kern, down, &g, n_tok, &mut o, &solo, invariant));
+                    if let Some(b) = b_down {
+                        ops::add_bias_rows(&mut o, b);
+                    }
+                }
+                Ffn::Moe(experts) => {
+                    let m = cfg.moe.as_ref().expect("MoE layers have a MoE config");
+                    let routes = moe::ffn(pool, kern, experts, m, &h, n_tok, &mut o, &solo, invariant, &self.profile);
+                    if let Some(t) = trace.as_deref_mut() {
+                        t.push(moe::Trace { layer: il, input: h.clone(), experts: routes.experts, weights: routes.weights });
+                    }
+                }
             }
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.down, &g, n_tok, &mut o, &solo, invariant));
             if let Some(pn) = &l.post_ffn_norm {
                 self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut o, pn, e, cfg.rms_eps));
+            }
+            if let Some(rs) = cfg.residual_scale {
+                o.iter_mut().for_each(|x| *x *= rs);
             }
             ops::add_inplace(&mut x, &o);
         }
@@ -381,6 +503,11 @@ impl Model {
         }
         if let Some(b) = &self.output_bias {
             ops::add_bias_rows(&mut logits, b);
+        }
+        if let Some(ls) = cfg.logit_scale {
+            // ggml_scale by the reciprocal, as llama.cpp's granite graph does.
+            let inv = 1.0 / ls;
+            logits.iter_mut().for_each(|v| *v *= inv);
         }
         if let Some(c) = cfg.final_logit_softcap {
             logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
@@ -424,6 +551,75 @@ impl Tensors<'_> {
             )));
         }
         Ok(Weight { ty: data.info.ty, rows, cols, data })
+    }
+
+    /// `[n][rows][cols]` stacked experts (GGUF dims `[cols, rows, n]`), as one weight of
+    /// `n * rows` rows: expert `x` is rows `x * rows..(x + 1) * rows`.
+    fn experts(&self, name: &str, cols: usize, rows: usize, n: usize) -> Result<Weight> {
+        let data = self.g.tensor_data(name).ok_or_else(|| Error::model(format!("required tensor {name:?} is missing")))?;
+        let dims = &data.info.dims;
+        let want = [cols as u64, rows as u64, n as u64];
+        if !(dims.len() >= 3 && dims[..3] == want && dims[3..].iter().all(|&d| d == 1)) {
+            return Err(Error::model(format!("tensor {name:?} has shape {dims:?} but the metadata implies {want:?}")));
+        }
+        Ok(Weight { ty: data.info.ty, rows: rows * n, cols, data })
+    }
+
+    /// Q, K, V and their biases: `attn_qkv` (fused, rows q then k then v) when the file
+    /// has it, as llama.cpp's create_tensor_qkv prefers, else `attn_q`/`attn_k`/`attn_v`.
+    #[allow(clippy::type_complexity)]
+    fn qkv(&self, il: usize, cfg: &Config) -> Result<(Weight, Weight, Weight, Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>)> {
+        let n = |s: &str| format!("blk.{il}.{s}");
+        let (e, qd, kd, vd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim_k(), cfg.kv_dim_v());
+        let separate_biases = || -> Result<_> {
+            Ok((self.opt_vector(&n("attn_q.bias"), qd)?, self.opt_vector(&n("attn_k.bias"), kd)?, self.opt_vector(&n("attn_v.bias"), vd)?))
+        };
+        if self.g.tensor_info(&n("attn_qkv.weight")).is_some() {
+            let w = self.weight(&n("attn_qkv.weight"), e, qd + kd + vd)?;
+            let (bq, bk, bv) = match self.opt_vector(&n("attn_qkv.bias"), qd + kd + vd)? {
+                Some(b) => (Some(b[..qd].to_vec()), Some(b[qd..qd + kd].to_vec()), Some(b[qd + kd..].to_vec())),
+                // llama.cpp adds separate biases to a fused product only when all three are there.
+                None => match separate_biases()? {
+                    (Some(q), Some(k), Some(v)) => (Some(q), Some(k), Some(v)),
+                    _ => (None, None, None),
+                },
+            };
+            return Ok((w.rows_view(0, qd), w.rows_view(qd, kd), w.rows_view(qd + kd, vd), bq, bk, bv));
+        }
+        let (bq, bk, bv) = separate_biases()?;
+        Ok((self.weight(&n("attn_q.weight"), e, qd)?, self.weight(&n("attn_k.weight"), e, kd)?, self.weight(&n("attn_v.weight"), e, vd)?, bq, bk, bv))
+    }
+
+    fn ffn(&self, il: usize, cfg: &Config) -> Result<Ffn> {
+        let n = |s: &str| format!("blk.{il}.{s}");
+        let e = cfg.n_embd;
+        if let Some(m) = &cfg.moe {
+            let (x, f) = (m.n_expert, m.n_ff_exp);
+            return Ok(Ffn::Moe(moe::Experts {
+                router: self.weight(&n("ffn_gate_inp.weight"), e, x)?,
+                gate: self.experts(&n("ffn_gate_exps.weight"), e, f, x)?,
+                up: self.experts(&n("ffn_up_exps.weight"), e, f, x)?,
+                down: self.experts(&n("ffn_down_exps.weight"), f, e, x)?,
+                n_expert: x,
+            }));
+        }
+        let f = cfg.n_ff;
+        let (gate, up) = if cfg.arch == Arch::Phi3 {
+            let gu = self.weight(&n("ffn_up.weight"), e, 2 * f)?;
+            (gu.rows_view(0, f), gu.rows_view(f, f))
+        } else {
+            (self.weight(&n("ffn_gate.weight"), e, f)?, self.weight(&n("ffn_up.weight"), e, f)?)
+        };
+        let granite = cfg.arch == Arch::Granite;
+        let bias = |s: &str, len| if granite { self.opt_vector(&n(s), len) } else { Ok(None) };
+        Ok(Ffn::Dense {
+            gate,
+            up,
+            down: self.weight(&n("ffn_down.weight"), f, e)?,
+            b_gate: bias("ffn_gate.bias", f)?,
+            b_up: bias("ffn_up.bias", f)?,
+            b_down: bias("ffn_down.bias", e)?,
+        })
     }
 
     fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>> {

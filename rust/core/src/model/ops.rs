@@ -160,12 +160,18 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
     });
 }
 
+/// RoPE as ggml's CPU backend computes it (`ggml_rope_cache_init` without YaRN's ramp):
+/// pair i of a head at position p turns by θ = freq_scale · p · base^(-2i/n_rot) / ff[i],
+/// and cos θ, sin θ are multiplied by `mscale`. Dims from `n_rot` on pass unchanged
+/// (partial rotary).
 pub struct Rope<'a> {
     pub n_rot: usize,
     pub head_dim: usize,
     pub base: f32,
     pub neox: bool,
     pub freq_factors: Option<&'a [f32]>,
+    pub freq_scale: f32,
+    pub mscale: f32,
 }
 
 impl Rope<'_> {
@@ -189,8 +195,8 @@ impl Rope<'_> {
             let mut theta = p as f32;
             for (i, c) in cs.iter_mut().enumerate() {
                 let ff = self.freq_factors.map_or(1.0, |f| f[i]);
-                let t = theta / ff;
-                *c = (t.cos(), t.sin());
+                let t = self.freq_scale * (theta / ff);
+                *c = (t.cos() * self.mscale, t.sin() * self.mscale);
                 theta *= theta_scale;
             }
             for head in row.chunks_mut(self.head_dim) {

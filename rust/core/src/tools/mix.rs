@@ -120,6 +120,9 @@ pub struct ModelFacts {
     pub n_attention_wv: usize,
     /// No `output.weight`: the token embedding doubles as the output matrix.
     pub tied_embeddings: bool,
+    /// `<arch>.expert_count` (0 for dense models): llama.cpp gives 8-expert models
+    /// (Mixtral's shape) wider attention tensors.
+    pub n_expert: usize,
 }
 
 impl ModelFacts {
@@ -336,6 +339,9 @@ impl Mixer {
                 if f.is_70b() && (t == Q3_K || t == Q4_K) {
                     t = Q5_K;
                 }
+                if f.n_expert == 8 {
+                    t = Q8_0;
+                }
                 self.i_attention_wv += 1;
                 // llama.cpp's ATTENTION_QKV branch is unreachable: attn_qkv counts as
                 // attention-V above, which is tested first.
@@ -373,8 +379,13 @@ impl Mixer {
                 }
                 self.i_ffn_down += 1;
             }
+            Category::AttnK if f.n_expert == 8 => t = Q8_0,
             Category::AttnOutput => {
-                if !f.is_falcon() {
+                if !f.is_falcon() && f.n_expert == 8 {
+                    if matches!(ft, F::Q2_K | F::Q3_K_S | F::Q3_K_M | F::Q4_K_S | F::Q4_K_M) {
+                        t = Q5_K;
+                    }
+                } else if !f.is_falcon() {
                     match ft {
                         F::Q2_K => t = Q3_K,
                         F::Q3_K_M => t = Q4_K,
@@ -403,6 +414,7 @@ mod tests {
             n_head_kv: 8,
             n_attention_wv: n_layer,
             tied_embeddings: false,
+            n_expert: 0,
         }
     }
 
@@ -420,6 +432,20 @@ mod tests {
         assert_eq!(m.target("output.weight", &[2048, 49152], GgmlType::F16), GgmlType::Q6_K);
         assert_eq!(m.target("token_embd.weight", &[2048, 49152], GgmlType::F16), GgmlType::Q4_K);
         assert_eq!(m.target("blk.0.attn_norm.weight", &[2048], GgmlType::F32), GgmlType::F32);
+    }
+
+    #[test]
+    fn eight_expert_models_get_llama_cpps_wider_attention() {
+        let f = ModelFacts { n_expert: 8, ..facts(16) };
+        let mut m = Mixer::new(FileType::Q4_K_M, false, f.clone());
+        assert_eq!(m.target("blk.3.attn_v.weight", &[2048, 512], GgmlType::F16), GgmlType::Q8_0);
+        assert_eq!(m.target("blk.3.attn_k.weight", &[2048, 512], GgmlType::F16), GgmlType::Q8_0);
+        assert_eq!(m.target("blk.3.attn_output.weight", &[2048, 2048], GgmlType::F16), GgmlType::Q5_K);
+        assert_eq!(m.target("blk.3.attn_q.weight", &[2048, 2048], GgmlType::F16), GgmlType::Q4_K);
+        // Other expert counts (Qwen3-30B-A3B's 128) keep the dense rules.
+        let mut m = Mixer::new(FileType::Q4_K_M, false, ModelFacts { n_expert: 128, ..facts(16) });
+        assert_eq!(m.target("blk.3.attn_k.weight", &[2048, 512], GgmlType::F16), GgmlType::Q4_K);
+        assert_eq!(m.target("blk.3.attn_output.weight", &[2048, 2048], GgmlType::F16), GgmlType::Q4_K);
     }
 
     #[test]

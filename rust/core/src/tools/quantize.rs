@@ -320,6 +320,7 @@ fn model_facts(gguf: &Gguf) -> ModelFacts {
         n_head_kv: key("attention.head_count_kv").unwrap_or(n_head),
         n_attention_wv: gguf.tensors().iter().filter(|t| mix::is_attention_v(&t.name)).count(),
         tied_embeddings: gguf.tensor_info("output.weight").is_none(),
+        n_expert: key("expert_count").unwrap_or(0),
         arch,
     }
 }

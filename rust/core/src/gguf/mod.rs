@@ -275,6 +275,12 @@ impl TensorData {
         &self.file.bytes[self.start..self.start + self.len]
     }
 
+    /// Lets the file pages of this tensor go (`Gguf::release_range`): for a tensor
+    /// whose bytes are copied elsewhere and will not be read here again.
+    pub fn release_pages(&self) -> Result<usize> {
+        self.file.release_range(self.start, self.start + self.len)
+    }
+
     /// Bytes `start..start + len` of this tensor, as a handle of its own (a fused
     /// tensor's parts: phi3's `attn_qkv` rows, one expert of a 3-D `ffn_*_exps`).
     /// `info` stays the whole tensor's, so errors still name the file's tensor.
@@ -364,11 +370,21 @@ impl Gguf {
     /// slower. Returns the bytes given up: 0 for an image held in memory, whose bytes
     /// exist nowhere else.
     pub fn release_tensor_pages(&self) -> Result<usize> {
+        let end = match &self.bytes {
+            Bytes::Mapped(map) => map.len(),
+            Bytes::Owned(_) => return Ok(0),
+        };
+        self.release_range(self.data_start, end)
+    }
+
+    /// As `release_tensor_pages`, for the whole pages inside file bytes `from..to` (one
+    /// tensor whose CPU copy lives elsewhere now: see `quant::packed`).
+    pub fn release_range(&self, from: usize, to: usize) -> Result<usize> {
         let Bytes::Mapped(map) = &self.bytes else { return Ok(0) };
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
-        let start = self.data_start.div_ceil(page) * page;
-        let len = map.len().saturating_sub(start) / page * page;
+        let start = from.div_ceil(page) * page;
+        let len = to.min(map.len()).saturating_sub(start) / page * page;
         if len == 0 {
             return Ok(0);
         }

@@ -26,15 +26,55 @@ use crate::threads::{Disjoint, ThreadPool};
 
 /// A weight matrix `[rows][cols]` in ggml order: each of `rows` output rows is
 /// `cols` contiguous input weights (GGUF dims = [cols, rows]).
+///
+/// On the CPU, a matrix whose type packs (`quant::packed`) is repacked the first time
+/// a CPU matmul reads it, and its file pages are let go: the packed copy (in 2 MiB
+/// pages) is what CPU steps read from then on. A model that runs on a GPU never packs.
+/// Clones share the packed copy (a tied output matrix is the embedding's clone).
 #[derive(Clone, Debug)]
 pub struct Weight {
     pub ty: GgmlType,
     pub rows: usize,
     pub cols: usize,
     data: TensorData,
+    packed: Arc<std::sync::OnceLock<Option<quant::packed::Packed>>>,
 }
 
+/// `EDGELM_PACK=0` keeps every weight in the file's layout (comparisons, bug reports).
+pub const PACK_ENV: &str = "EDGELM_PACK";
+
 impl Weight {
+    fn new(ty: GgmlType, rows: usize, cols: usize, data: TensorData) -> Weight {
+        Weight { ty, rows, cols, data, packed: Arc::default() }
+    }
+
+    /// The packed copy for the CPU kernels `k`, packed now (on `pool`) if this is the
+    /// first use; None where the type, shape or level does not pack.
+    pub fn packed(&self, pool: &ThreadPool, k: &Kernels) -> Option<&quant::packed::Packed> {
+        if !k.packs(self.ty) || !quant::packed::packable(self.ty, self.rows, self.cols) {
+            return None;
+        }
+        self.packed
+            .get_or_init(|| {
+                static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+                if !*ENABLED.get_or_init(|| std::env::var(PACK_ENV).map_or(true, |v| v.trim() != "0")) {
+                    return None;
+                }
+                let p = quant::packed::Packed::new_with(self.ty, self.bytes(), self.rows, self.cols, |n, f| {
+                    pool.for_ranges(n, 1, 4, f)
+                });
+                // Best effort: if the pages stay, they only cost memory.
+                let _ = self.data.release_pages();
+                p
+            })
+            .as_ref()
+    }
+
+    /// The packed copy if one was made (no packing here).
+    pub fn packed_if_made(&self) -> Option<&quant::packed::Packed> {
+        self.packed.get().and_then(|p| p.as_ref())
+    }
+
     #[inline]
     pub fn row_bytes(&self) -> usize {
         self.data.bytes().len() / self.rows
@@ -57,7 +97,7 @@ impl Weight {
     pub fn rows_view(&self, first: usize, n: usize) -> Weight {
         assert!(first + n <= self.rows, "rows {first}..{} of a {}-row weight", first + n, self.rows);
         let rb = self.row_bytes();
-        Weight { ty: self.ty, rows: n, cols: self.cols, data: self.data.slice(first * rb, n * rb) }
+        Weight::new(self.ty, n, self.cols, self.data.slice(first * rb, n * rb))
     }
 }
 
@@ -366,7 +406,10 @@ impl Model {
                 // SAFETY: each task owns the embedding rows of its token range.
                 let rows = unsafe { d.range_mut(toks.start * e..toks.end * e) };
                 for (row, &t) in rows.chunks_mut(e).zip(&all_tokens[toks]) {
-                    quant::dequantize_row(self.tok_embd.ty, self.tok_embd.row(t as usize), row);
+                    match self.tok_embd.packed_if_made() {
+                        Some(p) => p.dequantize_row(t as usize, row),
+                        None => quant::dequantize_row(self.tok_embd.ty, self.tok_embd.row(t as usize), row),
+                    }
                     if let Some(s) = cfg.embd_scale {
                         row.iter_mut().for_each(|v| *v *= s);
                     }
@@ -550,7 +593,7 @@ impl Tensors<'_> {
                 "tensor {name:?} has shape {dims:?} but the metadata implies [{cols}, {rows}]"
             )));
         }
-        Ok(Weight { ty: data.info.ty, rows, cols, data })
+        Ok(Weight::new(data.info.ty, rows, cols, data))
     }
 
     /// `[n][rows][cols]` stacked experts (GGUF dims `[cols, rows, n]`), as one weight of
@@ -562,7 +605,7 @@ impl Tensors<'_> {
         if !(dims.len() >= 3 && dims[..3] == want && dims[3..].iter().all(|&d| d == 1)) {
             return Err(Error::model(format!("tensor {name:?} has shape {dims:?} but the metadata implies {want:?}")));
         }
-        Ok(Weight { ty: data.info.ty, rows: rows * n, cols, data })
+        Ok(Weight::new(data.info.ty, rows * n, cols, data))
     }
 
     /// Q, K, V and their biases: `attn_qkv` (fused, rows q then k then v) when the file

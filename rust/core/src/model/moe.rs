@@ -337,7 +337,7 @@ mod tests {
         let mut w = GgufWriter::new();
         w.tensor("e", &[cols as u64, rows as u64, n as u64], ty, data);
         let g = Gguf::from_bytes(w.to_bytes()).unwrap();
-        (Weight { ty, rows: n * rows, cols, data: g.tensor_data("e").unwrap() }, deq)
+        (Weight::new(ty, n * rows, cols, g.tensor_data("e").unwrap()), deq)
     }
 
     /// The grouped product against f64 dot products of the dequantized weights and the

@@ -101,6 +101,10 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
             }
         });
     }
+    if let Some(pw) = w.packed(pool, k) {
+        matmul_packed(pool, k, pw, &xq, n_tok, y);
+        return;
+    }
     let rb = w.row_bytes();
     let (rows, cols) = (w.rows, w.cols);
     // Tokens on the panel (their quantized rows gathered) and tokens on their own.
@@ -164,6 +168,36 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
 /// pair i of a head at position p turns by θ = freq_scale · p · base^(-2i/n_rot) / ff[i],
 /// and cos θ, sin θ are multiplied by `mscale`. Dims from `n_rot` on pass unchanged
 /// (partial rotary).
+/// `matmul` over a packed weight (`quant::packed`): each task takes a range of 8-row
+/// groups and every token. Each token's result is computed alone in the same
+/// arithmetic, whatever the batch, so no token needs the one-by-one treatment.
+fn matmul_packed(pool: &ThreadPool, k: &Kernels, w: &crate::quant::packed::Packed, xq: &[u8], n_tok: usize, y: &mut [f32]) {
+    let nb = w.nb();
+    let arb = xq.len() / n_tok;
+    let mut sums = vec![0i16; n_tok * nb * 16];
+    for (t, s) in sums.chunks_exact_mut(nb * 16).enumerate() {
+        crate::quant::packed::sub_sums(w.ty, &xq[t * arb..(t + 1) * arb], s);
+    }
+    let rows = w.rows;
+    let out = Disjoint::new(y);
+    pool.for_ranges(rows / crate::quant::packed::ROWS, 1, 4, |g| {
+        let width = (g.end - g.start) * crate::quant::packed::ROWS;
+        if n_tok == 1 {
+            // SAFETY: columns of this task's groups belong to it alone.
+            let dst = unsafe { out.range_mut(g.start * 8..g.end * 8) };
+            k.gemm_packed(w, g.start, g.end, xq, &sums, 1, dst, width);
+            return;
+        }
+        let mut tile = vec![0f32; n_tok * width];
+        k.gemm_packed(w, g.start, g.end, xq, &sums, n_tok, &mut tile, width);
+        for t in 0..n_tok {
+            // SAFETY: as above, for every token's row.
+            let dst = unsafe { out.range_mut(t * rows + g.start * 8..t * rows + g.end * 8) };
+            dst.copy_from_slice(&tile[t * width..(t + 1) * width]);
+        }
+    });
+}
+
 pub struct Rope<'a> {
     pub n_rot: usize,
     pub head_dim: usize,
@@ -243,9 +277,11 @@ pub fn attention(
     let scale = cfg.attn_scale;
     let qw = cfg.n_head * hd;
     let ow = cfg.n_head * hdv;
-    // Tasks: a row-path token, or (first token, n tokens, kv head) of a tiled sequence.
+    // Tasks: (token, kv head) on the row path, or (first token, n tokens, kv head) of a
+    // tiled sequence. One task per KV head, not per token: a decode step of one sequence
+    // still spreads over every thread.
     enum Task {
-        Row(usize),
+        Row(usize, usize),
         Tile(usize, usize, usize),
     }
     let mut tasks = Vec::new();
@@ -253,7 +289,7 @@ pub fn attention(
     for s in seqs {
         let n = s.tokens.len();
         if s.row_attention || !hdv.is_multiple_of(16) {
-            tasks.extend((t0..t0 + n).map(Task::Row));
+            tasks.extend((t0..t0 + n).flat_map(|t| (0..cfg.n_head_kv).map(move |kvh| Task::Row(t, kvh))));
         } else {
             for c in (0..n).step_by(ATTN_TILE_TOK) {
                 let nt = ATTN_TILE_TOK.min(n - c);
@@ -265,9 +301,10 @@ pub fn attention(
     let lo_of = |p: usize| window.map_or(0, |w| (p + 1).saturating_sub(w));
     let d = Disjoint::new(out);
     pool.for_each(tasks.len(), |i| match tasks[i] {
-        Task::Row(ti) => {
-            // SAFETY: each token's output row belongs to its one task.
-            let o_row = unsafe { d.range_mut(ti * ow..(ti + 1) * ow) };
+        Task::Row(ti, kvh) => {
+            let h0 = kvh * group;
+            // SAFETY: the heads of KV head kvh in token ti's output row belong to this task.
+            let o_row = unsafe { d.range_mut(ti * ow + h0 * hdv..ti * ow + (h0 + group) * hdv) };
             let q_row = &q[ti * qw..(ti + 1) * qw];
             let (si, p) = tok_meta[ti];
             let table = seqs[si].block_table;
@@ -275,10 +312,9 @@ pub fn attention(
             // (a key at j is masked when p - j >= window, as llama.cpp masks).
             let lo = lo_of(p);
             let mut sc = AttnScratch::new(hd, hdv);
-            for h in 0..cfg.n_head {
-                let kvh = h / group;
+            for h in h0..h0 + group {
                 let qh = &q_row[h * hd..(h + 1) * hd];
-                let o = &mut o_row[h * hdv..(h + 1) * hdv];
+                let o = &mut o_row[(h - h0) * hdv..(h - h0 + 1) * hdv];
                 let k_at = |j: usize| &kv.k_row(layer, table, j)[kvh * hd..(kvh + 1) * hd];
                 let v_at = |j: usize| &kv.v_row(layer, table, j)[kvh * hdv..(kvh + 1) * hdv];
                 attend_row_f16(kern, &mut sc, qh, lo..p + 1, scale, k_at, v_at, o);

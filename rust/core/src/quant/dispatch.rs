@@ -404,6 +404,55 @@ impl Kernels {
         }
     }
 
+    /// Whether weights of `ty` go through the packed kernels at this level: the x86
+    /// levels have them (and the scalar level runs their scalar twin, so results stay
+    /// the same at every level); the ARM levels keep the file layout for now.
+    pub fn packs(&self, ty: GgmlType) -> bool {
+        super::packed::group_bytes(ty).is_some()
+            && matches!(self.level, Level::Scalar | Level::Avx2 | Level::Avx512)
+            && cfg!(target_arch = "x86_64")
+    }
+
+    /// Packed K-quant matmul (`super::packed`): for row groups `g0..g1` of `w` and every
+    /// token, `out[t * out_stride + 8 * (g - g0) + r] = dot(row 8g + r, token t)`. `a`
+    /// holds `n_tok` Q8_K rows of `w.cols` elements, `sums` their `packed::sub_sums`.
+    /// Every level computes each (row, token) with the same arithmetic (see
+    /// `packed`), so results are bit-identical across levels and batch sizes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_packed(
+        &self,
+        w: &super::packed::Packed,
+        g0: usize,
+        g1: usize,
+        a: &[u8],
+        sums: &[i16],
+        n_tok: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let nb = w.nb();
+        let arb = GgmlType::Q8_K.row_bytes(w.cols).expect("packed cols are whole super-blocks");
+        assert!(g0 <= g1 && g1 * super::packed::ROWS <= w.rows, "Kernels::gemm_packed: groups {g0}..{g1} of {}", w.rows / 8);
+        assert_eq!(a.len(), n_tok * arb, "Kernels::gemm_packed: a must hold {n_tok} Q8_K rows");
+        assert_eq!(sums.len(), n_tok * nb * 16, "Kernels::gemm_packed: sums must hold {n_tok} rows of sub-block sums");
+        let width = (g1 - g0) * super::packed::ROWS;
+        if n_tok == 0 || width == 0 {
+            return;
+        }
+        assert!(n_tok == 1 || out_stride >= width, "Kernels::gemm_packed: out_stride {out_stride} < {width}");
+        assert!(out.len() >= (n_tok - 1) * out_stride + width, "Kernels::gemm_packed: out is too short");
+        let groups = w.groups(g0, g1);
+        match self.level {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the level's features are present (see `Kernels`); sizes checked above.
+            Level::Avx2 => unsafe { avx2::gemm_packed(w.ty, nb, groups, a, sums, n_tok, out, out_stride) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: as above.
+            Level::Avx512 => unsafe { avx512::gemm_packed(w.ty, nb, groups, a, sums, n_tok, out, out_stride) },
+            _ => super::packed::gemm_ref(w.ty, nb, groups, a, sums, n_tok, out, out_stride),
+        }
+    }
+
     /// `Σ a[i] * b[i]` with f16 `b` (attention scores over an f16 K cache), in f32.
     pub fn dot_f32_f16(&self, a: &[f32], b: &[f16]) -> f32 {
         assert_eq!(a.len(), b.len(), "Kernels::dot_f32_f16: lengths differ");

@@ -32,6 +32,7 @@
 
 mod blocks;
 pub mod dispatch;
+pub mod packed;
 mod quantize;
 mod reference;
 #[cfg(test)]

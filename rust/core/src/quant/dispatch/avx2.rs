@@ -1472,6 +1472,243 @@ macro_rules! x86_kernels {
             }
         }
 
+        // ---- packed K-quants (quant::packed): 8 rows a vector ----------------------------
+
+        /// i8 → i32 for 8 bytes at `p`.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn ld_i8x8(p: *const u8) -> __m256i {
+            // SAFETY: the caller guarantees 8 readable bytes.
+            unsafe { _mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())) }
+        }
+
+        /// u8 → i32 for 8 bytes at `p`.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn ld_u8x8(p: *const u8) -> __m256i {
+            // SAFETY: the caller guarantees 8 readable bytes.
+            unsafe { _mm256_cvtepu8_epi32(_mm_loadl_epi64(p.cast())) }
+        }
+
+        /// The four activation bytes at `p`, in every dword.
+        #[inline(always)]
+        unsafe fn bcast4(p: *const u8) -> __m256i {
+            // SAFETY: the caller guarantees 4 readable bytes.
+            unsafe { _mm256_set1_epi32(rd_i32(p)) }
+        }
+
+        const PF: usize = match option_env!("EDGELM_PF") { Some(_) => 0, None => 0 };
+
+        /// Bytes per token and super-block of a tile's activations (see `tile_acts`).
+        const TILE_B: usize = 292;
+
+        /// The activations of tokens `t0..t0+T`, rearranged so that the tile kernels
+        /// address every token's data from one base pointer (T pointers would not fit
+        /// the general registers): per super-block b, at `b * T * TILE_B`,
+        /// `[64 dword][T]` quants (dword i = elements 4i..4i+4), then `[8 pair][T]`
+        /// pairs of sub-block sums (i16, i16), then `[T]` scales `d` (f32).
+        fn tile_acts(a: &[u8], sums: &[i16], nb: usize, t0: usize, t: usize, out: &mut [u8]) {
+            for b in 0..nb {
+                let o = &mut out[b * t * TILE_B..(b + 1) * t * TILE_B];
+                for j in 0..t {
+                    let y = &a[((t0 + j) * nb + b) * Q8_K_B..][..Q8_K_B];
+                    for i in 0..64 {
+                        o[(i * t + j) * 4..][..4].copy_from_slice(&y[4 + 4 * i..8 + 4 * i]);
+                    }
+                    let s = &sums[((t0 + j) * nb + b) * 16..][..16];
+                    for p in 0..8 {
+                        o[256 * t + (p * t + j) * 4..][..2].copy_from_slice(&s[2 * p].to_le_bytes());
+                        o[256 * t + (p * t + j) * 4 + 2..][..2].copy_from_slice(&s[2 * p + 1].to_le_bytes());
+                    }
+                    o[288 * t + 4 * j..][..4].copy_from_slice(&y[0..4]);
+                }
+            }
+        }
+
+        /// One super-block of a Q4_K group (8 rows) against the tile's activations at
+        /// `y` (`tile_acts`, one super-block): each token's `fma` steps on `acc[t]` (see
+        /// `quant::packed`). A k-vector is unpacked once for the whole tile.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn packed_q4_k_tile<const T: usize>(x: *const u8, y: *const u8, acc: &mut [__m256; T]) {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut isum = [_mm256_setzero_si256(); T];
+            let mut msum = [_mm256_setzero_si256(); T];
+            // SAFETY: the caller passes one packed super-block at `x` and one tile
+            // super-block at `y`; every offset is inside them.
+            unsafe {
+                for p in 0..4 {
+                    let mut lo = [_mm256_setzero_si256(); T];
+                    let mut hi = [_mm256_setzero_si256(); T];
+                    for k in 0..8 {
+                        let v = ld(x.add(160 + 32 * (8 * p + k)));
+                        let (ql, qh) = (_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+                        for t in 0..T {
+                            lo[t] = dot4(lo[t], ql, bcast4(y.add(4 * ((16 * p + k) * T + t))));
+                            hi[t] = dot4(hi[t], qh, bcast4(y.add(4 * ((16 * p + 8 + k) * T + t))));
+                        }
+                    }
+                    let (sc_lo, sc_hi) = (ld_u8x8(x.add(32 + 16 * p)), ld_u8x8(x.add(40 + 16 * p)));
+                    let mins = _mm256_cvtepu8_epi16(ld128(x.add(96 + 16 * p)));
+                    for t in 0..T {
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(lo[t], sc_lo));
+                        isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(hi[t], sc_hi));
+                        msum[t] = madd_acc(msum[t], mins, bcast4(y.add(256 * T + 4 * (p * T + t))));
+                    }
+                }
+                let (d, dmin) = (_mm256_cvtph_ps(ld128(x)), _mm256_cvtph_ps(ld128(x.add(16))));
+                for t in 0..T {
+                    let yd = _mm256_set1_ps(rd_f32(y.add(288 * T + 4 * t)));
+                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+                    acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, yd), _mm256_cvtepi32_ps(msum[t]), acc[t]);
+                }
+            }
+        }
+
+        /// One super-block of a Q6_K group against the tile, as packed_q4_k_tile. The
+        /// `-32` offset meets the sub-block sums once per row: `Σ sc·(q-32)·a =
+        /// Σ sc·(Σ q·a) - 32·Σ sc·suma`, the second sum by `madd_acc` over (sc, sc) pairs.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn packed_q6_k_tile<const T: usize>(x: *const u8, y: *const u8, acc: &mut [__m256; T]) {
+            let m15 = _mm256_set1_epi8(15);
+            let m30 = _mm256_set1_epi8(0x30);
+            let mut isum = [_mm256_setzero_si256(); T];
+            let mut msum = [_mm256_setzero_si256(); T];
+            // SAFETY: as in packed_q4_k_tile.
+            unsafe {
+                for p in 0..8 {
+                    // Sub-blocks 2p and 2p+1 of each row as i16 pairs, one dword a row.
+                    let pair = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64(x.add(16 + 16 * p).cast()),
+                                                                      _mm_loadl_epi64(x.add(24 + 16 * p).cast())));
+                    for t in 0..T {
+                        msum[t] = madd_acc(msum[t], pair, bcast4(y.add(256 * T + 4 * (p * T + t))));
+                    }
+                }
+                for h in 0..2 {
+                    for kh in 0..2 {
+                        for i in 0..4 {
+                            // Sub-block j = 8h + 2i + kh: elements 128h + 32i + 16kh .. +16.
+                            let mut sub = [_mm256_setzero_si256(); T];
+                            for k in 4 * kh..4 * kh + 4 {
+                                let v = x.add(144 + 96 * (8 * h + k));
+                                let (l, qh) = (ld(v.add(32 * (i & 1))), ld(v.add(64)));
+                                let lo4 = if i < 2 { l } else { _mm256_srli_epi16(l, 4) };
+                                // The two high bits of quant class i, moved to bits 4..6.
+                                let hb = match i {
+                                    0 => _mm256_slli_epi16(qh, 4),
+                                    1 => _mm256_slli_epi16(qh, 2),
+                                    2 => qh,
+                                    _ => _mm256_srli_epi16(qh, 2),
+                                };
+                                let q = _mm256_or_si256(_mm256_and_si256(lo4, m15), _mm256_and_si256(hb, m30));
+                                let dw = 32 * h + 8 * i + k; // activation dword: elements 128h + 32i + 4k
+                                for t in 0..T {
+                                    sub[t] = dot4(sub[t], q, bcast4(y.add(4 * (dw * T + t))));
+                                }
+                            }
+                            let sc = ld_i8x8(x.add(16 + 8 * (8 * h + 2 * i + kh)));
+                            for t in 0..T {
+                                isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(sub[t], sc));
+                            }
+                        }
+                    }
+                }
+                let d = _mm256_cvtph_ps(ld128(x));
+                for t in 0..T {
+                    let yd = _mm256_set1_ps(rd_f32(y.add(288 * T + 4 * t)));
+                    let isum = _mm256_sub_epi32(isum[t], _mm256_slli_epi32(msum[t], 5));
+                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), _mm256_cvtepi32_ps(isum), acc[t]);
+                }
+            }
+        }
+
+        /// The tile (tokens `t0..t0+T`, activations at `ya` from `tile_acts`) against
+        /// row group `gx`: every super-block, then the 8×T results.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn packed_group<const T: usize>(ty: GgmlType, nb: usize, gx: *const u8, gb: usize, ya: *const u8,
+                                               t0: usize, out: *mut f32, out_stride: usize) {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..nb {
+                // SAFETY: the caller's contract covers super-block b of the group and of
+                // the tile, and the output columns of tokens t0..t0+T.
+                unsafe {
+                    let (x, y) = (gx.add(b * gb), ya.add(b * T * TILE_B));
+                    if PF > 0 {
+                        let ahead = x.wrapping_add(PF);
+                        let mut o = 0;
+                        while o < gb {
+                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o).cast());
+                            o += 64;
+                        }
+                    }
+                    if ty == GgmlType::Q4_K {
+                        packed_q4_k_tile::<T>(x, y, &mut acc);
+                    } else {
+                        packed_q6_k_tile::<T>(x, y, &mut acc);
+                    }
+                }
+            }
+            for (t, acc) in acc.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(out.add((t0 + t) * out_stride), *acc) };
+            }
+        }
+
+        /// `quant::packed::gemm_ref` with SIMD: 8 rows a lane each, tokens in tiles of up
+        /// to `MAX_T` that share each unpacked k-vector, the same arithmetic per token.
+        ///
+        /// # Safety
+        /// The CPU has this module's features; `groups` holds whole groups of `nb`
+        /// super-blocks of `ty`, `a` n_tok Q8_K rows of nb blocks, `sums` their
+        /// `nb * 16` sub-block sums, and `out` room for every (token, row).
+        #[allow(clippy::too_many_arguments)]
+        #[target_feature(enable = $feat)]
+        pub(in crate::quant) unsafe fn gemm_packed(
+            ty: GgmlType,
+            nb: usize,
+            groups: &[u8],
+            a: &[u8],
+            sums: &[i16],
+            n_tok: usize,
+            out: &mut [f32],
+            out_stride: usize,
+        ) {
+            let gb = crate::quant::packed::group_bytes(ty).expect("a packed type");
+            let n_groups = groups.len() / (nb * gb);
+            // Tiles: MAX_T tokens while they last, then 4, 2, 1.
+            let mut tiles = Vec::new();
+            let mut t0 = 0;
+            for t in [MAX_T, 4, 2, 1] {
+                while n_tok - t0 >= t {
+                    tiles.push((t0, t));
+                    t0 += t;
+                }
+            }
+            let mut acts = vec![0u8; n_tok * nb * TILE_B];
+            for &(t0, t) in &tiles {
+                tile_acts(a, sums, nb, t0, t, &mut acts[t0 * nb * TILE_B..(t0 + t) * nb * TILE_B]);
+            }
+            for g in 0..n_groups {
+                for &(t0, t) in &tiles {
+                    // SAFETY: g < n_groups, the tile's activations are where tile_acts
+                    // put them, and out holds (t0..t0+t, 8g..8g+8).
+                    unsafe {
+                        let gx = groups.as_ptr().add(g * nb * gb);
+                        let ya = acts.as_ptr().add(t0 * nb * TILE_B);
+                        let o = out.as_mut_ptr().add(8 * g);
+                        match t {
+                            1 => packed_group::<1>(ty, nb, gx, gb, ya, t0, o, out_stride),
+                            2 => packed_group::<2>(ty, nb, gx, gb, ya, t0, o, out_stride),
+                            4 => packed_group::<4>(ty, nb, gx, gb, ya, t0, o, out_stride),
+                            _ => packed_group::<MAX_T>(ty, nb, gx, gb, ya, t0, o, out_stride),
+                        }
+                    }
+                }
+            }
+        }
+
         /// SIMD encoders for the activation formats; `false` for other types.
         ///
         /// # Safety

@@ -25,27 +25,32 @@ def models() -> dict[str, edgelm.Model]:
 
 @pytest.mark.parametrize(("model_name", "idx"), greedy_cases())
 def test_greedy_matches_llama_cpp(models: dict[str, edgelm.Model], model_name: str, idx: int) -> None:
-    """32 greedy tokens equal llama.cpp's. A parting is accepted only (a) at a near-tie
-    of llama.cpp's own top choices (gap < 0.05), or (b) onto one of llama.cpp's top-3
-    at a gap no larger than the largest gap at which llama.cpp parts from *itself*
-    under another valid configuration (flash attention off, weight repacking off;
-    measured by make_golden.py and stored as peer_noise_gap). Either way the test
-    prints the parting and the rule that admitted it."""
+    """32 greedy tokens equal llama.cpp's, each judged in llama.cpp's own context
+    (teacher forcing: edgelm's logits over the prompt and llama.cpp's tokens, so a
+    parting at one step does not send every later comparison into another text). A
+    parting is accepted only (a) at a near-tie of llama.cpp's own top choices (gap <
+    0.05), or (b) onto one of llama.cpp's top-3 at a gap no larger than the largest gap
+    at which llama.cpp parts from *itself* under another valid configuration (flash
+    attention off, weight repacking off; measured by make_golden.py and stored as
+    peer_noise_gap). Either way the test prints the parting and the rule that admitted
+    it."""
     golden = load_fixture("greedy_golden.json")[model_name]
     case = golden["cases"][idx]
     m = models[model_name]
     # Same prompt ids as the peer, so this checks the forward pass alone.
     assert m.tokenize(case["prompt"], add_special=True, parse_special=True) == case["prompt_ids"]
     want: list[int] = case["ids"]
-    got = [t.id for t in m.generate(case["prompt_ids"], max_tokens=len(want), temperature=0)]
-    for i, (a, b) in enumerate(zip(got, want)):
+    n_prompt = len(case["prompt_ids"])
+    logits = m.logits(case["prompt_ids"] + want[:-1])[n_prompt - 1:]
+    forced = [int(row.argmax()) for row in logits]
+    for i, (a, b) in enumerate(zip(forced, want)):
         if a == b:
             continue
         top = case["top"][i]
         lp = dict((tid, v) for tid, v in top)
         assert a in lp, (
             f"{model_name} {case['prompt']!r}: token {i} is {a}, not in llama.cpp's top-3 {top}; "
-            f"edgelm {got} vs llama.cpp {want}"
+            f"edgelm {forced} vs llama.cpp {want}"
         )
         gap = top[0][1] - lp[a]
         if gap < NEAR_TIE:
@@ -58,8 +63,8 @@ def test_greedy_matches_llama_cpp(models: dict[str, edgelm.Model], model_name: s
             )
             print(f"parting at token {i}: gap {gap:.3f} within the peer's self-disagreement ({noise:.3f}) "
                   f"for {case['prompt']!r}")
-        return
-    assert got == want, f"{model_name}: edgelm {got} vs llama.cpp {want}"
+    partings = sum(a != b for a, b in zip(forced, want))
+    assert partings <= len(want) // 4, f"{model_name}: {partings} of {len(want)} tokens part: {forced} vs {want}"
 
 
 @pytest.mark.parametrize("model_name", [SMOLLM2, GEMMA3])

@@ -125,18 +125,19 @@ fn main() {
             println!("{line}");
             // The packed layout (quant::packed), where the type has one.
             if let Some(pw) = edgelm_core::quant::packed::Packed::new(ty, &w, rows, n) {
-                let mut sums = vec![0i16; n_tok_gemm * (n / 256) * 16];
-                for (t, s) in sums.chunks_exact_mut((n / 256) * 16).enumerate() {
-                    edgelm_core::quant::packed::sub_sums(ty, &a[t * arb..(t + 1) * arb], s);
+                let spb = pw.nb() * edgelm_core::quant::packed::sums_per_block(ty);
+                let mut sums = vec![0i16; n_tok_gemm * spb];
+                for (t, s) in sums.chunks_exact_mut(spb).enumerate() {
+                    edgelm_core::quant::packed::act_sums(ty, &a[t * arb..(t + 1) * arb], s);
                 }
                 let g = rows / 8;
                 let mut line = format!("{:5} {:4}x{:<5} packed", ty.name(), n, rows);
                 for &level in &levels {
                     let k = Kernels::for_level(level).unwrap();
                     let budget = Duration::from_millis(if level == Level::Scalar { 300 } else { 600 });
-                    let mv = time(|| k.gemm_packed(&pw, 0, g, &a[..arb], &sums[..(n / 256) * 16], 1, &mut out, rows), budget);
-                    let t4 = time(|| k.gemm_packed(&pw, 0, g, &a[..4 * arb], &sums[..4 * (n / 256) * 16], 4, &mut out, rows), budget);
-                    let t16 = time(|| k.gemm_packed(&pw, 0, g, &a[..16 * arb], &sums[..16 * (n / 256) * 16], 16, &mut out, rows), budget);
+                    let mv = time(|| k.gemm_packed(&pw, 0, g, &a[..arb], &sums[..spb], 1, &mut out, rows), budget);
+                    let t4 = time(|| k.gemm_packed(&pw, 0, g, &a[..4 * arb], &sums[..4 * spb], 4, &mut out, rows), budget);
+                    let t16 = time(|| k.gemm_packed(&pw, 0, g, &a[..16 * arb], &sums[..16 * spb], 16, &mut out, rows), budget);
                     let t128 = if level == Level::Scalar { f64::NAN } else {
                         time(|| k.gemm_packed(&pw, 0, g, &a, &sums, n_tok_gemm, &mut out, rows), budget)
                     };

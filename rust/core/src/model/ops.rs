@@ -172,19 +172,20 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
 /// groups and every token. Each token's result is computed alone in the same
 /// arithmetic, whatever the batch, so no token needs the one-by-one treatment.
 fn matmul_packed(pool: &ThreadPool, k: &Kernels, w: &crate::quant::packed::Packed, xq: &[u8], n_tok: usize, y: &mut [f32]) {
-    let nb = w.nb();
+    use crate::quant::packed::{act_sums, sums_per_block, ROWS};
+    let spb = w.nb() * sums_per_block(w.ty);
     let arb = xq.len() / n_tok;
-    let mut sums = vec![0i16; n_tok * nb * 16];
-    for (t, s) in sums.chunks_exact_mut(nb * 16).enumerate() {
-        crate::quant::packed::sub_sums(w.ty, &xq[t * arb..(t + 1) * arb], s);
+    let mut sums = vec![0i16; n_tok * spb];
+    for (t, s) in sums.chunks_exact_mut(spb).enumerate() {
+        act_sums(w.ty, &xq[t * arb..(t + 1) * arb], s);
     }
     let rows = w.rows;
     let out = Disjoint::new(y);
-    pool.for_ranges(rows / crate::quant::packed::ROWS, 1, 4, |g| {
-        let width = (g.end - g.start) * crate::quant::packed::ROWS;
+    pool.for_ranges(rows / ROWS, 1, 4, |g| {
+        let width = (g.end - g.start) * ROWS;
         if n_tok == 1 {
             // SAFETY: columns of this task's groups belong to it alone.
-            let dst = unsafe { out.range_mut(g.start * 8..g.end * 8) };
+            let dst = unsafe { out.range_mut(g.start * ROWS..g.end * ROWS) };
             k.gemm_packed(w, g.start, g.end, xq, &sums, 1, dst, width);
             return;
         }
@@ -192,7 +193,7 @@ fn matmul_packed(pool: &ThreadPool, k: &Kernels, w: &crate::quant::packed::Packe
         k.gemm_packed(w, g.start, g.end, xq, &sums, n_tok, &mut tile, width);
         for t in 0..n_tok {
             // SAFETY: as above, for every token's row.
-            let dst = unsafe { out.range_mut(t * rows + g.start * 8..t * rows + g.end * 8) };
+            let dst = unsafe { out.range_mut(t * rows + g.start * ROWS..t * rows + g.end * ROWS) };
             dst.copy_from_slice(&tile[t * width..(t + 1) * width]);
         }
     });

@@ -413,11 +413,12 @@ impl Kernels {
             && cfg!(target_arch = "x86_64")
     }
 
-    /// Packed K-quant matmul (`super::packed`): for row groups `g0..g1` of `w` and every
-    /// token, `out[t * out_stride + 8 * (g - g0) + r] = dot(row 8g + r, token t)`. `a`
-    /// holds `n_tok` Q8_K rows of `w.cols` elements, `sums` their `packed::sub_sums`.
-    /// Every level computes each (row, token) with the same arithmetic (see
-    /// `packed`), so results are bit-identical across levels and batch sizes.
+    /// Packed matmul (`super::packed`): for row groups `g0..g1` of `w` and every token,
+    /// `out[t * out_stride + 8 * (g - g0) + r] = dot(row 8g + r, token t)`. `a` holds
+    /// `n_tok` activation rows (`w.ty.vec_dot_type()`) of `w.cols` elements, `sums`
+    /// their `packed::act_sums`. Every level computes each (row, token) with the same
+    /// arithmetic (see `packed`), so results are bit-identical across levels and batch
+    /// sizes.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_packed(
         &self,
@@ -430,12 +431,13 @@ impl Kernels {
         out: &mut [f32],
         out_stride: usize,
     ) {
+        use super::packed::{sums_per_block, ROWS};
         let nb = w.nb();
-        let arb = GgmlType::Q8_K.row_bytes(w.cols).expect("packed cols are whole super-blocks");
-        assert!(g0 <= g1 && g1 * super::packed::ROWS <= w.rows, "Kernels::gemm_packed: groups {g0}..{g1} of {}", w.rows / 8);
-        assert_eq!(a.len(), n_tok * arb, "Kernels::gemm_packed: a must hold {n_tok} Q8_K rows");
-        assert_eq!(sums.len(), n_tok * nb * 16, "Kernels::gemm_packed: sums must hold {n_tok} rows of sub-block sums");
-        let width = (g1 - g0) * super::packed::ROWS;
+        let arb = w.ty.vec_dot_type().row_bytes(w.cols).expect("packed cols are whole blocks");
+        assert!(g0 <= g1 && g1 * ROWS <= w.rows, "Kernels::gemm_packed: groups {g0}..{g1} of {}", w.rows / ROWS);
+        assert_eq!(a.len(), n_tok * arb, "Kernels::gemm_packed: a must hold {n_tok} activation rows");
+        assert_eq!(sums.len(), n_tok * nb * sums_per_block(w.ty), "Kernels::gemm_packed: sums must hold {n_tok} rows");
+        let width = (g1 - g0) * ROWS;
         if n_tok == 0 || width == 0 {
             return;
         }

@@ -1497,52 +1497,72 @@ macro_rules! x86_kernels {
             unsafe { _mm256_set1_epi32(rd_i32(p)) }
         }
 
-        const PF: usize = match option_env!("EDGELM_PF") { Some(_) => 0, None => 0 };
-
-        /// Bytes per token and super-block of a tile's activations (see `tile_acts`).
-        const TILE_B: usize = 292;
+        /// Bytes per token and block of a tile's activations (see `tile_acts`): K-quants
+        /// (Q8_K blocks of 256) and Q4_0/Q8_0 (Q8_0 blocks of 32).
+        const TILE_K: usize = 292;
+        const TILE_L: usize = 40;
 
         /// The activations of tokens `t0..t0+T`, rearranged so that the tile kernels
         /// address every token's data from one base pointer (T pointers would not fit
-        /// the general registers): per super-block b, at `b * T * TILE_B`,
-        /// `[64 dword][T]` quants (dword i = elements 4i..4i+4), then `[8 pair][T]`
-        /// pairs of sub-block sums (i16, i16), then `[T]` scales `d` (f32).
-        fn tile_acts(a: &[u8], sums: &[i16], nb: usize, t0: usize, t: usize, out: &mut [u8]) {
+        /// the general registers). Per block b, at `b * T * tile_bytes`: `[n dword][T]`
+        /// quants (dword i = elements 4i..4i+4), then for the K-quants `[8 pair][T]`
+        /// pairs of sub-block sums (i16, i16) and `[T]` scales `d` (f32); for Q4_0/Q8_0
+        /// `[T]` scales `d` (f32) and `[T]` quant sums (i32).
+        fn tile_acts(ty: GgmlType, a: &[u8], sums: &[i16], nb: usize, t0: usize, t: usize, out: &mut [u8]) {
+            let k = ty.block_size() == 256;
+            let (ab, tb, nd, spb) = if k { (Q8_K_B, TILE_K, 64, 16) } else { (Q8_0_B, TILE_L, 8, 1) };
             for b in 0..nb {
-                let o = &mut out[b * t * TILE_B..(b + 1) * t * TILE_B];
+                let o = &mut out[b * t * tb..(b + 1) * t * tb];
                 for j in 0..t {
-                    let y = &a[((t0 + j) * nb + b) * Q8_K_B..][..Q8_K_B];
-                    for i in 0..64 {
-                        o[(i * t + j) * 4..][..4].copy_from_slice(&y[4 + 4 * i..8 + 4 * i]);
+                    let y = &a[((t0 + j) * nb + b) * ab..][..ab];
+                    let s = &sums[((t0 + j) * nb + b) * spb..][..spb];
+                    let q = if k { &y[4..] } else { &y[2..] };
+                    for i in 0..nd {
+                        o[(i * t + j) * 4..][..4].copy_from_slice(&q[4 * i..4 * i + 4]);
                     }
-                    let s = &sums[((t0 + j) * nb + b) * 16..][..16];
-                    for p in 0..8 {
-                        o[256 * t + (p * t + j) * 4..][..2].copy_from_slice(&s[2 * p].to_le_bytes());
-                        o[256 * t + (p * t + j) * 4 + 2..][..2].copy_from_slice(&s[2 * p + 1].to_le_bytes());
+                    if k {
+                        for p in 0..8 {
+                            o[256 * t + (p * t + j) * 4..][..2].copy_from_slice(&s[2 * p].to_le_bytes());
+                            o[256 * t + (p * t + j) * 4 + 2..][..2].copy_from_slice(&s[2 * p + 1].to_le_bytes());
+                        }
+                        o[288 * t + 4 * j..][..4].copy_from_slice(&y[0..4]);
+                    } else {
+                        let d = f16::from_le_bytes([y[0], y[1]]).to_f32();
+                        o[32 * t + 4 * j..][..4].copy_from_slice(&d.to_le_bytes());
+                        o[36 * t + 4 * j..][..4].copy_from_slice(&(s[0] as i32).to_le_bytes());
                     }
-                    o[288 * t + 4 * j..][..4].copy_from_slice(&y[0..4]);
                 }
             }
         }
 
-        /// One super-block of a Q4_K group (8 rows) against the tile's activations at
-        /// `y` (`tile_acts`, one super-block): each token's `fma` steps on `acc[t]` (see
-        /// `quant::packed`). A k-vector is unpacked once for the whole tile.
+        /// One super-block of a Q4_K group (8 rows; `HI`: Q5_K, with the fifth bits)
+        /// against the tile's activations at `y` (`tile_acts`, one block): each token's
+        /// `fma` steps on `acc[t]` (see `quant::packed`). A k-vector is unpacked once for
+        /// the whole tile.
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn packed_q4_k_tile<const T: usize>(x: *const u8, y: *const u8, acc: &mut [__m256; T]) {
+        unsafe fn packed_q45_k_tile<const HI: bool, const T: usize>(x: *const u8, y: *const u8, acc: &mut [__m256; T]) {
             let m4 = _mm256_set1_epi8(0x0F);
             let mut isum = [_mm256_setzero_si256(); T];
             let mut msum = [_mm256_setzero_si256(); T];
             // SAFETY: the caller passes one packed super-block at `x` and one tile
-            // super-block at `y`; every offset is inside them.
+            // block at `y`; every offset is inside them.
             unsafe {
                 for p in 0..4 {
                     let mut lo = [_mm256_setzero_si256(); T];
                     let mut hi = [_mm256_setzero_si256(); T];
+                    // Q5_K: bits 2p and 2p+1 of qh are the fifth bits of this pair.
+                    let shift = _mm_cvtsi32_si128(2 * p as i32);
                     for k in 0..8 {
                         let v = ld(x.add(160 + 32 * (8 * p + k)));
-                        let (ql, qh) = (_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+                        let mut ql = _mm256_and_si256(v, m4);
+                        let mut qh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        if HI {
+                            let h = _mm256_srl_epi16(ld(x.add(1184 + 32 * k)), shift);
+                            let m10 = _mm256_set1_epi8(0x10);
+                            ql = _mm256_or_si256(ql, _mm256_and_si256(_mm256_slli_epi16(h, 4), m10));
+                            qh = _mm256_or_si256(qh, _mm256_and_si256(_mm256_slli_epi16(h, 3), m10));
+                        }
                         for t in 0..T {
                             lo[t] = dot4(lo[t], ql, bcast4(y.add(4 * ((16 * p + k) * T + t))));
                             hi[t] = dot4(hi[t], qh, bcast4(y.add(4 * ((16 * p + 8 + k) * T + t))));
@@ -1565,7 +1585,7 @@ macro_rules! x86_kernels {
             }
         }
 
-        /// One super-block of a Q6_K group against the tile, as packed_q4_k_tile. The
+        /// One super-block of a Q6_K group against the tile, as packed_q45_k_tile. The
         /// `-32` offset meets the sub-block sums once per row: `Σ sc·(q-32)·a =
         /// Σ sc·(Σ q·a) - 32·Σ sc·suma`, the second sum by `madd_acc` over (sc, sc) pairs.
         #[target_feature(enable = $feat)]
@@ -1575,7 +1595,7 @@ macro_rules! x86_kernels {
             let m30 = _mm256_set1_epi8(0x30);
             let mut isum = [_mm256_setzero_si256(); T];
             let mut msum = [_mm256_setzero_si256(); T];
-            // SAFETY: as in packed_q4_k_tile.
+            // SAFETY: as in packed_q45_k_tile.
             unsafe {
                 for p in 0..8 {
                     // Sub-blocks 2p and 2p+1 of each row as i16 pairs, one dword a row.
@@ -1623,30 +1643,71 @@ macro_rules! x86_kernels {
             }
         }
 
+        /// One block of 32 of a Q4_0 (`Q8`: Q8_0) group against the tile.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn packed_legacy_tile<const Q8: bool, const T: usize>(x: *const u8, y: *const u8,
+                                                                      acc: &mut [__m256; T]) {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let mut isum = [_mm256_setzero_si256(); T];
+            // SAFETY: the caller passes one packed block at `x` and one tile block at
+            // `y`; every offset is inside them.
+            unsafe {
+                if Q8 {
+                    // VNNI: weights biased to u8 (w + 128), the bias taken back through
+                    // the quant sum below; AVX2's u8·i8 sums would saturate, so it takes
+                    // the sign trick instead.
+                    for k in 0..8 {
+                        let v = ld(x.add(16 + 32 * k));
+                        let vb = _mm256_xor_si256(v, _mm256_set1_epi8(-128));
+                        for t in 0..T {
+                            let a = bcast4(y.add(4 * (k * T + t)));
+                            isum[t] = if VNNI { dot4(isum[t], vb, a) } else { dot_ss(isum[t], v, a) };
+                        }
+                    }
+                } else {
+                    for k in 0..4 {
+                        let v = ld(x.add(16 + 32 * k));
+                        let (ql, qh) = (_mm256_and_si256(v, m4), _mm256_and_si256(_mm256_srli_epi16(v, 4), m4));
+                        for t in 0..T {
+                            isum[t] = dot4(isum[t], ql, bcast4(y.add(4 * (k * T + t))));
+                            isum[t] = dot4(isum[t], qh, bcast4(y.add(4 * ((4 + k) * T + t))));
+                        }
+                    }
+                }
+                let d = _mm256_cvtph_ps(ld128(x));
+                let shift = if !Q8 { 3 } else if VNNI { 7 } else { 0 }; // Q4_0: -8·Σa; biased Q8_0: -128·Σa
+                for t in 0..T {
+                    let yd = _mm256_set1_ps(rd_f32(y.add(32 * T + 4 * t)));
+                    let mut is = isum[t];
+                    if shift > 0 {
+                        let suma = _mm256_set1_epi32(rd_i32(y.add(36 * T + 4 * t)) << shift);
+                        is = _mm256_sub_epi32(is, suma);
+                    }
+                    acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), _mm256_cvtepi32_ps(is), acc[t]);
+                }
+            }
+        }
+
         /// The tile (tokens `t0..t0+T`, activations at `ya` from `tile_acts`) against
-        /// row group `gx`: every super-block, then the 8×T results.
+        /// row group `gx`: every block, then the 8×T results.
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
         unsafe fn packed_group<const T: usize>(ty: GgmlType, nb: usize, gx: *const u8, gb: usize, ya: *const u8,
                                                t0: usize, out: *mut f32, out_stride: usize) {
+            let tb = if ty.block_size() == 256 { TILE_K } else { TILE_L };
             let mut acc = [_mm256_setzero_ps(); T];
             for b in 0..nb {
-                // SAFETY: the caller's contract covers super-block b of the group and of
-                // the tile, and the output columns of tokens t0..t0+T.
+                // SAFETY: the caller's contract covers block b of the group and of the
+                // tile, and the output columns of tokens t0..t0+T.
                 unsafe {
-                    let (x, y) = (gx.add(b * gb), ya.add(b * T * TILE_B));
-                    if PF > 0 {
-                        let ahead = x.wrapping_add(PF);
-                        let mut o = 0;
-                        while o < gb {
-                            _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o).cast());
-                            o += 64;
-                        }
-                    }
-                    if ty == GgmlType::Q4_K {
-                        packed_q4_k_tile::<T>(x, y, &mut acc);
-                    } else {
-                        packed_q6_k_tile::<T>(x, y, &mut acc);
+                    let (x, y) = (gx.add(b * gb), ya.add(b * T * tb));
+                    match ty {
+                        GgmlType::Q4_K => packed_q45_k_tile::<false, T>(x, y, &mut acc),
+                        GgmlType::Q5_K => packed_q45_k_tile::<true, T>(x, y, &mut acc),
+                        GgmlType::Q6_K => packed_q6_k_tile::<T>(x, y, &mut acc),
+                        GgmlType::Q4_0 => packed_legacy_tile::<false, T>(x, y, &mut acc),
+                        _ => packed_legacy_tile::<true, T>(x, y, &mut acc),
                     }
                 }
             }
@@ -1661,8 +1722,8 @@ macro_rules! x86_kernels {
         ///
         /// # Safety
         /// The CPU has this module's features; `groups` holds whole groups of `nb`
-        /// super-blocks of `ty`, `a` n_tok Q8_K rows of nb blocks, `sums` their
-        /// `nb * 16` sub-block sums, and `out` room for every (token, row).
+        /// blocks of `ty`, `a` n_tok activation rows of nb blocks, `sums` their
+        /// `packed::act_sums`, and `out` room for every (token, row).
         #[allow(clippy::too_many_arguments)]
         #[target_feature(enable = $feat)]
         pub(in crate::quant) unsafe fn gemm_packed(
@@ -1676,6 +1737,7 @@ macro_rules! x86_kernels {
             out_stride: usize,
         ) {
             let gb = crate::quant::packed::group_bytes(ty).expect("a packed type");
+            let tb = if ty.block_size() == 256 { TILE_K } else { TILE_L };
             let n_groups = groups.len() / (nb * gb);
             // Tiles: MAX_T tokens while they last, then 4, 2, 1.
             let mut tiles = Vec::new();
@@ -1686,9 +1748,9 @@ macro_rules! x86_kernels {
                     t0 += t;
                 }
             }
-            let mut acts = vec![0u8; n_tok * nb * TILE_B];
+            let mut acts = vec![0u8; n_tok * nb * tb];
             for &(t0, t) in &tiles {
-                tile_acts(a, sums, nb, t0, t, &mut acts[t0 * nb * TILE_B..(t0 + t) * nb * TILE_B]);
+                tile_acts(ty, a, sums, nb, t0, t, &mut acts[t0 * nb * tb..(t0 + t) * nb * tb]);
             }
             for g in 0..n_groups {
                 for &(t0, t) in &tiles {
@@ -1696,7 +1758,7 @@ macro_rules! x86_kernels {
                     // put them, and out holds (t0..t0+t, 8g..8g+8).
                     unsafe {
                         let gx = groups.as_ptr().add(g * nb * gb);
-                        let ya = acts.as_ptr().add(t0 * nb * TILE_B);
+                        let ya = acts.as_ptr().add(t0 * nb * tb);
                         let o = out.as_mut_ptr().add(8 * g);
                         match t {
                             1 => packed_group::<1>(ty, nb, gx, gb, ya, t0, o, out_stride),

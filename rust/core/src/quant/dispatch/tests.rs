@@ -457,29 +457,38 @@ fn f16_helpers_match_scalar() {
 }
 
 /// The packed layout (`quant::packed`): every level bit-identical to the scalar twin
-/// `packed::gemm_ref` for every token count (tiles of 8, 4, 2, 1 mixed), and each
-/// (row, token) within the table's bounds of the file layout's scalar dot and the f64
-/// dot of the decoded rows; results independent of the batch.
+/// `packed::gemm_ref` for every token count (tiles of 8, 4, 2, 1 mixed), each (row,
+/// token) within the table's bounds of the file layout's scalar dot and of the f64 dot
+/// of the decoded rows, results independent of the batch, and packed rows decoding to
+/// the file rows' values.
 #[test]
 fn packed_gemm_matches_twin_and_file_layout() {
     use crate::quant::packed::{self, Packed};
     let mut rng = Rng::new(11);
-    for &ty in &[GgmlType::Q4_K, GgmlType::Q6_K] {
-        for n in [256, 512, 2304] {
+    for &ty in &[GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::Q4_0, GgmlType::Q8_0] {
+        let lens: &[usize] = if ty.block_size() == 256 { &[256, 512, 2304] } else { &[32, 96, 2080] };
+        for &n in lens {
             let rows = 24;
             let wrb = ty.row_bytes(n).unwrap();
-            let w: Vec<u8> = (0..rows).flat_map(|i| if i % 2 == 0 { raw_row(&mut rng, ty, n) } else { quantize(ty, &rng.row(n)) }).collect();
+            let w: Vec<u8> =
+                (0..rows).flat_map(|i| if i % 2 == 0 { raw_row(&mut rng, ty, n) } else { quantize(ty, &rng.row(n)) }).collect();
             let p = Packed::new(ty, &w, rows, n).expect("packs");
-            let nb = n / 256;
+            for r in [0, 5, 13, 23] {
+                let mut got = vec![0f32; n];
+                p.dequantize_row(r, &mut got);
+                assert!(bits_eq(&got, &dequantize(ty, &w[r * wrb..(r + 1) * wrb], n)), "{ty} row {r} decodes");
+            }
+            let spb = p.nb() * packed::sums_per_block(ty);
             let n_tok = 15;
-            let arb = GgmlType::Q8_K.row_bytes(n).unwrap();
-            let a: Vec<u8> = (0..n_tok).flat_map(|_| quantize(GgmlType::Q8_K, &rng.row(n))).collect();
-            let mut sums = vec![0i16; n_tok * nb * 16];
+            let act = ty.vec_dot_type();
+            let arb = act.row_bytes(n).unwrap();
+            let a: Vec<u8> = (0..n_tok).flat_map(|_| quantize(act, &rng.row(n))).collect();
+            let mut sums = vec![0i16; n_tok * spb];
             for t in 0..n_tok {
-                packed::sub_sums(ty, &a[t * arb..(t + 1) * arb], &mut sums[t * nb * 16..(t + 1) * nb * 16]);
+                packed::act_sums(ty, &a[t * arb..(t + 1) * arb], &mut sums[t * spb..(t + 1) * spb]);
             }
             let mut want = vec![0f32; n_tok * rows];
-            packed::gemm_ref(ty, nb, p.groups(0, rows / 8), &a, &sums, n_tok, &mut want, rows);
+            packed::gemm_ref(ty, p.nb(), p.groups(0, rows / 8), &a, &sums, n_tok, &mut want, rows);
             for t in 0..n_tok {
                 for r in 0..rows {
                     let at = &a[t * arb..(t + 1) * arb];
@@ -489,12 +498,12 @@ fn packed_gemm_matches_twin_and_file_layout() {
             for k in kernels() {
                 for nt in [1, 2, 3, 4, 5, 8, 9, 15] {
                     let mut got = vec![f32::NAN; nt * rows];
-                    k.gemm_packed(&p, 0, rows / 8, &a[..nt * arb], &sums[..nt * nb * 16], nt, &mut got, rows);
+                    k.gemm_packed(&p, 0, rows / 8, &a[..nt * arb], &sums[..nt * spb], nt, &mut got, rows);
                     assert!(bits_eq(&got, &want[..nt * rows]), "{} packed {ty} n={n} n_tok={nt}", k.level);
                 }
                 // A slice of the groups, written with a wider stride.
                 let mut got = vec![0f32; 3 * 40];
-                k.gemm_packed(&p, 1, 3, &a[..3 * arb], &sums[..3 * nb * 16], 3, &mut got, 40);
+                k.gemm_packed(&p, 1, 3, &a[..3 * arb], &sums[..3 * spb], 3, &mut got, 40);
                 for t in 0..3 {
                     assert!(bits_eq(&got[t * 40..t * 40 + 16], &want[t * rows + 8..t * rows + 24]), "{} groups 1..3", k.level);
                 }

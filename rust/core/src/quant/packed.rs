@@ -416,6 +416,7 @@ pub fn act_sums(ty: GgmlType, a: &[u8], out: &mut [i16]) {
 /// rows of `ty.vec_dot_type()`), in the arithmetic of the module doc. `sums` holds each
 /// token's `act_sums`.
 #[allow(clippy::too_many_arguments)]
+#[allow(clippy::needless_range_loop)] // indices pair rows, sub-blocks and sums
 pub fn gemm_ref(ty: GgmlType, nb: usize, groups: &[u8], a: &[u8], sums: &[i16], n_tok: usize, out: &mut [f32],
                 out_stride: usize) {
     let gb = group_bytes(ty).expect("a packed type");

@@ -404,13 +404,11 @@ impl Kernels {
         }
     }
 
-    /// Whether weights of `ty` go through the packed kernels at this level: the x86
-    /// levels have them (and the scalar level runs their scalar twin, so results stay
-    /// the same at every level); the ARM levels keep the file layout for now.
+    /// Whether weights of `ty` go through the packed kernels at this level: every
+    /// level has them for the packed types (the scalar level runs their scalar twin, so
+    /// results are the same at every level).
     pub fn packs(&self, ty: GgmlType) -> bool {
         super::packed::group_bytes(ty).is_some()
-            && matches!(self.level, Level::Scalar | Level::Avx2 | Level::Avx512)
-            && cfg!(target_arch = "x86_64")
     }
 
     /// Packed matmul (`super::packed`): for row groups `g0..g1` of `w` and every token,
@@ -451,6 +449,11 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: as above.
             Level::Avx512 => unsafe { avx512::gemm_packed(w.ty, nb, groups, a, sums, n_tok, out, out_stride) },
+            #[cfg(target_arch = "aarch64")]
+            // SAFETY: as above (NEON is part of every level from `Neon` up).
+            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
+                neon::gemm_packed(self.level, w.ty, nb, groups, a, sums, n_tok, out, out_stride)
+            },
             _ => super::packed::gemm_ref(w.ty, nb, groups, a, sums, n_tok, out, out_stride),
         }
     }

@@ -1028,6 +1028,223 @@ pub(in crate::quant) unsafe fn gemm(
     true
 }
 
+// ---- packed weights (quant::packed): 8 rows as two halves of 4 lanes ----------------------
+//
+// The same arithmetic as x86's packed kernels and the scalar twin, per row: exact
+// integer sums per sub-block (`dot4` is i8·i8 here, so Q8_0 weights need no bias, and
+// the unsigned quants are small enough to be read as i8), scaled in i32, then the same
+// f32 `fma` chain (`vfmaq_f32`/`vfmsq_f32` are fused like x86's fmadd/fnmadd).
+// A k-vector's first 16 bytes are rows 0..4, its last 16 rows 4..8: each half of the
+// group is one pass over the block, 4 rows a lane.
+
+/// Packed-tile tokens at a time (registers: 2 accumulators a token and sub-block pair).
+const PACKED_T: usize = 4;
+
+/// u8 → i32 of the 4 bytes at `p`.
+#[inline(always)]
+unsafe fn ld_u8x4(p: *const u8) -> int32x4_t {
+    // SAFETY: the caller guarantees 4 readable bytes.
+    unsafe { vreinterpretq_s32_u32(vmovl_u16(vget_low_u16(vmovl_u8(vreinterpret_u8_u32(vdup_n_u32(rd_u32(p))))))) }
+}
+
+/// i8 → i32 of the 4 bytes at `p`.
+#[inline(always)]
+unsafe fn ld_i8x4(p: *const u8) -> int32x4_t {
+    // SAFETY: the caller guarantees 4 readable bytes.
+    unsafe { vmovl_s16(vget_low_s16(vmovl_s8(vreinterpret_s8_u32(vdup_n_u32(rd_u32(p)))))) }
+}
+
+/// The 4 bytes at `p` in every lane.
+#[inline(always)]
+unsafe fn bcast4(p: *const u8) -> int8x16_t {
+    // SAFETY: the caller guarantees 4 readable bytes.
+    unsafe { vreinterpretq_s8_u32(vdupq_n_u32(rd_u32(p))) }
+}
+
+/// `Σ m·s` for 4 rows: `m` = (m_a, m_b) u8 pairs of 4 rows at `p` (8 bytes), `s` = the
+/// activation's sums of the two sub-blocks.
+#[inline(always)]
+unsafe fn min_pairs(acc: int32x4_t, p: *const u8, sa: i16, sb: i16) -> int32x4_t {
+    // SAFETY: the caller guarantees 8 readable bytes.
+    unsafe {
+        let m = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(p)));
+        let s = vreinterpretq_s16_s32(vdupq_n_s32((sa as u16 as i32) | ((sb as i32) << 16)));
+        let lo = vmull_s16(vget_low_s16(m), vget_low_s16(s));
+        let hi = vmull_high_s16(m, s);
+        vaddq_s32(acc, vpaddq_s32(lo, hi))
+    }
+}
+
+/// One block of one half (`hf`: rows 4hf..4hf+4) of a packed group against `T` tokens
+/// (activation blocks `y[t]`, their sums `s[t]`); updates `acc[t]`.
+#[inline(always)]
+unsafe fn packed_half<const DP: bool, const T: usize>(ty: GgmlType, x: *const u8, hf: usize, y: &[*const u8; T],
+                                                      s: &[*const i16; T], acc: &mut [float32x4_t; T]) {
+    // SAFETY: the caller passes one packed block at `x`, one activation block at each
+    // y[t] with its sums at s[t]; every offset below is inside them.
+    unsafe {
+        let o = 16 * hf; // byte offset of this half inside a k-vector
+        let m4 = vdupq_n_s8(0x0F);
+        let mut isum = [vdupq_n_s32(0); T];
+        let mut msum = [vdupq_n_s32(0); T];
+        match ty {
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                for p in 0..4 {
+                    let mut lo = [vdupq_n_s32(0); T];
+                    let mut hi = [vdupq_n_s32(0); T];
+                    for k in 0..8 {
+                        let v = ld(x.add(160 + 32 * (8 * p + k) + o));
+                        let mut ql = vandq_s8(v, m4);
+                        let mut qh = vreinterpretq_s8_u8(vshrq_n_u8::<4>(vreinterpretq_u8_s8(v)));
+                        if ty == GgmlType::Q5_K {
+                            let h = vreinterpretq_u8_s8(ld(x.add(1184 + 32 * k + o)));
+                            let one = vdupq_n_u8(1);
+                            let hl = vandq_u8(vshlq_u8(h, vdupq_n_s8(-(2 * p as i8))), one);
+                            let hh = vandq_u8(vshlq_u8(h, vdupq_n_s8(-(2 * p as i8) - 1)), one);
+                            ql = vorrq_s8(ql, vreinterpretq_s8_u8(vshlq_n_u8::<4>(hl)));
+                            qh = vorrq_s8(qh, vreinterpretq_s8_u8(vshlq_n_u8::<4>(hh)));
+                        }
+                        for t in 0..T {
+                            let ya = y[t].add(4 + 64 * p + 4 * k);
+                            lo[t] = dot4::<DP>(lo[t], ql, bcast4(ya));
+                            hi[t] = dot4::<DP>(hi[t], qh, bcast4(ya.add(32)));
+                        }
+                    }
+                    let sc_lo = ld_u8x4(x.add(32 + 16 * p + 4 * hf));
+                    let sc_hi = ld_u8x4(x.add(40 + 16 * p + 4 * hf));
+                    for t in 0..T {
+                        isum[t] = vmlaq_s32(isum[t], lo[t], sc_lo);
+                        isum[t] = vmlaq_s32(isum[t], hi[t], sc_hi);
+                        msum[t] = min_pairs(msum[t], x.add(96 + 16 * p + 8 * hf), *s[t].add(2 * p), *s[t].add(2 * p + 1));
+                    }
+                }
+            }
+            GgmlType::Q6_K => {
+                for h in 0..2 {
+                    for kh in 0..2 {
+                        for i in 0..4 {
+                            let mut sub = [vdupq_n_s32(0); T];
+                            for k in 4 * kh..4 * kh + 4 {
+                                let v = x.add(144 + 96 * (8 * h + k) + o);
+                                let l = vreinterpretq_u8_s8(ld(v.add(32 * (i & 1))));
+                                let qh = vreinterpretq_u8_s8(ld(v.add(64)));
+                                let lo4 = if i < 2 { vandq_u8(l, vdupq_n_u8(15)) } else { vshrq_n_u8::<4>(l) };
+                                let hb = vshlq_n_u8::<4>(vandq_u8(vshlq_u8(qh, vdupq_n_s8(-2 * i as i8)), vdupq_n_u8(3)));
+                                let q = vreinterpretq_s8_u8(vorrq_u8(lo4, hb));
+                                for t in 0..T {
+                                    sub[t] = dot4::<DP>(sub[t], q, bcast4(y[t].add(4 + 128 * h + 32 * i + 4 * k)));
+                                }
+                            }
+                            let j = 8 * h + 2 * i + kh;
+                            let sc = ld_i8x4(x.add(16 + 8 * j + 4 * hf));
+                            for t in 0..T {
+                                isum[t] = vmlaq_s32(isum[t], sub[t], sc);
+                                msum[t] = vmlaq_s32(msum[t], sc, vdupq_n_s32(*s[t].add(j) as i32));
+                            }
+                        }
+                    }
+                }
+                for t in 0..T {
+                    isum[t] = vsubq_s32(isum[t], vshlq_n_s32::<5>(msum[t]));
+                }
+            }
+            GgmlType::Q4_0 => {
+                for k in 0..4 {
+                    let v = ld(x.add(16 + 32 * k + o));
+                    let ql = vandq_s8(v, m4);
+                    let qh = vreinterpretq_s8_u8(vshrq_n_u8::<4>(vreinterpretq_u8_s8(v)));
+                    for t in 0..T {
+                        isum[t] = dot4::<DP>(isum[t], ql, bcast4(y[t].add(2 + 4 * k)));
+                        isum[t] = dot4::<DP>(isum[t], qh, bcast4(y[t].add(18 + 4 * k)));
+                    }
+                }
+                for t in 0..T {
+                    isum[t] = vsubq_s32(isum[t], vdupq_n_s32(8 * *s[t] as i32));
+                }
+            }
+            _ => {
+                for k in 0..8 {
+                    let v = ld(x.add(16 + 32 * k + o));
+                    for t in 0..T {
+                        isum[t] = dot4::<DP>(isum[t], v, bcast4(y[t].add(2 + 4 * k)));
+                    }
+                }
+            }
+        }
+        let d = ld_f16x4(x.add(8 * hf).cast());
+        let k = ty.block_size() == 256;
+        for t in 0..T {
+            let yd = if k { rd_f32(y[t]) } else { fp16(rd_u16(y[t])) };
+            acc[t] = vfmaq_f32(acc[t], vmulq_n_f32(d, yd), vcvtq_f32_s32(isum[t]));
+            if matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K) {
+                let dmin = ld_f16x4(x.add(16 + 8 * hf).cast());
+                acc[t] = vfmsq_f32(acc[t], vmulq_n_f32(dmin, yd), vcvtq_f32_s32(msum[t]));
+            }
+        }
+    }
+}
+
+/// Tokens `t0..t0+T` against row group `gx`: every block, then the 8×T results.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn packed_group<const DP: bool, const T: usize>(ty: GgmlType, nb: usize, gx: *const u8, gb: usize,
+                                                       a: *const u8, ab: usize, sums: *const i16, spb: usize,
+                                                       t0: usize, out: *mut f32, out_stride: usize) {
+    for hf in 0..2 {
+        // SAFETY: NEON is baseline on aarch64.
+        let mut acc = [unsafe { vdupq_n_f32(0.0) }; T];
+        for b in 0..nb {
+            // SAFETY: the caller's contract covers block b of the group and of tokens
+            // t0..t0+T, and their output columns.
+            unsafe {
+                let y: [*const u8; T] = core::array::from_fn(|t| a.add(((t0 + t) * nb + b) * ab));
+                let s: [*const i16; T] = core::array::from_fn(|t| sums.add(((t0 + t) * nb + b) * spb));
+                packed_half::<DP, T>(ty, gx.add(b * gb), hf, &y, &s, &mut acc);
+            }
+        }
+        for (t, acc) in acc.iter().enumerate() {
+            // SAFETY: as above.
+            unsafe { vst1q_f32(out.add((t0 + t) * out_stride + 4 * hf), *acc) };
+        }
+    }
+}
+
+/// `quant::packed::gemm_ref` with NEON, the same arithmetic per (row, token).
+///
+/// # Safety
+/// The CPU supports `level`; `groups` holds whole groups of `nb` blocks of `ty`, `a`
+/// n_tok activation rows, `sums` their `packed::act_sums`, `out` room for every result.
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "neon")]
+pub(in crate::quant) unsafe fn gemm_packed(level: Level, ty: GgmlType, nb: usize, groups: &[u8], a: &[u8],
+                                           sums: &[i16], n_tok: usize, out: &mut [f32], out_stride: usize) {
+    let gb = crate::quant::packed::group_bytes(ty).expect("a packed type");
+    let spb = crate::quant::packed::sums_per_block(ty);
+    let ab = ty.vec_dot_type().type_size();
+    let n_groups = groups.len() / (nb * gb);
+    let dp = level >= Level::NeonDotprod;
+    for g in 0..n_groups {
+        let mut t0 = 0;
+        while t0 < n_tok {
+            let t = if n_tok - t0 >= PACKED_T { PACKED_T } else if n_tok - t0 >= 2 { 2 } else { 1 };
+            // SAFETY: g < n_groups, t0 + t <= n_tok; level per the contract.
+            unsafe {
+                let gx = groups.as_ptr().add(g * nb * gb);
+                let (ap, sp, o) = (a.as_ptr(), sums.as_ptr(), out.as_mut_ptr().add(8 * g));
+                match (dp, t) {
+                    (true, PACKED_T) => packed_group::<true, PACKED_T>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
+                    (true, 2) => packed_group::<true, 2>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
+                    (true, _) => packed_group::<true, 1>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
+                    (false, PACKED_T) => packed_group::<false, PACKED_T>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
+                    (false, 2) => packed_group::<false, 2>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
+                    (false, _) => packed_group::<false, 1>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
+                }
+            }
+            t0 += t;
+        }
+    }
+}
+
 // ---- activation quantizers ---------------------------------------------------------------
 
 /// # Safety

@@ -15,6 +15,7 @@ pub mod sample;
 pub mod engine;
 pub mod batch;
 pub mod threads;
+pub mod mem;
 pub mod bench;
 pub mod cuda;
 pub mod tools;

@@ -14,6 +14,8 @@
 
 use half::f16;
 
+use crate::mem::HugeF16;
+
 use crate::error::{Error, Result};
 
 #[derive(Clone, Copy, Debug)]
@@ -50,20 +52,11 @@ impl KvShape {
     }
 }
 
-/// `n` zero f16 values. `vec![f16::ZERO; n]` would write every element (f16 is not a
-/// type the standard library knows to be all-zero bits); `vec![0u16; n]` is served by
-/// `alloc_zeroed`, so the pages stay untouched until a block is used.
-fn zeroed_f16(n: usize) -> Vec<f16> {
-    let mut v = std::mem::ManuallyDrop::new(vec![0u16; n]);
-    // SAFETY: f16 is #[repr(transparent)] over u16 (same size and alignment), and the
-    // all-zero bit pattern is +0.0; the allocation is handed over whole.
-    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f16>(), v.len(), v.capacity()) }
-}
-
 pub struct KvCache {
     pub shape: KvShape,
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    // Per layer, in 2 MiB pages (crate::mem): touched only as blocks are used.
+    k: Vec<HugeF16>,
+    v: Vec<HugeF16>,
 }
 
 impl KvCache {
@@ -78,8 +71,8 @@ impl KvCache {
         };
         Ok(KvCache {
             shape,
-            k: (0..shape.n_layer).map(|_| zeroed_f16(nk)).collect(),
-            v: (0..shape.n_layer).map(|_| zeroed_f16(nv)).collect(),
+            k: (0..shape.n_layer).map(|_| HugeF16::zeroed(nk)).collect(),
+            v: (0..shape.n_layer).map(|_| HugeF16::zeroed(nv)).collect(),
         })
     }
 
@@ -95,10 +88,10 @@ impl KvCache {
         debug_assert_eq!(k.len(), dk);
         debug_assert_eq!(v.len(), dv);
         let s = self.slot(table, pos);
-        for (d, &x) in self.k[layer][s * dk..(s + 1) * dk].iter_mut().zip(k) {
+        for (d, &x) in self.k[layer].as_mut_slice()[s * dk..(s + 1) * dk].iter_mut().zip(k) {
             *d = f16::from_f32(x);
         }
-        for (d, &x) in self.v[layer][s * dv..(s + 1) * dv].iter_mut().zip(v) {
+        for (d, &x) in self.v[layer].as_mut_slice()[s * dv..(s + 1) * dv].iter_mut().zip(v) {
             *d = f16::from_f32(x);
         }
     }
@@ -108,14 +101,14 @@ impl KvCache {
     pub fn k_row(&self, layer: usize, table: &[u32], pos: usize) -> &[f16] {
         let dk = self.shape.kv_dim_k;
         let s = self.slot(table, pos);
-        &self.k[layer][s * dk..(s + 1) * dk]
+        &self.k[layer].as_slice()[s * dk..(s + 1) * dk]
     }
 
     #[inline]
     pub fn v_row(&self, layer: usize, table: &[u32], pos: usize) -> &[f16] {
         let dv = self.shape.kv_dim_v;
         let s = self.slot(table, pos);
-        &self.v[layer][s * dv..(s + 1) * dv]
+        &self.v[layer].as_slice()[s * dv..(s + 1) * dv]
     }
 
     /// Check a block table can hold `n_pos` positions and names only real blocks.

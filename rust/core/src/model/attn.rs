@@ -30,8 +30,22 @@ trait V16: Copy {
     fn zero() -> Self;
     /// self + a * k
     fn fma_b(self, a: f32, k: Self) -> Self;
+    /// self + a * b, lane by lane
+    fn fma_v(self, a: Self, b: Self) -> Self;
+    /// Whether `load_f16` converts in registers (else callers convert rows through
+    /// `Kernels::f16_to_f32_row` first: the plain array would convert in software).
+    const F16: bool;
+    /// 16 f16 values at `p`, as f32.
+    /// # Safety
+    /// `p` points to 16 readable f16.
+    unsafe fn load_f16(p: *const half::f16) -> Self;
     fn hmax(self) -> f32;
     fn hsum(self) -> f32;
+    /// The horizontal sums of four vectors (one reduction tree for the four).
+    #[inline(always)]
+    fn hsum4(v: [Self; 4]) -> [f32; 4] {
+        [v[0].hsum(), v[1].hsum(), v[2].hsum(), v[3].hsum()]
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -58,6 +72,19 @@ impl V16 for Arr {
             self.0[l] = if cfg!(target_arch = "aarch64") { a.mul_add(k.0[l], self.0[l]) } else { a * k.0[l] + self.0[l] };
         }
         self
+    }
+    #[inline(always)]
+    fn fma_v(mut self, a: Self, b: Self) -> Self {
+        for l in 0..KB {
+            self.0[l] = a.0[l].mul_add(b.0[l], self.0[l]);
+        }
+        self
+    }
+    const F16: bool = false;
+    #[inline(always)]
+    unsafe fn load_f16(p: *const half::f16) -> Self {
+        // SAFETY: caller's contract.
+        Arr(std::array::from_fn(|l| unsafe { *p.add(l) }.to_f32()))
     }
     #[inline(always)]
     fn hmax(self) -> f32 {
@@ -98,6 +125,17 @@ mod x86 {
             Z(unsafe { _mm512_fmadd_ps(_mm512_set1_ps(a), k.0, self.0) })
         }
         #[inline(always)]
+        fn fma_v(self, a: Self, b: Self) -> Self {
+            // SAFETY: as above.
+            Z(unsafe { _mm512_fmadd_ps(a.0, b.0, self.0) })
+        }
+        const F16: bool = true;
+        #[inline(always)]
+        unsafe fn load_f16(p: *const half::f16) -> Self {
+            // SAFETY: caller's contract; F16C/AVX-512 present where Z is used.
+            Z(unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) })
+        }
+        #[inline(always)]
         fn hmax(self) -> f32 {
             // SAFETY: as above.
             unsafe { _mm512_reduce_max_ps(self.0) }
@@ -106,6 +144,23 @@ mod x86 {
         fn hsum(self) -> f32 {
             // SAFETY: as above.
             unsafe { _mm512_reduce_add_ps(self.0) }
+        }
+        #[inline(always)]
+        fn hsum4(v: [Self; 4]) -> [f32; 4] {
+            // SAFETY: as above.
+            unsafe {
+                // (extractf64x4 is AVX-512F; the f32x8 form needs DQ.)
+                let h = |z: __m512| {
+                    let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(z)));
+                    _mm256_add_ps(_mm512_castps512_ps256(z), hi)
+                };
+                let (a, b, c, d) = (h(v[0].0), h(v[1].0), h(v[2].0), h(v[3].0));
+                let t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+                let s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+                let mut out = [0f32; 4];
+                _mm_storeu_ps(out.as_mut_ptr(), s);
+                out
+            }
         }
     }
 
@@ -139,6 +194,17 @@ mod x86 {
             }
         }
         #[inline(always)]
+        fn fma_v(self, a: Self, b: Self) -> Self {
+            // SAFETY: as above.
+            unsafe { Y(_mm256_fmadd_ps(a.0, b.0, self.0), _mm256_fmadd_ps(a.1, b.1, self.1)) }
+        }
+        const F16: bool = true;
+        #[inline(always)]
+        unsafe fn load_f16(p: *const half::f16) -> Self {
+            // SAFETY: caller's contract; F16C present where Y is used.
+            unsafe { Y(_mm256_cvtph_ps(_mm_loadu_si128(p.cast())), _mm256_cvtph_ps(_mm_loadu_si128(p.add(8).cast()))) }
+        }
+        #[inline(always)]
         fn hmax(self) -> f32 {
             let mut a = [0f32; 8];
             // SAFETY: as above.
@@ -151,6 +217,19 @@ mod x86 {
             // SAFETY: as above.
             unsafe { _mm256_storeu_ps(a.as_mut_ptr(), _mm256_add_ps(self.0, self.1)) };
             a.iter().sum()
+        }
+        #[inline(always)]
+        fn hsum4(v: [Self; 4]) -> [f32; 4] {
+            // SAFETY: as above.
+            unsafe {
+                let h = |y: Y| _mm256_add_ps(y.0, y.1);
+                let (a, b, c, d) = (h(v[0]), h(v[1]), h(v[2]), h(v[3]));
+                let t = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+                let s = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+                let mut out = [0f32; 4];
+                _mm_storeu_ps(out.as_mut_ptr(), s);
+                out
+            }
         }
     }
 }
@@ -425,6 +504,173 @@ fn run_generic<V: V16>(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scra
     }
 }
 
+/// Decode attention over a long context: the query rows of one token that share a KV
+/// head (`q`: `rows × hd`, already scaled) against keys `lo..=hi`, 16 at a time.
+/// The prompt tile above transposes K so that many rows share each key; for the few
+/// rows of one decode token that transposition costs more than the dots, so here each
+/// key's row is dotted with each query row directly (the same lane order for every
+/// row and key), with the same online softmax and f32 accumulation of V. Each row's
+/// result depends only on its own query and keys, never on the batch.
+/// out: `rows × hdv`, row-major.
+#[allow(clippy::too_many_arguments)]
+pub fn decode(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: usize, hdv: usize, k: &Keys<'_>,
+              sc: &mut Scratch, out: &mut [f32]) {
+    assert!(hd.is_multiple_of(KB) && hdv.is_multiple_of(KB), "decode attention needs head sizes that are multiples of {KB}");
+    assert!(q.len() == rows * hd && out.len() == rows * hdv && lo <= hi);
+    match kern.level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the level was detected (or forced to one this CPU has) at load.
+        Level::Avx512 => unsafe { decode_avx512(kern, q, rows, lo, hi, hd, hdv, k, sc, out) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        Level::Avx2 => unsafe { decode_avx2(kern, q, rows, lo, hi, hd, hdv, k, sc, out) },
+        _ => decode_generic::<Arr>(kern, q, rows, lo, hi, hd, hdv, k, sc, out),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_avx512(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: usize, hdv: usize,
+                        k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+    decode_generic::<x86::Z>(kern, q, rows, lo, hi, hd, hdv, k, sc, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn decode_avx2(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: usize, hdv: usize,
+                      k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+    decode_generic::<x86::Y>(kern, q, rows, lo, hi, hd, hdv, k, sc, out)
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn decode_generic<V: V16>(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: usize, hdv: usize,
+                          k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+    // Rows in fours, then one at a time: a fixed count lets the compiler keep each
+    // row's accumulators in registers. A row's arithmetic is the same either way.
+    let mut r0 = 0;
+    while r0 < rows {
+        let n = if rows - r0 >= 4 { 4 } else { 1 };
+        let (qs, os) = (&q[r0 * hd..(r0 + n) * hd], &mut out[r0 * hdv..(r0 + n) * hdv]);
+        if n == 4 {
+            decode_rows::<V, 4>(kern, qs, lo, hi, hd, hdv, k, sc, os);
+        } else {
+            decode_rows::<V, 1>(kern, qs, lo, hi, hd, hdv, k, sc, os);
+        }
+        r0 += n;
+    }
+}
+
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+#[inline(always)]
+fn decode_rows<V: V16, const R: usize>(kern: &Kernels, q: &[f32], lo: usize, hi: usize, hd: usize, hdv: usize,
+                                        k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+    if !V::F16 {
+        sc.tmp.clear();
+        sc.tmp.resize(KB * hd, 0.0); // [16 keys][hd]
+        sc.v.clear();
+        sc.v.resize(KB * hdv, 0.0); // [16 keys][hdv]
+    }
+    sc.acc.clear();
+    sc.acc.resize(R * hdv, 0.0);
+    let mut m = [f32::NEG_INFINITY; R];
+    let mut l = [0f32; R];
+    let mut kp = [std::ptr::null::<half::f16>(); KB];
+    let mut vp = [std::ptr::null::<half::f16>(); KB];
+    let mut j0 = lo / KB * KB;
+    while j0 <= hi {
+        let (a, b) = (j0.max(lo) - j0, (j0 + KB).min(hi + 1) - j0); // keys j0+a..j0+b are visible
+        for jj in a..b {
+            let kr = &k.kv.k_row(k.layer, k.table, j0 + jj)[k.kvh * hd..(k.kvh + 1) * hd];
+            let vr = &k.kv.v_row(k.layer, k.table, j0 + jj)[k.kvh * hdv..(k.kvh + 1) * hdv];
+            (kp[jj], vp[jj]) = (kr.as_ptr(), vr.as_ptr());
+            if !V::F16 {
+                kern.f16_to_f32_row(kr, &mut sc.tmp[jj * hd..(jj + 1) * hd]);
+                kern.f16_to_f32_row(vr, &mut sc.v[jj * hdv..(jj + 1) * hdv]);
+            }
+        }
+        // SAFETY (every load below): c + 16 <= hd (hdv) for q rows, key rows and value
+        // rows alike; kp/vp[jj] point at rows of hd (hdv) f16 for the keys a..b.
+        #[allow(clippy::undocumented_unsafe_blocks)]
+        let key = |jj: usize, c: usize| unsafe {
+            if V::F16 { V::load_f16(kp[jj].add(c)) } else { V::load(sc.tmp.as_ptr().add(jj * hd + c)) }
+        };
+        // Scores: each key's chunk converted once and dotted with every row; the four
+        // rows' sums share one reduction tree (hsum4), whose result per row does not
+        // depend on the other rows.
+        let mut s = [[f32::NEG_INFINITY; KB]; R];
+        for jj in a..b {
+            let mut acc = [V::zero(); R];
+            let mut c = 0;
+            while c < hd {
+                let kc = key(jj, c);
+                for r in 0..R {
+                    // SAFETY: as above.
+                    acc[r] = acc[r].fma_v(unsafe { V::load(q.as_ptr().add(r * hd + c)) }, kc);
+                }
+                c += KB;
+            }
+            let mut quad = [V::zero(); 4];
+            quad[..R].copy_from_slice(&acc);
+            let h = V::hsum4(quad);
+            for r in 0..R {
+                s[r][jj] = h[r];
+            }
+        }
+        for r in 0..R {
+            let sr = &mut s[r];
+            let mx = sr.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let m_new = m[r].max(mx);
+            for x in sr.iter_mut() {
+                *x -= m_new;
+            }
+            exp16(sr);
+            let corr = if m[r] == m_new {
+                1.0
+            } else if m[r] == f32::NEG_INFINITY {
+                0.0
+            } else {
+                (m[r] - m_new).exp()
+            };
+            l[r] = l[r] * corr + sr.iter().sum::<f32>();
+            m[r] = m_new;
+            if corr != 1.0 {
+                sc.acc[r * hdv..(r + 1) * hdv].iter_mut().for_each(|x| *x *= corr);
+            }
+        }
+        // acc += p · V: each value chunk converted once for every row.
+        let mut c = 0;
+        while c < hdv {
+            // SAFETY: as above, for the accumulator rows too.
+            unsafe {
+                let mut x = [V::zero(); R];
+                for r in 0..R {
+                    x[r] = V::load(sc.acc.as_ptr().add(r * hdv + c));
+                }
+                for jj in a..b {
+                    let vc = if V::F16 { V::load_f16(vp[jj].add(c)) } else { V::load(sc.v.as_ptr().add(jj * hdv + c)) };
+                    for r in 0..R {
+                        x[r] = x[r].fma_b(s[r][jj], vc);
+                    }
+                }
+                for r in 0..R {
+                    x[r].store(sc.acc.as_mut_ptr().add(r * hdv + c));
+                }
+            }
+            c += KB;
+        }
+        j0 += KB;
+    }
+    for r in 0..R {
+        let inv = if l[r] > 0.0 { 1.0 / l[r] } else { 0.0 };
+        for (o, &a) in out[r * hdv..(r + 1) * hdv].iter_mut().zip(&sc.acc[r * hdv..(r + 1) * hdv]) {
+            *o = a * inv;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -483,6 +729,62 @@ mod tests {
                     let mut o1 = vec![0f32; hdv];
                     run(kern, &one, &keys, &mut Scratch::default(), &mut o1);
                     assert!(o1.iter().zip(&out[r * hdv..(r + 1) * hdv]).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}: row {r} depends on its tile");
+                }
+            }
+        }
+    }
+
+    /// The long-context decode kernel against the same f64 reference, every level:
+    /// 1..9 query rows of one token, with and without a window, head sizes 64/128;
+    /// each row alone gives the same bits as among the others.
+    #[test]
+    fn decode_attention_matches_reference() {
+        for (hd, n_pos) in [(64usize, 300usize), (128, 70)] {
+            let hdv = hd;
+            let n_kv = 2;
+            let shape = KvShape { n_layer: 1, kv_dim_k: hd * n_kv, kv_dim_v: hdv * n_kv, block_size: 16, n_blocks: n_pos.div_ceil(16) };
+            let mut kv = KvCache::new(shape).unwrap();
+            let table: Vec<u32> = (0..shape.n_blocks as u32).rev().collect();
+            let mut seed = 777u64;
+            let mut rnd = || {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+            };
+            for p in 0..n_pos {
+                let k: Vec<f32> = (0..hd * n_kv).map(|_| rnd()).collect();
+                let v: Vec<f32> = (0..hdv * n_kv).map(|_| rnd()).collect();
+                kv.write(0, &table, p, &k, &v);
+            }
+            let q: Vec<f32> = (0..9 * hd).map(|_| rnd() * 0.2).collect();
+            let hi = n_pos - 1;
+            for lo in [0usize, 37] {
+                for level in Kernels::available() {
+                    let kern = Kernels::for_level(level).unwrap();
+                    let keys = Keys { kv: &kv, layer: 0, table: &table, kvh: 1 };
+                    for rows in [1usize, 4, 9] {
+                        let mut out = vec![0f32; rows * hdv];
+                        decode(kern, &q[..rows * hd], rows, lo, hi, hd, hdv, &keys, &mut Scratch::default(), &mut out);
+                        for r in 0..rows {
+                            let qr = &q[r * hd..(r + 1) * hd];
+                            let scores: Vec<f64> = (lo..=hi)
+                                .map(|j| {
+                                    let k = &kv.k_row(0, &table, j)[hd..2 * hd];
+                                    qr.iter().zip(k).map(|(&a, &b)| a as f64 * b.to_f64()).sum::<f64>()
+                                })
+                                .collect();
+                            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                            let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                            let z: f64 = w.iter().sum();
+                            for d in 0..hdv {
+                                let want: f64 = (lo..=hi).zip(&w).map(|(j, wj)| wj * kv.v_row(0, &table, j)[hdv + d].to_f64()).sum::<f64>() / z;
+                                let got = out[r * hdv + d] as f64;
+                                assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{level:?} hd {hd} lo {lo} rows {rows} row {r} dim {d}: {got} vs {want}");
+                            }
+                            let mut o1 = vec![0f32; hdv];
+                            decode(kern, qr, 1, lo, hi, hd, hdv, &keys, &mut Scratch::default(), &mut o1);
+                            assert!(o1.iter().zip(&out[r * hdv..(r + 1) * hdv]).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}: row {r} depends on the others");
+                        }
+                    }
                 }
             }
         }

@@ -253,6 +253,12 @@ impl Rope<'_> {
 /// 0.1-logprob level.
 pub const FA_TILE_Q: usize = 64;
 
+/// From this many visible keys on, a row-path token takes the long-context decode
+/// kernel (`attn::decode`: f32 accumulation, keys 16 at a time) instead of llama.cpp's
+/// one-row f16 numerics, which cost ~12x the short-context step at 4,000 keys. Decided by
+/// the token's own position, so batching never changes which one it gets.
+pub const LONG_DECODE_KEYS: usize = 128;
+
 /// Tokens of one sequence per tiled-attention task (× the query heads of one KV head).
 const ATTN_TILE_TOK: usize = 64;
 
@@ -312,6 +318,16 @@ pub fn attention(
             // Positions visible from p: causal, and within the window on SWA layers
             // (a key at j is masked when p - j >= window, as llama.cpp masks).
             let lo = lo_of(p);
+            if p + 1 - lo >= LONG_DECODE_KEYS && hd.is_multiple_of(16) && hdv.is_multiple_of(16) {
+                let mut qg = vec![0f32; group * hd];
+                for (g, dst) in qg.chunks_exact_mut(hd).enumerate() {
+                    let src = &q_row[(h0 + g) * hd..(h0 + g + 1) * hd];
+                    dst.iter_mut().zip(src).for_each(|(a, &b)| *a = b * scale);
+                }
+                let keys = super::attn::Keys { kv, layer, table, kvh };
+                super::attn::decode(kern, &qg, group, lo, p, hd, hdv, &keys, &mut super::attn::Scratch::default(), o_row);
+                return;
+            }
             let mut sc = AttnScratch::new(hd, hdv);
             for h in h0..h0 + group {
                 let qh = &q_row[h * hd..(h + 1) * hd];

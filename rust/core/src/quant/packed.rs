@@ -62,6 +62,7 @@
 //! on the batch.
 
 use super::{GgmlType, QK_K};
+use crate::mem::HugeBuf;
 
 /// Rows per group.
 pub const ROWS: usize = 8;
@@ -97,54 +98,6 @@ pub struct Packed {
     pub rows: usize,
     pub cols: usize,
     data: HugeBuf,
-}
-
-/// Zeroed anonymous memory, in 2 MiB pages where the kernel gives them
-/// (`MADV_HUGEPAGE`): streaming hundreds of megabytes of weights per token through
-/// 4 KiB pages costs a TLB miss every 64 cache lines.
-#[derive(Debug)]
-struct HugeBuf {
-    ptr: *mut u8,
-    len: usize,
-    map_len: usize,
-}
-
-// SAFETY: HugeBuf owns its mapping exclusively; &HugeBuf only reads it.
-unsafe impl Send for HugeBuf {}
-// SAFETY: as above.
-unsafe impl Sync for HugeBuf {}
-
-impl HugeBuf {
-    fn zeroed(len: usize) -> HugeBuf {
-        const HUGE: usize = 2 << 20;
-        let map_len = len.max(1).div_ceil(HUGE) * HUGE;
-        // SAFETY: a fresh private anonymous mapping; checked for failure below.
-        let ptr = unsafe {
-            libc::mmap(std::ptr::null_mut(), map_len, libc::PROT_READ | libc::PROT_WRITE,
-                       libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-        };
-        assert!(ptr != libc::MAP_FAILED, "packed weights: cannot map {map_len} bytes");
-        // SAFETY: advice on our own mapping; failure (no THP) only costs speed.
-        unsafe { libc::madvise(ptr, map_len, libc::MADV_HUGEPAGE) };
-        HugeBuf { ptr: ptr.cast(), len, map_len }
-    }
-
-    fn as_slice(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len is mapped, readable and initialised (zero or written).
-        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self is the only access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
-    }
-}
-
-impl Drop for HugeBuf {
-    fn drop(&mut self) {
-        // SAFETY: unmapping the mapping made in `zeroed`, once.
-        unsafe { libc::munmap(self.ptr.cast(), self.map_len) };
-    }
 }
 
 impl Packed {
@@ -227,7 +180,7 @@ impl Packed {
     }
 
     pub fn n_bytes(&self) -> usize {
-        self.data.len
+        self.data.len()
     }
 }
 

@@ -14,8 +14,13 @@ a fake in tests) computes it.
 thread; they are the only places sequences enter, leave and change.
 
 Policies:
-  - Running sequences keep their place, oldest first; waiting ones are admitted FIFO
-    while there is room (max running, token budget, KV blocks).
+  - Each step's token budget goes first to the decode token of every running sequence
+    whose prompt is done, then to newly admitted prompts (FIFO, while there is room:
+    max running, KV blocks) — at most half the budget, each chunk capped — and then to
+    the prompts still being prefilled, oldest first. So a short request is admitted at
+    the next step even while a long prompt prefills (that prompt's chunk shrinks for a
+    step or two), and a stream of new requests never takes more than half of a step
+    from a prefill that is under way. Running sequences keep their place.
   - A prompt's full blocks are looked up in the prefix cache at admission. When the
     next block it needs is being computed right now by another sequence (several
     clients sending the same system prompt at once), it waits a step or two and then
@@ -224,22 +229,26 @@ class Scheduler:
 
         budget = self.limits.max_step_tokens
         plan: dict[int, tuple[Sequence, int, int, bool]] = {}
-        # Running sequences first, oldest first: a decode token each, or the next
-        # chunk of a prompt still being prefilled.
-        for seq in list(self.running):
-            if seq not in self.running:
-                continue  # preempted to make room for an older one
-            n = _chunk(len(seq.tokens) - seq.n_computed, budget)
-            if n <= 0:
-                continue
-            if not self._grow(seq, seq.n_computed + n, plan):
-                continue  # seq itself was preempted
+
+        def run(seq: Sequence, n: int, may_preempt: bool = True) -> bool:
+            nonlocal budget
+            if not self._grow(seq, seq.n_computed + n, plan, may_preempt):
+                return False
             end = seq.n_computed + n
             plan[seq.id] = (seq, seq.n_computed, end, end == len(seq.tokens))
             budget -= n
-        # Admit waiting sequences.
+            return True
+
+        # 1. The decode token of every running sequence past its prompt, oldest first.
+        for seq in list(self.running):
+            if seq in self.running and len(seq.tokens) - seq.n_computed == 1 and budget > 0:
+                run(seq, 1)
+        # 2. Admit waiting sequences: at most half of the step (each chunk at most that),
+        #    so a prefill under way keeps the rest. A new request starts now, not when
+        #    a long prompt ahead of it is done.
+        admit_budget = max(self.limits.max_step_tokens // 2, 2)
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and len(self.running) < self.limits.max_running:
+        while self.waiting and budget > 0 and admit_budget > 0 and len(self.running) < self.limits.max_running:
             seq = self.waiting.popleft()
             try:
                 admitted = self._admit(seq)
@@ -251,14 +260,19 @@ class Scheduler:
             if not admitted:
                 skipped.append(seq)  # its prefix is being computed by another; next step
                 continue
-            n = _chunk(len(seq.tokens) - seq.n_computed, budget)
-            if n <= 0 or not self._grow(seq, seq.n_computed + n, plan, may_preempt=False):
+            n = _chunk(len(seq.tokens) - seq.n_computed, min(budget, admit_budget))
+            if n <= 0 or not run(seq, n, may_preempt=False):
                 self._unadmit(seq)
                 self.waiting.appendleft(seq)
                 break
-            end = seq.n_computed + n
-            plan[seq.id] = (seq, seq.n_computed, end, end == len(seq.tokens))
-            budget -= n
+            admit_budget -= n
+        # 3. Prompts being prefilled (admitted in earlier steps), oldest first: the rest.
+        for seq in list(self.running):
+            if seq not in self.running or seq.id in plan:
+                continue  # preempted to make room, or already in this step
+            n = _chunk(len(seq.tokens) - seq.n_computed, budget)
+            if n > 0:
+                run(seq, n)
         self.waiting.extendleft(reversed(skipped))
         self._planned = list(plan.values())
         self.masks = {}

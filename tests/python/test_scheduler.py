@@ -254,3 +254,75 @@ def test_lru_eviction_order() -> None:
     assert not bm.is_cached(102) and bm.is_cached(100)
     bm.clear_cache()
     assert bm.n_cached == 0 and not bm.is_cached(100)
+
+
+def _first_token_step(s: Scheduler, ex: FakeExecutor, seq: Sequence, got: dict[int, list[int]] | None = None) -> int:
+    """Steps until `seq` gets its first token (stepping everything; tokens into `got`)."""
+    for n in range(1, 10000):
+        hit = False
+        for o in s.process(ex.step(s.schedule())):
+            if o.token is not None and got is not None:
+                got.setdefault(o.seq.id, []).append(o.token)
+            hit = hit or (o.seq is seq and o.token is not None)
+        if hit:
+            return n
+    raise AssertionError("no token")
+
+
+def test_a_short_request_is_admitted_while_a_long_prompt_prefills() -> None:
+    """Fair admission: behind an 8,000-token prompt being prefilled 512 tokens a step,
+    an 8-token chat gets its first token at the next step (it used to wait for the
+    whole prompt: 16 steps), and the long prompt's own time grows by at most a step per
+    short request."""
+    lim = SchedulerLimits(max_running=16, max_step_tokens=512, max_context=8192)
+
+    def long_alone() -> int:
+        ex = FakeExecutor(1024)
+        s = Scheduler(ex, lim, [EOS])
+        long = Sequence(prompt(8000, 1), 1)
+        s.add(long)
+        return _first_token_step(s, ex, long)
+
+    ex = FakeExecutor(1024)
+    s = Scheduler(ex, lim, [EOS])
+    long = Sequence(prompt(8000, 1), 1)
+    s.add(long)
+    for _ in range(3):  # the long prompt is under way
+        s.process(ex.step(s.schedule()))
+    short = Sequence(prompt(8, 2), 4)
+    s.add(short)
+    got: dict[int, list[int]] = {}
+    assert _first_token_step(s, ex, short, got) == 1  # admitted and answered in the very next step
+    n_long = 4 + _first_token_step(s, ex, long, got)
+    assert n_long <= long_alone() + 1, (n_long, long_alone())
+    for items in ex.steps:
+        assert sum(e - a for _, a, e, _, _ in items) <= 512
+    for sid, toks in run(s, ex).items():
+        got.setdefault(sid, []).extend(toks)
+    assert got[short.id] == alone(short.prompt, 4)
+
+
+def test_new_requests_take_at_most_half_a_step_from_a_prefill() -> None:
+    """A stream of new prompts cannot starve a prefill under way: each step it keeps at
+    least half the budget (less the decodes), and every short request still starts at
+    the step after it arrives."""
+    ex = FakeExecutor(2048)
+    lim = SchedulerLimits(max_running=64, max_step_tokens=256, max_context=8192)
+    s = Scheduler(ex, lim, [EOS])
+    long = Sequence(prompt(4000, 3), 1)
+    s.add(long)
+    s.process(ex.step(s.schedule()))
+    shorts = []
+    for i in range(20):
+        q = Sequence(prompt(60, 10 + i), 2)
+        s.add(q)
+        shorts.append(q)
+        items = s.schedule()
+        got = {sid: e - a for sid, a, e, _, _ in items}
+        assert got.get(q.id, 0) == 60, "a short prompt is admitted whole at once"
+        n_decode = sum(1 for sid, n in got.items() if n == 1)
+        if long.n_computed < 4000 - 256:
+            assert got[long.id] >= 256 // 2 - n_decode, got
+        s.process(ex.step(items))
+    got = run(s, ex)
+    assert all(len(got.get(q.id, [])) >= 1 or q.n_generated == 2 for q in shorts)

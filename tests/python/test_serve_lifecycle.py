@@ -239,3 +239,37 @@ def test_health_is_503_until_the_model_is_loaded() -> None:
             await srv.pool.close(0.0)
 
     asyncio.run(go())
+
+
+def test_short_request_is_not_starved_by_a_long_prompt() -> None:
+    """Fair admission on the real daemon: a short chat sent while a 4,000-token prompt
+    prefills is answered before that prompt's first token (it used to wait for the whole
+    prefill). The times are printed, not asserted."""
+    import threading
+    import time
+
+    with daemon(model_path(SMOLLM2)) as d:
+        body_short = {"prompt": "Hello", "max_tokens": 1, "temperature": 0}
+        t0 = time.perf_counter()
+        assert d.post("/v1/completions", body_short)[0] == 200
+        idle = time.perf_counter() - t0
+        done: dict[str, float] = {}
+
+        def long() -> None:
+            status, r = d.post("/v1/completions", {"prompt": [(i * 37) % 40000 + 100 for i in range(4000)],
+                                                   "max_tokens": 1, "temperature": 0})
+            assert status == 200, r
+            done["long"] = time.perf_counter()
+
+        t = threading.Thread(target=long)
+        t_long = time.perf_counter()
+        t.start()
+        time.sleep(0.5)  # the long prompt is being prefilled
+        t1 = time.perf_counter()
+        status, r = d.post("/v1/completions", body_short)
+        done["short"] = time.perf_counter()
+        assert status == 200, r
+        t.join(120)
+        print(f"short request alone {idle * 1000:.0f} ms; behind the 4,000-token prompt {(done['short'] - t1) * 1000:.0f} ms;"
+              f" the long prompt took {done['long'] - t_long:.1f} s")
+        assert done["short"] < done["long"]

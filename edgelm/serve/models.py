@@ -304,11 +304,15 @@ class ModelPool:
         self._device = (f"cuda:{ordinal}", info)
         return self._device
 
+    def served_context(self, model: Model, n_blocks: int) -> int:
+        """Tokens per sequence: max_context, within the model's context and the KV cache."""
+        return min(self.cfg.max_context or model.n_ctx_train, model.n_ctx_train, n_blocks * BLOCK_SIZE)
+
     def _open(self, path: Path) -> tuple[Model, int, int, str]:
         if not path.is_file():
             raise EdgelmError(f"model file {path} does not exist (set `model:` in the config, or fetch one with "
                               f"`edgelm pull`)")
-        model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level)
+        model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=self.cfg.max_context)
         device, info = self.device()
         per_token = model.native.kv_bytes_per_token
         size = path.stat().st_size
@@ -322,6 +326,13 @@ class ModelPool:
         else:
             kv_budget = min(self.budget_bytes // 4, 2 << 30)
         n_blocks = max(kv_budget // (per_token * BLOCK_SIZE), 1)
+        # LongRoPE (Phi-3.5, Phi-4-mini) picks its RoPE factors by the context it runs
+        # with, as llama.cpp does by its -c: the context served, which the KV cache may
+        # hold below max_context. Loading again is a new mapping of the same file.
+        served = self.served_context(model, n_blocks)
+        if (model.native.rope_factors or "").startswith("rope_factors_") and served != (self.cfg.max_context or
+                                                                                        model.n_ctx_train):
+            model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=served)
         # Host memory: the mapped weights, and the KV cache unless it is on a GPU of
         # its own (on a Jetson the GPU's memory is the host's).
         cost = size + SCRATCH_BYTES + (0 if discrete else n_blocks * BLOCK_SIZE * per_token)
@@ -353,7 +364,7 @@ class ModelPool:
                device: str) -> tuple[dict[str, Any], Executor, frozenset[int]]:
         """Everything but the engine (which starts on the event loop), off the loop."""
         native = model.native
-        max_ctx = min(self.cfg.max_context or model.n_ctx_train, model.n_ctx_train, n_blocks * BLOCK_SIZE)
+        max_ctx = self.served_context(model, n_blocks)
         if max_ctx < 2:
             raise EdgelmError(f"the KV cache budget holds fewer than 2 tokens for {mid}")
         try:
@@ -373,8 +384,10 @@ class ModelPool:
         keep = None if path == self.default_path else self.default_keep_alive
         parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
                  "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep, "device": executor.device}
-        log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d", mid,
-                 model.architecture, executor.device, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx)
+        rope = f", RoPE factors {native.rope_factors}" if native.rope_factors else ""
+        log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d%s", mid,
+                 model.architecture, executor.device, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx,
+                 rope)
         return parts, executor, eog
 
     async def unload(self, mid: str) -> bool:

@@ -44,6 +44,7 @@ from edgelm.serve.grammar import GrammarError, Grammars
 from edgelm.serve.metrics import Metrics
 from edgelm.serve.params import ApiError
 from edgelm.serve.scheduler import SchedulerLimits
+from edgelm.serve.thinking import ThoughtBudget, ThoughtRule
 
 log = logging.getLogger("edgelm.serve")
 
@@ -107,10 +108,35 @@ class LoadedModel:
 
     async def tool_grammar(self, plan: tools.ToolPlan, schema: dict[str, Any] | None) -> str:
         """The grammar for an answer that may call tools (see edgelm.serve.tools)."""
+        source = tools.grammar(plan, schema)
+        assert source is not None  # a plan always constrains
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, tools.grammar(plan, schema))
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, source)
         except GrammarError as e:
             raise ApiError(str(e), "tools", 400) from None
+
+    async def answer_grammar(self, plan: tools.ToolPlan | None, schema: dict[str, Any] | None,
+                             thought: ThoughtRule | None) -> str | None:
+        """The grammar for an answer: tools, a response schema and a thinking model's
+        thought, in any combination (None: unconstrained)."""
+        if thought is None or (plan is None and schema is None and thought.budget is None):
+            return await (self.tool_grammar(plan, schema) if plan else self.grammar_for(schema))
+        source = tools.grammar(plan, schema, thought)
+        assert source is not None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, source)
+        except GrammarError as e:
+            raise ApiError(str(e), "tools" if plan else "response_format", 400) from None
+
+    def matcher(self, grammar: str | None, thought: ThoughtRule | None) -> Any:
+        """A matcher for `grammar` (None: none), with the thought's token budget."""
+        if grammar is None:
+            return None
+        m = self.grammars.matcher(grammar)
+        if thought is None or thought.budget is None:
+            return m
+        close = self.grammars.prefix_masks(thought.style.close.encode())
+        return ThoughtBudget(m, thought.budget, thought.style, thought.opened, self.token_bytes, close)
 
     def token_bytes(self, tid: int) -> bytes:
         b = self._token_bytes.get(tid)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from edgelm import EdgelmError, __version__, store
-from edgelm.serve import tools
+from edgelm.serve import thinking, tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
@@ -99,10 +99,15 @@ def _details(md: dict[str, Any]) -> dict[str, Any]:
 def _capabilities(md: dict[str, Any]) -> list[str]:
     """What a model can do, as Ollama reports it: a model without a chat template is a
     base model (text completion only); edgelm gives any chat model tools (through its
-    template, or edgelm's tool prompt)."""
-    if not md.get("tokenizer.chat_template"):
+    template, or edgelm's tool prompt); a template with a thinking section adds
+    "thinking"."""
+    template = md.get("tokenizer.chat_template")
+    if not template:
         return ["completion"]
-    return ["completion", "tools"]
+    caps = ["completion", "tools"]
+    if thinking.template_style(template if isinstance(template, str) else None) is not None:
+        caps.append("thinking")
+    return caps
 
 
 def _file_info(path: Path) -> tuple[int, str]:
@@ -224,10 +229,15 @@ def _format(b: Body) -> dict[str, Any] | None:
         schema = f
     elif f not in (None, ""):
         raise ApiError("'format' must be \"json\" or a JSON schema object", "format", 400)
-    think = b.data.get("think")
-    if think not in (None, False, "false", "none"):
-        raise ApiError("this model does not support thinking ('think')", "think", 400)
     return schema
+
+
+def _thinking(lm: LoadedModel, b: Body) -> thinking.Thinking:
+    """The request's `think` against what the model can do (a 400 for `think: true` on a
+    model that cannot think, as Ollama answers; false and null always work)."""
+    raw = b.data.get("options")
+    budget = raw.get("thinking_budget") if isinstance(raw, dict) else None
+    return thinking.from_ollama(b.data.get("think"), budget, lm.template.thinking, ollama_name(lm.id))
 
 
 def _stats(st: Stream, t0: float, load_s: float) -> dict[str, Any]:
@@ -245,14 +255,19 @@ def _done_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"
 
 
-async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[int], b: Body, kind: str,
-               schema: dict[str, Any] | None = None, plan: tools.ToolPlan | None = None,
+async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, prompt: list[int], b: Body, kind: str,
+               schema: dict[str, Any] | None, plan: tools.ToolPlan | None, think: thinking.Thinking,
                load_s: float = 0.0) -> web.StreamResponse:
+    """Generate the answer to a rendered prompt (`text`, as `prompt` tokens) and send it
+    back as Ollama does: content, `thinking` apart (thinking models), tool calls whole."""
     sampling, n_predict, stop, num_ctx = _options(lm, b)
-    grammar = await (lm.tool_grammar(plan, schema) if plan else lm.grammar_for(schema))
+    style = lm.template.thinking
+    opened = thinking.forced_open(text, style)
+    rule = thinking.thought_rule(think, style, opened)
+    grammar = await lm.answer_grammar(plan, schema, rule)
     if plan:
         sampling["penalize_prompt"] = False  # see Executor.add
-    matcher = lm.grammars.matcher(grammar) if grammar is not None else None
+    matcher = lm.matcher(grammar, rule)
     room = num_ctx - len(prompt)
     if room <= 0:
         raise ApiError(f"the prompt has {len(prompt)} tokens; the context holds {num_ctx}", "prompt", 400)
@@ -279,14 +294,19 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[
     except ValueError as e:
         raise ApiError(str(e), "prompt", 400) from None
 
-    def line(piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None) -> dict[str, Any]:
+    def line(piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None,
+             thought: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": _now()}
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": piece}
+            if thought:
+                out["message"]["thinking"] = thought
             if calls:
                 out["message"]["tool_calls"] = [c.ollama() for c in calls]
         else:
             out["response"] = piece
+            if thought:
+                out["thinking"] = thought
         out["done"] = done
         if done and d is not None:
             out["done_reason"] = _done_reason(d)
@@ -298,23 +318,22 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[
     def ndjson(obj: dict[str, Any]) -> bytes:
         return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
+    reply = tools.Reply(plan, style, think.on and think.split, opened)
     try:
         if stream_mode:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
-            split = tools.ToolStream() if plan and plan.choice != "text" else None
             try:
                 async for d in st:
-                    piece = split.feed(d.text) if split is not None else d.text
-                    if piece:
-                        await resp.write(ndjson(line(piece, False)))
+                    thought, piece = reply.feed(d.text)
+                    if piece or thought:
+                        await resp.write(ndjson(line(piece, False, thought=thought)))
                     if d.finish_reason is not None:
-                        if split is not None:
-                            rest, calls = split.finish()
-                            if rest:
-                                await resp.write(ndjson(line(rest, False)))
-                            if calls:  # each call whole, in one chunk, as Ollama sends them
-                                await resp.write(ndjson(line("", False, calls=calls)))
+                        thought, rest, calls = reply.finish()
+                        if rest or thought:
+                            await resp.write(ndjson(line(rest, False, thought=thought)))
+                        if calls:  # each call whole, in one chunk, as Ollama sends them
+                            await resp.write(ndjson(line("", False, calls=calls)))
                         await resp.write(ndjson(line("", True, d)))
             except EngineError as e:
                 await resp.write(json.dumps({"error": str(e)}).encode() + b"\n")
@@ -323,8 +342,8 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[
         async for d in st:
             text += d.text
             last = d
-        calls = tools.parse_calls(text) if plan and plan.choice != "text" and text.startswith("<") else []
-        out = line("" if calls else text, True, last, calls)
+        thought, content, calls = reply.whole(text)
+        out = line(content, True, last, calls, thought)
         return web.json_response(out, dumps=lambda o: json.dumps(o, ensure_ascii=False))
     finally:
         st.abort()
@@ -369,12 +388,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
     async with srv.use(name, ka) as lm:
         load_s = time.perf_counter() - t0
         native = lm.model.native
+        think = _thinking(lm, b)
         if raw:
             text = prompt
         else:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             try:
-                text = lm.template.render(msgs, add_generation_prompt=True)
+                text = lm.template.render(msgs, add_generation_prompt=True, **think.template_vars(lm.template.thinking))
             except ChatTemplateError as e:
                 raise ApiError(f"the chat template failed: {e}", "prompt") from None
         if ctx is not None:
@@ -382,7 +402,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             if not all(0 <= t < native.n_vocab for t in ctx):
                 raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
         ids = (list(ctx) if ctx else []) + (lm.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
-        return await _run(srv, lm, request, ids, b, "generate", schema, None, load_s)
+        return await _run(srv, lm, request, text, ids, b, "generate", schema, None, think, load_s)
 
 
 async def embed(request: web.Request) -> web.Response:
@@ -414,19 +434,27 @@ async def chat(request: web.Request) -> web.StreamResponse:
             raise ApiError(f"messages[{i}].content must be a string", "messages")
         if m.get("images"):
             raise ApiError("this model does not take images", "messages")
-        out.append({**m, "content": content or ""})
+        msg = {**m, "content": content or ""}
+        thought = m.get("thinking")
+        if thought is not None:  # an earlier answer's thought: templates read it as reasoning_content
+            if not isinstance(thought, str):
+                raise ApiError(f"messages[{i}].thinking must be a string", "messages")
+            msg["reasoning_content"] = msg.pop("thinking")
+        out.append(msg)
     plan = tools.parse_tools(b.data.get("tools"))
     if plan:
         plan = plan.limit_rounds(out, srv.cfg.max_tool_rounds)
     t0 = time.perf_counter()
     async with srv.use(name, ka) as lm:
         load_s = time.perf_counter() - t0
+        think = _thinking(lm, b)
         msgs2, tools_arg = tools.prompt_messages(out, plan, lm.template.renders_tools)
         try:
-            text = lm.template.render(msgs2, add_generation_prompt=True, tools=tools_arg)
+            text = lm.template.render(msgs2, add_generation_prompt=True, tools=tools_arg,
+                                      **think.template_vars(lm.template.thinking))
         except ChatTemplateError as e:
             raise ApiError(f"the chat template failed: {e}", "messages") from None
-        return await _run(srv, lm, request, lm.chat_tokens(text), b, "chat", schema, plan, load_s)
+        return await _run(srv, lm, request, text, lm.chat_tokens(text), b, "chat", schema, plan, think, load_s)
 
 
 # -- models on the device ------------------------------------------------------------

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm import EdgelmError, Model, _native, store
+from edgelm import EdgelmError, Model, _native, modelinfo, store
 from edgelm._native import Executor
 from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplate
@@ -82,6 +82,8 @@ class LoadedModel:
     bos_id: int | None
     keep_alive_s: float | None
     device: str = "cpu"
+    params: dict[str, Any] = field(default_factory=dict)  # a pulled model's parameters layer
+    system: str | None = None  # a pulled model's system prompt
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     n_users: int = 0
@@ -175,21 +177,29 @@ class ModelPool:
     def models_dir(self) -> Path:
         return Path(self.cfg.models_dir).expanduser()
 
+    def model_store(self) -> store.Store:
+        return store.Store(self.models_dir())
+
     def available(self) -> dict[str, Path]:
-        """Every servable model: id → file (the configured model first)."""
+        """Every servable model: id → file (the configured model first), for the plain
+        GGUF files of the models directory and the store's names of blobs."""
         out = {self.default_id: self.default_path}
         d = self.models_dir()
         if d.is_dir():
             for p in sorted(d.glob("*.gguf")):
                 if p.is_file() and p.resolve() != self.default_path.resolve():
                     out.setdefault(model_id_of(p), p)
+            for e in self.model_store().entries():
+                if e.file is None:
+                    out.setdefault(e.name, e.model)
         return out
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
         """The model a request names (None: the configured one). Names are ids, file
         names, or the names of edgelm.store (pulled and copied names, the catalogue's
-        aliases of present files); Ollama's ":latest" tag is accepted. Anything else is
-        a 404 — a name is only ever looked up, never joined to a path."""
+        aliases of present files); Ollama's ":latest" tag is accepted. A name of a plain
+        file resolves to the file's id. Anything else is a 404 — a name is only ever
+        looked up, never joined to a path."""
         if name is None or name == "":
             return self.default_id, self.default_path
         cands = (name, name.removesuffix(":latest"), name.removesuffix(".gguf"))
@@ -197,33 +207,52 @@ class ModelPool:
             lm = self.loaded.get(cand)
             if lm is not None:
                 return lm.id, lm.path
+        d = self.models_dir()
         avail = self.available()
         for cand in cands:
             if cand in avail:
                 return cand, avail[cand]
         if name in (self.default_path.name, Path(self.cfg.model).name):
             return self.default_id, self.default_path
-        file = store.lookup(self.models_dir(), name) if self.models_dir().is_dir() else None
+        e = self.model_store().lookup(name) if d.is_dir() else None
+        if e is not None and e.file is None:
+            lm = self.loaded.get(e.name)
+            return (lm.id, lm.path) if lm is not None else (e.name, e.model)
+        file = e.file if e is not None else (store.lookup_catalogue_file(d, name) if d.is_dir() else None)
         if file is not None:
-            path = self.models_dir() / file
-            mid = next((m for m, p in avail.items() if p == path), model_id_of(path))
-            return mid, avail.get(mid, path)
-        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))}; `edgelm pull` or "
-                       "/api/pull fetches models)", "model", 404, "model_not_found")
+            path = d / file
+            if path.resolve() == self.default_path.resolve():
+                return self.default_id, self.default_path
+            return model_id_of(path), path
+        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))}); `edgelm pull {name}` or "
+                       "/api/pull fetches it", "model", 404, "model_not_found")
 
     def names(self) -> list[tuple[str, str, Path]]:
         """Every name a client can list: (name, model id, file) for each servable file
-        and for each name edgelm.store keeps (pulled or copied names)."""
+        and for each name the store keeps (pulled or copied names)."""
         avail = self.available()
         out = [(mid, mid, path) for mid, path in avail.items()]
         by_path = {p: mid for mid, p in avail.items()}
-        d = self.models_dir()
-        if d.is_dir():
-            for name, file in sorted(store.read_names(d).items()):
-                mid = by_path.get(d / file)
-                if mid is not None:
-                    out.append((name, mid, d / file))
+        if self.models_dir().is_dir():
+            for e in self.model_store().entries():
+                if e.file is not None and e.model in by_path:
+                    out.append((e.name, by_path[e.model], e.model))
         return out
+
+    def extras(self, mid: str) -> tuple[dict[str, Any], str | None]:
+        """A model id's parameters and system prompt (a pulled name's layers; else none)."""
+        e = self.entry(mid)
+        if e is None:
+            return {}, None
+        st = self.model_store()
+        return modelinfo.params_of(e, st), st.text_layer(e, store.SYSTEM)
+
+    def entry(self, mid: str) -> store.Entry | None:
+        """The store's entry for a model id (a pulled name), or None (a plain file)."""
+        if not self.models_dir().is_dir():
+            return None
+        e = self.model_store().lookup(mid)
+        return e if e is not None and e.file is None else None
 
     def in_use(self, path: Path) -> bool:
         """Whether `path` is a loaded model's file (a pull must not replace it)."""
@@ -268,7 +297,12 @@ class ModelPool:
 
     async def get(self, name: str | None) -> LoadedModel:
         mid, path = self.resolve(name)
+        # Two names of one model (a copy) share one loaded model, unless their
+        # parameters or system prompts differ.
         lm = self.loaded.get(mid)
+        if lm is None:
+            lm = next((m for m in self.loaded.values() if m.path == path and (m.params, m.system) == self.extras(mid)),
+                      None)
         if lm is not None:
             lm.last_used = time.monotonic()
             return lm
@@ -408,7 +442,14 @@ class ModelPool:
         template = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s)
         eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
         keep = None if path == self.default_path else self.default_keep_alive
+        entry = self.entry(mid)
+        st = self.model_store()
+        params, system = self.extras(mid)
+        if entry is not None and tmpl is None and st.text_layer(entry, store.TEMPLATE):
+            log.warning("%s: the file has no chat template and the registry's is a Go template, which edgelm does not "
+                        "run; it chats in its architecture's turn format (or ChatML)", mid)
         parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
+                 "params": params, "system": system,
                  "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep, "device": executor.device}
         rope = f", RoPE factors {native.rope_factors}" if native.rope_factors else ""
         log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d%s", mid,

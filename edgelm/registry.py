@@ -48,7 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlparse
 
 from edgelm import __version__, store
 from edgelm.pull import MAX_REDIRECTS, Progress, PullError, _check_room, _fetch, _open_url, validate_model
@@ -245,6 +245,8 @@ async def plan_hf(s: Any, name: ModelName, base: str, headers: dict[str, str]) -
         files += [f for f in page if isinstance(f, dict) and f.get("type", "file") == "file" and isinstance(f.get("path"), str)]
         nxt = re.search(r'<([^>]+)>;\s*rel="next"', hdrs.get("Link", ""))
         url = nxt.group(1) if nxt else None
+        if url is not None and urlparse(url).netloc != urlparse(base).netloc:
+            raise PullError("Hugging Face's file listing continues on another host; edgelm does not follow it", 502, url)
     try:
         chosen = pick_gguf(files, name.tag)
     except PullError as e:

@@ -488,8 +488,6 @@ async def pull(request: web.Request) -> web.StreamResponse:
     cfg = srv.cfg
     try:  # what can be refused at once gets its status before anything streams
         src = await resolve(source, allow_urls=cfg.url_pull_allowed)
-        if isinstance(src, store.ModelName):
-            src = store.ModelName.parse(str(src))
     except PullError as e:
         raise ApiError(str(e), "model", e.status) from None
     lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()

@@ -94,15 +94,15 @@ class Registry:
 
     def add_ollama(self, name: str, model: Path, template: str | None = None, params: dict[str, Any] | None = None,
                    system: str | None = None, license: str | None = None, extra: list[dict[str, Any]] | None = None,
-                   digest: str | None = None) -> dict[str, Any]:
+                   digest: str | None = None, size: int | None = None) -> dict[str, Any]:
         """Publish `model` (a GGUF) as `[namespace/]model:tag` with the text layers given;
-        `digest` overrides the model layer's (a manifest that lies)."""
+        `digest` and `size` override the model layer's (a manifest that lies)."""
         ns, rest = name.split("/", 1) if "/" in name else ("library", name)
         model_name, tag = rest.split(":", 1) if ":" in rest else (rest, "latest")
-        d, size = self.blobs.add_file(model)
+        d, real = self.blobs.add_file(model)
         if digest is not None:
             self.blobs.files[digest] = model  # served under the digest the manifest names
-        layers = [{"mediaType": MODEL, "digest": digest or d, "size": size}]
+        layers = [{"mediaType": MODEL, "digest": digest or d, "size": size if size is not None else real}]
         for mt, text in (("template", template), ("system", system), ("license", license),
                          ("params", json.dumps(params) if params is not None else None)):
             if text is not None:

@@ -39,6 +39,7 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
         r.add_ollama("vision:latest", smol, extra=[{"mediaType": "application/vnd.ollama.image.projector",
                                                     "digest": "sha256:" + "7" * 64, "size": 10}])
         r.add_ollama("lies:latest", smol, digest="sha256:" + "0" * 64)  # the manifest names other bytes
+        r.add_ollama("huge:latest", smol, digest="sha256:" + "1" * 64, size=10**14)  # 100 TB: no disk holds it
         r.add_hf(HF_REPO, {p.name.replace(".Q4_1", "-Q4_1"): p for p in parts} | {"SmolLM2-135M-Instruct-Q8_0.gguf": smol},
                  ["README.md", ".gitattributes", "mmproj-SmolLM2-F16.gguf"])
         yield r
@@ -103,6 +104,10 @@ def test_pull_errors_install_nothing(reg: Registry, tmp_path: Path) -> None:
     assert r.returncode == 1 and "could not reach 127.0.0.1:9" in r.stderr
     for res in (r,):
         assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()[-1]) < 400
+    # A disk that would fill: refused before a byte is written.
+    r = cli("pull", "huge", "--models-dir", str(tmp_path), env=reg_env(reg))
+    assert r.returncode == 1 and "not enough disk space" in r.stderr and "remove a model" in r.stderr, r.stderr
+    assert not list((tmp_path / "blobs").glob("sha256-1*"))
     # A vision model: its projector is left out, the text model is pulled.
     r = cli("pull", "vision", "--models-dir", str(tmp_path), env=reg_env(reg))
     assert r.returncode == 0 and "skipping the vision projector" in r.stderr, r.stderr
@@ -203,3 +208,22 @@ def test_unreachable_registry_is_one_line(tmp_path: Path) -> None:
     with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path)) as d:  # the registry: a closed port
         lines = [json.loads(x) for x in http("POST", d.url + "/api/pull", {"model": "qwen3:0.6b"})[1].splitlines()]
         assert "could not reach 127.0.0.1:9" in lines[-1]["error"] and "registry_url" in lines[-1]["error"]
+
+
+def test_pull_progress_bar_on_a_terminal(reg: Registry, tmp_path: Path) -> None:
+    """On a terminal the progress is a bar redrawn in place (one line a layer)."""
+    import os
+
+    import pexpect
+
+    c = pexpect.spawn(sys.executable, ["-m", "edgelm.cli", "pull", "qwen3:0.6b", "--models-dir", str(tmp_path)],
+                      env={**os.environ, **reg_env(reg), "TERM": "dumb"}, encoding="utf-8", timeout=120,
+                      dimensions=(40, 200))
+    c.expect("pulling manifest")
+    digest = reg.manifests[("library", "qwen3", "0.6b")]["layers"][0]["digest"]
+    c.expect(f"pulling {digest[7:19]}: +[0-9]+% ▕")
+    c.expect("100% ▕█+▏")
+    c.expect("success")
+    c.expect(pexpect.EOF)
+    c.close()
+    assert c.exitstatus == 0

@@ -34,6 +34,8 @@ from typing import Any, Protocol, TextIO
 
 from edgelm import EdgelmError, modelinfo, store
 from edgelm.client import ClientError, Daemon
+from edgelm.serve.chat import ChatTemplate
+from edgelm.serve.gotemplate import GoTemplate, GoTemplateError
 
 HELP = """Available commands:
   /clear          forget the conversation so far
@@ -91,7 +93,6 @@ class LocalBackend:
     def __init__(self, path: Path, name: str, entry: store.Entry | None, st: store.Store | None,
                  options: dict[str, Any], threads: int | None = None) -> None:
         from edgelm import Model
-        from edgelm.serve.chat import ChatTemplate
 
         self.name = name
         self.model = Model(path, n_threads=threads)
@@ -100,7 +101,14 @@ class LocalBackend:
         src = md.get("tokenizer.chat_template")
         bos = native.detokenize([native.bos], True) if native.bos is not None else ""
         eos = native.detokenize([native.eos], True) if native.eos is not None else ""
-        self.template = ChatTemplate.for_model(src if isinstance(src, str) else None, self.model.architecture, bos, eos)
+        self.template: ChatTemplate | GoTemplate = ChatTemplate.for_model(src if isinstance(src, str) else None,
+                                                                          self.model.architecture, bos, eos)
+        go = st.text_layer(entry, store.TEMPLATE) if entry is not None and st is not None else None
+        if go and not isinstance(src, str):  # no chat template in the file: the registry's
+            try:
+                self.template = GoTemplate(go)
+            except GoTemplateError:
+                pass
         params = modelinfo.params_of(entry, st)
         self.stop = [str(s) for s in params.get("stop", []) if isinstance(s, str)] if isinstance(params.get("stop"),
                                                                                              list) else []

@@ -40,6 +40,7 @@ from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplate
 from edgelm.serve.config import Config, parse_keep_alive
 from edgelm.serve.engine import AsyncEngine
+from edgelm.serve.gotemplate import GoTemplate, GoTemplateError
 from edgelm.serve.grammar import GrammarError, Grammars
 from edgelm.serve.metrics import Metrics
 from edgelm.serve.params import ApiError
@@ -75,7 +76,7 @@ class LoadedModel:
     path: Path
     model: Model
     engine: AsyncEngine
-    template: ChatTemplate
+    template: ChatTemplate | GoTemplate
     grammars: Grammars
     max_context: int
     cost_bytes: int
@@ -439,15 +440,20 @@ class ModelPool:
         bos, eos = native.bos, native.eos
         bos_s = native.detokenize([bos], True) if bos is not None else ""
         eos_s = native.detokenize([eos], True) if eos is not None else ""
-        template = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s)
+        template: ChatTemplate | GoTemplate = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None,
+                                                                     model.architecture, bos_s, eos_s)
         eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
         keep = None if path == self.default_path else self.default_keep_alive
         entry = self.entry(mid)
         st = self.model_store()
         params, system = self.extras(mid)
-        if entry is not None and tmpl is None and st.text_layer(entry, store.TEMPLATE):
-            log.warning("%s: the file has no chat template and the registry's is a Go template, which edgelm does not "
-                        "run; it chats in its architecture's turn format (or ChatML)", mid)
+        go = st.text_layer(entry, store.TEMPLATE) if entry is not None and not isinstance(tmpl, str) else None
+        if go:  # the file has no chat template: the registry's (Ollama's Go template) is used
+            try:
+                template = GoTemplate(go)
+            except GoTemplateError as e:
+                log.warning("%s: the file has no chat template, and the registry's cannot be run (%s); it chats in its "
+                            "architecture's turn format (or ChatML)", mid, e)
         parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
                  "params": params, "system": system,
                  "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep, "device": executor.device}

@@ -1,10 +1,15 @@
 """The `edgelm` command.
 
-    edgelm run MODEL "prompt"     stream a continuation to the terminal
-    edgelm info MODEL             architecture, sizes, quant types, tokenizer
+    edgelm run NAME ["prompt"]    chat in the terminal (or answer once); pulls NAME first
+    edgelm pull NAME|SOURCE       a model into the models directory (Ollama registry,
+                                  hf.co, catalogue, URL, edgelm://, LAN)
+    edgelm list | ps              the models there | the models the daemon has loaded
+    edgelm show NAME              architecture, parameters, quantization, template, license
+    edgelm rm NAME… | cp SRC DST  remove | give another name (the daemon's, else the store)
+    edgelm stop NAME              unload a model from the daemon
+    edgelm info MODEL             architecture, sizes, quant types, tokenizer of any GGUF
     edgelm serve [--config F]     the HTTP daemon (OpenAI- and Ollama-compatible API)
     edgelm discover [--json]      edgelm daemons on the LAN (mDNS)
-    edgelm pull SOURCE            a GGUF into the models directory (URL, edgelm://, LAN)
     edgelm quantize IN OUT TYPE   re-encode a GGUF's weights (Q4_0 … Q8_0, Q4_K_M, …)
     edgelm convert M.onnx OUT     import a decoder-only ONNX model (float or int4 MatMulNBits)
 """
@@ -17,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
 
 from edgelm import EdgelmError, __version__
 
@@ -164,34 +169,77 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from edgelm import Model
+def _options(args: argparse.Namespace) -> dict[str, object]:
+    """The sampling flags given, as Ollama options."""
+    out: dict[str, object] = {}
+    for flag, key in (("max_tokens", "num_predict"), ("temperature", "temperature"), ("top_k", "top_k"),
+                      ("top_p", "top_p"), ("seed", "seed")):
+        v = getattr(args, flag, None)
+        if v is not None:
+            out[key] = v
+    return out
 
-    m = Model(args.model, n_threads=args.threads)
-    ids = m.tokenize(args.prompt, add_special=True, parse_special=args.special)
-    t0 = time.perf_counter()
-    first = None
-    n = 0
-    for tok in m.generate(
-        ids,
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-    ):
-        if first is None:
-            first = time.perf_counter()
-        n += 1
-        sys.stdout.write(tok.text)
-        sys.stdout.flush()
-    t1 = time.perf_counter()
-    sys.stdout.write("\n")
-    if args.verbose and first is not None:
-        gen_s = t1 - first
-        print(f"[{len(ids)} prompt tokens in {first - t0:.2f} s, {n} generated, "
-              f"{(n - 1) / gen_s if n > 1 and gen_s > 0 else 0:.1f} tok/s]", file=sys.stderr)
-    return 0
+
+def _backend(args: argparse.Namespace) -> object:
+    """Where `edgelm run` gets its answers: the daemon when it answers, else the model
+    loaded here; a name that is not there yet is pulled first."""
+    from pathlib import Path
+
+    from edgelm import store
+    from edgelm.chat_cli import DaemonBackend, LocalBackend
+    from edgelm.client import ClientError, Daemon, find_local, settings
+
+    opts = _options(args)
+    p = Path(args.model).expanduser()
+    if p.is_file():
+        return LocalBackend(p, p.stem, None, None, opts, args.threads)
+    s = settings()
+    daemon = None if args.local else Daemon.find(s)
+    if daemon is not None:
+        try:
+            daemon.request("POST", "/api/show", {"model": args.model})
+        except ClientError as e:
+            if e.status != 404:
+                raise
+            _pull_through(daemon, args.model)
+        return DaemonBackend(daemon, args.model, opts)
+    found = find_local(s.models_dir, args.model)
+    if found is None:
+        if cmd_pull(argparse.Namespace(source=args.model, list=False, models_dir=str(s.models_dir), sha256=None,
+                                       api_key=None, interfaces=None)) != 0:
+            return None
+        found = find_local(s.models_dir, args.model)
+        if found is None:
+            raise EdgelmError(f"'{args.model}' was pulled but is not in {s.models_dir}")
+    st = store.Store(s.models_dir) if found.entry is not None else None
+    return LocalBackend(found.path, found.name, found.entry, st, opts, args.threads)
+
+
+def _pull_through(daemon: object, name: str) -> None:
+    """Pull `name` through the daemon's /api/pull, with its progress on stderr."""
+    from edgelm.client import Daemon
+
+    assert isinstance(daemon, Daemon)
+    show = _pull_progress()
+    for line in daemon.stream("/api/pull", {"model": name, "stream": True}):
+        show(line)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from edgelm.chat_cli import answer_once, session
+
+    backend = _backend(args)
+    if backend is None:
+        return 1
+    prompt = " ".join(args.prompt) if args.prompt else None
+    piped = None if sys.stdin.isatty() else sys.stdin.read()
+    think = False if args.nothink else (True if args.think else None)
+    if piped is not None or prompt is not None:
+        text = "\n\n".join(x for x in (piped.strip() if piped else None, prompt) if x)
+        return answer_once(backend, text, args.system, think, args.raw, sys.stdout, sys.stderr,  # type: ignore[arg-type]
+                           args.hidethinking, args.verbose)
+    return session(backend, args.system, think, sys.stdout, sys.stderr, args.hidethinking,  # type: ignore[arg-type]
+                   args.verbose)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -238,25 +286,40 @@ def cmd_discover(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pull_progress() -> Any:
+    """Pull progress on stderr: a bar a layer on a terminal, plain lines otherwise."""
+    from edgelm.pull import ProgressLog
+
+    if not sys.stderr.isatty():
+        return ProgressLog(lambda line: print(line, file=sys.stderr, flush=True), "", every_s=10.0)
+    state = {"status": None}
+
+    def show(p: dict[str, Any]) -> None:
+        status, total, done = p.get("status"), p.get("total"), p.get("completed")
+        if isinstance(total, int) and isinstance(done, int) and total:
+            frac = min(done / total, 1.0)
+            rate = float(p.get("rate") or 0.0)
+            bar = "█" * int(25 * frac)
+            sys.stderr.write(f"\r{status}: {100 * frac:3.0f}% ▕{bar:<25}▏ {_fmt_bytes(done)}/{_fmt_bytes(total)}"
+                             + (f" {_fmt_bytes(rate)}/s" if rate else "") + "\x1b[K")
+            state["status"] = status
+        else:
+            if state["status"] is not None:
+                sys.stderr.write("\n")
+            sys.stderr.write(f"{status}\n")
+            state["status"] = None
+        sys.stderr.flush()
+
+    return show
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     import asyncio
     from pathlib import Path
 
+    from edgelm.client import settings
     from edgelm.pull import PullError, pull
-    from edgelm.serve.config import default_models_dir
-
-    def show(p: dict[str, object]) -> None:
-        total, done = p.get("total"), p.get("completed")
-        if isinstance(total, int) and isinstance(done, int) and total:
-            rate = float(p.get("rate", 0.0) or 0.0)  # type: ignore[arg-type]
-            bar = "#" * int(30 * done / total)
-            sys.stderr.write(f"\r{p['status']}: [{bar:<30}] {done / 2**20:7.1f}/{total / 2**20:.1f} MiB "
-                             f"{rate / 2**20:6.1f} MiB/s")
-            if done == total:
-                sys.stderr.write("\n")
-        else:
-            sys.stderr.write(f"{p['status']}\n")
-        sys.stderr.flush()
+    from edgelm.registry import Registries
 
     if args.list:
         from edgelm.pull import load_catalogue
@@ -268,14 +331,203 @@ def cmd_pull(args: argparse.Namespace) -> int:
     if not args.source:
         print("edgelm: pull needs a SOURCE (or --list)", file=sys.stderr)
         return 2
-    models_dir = Path(args.models_dir or default_models_dir()).expanduser()
+    s = settings()
+    models_dir = Path(args.models_dir).expanduser() if args.models_dir else s.models_dir
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     try:
-        path = asyncio.run(pull(args.source, models_dir, args.sha256, show, headers, args.interfaces or None))
+        path = asyncio.run(pull(args.source, models_dir, args.sha256, _pull_progress(), headers,
+                                args.interfaces or None, registries=Registries(s.registry_url, s.hf_url)))
     except PullError as e:
         print(f"edgelm: pull failed: {e}" + (f" ({e.detail})" if e.detail else ""), file=sys.stderr)
         return 1
     print(path)
+    return 0
+
+
+# -- the models: list, ps, show, rm, cp, stop (the daemon when it answers, else the store)
+
+
+def _ago(iso: str) -> str:
+    from datetime import datetime, timezone
+
+    try:
+        t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    except ValueError:
+        return iso
+    s = (datetime.now(timezone.utc) - t).total_seconds()
+    for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if abs(s) >= n:
+            k = int(abs(s) // n)
+            text = f"{k} {unit}{'s' if k != 1 else ''}"
+            return f"{text} ago" if s > 0 else f"{text} from now"
+    return "just now" if s >= 0 else "in a moment"
+
+
+def _table(head: tuple[str, ...], rows: Sequence[tuple[Any, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("    ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from edgelm.client import Daemon, list_local, settings
+    from edgelm.modelinfo import iso
+
+    s = settings()
+    d = Daemon.find(s)
+    rows = []
+    if d is not None:
+        for m in d.request("GET", "/api/tags")["models"]:
+            rows.append((m["name"], str(m.get("digest", ""))[:12], _fmt_bytes(m.get("size", 0)),
+                         _ago(m.get("modified_at", ""))))
+    else:
+        for m in list_local(s.models_dir):
+            digest = (m.entry.digest or "")[7:19] if m.entry is not None else ""
+            name = m.name if ":" in m.name else f"{m.name}:latest"
+            rows.append((name, digest, _fmt_bytes(m.path.stat().st_size), _ago(iso(m.path.stat().st_mtime))))
+    _table(("NAME", "ID", "SIZE", "MODIFIED"), rows)
+    return 0
+
+
+def _no_daemon(url: str, what: str) -> int:
+    print(f"edgelm: no daemon answers at {url} ({what}); start one with `edgelm serve`, or set EDGELM_URL",
+          file=sys.stderr)
+    return 1
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    from edgelm.client import Daemon, settings
+
+    s = settings()
+    d = Daemon.find(s)
+    if d is None:
+        return _no_daemon(s.url, "nothing is loaded")
+    rows = []
+    for m in d.request("GET", "/api/ps")["models"]:
+        where = "100% GPU" if m.get("size_vram") else "100% CPU"
+        until = "forever" if str(m.get("expires_at", "")).startswith("2318") else _ago(m.get("expires_at", ""))
+        rows.append((m["name"], str(m.get("digest", ""))[:12], _fmt_bytes(m.get("size", 0)), where,
+                     str(m.get("context_length", "")), until))
+    _table(("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"), rows)
+    return 0
+
+
+def _show_info(name: str) -> dict[str, Any]:
+    from edgelm import modelinfo, store
+    from edgelm.client import Daemon, find_local, settings
+
+    s = settings()
+    d = Daemon.find(s)
+    if d is not None:
+        return dict(d.request("POST", "/api/show", {"model": name}))
+    found = find_local(s.models_dir, name)
+    if found is None:
+        raise EdgelmError(f"model '{name}' not found in {s.models_dir}; `edgelm list` shows the models, "
+                          f"`edgelm pull {name}` fetches it")
+    md = modelinfo.read_metadata(found.path)
+    return modelinfo.describe(found.path, md, found.entry, store.Store(s.models_dir))
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    info = _show_info(args.model)
+    for flag, key in (("license", "license"), ("modelfile", "modelfile"), ("parameters", "parameters"),
+                      ("template", "template"), ("system", "system")):
+        if getattr(args, flag):
+            print(info.get(key) or "")
+            return 0
+    md = info.get("model_info") or {}
+    arch = str(md.get("general.architecture", info.get("details", {}).get("family", "")))
+    rows = [("architecture", arch), ("parameters", info.get("details", {}).get("parameter_size") or ""),
+            ("context length", str(md.get(f"{arch}.context_length", ""))),
+            ("embedding length", str(md.get(f"{arch}.embedding_length", ""))),
+            ("quantization", info.get("details", {}).get("quantization_level") or "")]
+    print("  Model")
+    for k, v in rows:
+        if v:
+            print(f"    {k:<20}{v}")
+    print("\n  Capabilities")
+    for c in info.get("capabilities") or []:
+        print(f"    {c}")
+    if info.get("parameters"):
+        print("\n  Parameters")
+        for line in str(info["parameters"]).splitlines():
+            print(f"    {line}")
+    if info.get("system"):
+        print("\n  System")
+        print("    " + str(info["system"]).strip().splitlines()[0][:100])
+    if info.get("license"):
+        print("\n  License")
+        for line in [x for x in str(info["license"]).strip().splitlines() if x.strip()][:2]:
+            print(f"    {line.strip()[:100]}")
+    if args.verbose and info.get("template"):
+        print("\n  Template")
+        for line in str(info["template"]).splitlines():
+            print(f"    {line}")
+    print()
+    return 0
+
+
+def cmd_rm(args: argparse.Namespace) -> int:
+    from edgelm import store
+    from edgelm.client import Daemon, find_local, settings
+
+    s = settings()
+    d = Daemon.find(s)
+    for name in args.model:
+        if d is not None:
+            d.request("DELETE", "/api/delete", {"model": name})
+        else:
+            found = find_local(s.models_dir, name)
+            if found is None:
+                raise EdgelmError(f"model '{name}' not found in {s.models_dir}; `edgelm list` shows the models")
+            st = store.Store(s.models_dir)
+            entry = st.lookup(name)
+            if entry is not None:
+                st.remove(name)
+            else:
+                st.forget_file(found.path.name)
+                found.path.unlink()
+        print(f"deleted '{name}'")
+    return 0
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    from edgelm import store
+    from edgelm.client import Daemon, find_local, model_files, settings
+
+    s = settings()
+    d = Daemon.find(s)
+    if d is not None:
+        d.request("POST", "/api/copy", {"source": args.source, "destination": args.destination})
+    else:
+        found = find_local(s.models_dir, args.source)
+        if found is None:
+            raise EdgelmError(f"model '{args.source}' not found in {s.models_dir}; `edgelm list` shows the models")
+        dst = store.check_name(args.destination)
+        if any(store.normalize(dst) == store.normalize(p.stem) for p in model_files(s.models_dir)):
+            raise EdgelmError(f"'{args.destination}' is a model file's own name; choose another")
+        st = store.Store(s.models_dir)
+        if found.entry is not None:
+            st.copy(found.entry, dst)
+        else:
+            st.name_file(dst, found.path.name)
+    print(f"copied '{args.source}' to '{args.destination}'")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from edgelm.client import Daemon, settings
+
+    s = settings()
+    d = Daemon.find(s)
+    if d is None:
+        return _no_daemon(s.url, "nothing is loaded, so nothing to stop")
+    loaded = {m["name"] for m in d.request("GET", "/api/ps")["models"]} | {
+        m["model"] for m in d.request("GET", "/api/ps")["models"]}
+    want = args.model if ":" in args.model.rsplit("/", 1)[-1] else f"{args.model}:latest"
+    if args.model not in loaded and want not in loaded:
+        raise EdgelmError(f"'{args.model}' is not loaded (`edgelm ps` shows what is)")
+    d.request("POST", "/api/generate", {"model": args.model, "keep_alive": 0})
     return 0
 
 
@@ -302,18 +554,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgelm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="generate a continuation of a prompt")
-    r.add_argument("model", help="path to a GGUF file")
-    r.add_argument("prompt")
-    r.add_argument("-n", "--max-tokens", type=int, default=128)
+    r = sub.add_parser("run", help="chat with a model (pulled first if missing)",
+                       description="Chat with NAME using its chat template: a session in the terminal, or one "
+                                   "answer to PROMPT (or to text piped in). The running daemon answers when it is "
+                                   "up; else the model is loaded here. A name not yet pulled is pulled first.")
+    r.add_argument("model", help="a model name (qwen3:0.6b, hf.co/USER/REPO:Q4_K_M, a file id) or a GGUF path")
+    r.add_argument("prompt", nargs="*", help="answer this once and exit")
+    r.add_argument("-n", "--max-tokens", type=int, default=None, help="at most this many tokens an answer")
     r.add_argument("-t", "--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
-    r.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    r.add_argument("--top-k", type=int, default=40)
-    r.add_argument("--top-p", type=float, default=0.95)
+    r.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.8)")
+    r.add_argument("--top-k", type=int, default=None)
+    r.add_argument("--top-p", type=float, default=None)
     r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--special", action="store_true", help="parse special-token text in the prompt")
-    r.add_argument("-v", "--verbose", action="store_true", help="print timings to stderr")
+    r.add_argument("--system", help="a system message")
+    r.add_argument("--think", action="store_true", help="ask a thinking model to think (the default for one)")
+    r.add_argument("--nothink", action="store_true", help="ask a thinking model to answer at once")
+    r.add_argument("--hidethinking", action="store_true", help="do not show a thinking model's thought")
+    r.add_argument("--raw", action="store_true", help="continue PROMPT as plain text, without the chat template")
+    r.add_argument("--local", action="store_true", help="load the model here even if a daemon is running")
+    r.add_argument("-v", "--verbose", action="store_true", help="after each answer, its token counts and speed")
     r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", aliases=["ls"], help="the models in the models directory, under every name")
+    ls.set_defaults(func=cmd_list)
+    ps = sub.add_parser("ps", help="the models the daemon has loaded")
+    ps.set_defaults(func=cmd_ps)
+    sh = sub.add_parser("show", help="a model's architecture, parameters, quantization, context, template, license")
+    sh.add_argument("model")
+    for flag in ("license", "modelfile", "parameters", "template", "system"):
+        sh.add_argument(f"--{flag}", action="store_true", help=f"print only the {flag}")
+    sh.add_argument("-v", "--verbose", action="store_true", help="also print the template")
+    sh.set_defaults(func=cmd_show)
+    rm = sub.add_parser("rm", help="remove models (a blob goes when no name uses it)")
+    rm.add_argument("model", nargs="+")
+    rm.set_defaults(func=cmd_rm)
+    cp = sub.add_parser("cp", help="give a model another name (no bytes are copied)")
+    cp.add_argument("source")
+    cp.add_argument("destination")
+    cp.set_defaults(func=cmd_cp)
+    st = sub.add_parser("stop", help="unload a model from the daemon")
+    st.add_argument("model")
+    st.set_defaults(func=cmd_stop)
 
     i = sub.add_parser("info", help="describe a GGUF model file")
     i.add_argument("model")
@@ -365,11 +646,13 @@ def build_parser() -> argparse.ArgumentParser:
     dsc.add_argument("--interfaces", nargs="*", help="only these interface addresses (default: all)")
     dsc.set_defaults(func=cmd_discover)
 
-    pl = sub.add_parser("pull", help="download a GGUF model into the models directory (resumable, sha256-checked)")
-    pl.add_argument("source", nargs="?", help="a catalogue name (see --list), https://…/FILE.gguf, "
-                                              "edgelm://HOST:PORT/FILE.gguf, or FILE.gguf (ask the LAN)")
+    pl = sub.add_parser("pull", help="download a model into the models directory (resumable, digest-checked)")
+    pl.add_argument("source", nargs="?", help="a name from the Ollama registry (qwen3:0.6b, user/model:tag), "
+                                              "hf.co/USER/REPO[:QUANT], a catalogue name (see --list), "
+                                              "https://…/FILE.gguf, edgelm://HOST:PORT/FILE.gguf, or FILE.gguf "
+                                              "(ask the LAN)")
     pl.add_argument("--list", action="store_true", help="list the catalogue of known models")
-    pl.add_argument("--models-dir", help="default: $EDGELM_MODELS_DIR or ~/.cache/edgelm/models")
+    pl.add_argument("--models-dir", help="default: the config's, $EDGELM_MODELS_DIR or ~/.cache/edgelm/models")
     pl.add_argument("--sha256", help="expected digest")
     pl.add_argument("--api-key", help="key for a daemon that requires one (or EDGELM_API_KEY)",
                     default=os.environ.get("EDGELM_API_KEY"))
@@ -404,12 +687,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from edgelm.client import ClientError
+    from edgelm.pull import PullError
+    from edgelm.store import ModelNameError, StoreError
+
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
     except EdgelmError as e:
         print(f"edgelm: error: {e}", file=sys.stderr)
         return 2
+    except (ClientError, StoreError, ModelNameError, PullError) as e:  # errors users meet: one line each
+        print(f"edgelm: {e}", file=sys.stderr)
+        return 1
+    except ConnectionError as e:
+        print(f"edgelm: the daemon stopped answering ({e.strerror or e}); is it still running?", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `edgelm info M | head`

@@ -67,10 +67,11 @@ class PullError(Exception):
     """A pull that cannot be done, with the HTTP status the daemon answers with and,
     apart from the message clients see, the detail for logs and the CLI."""
 
-    def __init__(self, message: str, status: int = 400, detail: str | None = None) -> None:
+    def __init__(self, message: str, status: int = 400, detail: str | None = None, retry: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.detail = detail
+        self.retry = retry  # a passing failure (dropped connection, 5xx): worth another try
 
 
 def safe_model_name(name: str) -> str:
@@ -148,7 +149,9 @@ def _is_lan_host(host: str) -> bool:
 
 
 async def resolve(source: str, sha256: str | None = None, interfaces: list[str] | None = None,
-                  allow_urls: bool = True) -> Source:
+                  allow_urls: bool = True) -> Source | store.ModelName:
+    """What `source` names: a file to download (a Source), or a name to pull from a
+    registry (edgelm.registry). Catalogue names come before registry names."""
     u = urlparse(source)
     if u.scheme == "edgelm":
         file = safe_model_name(Path(u.path).name)
@@ -162,10 +165,10 @@ async def resolve(source: str, sha256: str | None = None, interfaces: list[str] 
     if u.scheme in ("http", "https") and u.path:
         if not allow_urls:
             raise PullError("pulling from a URL is off on this daemon: it listens on the network without an API key. "
-                            "Pull a catalogue name or from an edgelm daemon on the LAN, or set api_key/admin_key, "
-                            "or allow_url_pull: true", 403)
+                            "Pull a catalogue or registry name, or from an edgelm daemon on the LAN, or set "
+                            "api_key/admin_key, or allow_url_pull: true", 403)
         return Source(safe_model_name(Path(u.path).name), sha256, [Part(source)])
-    if not u.scheme or (u.scheme and not u.netloc and ":" in source and "/" not in source):  # "gemma3-base:270m"
+    if "://" not in source:
         hit = catalogue_entry(source)
         if hit is not None:
             src = _catalogue_source(*hit)
@@ -173,13 +176,21 @@ async def resolve(source: str, sha256: str | None = None, interfaces: list[str] 
                 raise PullError(f"--sha256 {sha256} differs from the catalogue's {src.sha256} for {hit[0]}")
             src.name = source
             return src
-        if source.endswith(".gguf") or any(c in source for c in "/\\") or ".." in source:
+        if source.endswith(".gguf") and "/" not in source or "\\" in source or ".." in source:
             return await _from_lan(safe_model_name(source), sha256, interfaces)  # a file name, or refused as one
-        known = ", ".join(sorted(load_catalogue()))
-        raise PullError(f"unknown model {source!r}: give a catalogue name ({known}), FILE.gguf (from a daemon on "
-                        f"the LAN), an http(s) URL or edgelm://HOST:PORT/FILE.gguf", 404)
-    raise PullError(f"unknown source {source!r}: give a catalogue name, FILE.gguf (from a daemon on the LAN), "
-                    "an http(s) URL or edgelm://HOST:PORT/FILE.gguf")
+        try:
+            name = store.ModelName.parse(source)
+        except store.ModelNameError as e:
+            raise PullError(f"{e}; or give an http(s) URL, edgelm://HOST:PORT/FILE.gguf or FILE.gguf (from a daemon "
+                            "on the LAN)", 400) from None
+        if sha256:
+            raise PullError("--sha256 is for files; a registry name's manifest gives the digests", 400)
+        if not (name.registry_default or name.is_hf) and not allow_urls:
+            raise PullError(f"{name.host} is not a registry this daemon pulls from without an API key (the Ollama "
+                            "registry and hf.co are); set api_key/admin_key or allow_url_pull: true", 403)
+        return name
+    raise PullError(f"unknown source {source!r}: give a model name (qwen3:0.6b, hf.co/USER/REPO:Q4_K_M), "
+                    "FILE.gguf (from a daemon on the LAN), an http(s) URL or edgelm://HOST:PORT/FILE.gguf")
 
 
 async def _from_lan(file: str, sha256: str | None, interfaces: list[str] | None) -> Source:
@@ -201,6 +212,31 @@ async def _from_lan(file: str, sha256: str | None, interfaces: list[str] | None)
 
 
 Progress = Callable[[dict[str, Any]], None]
+
+
+class ProgressLog:
+    """Pull progress as plain lines (a log, a pipe): each new status once, and a
+    download's progress at each tenth and at least every `every_s` seconds."""
+
+    def __init__(self, emit: Any, what: str, every_s: float = 30.0) -> None:
+        # `emit` is a logging.Logger (lines at INFO) or a callable taking a line.
+        self.emit: Callable[[str], None] = (lambda line: emit.info("%s", line)) if isinstance(emit, logging.Logger) \
+            else emit
+        self.prefix, self.every_s = (f"pull {what}: " if what else ""), every_s
+        self.status: Any = None
+        self.tenth, self.last = -1, 0.0
+
+    def __call__(self, p: dict[str, Any]) -> None:
+        status, total, done = p.get("status"), p.get("total"), p.get("completed")
+        now = time.monotonic()
+        if isinstance(total, int) and total > 0 and isinstance(done, int):
+            tenth = min(10 * done // total, 10)
+            if status != self.status or tenth > self.tenth or now - self.last >= self.every_s:
+                self.emit(f"{self.prefix}{status} {100 * done // total}% of {total / 2**20:.1f} MiB")
+                self.status, self.tenth, self.last = status, tenth, now
+        elif status != self.status:
+            self.emit(f"{self.prefix}{status}")
+            self.status, self.tenth, self.last = status, -1, now
 
 
 class _Sink:
@@ -226,11 +262,12 @@ class _Sink:
         return self.h.hexdigest()
 
 
-def _upstream(url: str, detail: str) -> PullError:
+def _upstream(url: str, detail: str, retry: bool = True) -> PullError:
     """A failure upstream: the client hears which URL it asked for, the log hears why."""
     host = urlparse(url).netloc or url
     return PullError(f"could not download the model from {host}: no model file came back (the host could not be "
-                     "reached, answered with an error or broke off); check the name or URL and try again", 502, detail)
+                     "reached, answered with an error or broke off); check the name or URL and try again", 502, detail,
+                     retry)
 
 
 def _free_bytes(d: Path) -> int:
@@ -247,10 +284,14 @@ def _check_room(d: Path, need: int, what: str) -> None:
 
 async def _open_url(s: Any, url: str, headers: dict[str, str]) -> Any:
     """GET `url`, following redirects only to http(s) URLs; returns the response of the
-    last hop (the caller closes it)."""
+    last hop (the caller closes it). A key goes only to the host it was meant for (a
+    registry redirects blobs to a storage host)."""
     import aiohttp
 
+    host = urlparse(url).netloc
     for _ in range(MAX_REDIRECTS + 1):
+        if urlparse(url).netloc != host:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         try:
             r = await s.get(url, headers=headers, allow_redirects=False)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
@@ -268,9 +309,13 @@ async def _open_url(s: Any, url: str, headers: dict[str, str]) -> Any:
 
 
 async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, headers: dict[str, str] | None,
-                 max_bytes: int | None) -> tuple[str, str | None]:
+                 max_bytes: int | None, status: str | None = None,
+                 fields: dict[str, Any] | None = None) -> tuple[str, str | None]:
     """Download `url` into `part`, continuing what is there (HTTP Range). Returns the
-    sha256 of the whole file and the digest the server announced (X-Edgelm-Sha256)."""
+    sha256 of the whole file and the digest the server announced (X-Edgelm-Sha256).
+    Progress lines say `status` (default "downloading LABEL") with `fields` added."""
+    status = status or f"downloading {label}"
+    extra = fields or {}
     import aiohttp
 
     loop = asyncio.get_running_loop()
@@ -284,7 +329,7 @@ async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, hea
             sink = await loop.run_in_executor(None, _Sink, part, True)
             return await loop.run_in_executor(None, sink.close), None
         if r.status not in (200, 206):
-            raise _upstream(url, f"{url}: HTTP {r.status} {r.reason}")
+            raise _upstream(url, f"{url}: HTTP {r.status} {r.reason}", retry=r.status >= 500 or r.status == 429)
         if r.status == 200:
             have = 0  # no range support: start over
         length = r.headers.get("Content-Length")
@@ -296,7 +341,7 @@ async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, hea
                             "this pull may take (max_pull_mib, or the catalogue's size)", 413, url)
         announced: str | None = r.headers.get("X-Edgelm-Sha256")
         if have:
-            report({"status": f"resuming at {have} bytes", "total": total, "completed": have})
+            report({"status": f"resuming at {have} bytes", "total": total, "completed": have, **extra})
         sink = await loop.run_in_executor(None, _Sink, part, have > 0)
         t0, last, done = time.monotonic(), 0.0, have
         try:
@@ -314,7 +359,7 @@ async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, hea
                 if now - last > 0.25:
                     last = now
                     rate = (done - have) / max(now - t0, 1e-6)
-                    report({"status": f"downloading {label}", "total": total, "completed": done, "rate": rate})
+                    report({"status": status, "total": total, "completed": done, "rate": rate, **extra})
         except (aiohttp.ClientError, asyncio.TimeoutError) as e:
             raise _upstream(url, f"{url}: broke off after {done} bytes: {type(e).__name__}: {e}") from None
         except OSError as e:
@@ -324,7 +369,7 @@ async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, hea
             digest = await loop.run_in_executor(None, sink.close)
         if total is not None and done < total:
             raise _upstream(url, f"{url}: ended after {done} of {total} bytes")
-        report({"status": f"downloading {label}", "total": done, "completed": done})
+        report({"status": status, "total": done, "completed": done, **extra})
         return digest, announced
     finally:
         r.release()
@@ -372,17 +417,24 @@ def _same_file(path: Path, sha256: str | None) -> bool:
 async def pull(source: str, models_dir: Path, sha256: str | None = None, progress: Progress | None = None,
                headers: dict[str, str] | None = None, interfaces: list[str] | None = None, *,
                allow_urls: bool = True, max_bytes: int | None = None,
-               in_use: Callable[[Path], bool] | None = None) -> Path:
+               in_use: Callable[[Path], bool] | None = None, registries: Any = None) -> Path:
     """Download `source` into `models_dir` (see the module doc); returns the final path."""
     src = await resolve(source, sha256, interfaces, allow_urls)
-    return await pull_source(src, models_dir, progress, headers, max_bytes=max_bytes, in_use=in_use)
+    return await pull_source(src, models_dir, progress, headers, max_bytes=max_bytes, in_use=in_use,
+                             registries=registries)
 
 
-async def pull_source(src: Source, models_dir: Path, progress: Progress | None = None,
+async def pull_source(src: Source | store.ModelName, models_dir: Path, progress: Progress | None = None,
                       headers: dict[str, str] | None = None, *, max_bytes: int | None = None,
-                      in_use: Callable[[Path], bool] | None = None) -> Path:
+                      in_use: Callable[[Path], bool] | None = None, registries: Any = None) -> Path:
     """Download a resolved source. `in_use(path)` says whether a file is loaded (the
-    daemon's pool): such a file is never replaced."""
+    daemon's pool): such a file is never replaced. `registries` (edgelm.registry's
+    Registries) for names."""
+    if isinstance(src, store.ModelName):
+        from edgelm.registry import pull_name
+
+        entry = await pull_name(src, models_dir, progress, registries=registries, max_bytes=max_bytes, in_use=in_use)
+        return entry.model
     report = progress or (lambda _: None)
     loop = asyncio.get_running_loop()
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -417,7 +469,7 @@ async def pull_source(src: Source, models_dir: Path, progress: Progress | None =
             refuse_if_in_use()  # it may have been loaded while we downloaded
             os.replace(part, dest)
         if src.name is not None:
-            await loop.run_in_executor(None, store.add_name, models_dir, src.name, src.file)
+            await loop.run_in_executor(None, store.Store(models_dir).name_file, src.name, src.file, src.sha256)
     report({"status": "success", "path": str(dest)})
     return dest
 

@@ -12,6 +12,7 @@ when the queue is full) — nothing a client sends produces a 500.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import signal
@@ -256,7 +257,16 @@ async def serve(cfg: Config) -> int:
     guard = ConnectionGuard(cfg.max_connections or default_max_connections(nofile), cfg.header_timeout_s)
     srv.connections = guard
     site = GuardedSite(runner, cfg.host, cfg.port, guard)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as e:
+        await runner.cleanup()
+        notify.close()
+        why = {errno.EADDRINUSE: "the address is in use (another edgelm, or Ollama? `edgelm ps` asks it); stop it or "
+                                 "choose another port with --port",
+               errno.EACCES: "this user may not listen on that port (below 1024); choose another with --port",
+               errno.EADDRNOTAVAIL: "that address is not one of this machine's; check --host"}
+        raise EdgelmError(f"cannot listen on {cfg.host}:{cfg.port}: {why.get(e.errno or 0, e.strerror)}") from None
     addrs = runner.addresses
     port = int(addrs[0][1]) if addrs else cfg.port
     log.info("listening on http://%s:%d (loading %s)", cfg.host, port, cfg.model_path())
@@ -296,6 +306,7 @@ async def serve(cfg: Config) -> int:
         srv.state = "ready"
         srv.mdns = mdns
         reaper = asyncio.ensure_future(srv.pool.reap())
+        await _prune(srv)
         notify.ready(f"serving {lm.id} on {cfg.host}:{port} ({lm.model.kernel_level} kernels)")
         await stopped
         reaper.cancel()
@@ -317,6 +328,21 @@ async def serve(cfg: Config) -> int:
     notify.close()
     log.info("stopped")
     return status
+
+
+async def _prune(srv: Server) -> None:
+    """Blobs no name refers to (a model removed while it was loaded, a pull cut short)
+    go at start, as Ollama prunes them; a fresh one may belong to a pull in flight."""
+    d = srv.pool.models_dir()
+    if not (d / "blobs").is_dir():
+        return
+    try:
+        freed = await asyncio.get_running_loop().run_in_executor(None, srv.pool.model_store().prune, srv.pool.in_use)
+    except OSError as e:
+        log.warning("could not clear unused blobs in %s: %s", d, e)
+        return
+    if freed:
+        log.info("removed %d unused blobs from %s", len(freed), d)
 
 
 async def _track_busy(srv: Server, mdns: Advertiser) -> None:

@@ -44,6 +44,8 @@ from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
+from edgelm.serve.thinking import ThinkingStyle, template_style
+
 MAX_OUTPUT_CHARS = 4 * 1024 * 1024
 """Longest rendered prompt, and longest string or list a template may build."""
 RENDER_TIMEOUT_S = 2.0
@@ -251,12 +253,18 @@ class ChatTemplate:
         if not isinstance(self.source, str):
             raise ChatTemplateError(f"the chat template is a {type(self.source).__name__}, not a string")
         self.bos_token, self.eos_token = bos_token, eos_token
+        self._thinking = template_style(self.source)
         try:
             self._template = _environment().from_string(self.source)
         except jinja2.TemplateSyntaxError as e:
             raise ChatTemplateError(f"invalid chat template: {e.message} (line {e.lineno})") from None
         except Exception as e:
             raise ChatTemplateError(f"invalid chat template: {type(e).__name__}: {e}") from None
+
+    @property
+    def thinking(self) -> ThinkingStyle | None:
+        """How the template writes a thought (None: the model does not think)."""
+        return self._thinking
 
     @property
     def renders_tools(self) -> bool:

@@ -149,6 +149,11 @@ class Config:
     set; no for a daemon on the LAN without keys."""
     max_pull_mib: int | None = None
     """Largest model file a pull may download (default: whatever the disk holds)."""
+    registry_url: str = "https://registry.ollama.ai"
+    """The Ollama registry names are pulled from (`qwen3:0.6b`, `user/model:tag`): a
+    mirror, or a test server."""
+    hf_url: str = "https://huggingface.co"
+    """Hugging Face, for `hf.co/user/repo[:quant]` names (a mirror, or a test server)."""
     max_connections: int | None = None
     """Open HTTP connections (default 1024, or the open-file limit less 64 if lower).
     At the limit the oldest connection that has not sent a whole request is closed; if
@@ -200,6 +205,9 @@ class Config:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise bad(key, "must be at least 1")
+        for key in ("registry_url", "hf_url"):
+            if not re.fullmatch(r"https?://[^/\s]+(/[^\s]*)?", getattr(self, key)):
+                raise bad(key, f"{getattr(self, key)!r} is not an http(s) URL")
         for origin in self.allowed_origins:
             if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
                 raise bad("allowed_origins", f"{origin!r} is not an origin such as \"http://homeassistant.local:8123\" "
@@ -247,8 +255,23 @@ class Config:
                               "raise max_step_tokens or lower max_running")
         return running, step
 
-    def model_path(self) -> Path:
+    def _entry(self) -> Any:
+        """The store's entry for `model` when it names a pulled model (and no file)."""
+        from edgelm import store
+
         p = Path(self.model).expanduser()
+        d = Path(self.models_dir).expanduser()
+        if p.is_absolute() or p.is_file() or (p.parent == Path(".") and (d / p).is_file()) or not d.is_dir():
+            return None
+        e = store.Store(d).lookup(self.model)
+        return e if e is not None and e.file is None else None
+
+    def model_path(self) -> Path:
+        """The configured model's file: a path, a file in models_dir, or a pulled name's blob."""
+        p = Path(self.model).expanduser()
+        e = self._entry()
+        if e is not None:
+            return Path(e.model)
         if p.is_absolute() or p.parent != Path("."):
             return p
         return Path(self.models_dir).expanduser() / p
@@ -256,6 +279,9 @@ class Config:
     def model_id(self) -> str:
         if self.served_model_name:
             return self.served_model_name
+        e = self._entry()
+        if e is not None:
+            return str(e.name)
         name = Path(self.model).name
         return name[: -len(".gguf")] if name.endswith(".gguf") else name
 

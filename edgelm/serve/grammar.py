@@ -13,6 +13,8 @@ import json
 import threading
 from typing import Any
 
+import numpy as np
+
 from edgelm import _native
 
 
@@ -26,6 +28,7 @@ class Grammars:
         self._eog = sorted(eog_ids)
         self._tok: Any = None
         self._lock = threading.Lock()
+        self._prefix_masks: dict[bytes, list[np.ndarray]] = {}
 
     def tokenizer(self) -> Any:
         with self._lock:
@@ -72,6 +75,26 @@ class Grammars:
         if is_error:
             raise GrammarError(f"invalid tool or response schema: {'; '.join(messages)}")
         return str(grammar)
+
+    def prefix_masks(self, tag: bytes) -> list[np.ndarray]:
+        """For k in 0..len(tag)-1, the tokens whose bytes begin `tag[k:]` (non-empty, and
+        not running past it), as little-endian u32 bitmasks: what may continue a tag
+        whose first k bytes are out. Cached per tag."""
+        with self._lock:
+            hit = self._prefix_masks.get(tag)
+            if hit is not None:
+                return hit
+            n = self._native.n_vocab
+            masks = [np.zeros((n + 31) // 32, dtype="<u4") for _ in tag]
+            for t in range(n):
+                b = self._native.token_bytes(t, True)
+                if not b or b not in tag:
+                    continue
+                for k in range(len(tag)):
+                    if tag.startswith(b, k):
+                        masks[k][t >> 5] |= np.uint32(1 << (t & 31))
+            self._prefix_masks[tag] = masks
+            return masks
 
     def matcher(self, grammar: str) -> Any:
         import llguidance

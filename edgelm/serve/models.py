@@ -34,16 +34,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm import EdgelmError, Model, _native, store
+from edgelm import EdgelmError, Model, _native, modelinfo, store
 from edgelm._native import Executor
 from edgelm.serve import tools
 from edgelm.serve.chat import ChatTemplate
 from edgelm.serve.config import Config, parse_keep_alive
 from edgelm.serve.engine import AsyncEngine
+from edgelm.serve.gotemplate import GoTemplate, GoTemplateError
 from edgelm.serve.grammar import GrammarError, Grammars
 from edgelm.serve.metrics import Metrics
 from edgelm.serve.params import ApiError
 from edgelm.serve.scheduler import SchedulerLimits
+from edgelm.serve.thinking import ThoughtBudget, ThoughtRule
 
 log = logging.getLogger("edgelm.serve")
 
@@ -74,13 +76,15 @@ class LoadedModel:
     path: Path
     model: Model
     engine: AsyncEngine
-    template: ChatTemplate
+    template: ChatTemplate | GoTemplate
     grammars: Grammars
     max_context: int
     cost_bytes: int
     bos_id: int | None
     keep_alive_s: float | None
     device: str = "cpu"
+    params: dict[str, Any] = field(default_factory=dict)  # a pulled model's parameters layer
+    system: str | None = None  # a pulled model's system prompt
     loaded_at: float = field(default_factory=time.time)
     last_used: float = field(default_factory=time.monotonic)
     n_users: int = 0
@@ -107,10 +111,35 @@ class LoadedModel:
 
     async def tool_grammar(self, plan: tools.ToolPlan, schema: dict[str, Any] | None) -> str:
         """The grammar for an answer that may call tools (see edgelm.serve.tools)."""
+        source = tools.grammar(plan, schema)
+        assert source is not None  # a plan always constrains
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, tools.grammar(plan, schema))
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, source)
         except GrammarError as e:
             raise ApiError(str(e), "tools", 400) from None
+
+    async def answer_grammar(self, plan: tools.ToolPlan | None, schema: dict[str, Any] | None,
+                             thought: ThoughtRule | None) -> str | None:
+        """The grammar for an answer: tools, a response schema and a thinking model's
+        thought, in any combination (None: unconstrained)."""
+        if thought is None or (plan is None and schema is None and thought.budget is None):
+            return await (self.tool_grammar(plan, schema) if plan else self.grammar_for(schema))
+        source = tools.grammar(plan, schema, thought)
+        assert source is not None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, source)
+        except GrammarError as e:
+            raise ApiError(str(e), "tools" if plan else "response_format", 400) from None
+
+    def matcher(self, grammar: str | None, thought: ThoughtRule | None) -> Any:
+        """A matcher for `grammar` (None: none), with the thought's token budget."""
+        if grammar is None:
+            return None
+        m = self.grammars.matcher(grammar)
+        if thought is None or thought.budget is None:
+            return m
+        close = self.grammars.prefix_masks(thought.style.close.encode())
+        return ThoughtBudget(m, thought.budget, thought.style, thought.opened, self.token_bytes, close)
 
     def token_bytes(self, tid: int) -> bytes:
         b = self._token_bytes.get(tid)
@@ -149,21 +178,29 @@ class ModelPool:
     def models_dir(self) -> Path:
         return Path(self.cfg.models_dir).expanduser()
 
+    def model_store(self) -> store.Store:
+        return store.Store(self.models_dir())
+
     def available(self) -> dict[str, Path]:
-        """Every servable model: id → file (the configured model first)."""
+        """Every servable model: id → file (the configured model first), for the plain
+        GGUF files of the models directory and the store's names of blobs."""
         out = {self.default_id: self.default_path}
         d = self.models_dir()
         if d.is_dir():
             for p in sorted(d.glob("*.gguf")):
                 if p.is_file() and p.resolve() != self.default_path.resolve():
                     out.setdefault(model_id_of(p), p)
+            for e in self.model_store().entries():
+                if e.file is None:
+                    out.setdefault(e.name, e.model)
         return out
 
     def resolve(self, name: str | None) -> tuple[str, Path]:
         """The model a request names (None: the configured one). Names are ids, file
         names, or the names of edgelm.store (pulled and copied names, the catalogue's
-        aliases of present files); Ollama's ":latest" tag is accepted. Anything else is
-        a 404 — a name is only ever looked up, never joined to a path."""
+        aliases of present files); Ollama's ":latest" tag is accepted. A name of a plain
+        file resolves to the file's id. Anything else is a 404 — a name is only ever
+        looked up, never joined to a path."""
         if name is None or name == "":
             return self.default_id, self.default_path
         cands = (name, name.removesuffix(":latest"), name.removesuffix(".gguf"))
@@ -171,33 +208,52 @@ class ModelPool:
             lm = self.loaded.get(cand)
             if lm is not None:
                 return lm.id, lm.path
+        d = self.models_dir()
         avail = self.available()
         for cand in cands:
             if cand in avail:
                 return cand, avail[cand]
         if name in (self.default_path.name, Path(self.cfg.model).name):
             return self.default_id, self.default_path
-        file = store.lookup(self.models_dir(), name) if self.models_dir().is_dir() else None
+        e = self.model_store().lookup(name) if d.is_dir() else None
+        if e is not None and e.file is None:
+            lm = self.loaded.get(e.name)
+            return (lm.id, lm.path) if lm is not None else (e.name, e.model)
+        file = e.file if e is not None else (store.lookup_catalogue_file(d, name) if d.is_dir() else None)
         if file is not None:
-            path = self.models_dir() / file
-            mid = next((m for m, p in avail.items() if p == path), model_id_of(path))
-            return mid, avail.get(mid, path)
-        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))}; `edgelm pull` or "
-                       "/api/pull fetches models)", "model", 404, "model_not_found")
+            path = d / file
+            if path.resolve() == self.default_path.resolve():
+                return self.default_id, self.default_path
+            return model_id_of(path), path
+        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))}); `edgelm pull {name}` or "
+                       "/api/pull fetches it", "model", 404, "model_not_found")
 
     def names(self) -> list[tuple[str, str, Path]]:
         """Every name a client can list: (name, model id, file) for each servable file
-        and for each name edgelm.store keeps (pulled or copied names)."""
+        and for each name the store keeps (pulled or copied names)."""
         avail = self.available()
         out = [(mid, mid, path) for mid, path in avail.items()]
         by_path = {p: mid for mid, p in avail.items()}
-        d = self.models_dir()
-        if d.is_dir():
-            for name, file in sorted(store.read_names(d).items()):
-                mid = by_path.get(d / file)
-                if mid is not None:
-                    out.append((name, mid, d / file))
+        if self.models_dir().is_dir():
+            for e in self.model_store().entries():
+                if e.file is not None and e.model in by_path:
+                    out.append((e.name, by_path[e.model], e.model))
         return out
+
+    def extras(self, mid: str) -> tuple[dict[str, Any], str | None]:
+        """A model id's parameters and system prompt (a pulled name's layers; else none)."""
+        e = self.entry(mid)
+        if e is None:
+            return {}, None
+        st = self.model_store()
+        return modelinfo.params_of(e, st), st.text_layer(e, store.SYSTEM)
+
+    def entry(self, mid: str) -> store.Entry | None:
+        """The store's entry for a model id (a pulled name), or None (a plain file)."""
+        if not self.models_dir().is_dir():
+            return None
+        e = self.model_store().lookup(mid)
+        return e if e is not None and e.file is None else None
 
     def in_use(self, path: Path) -> bool:
         """Whether `path` is a loaded model's file (a pull must not replace it)."""
@@ -242,7 +298,12 @@ class ModelPool:
 
     async def get(self, name: str | None) -> LoadedModel:
         mid, path = self.resolve(name)
+        # Two names of one model (a copy) share one loaded model, unless their
+        # parameters or system prompts differ.
         lm = self.loaded.get(mid)
+        if lm is None:
+            lm = next((m for m in self.loaded.values() if m.path == path and (m.params, m.system) == self.extras(mid)),
+                      None)
         if lm is not None:
             lm.last_used = time.monotonic()
             return lm
@@ -304,11 +365,15 @@ class ModelPool:
         self._device = (f"cuda:{ordinal}", info)
         return self._device
 
+    def served_context(self, model: Model, n_blocks: int) -> int:
+        """Tokens per sequence: max_context, within the model's context and the KV cache."""
+        return min(self.cfg.max_context or model.n_ctx_train, model.n_ctx_train, n_blocks * BLOCK_SIZE)
+
     def _open(self, path: Path) -> tuple[Model, int, int, str]:
         if not path.is_file():
             raise EdgelmError(f"model file {path} does not exist (set `model:` in the config, or fetch one with "
                               f"`edgelm pull`)")
-        model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level)
+        model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=self.cfg.max_context)
         device, info = self.device()
         per_token = model.native.kv_bytes_per_token
         size = path.stat().st_size
@@ -322,6 +387,13 @@ class ModelPool:
         else:
             kv_budget = min(self.budget_bytes // 4, 2 << 30)
         n_blocks = max(kv_budget // (per_token * BLOCK_SIZE), 1)
+        # LongRoPE (Phi-3.5, Phi-4-mini) picks its RoPE factors by the context it runs
+        # with, as llama.cpp does by its -c: the context served, which the KV cache may
+        # hold below max_context. Loading again is a new mapping of the same file.
+        served = self.served_context(model, n_blocks)
+        if (model.native.rope_factors or "").startswith("rope_factors_") and served != (self.cfg.max_context or
+                                                                                        model.n_ctx_train):
+            model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=served)
         # Host memory: the mapped weights, and the KV cache unless it is on a GPU of
         # its own (on a Jetson the GPU's memory is the host's).
         cost = size + SCRATCH_BYTES + (0 if discrete else n_blocks * BLOCK_SIZE * per_token)
@@ -353,7 +425,7 @@ class ModelPool:
                device: str) -> tuple[dict[str, Any], Executor, frozenset[int]]:
         """Everything but the engine (which starts on the event loop), off the loop."""
         native = model.native
-        max_ctx = min(self.cfg.max_context or model.n_ctx_train, model.n_ctx_train, n_blocks * BLOCK_SIZE)
+        max_ctx = self.served_context(model, n_blocks)
         if max_ctx < 2:
             raise EdgelmError(f"the KV cache budget holds fewer than 2 tokens for {mid}")
         try:
@@ -368,13 +440,27 @@ class ModelPool:
         bos, eos = native.bos, native.eos
         bos_s = native.detokenize([bos], True) if bos is not None else ""
         eos_s = native.detokenize([eos], True) if eos is not None else ""
-        template = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s)
+        template: ChatTemplate | GoTemplate = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None,
+                                                                     model.architecture, bos_s, eos_s)
         eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
         keep = None if path == self.default_path else self.default_keep_alive
+        entry = self.entry(mid)
+        st = self.model_store()
+        params, system = self.extras(mid)
+        go = st.text_layer(entry, store.TEMPLATE) if entry is not None and not isinstance(tmpl, str) else None
+        if go:  # the file has no chat template: the registry's (Ollama's Go template) is used
+            try:
+                template = GoTemplate(go)
+            except GoTemplateError as e:
+                log.warning("%s: the file has no chat template, and the registry's cannot be run (%s); it chats in its "
+                            "architecture's turn format (or ChatML)", mid, e)
         parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
+                 "params": params, "system": system,
                  "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep, "device": executor.device}
-        log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d", mid,
-                 model.architecture, executor.device, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx)
+        rope = f", RoPE factors {native.rope_factors}" if native.rope_factors else ""
+        log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d%s", mid,
+                 model.architecture, executor.device, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx,
+                 rope)
         return parts, executor, eog
 
     async def unload(self, mid: str) -> bool:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgelm import EdgelmError, __version__, store
-from edgelm.serve import tools
+from edgelm import EdgelmError, __version__, modelinfo, store
+from edgelm.serve import thinking, tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
@@ -75,34 +75,12 @@ def _iso(t: float) -> str:
     return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-QUANT = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-         12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
-
-
 async def _metadata(srv: Server, path: Path) -> dict[str, Any]:
     """A listed file's metadata, without loading it; {} for a file that is not GGUF."""
     try:
         return await srv.pool.file_metadata(path)
     except (EdgelmError, OSError):
         return {}
-
-
-def _details(md: dict[str, Any]) -> dict[str, Any]:
-    arch = str(md.get("general.architecture") or "")
-    ftype = md.get("general.file_type")
-    size = md.get("general.size_label")
-    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
-            "parameter_size": str(size) if size else "",
-            "quantization_level": QUANT.get(ftype, str(ftype)) if isinstance(ftype, int) else ""}
-
-
-def _capabilities(md: dict[str, Any]) -> list[str]:
-    """What a model can do, as Ollama reports it: a model without a chat template is a
-    base model (text completion only); edgelm gives any chat model tools (through its
-    template, or edgelm's tool prompt)."""
-    if not md.get("tokenizer.chat_template"):
-        return ["completion"]
-    return ["completion", "tools"]
 
 
 def _file_info(path: Path) -> tuple[int, str]:
@@ -114,6 +92,8 @@ def _file_info(path: Path) -> tuple[int, str]:
 
 
 def _digest(path: Path) -> str:
+    if path.parent.name == "blobs" and path.name.startswith("sha256-"):
+        return path.name[len("sha256-"):]
     # A stable identity without hashing gigabytes on every listing: name, size, mtime.
     size, mtime = _file_info(path)
     return hashlib.sha256(f"{path.name}:{size}:{mtime}".encode()).hexdigest()
@@ -139,7 +119,8 @@ async def tags(request: web.Request) -> web.Response:
         size, mtime = _file_info(path)
         md = await _metadata(srv, path)
         out.append({"name": ollama_name(name), "model": ollama_name(name), "modified_at": mtime, "size": size,
-                    "digest": _digest(path), "details": _details(md), "capabilities": _capabilities(md)})
+                    "digest": _digest(path), "details": modelinfo.details(md),
+                    "capabilities": modelinfo.capabilities(md)})
     return web.json_response({"models": out})
 
 
@@ -159,7 +140,7 @@ async def ps(request: web.Request) -> web.Response:
     for lm in list(srv.pool.loaded.values()):
         md = await _metadata(srv, lm.path)
         out.append({"name": ollama_name(lm.id), "model": ollama_name(lm.id), "size": lm.cost_bytes,
-                    "digest": _digest(lm.path), "details": _details(md), "expires_at": _expires(lm),
+                    "digest": _digest(lm.path), "details": modelinfo.details(md), "expires_at": _expires(lm),
                     "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0], "context_length": lm.max_context})
     return web.json_response({"models": out})
 
@@ -176,14 +157,10 @@ async def show(request: web.Request) -> web.Response:
         md = await srv.pool.file_metadata(path)
     except EdgelmError as e:
         raise ApiError(f"model '{mid}' cannot be read: {e}", "model", 422) from None
-    template = md.get("tokenizer.chat_template")
-    _, mtime = _file_info(path)
-    return web.json_response({
-        "modified_at": mtime, "template": template if isinstance(template, str) else "",
-        "modelfile": f"FROM {path}\n", "license": str(md.get("general.license", "")), "details": _details(md),
-        "model_info": md, "parameters": "\n".join(f"{k} {v}" for k, v in DEFAULTS.items()),
-        "capabilities": _capabilities(md),
-    }, dumps=lambda o: json.dumps(o, default=str))
+    st = srv.pool.model_store()
+    entry = srv.pool.entry(mid)
+    body = await asyncio.get_running_loop().run_in_executor(None, modelinfo.describe, path, md, entry, st)
+    return web.json_response(body, dumps=lambda o: json.dumps(o, default=str))
 
 
 # -- generation ----------------------------------------------------------------------------
@@ -196,13 +173,16 @@ def _options(lm: LoadedModel, b: Body) -> tuple[dict[str, Any], int | None, list
     if raw is not None and not isinstance(raw, dict):
         raise ApiError("'options' must be an object", "options")
     o = Body(raw or {}, "options", "options.")
+    # A pulled model's parameters come before Ollama's defaults (as in Ollama).
+    dflt = {**DEFAULTS, **{k: v for k, v in lm.params.items() if k in DEFAULTS and isinstance(v, (int, float))
+                           and not isinstance(v, bool)}}
     sampling: dict[str, Any] = {
-        "temperature": float(o.get("temperature", float, DEFAULTS["temperature"], lo=0.0, hi=100.0)),
-        "top_k": int(o.get("top_k", int, DEFAULTS["top_k"], lo=0, hi=1 << 20)),
-        "top_p": max(float(o.get("top_p", float, DEFAULTS["top_p"], lo=0.0, hi=1.0)), 1e-6),
-        "min_p": float(o.get("min_p", float, DEFAULTS["min_p"], lo=0.0, hi=1.0)),
-        "repeat_penalty": max(float(o.get("repeat_penalty", float, DEFAULTS["repeat_penalty"], lo=0.0, hi=10.0)), 1e-6),
-        "repeat_last_n": int(o.get("repeat_last_n", int, DEFAULTS["repeat_last_n"], lo=-1, hi=1 << 20)),
+        "temperature": float(o.get("temperature", float, dflt["temperature"], lo=0.0, hi=100.0)),
+        "top_k": int(o.get("top_k", int, dflt["top_k"], lo=0, hi=1 << 20)),
+        "top_p": max(float(o.get("top_p", float, dflt["top_p"], lo=0.0, hi=1.0)), 1e-6),
+        "min_p": float(o.get("min_p", float, dflt["min_p"], lo=0.0, hi=1.0)),
+        "repeat_penalty": max(float(o.get("repeat_penalty", float, dflt["repeat_penalty"], lo=0.0, hi=10.0)), 1e-6),
+        "repeat_last_n": int(o.get("repeat_last_n", int, dflt["repeat_last_n"], lo=-1, hi=1 << 20)),
         "presence_penalty": float(o.get("presence_penalty", float, 0.0, lo=-2.0, hi=2.0)),
         "frequency_penalty": float(o.get("frequency_penalty", float, 0.0, lo=-2.0, hi=2.0)),
     }
@@ -210,7 +190,8 @@ def _options(lm: LoadedModel, b: Body) -> tuple[dict[str, Any], int | None, list
     sampling["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
     n_predict = o.get("num_predict", int, -1, lo=-2)  # -1: until done, -2: until the context is full
     num_ctx = o.get("num_ctx", int, lm.max_context, lo=1)
-    return sampling, (None if n_predict < 0 else n_predict), o.stop("stop"), min(num_ctx, lm.max_context)
+    stop = o.stop("stop") if o.has("stop") else [str(x) for x in lm.params.get("stop") or [] if isinstance(x, str)][:16]
+    return sampling, (None if n_predict < 0 else n_predict), stop, min(num_ctx, lm.max_context)
 
 
 def _format(b: Body) -> dict[str, Any] | None:
@@ -224,10 +205,15 @@ def _format(b: Body) -> dict[str, Any] | None:
         schema = f
     elif f not in (None, ""):
         raise ApiError("'format' must be \"json\" or a JSON schema object", "format", 400)
-    think = b.data.get("think")
-    if think not in (None, False, "false", "none"):
-        raise ApiError("this model does not support thinking ('think')", "think", 400)
     return schema
+
+
+def _thinking(lm: LoadedModel, b: Body) -> thinking.Thinking:
+    """The request's `think` against what the model can do (a 400 for `think: true` on a
+    model that cannot think, as Ollama answers; false and null always work)."""
+    raw = b.data.get("options")
+    budget = raw.get("thinking_budget") if isinstance(raw, dict) else None
+    return thinking.from_ollama(b.data.get("think"), budget, lm.template.thinking, ollama_name(lm.id))
 
 
 def _stats(st: Stream, t0: float, load_s: float) -> dict[str, Any]:
@@ -245,14 +231,19 @@ def _done_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"
 
 
-async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[int], b: Body, kind: str,
-               schema: dict[str, Any] | None = None, plan: tools.ToolPlan | None = None,
+async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, prompt: list[int], b: Body, kind: str,
+               schema: dict[str, Any] | None, plan: tools.ToolPlan | None, think: thinking.Thinking,
                load_s: float = 0.0) -> web.StreamResponse:
+    """Generate the answer to a rendered prompt (`text`, as `prompt` tokens) and send it
+    back as Ollama does: content, `thinking` apart (thinking models), tool calls whole."""
     sampling, n_predict, stop, num_ctx = _options(lm, b)
-    grammar = await (lm.tool_grammar(plan, schema) if plan else lm.grammar_for(schema))
+    style = lm.template.thinking
+    opened = thinking.forced_open(text, style)
+    rule = thinking.thought_rule(think, style, opened)
+    grammar = await lm.answer_grammar(plan, schema, rule)
     if plan:
         sampling["penalize_prompt"] = False  # see Executor.add
-    matcher = lm.grammars.matcher(grammar) if grammar is not None else None
+    matcher = lm.matcher(grammar, rule)
     room = num_ctx - len(prompt)
     if room <= 0:
         raise ApiError(f"the prompt has {len(prompt)} tokens; the context holds {num_ctx}", "prompt", 400)
@@ -279,14 +270,19 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[
     except ValueError as e:
         raise ApiError(str(e), "prompt", 400) from None
 
-    def line(piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None) -> dict[str, Any]:
+    def line(piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None,
+             thought: str = "") -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": _now()}
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": piece}
+            if thought:
+                out["message"]["thinking"] = thought
             if calls:
                 out["message"]["tool_calls"] = [c.ollama() for c in calls]
         else:
             out["response"] = piece
+            if thought:
+                out["thinking"] = thought
         out["done"] = done
         if done and d is not None:
             out["done_reason"] = _done_reason(d)
@@ -298,23 +294,22 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[
     def ndjson(obj: dict[str, Any]) -> bytes:
         return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
+    reply = tools.Reply(plan, style, think.on and think.split, opened)
     try:
         if stream_mode:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await resp.prepare(request)
-            split = tools.ToolStream() if plan and plan.choice != "text" else None
             try:
                 async for d in st:
-                    piece = split.feed(d.text) if split is not None else d.text
-                    if piece:
-                        await resp.write(ndjson(line(piece, False)))
+                    thought, piece = reply.feed(d.text)
+                    if piece or thought:
+                        await resp.write(ndjson(line(piece, False, thought=thought)))
                     if d.finish_reason is not None:
-                        if split is not None:
-                            rest, calls = split.finish()
-                            if rest:
-                                await resp.write(ndjson(line(rest, False)))
-                            if calls:  # each call whole, in one chunk, as Ollama sends them
-                                await resp.write(ndjson(line("", False, calls=calls)))
+                        thought, rest, calls = reply.finish()
+                        if rest or thought:
+                            await resp.write(ndjson(line(rest, False, thought=thought)))
+                        if calls:  # each call whole, in one chunk, as Ollama sends them
+                            await resp.write(ndjson(line("", False, calls=calls)))
                         await resp.write(ndjson(line("", True, d)))
             except EngineError as e:
                 await resp.write(json.dumps({"error": str(e)}).encode() + b"\n")
@@ -323,8 +318,8 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, prompt: list[
         async for d in st:
             text += d.text
             last = d
-        calls = tools.parse_calls(text) if plan and plan.choice != "text" and text.startswith("<") else []
-        out = line("" if calls else text, True, last, calls)
+        thought, content, calls = reply.whole(text)
+        out = line(content, True, last, calls, thought)
         return web.json_response(out, dumps=lambda o: json.dumps(o, ensure_ascii=False))
     finally:
         st.abort()
@@ -369,12 +364,14 @@ async def generate(request: web.Request) -> web.StreamResponse:
     async with srv.use(name, ka) as lm:
         load_s = time.perf_counter() - t0
         native = lm.model.native
+        think = _thinking(lm, b)
+        system = system or lm.system  # a pulled model's system prompt, unless the request has one
         if raw:
             text = prompt
         else:
             msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
             try:
-                text = lm.template.render(msgs, add_generation_prompt=True)
+                text = lm.template.render(msgs, add_generation_prompt=True, **think.template_vars(lm.template.thinking))
             except ChatTemplateError as e:
                 raise ApiError(f"the chat template failed: {e}", "prompt") from None
         if ctx is not None:
@@ -382,7 +379,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
             if not all(0 <= t < native.n_vocab for t in ctx):
                 raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
         ids = (list(ctx) if ctx else []) + (lm.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
-        return await _run(srv, lm, request, ids, b, "generate", schema, None, load_s)
+        return await _run(srv, lm, request, text, ids, b, "generate", schema, None, think, load_s)
 
 
 async def embed(request: web.Request) -> web.Response:
@@ -414,19 +411,29 @@ async def chat(request: web.Request) -> web.StreamResponse:
             raise ApiError(f"messages[{i}].content must be a string", "messages")
         if m.get("images"):
             raise ApiError("this model does not take images", "messages")
-        out.append({**m, "content": content or ""})
+        msg = {**m, "content": content or ""}
+        thought = m.get("thinking")
+        if thought is not None:  # an earlier answer's thought: templates read it as reasoning_content
+            if not isinstance(thought, str):
+                raise ApiError(f"messages[{i}].thinking must be a string", "messages")
+            msg["reasoning_content"] = msg.pop("thinking")
+        out.append(msg)
     plan = tools.parse_tools(b.data.get("tools"))
     if plan:
         plan = plan.limit_rounds(out, srv.cfg.max_tool_rounds)
     t0 = time.perf_counter()
     async with srv.use(name, ka) as lm:
         load_s = time.perf_counter() - t0
+        think = _thinking(lm, b)
+        if lm.system and not any(m["role"] == "system" for m in out):
+            out.insert(0, {"role": "system", "content": lm.system})
         msgs2, tools_arg = tools.prompt_messages(out, plan, lm.template.renders_tools)
         try:
-            text = lm.template.render(msgs2, add_generation_prompt=True, tools=tools_arg)
+            text = lm.template.render(msgs2, add_generation_prompt=True, tools=tools_arg,
+                                      **think.template_vars(lm.template.thinking))
         except ChatTemplateError as e:
             raise ApiError(f"the chat template failed: {e}", "messages") from None
-        return await _run(srv, lm, request, lm.chat_tokens(text), b, "chat", schema, plan, load_s)
+        return await _run(srv, lm, request, text, lm.chat_tokens(text), b, "chat", schema, plan, think, load_s)
 
 
 # -- models on the device ------------------------------------------------------------
@@ -469,7 +476,8 @@ async def pull(request: web.Request) -> web.StreamResponse:
     {"error": ...} line: a pull never ends in silence. The pull itself runs as a task
     the server owns, so a client that goes away does not leave a half-written file
     (the pull finishes, or fails and cleans up, on its own)."""
-    from edgelm.pull import PullError, pull_source, resolve
+    from edgelm.pull import ProgressLog, PullError, pull_source, resolve
+    from edgelm.registry import Registries
 
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
@@ -485,10 +493,17 @@ async def pull(request: web.Request) -> web.StreamResponse:
     lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
     async def run() -> Path:
+        logged = ProgressLog(log, source[:200])
+
+        def report(p: dict[str, Any]) -> None:
+            lines.put_nowait(p)
+            logged(p)
+
         try:
-            return await pull_source(src, _models_dir(srv), lines.put_nowait,
+            return await pull_source(src, _models_dir(srv), report,
                                      max_bytes=(cfg.max_pull_mib << 20) if cfg.max_pull_mib else None,
-                                     in_use=srv.pool.in_use)
+                                     in_use=srv.pool.in_use,
+                                     registries=Registries.from_env(cfg.registry_url, cfg.hf_url))
         finally:
             lines.put_nowait(None)
 
@@ -521,53 +536,75 @@ async def pull(request: web.Request) -> web.StreamResponse:
 
 
 async def delete(request: web.Request) -> web.Response:
-    """Ollama's /api/delete. A name kept by edgelm.store (pulled or copied) is removed,
-    the file stays; a file's own id deletes the file and every name pointing at it. The
+    """Ollama's /api/delete. A name in the store (pulled or copied) is removed, and with
+    it every blob no other name uses (a blob a loaded model reads stays until it is
+    unloaded); a plain file's own id deletes the file and every name of it. The
     configured model and models with requests in flight are refused (409); an idle
     loaded model is unloaded first."""
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     name = _model_name(b)
     d = _models_dir(srv)
+    pool = srv.pool
     loop = asyncio.get_running_loop()
-    if store.normalize(name) in store.read_names(d):
-        await loop.run_in_executor(None, store.remove_name, d, name)
+    mid, path = pool.resolve(name)
+    st = pool.model_store()
+    entry = st.lookup(name)
+    if entry is not None and entry.file is not None:  # a name of a plain file: the name goes, the file stays
+        await loop.run_in_executor(None, st.remove, name, pool.in_use)
         return web.json_response({})
-    mid, path = srv.pool.resolve(name)
-    if path == srv.pool.default_path or path.resolve() == srv.pool.default_path.resolve():
+    is_default = path == pool.default_path or path.resolve() == pool.default_path.resolve()
+    if mid == pool.default_id or (entry is None and is_default):  # another name of its blob may go
         raise ApiError(f"'{mid}' is the configured model (`model:` in the config); it cannot be deleted while it "
                        "is", "model", 409, "model_in_use")
-    if path.parent.resolve() != d.resolve():
+    if entry is None and (path.parent.resolve() != d.resolve() or not path.name.endswith(".gguf")):
         raise ApiError(f"'{mid}' is not in the models directory", "model", 409)
-    lm = srv.pool.loaded.get(mid)
+    lm = pool.loaded.get(mid)
     if lm is not None:
         if lm.busy:
             raise ApiError(f"'{mid}' has requests in flight; delete it when they are done", "model", 409,
                            "model_in_use")
-        await srv.pool.unload(mid)
-    await loop.run_in_executor(None, store.forget_file, d, path.name)
+        await pool.unload(mid)
+    if entry is not None:
+        try:
+            freed = await loop.run_in_executor(None, st.remove, name, pool.in_use)
+        except store.StoreError as e:
+            raise ApiError(str(e), "model", e.status) from None
+        log.info("deleted %s (blobs freed: %s)", entry.name, ", ".join(f[7:19] for f in freed) or "none")
+        return web.json_response({})
+    await loop.run_in_executor(None, st.forget_file, path.name)
     path.unlink(missing_ok=True)
     log.info("deleted %s", path)
     return web.json_response({})
 
 
 async def copy(request: web.Request) -> web.Response:
-    """Ollama's /api/copy: a new name for a model (no bytes are copied)."""
+    """Ollama's /api/copy: a new name for a model (a manifest; no bytes are copied)."""
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     src = b.get("source", str)
     dst = b.get("destination", str)
     if not src or not dst:
         raise ApiError("'source' and 'destination' are required", "source" if not src else "destination")
-    mid, path = srv.pool.resolve(src)
+    pool = srv.pool
+    mid, path = pool.resolve(src)
     d = _models_dir(srv)
-    if path.parent.resolve() != d.resolve():
-        raise ApiError(f"'{mid}' is not in the models directory; copy a model that is", "source", 400)
     try:
         name = store.check_name(dst)
     except store.ModelNameError as e:
         raise ApiError(str(e), "destination") from None
-    if name.removesuffix(":latest") in srv.pool.available():
+    if any(store.normalize(name) == store.normalize(f"{p.stem}") for p in d.glob("*.gguf")):
         raise ApiError(f"'{dst}' is a model file's own name; choose another", "destination", 409)
-    await asyncio.get_running_loop().run_in_executor(None, store.add_name, d, name, path.name)
+    st = pool.model_store()
+    entry = pool.entry(mid)
+    loop = asyncio.get_running_loop()
+    try:
+        if entry is not None:
+            await loop.run_in_executor(None, st.copy, entry, name)
+        elif path.parent.resolve() == d.resolve() and path.name.endswith(".gguf"):
+            await loop.run_in_executor(None, st.name_file, name, path.name, None)
+        else:
+            raise ApiError(f"'{mid}' is not in the models directory; copy a model that is", "source", 400)
+    except store.StoreError as e:
+        raise ApiError(str(e), "destination", e.status) from None
     return web.json_response({})

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgelm.serve import tools
+from edgelm.serve import thinking, tools
 from edgelm.serve.chat import ChatTemplateError
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
@@ -67,14 +67,14 @@ def _max_tokens(lm: LoadedModel, b: Body, key: str, n_prompt: int) -> int:
 
 
 async def _submit(lm: LoadedModel, prompt: list[int], max_tokens: int, c: dict[str, Any], n_logprobs: int, n: int,
-                  grammar: str | None = None) -> list[Stream]:
+                  grammar: str | None = None, thought: thinking.ThoughtRule | None = None) -> list[Stream]:
     streams: list[Stream] = []
     try:
         for i in range(n):
             sampling = dict(c["sampling"], n_logprobs=n_logprobs)
             if sampling["seed"] is not None:
                 sampling["seed"] = (sampling["seed"] + i) % (2**64)
-            matcher = lm.grammars.matcher(grammar) if grammar is not None else None
+            matcher = lm.matcher(grammar, thought)
             req = GenRequest(prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher)
             streams.append(lm.engine.submit(req))
     except QueueFull as e:
@@ -369,17 +369,25 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
     if plan:
         plan = plan.limit_rounds(msgs, srv.cfg.max_tool_rounds)
     schema = _response_schema(b)
-    grammar = await (lm.tool_grammar(plan, schema) if plan else lm.grammar_for(schema))
+    style = lm.template.thinking
+    think = thinking.from_openai(b.data, style)
     msgs, tools_arg = tools.prompt_messages(msgs, plan, lm.template.renders_tools)
     if plan:
         c["sampling"]["penalize_prompt"] = False  # see Executor.add
     try:
-        text = lm.template.render(msgs, add_generation_prompt=True, tools=tools_arg)
+        text = lm.template.render(msgs, add_generation_prompt=True, tools=tools_arg, **think.template_vars(style))
     except ChatTemplateError as e:
         raise ApiError(f"the chat template failed: {e}", "messages") from None
+    opened = thinking.forced_open(text, style)
+    rule = thinking.thought_rule(think, style, opened)
+    grammar = await lm.answer_grammar(plan, schema, rule)
     prompt = lm.chat_tokens(text)
     max_tokens = _max_tokens(lm, b, "max_completion_tokens", len(prompt))
-    streams = await _submit(lm, prompt, max_tokens, c, (top_lp or 0) if want_lp else 0, c["n"], grammar)
+    streams = await _submit(lm, prompt, max_tokens, c, (top_lp or 0) if want_lp else 0, c["n"], grammar, rule)
+
+    def reply() -> tools.Reply:
+        return tools.Reply(plan, style if think.split else None, think.on, opened)
+
     cid = "chatcmpl-" + uuid.uuid4().hex[:24]
     created = int(time.time())
 
@@ -394,30 +402,37 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
         if c["stream"]:
             resp = await _sse_response(request)
             ev = _Chunks({k: v for k, v in chunk("chat.completion.chunk", []).items() if k != "choices"})
-            splits = [tools.ToolStream() if plan and plan.choice != "text" else None for _ in streams]
+            replies = [reply() for _ in streams]
             for i in range(len(streams)):
                 first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
                 await resp.write(ev.event([first]))
             try:
                 async for i, d in _merged(streams):
                     lp = _chat_logprobs(lm, [d]) if want_lp else None
-                    piece, reason, split = d.text, d.finish_reason, splits[i]
-                    if split is not None:
-                        piece = split.feed(piece)
-                        if reason is not None:
-                            rest, calls = split.finish()
-                            piece += rest
-                            if calls:
-                                for k, call in enumerate(calls):
-                                    delta = {"role": "assistant", "content": None, "tool_calls": [call.openai(k)]}
-                                    await resp.write(ev.event([{"index": i, "delta": delta, "logprobs": None,
-                                                                "finish_reason": None}]))
-                                reason = "tool_calls" if reason != "length" else reason
-                        elif not piece and split.mode == "calls":
-                            continue  # held back: the call goes out whole at the end
-                    body: dict[str, Any] = {"content": piece} if piece or reason is None else {}
-                    ch = {"index": i, "delta": body, "logprobs": lp, "finish_reason": reason}
-                    await resp.write(ev.event([ch]))
+                    rp, reason = replies[i], d.finish_reason
+                    thought, piece = rp.feed(d.text)
+                    calls: list[tools.ToolCall] = []
+                    if reason is not None:
+                        t2, rest, calls = rp.finish()
+                        thought, piece = thought + t2, piece + rest
+                        if calls:
+                            reason = "tool_calls" if reason != "length" else reason
+                    elif not piece and not thought and (rp.holding_calls or rp.think is not None):
+                        continue  # held back: a call goes out whole at the end, a tag when it is whole
+                    body: dict[str, Any] = {}
+                    if thought:  # as llama-server and vLLM send a thought
+                        body["reasoning_content"] = thought
+                    if piece or (reason is None and not thought):
+                        body["content"] = piece
+                    if calls:
+                        if body:
+                            await resp.write(ev.event([{"index": i, "delta": body, "logprobs": lp, "finish_reason": None}]))
+                            body, lp = {}, None
+                        for k, call in enumerate(calls):
+                            delta = {"role": "assistant", "content": None, "tool_calls": [call.openai(k)]}
+                            await resp.write(ev.event([{"index": i, "delta": delta, "logprobs": None,
+                                                        "finish_reason": None}]))
+                    await resp.write(ev.event([{"index": i, "delta": body, "logprobs": lp, "finish_reason": reason}]))
             except EngineError as e:
                 await resp.write(_sse(ApiError(str(e)).body()))
             if c["include_usage"]:
@@ -433,8 +448,10 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
             finish[i] = d.finish_reason or finish[i]
         choices = []
         for i in range(len(streams)):
-            message: dict[str, Any] = {"role": "assistant", "content": texts[i], "refusal": None}
-            calls = tools.parse_calls(texts[i]) if plan and plan.choice != "text" and texts[i].startswith("<") else []
+            thought, content, calls = reply().whole(texts[i])
+            message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+            if thought:
+                message["reasoning_content"] = thought
             if calls:
                 message.update(content=None, tool_calls=[{k: v for k, v in c.openai(0).items() if k != "index"}
                                                          for c in calls])

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgelm.serve.params import ApiError
+from edgelm.serve.thinking import ThinkingStyle, ThinkSplitter, ThoughtRule
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -276,22 +277,21 @@ def _hoisted(tools: list[Tool]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return refs, defs
 
 
-def grammar(plan: ToolPlan, text_schema: dict[str, Any] | None = None) -> str:
-    """The Lark grammar (llguidance) for an answer under `plan`; `text_schema`, from a
-    response_format, constrains the text branch to JSON too."""
+def grammar(plan: ToolPlan | None, text_schema: dict[str, Any] | None = None,
+            thought: ThoughtRule | None = None) -> str | None:
+    """The Lark grammar (llguidance) for an answer under `plan` (None: no tools);
+    `text_schema`, from a response_format, constrains the text branch to JSON too;
+    `thought`, for a thinking model, puts the thought before the answer. None when
+    nothing constrains the answer."""
+    if thought is not None:
+        return _thinking_grammar(plan, text_schema, thought)
+    if plan is None:
+        return None if text_schema is None else "start: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}) + "\n"
     if plan.choice == "text":
         if text_schema is not None:
             return "start: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}) + "\n"
         return "start: TEXT\nTEXT: /[^<](.|\\n)*/\n"
-    refs, defs = _hoisted(plan.tools)
-    one_of = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": ref},
-               "required": ["name", "arguments"], "additionalProperties": False} for t, ref in zip(plan.tools, refs)]
-    call_schema: dict[str, Any] = {"anyOf": one_of} if len(one_of) > 1 else one_of[0]
-    call_schema = {**call_schema, "$defs": defs, "x-guidance": JSON_STYLE}
-    lines = [
-        "call: " + json.dumps(OPEN + "\n") + " %json " + json.dumps(call_schema) + " " + json.dumps("\n" + CLOSE),
-        "calls: call (\"\\n\" call)*" if plan.parallel else "calls: call",
-    ]
+    lines = _call_rules(plan)
     if plan.choice == "required":
         lines.insert(0, "start: calls")
     elif text_schema is not None:
@@ -300,6 +300,45 @@ def grammar(plan: ToolPlan, text_schema: dict[str, Any] | None = None) -> str:
     else:
         lines.insert(0, "start: TEXT | calls")
         lines.append("TEXT: /[^<](.|\\n)*/")
+    return "\n".join(lines) + "\n"
+
+
+def _call_rules(plan: ToolPlan) -> list[str]:
+    refs, defs = _hoisted(plan.tools)
+    one_of = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": ref},
+               "required": ["name", "arguments"], "additionalProperties": False} for t, ref in zip(plan.tools, refs)]
+    call_schema: dict[str, Any] = {"anyOf": one_of} if len(one_of) > 1 else one_of[0]
+    call_schema = {**call_schema, "$defs": defs, "x-guidance": JSON_STYLE}
+    return [
+        "call: " + json.dumps(OPEN + "\n") + " %json " + json.dumps(call_schema) + " " + json.dumps("\n" + CLOSE),
+        "calls: call (\"\\n\" call)*" if plan.parallel else "calls: call",
+    ]
+
+
+def _thinking_grammar(plan: ToolPlan | None, text_schema: dict[str, Any] | None, thought: ThoughtRule) -> str:
+    """The thought first (see edgelm.serve.thinking), whitespace, then the answer.
+    Text may not begin with whitespace or "<" here, so that whitespace after the thought
+    is WS's alone and "<" after it can only open a call: no tool call passes as text."""
+    think, lines = thought.lark()
+    lines.append("WS: /[ \\t\\r\\n]+/")
+    calls = plan is not None and plan.choice != "text"
+    if calls:
+        assert plan is not None
+        lines += _call_rules(plan)
+    if text_schema is not None:
+        lines.append("answer: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}))
+        text, optional = "answer", False
+    else:
+        lines.append("TEXT: /[^<\\s](.|\\n)*/" if calls or plan is not None else "TEXT: /[^\\s](.|\\n)*/")
+        text, optional = "TEXT", True
+    if plan is not None and plan.choice == "required":
+        body = "calls"
+        optional = False
+    elif calls:
+        body = f"({text} | calls)"
+    else:
+        body = text
+    lines.insert(0, f"start: {think} WS? {body}{'?' if optional else ''}")
     return "\n".join(lines) + "\n"
 
 
@@ -353,3 +392,39 @@ class ToolStream:
         if not calls:
             return self.held, []
         return "", calls
+
+
+class Reply:
+    """One answer as it streams: the thought (thinking models), the content (passed on
+    at once) and the tool calls (whole, at the end). `feed` gives (thought, content)
+    pieces; `finish` the rest and the calls."""
+
+    def __init__(self, plan: ToolPlan | None, style: ThinkingStyle | None = None, think: bool = False,
+                 opened: bool = False) -> None:
+        self.think = ThinkSplitter(style, opened) if style is not None and (think or opened) else None
+        self.tools = ToolStream() if plan is not None and plan.choice != "text" else None
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        thought, content = self.think.feed(piece) if self.think is not None else ("", piece)
+        if self.tools is not None and content:
+            content = self.tools.feed(content)
+        return thought, content
+
+    @property
+    def holding_calls(self) -> bool:
+        return self.tools is not None and self.tools.mode == "calls"
+
+    def finish(self) -> tuple[str, str, list[ToolCall]]:
+        thought, content = self.think.finish() if self.think is not None else ("", "")
+        if self.tools is None:
+            return thought, content, []
+        if content:
+            content = self.tools.feed(content)
+        rest, calls = self.tools.finish()
+        return thought, content + rest, calls
+
+    def whole(self, text: str) -> tuple[str, str, list[ToolCall]]:
+        """A whole (not streamed) answer: its thought, content and calls."""
+        t1, c1 = self.feed(text)
+        t2, c2, calls = self.finish()
+        return t1 + t2, c1 + c2, calls

@@ -15,6 +15,12 @@ import pytest
 
 import edgelm
 
+# Tests talk to loopback only: the registries and the daemon the CLI looks for default
+# to a closed loopback port, so nothing reaches the real network or a daemon that
+# happens to run on this machine; tests that need them start their own.
+for _key in ("EDGELM_REGISTRY_URL", "EDGELM_HF_URL", "EDGELM_URL"):
+    os.environ.setdefault(_key, "http://127.0.0.1:9")
+
 MODELS_DIR = Path(os.environ.get("EDGELM_MODELS_DIR", Path.home() / ".cache/edgelm/models"))
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -82,7 +82,8 @@ def daemon(model: Path, *args: str, env: dict[str, str] | None = None, config: s
         cfg = Path(tmp) / "edgelm.yaml"
         cfg.write_text(config)
         log_path = Path(tmp) / "daemon.log"
-        e = {k: v for k, v in os.environ.items() if not k.startswith("EDGELM_") or k == "EDGELM_MODELS_DIR"}
+        e = {k: v for k, v in os.environ.items()
+             if not k.startswith("EDGELM_") or k in ("EDGELM_MODELS_DIR", "EDGELM_REGISTRY_URL", "EDGELM_HF_URL")}
         e.update(env or {})
         cmd = [*(prefix or []), sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg), "--host", host,
                "--port", str(port), "--model", str(model), "--threads", "2", *([] if mdns else ["--no-mdns"]), *args]

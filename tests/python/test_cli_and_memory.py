@@ -45,9 +45,16 @@ def test_kernel_level_can_be_forced() -> None:
 
 
 def test_run_streams_a_greedy_continuation() -> None:
-    r = run_cli("run", str(model_path(SMOLLM2)), "The capital of France is", "-n", "6", "--temperature", "0")
+    r = run_cli("run", str(model_path(SMOLLM2)), "The capital of France is", "-n", "6", "--temperature", "0", "--raw")
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith(" Paris")
+
+
+def test_run_answers_with_the_chat_template() -> None:
+    """An instruct model asked a question answers it (the template makes it a chat)."""
+    r = run_cli("run", str(model_path(SMOLLM2)), "What is the capital of France?", "-n", "20", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
 
 
 def test_cli_errors_are_one_clear_line() -> None:

@@ -167,9 +167,13 @@ def test_pull_from_the_catalogue_in_parts(tmp_path: Path) -> None:
         assert r.returncode == 0, r.stderr
         assert "resuming at 3145728 bytes" in r.stderr and "assembling" in r.stderr
         assert sha256(dest / SMOLLM2) == entry["sha256"]
-        # Parts cleaned up; the name it was pulled by is kept (edgelm.store).
-        assert sorted(p.name for p in dest.iterdir()) == [".edgelm-names.json", SMOLLM2]
-        assert json.loads((dest / ".edgelm-names.json").read_text()) == {"names": {"smol:tiny": SMOLLM2}}
+        # Parts cleaned up; the name it was pulled by is kept (edgelm.store: a manifest
+        # whose model layer is the plain file).
+        assert sorted(p.name for p in dest.iterdir()) == [SMOLLM2, "manifests"]
+        from edgelm.store import Store
+
+        e = Store(dest).lookup("smol:tiny")
+        assert e is not None and e.file == SMOLLM2 and e.digest == "sha256:" + entry["sha256"]
         # A part whose digest is wrong: a clear error, nothing under the model's name.
         entry["parts"][1]["sha256"] = "0" * 64
         cat.write_text(json.dumps({"models": {"smol-test": entry}}))
@@ -180,12 +184,15 @@ def test_pull_from_the_catalogue_in_parts(tmp_path: Path) -> None:
         # /api/pull takes catalogue names too (what Ollama clients send).
         entry["parts"][1]["sha256"] = parts[1]["sha256"]
         cat.write_text(json.dumps({"models": {"smol-test": entry}}))
-        with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path / "m3"), env={"EDGELM_CATALOGUE": str(cat)}) as d:
+        with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path / "m3"),
+                    env={"EDGELM_CATALOGUE": str(cat), "EDGELM_REGISTRY_URL": url}) as d:
             lines = list(ollama.Client(host=d.url).pull("smol:tiny", stream=True))
             assert lines[-1].status == "success"
             assert any((s.status or "").startswith("assembling") for s in lines)
-            status, body = http("POST", d.url + "/api/pull", {"model": "no-such-model"})
-            assert status == 404 and "unknown model 'no-such-model'" in body["error"] and "smol-test" in body["error"]
+            # Not in the catalogue: a registry name (the registry here is a static server
+            # without it).
+            status, body = http("POST", d.url + "/api/pull", {"model": "no-such-model", "stream": False})
+            assert status == 404 and "'no-such-model:latest' not found in the registry" in body["error"], body
         assert sha256(tmp_path / "m3" / SMOLLM2) == entry["sha256"]
 
 

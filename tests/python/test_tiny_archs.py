@@ -245,6 +245,39 @@ def test_longrope_factors_follow_the_context() -> None:
     assert edgelm.Model(FIXTURES / "tiny-qwen3.gguf").native.rope_factors is None
 
 
+def _agrees(entry: str, case: dict, got: list[int]) -> None:  # type: ignore[type-arg]
+    """`got` equals llama.cpp's greedy continuation, or parts from it at a near-tie."""
+    want = case["ids"]
+    assert len(got) == len(want), f"{entry}: {got} vs {want}"
+    for i, (a, b) in enumerate(zip(got, want)):
+        if a != b:
+            lp = dict((tid, v) for tid, v in case["top"][i])
+            assert a in lp and case["top"][0][1] - lp[a] < NEAR_TIE, f"{entry} token {i}: {got} vs llama.cpp {want}"
+            break
+
+
+@pytest.mark.parametrize("max_context, entry", [(None, "tiny-phi3.gguf"), (256, "tiny-phi3.gguf@256"),
+                                                (512, "tiny-phi3.gguf")])
+def test_served_context_picks_the_longrope_factors(max_context: int | None, entry: str) -> None:
+    """The daemon loads phi3 for the context it serves (`max_context`, else the model's
+    1024): 256 takes the short factors and answers as llama.cpp does at -c 256, above
+    the original 256 the long ones, as llama.cpp at -c 1024 (factors depend only on
+    which side of 256 the context is)."""
+    from serve_util import daemon, http
+
+    args = ["--max-context", str(max_context)] if max_context else []
+    with daemon(FIXTURES / "tiny-phi3.gguf", *args) as d:
+        for case in GOLDEN[entry]["cases"]:
+            status, body = http("POST", d.url + "/api/generate", {
+                "model": "tiny-phi3", "prompt": "", "raw": True, "context": case["prompt_ids"], "stream": False,
+                "options": {"temperature": 0, "repeat_penalty": 1.0, "num_predict": len(case["ids"])}})
+            assert status == 200, body
+            assert body["context"][: len(case["prompt_ids"])] == case["prompt_ids"]
+            _agrees(entry, case, body["context"][len(case["prompt_ids"]):])
+        want = "rope_factors_short" if max_context == 256 else "rope_factors_long"
+        assert f"RoPE factors {want}" in d.log()
+
+
 @pytest.mark.parametrize("entry", ["tiny-qwen3moe.gguf", "tiny-qwen3moe-wide.gguf:Q4_K_M"])
 def test_moe_routing_matches_float64_reference(entry: str, copies: dict[str, Path],
                                                tmp_path_factory: pytest.TempPathFactory) -> None:

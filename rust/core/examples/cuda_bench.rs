@@ -13,6 +13,9 @@
 //! decode and prompt size, each `mmq` block shape); `=q4_k,q6_k` (say) only those
 //! formats' block shapes.
 //!
+//! An argument ending in `.gguf` is a model file to measure instead (any architecture
+//! edgelm runs: the synthetic real-shape files of benches/synthetic.py, say).
+//!
 //! `EDGELM_BENCH_SAVE=DIR` also writes each model to `DIR/measure-<type>.gguf` (the
 //! same bytes edgelm runs), so llama-bench can run the very same file
 //! (benches/cuda_side_by_side.sh); `EDGELM_BENCH_SAVE_ONLY=1` writes and exits.
@@ -173,7 +176,27 @@ fn main() {
     let bw = std::env::var("EDGELM_GPU_BW_GBS").ok().and_then(|v| v.parse::<f64>().ok()).unwrap_or(4800.0) * 1e9;
     let types: Vec<String> = std::env::args().skip(1).collect();
     for name in if types.is_empty() { vec!["q4_0".to_string()] } else { types } {
-        let ty = match name.as_str() {
+        let t0 = Instant::now();
+        let file = if name.ends_with(".gguf") {
+            Gguf::open(&name).unwrap_or_else(|e| panic!("{name}: {e}"))
+        } else {
+            let Some(bytes) = synthetic(&name) else { continue };
+            Gguf::from_bytes(bytes).unwrap()
+        };
+        let name = std::path::Path::new(&name).file_stem().map_or(name.clone(), |s| s.to_string_lossy().into_owned());
+        let engine = Arc::new(Engine::from_gguf(file, &LoadOptions { n_threads: Some(4), kernel_level: None, n_ctx: None }).unwrap());
+        let vocab = engine.model.cfg.n_vocab;
+        let weight_bytes = engine.model.weight_bytes_per_token();
+        eprintln!("{name}: model built in {:.1}s ({:.0} MiB of weights read per token)", t0.elapsed().as_secs_f64(), weight_bytes as f64 / 2f64.powi(20));
+        measure(&gpu, &engine, &name, vocab, weight_bytes, bw);
+    }
+}
+
+/// The synthetic 1B measure model in the format `name`, written to EDGELM_BENCH_SAVE
+/// if set; None when only saving.
+fn synthetic(name: &str) -> Option<Vec<u8>> {
+    {
+        let ty = match name {
             "q4_0" => GgmlType::Q4_0,
             "q4_k" => GgmlType::Q4_K,
             "q8_0" => GgmlType::Q8_0,
@@ -182,30 +205,32 @@ fn main() {
             "q4_k_m" => GgmlType::Q4_K,
             other => panic!("unknown type {other}"),
         };
-        let t0 = Instant::now();
         let bytes = if name == "q4_k_m" { mixed(ty) } else { model(ty) };
         if let Some(dir) = std::env::var_os("EDGELM_BENCH_SAVE") {
             let path = std::path::Path::new(&dir).join(format!("measure-{name}.gguf"));
             std::fs::write(&path, &bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
             eprintln!("{name}: wrote {}", path.display());
             if std::env::var_os("EDGELM_BENCH_SAVE_ONLY").is_some() {
-                continue;
+                return None;
             }
         }
-        let file = Gguf::from_bytes(bytes).unwrap();
-        let engine = Arc::new(Engine::from_gguf(file, &LoadOptions { n_threads: Some(4), kernel_level: None, n_ctx: None }).unwrap());
-        let weight_bytes = engine.model.weight_bytes_per_token();
-        eprintln!("{name}: model built in {:.1}s ({:.0} MiB of weights read per token)", t0.elapsed().as_secs_f64(), weight_bytes as f64 / 2f64.powi(20));
+        Some(bytes)
+    }
+}
+
+/// pp512, tg128 and 16/64 streams of one model on the GPU; one JSON line on stdout.
+fn measure(gpu: &Arc<edgelm_core::cuda::Gpu>, engine: &Arc<Engine>, name: &str, vocab: usize, weight_bytes: usize, bw: f64) {
+    {
         let bs = engine.kv_shape(1).block_size;
         let per_seq = (512 + 128 + bs) / bs + 1;
-        let mut ex = Executor::new_cuda(Arc::clone(&engine), 64 * per_seq, &gpu).unwrap();
+        let mut ex = Executor::new_cuda(Arc::clone(engine), 64 * per_seq, gpu).unwrap();
         let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
         let table = |i: usize| -> Vec<u32> { ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect() };
         let mut next_id = 0u64;
         // Prompt processing: one 512-token sequence, best of 3.
         let mut pp = 0f64;
         for _ in 0..3 {
-            let prompt: Vec<u32> = (0..512).map(|j| (j * 13 + 7) % (VOCAB as u32 - 1)).collect();
+            let prompt: Vec<u32> = (0..512).map(|j| (j * 13 + 7) % (vocab as u32 - 1)).collect();
             ex.add(next_id, prompt, greedy.clone(), true).unwrap();
             let t = Instant::now();
             ex.step(&[StepItem { seq: next_id, start: 0, end: 512, block_table: table(0), sample: true, allowed: None }]).unwrap();
@@ -227,7 +252,7 @@ fn main() {
             let ids: Vec<u64> = (0..batch as u64).map(|k| next_id + k).collect();
             next_id += batch as u64;
             for (k, &id) in ids.iter().enumerate() {
-                let prompt: Vec<u32> = (0..32).map(|j| ((k * 31 + j * 7) % (VOCAB - 1)) as u32).collect();
+                let prompt: Vec<u32> = (0..32).map(|j| ((k * 31 + j * 7) % (vocab - 1)) as u32).collect();
                 ex.add(id, prompt, greedy.clone(), true).unwrap();
             }
             let items: Vec<StepItem> = ids.iter().enumerate().map(|(k, &id)| StepItem { seq: id, start: 0, end: 32, block_table: table(k), sample: true, allowed: None }).collect();

@@ -29,4 +29,10 @@ z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/*.whl')[0])
 z.extract('edgelm/_native.abi3.so', '.gpu/pkg')" "$wheels"
 rm -rf "$wheels"
 strip --strip-debug .gpu/cuda_test .gpu/cuda_bench .gpu/pkg/edgelm/_native.abi3.so
+# gguf-py and PyYAML for the benches that write model files there (benches/cuda_archs.sh):
+# the GPU machine has no network to pip them; both run as pure Python on its 3.12.
+rm -rf .gpu/py && mkdir -p .gpu/py
+site=$(.venv/bin/python -c 'import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__file__)))')
+cp -r "$site/gguf" "$site/yaml" .gpu/py/
+find .gpu/py -name '*.so' -delete -o -name '__pycache__' -prune -exec rm -rf {} +
 du -sh .gpu

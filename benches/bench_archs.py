@@ -38,7 +38,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benches"))
-from bench_cpu import LLAMA_BIN, _cpu_name, _llc  # noqa: E402
+from bench_cpu import LLAMA_BIN, _cpu_name, _llc, edgelm_once, llama_once  # noqa: E402
 from synthetic import SHAPES as ALL_SHAPES, TINY, write_f16  # noqa: E402
 
 SHAPES = {k: v for k, v in ALL_SHAPES.items() if v["arch"] != "llama"}
@@ -59,21 +59,6 @@ def make(name: str, s: dict, threads: int) -> Path:  # type: ignore[type-arg]
     _native.quantize_file(f16, q, "Q4_K_M", threads=threads)
     f16.unlink()
     return q
-
-
-def llama_once(model: Path, threads: int, n_prompt: int, n_gen: int) -> dict[str, float]:
-    out = subprocess.run(
-        [str(LLAMA_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-         "-r", "1", "-o", "json"],
-        capture_output=True, text=True, check=True,
-    )
-    return {("pp" if r["n_prompt"] > 0 else "tg"): float(r["avg_ts"]) for r in json.loads(out.stdout)}
-
-
-def edgelm_once(m: object, n_prompt: int, n_gen: int) -> dict[str, float]:
-    pp_s, _ = m.bench(n_prompt, 0)  # type: ignore[attr-defined]
-    _, tg_s = m.bench(0, n_gen)  # type: ignore[attr-defined]
-    return {"pp": n_prompt / pp_s, "tg": n_gen / tg_s}
 
 
 def main() -> int:

@@ -58,6 +58,21 @@ def llama_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int)
     return res
 
 
+def llama_once(model: Path, threads: int, n_prompt: int, n_gen: int) -> dict[str, float]:
+    out = subprocess.run(
+        [str(LLAMA_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
+         "-r", "1", "-o", "json"],
+        capture_output=True, text=True, check=True,
+    )
+    return {("pp" if r["n_prompt"] > 0 else "tg"): float(r["avg_ts"]) for r in json.loads(out.stdout)}
+
+
+def edgelm_once(m: object, n_prompt: int, n_gen: int) -> dict[str, float]:
+    pp_s, _ = m.bench(n_prompt, 0)  # type: ignore[attr-defined]
+    _, tg_s = m.bench(0, n_gen)  # type: ignore[attr-defined]
+    return {"pp": n_prompt / pp_s, "tg": n_gen / tg_s}
+
+
 def edgelm_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int) -> dict[str, float]:
     import edgelm
 

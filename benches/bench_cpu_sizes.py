@@ -38,7 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benches"))
-from bench_cpu import LLAMA_BIN, MODELS, _cpu_name, _llc  # noqa: E402
+from bench_cpu import LLAMA_BIN, MODELS, _cpu_name, _llc, edgelm_once, llama_once  # noqa: E402
 from synthetic import SHAPES, write_f16  # noqa: E402
 
 BENCH_DIR = Path(os.environ.get("EDGELM_BENCH_DIR", Path.home() / ".cache/edgelm/bench-cpu"))
@@ -75,21 +75,6 @@ def type_summary(path: Path) -> dict[str, float]:
     for _, _, ty, nb in tensors:
         by[ty] = by.get(ty, 0) + nb
     return {ty: nb / total for ty, nb in sorted(by.items(), key=lambda x: -x[1])}
-
-
-def llama_once(model: Path, threads: int, n_prompt: int, n_gen: int) -> dict[str, float]:
-    out = subprocess.run(
-        [str(LLAMA_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-         "-r", "1", "-o", "json"],
-        capture_output=True, text=True, check=True,
-    )
-    return {("pp" if r["n_prompt"] > 0 else "tg"): float(r["avg_ts"]) for r in json.loads(out.stdout)}
-
-
-def edgelm_once(m: object, n_prompt: int, n_gen: int) -> dict[str, float]:
-    pp_s, _ = m.bench(n_prompt, 0)  # type: ignore[attr-defined]
-    _, tg_s = m.bench(0, n_gen)  # type: ignore[attr-defined]
-    return {"pp": n_prompt / pp_s, "tg": n_gen / tg_s}
 
 
 def stats(v: list[float]) -> dict[str, object]:

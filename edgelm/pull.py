@@ -410,6 +410,16 @@ def validate_model(path: Path) -> None:
         raise PullError(f"the download is not a model edgelm can run: {e}", 422) from None
 
 
+async def validated(part: Path, report: Progress) -> None:
+    """`validate_model` off the event loop; a file that fails is deleted."""
+    report({"status": "checking that the model loads"})
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, validate_model, part)
+    except PullError:
+        part.unlink(missing_ok=True)
+        raise
+
+
 def _same_file(path: Path, sha256: str | None) -> bool:
     return sha256 is not None and path.is_file() and file_sha256(path) == sha256.lower()
 
@@ -460,12 +470,7 @@ async def pull_source(src: Source | store.ModelName, models_dir: Path, progress:
                 part.unlink(missing_ok=True)
                 raise PullError(f"sha256 mismatch for {src.file}: got {digest}, expected {src.sha256}; the source sent "
                                 "other bytes than it announced", 502)
-            report({"status": "checking that the model loads"})
-            try:
-                await loop.run_in_executor(None, validate_model, part)
-            except PullError:
-                part.unlink(missing_ok=True)
-                raise
+            await validated(part, report)
             refuse_if_in_use()  # it may have been loaded while we downloaded
             os.replace(part, dest)
         if src.name is not None:

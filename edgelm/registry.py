@@ -51,7 +51,7 @@ from typing import Any
 from urllib.parse import quote, urlparse
 
 from edgelm import __version__, store
-from edgelm.pull import MAX_REDIRECTS, Progress, PullError, _check_room, _fetch, _open_url, validate_model
+from edgelm.pull import MAX_REDIRECTS, Progress, PullError, _check_room, _fetch, _open_url, validated
 from edgelm.store import ModelName, Store
 
 RETRIES = 4
@@ -311,12 +311,7 @@ async def _fetch_blob(s: Any, st: Store, layer: Layer, report: Progress, headers
             report({"status": f"{short} did not match its digest after resuming; downloading it again"})
         report({"status": "verifying sha256 digest", "digest": layer.digest})
         if layer.media_type == store.MODEL:
-            report({"status": "checking that the model loads"})
-            try:
-                await loop.run_in_executor(None, validate_model, part)
-            except PullError:
-                part.unlink(missing_ok=True)
-                raise
+            await validated(part, report)
         os.replace(part, dest)
 
 
@@ -345,8 +340,7 @@ async def _fetch_split(s: Any, st: Store, layer: Layer, report: Progress, header
         except SplitError as e:
             raise PullError(f"the parts of the split model do not join: {e}", 502) from None
         dest = st.blob(digest)
-        report({"status": "checking that the model loads"})
-        await loop.run_in_executor(None, validate_model, tmp)
+        await validated(tmp, report)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)

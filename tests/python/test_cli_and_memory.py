@@ -64,9 +64,10 @@ def test_cli_errors_are_one_clear_line() -> None:
     assert "Traceback" not in r.stderr
 
 
-def test_weights_are_not_copied() -> None:
-    """Anonymous memory after load + one generation stays far below the file size:
-    the weights are read in place from the page cache (file-backed RSS)."""
+def test_weights_are_held_once() -> None:
+    """The weights are resident once after load + one generation: tensors the CPU
+    kernels read in place stay in the page cache (file-backed RSS), tensors repacked
+    for the kernels (anonymous memory) let their file pages go. Never both."""
     for name in (SMOLLM2, GEMMA3):
         code = textwrap.dedent(f"""
             import json, os, edgelm
@@ -79,17 +80,18 @@ def test_weights_are_not_copied() -> None:
                 return d
             before = status()
             m = edgelm.Model({str(model_path(name))!r}, n_threads=1)
-            loaded = status()
             list(m.generate(m.tokenize('Hello'), max_tokens=2, temperature=0))
             after = status()
-            print(json.dumps(dict(before=before, loaded=loaded, after=after, size=os.path.getsize({str(model_path(name))!r}))))
+            print(json.dumps(dict(before=before, after=after, size=os.path.getsize({str(model_path(name))!r}))))
         """)
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, r.stderr
         d = json.loads(r.stdout)
         size = d["size"]
         anon_growth = d["after"]["RssAnon"] - d["before"]["RssAnon"]
+        file_growth = d["after"]["RssFile"] - d["before"]["RssFile"]
         print(f"{name}: file {size >> 20} MiB, anon growth {anon_growth >> 20} MiB, "
-              f"file-backed RSS {d['after']['RssFile'] >> 20} MiB")
-        # Tokenizer tables and scratch are allowed; a copy of the weights is not.
-        assert anon_growth < 0.35 * size, f"{name}: anonymous memory grew by {anon_growth} bytes for a {size}-byte file"
+              f"file-backed growth {file_growth >> 20} MiB")
+        # Tokenizer tables, KV cache and scratch are allowed; a second copy of the weights is not.
+        assert anon_growth + file_growth < 1.3 * size, \
+            f"{name}: {anon_growth} anonymous + {file_growth} file-backed bytes for a {size}-byte file"

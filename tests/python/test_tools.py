@@ -134,7 +134,7 @@ def test_openai_tool_conversation(srv: Daemon, stream: bool) -> None:
     def turn() -> tuple[str | None, list[dict[str, Any]], str | None]:
         if not stream:
             r = client.chat.completions.create(model=OPENAI_NAME, messages=messages, tools=HA_TOOLS,  # type: ignore[arg-type]
-                                               temperature=0, max_tokens=100)
+                                               temperature=0, max_tokens=256)
             ch = r.choices[0]
             calls = [{"id": tc.id, "type": "function", "function": {"name": tc.function.name,  # type: ignore[union-attr]
                                                                    "arguments": tc.function.arguments}}  # type: ignore[union-attr]
@@ -143,7 +143,7 @@ def test_openai_tool_conversation(srv: Daemon, stream: bool) -> None:
         content, finish = "", None
         acc: dict[int, dict[str, Any]] = {}
         for ev in client.chat.completions.create(model=OPENAI_NAME, messages=messages, tools=HA_TOOLS,  # type: ignore[arg-type]
-                                                 temperature=0, max_tokens=100, stream=True):
+                                                 temperature=0, max_tokens=256, stream=True):
             ch = ev.choices[0]
             content += ch.delta.content or ""
             for tc in ch.delta.tool_calls or []:
@@ -155,7 +155,7 @@ def test_openai_tool_conversation(srv: Daemon, stream: bool) -> None:
         return content or None, [acc[k] for k in sorted(acc)], finish
 
     content, calls, finish = turn()
-    assert finish == "tool_calls" and calls and not content
+    assert finish == "tool_calls" and calls and not content, (finish, calls, content)
     assert calls[0]["function"]["name"] == "HassTurnOn"
     for call in calls:
         assert call["id"].startswith("call_")

@@ -34,5 +34,6 @@ strip --strip-debug .gpu/cuda_test .gpu/cuda_bench .gpu/pkg/edgelm/_native.abi3.
 rm -rf .gpu/py && mkdir -p .gpu/py
 site=$(.venv/bin/python -c 'import gguf, os; print(os.path.dirname(os.path.dirname(gguf.__file__)))')
 cp -r "$site/gguf" "$site/yaml" .gpu/py/
-find .gpu/py -name '*.so' -delete -o -name '__pycache__' -prune -exec rm -rf {} +
+find .gpu/py -name '__pycache__' -prune -exec rm -rf {} +
+find .gpu/py -name '*.so' -delete
 du -sh .gpu

@@ -623,8 +623,8 @@ impl Gpu {
     /// capture always ends, also when `f` fails); the graph replays them with one launch.
     pub fn capture(self: &Arc<Self>, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
         self.bind()?;
-        // SAFETY: our stream; ended below on every path.
         self.drv.check(
+            // SAFETY: our stream; ended below on every path.
             unsafe { (self.drv.stream_begin_capture)(self.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) },
             "cuStreamBeginCapture",
         )?;

@@ -451,18 +451,19 @@ model, threads, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), int(sys.arg
 m = n.Model(model, n_threads=threads)
 ex = n.Executor(m, 512)
 table = list(range(512))
+greedy = n.SamplingParams(temperature=0.0)
 toks, t0 = 0, None
 for i, p in enumerate(prompts):
     ids = m.tokenize(p, True, True)
-    ex.add(i, ids, temperature=0.0)
+    new = [n.NewSequence(i, ids, greedy, max_tokens, ignore_eos=True)]
     if i == 1:
         toks, t0 = 0, time.perf_counter()  # the first request warms up
     start, end = 0, len(ids)
     for _ in range(max_tokens):
-        ex.step([(i, start, end, table, True)])
+        ex.step(n.StepPlan(new, [n.StepItem(i, start, end, table, True)]))
+        new = []
         start, end = end, end + 1
         toks += 1
-    ex.remove(i)
 print(json.dumps({"tok_s": toks / (time.perf_counter() - t0), "requests": len(prompts) - 1}))
 """
 

@@ -16,6 +16,7 @@ from edgelm._native import (
     InvalidRequestError,
     ModelLoadError,
     OutputError,
+    SamplingParams,
     TokenizerError,
 )
 from edgelm._native import __version__ as __version__
@@ -37,6 +38,7 @@ __all__ = [
     "Model",
     "ModelLoadError",
     "OutputError",
+    "SamplingParams",
     "Token",
     "TokenizerError",
     "discover",

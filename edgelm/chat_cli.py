@@ -45,10 +45,6 @@ HELP = """Available commands:
 Use \"\"\" to begin a message of several lines, and \"\"\" again to end it.
 Ctrl-C stops an answer; the session goes on."""
 
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64}
-"""Ollama's sampling defaults (a pulled model's parameters and the flags override them)."""
-
-
 class Backend(Protocol):
     name: str
 
@@ -112,8 +108,10 @@ class LocalBackend:
         params = modelinfo.params_of(entry, st)
         self.stop = [str(s) for s in params.get("stop", []) if isinstance(s, str)] if isinstance(params.get("stop"),
                                                                                              list) else []
-        self.options = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS or k in ("seed", "num_predict")},
-                        **options}
+        # As the daemon reads an Ollama request: Ollama's defaults, then the model's
+        # parameters, then the flags (as options).
+        self.params = params
+        self.options = {**{k: v for k, v in params.items() if k in ("seed", "num_predict")}, **options}
         self.stats = ""
 
     def _generate(self, ids: list[int]) -> Iterator[str]:
@@ -126,11 +124,15 @@ class LocalBackend:
                               f"{self.model.n_ctx_train}. /clear starts again")
         n = o.get("num_predict")
         max_tokens = room if n is None or n < 0 else min(int(n), room)
+        from edgelm.server.ollama import from_ollama
+        from edgelm.server.params import ApiError, Body
+
+        try:
+            sampling = from_ollama(Body(o, "options", "options."), self.params)
+        except ApiError as e:
+            raise EdgelmError(e.message) from None
         t0, count = time.perf_counter(), 0
-        for tok in self.model.generate(ids, max_tokens=max_tokens, temperature=float(o["temperature"]),
-                                       top_k=int(o["top_k"]), top_p=float(o["top_p"]), min_p=float(o["min_p"]),
-                                       repeat_penalty=float(o["repeat_penalty"]),
-                                       repeat_last_n=int(o["repeat_last_n"]), seed=o.get("seed"), stop=self.stop):
+        for tok in self.model.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=self.stop):
             count += 1
             if tok.text:
                 yield tok.text

@@ -17,11 +17,13 @@ import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from edgelm import EdgelmError, __version__, modelinfo
+from edgelm._native import SamplingParams
 from edgelm.server import thinking, tools
 from edgelm.prompt.chat import ChatTemplateError
 from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
@@ -39,9 +41,34 @@ if TYPE_CHECKING:
 # The Ollama API level these endpoints follow (clients check it for features).
 OLLAMA_API_VERSION = "0.12.3"
 
-# Ollama's own defaults for the options a request leaves out.
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1,
-            "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+OLLAMA_DEFAULTS = SamplingParams(top_p=0.9, min_p=0.0, repeat_penalty=1.1)
+"""Ollama's defaults for the options a request leaves out, where they differ from the
+engine's (llama.cpp's)."""
+
+
+def from_ollama(o: Body, model_params: Mapping[str, Any], penalize_prompt: bool = True) -> SamplingParams:
+    """The sampling settings of an Ollama `options` object (Ollama's names and ranges;
+    whole-number floats where integers go, as Home Assistant sends them; seed -1 =
+    random). A pulled model's parameters (its registry layer) come before Ollama's
+    defaults, as in Ollama. `penalize_prompt`: False for a tool turn (see
+    SamplingParams)."""
+
+    def dflt(name: str) -> Any:
+        v = model_params.get(name)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else getattr(OLLAMA_DEFAULTS, name)
+
+    return SamplingParams(
+        temperature=float(o.get("temperature", float, dflt("temperature"), lo=0.0, hi=100.0)),
+        top_k=int(o.get("top_k", int, dflt("top_k"), lo=0, hi=1 << 20)),
+        top_p=max(float(o.get("top_p", float, dflt("top_p"), lo=0.0, hi=1.0)), 1e-6),
+        min_p=float(o.get("min_p", float, dflt("min_p"), lo=0.0, hi=1.0)),
+        repeat_penalty=max(float(o.get("repeat_penalty", float, dflt("repeat_penalty"), lo=0.0, hi=10.0)), 1e-6),
+        repeat_last_n=int(o.get("repeat_last_n", int, dflt("repeat_last_n"), lo=-1, hi=1 << 20)),
+        presence_penalty=float(o.get("presence_penalty", float, dflt("presence_penalty"), lo=-2.0, hi=2.0)),
+        frequency_penalty=float(o.get("frequency_penalty", float, dflt("frequency_penalty"), lo=-2.0, hi=2.0)),
+        seed=None if (seed := o.get("seed", int)) is None or seed < 0 else seed,
+        penalize_prompt=penalize_prompt,
+    )
 
 
 def ollama_name(mid: str) -> str:
@@ -165,28 +192,14 @@ async def show(request: web.Request) -> web.Response:
 # -- generation ----------------------------------------------------------------------------
 
 
-def _options(lm: LoadedModel, b: Body) -> tuple[dict[str, Any], int | None, list[str], int]:
-    """Sampling parameters, num_predict (None = until the context is full), stop
-    strings and the context size from an Ollama `options` object."""
+def _options(lm: LoadedModel, b: Body, penalize_prompt: bool) -> tuple[SamplingParams, int | None, list[str], int]:
+    """Sampling settings, num_predict (None = until the context is full), stop strings
+    and the context size from an Ollama `options` object."""
     raw = b.data.get("options")
     if raw is not None and not isinstance(raw, dict):
         raise ApiError("'options' must be an object", "options")
     o = Body(raw or {}, "options", "options.")
-    # A pulled model's parameters come before Ollama's defaults (as in Ollama).
-    dflt = {**DEFAULTS, **{k: v for k, v in lm.params.items() if k in DEFAULTS and isinstance(v, (int, float))
-                           and not isinstance(v, bool)}}
-    sampling: dict[str, Any] = {
-        "temperature": float(o.get("temperature", float, dflt["temperature"], lo=0.0, hi=100.0)),
-        "top_k": int(o.get("top_k", int, dflt["top_k"], lo=0, hi=1 << 20)),
-        "top_p": max(float(o.get("top_p", float, dflt["top_p"], lo=0.0, hi=1.0)), 1e-6),
-        "min_p": float(o.get("min_p", float, dflt["min_p"], lo=0.0, hi=1.0)),
-        "repeat_penalty": max(float(o.get("repeat_penalty", float, dflt["repeat_penalty"], lo=0.0, hi=10.0)), 1e-6),
-        "repeat_last_n": int(o.get("repeat_last_n", int, dflt["repeat_last_n"], lo=-1, hi=1 << 20)),
-        "presence_penalty": float(o.get("presence_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-        "frequency_penalty": float(o.get("frequency_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-    }
-    seed = o.get("seed", int)
-    sampling["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
+    sampling = from_ollama(o, lm.params, penalize_prompt)
     n_predict = o.get("num_predict", int, -1, lo=-2)  # -1: until done, -2: until the context is full
     num_ctx = o.get("num_ctx", int, lm.max_context, lo=1)
     stop = o.stop("stop") if o.has("stop") else [str(x) for x in lm.params.get("stop") or [] if isinstance(x, str)][:16]
@@ -235,13 +248,11 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
                load_s: float = 0.0) -> web.StreamResponse:
     """Generate the answer to a rendered prompt (`text`, as `prompt` tokens) and send it
     back as Ollama does: content, `thinking` apart (thinking models), tool calls whole."""
-    sampling, n_predict, stop, num_ctx = _options(lm, b)
+    sampling, n_predict, stop, num_ctx = _options(lm, b, penalize_prompt=plan is None)
     style = lm.template.thinking
     opened = thinking.forced_open(text, style)
     rule = thinking.thought_rule(think, style, opened)
     grammar = await tools.answer_grammar(lm, plan, schema, rule)
-    if plan:
-        sampling["penalize_prompt"] = False  # see Executor.add
     matcher = tools.answer_matcher(lm, grammar, rule)
     room = num_ctx - len(prompt)
     if room <= 0:
@@ -281,7 +292,7 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
         if done and d is not None:
             out["done_reason"] = _done_reason(d)
             if kind == "generate":
-                out["context"] = list(st.seq.tokens)
+                out["context"] = st.tokens
             out.update(_stats(st, t0, load_s))
         return out
 

@@ -21,7 +21,8 @@ from edgelm.server import thinking, tools
 from edgelm.prompt.chat import ChatTemplateError
 from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
 from edgelm.prompt.grammar import ANY_JSON_OBJECT
-from edgelm.server.params import ApiError, Body, int_list, sampling_from
+from edgelm._native import SamplingParams
+from edgelm.server.params import ApiError, Body, int_list
 from edgelm.server.state import SERVER, Server
 from edgelm.errors import RequestError
 
@@ -29,6 +30,32 @@ if TYPE_CHECKING:
     from edgelm.engine.pool import LoadedModel
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+OPENAI_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0)
+"""OpenAI's defaults, where they differ from the engine's (llama.cpp's)."""
+
+
+def from_openai(b: Body) -> SamplingParams:
+    """The sampling settings of an OpenAI request: OpenAI's fields, and the llama.cpp
+    ones the SDK sends through `extra_body` (`top_k`, `min_p`, `repeat_penalty`,
+    `repeat_last_n`), within OpenAI's ranges; each refusal names its field."""
+    d = OPENAI_DEFAULTS
+    seed = b.get("seed", int)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ApiError("'seed' must fit in 64 bits", "seed")
+    return SamplingParams(
+        temperature=float(b.get("temperature", float, d.temperature, lo=0.0, hi=2.0)),
+        # Open-ended lower bounds: a positive value too small for f32 means "as small as can be".
+        top_p=max(float(b.get("top_p", float, d.top_p, lo=0.0, hi=1.0, lo_open=True)), 1e-6),
+        top_k=int(b.get("top_k", int, d.top_k, lo=0, hi=1 << 20)),
+        min_p=float(b.get("min_p", float, d.min_p, lo=0.0, hi=1.0)),
+        repeat_penalty=max(float(b.get("repeat_penalty", float, d.repeat_penalty, lo=0.0, hi=10.0, lo_open=True)), 1e-6),
+        repeat_last_n=int(b.get("repeat_last_n", int, d.repeat_last_n, lo=-1, hi=1 << 20)),
+        presence_penalty=float(b.get("presence_penalty", float, d.presence_penalty, lo=-2.0, hi=2.0)),
+        frequency_penalty=float(b.get("frequency_penalty", float, d.frequency_penalty, lo=-2.0, hi=2.0)),
+        seed=None if seed is None else seed % (2**64),
+    )
 
 
 def _common(srv: Server, b: Body) -> dict[str, Any]:
@@ -44,7 +71,7 @@ def _common(srv: Server, b: Body) -> dict[str, Any]:
         "stream": b.get("stream", bool, False),
         "include_usage": include_usage,
         "stop": b.stop(),
-        "sampling": sampling_from(b),
+        "sampling": from_openai(b),
         "ignore_eos": b.get("ignore_eos", bool, False),
         "timeout": timeout,
     }
@@ -71,9 +98,9 @@ async def _submit(lm: LoadedModel, prompt: list[int], max_tokens: int, c: dict[s
     streams: list[Stream] = []
     try:
         for i in range(n):
-            sampling = dict(c["sampling"], n_logprobs=n_logprobs)
-            if sampling["seed"] is not None:
-                sampling["seed"] = (sampling["seed"] + i) % (2**64)
+            sampling: SamplingParams = c["sampling"]
+            seed = None if sampling.seed is None else (sampling.seed + i) % (2**64)  # n choices, n draws
+            sampling = sampling.replace(n_logprobs=n_logprobs, seed=seed)
             matcher = tools.answer_matcher(lm, grammar, thought)
             req = GenRequest(prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher)
             streams.append(lm.engine.submit(req))
@@ -369,7 +396,7 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
     think = thinking.from_openai(b.data, style)
     msgs, tools_arg = tools.prompt_messages(msgs, plan, lm.template.renders_tools)
     if plan:
-        c["sampling"]["penalize_prompt"] = False  # see Executor.add
+        c["sampling"] = c["sampling"].replace(penalize_prompt=False)  # see SamplingParams
     try:
         text = lm.template.render(msgs, add_generation_prompt=True, tools=tools_arg, **think.template_vars(style))
     except ChatTemplateError as e:

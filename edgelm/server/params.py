@@ -246,22 +246,3 @@ class Body:
         if len(v) > max_n:
             raise ApiError(f"'{name}' has {len(v)} entries; at most {max_n}", name)
         return [s for s in v if s]
-
-
-def sampling_from(b: Body, *, temperature_default: float = 1.0) -> dict[str, Any]:
-    """The sampling parameters the OpenAI and llama.cpp-style APIs share."""
-    seed = b.get("seed", int)
-    if seed is not None and not -(2**63) <= seed < 2**64:
-        raise ApiError("'seed' must fit in 64 bits", "seed")
-    return {
-        "temperature": float(b.get("temperature", float, temperature_default, lo=0.0, hi=2.0)),
-        # Open-ended lower bounds: a positive value too small for f32 means "as small as can be".
-        "top_p": max(float(b.get("top_p", float, 1.0, lo=0.0, hi=1.0, lo_open=True)), 1e-6),
-        "top_k": int(b.get("top_k", int, 40, lo=0, hi=1 << 20)),
-        "min_p": float(b.get("min_p", float, 0.05, lo=0.0, hi=1.0)),
-        "repeat_penalty": max(float(b.get("repeat_penalty", float, 1.0, lo=0.0, hi=10.0, lo_open=True)), 1e-6),
-        "repeat_last_n": int(b.get("repeat_last_n", int, 64, lo=-1, hi=1 << 20)),
-        "presence_penalty": float(b.get("presence_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-        "frequency_penalty": float(b.get("frequency_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-        "seed": None if seed is None else seed % (2**64),
-    }

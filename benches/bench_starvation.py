@@ -17,7 +17,7 @@ the same daemon, in this order:
 
 The issue's goal: every short chat's TTFT within 2 × its idle value + one step, and the
 long prompt's time grown by at most 15%. Prints a table; writes
-benches/results/starvation.{json,md} (--out to change).
+benches/results/starvation.{json,md,png} (--out to change).
 """
 
 from __future__ import annotations
@@ -126,6 +126,43 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def chart(out: dict[str, Any], path: Path) -> None:
+    """Two panels: the short chat's TTFT (idle, the goal, each chat behind the long
+    prompt) and the long prompt's total time (alone, with chats), per repetition."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no chart", file=sys.stderr)
+        return
+    sm, runs = out["summary"], out["runs"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    ttfts = [t * 1000 for r in runs for t in r["chat_ttft_s"]]
+    a.scatter(range(len(ttfts)), ttfts, label="behind the long prompt", color="tab:orange")
+    a.axhline(sm["idle_ttft_ms"], label=f"idle (median) {sm['idle_ttft_ms']:.0f} ms", color="tab:blue")
+    a.axhline(sm["bound_ms"], label=f"goal: 2 × idle + one step = {sm['bound_ms']:.0f} ms", color="tab:red",
+              linestyle="--")
+    a.set_xlabel("short chat (in order sent)")
+    a.set_ylabel("time to first token, ms")
+    a.set_ylim(bottom=0)
+    a.set_title("short chat: time to first token")
+    a.legend(fontsize=8)
+    x = list(range(len(runs)))
+    b.bar([i - 0.2 for i in x], [r["long_alone_s"] for r in runs], 0.4, label="alone")
+    b.bar([i + 0.2 for i in x], [r["long_with_chats_s"] for r in runs], 0.4,
+          label=f"with a chat every {out['every_s']:g} s")
+    b.set_xticks(x, [f"rep {i + 1}" for i in x])
+    b.set_ylabel("seconds")
+    b.set_title(f"{out['long_tokens']:,}-token prompt: total time ({sm['long_growth'] * 100:+.1f}%; goal ≤ +15%)")
+    b.legend(fontsize=8)
+    fig.suptitle(f"{out['model']}, {out['threads']} thread(s), {out['machine']}, commit {out['commit']}",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -182,6 +219,7 @@ def main() -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(md)
+    chart(out, args.out.with_suffix(".png"))
     return 0 if summary["ttft_goal_met"] and summary["growth_goal_met"] else 1
 
 

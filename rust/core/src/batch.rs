@@ -254,7 +254,12 @@ impl Executor {
             })
             .collect();
         let logits = match &mut self.backend {
-            Backend::Cpu(kv) => self.engine.forward_invariant(kv, &inputs)?,
+            // Batch-invariant kernels (`invariant: true`): a token's logits do not
+            // depend on what else shares the step.
+            Backend::Cpu(kv) => {
+                let e = &*self.engine;
+                e.model.forward_with(e.pool(), e.kernels, kv, &inputs, true)?
+            }
             Backend::Cuda(gm, kv) => gm.forward(kv, &inputs)?,
         };
         drop(inputs);

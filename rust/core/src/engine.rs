@@ -83,11 +83,6 @@ impl Engine {
         self.model.forward(&self.pool, self.kernels, kv, seqs)
     }
 
-    /// One batch-invariant step (the serving executor's).
-    pub fn forward_invariant(&self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<crate::model::StepLogits> {
-        self.model.forward_with(&self.pool, self.kernels, kv, seqs, true)
-    }
-
     pub fn kv_shape(&self, n_blocks: usize) -> KvShape {
         let c = &self.model.cfg;
         KvShape { n_layer: c.n_layer, kv_dim_k: c.kv_dim_k(), kv_dim_v: c.kv_dim_v(), block_size: BLOCK_SIZE, n_blocks }

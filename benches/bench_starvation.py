@@ -42,8 +42,13 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = Path(os.environ.get("EDGELM_MODELS_DIR", Path.home() / ".cache/edgelm/models"))
-CHAT = {"messages": [{"role": "user", "content": "Hi! How are you?"}], "max_tokens": 8, "temperature": 0,
-        "ignore_eos": True, "stream": True}
+CHAT = {
+    "messages": [{"role": "user", "content": "Hi! How are you?"}],
+    "max_tokens": 8,
+    "temperature": 0,
+    "ignore_eos": True,
+    "stream": True,
+}
 
 
 def _free_port() -> int:
@@ -102,10 +107,19 @@ async def measure(url: str, n_long: int, reps: int, n_idle: int, every_s: float)
                 if not task.done():
                     await asyncio.sleep(every_s)
             contended = await task
-            run = {"long_alone_s": alone, "steps_alone": n_steps, "step_s": alone / max(n_steps, 1),
-                   "long_with_chats_s": contended, "chat_ttft_s": ttfts}
-            print(f"rep {rep}: long alone {alone:.1f} s ({n_steps:.0f} steps), with {len(ttfts)} chats "
-                  f"{contended:.1f} s; chat TTFT {[round(x * 1000) for x in ttfts]} ms", file=sys.stderr, flush=True)
+            run = {
+                "long_alone_s": alone,
+                "steps_alone": n_steps,
+                "step_s": alone / max(n_steps, 1),
+                "long_with_chats_s": contended,
+                "chat_ttft_s": ttfts,
+            }
+            print(
+                f"rep {rep}: long alone {alone:.1f} s ({n_steps:.0f} steps), with {len(ttfts)} chats "
+                f"{contended:.1f} s; chat TTFT {[round(x * 1000) for x in ttfts]} ms",
+                file=sys.stderr,
+                flush=True,
+            )
             runs.append(run)
     return {"idle_ttft_s": idle, "runs": runs}
 
@@ -118,11 +132,17 @@ def summarize(res: dict[str, Any]) -> dict[str, Any]:
     contended = statistics.median(r["long_with_chats_s"] for r in res["runs"])
     bound = 2 * idle + step
     return {
-        "idle_ttft_ms": idle * 1000, "step_ms": step * 1000, "bound_ms": bound * 1000,
+        "idle_ttft_ms": idle * 1000,
+        "step_ms": step * 1000,
+        "bound_ms": bound * 1000,
         "chat_ttft_median_ms": statistics.median(ttfts) * 1000 if ttfts else None,
-        "chat_ttft_max_ms": max(ttfts) * 1000 if ttfts else None, "n_chats": len(ttfts),
-        "long_alone_s": alone, "long_with_chats_s": contended, "long_growth": contended / alone - 1,
-        "ttft_goal_met": bool(ttfts) and max(ttfts) <= bound, "growth_goal_met": contended / alone - 1 <= 0.15,
+        "chat_ttft_max_ms": max(ttfts) * 1000 if ttfts else None,
+        "n_chats": len(ttfts),
+        "long_alone_s": alone,
+        "long_with_chats_s": contended,
+        "long_growth": contended / alone - 1,
+        "ttft_goal_met": bool(ttfts) and max(ttfts) <= bound,
+        "growth_goal_met": contended / alone - 1 <= 0.15,
     }
 
 
@@ -142,8 +162,9 @@ def chart(out: dict[str, Any], path: Path) -> None:
     ttfts = [t * 1000 for r in runs for t in r["chat_ttft_s"]]
     a.scatter(range(len(ttfts)), ttfts, label="behind the long prompt", color="tab:orange")
     a.axhline(sm["idle_ttft_ms"], label=f"idle (median) {sm['idle_ttft_ms']:.0f} ms", color="tab:blue")
-    a.axhline(sm["bound_ms"], label=f"goal: 2 × idle + one step = {sm['bound_ms']:.0f} ms", color="tab:red",
-              linestyle="--")
+    a.axhline(
+        sm["bound_ms"], label=f"goal: 2 × idle + one step = {sm['bound_ms']:.0f} ms", color="tab:red", linestyle="--"
+    )
     a.set_xlabel("short chat (in order sent)")
     a.set_ylabel("time to first token, ms")
     a.set_ylim(bottom=0)
@@ -151,14 +172,17 @@ def chart(out: dict[str, Any], path: Path) -> None:
     a.legend(fontsize=8)
     x = list(range(len(runs)))
     b.bar([i - 0.2 for i in x], [r["long_alone_s"] for r in runs], 0.4, label="alone")
-    b.bar([i + 0.2 for i in x], [r["long_with_chats_s"] for r in runs], 0.4,
-          label=f"with a chat every {out['every_s']:g} s")
+    b.bar(
+        [i + 0.2 for i in x],
+        [r["long_with_chats_s"] for r in runs],
+        0.4,
+        label=f"with a chat every {out['every_s']:g} s",
+    )
     b.set_xticks(x, [f"rep {i + 1}" for i in x])
     b.set_ylabel("seconds")
     b.set_title(f"{out['long_tokens']:,}-token prompt: total time ({sm['long_growth'] * 100:+.1f}%; goal ≤ +15%)")
     b.legend(fontsize=8)
-    fig.suptitle(f"{out['model']}, {out['threads']} thread(s), {out['machine']}, commit {out['commit']}",
-                 fontsize=10)
+    fig.suptitle(f"{out['model']}, {out['threads']} thread(s), {out['machine']}, commit {out['commit']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -177,12 +201,24 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "daemon.log"
-        argv = [sys.executable, "-m", "edgelm.cli", "serve", "--model", str(args.model), "--threads",
-                str(args.threads), "--host", "127.0.0.1", "--port", str(port), "--no-mdns"]
+        argv = [
+            sys.executable,
+            "-m",
+            "edgelm.cli",
+            "serve",
+            "--model",
+            str(args.model),
+            "--threads",
+            str(args.threads),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-mdns",
+        ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGELM_") or k == "EDGELM_MODELS_DIR"}
         with open(log, "wb") as f:
-            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=tmp, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=tmp, env=env, start_new_session=True)
         try:
             t0 = time.monotonic()
             while True:
@@ -201,20 +237,30 @@ def main() -> int:
             proc.wait(30)
     summary = summarize(res)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
-    out = {"model": args.model.name, "long_tokens": args.long, "threads": args.threads, "every_s": args.every,
-           "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "commit": commit.strip(),
-           "date": time.strftime("%Y-%m-%d"), "summary": summary, **res}
-    md = (f"# A short chat behind a {args.long:,}-token prompt ({args.model.name}, {args.threads} threads, "
-          f"commit {out['commit']})\n\n"
-          f"| measure | value |\n|---|---|\n"
-          f"| short chat TTFT, idle (median of {args.idle}) | {summary['idle_ttft_ms']:.0f} ms |\n"
-          f"| one step of the long prefill | {summary['step_ms']:.0f} ms |\n"
-          f"| goal: 2 × idle + one step | {summary['bound_ms']:.0f} ms |\n"
-          f"| short chat TTFT behind the long prompt, median / max of {summary['n_chats']} | "
-          f"{summary['chat_ttft_median_ms']:.0f} / {summary['chat_ttft_max_ms']:.0f} ms |\n"
-          f"| long prompt alone (median of {args.reps}) | {summary['long_alone_s']:.2f} s |\n"
-          f"| long prompt with a chat every {args.every:g} s | {summary['long_with_chats_s']:.2f} s "
-          f"({summary['long_growth'] * 100:+.1f}%; goal ≤ +15%) |\n")
+    out = {
+        "model": args.model.name,
+        "long_tokens": args.long,
+        "threads": args.threads,
+        "every_s": args.every,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+        "commit": commit.strip(),
+        "date": time.strftime("%Y-%m-%d"),
+        "summary": summary,
+        **res,
+    }
+    md = (
+        f"# A short chat behind a {args.long:,}-token prompt ({args.model.name}, {args.threads} threads, "
+        f"commit {out['commit']})\n\n"
+        f"| measure | value |\n|---|---|\n"
+        f"| short chat TTFT, idle (median of {args.idle}) | {summary['idle_ttft_ms']:.0f} ms |\n"
+        f"| one step of the long prefill | {summary['step_ms']:.0f} ms |\n"
+        f"| goal: 2 × idle + one step | {summary['bound_ms']:.0f} ms |\n"
+        f"| short chat TTFT behind the long prompt, median / max of {summary['n_chats']} | "
+        f"{summary['chat_ttft_median_ms']:.0f} / {summary['chat_ttft_max_ms']:.0f} ms |\n"
+        f"| long prompt alone (median of {args.reps}) | {summary['long_alone_s']:.2f} s |\n"
+        f"| long prompt with a chat every {args.every:g} s | {summary['long_with_chats_s']:.2f} s "
+        f"({summary['long_growth'] * 100:+.1f}%; goal ≤ +15%) |\n"
+    )
     print(md)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")

@@ -30,6 +30,7 @@ def discover(timeout: float = 3.0, interfaces: list[str] | None = None) -> list[
 
     return _discover(timeout, interfaces)
 
+
 __all__ = [
     "CacheFullError",
     "EdgelmError",

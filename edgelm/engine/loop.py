@@ -170,8 +170,17 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         with self._lock:
             s = self._sched
-            return EngineStats(len(s.running), len(s.waiting), s.limits.max_running, s.blocks.n_blocks,
-                               s.blocks.n_used, s.blocks.n_cached, s.n_preemptions, s.n_masks, s.mask_seconds)
+            return EngineStats(
+                len(s.running),
+                len(s.waiting),
+                s.limits.max_running,
+                s.blocks.n_blocks,
+                s.blocks.n_used,
+                s.blocks.n_cached,
+                s.n_preemptions,
+                s.n_masks,
+                s.mask_seconds,
+            )
 
     async def drain(self, grace_s: float) -> int:
         """Wait up to `grace_s` for in-flight requests to finish, then abort the rest;

@@ -180,18 +180,24 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         """Queue a sequence (it gets its id here)."""
         if len(self.waiting) >= self.limits.max_queue:
-            raise QueueFull(f"the queue holds {len(self.waiting)} requests (limit {self.limits.max_queue})",
-                            code="queue_full")
+            raise QueueFull(
+                f"the queue holds {len(self.waiting)} requests (limit {self.limits.max_queue})", code="queue_full"
+            )
         need = len(seq.prompt) + max(seq.max_tokens, 1)
         if not seq.prompt:
             raise BadRequest("the prompt is empty", "prompt")
         if len(seq.prompt) >= self.limits.max_context:
-            raise BadRequest(f"the prompt has {len(seq.prompt)} tokens; the context holds {self.limits.max_context}",
-                             "prompt", "context_length_exceeded")
+            raise BadRequest(
+                f"the prompt has {len(seq.prompt)} tokens; the context holds {self.limits.max_context}",
+                "prompt",
+                "context_length_exceeded",
+            )
         if min(need, self.limits.max_context) > self.capacity_tokens():
             raise BadRequest(
                 f"prompt + max_tokens = {need} tokens do not fit in the KV cache ({self.capacity_tokens()} tokens)",
-                "prompt", "context_length_exceeded")
+                "prompt",
+                "context_length_exceeded",
+            )
         seq.id = next(self._ids)
         self.waiting.append(seq)
 
@@ -268,8 +274,9 @@ class Scheduler:
             NewSequence(s.id, list(s.tokens), s.sampling, self._max_tokens(s), sorted(s.stop_ids), s.ignore_eos)
             for s in self._new
         ]
-        step = StepPlan(new, [StepItem(s.id, a, b, list(s.blocks), smp) for s, a, b, smp in planned], self._forget,
-                        masks)
+        step = StepPlan(
+            new, [StepItem(s.id, a, b, list(s.blocks), smp) for s, a, b, smp in planned], self._forget, masks
+        )
         self._in_flight = (step, planned, self._new)
         self._new, self._forget = [], []
         return step
@@ -319,7 +326,9 @@ class Scheduler:
     def fail(self, plan: StepPlan, error: str) -> list[SeqOutput]:
         """The step `plan` raised (or its result could not be applied): its sequences
         end with `error`, the others go on."""
-        _, planned, new = self._in_flight if self._in_flight is not None and self._in_flight[0] is plan else (plan, [], [])
+        _, planned, new = (
+            self._in_flight if self._in_flight is not None and self._in_flight[0] is plan else (plan, [], [])
+        )
         self._in_flight = None
         out, self._ended = self._ended, []
         self._forget.extend(plan.finished)  # (forgetting twice is harmless; leaking state is not)

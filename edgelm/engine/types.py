@@ -37,8 +37,16 @@ from typing import Protocol
 
 from edgelm._native import NewSequence, SampledToken, SamplingParams, StepItem, StepPlan, StepResult
 
-__all__ = ["Executor", "KvGeometry", "NewSequence", "SampledToken", "SamplingParams", "StepItem", "StepPlan",
-           "StepResult"]
+__all__ = [
+    "Executor",
+    "KvGeometry",
+    "NewSequence",
+    "SampledToken",
+    "SamplingParams",
+    "StepItem",
+    "StepPlan",
+    "StepResult",
+]
 
 
 class KvGeometry(Protocol):

@@ -15,20 +15,20 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from edgelm import EdgelmError, __version__, modelinfo
 from edgelm._native import SamplingParams
-from edgelm.server import thinking, tools
-from edgelm.prompt.chat import ChatTemplateError
-from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
-from edgelm.prompt.grammar import ANY_JSON_OBJECT
 from edgelm.config import parse_keep_alive
+from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
+from edgelm.prompt.chat import ChatTemplateError
+from edgelm.prompt.grammar import ANY_JSON_OBJECT
+from edgelm.server import thinking, tools
 from edgelm.server.params import ApiError, Body, int_list
 from edgelm.server.security import require_admin
 from edgelm.server.state import SERVER, Server
@@ -94,11 +94,11 @@ def _keep_alive(b: Body) -> float | None | str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
 async def _metadata(srv: Server, path: Path) -> dict[str, Any]:
@@ -119,7 +119,7 @@ def _file_info(path: Path) -> tuple[int, str]:
 
 def _digest(path: Path) -> str:
     if path.parent.name == "blobs" and path.name.startswith("sha256-"):
-        return path.name[len("sha256-"):]
+        return path.name[len("sha256-") :]
     # A stable identity without hashing gigabytes on every listing: name, size, mtime.
     size, mtime = _file_info(path)
     return hashlib.sha256(f"{path.name}:{size}:{mtime}".encode()).hexdigest()
@@ -144,9 +144,17 @@ async def tags(request: web.Request) -> web.Response:
     for name, _, path in srv.pool.names():
         size, mtime = _file_info(path)
         md = await _metadata(srv, path)
-        out.append({"name": ollama_name(name), "model": ollama_name(name), "modified_at": mtime, "size": size,
-                    "digest": _digest(path), "details": modelinfo.details(md),
-                    "capabilities": modelinfo.capabilities(md)})
+        out.append(
+            {
+                "name": ollama_name(name),
+                "model": ollama_name(name),
+                "modified_at": mtime,
+                "size": size,
+                "digest": _digest(path),
+                "details": modelinfo.details(md),
+                "capabilities": modelinfo.capabilities(md),
+            }
+        )
     return web.json_response({"models": out})
 
 
@@ -165,9 +173,18 @@ async def ps(request: web.Request) -> web.Response:
     out = []
     for lm in list(srv.pool.loaded.values()):
         md = await _metadata(srv, lm.path)
-        out.append({"name": ollama_name(lm.id), "model": ollama_name(lm.id), "size": lm.cost_bytes,
-                    "digest": _digest(lm.path), "details": modelinfo.details(md), "expires_at": _expires(lm),
-                    "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0], "context_length": lm.max_context})
+        out.append(
+            {
+                "name": ollama_name(lm.id),
+                "model": ollama_name(lm.id),
+                "size": lm.cost_bytes,
+                "digest": _digest(lm.path),
+                "details": modelinfo.details(md),
+                "expires_at": _expires(lm),
+                "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0],
+                "context_length": lm.max_context,
+            }
+        )
     return web.json_response({"models": out})
 
 
@@ -233,9 +250,12 @@ def _stats(st: Stream, t0: float, load_s: float) -> dict[str, Any]:
     first = st.first_token_at or now
     last = st.last_token_at or first
     return {
-        "total_duration": int((now - t0) * 1e9), "load_duration": int(load_s * 1e9),
-        "prompt_eval_count": st.n_prompt - st.n_cached, "prompt_eval_duration": int((first - st.submitted) * 1e9),
-        "eval_count": st.n_generated, "eval_duration": int((last - first) * 1e9),
+        "total_duration": int((now - t0) * 1e9),
+        "load_duration": int(load_s * 1e9),
+        "prompt_eval_count": st.n_prompt - st.n_cached,
+        "prompt_eval_duration": int((first - st.submitted) * 1e9),
+        "eval_count": st.n_generated,
+        "eval_duration": int((last - first) * 1e9),
     }
 
 
@@ -243,9 +263,19 @@ def _done_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"
 
 
-async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, prompt: list[int], b: Body, kind: str,
-               schema: dict[str, Any] | None, plan: tools.ToolPlan | None, think: thinking.Thinking,
-               load_s: float = 0.0) -> web.StreamResponse:
+async def _run(
+    srv: Server,
+    lm: LoadedModel,
+    request: web.Request,
+    text: str,
+    prompt: list[int],
+    b: Body,
+    kind: str,
+    schema: dict[str, Any] | None,
+    plan: tools.ToolPlan | None,
+    think: thinking.Thinking,
+    load_s: float = 0.0,
+) -> web.StreamResponse:
     """Generate the answer to a rendered prompt (`text`, as `prompt` tokens) and send it
     back as Ollama does: content, `thinking` apart (thinking models), tool calls whole."""
     sampling, n_predict, stop, num_ctx = _options(lm, b, penalize_prompt=plan is None)
@@ -262,9 +292,18 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
     t0 = time.perf_counter()
     model = ollama_name(lm.id)
     if max_tokens == 0:  # num_predict 0: "at most 0 tokens" — nothing to compute
-        done: dict[str, Any] = {"model": model, "created_at": _now(), "done": True, "done_reason": "length",
-                                "total_duration": 0, "load_duration": int(load_s * 1e9),
-                                "prompt_eval_count": 0, "prompt_eval_duration": 0, "eval_count": 0, "eval_duration": 0}
+        done: dict[str, Any] = {
+            "model": model,
+            "created_at": _now(),
+            "done": True,
+            "done_reason": "length",
+            "total_duration": 0,
+            "load_duration": int(load_s * 1e9),
+            "prompt_eval_count": 0,
+            "prompt_eval_duration": 0,
+            "eval_count": 0,
+            "eval_duration": 0,
+        }
         done.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
         if stream_mode:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -272,11 +311,13 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
             await resp.write(json.dumps(done).encode() + b"\n")
             return resp
         return web.json_response(done)
-    st = lm.engine.submit(GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False,
-                                     srv.cfg.request_timeout_s, matcher))  # edgelm.errors: busy, too long
+    st = lm.engine.submit(
+        GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False, srv.cfg.request_timeout_s, matcher)
+    )  # edgelm.errors: busy, too long
 
-    def line(piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None,
-             thought: str = "") -> dict[str, Any]:
+    def line(
+        piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None, thought: str = ""
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": _now()}
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": piece}
@@ -330,8 +371,9 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
         st.abort()
 
 
-async def _load_or_unload(srv: Server, request: web.Request, name: str, ka: float | None | str,
-                          kind: str) -> web.Response:
+async def _load_or_unload(
+    srv: Server, request: web.Request, name: str, ka: float | None | str, kind: str
+) -> web.Response:
     """Ollama's requests without a prompt: load the model (and set its keep_alive), or
     with keep_alive 0, unload it — an admin action (it may take the configured model
     out of memory, which no other request's keep_alive does)."""
@@ -434,8 +476,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
             out.insert(0, {"role": "system", "content": lm.system})
         msgs2, tools_arg = tools.prompt_messages(out, plan, lm.template.renders_tools)
         try:
-            text = lm.template.render(msgs2, add_generation_prompt=True, tools=tools_arg,
-                                      **think.template_vars(lm.template.thinking))
+            text = lm.template.render(
+                msgs2, add_generation_prompt=True, tools=tools_arg, **think.template_vars(lm.template.thinking)
+            )
         except ChatTemplateError as e:
             raise ApiError(f"the chat template failed: {e}", "messages") from None
         return await _run(srv, lm, request, text, lm.chat_tokens(text), b, "chat", schema, plan, think, load_s)

@@ -356,8 +356,12 @@ class RefusingExecutor(FakeExecutor):
             self.fail_next = False
             raise RuntimeError("the device went away")
         bad = {n.id for n in plan.new if n.id in self.refuse}
-        keep = StepPlan([n for n in plan.new if n.id not in bad], [i for i in plan.items if i.id not in bad],
-                        plan.finished, plan.masks)
+        keep = StepPlan(
+            [n for n in plan.new if n.id not in bad],
+            [i for i in plan.items if i.id not in bad],
+            plan.finished,
+            plan.masks,
+        )
         return StepResult(super().step(keep).tokens, {sid: "temperature is -1" for sid in bad})
 
 

@@ -16,6 +16,7 @@ from edgelm._native import (
     InvalidRequestError,
     ModelLoadError,
     OutputError,
+    SamplingParams,
     TokenizerError,
 )
 from edgelm._native import __version__ as __version__
@@ -25,9 +26,10 @@ from edgelm.model import Model, Token
 def discover(timeout: float = 3.0, interfaces: list[str] | None = None) -> list[dict[str, object]]:
     """edgelm daemons on the LAN (mDNS): name, url, host, addresses, port, and the TXT
     fields (id, ver, api, path, model, state, auth, accel)."""
-    from edgelm.serve.mdns import discover as _discover
+    from edgelm.daemon.mdns import discover as _discover
 
     return _discover(timeout, interfaces)
+
 
 __all__ = [
     "CacheFullError",
@@ -37,6 +39,7 @@ __all__ = [
     "Model",
     "ModelLoadError",
     "OutputError",
+    "SamplingParams",
     "Token",
     "TokenizerError",
     "discover",

@@ -12,9 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from serve_util import daemon
-
 from conftest import SMOLLM2, model_path
+from serve_util import daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +27,9 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     # verify checks that ExecStart exists: point it at this checkout's daemon.
     edgelm = Path(sys.executable).parent / "edgelm"
     (tmp_path / "edgelm.service").write_text(unit.replace("/opt/edgelm/.venv/bin/edgelm", str(edgelm)))
-    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "edgelm.service")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "edgelm.service")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
     # Hardening: systemd's own exposure score (0 safest, 10 unprotected) stays low; the
     # unit scored 3.5 before the syscall filter, UMask and ProtectProc.
@@ -40,7 +41,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
                  "Environment=EDGELM_CUDA_CACHE=%C/edgelm/cuda", "CacheDirectory=edgelm"):
         assert line in unit, line
     # The example configuration loads and names real keys only.
-    from edgelm.serve.config import load_config
+    from edgelm.config import load_config
 
     cfg, _ = load_config(str(ROOT / "systemd/edgelm.yaml"), {}, {})
     assert cfg.host == "0.0.0.0" and cfg.models_dir == "/var/lib/edgelm/models"

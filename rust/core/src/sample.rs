@@ -9,6 +9,11 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 
+/// How one sequence's tokens are drawn: the one definition of the sampling settings,
+/// their defaults (llama.cpp's) and their limits. Python sees it as
+/// `edgelm._native.SamplingParams`; the HTTP APIs build it from a request
+/// (`from_openai`, `from_ollama`) and the serving scheduler hands it, unchanged, to
+/// the executor's `Sampler`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// ≤ 0 means greedy (argmax after penalties).
@@ -29,22 +34,30 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// How many top alternatives to report per token (0 = none).
     pub n_logprobs: usize,
+    /// Whether the penalties' window may reach into the prompt. A tool-use prompt
+    /// spells out the call syntax the answer must repeat, and penalising it talks a
+    /// small model out of calling.
+    pub penalize_prompt: bool,
 }
+
+/// The defaults, as a constant (the Python constructor's keyword defaults read it).
+pub const DEFAULT_SAMPLING: SamplingParams = SamplingParams {
+    temperature: 0.8,
+    top_k: 40,
+    top_p: 0.95,
+    min_p: 0.05,
+    repeat_penalty: 1.0,
+    repeat_last_n: 64,
+    frequency_penalty: 0.0,
+    presence_penalty: 0.0,
+    seed: None,
+    n_logprobs: 0,
+    penalize_prompt: true,
+};
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            seed: None,
-            n_logprobs: 0,
-        }
+        DEFAULT_SAMPLING
     }
 }
 
@@ -111,7 +124,11 @@ impl Sampler {
     /// cost in a decode step).
     pub fn sample_with_lse(&mut self, raw: &[f32], history: &[u32], lse: f32) -> Sampled {
         let p = &self.params;
-        let top = if p.n_logprobs > 0 { top_n(raw, p.n_logprobs).into_iter().map(|(t, l)| (t, l - lse)).collect() } else { Vec::new() };
+        let top = if p.n_logprobs > 0 {
+            top_n(raw, p.n_logprobs).into_iter().map(|(t, l)| (t, l - lse)).collect()
+        } else {
+            Vec::new()
+        };
 
         let penalised;
         let logits = if self.has_penalties() {
@@ -307,7 +324,11 @@ mod tests {
             let best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let first = if best == f32::NEG_INFINITY { 0 } else { row.iter().position(|&v| v == best).unwrap() };
             let short = s.pick_greedy(first as u32, best, lse);
-            assert_eq!((full.token, full.logprob.to_bits(), full.top.len()), (short.token, short.logprob.to_bits(), 0), "{row:?}");
+            assert_eq!(
+                (full.token, full.logprob.to_bits(), full.top.len()),
+                (short.token, short.logprob.to_bits(), 0),
+                "{row:?}"
+            );
         }
         for p in [
             SamplingParams { temperature: 0.7, ..Default::default() },

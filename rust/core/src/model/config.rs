@@ -169,7 +169,11 @@ impl Config {
         let n_head = req("attention.head_count")?;
         let n_head_kv = g.get_usize(&format!("{a}.attention.head_count_kv"))?.unwrap_or(n_head);
         // A MoE file's dense width is informational (llama.cpp reads it as optional).
-        let n_ff = if arch == Arch::Qwen3Moe { g.get_usize(&format!("{a}.feed_forward_length"))?.unwrap_or(0) } else { req("feed_forward_length")? };
+        let n_ff = if arch == Arch::Qwen3Moe {
+            g.get_usize(&format!("{a}.feed_forward_length"))?.unwrap_or(0)
+        } else {
+            req("feed_forward_length")?
+        };
         let n_ctx_train = req("context_length")?;
         let head_dim = g.get_usize(&format!("{a}.attention.key_length"))?.unwrap_or(n_embd / n_head);
         let head_dim_v = g.get_usize(&format!("{a}.attention.value_length"))?.unwrap_or(head_dim);
@@ -202,11 +206,15 @@ impl Config {
             )));
         }
         if head_dim == 0 || n_rot > head_dim || n_rot % 2 != 0 {
-            return Err(Error::model(format!("rope.dimension_count {n_rot} must be even and at most the head size {head_dim}")));
+            return Err(Error::model(format!(
+                "rope.dimension_count {n_rot} must be even and at most the head size {head_dim}"
+            )));
         }
         let positive = |v: f32| v.is_finite() && v > 0.0;
         if !positive(rms_eps) {
-            return Err(Error::model(format!("{a}.attention.layer_norm_rms_epsilon is {rms_eps}; it must be a positive number")));
+            return Err(Error::model(format!(
+                "{a}.attention.layer_norm_rms_epsilon is {rms_eps}; it must be a positive number"
+            )));
         }
         if !positive(rope_base) {
             return Err(Error::model(format!("{a}.rope.freq_base is {rope_base}; it must be a positive number")));
@@ -231,13 +239,20 @@ impl Config {
             other => return Err(Error::model(format!("{a}.rope.scaling.type is {other:?}; expected none, linear, yarn or longrope"))),
         };
         if !positive(rope_freq_scale) {
-            return Err(Error::model(format!("{a}.rope.scaling.factor gives a RoPE scale of {rope_freq_scale}; it must be a positive number")));
+            return Err(Error::model(format!(
+                "{a}.rope.scaling.factor gives a RoPE scale of {rope_freq_scale}; it must be a positive number"
+            )));
         }
         let rope_attn_factor = opt_f("rope.scaling.attn_factor")?.unwrap_or(1.0);
         if !positive(rope_attn_factor) {
-            return Err(Error::model(format!("{a}.rope.scaling.attn_factor is {rope_attn_factor}; it must be a positive number")));
+            return Err(Error::model(format!(
+                "{a}.rope.scaling.attn_factor is {rope_attn_factor}; it must be a positive number"
+            )));
         }
-        let n_ctx_orig = g.get_usize(&format!("{a}.rope.scaling.original_context_length"))?.filter(|&n| n > 0).unwrap_or(n_ctx_train);
+        let n_ctx_orig = g
+            .get_usize(&format!("{a}.rope.scaling.original_context_length"))?
+            .filter(|&n| n > 0)
+            .unwrap_or(n_ctx_train);
 
         let mut cfg = Config {
             arch,
@@ -289,7 +304,9 @@ impl Config {
         }
         match arch {
             Arch::Qwen3 | Arch::Qwen3Moe if n_rot != head_dim => {
-                return Err(Error::model(format!("{a}.rope.dimension_count is {n_rot}; {a} rotates whole heads ({head_dim})")));
+                return Err(Error::model(format!(
+                    "{a}.rope.dimension_count is {n_rot}; {a} rotates whole heads ({head_dim})"
+                )));
             }
             Arch::Qwen3Moe => {
                 let n_expert = req("expert_count")?;
@@ -303,7 +320,11 @@ impl Config {
                 let n_ff_exp = match g.get_usize(&format!("{a}.expert_feed_forward_length"))?.filter(|&n| n > 0) {
                     Some(n) => n,
                     None if n_ff >= n_expert_used => n_ff / n_expert_used,
-                    None => return Err(Error::model(format!("{a}.expert_feed_forward_length is missing (and {a}.feed_forward_length does not give it)"))),
+                    None => {
+                        return Err(Error::model(format!(
+                            "{a}.expert_feed_forward_length is missing (and {a}.feed_forward_length does not give it)"
+                        )))
+                    }
                 };
                 // llama.cpp b11434's qwen3moe graph always renormalises the chosen
                 // weights and never scales them (Qwen3-MoE's norm_topk_prob is true and its
@@ -312,10 +333,14 @@ impl Config {
                 let norm_weights = g.get_bool(&format!("{a}.expert_weights_norm"))?.unwrap_or(true);
                 let weights_scale = opt_f("expert_weights_scale")?.filter(|&s| s != 0.0).unwrap_or(1.0);
                 if !weights_scale.is_finite() {
-                    return Err(Error::model(format!("{a}.expert_weights_scale is {weights_scale}; it must be a finite number")));
+                    return Err(Error::model(format!(
+                        "{a}.expert_weights_scale is {weights_scale}; it must be a finite number"
+                    )));
                 }
                 if g.get_usize(&format!("{a}.expert_group_count"))?.unwrap_or(0) > 1 {
-                    return Err(Error::model(format!("{a}.expert_group_count is set; grouped expert selection is not supported")));
+                    return Err(Error::model(format!(
+                        "{a}.expert_group_count is set; grouped expert selection is not supported"
+                    )));
                 }
                 cfg.moe = Some(MoeConfig { n_expert, n_expert_used, n_ff_exp, norm_weights, weights_scale });
             }
@@ -334,7 +359,8 @@ impl Config {
                 cfg.attn_scale = 1.0;
             }
             Arch::Granite => {
-                let logit = opt_f("logit_scale")?.ok_or_else(|| Error::model("required metadata key \"granite.logit_scale\" is missing"))?;
+                let logit = opt_f("logit_scale")?
+                    .ok_or_else(|| Error::model("required metadata key \"granite.logit_scale\" is missing"))?;
                 if !positive(logit) {
                     return Err(Error::model(format!("granite.logit_scale is {logit}; it must be a positive number")));
                 }
@@ -342,7 +368,9 @@ impl Config {
                 // Zero means "not set" for these, as in llama.cpp.
                 let nonzero = |k: &str| -> Result<Option<f32>> {
                     match opt_f(k)? {
-                        Some(v) if v != 0.0 && !v.is_finite() => Err(Error::model(format!("granite.{k} is {v}; it must be a finite number"))),
+                        Some(v) if v != 0.0 && !v.is_finite() => {
+                            Err(Error::model(format!("granite.{k} is {v}; it must be a finite number")))
+                        }
                         v => Ok(v.filter(|&v| v != 0.0)),
                     }
                 };
@@ -353,10 +381,14 @@ impl Config {
                 }
                 cfg.use_rope = g.get_bool("granite.rope.scaling.finetuned")?.unwrap_or(true);
                 if g.get_usize("granite.expert_count")?.unwrap_or(0) > 0 {
-                    return Err(Error::model("granite.expert_count is set: Granite MoE files are not supported (dense granite is)"));
+                    return Err(Error::model(
+                        "granite.expert_count is set: Granite MoE files are not supported (dense granite is)",
+                    ));
                 }
                 if g.get("granite.deepstack_mapping").is_some() {
-                    return Err(Error::model("granite.deepstack_mapping is set: Granite Vision's deepstack layers are not supported"));
+                    return Err(Error::model(
+                        "granite.deepstack_mapping is set: Granite Vision's deepstack layers are not supported",
+                    ));
                 }
             }
             _ => {}

@@ -15,41 +15,67 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgelm import EdgelmError, __version__, modelinfo, store
-from edgelm.serve import thinking, tools
-from edgelm.serve.chat import ChatTemplateError
-from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
-from edgelm.serve.grammar import ANY_JSON_OBJECT
-from edgelm.serve.config import parse_keep_alive
-from edgelm.serve.params import ApiError, Body, SERVER, int_list
-from edgelm.serve.scheduler import QueueFull
-from edgelm.serve.security import require_admin
+from edgelm import EdgelmError, __version__, modelinfo
+from edgelm._native import SamplingParams
+from edgelm.config import parse_keep_alive
+from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
+from edgelm.prompt.chat import ChatTemplateError
+from edgelm.prompt.grammar import ANY_JSON_OBJECT
+from edgelm.server import thinking, tools
+from edgelm.server.params import ApiError, Body, int_list
+from edgelm.server.security import require_admin
+from edgelm.server.state import SERVER, Server
 
 log = logging.getLogger("edgelm.serve")
 
 if TYPE_CHECKING:
-    from edgelm.serve.app import Server
-    from edgelm.serve.models import LoadedModel
+    from edgelm.engine.pool import LoadedModel
 
 # The Ollama API level these endpoints follow (clients check it for features).
 OLLAMA_API_VERSION = "0.12.3"
 
-# Ollama's own defaults for the options a request leaves out.
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1,
-            "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+OLLAMA_DEFAULTS = SamplingParams(top_p=0.9, min_p=0.0, repeat_penalty=1.1)
+"""Ollama's defaults for the options a request leaves out, where they differ from the
+engine's (llama.cpp's)."""
+
+
+def from_ollama(o: Body, model_params: Mapping[str, Any], penalize_prompt: bool = True) -> SamplingParams:
+    """The sampling settings of an Ollama `options` object (Ollama's names and ranges;
+    whole-number floats where integers go, as Home Assistant sends them; seed -1 =
+    random). A pulled model's parameters (its registry layer) come before Ollama's
+    defaults, as in Ollama. `penalize_prompt`: False for a tool turn (see
+    SamplingParams)."""
+
+    def dflt(name: str) -> Any:
+        v = model_params.get(name)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else getattr(OLLAMA_DEFAULTS, name)
+
+    return SamplingParams(
+        temperature=float(o.get("temperature", float, dflt("temperature"), lo=0.0, hi=100.0)),
+        top_k=int(o.get("top_k", int, dflt("top_k"), lo=0, hi=1 << 20)),
+        top_p=max(float(o.get("top_p", float, dflt("top_p"), lo=0.0, hi=1.0)), 1e-6),
+        min_p=float(o.get("min_p", float, dflt("min_p"), lo=0.0, hi=1.0)),
+        repeat_penalty=max(float(o.get("repeat_penalty", float, dflt("repeat_penalty"), lo=0.0, hi=10.0)), 1e-6),
+        repeat_last_n=int(o.get("repeat_last_n", int, dflt("repeat_last_n"), lo=-1, hi=1 << 20)),
+        presence_penalty=float(o.get("presence_penalty", float, dflt("presence_penalty"), lo=-2.0, hi=2.0)),
+        frequency_penalty=float(o.get("frequency_penalty", float, dflt("frequency_penalty"), lo=-2.0, hi=2.0)),
+        seed=None if (seed := o.get("seed", int)) is None or seed < 0 else seed,
+        penalize_prompt=penalize_prompt,
+    )
 
 
 def ollama_name(mid: str) -> str:
     return mid if ":" in mid else f"{mid}:latest"
 
 
-def _model_name(b: Body) -> str:
+def model_name(b: Body) -> str:
     name = b.get("model", str) or b.get("name", str)
     if not name:
         raise ApiError("'model' is required", "model")
@@ -68,11 +94,11 @@ def _keep_alive(b: Body) -> float | None | str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
 async def _metadata(srv: Server, path: Path) -> dict[str, Any]:
@@ -93,7 +119,7 @@ def _file_info(path: Path) -> tuple[int, str]:
 
 def _digest(path: Path) -> str:
     if path.parent.name == "blobs" and path.name.startswith("sha256-"):
-        return path.name[len("sha256-"):]
+        return path.name[len("sha256-") :]
     # A stable identity without hashing gigabytes on every listing: name, size, mtime.
     size, mtime = _file_info(path)
     return hashlib.sha256(f"{path.name}:{size}:{mtime}".encode()).hexdigest()
@@ -118,9 +144,17 @@ async def tags(request: web.Request) -> web.Response:
     for name, _, path in srv.pool.names():
         size, mtime = _file_info(path)
         md = await _metadata(srv, path)
-        out.append({"name": ollama_name(name), "model": ollama_name(name), "modified_at": mtime, "size": size,
-                    "digest": _digest(path), "details": modelinfo.details(md),
-                    "capabilities": modelinfo.capabilities(md)})
+        out.append(
+            {
+                "name": ollama_name(name),
+                "model": ollama_name(name),
+                "modified_at": mtime,
+                "size": size,
+                "digest": _digest(path),
+                "details": modelinfo.details(md),
+                "capabilities": modelinfo.capabilities(md),
+            }
+        )
     return web.json_response({"models": out})
 
 
@@ -139,9 +173,18 @@ async def ps(request: web.Request) -> web.Response:
     out = []
     for lm in list(srv.pool.loaded.values()):
         md = await _metadata(srv, lm.path)
-        out.append({"name": ollama_name(lm.id), "model": ollama_name(lm.id), "size": lm.cost_bytes,
-                    "digest": _digest(lm.path), "details": modelinfo.details(md), "expires_at": _expires(lm),
-                    "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0], "context_length": lm.max_context})
+        out.append(
+            {
+                "name": ollama_name(lm.id),
+                "model": ollama_name(lm.id),
+                "size": lm.cost_bytes,
+                "digest": _digest(lm.path),
+                "details": modelinfo.details(md),
+                "expires_at": _expires(lm),
+                "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0],
+                "context_length": lm.max_context,
+            }
+        )
     return web.json_response({"models": out})
 
 
@@ -150,7 +193,7 @@ async def show(request: web.Request) -> web.Response:
     never loads a model."""
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
-    mid, path = srv.pool.resolve(_model_name(b))
+    mid, path = srv.pool.resolve(model_name(b))
     if not path.is_file():
         raise ApiError(f"model '{mid}' has no file at {path.name}", "model", 404, "model_not_found")
     try:
@@ -166,28 +209,14 @@ async def show(request: web.Request) -> web.Response:
 # -- generation ----------------------------------------------------------------------------
 
 
-def _options(lm: LoadedModel, b: Body) -> tuple[dict[str, Any], int | None, list[str], int]:
-    """Sampling parameters, num_predict (None = until the context is full), stop
-    strings and the context size from an Ollama `options` object."""
+def _options(lm: LoadedModel, b: Body, penalize_prompt: bool) -> tuple[SamplingParams, int | None, list[str], int]:
+    """Sampling settings, num_predict (None = until the context is full), stop strings
+    and the context size from an Ollama `options` object."""
     raw = b.data.get("options")
     if raw is not None and not isinstance(raw, dict):
         raise ApiError("'options' must be an object", "options")
     o = Body(raw or {}, "options", "options.")
-    # A pulled model's parameters come before Ollama's defaults (as in Ollama).
-    dflt = {**DEFAULTS, **{k: v for k, v in lm.params.items() if k in DEFAULTS and isinstance(v, (int, float))
-                           and not isinstance(v, bool)}}
-    sampling: dict[str, Any] = {
-        "temperature": float(o.get("temperature", float, dflt["temperature"], lo=0.0, hi=100.0)),
-        "top_k": int(o.get("top_k", int, dflt["top_k"], lo=0, hi=1 << 20)),
-        "top_p": max(float(o.get("top_p", float, dflt["top_p"], lo=0.0, hi=1.0)), 1e-6),
-        "min_p": float(o.get("min_p", float, dflt["min_p"], lo=0.0, hi=1.0)),
-        "repeat_penalty": max(float(o.get("repeat_penalty", float, dflt["repeat_penalty"], lo=0.0, hi=10.0)), 1e-6),
-        "repeat_last_n": int(o.get("repeat_last_n", int, dflt["repeat_last_n"], lo=-1, hi=1 << 20)),
-        "presence_penalty": float(o.get("presence_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-        "frequency_penalty": float(o.get("frequency_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-    }
-    seed = o.get("seed", int)
-    sampling["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
+    sampling = from_ollama(o, lm.params, penalize_prompt)
     n_predict = o.get("num_predict", int, -1, lo=-2)  # -1: until done, -2: until the context is full
     num_ctx = o.get("num_ctx", int, lm.max_context, lo=1)
     stop = o.stop("stop") if o.has("stop") else [str(x) for x in lm.params.get("stop") or [] if isinstance(x, str)][:16]
@@ -221,9 +250,12 @@ def _stats(st: Stream, t0: float, load_s: float) -> dict[str, Any]:
     first = st.first_token_at or now
     last = st.last_token_at or first
     return {
-        "total_duration": int((now - t0) * 1e9), "load_duration": int(load_s * 1e9),
-        "prompt_eval_count": st.n_prompt - st.n_cached, "prompt_eval_duration": int((first - st.submitted) * 1e9),
-        "eval_count": st.n_generated, "eval_duration": int((last - first) * 1e9),
+        "total_duration": int((now - t0) * 1e9),
+        "load_duration": int(load_s * 1e9),
+        "prompt_eval_count": st.n_prompt - st.n_cached,
+        "prompt_eval_duration": int((first - st.submitted) * 1e9),
+        "eval_count": st.n_generated,
+        "eval_duration": int((last - first) * 1e9),
     }
 
 
@@ -231,19 +263,27 @@ def _done_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"
 
 
-async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, prompt: list[int], b: Body, kind: str,
-               schema: dict[str, Any] | None, plan: tools.ToolPlan | None, think: thinking.Thinking,
-               load_s: float = 0.0) -> web.StreamResponse:
+async def _run(
+    srv: Server,
+    lm: LoadedModel,
+    request: web.Request,
+    text: str,
+    prompt: list[int],
+    b: Body,
+    kind: str,
+    schema: dict[str, Any] | None,
+    plan: tools.ToolPlan | None,
+    think: thinking.Thinking,
+    load_s: float = 0.0,
+) -> web.StreamResponse:
     """Generate the answer to a rendered prompt (`text`, as `prompt` tokens) and send it
     back as Ollama does: content, `thinking` apart (thinking models), tool calls whole."""
-    sampling, n_predict, stop, num_ctx = _options(lm, b)
+    sampling, n_predict, stop, num_ctx = _options(lm, b, penalize_prompt=plan is None)
     style = lm.template.thinking
     opened = thinking.forced_open(text, style)
     rule = thinking.thought_rule(think, style, opened)
-    grammar = await lm.answer_grammar(plan, schema, rule)
-    if plan:
-        sampling["penalize_prompt"] = False  # see Executor.add
-    matcher = lm.matcher(grammar, rule)
+    grammar = await tools.answer_grammar(lm, plan, schema, rule)
+    matcher = tools.answer_matcher(lm, grammar, rule)
     room = num_ctx - len(prompt)
     if room <= 0:
         raise ApiError(f"the prompt has {len(prompt)} tokens; the context holds {num_ctx}", "prompt", 400)
@@ -252,9 +292,18 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
     t0 = time.perf_counter()
     model = ollama_name(lm.id)
     if max_tokens == 0:  # num_predict 0: "at most 0 tokens" — nothing to compute
-        done: dict[str, Any] = {"model": model, "created_at": _now(), "done": True, "done_reason": "length",
-                                "total_duration": 0, "load_duration": int(load_s * 1e9),
-                                "prompt_eval_count": 0, "prompt_eval_duration": 0, "eval_count": 0, "eval_duration": 0}
+        done: dict[str, Any] = {
+            "model": model,
+            "created_at": _now(),
+            "done": True,
+            "done_reason": "length",
+            "total_duration": 0,
+            "load_duration": int(load_s * 1e9),
+            "prompt_eval_count": 0,
+            "prompt_eval_duration": 0,
+            "eval_count": 0,
+            "eval_duration": 0,
+        }
         done.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
         if stream_mode:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -262,16 +311,13 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
             await resp.write(json.dumps(done).encode() + b"\n")
             return resp
         return web.json_response(done)
-    try:
-        st = lm.engine.submit(GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False,
-                                                  srv.cfg.request_timeout_s, matcher))
-    except QueueFull as e:
-        raise ApiError(f"server busy: {e}", None, 429, headers={"Retry-After": "1"}) from None
-    except ValueError as e:
-        raise ApiError(str(e), "prompt", 400) from None
+    st = lm.engine.submit(
+        GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False, srv.cfg.request_timeout_s, matcher)
+    )  # edgelm.errors: busy, too long
 
-    def line(piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None,
-             thought: str = "") -> dict[str, Any]:
+    def line(
+        piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None, thought: str = ""
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": _now()}
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": piece}
@@ -287,7 +333,7 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
         if done and d is not None:
             out["done_reason"] = _done_reason(d)
             if kind == "generate":
-                out["context"] = list(st.seq.tokens)
+                out["context"] = st.tokens
             out.update(_stats(st, t0, load_s))
         return out
 
@@ -325,8 +371,9 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
         st.abort()
 
 
-async def _load_or_unload(srv: Server, request: web.Request, name: str, ka: float | None | str,
-                          kind: str) -> web.Response:
+async def _load_or_unload(
+    srv: Server, request: web.Request, name: str, ka: float | None | str, kind: str
+) -> web.Response:
     """Ollama's requests without a prompt: load the model (and set its keep_alive), or
     with keep_alive 0, unload it — an admin action (it may take the configured model
     out of memory, which no other request's keep_alive does)."""
@@ -349,7 +396,7 @@ async def _load_or_unload(srv: Server, request: web.Request, name: str, ka: floa
 async def generate(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
-    name = _model_name(b)
+    name = model_name(b)
     schema = _format(b)
     ka = _keep_alive(b)
     prompt = b.get("prompt", str, "")
@@ -385,14 +432,14 @@ async def generate(request: web.Request) -> web.StreamResponse:
 async def embed(request: web.Request) -> web.Response:
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
-    mid, _ = srv.pool.resolve(_model_name(b))
+    mid, _ = srv.pool.resolve(model_name(b))
     raise ApiError(f"model '{mid}' does not support embeddings (it is a text generation model)", "model", 400)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
-    name = _model_name(b)
+    name = model_name(b)
     schema = _format(b)
     ka = _keep_alive(b)
     msgs = b.data.get("messages")
@@ -429,182 +476,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
             out.insert(0, {"role": "system", "content": lm.system})
         msgs2, tools_arg = tools.prompt_messages(out, plan, lm.template.renders_tools)
         try:
-            text = lm.template.render(msgs2, add_generation_prompt=True, tools=tools_arg,
-                                      **think.template_vars(lm.template.thinking))
+            text = lm.template.render(
+                msgs2, add_generation_prompt=True, tools=tools_arg, **think.template_vars(lm.template.thinking)
+            )
         except ChatTemplateError as e:
             raise ApiError(f"the chat template failed: {e}", "messages") from None
         return await _run(srv, lm, request, text, lm.chat_tokens(text), b, "chat", schema, plan, think, load_s)
-
-
-# -- models on the device ------------------------------------------------------------
-
-
-def _models_dir(srv: Server) -> Path:
-    return Path(srv.cfg.models_dir).expanduser()
-
-
-async def list_files(request: web.Request) -> web.Response:
-    """The GGUF files in the models directory (what other daemons may pull)."""
-    srv: Server = request.app[SERVER]
-    d = _models_dir(srv)
-    files = sorted(p for p in d.glob("*.gguf") if p.is_file()) if d.is_dir() else []
-    return web.json_response({"models": [{"file": p.name, "size": p.stat().st_size} for p in files]})
-
-
-async def get_file(request: web.Request) -> web.StreamResponse:
-    """One model file, with Range support (resumable pulls) and its sha256."""
-    from edgelm.pull import PullError, file_sha256, safe_model_name
-
-    srv: Server = request.app[SERVER]
-    try:
-        name = safe_model_name(request.match_info["file"])
-    except PullError as e:
-        raise ApiError(str(e), "file", 400) from None
-    path = _models_dir(srv) / name
-    if not path.is_file():
-        raise ApiError(f"model file '{name}' not found", "file", 404)
-    st = path.stat()
-    key = (name, st.st_size, st.st_mtime)
-    digest = srv.file_digests.get(key)
-    if digest is None:
-        digest = srv.file_digests[key] = await asyncio.get_running_loop().run_in_executor(None, file_sha256, path)
-    return web.FileResponse(path, headers={"X-Edgelm-Sha256": digest, "Content-Type": "application/octet-stream"})
-
-
-async def pull(request: web.Request) -> web.StreamResponse:
-    """Ollama's /api/pull: NDJSON progress lines, then {"status": "success"} — or an
-    {"error": ...} line: a pull never ends in silence. The pull itself runs as a task
-    the server owns, so a client that goes away does not leave a half-written file
-    (the pull finishes, or fails and cleans up, on its own)."""
-    from edgelm.pull import ProgressLog, PullError, pull_source, resolve
-    from edgelm.registry import Registries
-
-    srv: Server = request.app[SERVER]
-    b = Body(await srv.json_body(request))
-    source = b.get("model", str) or b.get("name", str)
-    if not source:
-        raise ApiError("'model' is required", "model")
-    stream_mode = b.get("stream", bool, True)
-    cfg = srv.cfg
-    try:  # what can be refused at once gets its status before anything streams
-        src = await resolve(source, allow_urls=cfg.url_pull_allowed)
-    except PullError as e:
-        raise ApiError(str(e), "model", e.status) from None
-    lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-
-    async def run() -> Path:
-        logged = ProgressLog(log, source[:200])
-
-        def report(p: dict[str, Any]) -> None:
-            lines.put_nowait(p)
-            logged(p)
-
-        try:
-            return await pull_source(src, _models_dir(srv), report,
-                                     max_bytes=(cfg.max_pull_mib << 20) if cfg.max_pull_mib else None,
-                                     in_use=srv.pool.in_use,
-                                     registries=Registries.from_env(cfg.registry_url, cfg.hf_url))
-        finally:
-            lines.put_nowait(None)
-
-    task = srv.background(run(), f"pull {source[:200]}")
-
-    def failure() -> tuple[str, int]:
-        exc = task.exception()
-        if isinstance(exc, PullError):
-            if exc.detail:
-                log.warning("pull of %s failed: %s (%s)", source[:200], exc, exc.detail)
-            return f"pull failed: {exc}", exc.status
-        log.error("pull of %s failed", source[:200], exc_info=exc)
-        return "pull failed: internal error (the daemon log has the details)", 500
-
-    if not stream_mode:
-        await asyncio.wait([task])  # not cancelled with this handler: the pull ends on its own
-        if task.exception() is not None:
-            msg, status = failure()
-            raise ApiError(msg, "model", status)
-        return web.json_response({"status": "success"})
-    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-    await resp.prepare(request)
-    while (p := await lines.get()) is not None:
-        await resp.write(json.dumps({k: v for k, v in p.items() if k != "rate"}).encode() + b"\n")
-    await asyncio.wait([task])
-    if task.exception() is not None:
-        msg, _ = failure()
-        await resp.write(json.dumps({"error": msg}).encode() + b"\n")
-    return resp
-
-
-async def delete(request: web.Request) -> web.Response:
-    """Ollama's /api/delete. A name in the store (pulled or copied) is removed, and with
-    it every blob no other name uses (a blob a loaded model reads stays until it is
-    unloaded); a plain file's own id deletes the file and every name of it. The
-    configured model and models with requests in flight are refused (409); an idle
-    loaded model is unloaded first."""
-    srv: Server = request.app[SERVER]
-    b = Body(await srv.json_body(request))
-    name = _model_name(b)
-    d = _models_dir(srv)
-    pool = srv.pool
-    loop = asyncio.get_running_loop()
-    mid, path = pool.resolve(name)
-    st = pool.model_store()
-    entry = st.lookup(name)
-    if entry is not None and entry.file is not None:  # a name of a plain file: the name goes, the file stays
-        await loop.run_in_executor(None, st.remove, name, pool.in_use)
-        return web.json_response({})
-    is_default = path == pool.default_path or path.resolve() == pool.default_path.resolve()
-    if mid == pool.default_id or (entry is None and is_default):  # another name of its blob may go
-        raise ApiError(f"'{mid}' is the configured model (`model:` in the config); it cannot be deleted while it "
-                       "is", "model", 409, "model_in_use")
-    if entry is None and (path.parent.resolve() != d.resolve() or not path.name.endswith(".gguf")):
-        raise ApiError(f"'{mid}' is not in the models directory", "model", 409)
-    lm = pool.loaded.get(mid)
-    if lm is not None:
-        if lm.busy:
-            raise ApiError(f"'{mid}' has requests in flight; delete it when they are done", "model", 409,
-                           "model_in_use")
-        await pool.unload(mid)
-    if entry is not None:
-        try:
-            freed = await loop.run_in_executor(None, st.remove, name, pool.in_use)
-        except store.StoreError as e:
-            raise ApiError(str(e), "model", e.status) from None
-        log.info("deleted %s (blobs freed: %s)", entry.name, ", ".join(f[7:19] for f in freed) or "none")
-        return web.json_response({})
-    await loop.run_in_executor(None, st.forget_file, path.name)
-    path.unlink(missing_ok=True)
-    log.info("deleted %s", path)
-    return web.json_response({})
-
-
-async def copy(request: web.Request) -> web.Response:
-    """Ollama's /api/copy: a new name for a model (a manifest; no bytes are copied)."""
-    srv: Server = request.app[SERVER]
-    b = Body(await srv.json_body(request))
-    src = b.get("source", str)
-    dst = b.get("destination", str)
-    if not src or not dst:
-        raise ApiError("'source' and 'destination' are required", "source" if not src else "destination")
-    pool = srv.pool
-    mid, path = pool.resolve(src)
-    d = _models_dir(srv)
-    try:
-        name = store.check_name(dst)
-    except store.ModelNameError as e:
-        raise ApiError(str(e), "destination") from None
-    if any(store.normalize(name) == store.normalize(f"{p.stem}") for p in d.glob("*.gguf")):
-        raise ApiError(f"'{dst}' is a model file's own name; choose another", "destination", 409)
-    st = pool.model_store()
-    entry = pool.entry(mid)
-    loop = asyncio.get_running_loop()
-    try:
-        if entry is not None:
-            await loop.run_in_executor(None, st.copy, entry, name)
-        elif path.parent.resolve() == d.resolve() and path.name.endswith(".gguf"):
-            await loop.run_in_executor(None, st.name_file, name, path.name, None)
-        else:
-            raise ApiError(f"'{mid}' is not in the models directory; copy a model that is", "source", 400)
-    except store.StoreError as e:
-        raise ApiError(str(e), "destination", e.status) from None
-    return web.json_response({})

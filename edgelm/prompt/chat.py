@@ -33,6 +33,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -43,8 +44,6 @@ from jinja2.exceptions import SecurityError
 from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
-
-from edgelm.serve.thinking import ThinkingStyle, template_style
 
 MAX_OUTPUT_CHARS = 4 * 1024 * 1024
 """Longest rendered prompt, and longest string or list a template may build."""
@@ -78,6 +77,28 @@ converted without a template."""
 
 FALLBACK_TEMPLATES = {"gemma3": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma": GEMMA_TEMPLATE}
 """Templates by architecture, for model files that carry none."""
+
+TAGS = (("<think>", "</think>"),)
+"""The tag pairs a template may write around a thought (the first found is used)."""
+
+
+@dataclass(frozen=True)
+class ThinkingStyle:
+    """What a chat template says about thinking."""
+
+    open: str
+    close: str
+    switchable: bool  # the template reads `enable_thinking`
+
+
+def template_style(source: str | None) -> ThinkingStyle | None:
+    """The thinking style of a chat template's source, or None (not a thinking model)."""
+    if not source:
+        return None
+    for open_tag, close_tag in TAGS:
+        if open_tag in source and close_tag in source:
+            return ThinkingStyle(open_tag, close_tag, "enable_thinking" in source)
+    return None
 
 
 class ChatTemplateError(ValueError):
@@ -209,14 +230,24 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _environment() -> _Sandbox:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, undefined=jinja2.Undefined,
-                   extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env = _Sandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+        undefined=jinja2.Undefined,
+        extensions=[jinja2.ext.loopcontrols, _GenerationTag],
+    )
     env.globals.pop("lipsum", None)  # unbounded work from one call, and no template uses it
     env.globals.update(range=_range, raise_exception=_raise_exception, strftime_now=_strftime_now)
     env.filters["tojson"] = _tojson
@@ -278,11 +309,23 @@ class ChatTemplate:
             source = FALLBACK_TEMPLATES.get(architecture)
         return cls(source, bos_token, eos_token)
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-               tools: list[dict[str, Any]] | None = None, **extra: Any) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **extra: Any,
+    ) -> str:
         """The prompt text for `messages`; `extra` become template variables too."""
-        context = {"bos_token": self.bos_token, "eos_token": self.eos_token, **extra,
-                   "messages": _normalise(messages), "tools": tools, "add_generation_prompt": add_generation_prompt}
+        context = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            **extra,
+            "messages": _normalise(messages),
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+        }
         out: list[str] = []
         size = 0
         token = _deadline.set(time.monotonic() + RENDER_TIMEOUT_S)

@@ -36,22 +36,21 @@ from typing import Any
 
 from edgelm import EdgelmError, Model, _native, modelinfo, store
 from edgelm._native import Executor
-from edgelm.serve import tools
-from edgelm.serve.chat import ChatTemplate
-from edgelm.serve.config import Config, parse_keep_alive
-from edgelm.serve.engine import AsyncEngine
-from edgelm.serve.gotemplate import GoTemplate, GoTemplateError
-from edgelm.serve.grammar import GrammarError, Grammars
-from edgelm.serve.metrics import Metrics
-from edgelm.serve.params import ApiError
-from edgelm.serve.scheduler import SchedulerLimits
-from edgelm.serve.thinking import ThoughtBudget, ThoughtRule
+from edgelm.config import Config, parse_keep_alive
+from edgelm.engine.loop import AsyncEngine
+from edgelm.engine.metrics import Metrics
+from edgelm.engine.scheduler import SchedulerLimits
+from edgelm.errors import NoMemory, NotFound
+from edgelm.prompt.chat import ChatTemplate
+from edgelm.prompt.gotemplate import GoTemplate, GoTemplateError
+from edgelm.prompt.grammar import Grammars
 
 log = logging.getLogger("edgelm.serve")
 
 BLOCK_SIZE = 16
 SCRATCH_BYTES = 64 << 20
 """Allowance per model for activations, logits and the grammar vocabulary."""
+
 
 def mem_available() -> int | None:
     """MemAvailable from /proc/meminfo, in bytes."""
@@ -99,48 +98,6 @@ class LoadedModel:
     def busy(self) -> bool:
         return self.n_users > 0 or self.engine.n_active > 0
 
-    async def grammar_for(self, schema: dict[str, Any] | None) -> str | None:
-        """Compile a JSON schema for constrained decoding (off the event loop: the
-        first call also builds the grammar engine's view of the vocabulary)."""
-        if schema is None:
-            return None
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.json_schema, schema)
-        except GrammarError as e:
-            raise ApiError(str(e), "response_format", 400) from None
-
-    async def tool_grammar(self, plan: tools.ToolPlan, schema: dict[str, Any] | None) -> str:
-        """The grammar for an answer that may call tools (see edgelm.serve.tools)."""
-        source = tools.grammar(plan, schema)
-        assert source is not None  # a plan always constrains
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, source)
-        except GrammarError as e:
-            raise ApiError(str(e), "tools", 400) from None
-
-    async def answer_grammar(self, plan: tools.ToolPlan | None, schema: dict[str, Any] | None,
-                             thought: ThoughtRule | None) -> str | None:
-        """The grammar for an answer: tools, a response schema and a thinking model's
-        thought, in any combination (None: unconstrained)."""
-        if thought is None or (plan is None and schema is None and thought.budget is None):
-            return await (self.tool_grammar(plan, schema) if plan else self.grammar_for(schema))
-        source = tools.grammar(plan, schema, thought)
-        assert source is not None
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, source)
-        except GrammarError as e:
-            raise ApiError(str(e), "tools" if plan else "response_format", 400) from None
-
-    def matcher(self, grammar: str | None, thought: ThoughtRule | None) -> Any:
-        """A matcher for `grammar` (None: none), with the thought's token budget."""
-        if grammar is None:
-            return None
-        m = self.grammars.matcher(grammar)
-        if thought is None or thought.budget is None:
-            return m
-        close = self.grammars.prefix_masks(thought.style.close.encode())
-        return ThoughtBudget(m, thought.budget, thought.style, thought.opened, self.token_bytes, close)
-
     def token_bytes(self, tid: int) -> bytes:
         b = self._token_bytes.get(tid)
         if b is None:
@@ -173,6 +130,7 @@ class ModelPool:
         self.default_id = cfg.model_id()
         self._metadata: dict[tuple[str, int, float], dict[str, Any]] = {}
         self._device: tuple[str, dict[str, Any] | None] | None = None
+        self._warming: set[asyncio.Future[Any]] = set()  # grammar vocabularies being built (threads)
 
     # -- names ---------------------------------------------------------------------
     def models_dir(self) -> Path:
@@ -225,8 +183,12 @@ class ModelPool:
             if path.resolve() == self.default_path.resolve():
                 return self.default_id, self.default_path
             return model_id_of(path), path
-        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))}); `edgelm pull {name}` or "
-                       "/api/pull fetches it", "model", 404, "model_not_found")
+        raise NotFound(
+            f"model '{name}' not found (available: {', '.join(sorted(avail))}); `edgelm pull {name}` or "
+            "/api/pull fetches it",
+            "model",
+            "model_not_found",
+        )
 
     def names(self) -> list[tuple[str, str, Path]]:
         """Every name a client can list: (name, model id, file) for each servable file
@@ -262,7 +224,8 @@ class ModelPool:
         except OSError:
             return False
         return any(lm.path.resolve() == target for lm in self.loaded.values()) or (
-            target == self.default_path.resolve() and self.default_id in self._loading)
+            target == self.default_path.resolve() and self.default_id in self._loading
+        )
 
     async def file_metadata(self, path: Path) -> dict[str, Any]:
         """A GGUF file's metadata (arrays longer than 64 left out), read without loading
@@ -302,8 +265,9 @@ class ModelPool:
         # parameters or system prompts differ.
         lm = self.loaded.get(mid)
         if lm is None:
-            lm = next((m for m in self.loaded.values() if m.path == path and (m.params, m.system) == self.extras(mid)),
-                      None)
+            lm = next(
+                (m for m in self.loaded.values() if m.path == path and (m.params, m.system) == self.extras(mid)), None
+            )
         if lm is not None:
             lm.last_used = time.monotonic()
             return lm
@@ -333,9 +297,17 @@ class ModelPool:
             self.loaded[mid] = lm
             # Warm the grammar engine's vocabulary in the background (a few seconds on a
             # small CPU), so the first structured-output request does not pay for it.
-            loop.run_in_executor(None, lm.grammars.tokenizer)
-            log.info("loaded %s in %.2fs (%.0f MiB of the %.0f MiB budget; %d models loaded)", mid,
-                     time.perf_counter() - t0, cost / 2**20, self.budget_bytes / 2**20, len(self.loaded))
+            warm = loop.run_in_executor(None, lm.grammars.tokenizer)
+            self._warming.add(warm)
+            warm.add_done_callback(self._warming.discard)
+            log.info(
+                "loaded %s in %.2fs (%.0f MiB of the %.0f MiB budget; %d models loaded)",
+                mid,
+                time.perf_counter() - t0,
+                cost / 2**20,
+                self.budget_bytes / 2**20,
+                len(self.loaded),
+            )
             self.metrics.models_loaded.set(len(self.loaded))
             if self.on_change is not None:
                 self.on_change()
@@ -359,9 +331,16 @@ class ModelPool:
             log.info("no usable GPU (%s); running on the CPU", e)
             self._device = ("cpu", None)
             return self._device
-        log.info("GPU %d: %s (sm_%d, %.1f of %.1f GiB free%s; kernels from %s)", ordinal, info["name"], info["arch"],
-                 info["free_bytes"] / 2**30, info["total_bytes"] / 2**30,
-                 ", memory shared with the CPU" if info["integrated"] else "", info["kernels_from"])
+        log.info(
+            "GPU %d: %s (sm_%d, %.1f of %.1f GiB free%s; kernels from %s)",
+            ordinal,
+            info["name"],
+            info["arch"],
+            info["free_bytes"] / 2**30,
+            info["total_bytes"] / 2**30,
+            ", memory shared with the CPU" if info["integrated"] else "",
+            info["kernels_from"],
+        )
         self._device = (f"cuda:{ordinal}", info)
         return self._device
 
@@ -371,8 +350,9 @@ class ModelPool:
 
     def _open(self, path: Path) -> tuple[Model, int, int, str]:
         if not path.is_file():
-            raise EdgelmError(f"model file {path} does not exist (set `model:` in the config, or fetch one with "
-                              f"`edgelm pull`)")
+            raise EdgelmError(
+                f"model file {path} does not exist (set `model:` in the config, or fetch one with `edgelm pull`)"
+            )
         model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=self.cfg.max_context)
         device, info = self.device()
         per_token = model.native.kv_bytes_per_token
@@ -391,8 +371,9 @@ class ModelPool:
         # with, as llama.cpp does by its -c: the context served, which the KV cache may
         # hold below max_context. Loading again is a new mapping of the same file.
         served = self.served_context(model, n_blocks)
-        if (model.native.rope_factors or "").startswith("rope_factors_") and served != (self.cfg.max_context or
-                                                                                        model.n_ctx_train):
+        if (model.native.rope_factors or "").startswith("rope_factors_") and served != (
+            self.cfg.max_context or model.n_ctx_train
+        ):
             model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=served)
         # Host memory: the mapped weights, and the KV cache unless it is on a GPU of
         # its own (on a Jetson the GPU's memory is the host's).
@@ -414,15 +395,18 @@ class ModelPool:
             await self.unload(idle[0].id)
         if too_full():
             loaded = ", ".join(f"{m.id} ({m.cost_bytes / 2**20:.0f} MiB, busy)" for m in self.loaded.values()) or "none"
-            raise ApiError(
+            raise NoMemory(
                 f"not enough memory for model '{mid}': it needs {cost / 2**20:.0f} MiB and "
                 f"{(self.budget_bytes - used()) / 2**20:.0f} MiB of the {self.budget_bytes / 2**20:.0f} MiB budget "
                 f"is free (max_loaded_models {self.cfg.max_loaded_models}; loaded: {loaded}); retry when they are "
                 f"idle, raise memory_budget_mib, or lower kv_cache_mib",
-                "model", 503, "insufficient_memory", "server_error", {"Retry-After": "5"})
+                "model",
+                "insufficient_memory",
+            )
 
-    def _build(self, mid: str, path: Path, model: Model, n_blocks: int,
-               device: str) -> tuple[dict[str, Any], Executor, frozenset[int]]:
+    def _build(
+        self, mid: str, path: Path, model: Model, n_blocks: int, device: str
+    ) -> tuple[dict[str, Any], Executor, frozenset[int]]:
         """Everything but the engine (which starts on the event loop), off the loop."""
         native = model.native
         max_ctx = self.served_context(model, n_blocks)
@@ -440,8 +424,9 @@ class ModelPool:
         bos, eos = native.bos, native.eos
         bos_s = native.detokenize([bos], True) if bos is not None else ""
         eos_s = native.detokenize([eos], True) if eos is not None else ""
-        template: ChatTemplate | GoTemplate = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None,
-                                                                     model.architecture, bos_s, eos_s)
+        template: ChatTemplate | GoTemplate = ChatTemplate.for_model(
+            tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s
+        )
         eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
         keep = None if path == self.default_path else self.default_keep_alive
         entry = self.entry(mid)
@@ -452,15 +437,38 @@ class ModelPool:
             try:
                 template = GoTemplate(go)
             except GoTemplateError as e:
-                log.warning("%s: the file has no chat template, and the registry's cannot be run (%s); it chats in its "
-                            "architecture's turn format (or ChatML)", mid, e)
-        parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
-                 "params": params, "system": system,
-                 "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep, "device": executor.device}
+                log.warning(
+                    "%s: the file has no chat template, and the registry's cannot be run (%s); it chats in its "
+                    "architecture's turn format (or ChatML)",
+                    mid,
+                    e,
+                )
+        parts = {
+            "id": mid,
+            "path": path,
+            "model": model,
+            "template": template,
+            "grammars": Grammars(native, eog),
+            "params": params,
+            "system": system,
+            "max_context": max_ctx,
+            "bos_id": bos,
+            "keep_alive_s": keep,
+            "device": executor.device,
+        }
         rope = f", RoPE factors {native.rope_factors}" if native.rope_factors else ""
-        log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d%s", mid,
-                 model.architecture, executor.device, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx,
-                 rope)
+        log.info(
+            "%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d%s",
+            mid,
+            model.architecture,
+            executor.device,
+            model.kernel_level,
+            model.n_threads,
+            n_blocks,
+            BLOCK_SIZE,
+            max_ctx,
+            rope,
+        )
         return parts, executor, eog
 
     async def unload(self, mid: str) -> bool:
@@ -489,8 +497,11 @@ class ModelPool:
                     await self.unload(lm.id)
 
     async def close(self, grace_s: float) -> int:
-        """Drain every model (in parallel, `grace_s` for all), stop the engines;
-        returns how many requests were aborted."""
+        """Stop loads under way, drain every model (in parallel, `grace_s` for all),
+        stop the engines; returns how many requests were aborted."""
+        for fut in [*self._loading.values(), *self._warming]:
+            fut.cancel()  # (a vocabulary already being built finishes on its thread)
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
         engines = [lm.engine for lm in self.loaded.values()]
         n = sum(await asyncio.gather(*(e.drain(grace_s) for e in engines)))
         for e in engines:
@@ -504,13 +515,4 @@ class ModelPool:
 
     def update_gauges(self) -> None:
         """Scheduler gauges summed over the loaded models."""
-        m = self.metrics
-        scheds = [lm.engine.sched for lm in list(self.loaded.values())]
-        m.queue.set(sum(len(s.waiting) for s in scheds))
-        m.running.set(sum(len(s.running) for s in scheds))
-        m.kv_total.set(sum(s.blocks.n_blocks for s in scheds))
-        m.kv_used.set(sum(s.blocks.n_used for s in scheds))
-        m.kv_cached.set(sum(s.blocks.n_cached for s in scheds))
-        m.preemptions.set(sum(s.n_preemptions for s in scheds))
-        m.grammar_masks.set(sum(s.n_masks for s in scheds))
-        m.grammar_mask_seconds.set(sum(s.mask_seconds for s in scheds))
+        self.metrics.set_engine_gauges([lm.engine.stats() for lm in list(self.loaded.values())])

@@ -401,8 +401,12 @@ def test_generated_requests_never_get_a_5xx(srv: Daemon, route: tuple[str, str])
         status, resp = http(method, srv.url + path, raw=raw, timeout=60)
         # The one 5xx a request may earn is a pull's 502: the registry (127.0.0.1:9 here) cannot be reached,
         # which is the upstream's failure, reported as such, not the input's.
-        upstream = (path == "/api/pull" and status == 502 and isinstance(resp, dict)
-                    and str(resp.get("error", "")).startswith("pull failed: could not reach"))
+        upstream = (
+            path == "/api/pull"
+            and status == 502
+            and isinstance(resp, dict)
+            and str(resp.get("error", "")).startswith("pull failed: could not reach")
+        )
         assert status < 500 or upstream, (status, resp, body)
         if status >= 400:
             assert isinstance(resp, dict) and "error" in resp, resp

@@ -39,8 +39,14 @@ def run(tmp_path: Path, fmt: str, journal: bool) -> list[str]:
 
 def test_journal_stream_gets_priority_prefixes(tmp_path: Path) -> None:
     lines = run(tmp_path, "text", journal=True)
-    assert lines[:6] == ["<7>edgelm.test: d", "<6>edgelm.test: i", "<4>edgelm.test: w", "<3>edgelm.test: e",
-                         "<2>edgelm.test: c", "<6>edgelm.test: request"]
+    assert lines[:6] == [
+        "<7>edgelm.test: d",
+        "<6>edgelm.test: i",
+        "<4>edgelm.test: w",
+        "<3>edgelm.test: e",
+        "<2>edgelm.test: c",
+        "<6>edgelm.test: request",
+    ]
     # A traceback keeps the error priority on every line, so `journalctl -p err` shows it whole.
     tb = lines[6:]
     assert tb[0] == "<3>edgelm.test: failed" and len(tb) > 3 and all(line.startswith("<3>") for line in tb)
@@ -59,7 +65,11 @@ def test_json_lines(tmp_path: Path) -> None:
         assert [r["level"] for r in rows] == ["debug", "info", "warning", "error", "critical", "info", "error"]
         assert all(r["logger"] == "edgelm.test" and r["ts"].endswith("Z") for r in rows)
         assert {k: rows[5][k] for k in ("msg", "method", "status", "tokens_in")} == {
-            "msg": "request", "method": "POST", "status": 200, "tokens_in": 12}
+            "msg": "request",
+            "method": "POST",
+            "status": 200,
+            "tokens_in": 12,
+        }
         assert "ZeroDivisionError" in rows[6]["exc"]
 
 

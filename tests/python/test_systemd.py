@@ -33,12 +33,21 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
     # Hardening: systemd's own exposure score (0 safest, 10 unprotected) stays low; the
     # unit scored 3.5 before the syscall filter, UMask and ProtectProc.
-    r = subprocess.run(["systemd-analyze", "security", "--offline=yes", "--no-pager", str(tmp_path / "edgelm.service")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(tmp_path / "edgelm.service")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     exposure = float(r.stdout.split("Overall exposure level for edgelm.service:")[1].split()[0])
     assert exposure <= 2.0, r.stdout[-3000:]
-    for line in ("UMask=0077", "ProtectProc=invisible", "SystemCallFilter=@system-service",
-                 "Environment=EDGELM_CUDA_CACHE=%C/edgelm/cuda", "CacheDirectory=edgelm"):
+    for line in (
+        "UMask=0077",
+        "ProtectProc=invisible",
+        "SystemCallFilter=@system-service",
+        "Environment=EDGELM_CUDA_CACHE=%C/edgelm/cuda",
+        "CacheDirectory=edgelm",
+    ):
         assert line in unit, line
     # The example configuration loads and names real keys only.
     from edgelm.config import load_config

@@ -649,6 +649,7 @@ _SERVE_FLAGS = (
     "request_timeout_s",
     "shutdown_grace_s",
     "log_level",
+    "log_format",
     "mdns_name",
     "state_dir",
     "memory_budget_mib",
@@ -762,6 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout-s", type=float)
     s.add_argument("--shutdown-grace-s", type=float)
     s.add_argument("--log-level")
+    s.add_argument("--log-format", choices=["text", "json"])
     s.add_argument("--no-prefix-cache", action="store_true")
     s.add_argument("--no-mdns", action="store_true", help="do not advertise on the LAN")
     s.add_argument("--mdns-name")

@@ -126,6 +126,8 @@ class Config:
     shutdown_grace_s: float = 10.0
     max_body_kib: int = 4096
     log_level: str = "info"
+    log_format: str = "text"
+    """`text` (journald priority prefixes when stderr is the journal) or `json` (one object a line)."""
     api_key: str | None = None
     """When set, every API request needs `Authorization: Bearer <api_key>` (or the admin key)."""
     admin_key: str | None = None
@@ -190,6 +192,8 @@ class Config:
             raise bad("shutdown_grace_s", "must not be negative")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise bad("log_level", "must be debug, info, warning or error")
+        if self.log_format not in ("text", "json"):
+            raise bad("log_format", "must be text or json")
         if self.kernel_level is not None and self.kernel_level not in (
             "scalar",
             "avx2",

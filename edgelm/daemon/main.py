@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edgelm import EdgelmError
+from edgelm import EdgelmError, logs
 from edgelm.config import Config
 from edgelm.daemon.mdns import Advertiser, default_state_dir
 from edgelm.daemon.sdnotify import Notifier
@@ -148,7 +148,7 @@ def _announcer(mdns: Advertiser) -> Callable[[str], Coroutine[Any, Any, None]]:
 
 
 def run(cfg: Config) -> int:
-    logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(cfg.log_level, cfg.log_format)  # plain, journald priorities, or JSON lines
     logging.getLogger("aiohttp.server").addFilter(MalformedHttpFilter())
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     try:  # uvloop: a cheaper event loop, where it is installed

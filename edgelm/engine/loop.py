@@ -142,10 +142,11 @@ class AsyncEngine:
         eog_ids: frozenset[int],
         enable_prefix_cache: bool = True,
         gauges: Callable[[], None] | None = None,
+        model: str = "",
     ) -> None:
         self.executor = executor
         self._sched = Scheduler(executor, limits, eog_ids, enable_prefix_cache)
-        self.metrics = metrics
+        self.metrics = metrics.for_model(model)  # this model's series (label `model`)
         self._gauges = gauges  # sets the gauges for every model served (else: this engine's)
         if gauges is None:
             self.metrics.kv_total.set(executor.n_blocks)
@@ -300,7 +301,7 @@ class AsyncEngine:
                 text += st.matcher.flush()
                 st.finished = True
                 del self._streams[o.seq.id]
-                self.metrics.finished.labels(finish).inc()
+                self.metrics.finished(finish).inc()
                 self.metrics.e2e.observe(now - st.submitted)
                 if finish == "error":
                     st.queue.put_nowait(EngineError(o.seq.error or "generation failed"))
@@ -314,4 +315,4 @@ class AsyncEngine:
         if self._gauges is not None:
             self._gauges()
             return
-        self.metrics.set_engine_gauges([self.stats()])
+        self.metrics.parent.set_engine_gauges([(self.metrics.model, self.stats())])

@@ -290,7 +290,9 @@ class ModelPool:
             c = self.cfg
             max_running, max_step_tokens = c.step_limits(device)
             limits = SchedulerLimits(max_running, max_step_tokens, c.max_queue, parts["max_context"])
-            engine = AsyncEngine(executor, limits, self.metrics, eog, c.prefix_cache, gauges=self.update_gauges)
+            engine = AsyncEngine(
+                executor, limits, self.metrics, eog, c.prefix_cache, gauges=self.update_gauges, model=mid
+            )
             lm = LoadedModel(engine=engine, cost_bytes=cost, **parts)
             engine.start()
             lm.touch()
@@ -514,5 +516,5 @@ class ModelPool:
         return sum(m.engine.n_active for m in self.loaded.values())
 
     def update_gauges(self) -> None:
-        """Scheduler gauges summed over the loaded models."""
-        self.metrics.set_engine_gauges([lm.engine.stats() for lm in list(self.loaded.values())])
+        """Each loaded model's scheduler gauges and counts."""
+        self.metrics.set_engine_gauges([(mid, lm.engine.stats()) for mid, lm in list(self.loaded.items())])

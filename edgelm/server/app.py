@@ -19,6 +19,7 @@ from edgelm import EdgelmError
 from edgelm.engine.loop import EngineError
 from edgelm.errors import RequestError
 from edgelm.server import manage, ollama, openai, service
+from edgelm.server.access import access_log
 from edgelm.server.params import ApiError
 from edgelm.server.security import add_cors_headers, make_guard
 from edgelm.server.state import SERVER, Server
@@ -78,7 +79,9 @@ def _error(request: web.Request, e: ApiError) -> web.Response:
 
 
 def make_app(srv: Server) -> web.Application:
-    app = web.Application(middlewares=[errors, make_guard(srv.cfg)], client_max_size=srv.cfg.max_body_kib * 1024)
+    app = web.Application(
+        middlewares=[access_log, errors, make_guard(srv.cfg)], client_max_size=srv.cfg.max_body_kib * 1024
+    )
     app[SERVER] = srv
     app.on_response_prepare.append(add_cors_headers)
     r = app.router

@@ -28,7 +28,7 @@ from edgelm.config import parse_keep_alive
 from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
 from edgelm.prompt.chat import ChatTemplateError
 from edgelm.prompt.grammar import ANY_JSON_OBJECT
-from edgelm.server import thinking, tools
+from edgelm.server import access, thinking, tools
 from edgelm.server.params import ApiError, Body, int_list
 from edgelm.server.security import require_admin
 from edgelm.server.state import SERVER, Server
@@ -314,6 +314,7 @@ async def _run(
     st = lm.engine.submit(
         GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False, srv.cfg.request_timeout_s, matcher)
     )  # edgelm.errors: busy, too long
+    access.track(st, lm.id)
 
     def line(
         piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None, thought: str = ""

@@ -22,7 +22,7 @@ from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
 from edgelm.errors import RequestError
 from edgelm.prompt.chat import ChatTemplateError
 from edgelm.prompt.grammar import ANY_JSON_OBJECT
-from edgelm.server import thinking, tools
+from edgelm.server import access, thinking, tools
 from edgelm.server.params import ApiError, Body, int_list
 from edgelm.server.state import SERVER, Server
 
@@ -118,6 +118,7 @@ async def _submit(
                 prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher
             )
             streams.append(lm.engine.submit(req))
+            access.track(streams[-1], lm.id)
     except RequestError:  # busy, or too long for the context (edgelm.errors): none of the n runs
         for s in streams:
             s.abort()

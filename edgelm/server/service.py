@@ -62,9 +62,7 @@ async def metrics(request: web.Request) -> web.Response:
     srv: Server = request.app[SERVER]
     srv.pool.update_gauges()
     if srv.connections is not None:
-        srv.metrics.connections_open.set(len(srv.connections.live))
-        for reason, n in srv.connections.dropped.items():
-            srv.metrics.connections_dropped.labels(reason).set(n)
+        srv.metrics.set_connections(len(srv.connections.live), dict(srv.connections.dropped))
     return web.Response(body=srv.metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -231,12 +231,12 @@ def test_slow_connections_do_not_stop_a_normal_client(tmp_path: Path) -> None:
                     r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
                     assert r.usage is not None and r.usage.completion_tokens == 2
             deadline = time.monotonic() + 15
-            while (timeouts := d.metric('edgelm_http_connections_dropped{reason="header_timeout"}')) == 0:
+            while (timeouts := d.metric('edgelm_http_connections_dropped_total{reason="header_timeout"}')) == 0:
                 assert time.monotonic() < deadline
                 time.sleep(0.2)
             r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=2)
             assert r.usage is not None and r.usage.completion_tokens == 2
-            evicted = d.metric('edgelm_http_connections_dropped{reason="evicted"}')
+            evicted = d.metric('edgelm_http_connections_dropped_total{reason="evicted"}')
             assert evicted >= 1000 - 448 and timeouts > 0, (evicted, timeouts)
             assert d.metric("edgelm_http_connections_open") < 448
         finally:

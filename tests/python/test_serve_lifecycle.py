@@ -253,7 +253,7 @@ def test_preemption_under_memory_pressure_keeps_results() -> None:
                 return await asyncio.gather(*(one(p) for p in prompts))
 
         assert asyncio.run(together()) == alone
-        assert d.metric("edgelm_preemptions") > 0
+        assert d.metric("edgelm_preemptions_total") > 0
         _, h = d.get("/health")
         assert h["kv_blocks_used"] == 0
 

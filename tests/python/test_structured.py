@@ -80,8 +80,8 @@ def test_twenty_schema_requests_parse_and_validate(srv: Daemon) -> None:
         answers.append((LIGHT, r.message.content or ""))
     for schema, text in answers:
         jsonschema.validate(json.loads(text), schema)  # raises if it does not parse or validate
-    masks = srv.metric("edgelm_grammar_masks")
-    seconds = srv.metric("edgelm_grammar_mask_seconds")
+    masks = srv.metric("edgelm_grammar_masks_total")
+    seconds = srv.metric("edgelm_grammar_mask_seconds_total")
     assert masks >= 20
     print(f"constrained decoding: {seconds / masks * 1e3:.3f} ms per token mask over {int(masks)} tokens")
 

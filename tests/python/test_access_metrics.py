@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import SMOLLM2, model_path
 from prometheus_client.parser import text_string_to_metric_families
 from serve_util import Daemon, daemon, http
-
-from conftest import SMOLLM2, model_path
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
 KEY, ADMIN = "user-key-7f3a", "admin-key-91c2"

@@ -42,14 +42,24 @@ class Daemon:
         return http("POST", self.url + path, body, raw)
 
     def metric(self, name: str) -> float:
-        """Sum of a Prometheus metric's samples (all label sets)."""
+        """Sum of a Prometheus sample's values over its label sets; `name{k="v",...}`
+        keeps the samples that carry those labels (others, such as `model`, may be there)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             text = r.read().decode()
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
+        want: dict[str, str] = {}
+        if "{" in name:
+            name, sel = name[:-1].split("{", 1)
+            for part in filter(None, sel.split(",")):
+                k, v = part.split("=", 1)
+                want[k.strip()] = v.strip().strip('"')
+        return sum(
+            s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == name and all(s.labels.get(k) == v for k, v in want.items())
+        )
 
 
 def http(

@@ -616,6 +616,16 @@ def cmd_cp(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edgelm.install import install
+
+    for line in install(Path(args.root), args.exec, enable=not args.no_enable):
+        print(line)
+    return 0
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
     from edgelm.client import Daemon, settings
 
@@ -706,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--local", action="store_true", help="load the model here even if a daemon is running")
     r.add_argument("-v", "--verbose", action="store_true", help="after each answer, its token counts and speed")
     r.set_defaults(func=cmd_run)
+
+    sv = sub.add_parser("install-service", help="run this edgelm as a systemd service (unit, config; enables it)")
+    sv.add_argument("--root", default="/", help="install into this directory tree instead (nothing is enabled)")
+    sv.add_argument("--exec", help="the edgelm command the unit runs (default: this installation's)")
+    sv.add_argument("--no-enable", action="store_true", help="write the files only")
+    sv.set_defaults(func=cmd_install_service)
 
     ls = sub.add_parser("list", aliases=["ls"], help="the models in the models directory, under every name")
     ls.set_defaults(func=cmd_list)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_unit_file_verifies(tmp_path: Path) -> None:
-    unit = (ROOT / "systemd/edgelm.service").read_text()
+    unit = (ROOT / "edgelm/systemd/edgelm.service").read_text()
     assert "Type=notify" in unit and "WatchdogSec=" in unit and "DynamicUser=yes" in unit
     assert "ProtectSystem=strict" in unit and "NoNewPrivileges=yes" in unit and "StateDirectory=edgelm" in unit
     # Enough descriptors for a LAN of clients; the daemon caps its connections below this.
@@ -52,7 +52,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     # The example configuration loads and names real keys only.
     from edgelm.config import load_config
 
-    cfg, _ = load_config(str(ROOT / "systemd/edgelm.yaml"), {}, {})
+    cfg, _ = load_config(str(ROOT / "edgelm/systemd/edgelm.yaml"), {}, {})
     assert cfg.host == "0.0.0.0" and cfg.models_dir == "/var/lib/edgelm/models"
 
 

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from datetime import UTC
+from datetime import timezone
 from typing import Any, TextIO
 
 from edgelm import EdgelmError, __version__
@@ -434,7 +434,7 @@ def _ago(iso: str) -> str:
         t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
     except ValueError:
         return iso
-    s = (datetime.now(UTC) - t).total_seconds()
+    s = (datetime.now(timezone.utc) - t).total_seconds()
     for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if abs(s) >= n:
             k = int(abs(s) // n)

@@ -12,7 +12,7 @@ GGUF's chat template), `parameters` (Ollama's text form, one `key value` a line)
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ QUANT = {
 
 
 def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:

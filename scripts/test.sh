@@ -40,3 +40,8 @@ for level in $(.venv/bin/python -c 'import edgelm._native as n; print(" ".join(n
 done
 echo "== ARM NEON kernels under qemu (cortex-a72, cortex-a76, max)" >&2
 bash scripts/test_arm.sh
+echo "== release wheels (x86_64, aarch64: manylinux_2_28, abi3 ≥ 3.10), a fresh venv serving from the x86_64 one" >&2
+# The aarch64 wheel is built and its tags checked, not run: qemu-user (7.2, and 10.0)
+# deadlocks at the first pthread_create of a dynamically linked aarch64 process on this
+# kernel, and CPython is one (see scripts/test_arm.sh, which links its tests statically).
+bash scripts/wheels.sh target/wheels

@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -157,5 +158,9 @@ def run(cfg: Config) -> int:
         factory: Any = uvloop.new_event_loop
     except ImportError:
         factory = None
-    with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(serve(cfg))
+    if sys.version_info >= (3, 11):
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(serve(cfg))
+    if factory is not None:  # Python 3.10 (JetPack 6): the same loop through the policy
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    return asyncio.run(serve(cfg))

@@ -24,7 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from edgelm import EdgelmError, __version__
-from edgelm.serve import ollama_api, openai_api
+from edgelm.serve import embed_api, ollama_api, openai_api
 from edgelm.serve.config import Config
 from edgelm.serve.connections import (ConnectionGuard, GuardedSite, MalformedHttpFilter, default_max_connections,
                                       raise_nofile_limit)
@@ -232,12 +232,12 @@ def make_app(srv: Server) -> web.Application:
     r.add_post("/api/show", ollama_api.show)
     r.add_post("/api/generate", ollama_api.generate)
     r.add_post("/api/chat", ollama_api.chat)
-    r.add_post("/api/embed", ollama_api.embed)
     r.add_post("/api/pull", ollama_api.pull)
     r.add_delete("/api/delete", ollama_api.delete)
     r.add_post("/api/copy", ollama_api.copy)
     r.add_get("/api/edgelm/models", ollama_api.list_files)
     r.add_get("/api/edgelm/models/{file}", ollama_api.get_file)
+    embed_api.add_routes(app)
     return app
 
 

@@ -24,6 +24,7 @@ from aiohttp import web
 from edgelm import EdgelmError, __version__, modelinfo, store
 from edgelm.serve import thinking, tools
 from edgelm.serve.chat import ChatTemplateError
+from edgelm.serve.embed_api import require_generation
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
 from edgelm.serve.config import parse_keep_alive
@@ -362,6 +363,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     ctx = b.data.get("context")
     t0 = time.perf_counter()
     async with srv.use(name, ka) as lm:
+        require_generation(lm, "generate")
         load_s = time.perf_counter() - t0
         native = lm.model.native
         think = _thinking(lm, b)
@@ -380,13 +382,6 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
         ids = (list(ctx) if ctx else []) + (lm.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
         return await _run(srv, lm, request, text, ids, b, "generate", schema, None, think, load_s)
-
-
-async def embed(request: web.Request) -> web.Response:
-    srv: Server = request.app[SERVER]
-    b = Body(await srv.json_body(request))
-    mid, _ = srv.pool.resolve(_model_name(b))
-    raise ApiError(f"model '{mid}' does not support embeddings (it is a text generation model)", "model", 400)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -423,6 +418,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         plan = plan.limit_rounds(out, srv.cfg.max_tool_rounds)
     t0 = time.perf_counter()
     async with srv.use(name, ka) as lm:
+        require_generation(lm, "chat")
         load_s = time.perf_counter() - t0
         think = _thinking(lm, b)
         if lm.system and not any(m["role"] == "system" for m in out):

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from edgelm.serve import thinking, tools
 from edgelm.serve.chat import ChatTemplateError
+from edgelm.serve.embed_api import require_generation
 from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
 from edgelm.serve.grammar import ANY_JSON_OBJECT
 from edgelm.serve.params import ApiError, Body, SERVER, int_list, sampling_from
@@ -204,6 +205,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     async with srv.use(b.get("model", str)) as lm:
+        require_generation(lm, "completions")
         return await _completions(request, srv, lm, b)
 
 
@@ -355,6 +357,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     async with srv.use(b.get("model", str)) as lm:
+        require_generation(lm, "chat")
         return await _chat_completions(request, srv, lm, b)
 
 

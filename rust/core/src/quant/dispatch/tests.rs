@@ -253,7 +253,7 @@ fn gemm_matches_scalar_and_f64() {
     let types: Vec<GgmlType> = SIMD_TYPES
         .iter()
         .copied()
-        .chain([GgmlType::Q3_K, GgmlType::F16])
+        .chain([GgmlType::Q3_K, GgmlType::F16, GgmlType::F32])
         .collect();
     for k in kernels() {
         for &ty in &types {
@@ -318,7 +318,7 @@ fn gemm_matches_scalar_and_f64() {
 #[test]
 fn token_results_do_not_depend_on_the_batch() {
     let mut rng = Rng::new(11);
-    let types: Vec<GgmlType> = SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16]).collect();
+    let types: Vec<GgmlType> = SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16, GgmlType::F32]).collect();
     for k in kernels() {
         for &ty in &types {
             for n in lengths(ty) {

@@ -25,7 +25,7 @@ from edgelm.model import Model, Token
 def discover(timeout: float = 3.0, interfaces: list[str] | None = None) -> list[dict[str, object]]:
     """edgelm daemons on the LAN (mDNS): name, url, host, addresses, port, and the TXT
     fields (id, ver, api, path, model, state, auth, accel)."""
-    from edgelm.serve.mdns import discover as _discover
+    from edgelm.daemon.mdns import discover as _discover
 
     return _discover(timeout, interfaces)
 

@@ -34,8 +34,8 @@ from typing import Any, Protocol, TextIO
 
 from edgelm import EdgelmError, modelinfo, store
 from edgelm.client import ClientError, Daemon
-from edgelm.serve.chat import ChatTemplate
-from edgelm.serve.gotemplate import GoTemplate, GoTemplateError
+from edgelm.prompt.chat import ChatTemplate
+from edgelm.prompt.gotemplate import GoTemplate, GoTemplateError
 
 HELP = """Available commands:
   /clear          forget the conversation so far
@@ -139,9 +139,9 @@ class LocalBackend:
                       + (f", {count / dt:.1f} tokens/s" if dt > 0 else ""))
 
     def chat(self, messages: list[dict[str, Any]], think: bool | None) -> Iterator[tuple[str, str]]:
-        from edgelm.serve import thinking
+        from edgelm.server import thinking
 
-        from edgelm.serve.params import ApiError
+        from edgelm.server.params import ApiError
 
         style = self.template.thinking
         try:

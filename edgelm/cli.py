@@ -243,8 +243,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from edgelm.serve.app import run
-    from edgelm.serve.config import ConfigError, load_config
+    from edgelm.daemon.main import run
+    from edgelm.config import ConfigError, load_config
 
     flags = {k: getattr(args, k) for k in _SERVE_FLAGS}
     if args.no_prefix_cache:
@@ -268,7 +268,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_discover(args: argparse.Namespace) -> int:
     import json
 
-    from edgelm.serve.mdns import discover
+    from edgelm.daemon.mdns import discover
 
     found = discover(args.timeout, args.interfaces or None)
     if args.json:

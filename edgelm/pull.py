@@ -197,7 +197,7 @@ async def _from_lan(file: str, sha256: str | None, interfaces: list[str] | None)
     """Ask the edgelm daemons found over mDNS for `file`."""
     import aiohttp
 
-    from edgelm.serve.mdns import discover_async
+    from edgelm.daemon.mdns import discover_async
 
     daemons = await discover_async(2.0, interfaces)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:

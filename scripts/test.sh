@@ -12,6 +12,8 @@ if ! command -v systemd-analyze >/dev/null; then
   apt-get install -y -q systemd >/dev/null
 fi
 export PATH="$PWD/.venv/bin:$PATH"   # the Rust tests call python3 with gguf installed
+echo "== rustfmt (rustfmt.toml)" >&2
+cargo fmt --all -- --check
 echo "== cargo clippy (warnings are errors)" >&2
 cargo clippy -q -p edgelm-core -p edgelm-py -- -D warnings
 echo "== cargo test (edgelm-core; CUDA kernels compiled by NVRTC for sm_87 and sm_90)" >&2

@@ -10,8 +10,8 @@ from pathlib import Path
 import gguf
 import pytest
 
-from edgelm.serve import chat
-from edgelm.serve.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
+from edgelm.prompt import chat
+from edgelm.prompt.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
 
 from conftest import GEMMA3, SMOLLM2, model_path
 

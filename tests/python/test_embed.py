@@ -193,7 +193,11 @@ def test_ollama_client_embed_and_embeddings(srv: Daemon) -> None:
 
 def test_capabilities_and_pool(srv: Daemon) -> None:
     client = ollama.Client(host=srv.url, timeout=120)
-    caps = {m.model: list(m.capabilities or []) for m in client.list().models}
+    # /api/tags carries capabilities as Ollama's does (the client's model drops the field).
+    status, tags = srv.get("/api/tags")
+    assert status == 200
+    caps = {m["model"]: m["capabilities"] for m in tags["models"]}
+    assert {m.model for m in client.list().models} == set(caps)
     assert caps["tiny-bert:latest"] == ["embedding"] and caps["tiny-qwen3-embed:latest"] == ["embedding"]
     assert "completion" in caps[SMOLLM2.removesuffix(".gguf") + ":latest"]
     assert client.show("tiny-nomic-bert").capabilities == ["embedding"]

@@ -17,8 +17,8 @@ from registry_util import registry_servers
 from serve_util import daemon
 
 from conftest import SMOLLM2, model_path
-from edgelm.serve.chat import MAX_OUTPUT_CHARS
-from edgelm.serve.gotemplate import GoTemplate, GoTemplateError
+from edgelm.prompt.chat import MAX_OUTPUT_CHARS
+from edgelm.prompt.gotemplate import GoTemplate, GoTemplateError
 
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]

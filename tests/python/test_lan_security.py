@@ -22,9 +22,9 @@ from serve_util import daemon, http
 from test_pull import static_server, _wheels, sha256
 
 from conftest import SMOLLM2, model_path
-from edgelm.serve.app import Server, make_app
-from edgelm.serve.config import Config
-from edgelm.serve.security import ADMIN, OPEN, READ, ROUTE_SCOPES
+from edgelm.server.app import Server, make_app
+from edgelm.config import Config
+from edgelm.server.security import ADMIN, OPEN, READ, ROUTE_SCOPES
 
 USER, ADMIN_KEY, WRONG = "user-secret-1", "admin-secret-1", "wrong-secret-1"
 MODEL = "SmolLM2-135M-Instruct.Q4_1"

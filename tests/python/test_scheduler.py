@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from edgelm.serve.blocks import BlockManager, OutOfBlocks
-from edgelm.serve.scheduler import QueueFull, Scheduler, SchedulerLimits, Sequence, StepItem, StepResult
+from edgelm.engine.blocks import BlockManager, OutOfBlocks
+from edgelm.engine.scheduler import QueueFull, Scheduler, SchedulerLimits, Sequence, StepItem, StepResult
 
 EOS = 2
 

@@ -13,7 +13,7 @@ from serve_util import daemon, http
 from test_mdns import browse
 
 from conftest import SMOLLM2, model_path
-from edgelm.serve.config import ConfigError, load_config
+from edgelm.config import ConfigError, load_config
 
 USER, ADMIN = "user-secret-1", "admin-secret-1"
 

@@ -18,7 +18,7 @@ from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metada
 from serve_util import daemon, http
 
 from conftest import FIXTURES, SMOLLM2, model_path
-from edgelm.serve.config import ConfigError, load_config
+from edgelm.config import ConfigError, load_config
 
 LONG = {"prompt": "Write a long story about a robot.", "max_tokens": 2000, "ignore_eos": True}
 
@@ -219,8 +219,8 @@ def test_health_is_503_until_the_model_is_loaded() -> None:
     503 and generation endpoints refuse with 503 + Retry-After, then both turn ready."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from edgelm.serve.app import Server, make_app
-    from edgelm.serve.config import Config
+    from edgelm.server.app import Server, make_app
+    from edgelm.config import Config
 
     async def go() -> None:
         srv = Server(Config(model=str(model_path(SMOLLM2)), threads=2, kv_cache_mib=64))

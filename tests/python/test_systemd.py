@@ -31,7 +31,7 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "edgelm.service")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
     # The example configuration loads and names real keys only.
-    from edgelm.serve.config import load_config
+    from edgelm.config import load_config
 
     cfg, _ = load_config(str(ROOT / "systemd/edgelm.yaml"), {}, {})
     assert cfg.host == "0.0.0.0" and cfg.models_dir == "/var/lib/edgelm/models"

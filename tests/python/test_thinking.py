@@ -26,10 +26,10 @@ from think_util import QWEN3_OPENED, QWEN3_STYLE, with_template
 
 import edgelm
 from conftest import SMOLLM2, model_path
-from edgelm.serve import thinking, tools
-from edgelm.serve.chat import ChatTemplate
-from edgelm.serve.grammar import Grammars
-from edgelm.serve.params import ApiError
+from edgelm.server import thinking, tools
+from edgelm.prompt.chat import ChatTemplate
+from edgelm.prompt.grammar import Grammars
+from edgelm.server.params import ApiError
 
 STYLE = thinking.ThinkingStyle("<think>", "</think>", True)
 

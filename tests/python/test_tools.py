@@ -19,8 +19,8 @@ import pytest
 from serve_util import Daemon, daemon
 
 from conftest import GEMMA3, SMOLLM2, model_path
-from edgelm.serve import tools
-from edgelm.serve.params import ApiError
+from edgelm.server import tools
+from edgelm.server.params import ApiError
 
 NAME = "SmolLM2-135M-Instruct.Q4_1:latest"
 OPENAI_NAME = "SmolLM2-135M-Instruct.Q4_1"

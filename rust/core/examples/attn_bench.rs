@@ -37,7 +37,11 @@ fn main() {
             }
             best = best.min(t.elapsed().as_secs_f64());
         }
-        println!("{:>7}: {:6.1} us a layer ({:.1} ns a key and KV head)", level.name(), best * 1e6,
-                 best * 1e9 / (n_pos * n_kv) as f64);
+        println!(
+            "{:>7}: {:6.1} us a layer ({:.1} ns a key and KV head)",
+            level.name(),
+            best * 1e6,
+            best * 1e9 / (n_pos * n_kv) as f64
+        );
     }
 }

@@ -91,7 +91,12 @@ fn model(ty: GgmlType) -> Vec<u8> {
         .kv("tokenizer.ggml.eos_token_id", Value::U32(VOCAB as u32 - 1));
     let hd = E / HEADS;
     matrix(&mut w, "token_embd.weight", E, VOCAB, ty, 1);
-    w.tensor("output_norm.weight", &[E as u64], GgmlType::F32, vec![0x3f80_0000u32; E].iter().flat_map(|x| x.to_le_bytes()).collect());
+    w.tensor(
+        "output_norm.weight",
+        &[E as u64],
+        GgmlType::F32,
+        vec![0x3f80_0000u32; E].iter().flat_map(|x| x.to_le_bytes()).collect(),
+    );
     for il in 0..LAYERS {
         let s = 100 * (il as u64 + 1);
         let n = |x: &str| format!("blk.{il}.{x}");
@@ -118,7 +123,11 @@ fn mixed(_ty: GgmlType) -> Vec<u8> {
     let (f16, out) = (dir.join("measure-f16.gguf"), dir.join("measure-q4_k_m.gguf"));
     std::fs::write(&f16, model(GgmlType::F16)).unwrap();
     let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
-    let opts = edgelm_core::tools::Options { ftype: edgelm_core::tools::FileType::parse("Q4_K_M").unwrap(), threads, pure: false };
+    let opts = edgelm_core::tools::Options {
+        ftype: edgelm_core::tools::FileType::parse("Q4_K_M").unwrap(),
+        threads,
+        pure: false,
+    };
     let sum = edgelm_core::tools::quantize_file(&f16, &out, &opts, &mut |_| Ok(())).unwrap();
     eprintln!("q4_k_m: quantized in {:.1}s: {:?}", sum.seconds, sum.by_type);
     let bytes = std::fs::read(&out).unwrap();
@@ -139,11 +148,28 @@ fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str, sha
     let runs: &[(usize, bool, usize)] = if shapes_only {
         &[]
     } else {
-        &[(1, false, 2), (1, false, 1), (2, false, 3), (8, false, 9), (8, false, 1), (16, false, 99), (16, false, 1), (64, false, 99), (64, false, 1), (512, true, 1)]
+        &[
+            (1, false, 2),
+            (1, false, 1),
+            (2, false, 3),
+            (8, false, 9),
+            (8, false, 1),
+            (16, false, 99),
+            (16, false, 1),
+            (64, false, 99),
+            (64, false, 1),
+            (512, true, 1),
+        ]
     };
     for &(n_tok, tiled, from) in runs {
         let per = edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w, rows, cols, n_tok, tiled, from, 200).unwrap();
-        let kernel = if tiled { "prompt" } else if edgelm_core::cuda::model::decode_takes_mmvq(ty, n_tok, from) { "mmvq" } else { "mmq" };
+        let kernel = if tiled {
+            "prompt"
+        } else if edgelm_core::cuda::model::decode_takes_mmvq(ty, n_tok, from) {
+            "mmvq"
+        } else {
+            "mmq"
+        };
         eprintln!("{name} {rows}x{cols} n_tok {n_tok:3} ({kernel}): {:7.1} µs per launch, {:5.0} GB/s of weights, {:6.2} TFLOP/s",
                   per * 1e6, w.len() as f64 / per / 1e9, 2.0 * (rows * cols * n_tok) as f64 / per / 1e12);
     }
@@ -152,9 +178,16 @@ fn kernel_bench(gpu: &Arc<edgelm_core::cuda::Gpu>, ty: GgmlType, name: &str, sha
     for tile in [(1, 4), (2, 4), (4, 4)] {
         edgelm_core::cuda::model::set_mmq_tile(Some(tile));
         for (r, n_tok) in [(8192, 64), (2048, 64), (8192, 512), (2048, 512)] {
-            let per = edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w[..r * rb], r, cols, n_tok, n_tok > 64, 1, 100).unwrap();
-            eprintln!("{name} {r}x{cols} n_tok {n_tok:3} mmq {}x{}: {:7.1} µs, {:6.2} TFLOP/s", tile.0, tile.1, per * 1e6,
-                      2.0 * (r * cols * n_tok) as f64 / per / 1e12);
+            let per =
+                edgelm_core::cuda::model::matmul_seconds(gpu, ty, &w[..r * rb], r, cols, n_tok, n_tok > 64, 1, 100)
+                    .unwrap();
+            eprintln!(
+                "{name} {r}x{cols} n_tok {n_tok:3} mmq {}x{}: {:7.1} µs, {:6.2} TFLOP/s",
+                tile.0,
+                tile.1,
+                per * 1e6,
+                2.0 * (r * cols * n_tok) as f64 / per / 1e12
+            );
         }
     }
     edgelm_core::cuda::model::set_mmq_tile(None);
@@ -166,7 +199,9 @@ fn main() {
     // block shapes only.
     if let Ok(which) = std::env::var("EDGELM_KERNEL_BENCH") {
         let only: Vec<&str> = which.split(',').filter(|w| *w != "1").collect();
-        for (ty, name) in [(GgmlType::Q4_0, "q4_0"), (GgmlType::Q8_0, "q8_0"), (GgmlType::Q4_K, "q4_k"), (GgmlType::Q6_K, "q6_k")] {
+        for (ty, name) in
+            [(GgmlType::Q4_0, "q4_0"), (GgmlType::Q8_0, "q8_0"), (GgmlType::Q4_K, "q4_k"), (GgmlType::Q6_K, "q6_k")]
+        {
             if only.is_empty() || only.contains(&name) {
                 kernel_bench(&gpu, ty, name, !only.is_empty());
             }
@@ -184,10 +219,16 @@ fn main() {
             Gguf::from_bytes(bytes).unwrap()
         };
         let name = std::path::Path::new(&name).file_stem().map_or(name.clone(), |s| s.to_string_lossy().into_owned());
-        let engine = Arc::new(Engine::from_gguf(file, &LoadOptions { n_threads: Some(4), kernel_level: None, n_ctx: None }).unwrap());
+        let engine = Arc::new(
+            Engine::from_gguf(file, &LoadOptions { n_threads: Some(4), kernel_level: None, n_ctx: None }).unwrap(),
+        );
         let vocab = engine.model.cfg.n_vocab;
         let weight_bytes = engine.model.weight_bytes_per_token();
-        eprintln!("{name}: model built in {:.1}s ({:.0} MiB of weights read per token)", t0.elapsed().as_secs_f64(), weight_bytes as f64 / 2f64.powi(20));
+        eprintln!(
+            "{name}: model built in {:.1}s ({:.0} MiB of weights read per token)",
+            t0.elapsed().as_secs_f64(),
+            weight_bytes as f64 / 2f64.powi(20)
+        );
         measure(&gpu, &engine, &name, vocab, weight_bytes, bw);
     }
 }
@@ -219,7 +260,14 @@ fn synthetic(name: &str) -> Option<Vec<u8>> {
 }
 
 /// pp512, tg128 and 16/64 streams of one model on the GPU; one JSON line on stdout.
-fn measure(gpu: &Arc<edgelm_core::cuda::Gpu>, engine: &Arc<Engine>, name: &str, vocab: usize, weight_bytes: usize, bw: f64) {
+fn measure(
+    gpu: &Arc<edgelm_core::cuda::Gpu>,
+    engine: &Arc<Engine>,
+    name: &str,
+    vocab: usize,
+    weight_bytes: usize,
+    bw: f64,
+) {
     {
         let bs = engine.kv_shape(1).block_size;
         let per_seq = (512 + 128 + bs) / bs + 1;
@@ -233,7 +281,15 @@ fn measure(gpu: &Arc<edgelm_core::cuda::Gpu>, engine: &Arc<Engine>, name: &str, 
             let prompt: Vec<u32> = (0..512).map(|j| (j * 13 + 7) % (vocab as u32 - 1)).collect();
             ex.add(next_id, prompt, greedy.clone(), true).unwrap();
             let t = Instant::now();
-            ex.step(&[StepItem { seq: next_id, start: 0, end: 512, block_table: table(0), sample: true, allowed: None }]).unwrap();
+            ex.step(&[StepItem {
+                seq: next_id,
+                start: 0,
+                end: 512,
+                block_table: table(0),
+                sample: true,
+                allowed: None,
+            }])
+            .unwrap();
             pp = pp.max(512.0 / t.elapsed().as_secs_f64());
             ex.remove(next_id);
             next_id += 1;
@@ -243,7 +299,12 @@ fn measure(gpu: &Arc<edgelm_core::cuda::Gpu>, engine: &Arc<Engine>, name: &str, 
             let total: f64 = prof.iter().map(|p| p.2).sum();
             eprintln!("{name}, pp512, per prompt (3 prompts; each launch waited for):");
             for (k, n, secs) in prof {
-                eprintln!("  {k:10} {:6.1} launches  {:8.1} µs  {:5.1}%", n as f64 / 3.0, secs / 3.0 * 1e6, 100.0 * secs / total);
+                eprintln!(
+                    "  {k:10} {:6.1} launches  {:8.1} µs  {:5.1}%",
+                    n as f64 / 3.0,
+                    secs / 3.0 * 1e6,
+                    100.0 * secs / total
+                );
             }
         }
         // Generation with B concurrent sequences: 128 tokens each after a 32-token prompt.
@@ -255,7 +316,18 @@ fn measure(gpu: &Arc<edgelm_core::cuda::Gpu>, engine: &Arc<Engine>, name: &str, 
                 let prompt: Vec<u32> = (0..32).map(|j| ((k * 31 + j * 7) % (vocab - 1)) as u32).collect();
                 ex.add(id, prompt, greedy.clone(), true).unwrap();
             }
-            let items: Vec<StepItem> = ids.iter().enumerate().map(|(k, &id)| StepItem { seq: id, start: 0, end: 32, block_table: table(k), sample: true, allowed: None }).collect();
+            let items: Vec<StepItem> = ids
+                .iter()
+                .enumerate()
+                .map(|(k, &id)| StepItem {
+                    seq: id,
+                    start: 0,
+                    end: 32,
+                    block_table: table(k),
+                    sample: true,
+                    allowed: None,
+                })
+                .collect();
             ex.step(&items).unwrap();
             let t = Instant::now();
             let n_steps = 128;
@@ -263,7 +335,14 @@ fn measure(gpu: &Arc<edgelm_core::cuda::Gpu>, engine: &Arc<Engine>, name: &str, 
                 let items: Vec<StepItem> = ids
                     .iter()
                     .enumerate()
-                    .map(|(k, &id)| StepItem { seq: id, start: 32 + step, end: 33 + step, block_table: table(k), sample: true, allowed: None })
+                    .map(|(k, &id)| StepItem {
+                        seq: id,
+                        start: 32 + step,
+                        end: 33 + step,
+                        block_table: table(k),
+                        sample: true,
+                        allowed: None,
+                    })
                     .collect();
                 ex.step(&items).unwrap();
             }
@@ -273,7 +352,12 @@ fn measure(gpu: &Arc<edgelm_core::cuda::Gpu>, engine: &Arc<Engine>, name: &str, 
                 let total: f64 = prof.iter().map(|p| p.2).sum();
                 eprintln!("{name}, {batch} streams, per step ({n_steps} steps):");
                 for (k, n, secs) in prof {
-                    eprintln!("  {k:10} {:6.1} launches  {:8.1} µs  {:5.1}%", n as f64 / n_steps as f64, secs / n_steps as f64 * 1e6, 100.0 * secs / total);
+                    eprintln!(
+                        "  {k:10} {:6.1} launches  {:8.1} µs  {:5.1}%",
+                        n as f64 / n_steps as f64,
+                        secs / n_steps as f64 * 1e6,
+                        100.0 * secs / total
+                    );
                 }
             }
             for &id in &ids {

@@ -38,7 +38,11 @@ fn main() {
                 }
                 gbs = gbs.max((wq.len() * reps) as f64 / t.elapsed().as_secs_f64() / 1e9);
             }
-            println!("{ty:?} {:>9} KiB of weights: {gbs:6.1} GB/s ({:.0}% of the DRAM read bandwidth)", wq.len() >> 10, 100.0 * gbs * 1e9 / bw);
+            println!(
+                "{ty:?} {:>9} KiB of weights: {gbs:6.1} GB/s ({:.0}% of the DRAM read bandwidth)",
+                wq.len() >> 10,
+                100.0 * gbs * 1e9 / bw
+            );
         }
     }
 }

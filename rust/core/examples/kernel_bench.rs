@@ -51,10 +51,7 @@ fn main() {
     .filter(|t| args.is_empty() || args.iter().any(|a| a.eq_ignore_ascii_case(t.name())))
     .collect();
     let levels = Kernels::available();
-    println!(
-        "levels: {:?}",
-        levels.iter().map(|l| l.name()).collect::<Vec<_>>()
-    );
+    println!("levels: {:?}", levels.iter().map(|l| l.name()).collect::<Vec<_>>());
     let n_tok_gemm = 128;
     let mut seed = 0x1234_5678_9abc_def1u64;
     // Activation quantization, one 2048-float row.
@@ -64,21 +61,14 @@ fn main() {
         let mut line = format!("quantize {:4} 2048", act.name());
         for &level in &levels {
             let k = Kernels::for_level(level).unwrap();
-            let t = time(
-                || k.quantize_row(act, &x, &mut q),
-                Duration::from_millis(200),
-            );
+            let t = time(|| k.quantize_row(act, &x, &mut q), Duration::from_millis(200));
             line += &format!(" | {:>6}: {:7.1} ns", level.name(), t * 1e9);
         }
         println!("{line}");
     }
     for &ty in &formats {
         // K-quant rows need n % 256 == 0: SmolLM2's 1536 → 576 (ffn_down) instead.
-        let shapes = if ty.block_size() == 256 {
-            [(1536, 576), (2048, 8192)]
-        } else {
-            [(576, 1536), (2048, 8192)]
-        };
+        let shapes = if ty.block_size() == 256 { [(1536, 576), (2048, 8192)] } else { [(576, 1536), (2048, 8192)] };
         for (n, rows) in shapes {
             let wrb = ty.row_bytes(n).unwrap();
             let act = ty.vec_dot_type();
@@ -96,24 +86,15 @@ fn main() {
             for &level in &levels {
                 let k = Kernels::for_level(level).unwrap();
                 let budget = Duration::from_millis(if level == Level::Scalar { 300 } else { 600 });
-                let t1 = time(
-                    || k.gemm(ty, n, &w, rows, &a[..arb], 1, &mut out, rows),
-                    budget,
-                );
+                let t1 = time(|| k.gemm(ty, n, &w, rows, &a[..arb], 1, &mut out, rows), budget);
                 let gbs = (rows * wrb) as f64 / t1 / 1e9;
                 let tg = if level == Level::Scalar && rows * n > 1 << 20 {
                     f64::NAN // minutes of scalar work; skip
                 } else {
-                    time(
-                        || k.gemm(ty, n, &w, rows, &a, n_tok_gemm, &mut out, rows),
-                        budget,
-                    )
+                    time(|| k.gemm(ty, n, &w, rows, &a, n_tok_gemm, &mut out, rows), budget)
                 };
                 let gops = 2.0 * (rows * n * n_tok_gemm) as f64 / tg / 1e9;
-                let t4 = time(
-                    || k.gemm(ty, n, &w, rows, &a[..4 * arb], 4, &mut out, rows),
-                    budget,
-                );
+                let t4 = time(|| k.gemm(ty, n, &w, rows, &a[..4 * arb], 4, &mut out, rows), budget);
                 line += &format!(
                     " | {:>6}: mv {:5.1} GB/s, gemm4 {:5.1}, gemm128 {:5.1} GOP/s",
                     level.name(),
@@ -136,9 +117,15 @@ fn main() {
                     let k = Kernels::for_level(level).unwrap();
                     let budget = Duration::from_millis(if level == Level::Scalar { 300 } else { 600 });
                     let mv = time(|| k.gemm_packed(&pw, 0, g, &a[..arb], &sums[..spb], 1, &mut out, rows), budget);
-                    let t4 = time(|| k.gemm_packed(&pw, 0, g, &a[..4 * arb], &sums[..4 * spb], 4, &mut out, rows), budget);
-                    let t16 = time(|| k.gemm_packed(&pw, 0, g, &a[..16 * arb], &sums[..16 * spb], 16, &mut out, rows), budget);
-                    let t128 = if level == Level::Scalar { f64::NAN } else {
+                    let t4 =
+                        time(|| k.gemm_packed(&pw, 0, g, &a[..4 * arb], &sums[..4 * spb], 4, &mut out, rows), budget);
+                    let t16 = time(
+                        || k.gemm_packed(&pw, 0, g, &a[..16 * arb], &sums[..16 * spb], 16, &mut out, rows),
+                        budget,
+                    );
+                    let t128 = if level == Level::Scalar {
+                        f64::NAN
+                    } else {
                         time(|| k.gemm_packed(&pw, 0, g, &a, &sums, n_tok_gemm, &mut out, rows), budget)
                     };
                     line += &format!(

@@ -127,7 +127,10 @@ impl Executor {
         }
         let sampler = Sampler::new(params)?;
         let penalty_from = if penalize_prompt { 0 } else { prompt.len() };
-        self.seqs.insert(id, Seq { n_prompt: prompt.len(), penalty_from, history: prompt, sampler, decoder: StreamDecoder::new() });
+        self.seqs.insert(
+            id,
+            Seq { n_prompt: prompt.len(), penalty_from, history: prompt, sampler, decoder: StreamDecoder::new() },
+        );
         Ok(())
     }
 
@@ -172,7 +175,11 @@ impl Executor {
             if let Some(m) = &it.allowed {
                 let nv = self.engine.model.cfg.n_vocab;
                 if m.len() * 32 < nv {
-                    return Err(Error::invalid(format!("sequence {}: the token mask covers {} of {nv} tokens", it.seq, m.len() * 32)));
+                    return Err(Error::invalid(format!(
+                        "sequence {}: the token mask covers {} of {nv} tokens",
+                        it.seq,
+                        m.len() * 32
+                    )));
                 }
                 if m[..nv.div_ceil(32)].iter().all(|&w| w == 0) {
                     return Err(Error::invalid(format!("sequence {}: the token mask allows no token", it.seq)));
@@ -206,7 +213,8 @@ impl Executor {
         drop(inputs);
         let nv = logits.n_vocab;
         // Each row's sequence, in row order (a sequence has at most one row).
-        let row_of: HashMap<u64, usize> = logits.rows.iter().enumerate().map(|(k, &(si, _))| (items[si].seq, k)).collect();
+        let row_of: HashMap<u64, usize> =
+            logits.rows.iter().enumerate().map(|(k, &(si, _))| (items[si].seq, k)).collect();
         let mut work: Vec<(usize, u64, &mut Seq)> =
             self.seqs.iter_mut().filter_map(|(&id, s)| row_of.get(&id).map(|&k| (k, id, s))).collect();
         work.sort_unstable_by_key(|w| w.0);
@@ -251,7 +259,10 @@ impl Executor {
         } else {
             let chunk = work.len().div_ceil(threads);
             std::thread::scope(|sc| {
-                let handles: Vec<_> = work.chunks_mut(chunk).map(|c| sc.spawn(|| c.iter_mut().map(sample_one).collect::<Vec<_>>())).collect();
+                let handles: Vec<_> = work
+                    .chunks_mut(chunk)
+                    .map(|c| sc.spawn(|| c.iter_mut().map(sample_one).collect::<Vec<_>>()))
+                    .collect();
                 handles.into_iter().flat_map(|h| h.join().expect("sampling thread panicked")).collect()
             })
         };

@@ -10,8 +10,8 @@ use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 use crate::kv::{BlockAllocator, KvCache, KvShape};
 use crate::model::{LogitsWanted, Model, SeqInput};
-use crate::sample::{log_softmax, Sampled, Sampler, SamplingParams};
 use crate::quant::{Kernels, Level};
+use crate::sample::{log_softmax, Sampled, Sampler, SamplingParams};
 use crate::threads::ThreadPool;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -150,7 +150,10 @@ impl Engine {
         }
         let n_chunks = ids.len() / n_ctx;
         if n_chunks == 0 {
-            return Err(Error::invalid(format!("text has {} tokens; perplexity needs at least n_ctx = {n_ctx}", ids.len())));
+            return Err(Error::invalid(format!(
+                "text has {} tokens; perplexity needs at least n_ctx = {n_ctx}",
+                ids.len()
+            )));
         }
         let first = n_ctx / 2;
         let mut nll = 0f64;
@@ -238,7 +241,10 @@ impl Generation {
         }
         let cfg = &engine.model.cfg;
         if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-            return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {} tokens)", cfg.n_vocab)));
+            return Err(Error::invalid(format!(
+                "token id {bad} is out of range (vocabulary has {} tokens)",
+                cfg.n_vocab
+            )));
         }
         engine.check_len(prompt.len())?;
         let n_ctx = (prompt.len() + params.max_tokens).min(cfg.n_ctx_train);

@@ -5,19 +5,19 @@
 //! → `sample` (logits to tokens) → `engine` (a loaded model that steps batches) → `batch` (the executor the
 //! serving scheduler drives).
 
-pub mod error;
-pub mod gguf;
-pub mod quant;
-pub mod tokenizer;
-pub mod kv;
-pub mod model;
-pub mod sample;
-pub mod engine;
 pub mod batch;
-pub mod threads;
-pub mod mem;
 pub mod bench;
 pub mod cuda;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod kv;
+pub mod mem;
+pub mod model;
+pub mod quant;
+pub mod sample;
+pub mod threads;
+pub mod tokenizer;
 pub mod tools;
 
 pub use error::{Error, Result};

@@ -33,8 +33,14 @@ impl HugeBuf {
         let map = |n: usize| {
             // SAFETY: a fresh private anonymous mapping; checked for failure below.
             let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), n, libc::PROT_READ | libc::PROT_WRITE,
-                           libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    n,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
             };
             assert!(p != libc::MAP_FAILED, "cannot map {n} bytes of memory");
             p.cast::<u8>()
@@ -88,7 +94,6 @@ impl Drop for HugeBuf {
         unsafe { libc::munmap(self.ptr.cast(), self.map_len) };
     }
 }
-
 
 /// `n` f16 values, zero, in a `HugeBuf` (the KV cache: pages are touched only as
 /// blocks are used, and a long context's keys stream through 2 MiB pages).

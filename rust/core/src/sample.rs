@@ -111,7 +111,11 @@ impl Sampler {
     /// cost in a decode step).
     pub fn sample_with_lse(&mut self, raw: &[f32], history: &[u32], lse: f32) -> Sampled {
         let p = &self.params;
-        let top = if p.n_logprobs > 0 { top_n(raw, p.n_logprobs).into_iter().map(|(t, l)| (t, l - lse)).collect() } else { Vec::new() };
+        let top = if p.n_logprobs > 0 {
+            top_n(raw, p.n_logprobs).into_iter().map(|(t, l)| (t, l - lse)).collect()
+        } else {
+            Vec::new()
+        };
 
         let penalised;
         let logits = if self.has_penalties() {
@@ -307,7 +311,11 @@ mod tests {
             let best = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let first = if best == f32::NEG_INFINITY { 0 } else { row.iter().position(|&v| v == best).unwrap() };
             let short = s.pick_greedy(first as u32, best, lse);
-            assert_eq!((full.token, full.logprob.to_bits(), full.top.len()), (short.token, short.logprob.to_bits(), 0), "{row:?}");
+            assert_eq!(
+                (full.token, full.logprob.to_bits(), full.top.len()),
+                (short.token, short.logprob.to_bits(), 0),
+                "{row:?}"
+            );
         }
         for p in [
             SamplingParams { temperature: 0.7, ..Default::default() },

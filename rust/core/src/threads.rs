@@ -116,7 +116,13 @@ impl ThreadPool {
 
     /// Split `0..n` into about `tasks_per_thread` chunks per thread, each a multiple of
     /// `align` long (the last may be shorter), and run `f(range)` on each.
-    pub fn for_ranges(&self, n: usize, align: usize, tasks_per_thread: usize, f: impl Fn(std::ops::Range<usize>) + Sync) {
+    pub fn for_ranges(
+        &self,
+        n: usize,
+        align: usize,
+        tasks_per_thread: usize,
+        f: impl Fn(std::ops::Range<usize>) + Sync,
+    ) {
         let align = align.max(1);
         let want = (self.n_threads * tasks_per_thread).max(1);
         let chunk = n.div_ceil(want).div_ceil(align).max(1) * align;

@@ -38,7 +38,8 @@ fn engine(w: &GgufWriter, level: Option<Level>) -> Engine {
 #[test]
 fn every_kernel_level_runs_the_new_archs_like_scalar() {
     let prompt: Vec<u32> = (0..20).map(|i| (i * 11 + 5) % 250).collect();
-    for (ty, bound) in [(GgmlType::F32, 1e-4f32), (GgmlType::F16, 1e-3), (GgmlType::Q8_0, 1e-4), (GgmlType::Q4_K, 1e-2)] {
+    for (ty, bound) in [(GgmlType::F32, 1e-4f32), (GgmlType::F16, 1e-3), (GgmlType::Q8_0, 1e-4), (GgmlType::Q4_K, 1e-2)]
+    {
         for (name, w) in models(ty) {
             let want = engine(&w, Some(Level::Scalar)).logits(&prompt).unwrap();
             assert!(want.iter().all(|x| x.is_finite()), "{name}: scalar logits not finite");
@@ -58,7 +59,8 @@ fn every_kernel_level_runs_the_new_archs_like_scalar() {
 #[test]
 fn batching_never_changes_the_new_archs_tokens() {
     let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
-    let prompts: Vec<Vec<u32>> = (0..6u32).map(|i| (0..(3 + 5 * i)).map(|j| (i * 31 + j * 7 + 1) % 250).collect()).collect();
+    let prompts: Vec<Vec<u32>> =
+        (0..6u32).map(|i| (0..(3 + 5 * i)).map(|j| (i * 31 + j * 7 + 1) % 250).collect()).collect();
     let n_gen: usize = 12;
     for ty in [GgmlType::Q4_K, GgmlType::Q8_0] {
         for (name, w) in models(ty) {
@@ -67,7 +69,8 @@ fn batching_never_changes_the_new_archs_tokens() {
             let per_seq = (3 + 5 * 6 + n_gen).div_ceil(bs) + 1;
             let run = |which: &[usize]| -> Vec<Vec<u32>> {
                 let mut ex = Executor::new(Arc::clone(&engine), 6 * per_seq).unwrap();
-                let tables: Vec<Vec<u32>> = (0..6).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
+                let tables: Vec<Vec<u32>> =
+                    (0..6).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
                 for &i in which {
                     ex.add(i as u64, prompts[i].clone(), greedy.clone(), true).unwrap();
                 }
@@ -77,7 +80,14 @@ fn batching_never_changes_the_new_archs_tokens() {
                         .iter()
                         .map(|&i| {
                             let len = ex.history(i as u64).unwrap().len();
-                            StepItem { seq: i as u64, start: fed[i], end: len, block_table: tables[i].clone(), sample: true, allowed: None }
+                            StepItem {
+                                seq: i as u64,
+                                start: fed[i],
+                                end: len,
+                                block_table: tables[i].clone(),
+                                sample: true,
+                                allowed: None,
+                            }
                         })
                         .collect();
                     for it in &items {
@@ -130,46 +140,118 @@ fn new_arch_metadata_errors_name_the_key() {
     let t = Tiny { n_embd: 64, n_ff: 64, ..Tiny::default() };
     let moe = || tiny_qwen3moe(&t, 4, 2);
     let cases: Vec<(&str, GgufWriter, &str)> = vec![
-        ("more experts used than there are", { let mut w = moe(); w.kv("qwen3moe.expert_used_count", Value::U32(5)); w },
-         "qwen3moe.expert_used_count (5) is larger than qwen3moe.expert_count (4)"),
-        ("no expert count", { let mut w = moe(); w.remove_kv("qwen3moe.expert_count"); w },
-         "required metadata key \"qwen3moe.expert_count\" is missing"),
-        ("absurd expert count", { let mut w = moe(); w.kv("qwen3moe.expert_count", Value::U32(100_000)); w },
-         "\"qwen3moe.expert_count\" is 100000; the limit is 512"),
-        ("expert tensor of the wrong shape", {
-            let mut w = moe();
-            w.remove_tensor("blk.1.ffn_up_exps.weight");
-            w.tensor("blk.1.ffn_up_exps.weight", &[64, 64, 3], GgmlType::F32, vec![0; 64 * 64 * 3 * 4]);
-            w
-        }, "tensor \"blk.1.ffn_up_exps.weight\" has shape [64, 64, 3] but the metadata implies [64, 64, 4]"),
-        ("missing router", { let mut w = moe(); w.remove_tensor("blk.0.ffn_gate_inp.weight"); w },
-         "required tensor \"blk.0.ffn_gate_inp.weight\" is missing"),
-        ("granite without logit_scale", { let mut w = tiny_granite(&t); w.remove_kv("granite.logit_scale"); w },
-         "required metadata key \"granite.logit_scale\" is missing"),
-        ("YaRN", { let mut w = tiny_qwen3(&t); w.kv("qwen3.rope.scaling.type", Value::Str("yarn".into())); w },
-         "qwen3.rope.scaling.type is \"yarn\", which edgelm does not implement yet"),
-        ("unknown RoPE scaling", { let mut w = tiny_qwen3(&t); w.kv("qwen3.rope.scaling.type", Value::Str("ntk".into())); w },
-         "qwen3.rope.scaling.type is \"ntk\"; expected none, linear, yarn or longrope"),
-        ("qwen3 q norm missing", { let mut w = tiny_qwen3(&t); w.remove_tensor("blk.0.attn_q_norm.weight"); w },
-         "required tensor \"blk.0.attn_q_norm.weight\" is missing"),
-        ("phi3 fused qkv of the wrong height", {
-            let mut w = tiny_phi3(&t);
-            w.remove_tensor("blk.0.attn_qkv.weight");
-            w.tensor("blk.0.attn_qkv.weight", &[64, 64], GgmlType::F32, vec![0; 64 * 64 * 4]);
-            w
-        }, "tensor \"blk.0.attn_qkv.weight\" has shape [64, 64] but the metadata implies [64, 128]"),
-        ("phi3 LongRoPE factors of the wrong length", {
-            let mut w = tiny_phi3(&t);
-            w.remove_tensor("rope_factors_short.weight");
-            w.tensor("rope_factors_short.weight", &[5], GgmlType::F32, vec![0; 20]);
-            w
-        }, "tensor \"rope_factors_short.weight\" has shape [5] but the metadata implies [6]"),
-        ("phi3 LongRoPE factor of zero", {
-            let mut w = tiny_phi3(&t);
-            w.remove_tensor("rope_factors_long.weight");
-            w.tensor("rope_factors_long.weight", &[6], GgmlType::F32, vec![0; 24]);
-            w
-        }, "tensor \"rope_factors_long.weight\" holds 0; RoPE frequency factors must be positive"),
+        (
+            "more experts used than there are",
+            {
+                let mut w = moe();
+                w.kv("qwen3moe.expert_used_count", Value::U32(5));
+                w
+            },
+            "qwen3moe.expert_used_count (5) is larger than qwen3moe.expert_count (4)",
+        ),
+        (
+            "no expert count",
+            {
+                let mut w = moe();
+                w.remove_kv("qwen3moe.expert_count");
+                w
+            },
+            "required metadata key \"qwen3moe.expert_count\" is missing",
+        ),
+        (
+            "absurd expert count",
+            {
+                let mut w = moe();
+                w.kv("qwen3moe.expert_count", Value::U32(100_000));
+                w
+            },
+            "\"qwen3moe.expert_count\" is 100000; the limit is 512",
+        ),
+        (
+            "expert tensor of the wrong shape",
+            {
+                let mut w = moe();
+                w.remove_tensor("blk.1.ffn_up_exps.weight");
+                w.tensor("blk.1.ffn_up_exps.weight", &[64, 64, 3], GgmlType::F32, vec![0; 64 * 64 * 3 * 4]);
+                w
+            },
+            "tensor \"blk.1.ffn_up_exps.weight\" has shape [64, 64, 3] but the metadata implies [64, 64, 4]",
+        ),
+        (
+            "missing router",
+            {
+                let mut w = moe();
+                w.remove_tensor("blk.0.ffn_gate_inp.weight");
+                w
+            },
+            "required tensor \"blk.0.ffn_gate_inp.weight\" is missing",
+        ),
+        (
+            "granite without logit_scale",
+            {
+                let mut w = tiny_granite(&t);
+                w.remove_kv("granite.logit_scale");
+                w
+            },
+            "required metadata key \"granite.logit_scale\" is missing",
+        ),
+        (
+            "YaRN",
+            {
+                let mut w = tiny_qwen3(&t);
+                w.kv("qwen3.rope.scaling.type", Value::Str("yarn".into()));
+                w
+            },
+            "qwen3.rope.scaling.type is \"yarn\", which edgelm does not implement yet",
+        ),
+        (
+            "unknown RoPE scaling",
+            {
+                let mut w = tiny_qwen3(&t);
+                w.kv("qwen3.rope.scaling.type", Value::Str("ntk".into()));
+                w
+            },
+            "qwen3.rope.scaling.type is \"ntk\"; expected none, linear, yarn or longrope",
+        ),
+        (
+            "qwen3 q norm missing",
+            {
+                let mut w = tiny_qwen3(&t);
+                w.remove_tensor("blk.0.attn_q_norm.weight");
+                w
+            },
+            "required tensor \"blk.0.attn_q_norm.weight\" is missing",
+        ),
+        (
+            "phi3 fused qkv of the wrong height",
+            {
+                let mut w = tiny_phi3(&t);
+                w.remove_tensor("blk.0.attn_qkv.weight");
+                w.tensor("blk.0.attn_qkv.weight", &[64, 64], GgmlType::F32, vec![0; 64 * 64 * 4]);
+                w
+            },
+            "tensor \"blk.0.attn_qkv.weight\" has shape [64, 64] but the metadata implies [64, 128]",
+        ),
+        (
+            "phi3 LongRoPE factors of the wrong length",
+            {
+                let mut w = tiny_phi3(&t);
+                w.remove_tensor("rope_factors_short.weight");
+                w.tensor("rope_factors_short.weight", &[5], GgmlType::F32, vec![0; 20]);
+                w
+            },
+            "tensor \"rope_factors_short.weight\" has shape [5] but the metadata implies [6]",
+        ),
+        (
+            "phi3 LongRoPE factor of zero",
+            {
+                let mut w = tiny_phi3(&t);
+                w.remove_tensor("rope_factors_long.weight");
+                w.tensor("rope_factors_long.weight", &[6], GgmlType::F32, vec![0; 24]);
+                w
+            },
+            "tensor \"rope_factors_long.weight\" holds 0; RoPE frequency factors must be positive",
+        ),
     ];
     let mut failures = Vec::new();
     for (name, w, want) in cases {

@@ -25,7 +25,10 @@ fn required(var: &str) -> bool {
 fn gpu() -> Option<Arc<Gpu>> {
     match cuda::probe() {
         Ok(g) => {
-            eprintln!("GPU {}: {} (sm_{}, driver {}, kernels from {})", g.ordinal, g.name, g.arch, g.driver_version, g.kernels_from);
+            eprintln!(
+                "GPU {}: {} (sm_{}, driver {}, kernels from {})",
+                g.ordinal, g.name, g.arch, g.driver_version, g.kernels_from
+            );
             Some(g)
         }
         Err(e) if required("EDGELM_REQUIRE_GPU") => panic!("EDGELM_REQUIRE_GPU=1 but no GPU: {e}"),
@@ -90,7 +93,18 @@ fn gpu_matrix_kernel_matches_cpu_for_every_format() {
             quant::dequantize_row(ty, &wq[r * rb..(r + 1) * rb], &mut deq[r * cols..(r + 1) * cols]);
         }
         let mut worst = [0f64; 2]; // largest |error| / tolerance: decode, prompt
-        for (n_tok, tiled) in [(1, false), (2, false), (4, false), (5, false), (8, false), (13, false), (1, true), (13, true), (70, true), (130, true)] {
+        for (n_tok, tiled) in [
+            (1, false),
+            (2, false),
+            (4, false),
+            (5, false),
+            (8, false),
+            (13, false),
+            (1, true),
+            (13, true),
+            (70, true),
+            (130, true),
+        ] {
             let x = randn(n_tok * cols, 99 + n_tok as u64, 1.0);
             let y = matmul_once(&g, ty, &wq, rows, cols, &x, n_tok, tiled, 8).unwrap();
             let int8 = int8_decode(ty);
@@ -106,7 +120,11 @@ fn gpu_matrix_kernel_matches_cpu_for_every_format() {
                     }
                     let quant = if int8 { int8_bound(wr, xt) } else { 0.0 };
                     let got = y[t * rows + r];
-                    assert!(close(got, want, scale, quant), "{ty:?} n_tok {n_tok} tiled {tiled} token {t} row {r}: GPU {got} vs CPU {want} (tolerance {})", 2e-5 * scale + quant + 1e-6);
+                    assert!(
+                        close(got, want, scale, quant),
+                        "{ty:?} n_tok {n_tok} tiled {tiled} token {t} row {r}: GPU {got} vs CPU {want} (tolerance {})",
+                        2e-5 * scale + quant + 1e-6
+                    );
                     let k = tiled as usize;
                     worst[k] = worst[k].max((got as f64 - want).abs() / (2e-5 * scale + quant + 1e-6));
                 }
@@ -140,11 +158,20 @@ fn gpu_int8_kernels_are_batch_invariant() {
             // mmvq1/2/4/8, and mmq with each block shape (16·RT rows × 8·MT tokens),
             // as decode and prompt.
             for n in [1usize, 2, 3, 4, 7, 8, 9, 16, 17, 40] {
-                same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, usize::MAX).unwrap(), &format!("mmvq, {n} tokens"));
+                same(
+                    &matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, usize::MAX).unwrap(),
+                    &format!("mmvq, {n} tokens"),
+                );
                 for tile in [None, Some((1, 1)), Some((1, 2)), Some((1, 4)), Some((2, 4)), Some((4, 4))] {
                     set_mmq_tile(tile);
-                    same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, 1).unwrap(), &format!("mmq {tile:?}, {n} tokens"));
-                    same(&matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, true, 1).unwrap(), &format!("mmq {tile:?} as a prompt, {n} tokens"));
+                    same(
+                        &matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, false, 1).unwrap(),
+                        &format!("mmq {tile:?}, {n} tokens"),
+                    );
+                    same(
+                        &matmul_once(&g, ty, &wq, rows, cols, &x[..n * cols], n, true, 1).unwrap(),
+                        &format!("mmq {tile:?} as a prompt, {n} tokens"),
+                    );
                 }
                 set_mmq_tile(None);
             }
@@ -172,17 +199,27 @@ struct SideBySide {
 
 /// `compare_forward` with the near-tie bound `tie` (a logit gap; negative: at least
 /// -tie, and twice the largest logit difference so far), reporting the tokens.
-fn greedy_side_by_side(engine: &Engine, name: &str, g: &Arc<Gpu>, prompt: &[u32], n_gen: usize, tie: f32) -> SideBySide {
+fn greedy_side_by_side(
+    engine: &Engine,
+    name: &str,
+    g: &Arc<Gpu>,
+    prompt: &[u32],
+    n_gen: usize,
+    tie: f32,
+) -> SideBySide {
     let gm = GpuModel::upload(g, &engine.model).unwrap_or_else(|e| panic!("{name}: {e}"));
     let n_blocks = 64;
     let mut kv_cpu = KvCache::new(engine.kv_shape(n_blocks)).unwrap();
     let mut kv_gpu = gm.new_kv(n_blocks, engine.kv_shape(n_blocks).block_size).unwrap();
     let bs = engine.kv_shape(n_blocks).block_size;
     // Blocks in a scrambled order, so the paging is exercised.
-    let table: Vec<u32> = (0..(prompt.len() + n_gen).div_ceil(bs) as u32).map(|i| (i * 7 + 5) % n_blocks as u32).collect();
+    let table: Vec<u32> =
+        (0..(prompt.len() + n_gen).div_ceil(bs) as u32).map(|i| (i * 7 + 5) % n_blocks as u32).collect();
     let nv = engine.model.cfg.n_vocab;
     let mut worst = 0f32;
-    let argmax = |v: &[f32]| v.iter().enumerate().max_by(|p, q| p.1.total_cmp(q.1).then(q.0.cmp(&p.0))).map(|(i, _)| i as u32).unwrap();
+    let argmax = |v: &[f32]| {
+        v.iter().enumerate().max_by(|p, q| p.1.total_cmp(q.1).then(q.0.cmp(&p.0))).map(|(i, _)| i as u32).unwrap()
+    };
     let gap = |v: &[f32]| {
         let mut sorted = v.to_vec();
         sorted.sort_by(|p, q| q.total_cmp(p));
@@ -206,8 +243,13 @@ fn greedy_side_by_side(engine: &Engine, name: &str, g: &Arc<Gpu>, prompt: &[u32]
         if ta != tb {
             let gp = gap(&cpu_last);
             let tie = if tie < 0.0 { (-tie).max(2.0 * worst) } else { tie };
-            assert!(gp < tie, "{name}: at token {i} the GPU chose {tb}, the CPU {ta}, at a top-2 gap of {gp} (near-tie bound {tie})");
-            eprintln!("{name}: parted at token {i}, a near-tie (CPU top-2 gap {gp:.2e} < {tie}); the comparison stops there");
+            assert!(
+                gp < tie,
+                "{name}: at token {i} the GPU chose {tb}, the CPU {ta}, at a top-2 gap of {gp} (near-tie bound {tie})"
+            );
+            eprintln!(
+                "{name}: parted at token {i}, a near-tie (CPU top-2 gap {gp:.2e} < {tie}); the comparison stops there"
+            );
             parted = Some((i, gp));
             break;
         }
@@ -234,7 +276,17 @@ fn gpu_forward_matches_cpu_on_tiny_models() {
     let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     let prompt: Vec<u32> = (0..37).map(|i| (i * 7 + 3) % 250).collect();
     // Every weight format, on the llama architecture (256 columns: the K-quants' block).
-    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
+    for ty in [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+    ] {
         let t = Tiny { n_embd: 256, n_ff: 512, n_head: 4, n_head_kv: 2, wtype: ty, ..Tiny::default() };
         let file = Gguf::from_bytes(tiny_llama(&t).to_bytes()).unwrap();
         let engine = Engine::from_gguf(file, &opts).unwrap();
@@ -279,7 +331,12 @@ fn gpu_forward_matches_cpu_on_tiny_models() {
     // biases).
     for ty in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q4_0] {
         let t = Tiny { n_embd: 256, n_ff: 256, n_head: 4, n_head_kv: 2, wtype: ty, ..Tiny::default() };
-        for (name, w) in [("qwen3", tiny_qwen3(&t)), ("qwen3moe", tiny_qwen3moe(&t, 8, 2)), ("phi3", tiny_phi3(&t)), ("granite", tiny_granite(&t))] {
+        for (name, w) in [
+            ("qwen3", tiny_qwen3(&t)),
+            ("qwen3moe", tiny_qwen3moe(&t, 8, 2)),
+            ("phi3", tiny_phi3(&t)),
+            ("granite", tiny_granite(&t)),
+        ] {
             let engine = Engine::from_gguf(Gguf::from_bytes(w.to_bytes()).unwrap(), &opts).unwrap();
             let name = format!("tiny {name} {ty:?}");
             let worst = compare_forward(&engine, &name, &g, &prompt, 24);
@@ -320,42 +377,51 @@ fn gpu_executor_batches_without_changing_results() {
     // (`mmq_moe`), alone one block row per pair (`mmvq_moe`).
     let moe = Tiny { n_ff: 256, ..t };
     for w in [tiny_llama(&t), tiny_qwen3moe(&moe, 8, 2)] {
-    let engine = Arc::new(Engine::from_gguf(Gguf::from_bytes(w.to_bytes()).unwrap(), &opts).unwrap());
-    let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
-    let prompts: Vec<Vec<u32>> = (0..16u32).map(|i| (0..(5 + 3 * i)).map(|j| (i * 31 + j * 7 + 1) % 250).collect()).collect();
-    let n_gen: usize = 20;
-    let bs = engine.kv_shape(1).block_size;
-    let per_seq = (40 + 3 * 16 + n_gen).div_ceil(bs);
-    let run = |which: &[usize]| -> Vec<Vec<u32>> {
-        let mut ex = Executor::new_cuda(Arc::clone(&engine), 16 * per_seq, &g).unwrap();
-        assert!(ex.device().starts_with("cuda:0"));
-        let tables: Vec<Vec<u32>> = (0..16).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
-        for &i in which {
-            ex.add(i as u64, prompts[i].clone(), greedy.clone(), true).unwrap();
-        }
-        let mut fed: Vec<usize> = vec![0; 16];
-        for _ in 0..=n_gen {
-            let items: Vec<StepItem> = which
-                .iter()
-                .map(|&i| {
-                    let len = ex.history(i as u64).unwrap().len();
-                    StepItem { seq: i as u64, start: fed[i], end: len, block_table: tables[i].clone(), sample: true, allowed: None }
-                })
-                .collect();
-            for it in &items {
-                fed[it.seq as usize] = it.end;
+        let engine = Arc::new(Engine::from_gguf(Gguf::from_bytes(w.to_bytes()).unwrap(), &opts).unwrap());
+        let greedy = SamplingParams { temperature: 0.0, ..Default::default() };
+        let prompts: Vec<Vec<u32>> =
+            (0..16u32).map(|i| (0..(5 + 3 * i)).map(|j| (i * 31 + j * 7 + 1) % 250).collect()).collect();
+        let n_gen: usize = 20;
+        let bs = engine.kv_shape(1).block_size;
+        let per_seq = (40 + 3 * 16 + n_gen).div_ceil(bs);
+        let run = |which: &[usize]| -> Vec<Vec<u32>> {
+            let mut ex = Executor::new_cuda(Arc::clone(&engine), 16 * per_seq, &g).unwrap();
+            assert!(ex.device().starts_with("cuda:0"));
+            let tables: Vec<Vec<u32>> =
+                (0..16).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
+            for &i in which {
+                ex.add(i as u64, prompts[i].clone(), greedy.clone(), true).unwrap();
             }
-            ex.step(&items).unwrap();
+            let mut fed: Vec<usize> = vec![0; 16];
+            for _ in 0..=n_gen {
+                let items: Vec<StepItem> = which
+                    .iter()
+                    .map(|&i| {
+                        let len = ex.history(i as u64).unwrap().len();
+                        StepItem {
+                            seq: i as u64,
+                            start: fed[i],
+                            end: len,
+                            block_table: tables[i].clone(),
+                            sample: true,
+                            allowed: None,
+                        }
+                    })
+                    .collect();
+                for it in &items {
+                    fed[it.seq as usize] = it.end;
+                }
+                ex.step(&items).unwrap();
+            }
+            which.iter().map(|&i| ex.history(i as u64).unwrap()[prompts[i].len()..].to_vec()).collect()
+        };
+        let together = run(&(0..16).collect::<Vec<_>>());
+        let arch = engine.model.cfg.arch.name();
+        for (i, batched) in together.iter().enumerate() {
+            let alone = run(&[i]);
+            assert_eq!(&alone[0], batched, "{arch}: sequence {i}: alone and in a batch of 16 differ");
         }
-        which.iter().map(|&i| ex.history(i as u64).unwrap()[prompts[i].len()..].to_vec()).collect()
-    };
-    let together = run(&(0..16).collect::<Vec<_>>());
-    let arch = engine.model.cfg.arch.name();
-    for (i, batched) in together.iter().enumerate() {
-        let alone = run(&[i]);
-        assert_eq!(&alone[0], batched, "{arch}: sequence {i}: alone and in a batch of 16 differ");
-    }
-    eprintln!("{arch}: 16 sequences × {n_gen} tokens on the GPU: batched == alone, token for token");
+        eprintln!("{arch}: 16 sequences × {n_gen} tokens on the GPU: batched == alone, token for token");
     }
 }
 
@@ -365,9 +431,14 @@ fn gpu_executor_batches_without_changing_results() {
 fn tiny_models_run_on_the_cpu() {
     let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
     let t = Tiny { n_embd: 256, n_ff: 256, n_head: 4, n_head_kv: 2, wtype: GgmlType::Q4_K, ..Tiny::default() };
-    for w in [tiny_llama(&Tiny { n_embd: 256, n_ff: 512, wtype: GgmlType::Q4_K, ..Tiny::default() }),
-              tiny_gemma3(&Tiny { n_embd: 256, n_ff: 512, n_head_kv: 1, wtype: GgmlType::Q8_0, ..Tiny::default() }),
-              tiny_qwen3(&t), tiny_qwen3moe(&t, 8, 2), tiny_phi3(&t), tiny_granite(&t)] {
+    for w in [
+        tiny_llama(&Tiny { n_embd: 256, n_ff: 512, wtype: GgmlType::Q4_K, ..Tiny::default() }),
+        tiny_gemma3(&Tiny { n_embd: 256, n_ff: 512, n_head_kv: 1, wtype: GgmlType::Q8_0, ..Tiny::default() }),
+        tiny_qwen3(&t),
+        tiny_qwen3moe(&t, 8, 2),
+        tiny_phi3(&t),
+        tiny_granite(&t),
+    ] {
         let engine = Engine::from_gguf(Gguf::from_bytes(w.to_bytes()).unwrap(), &opts).unwrap();
         let logits = engine.logits(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]).unwrap();
         assert!(logits.iter().all(|x| x.is_finite()));
@@ -395,7 +466,9 @@ fn gpu_greedy_shortcut_equals_the_full_sampler() {
         let mut got = Vec::new();
         for _ in 0..24 {
             let end = ex.history(0).unwrap().len();
-            let out = ex.step(&[StepItem { seq: 0, start: fed, end, block_table: table.clone(), sample: true, allowed: None }]).unwrap();
+            let out = ex
+                .step(&[StepItem { seq: 0, start: fed, end, block_table: table.clone(), sample: true, allowed: None }])
+                .unwrap();
             fed = end;
             got.push((out[0].sampled.token, out[0].sampled.logprob.to_bits()));
         }
@@ -422,22 +495,28 @@ fn gpu_greedy_shortcut_equals_the_full_sampler() {
 #[test]
 fn gpu_greedy_matches_cpu_and_llama_cpp_on_real_models() {
     let Some(g) = gpu() else { return };
-    let dir = std::env::var_os("EDGELM_REAL_MODELS_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/edgelm/models"));
+    let dir = std::env::var_os("EDGELM_REAL_MODELS_DIR").map(std::path::PathBuf::from).unwrap_or_else(|| {
+        std::path::PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/edgelm/models")
+    });
     let fixtures = Some(common::fixtures_dir()).filter(|d| d.is_dir()).unwrap_or_else(|| "tests/fixtures".into());
-    let golden: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures.join("greedy_golden.json")).unwrap()).unwrap();
+    let golden: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures.join("greedy_golden.json")).unwrap()).unwrap();
     // llama.cpp's CUDA run of the same prompts (make_golden_cuda.py): how far the peer's
     // own GPU backend parts from its CPU run.
-    let cuda_golden: Option<serde_json::Value> =
-        std::fs::read_to_string(fixtures.join("greedy_golden_cuda.json")).ok().map(|t| serde_json::from_str(&t).unwrap());
+    let cuda_golden: Option<serde_json::Value> = std::fs::read_to_string(fixtures.join("greedy_golden_cuda.json"))
+        .ok()
+        .map(|t| serde_json::from_str(&t).unwrap());
     assert!(cuda_golden.is_some() || !required("EDGELM_REQUIRE_REAL_MODELS"), "greedy_golden_cuda.json is missing");
     let opts = LoadOptions { n_threads: None, kernel_level: None, n_ctx: None };
     let (mut cases, mut equal_cpu, mut equal_peer, mut equal_peer_cuda) = (0, 0, 0, 0);
     for (name, gold) in golden.as_object().unwrap() {
         let path = dir.join(name);
         if !path.is_file() {
-            assert!(!required("EDGELM_REQUIRE_REAL_MODELS"), "EDGELM_REQUIRE_REAL_MODELS=1 but {} is missing", path.display());
+            assert!(
+                !required("EDGELM_REQUIRE_REAL_MODELS"),
+                "EDGELM_REQUIRE_REAL_MODELS=1 but {} is missing",
+                path.display()
+            );
             eprintln!("skipped {name}: not in {}", dir.display());
             continue;
         }
@@ -447,18 +526,28 @@ fn gpu_greedy_matches_cpu_and_llama_cpp_on_real_models() {
         // The bound for a parting: a near-tie (0.05), or within how far llama.cpp parts
         // from itself, between its CPU configurations or between its CPU and CUDA runs.
         let noise = (gold["peer_noise_gap"].as_f64().unwrap() as f32).max(cuda_noise);
-        eprintln!("{name}: parting bound {:.3} (llama.cpp CPU variants {:.3}, llama.cpp CUDA vs CPU {cuda_noise:.3})",
-                  noise.max(0.05), gold["peer_noise_gap"].as_f64().unwrap());
+        eprintln!(
+            "{name}: parting bound {:.3} (llama.cpp CPU variants {:.3}, llama.cpp CUDA vs CPU {cuda_noise:.3})",
+            noise.max(0.05),
+            gold["peer_noise_gap"].as_f64().unwrap()
+        );
         let mut worst = 0f32;
         for (ci, case) in gold["cases"].as_array().unwrap().iter().enumerate() {
-            let ids = |v: &serde_json::Value| -> Vec<u32> { v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect() };
+            let ids = |v: &serde_json::Value| -> Vec<u32> {
+                v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+            };
             let (prompt, want) = (ids(&case["prompt_ids"]), ids(&case["ids"]));
             let what = format!("{name} {:?}", case["prompt"].as_str().unwrap());
             // GPU and CPU may part where llama.cpp parts from itself (its own noise).
             let r = greedy_side_by_side(&engine, &what, &g, &prompt, want.len(), noise.max(0.05));
             if let Some(c) = peer_cuda {
                 let theirs = &c["cases"][ci]["ids"];
-                let same = r.gpu.iter().zip(theirs.as_array().unwrap()).take_while(|(a, b)| **a as u64 == b.as_u64().unwrap()).count();
+                let same = r
+                    .gpu
+                    .iter()
+                    .zip(theirs.as_array().unwrap())
+                    .take_while(|(a, b)| **a as u64 == b.as_u64().unwrap())
+                    .count();
                 equal_peer_cuda += usize::from(same == want.len());
                 eprintln!("{what}: first {same} tokens equal llama.cpp CUDA's");
             }
@@ -480,9 +569,16 @@ fn gpu_greedy_matches_cpu_and_llama_cpp_on_real_models() {
                         .map(|p| (p[0].as_u64().unwrap() as u32, p[1].as_f64().unwrap() as f32))
                         .collect();
                     let lp = top.iter().find(|p| p.0 == r.gpu[i]).map(|p| p.1);
-                    let lp = lp.unwrap_or_else(|| panic!("{what}: GPU token {i} is {}, not in llama.cpp's top-3 {top:?}", r.gpu[i]));
+                    let lp = lp.unwrap_or_else(|| {
+                        panic!("{what}: GPU token {i} is {}, not in llama.cpp's top-3 {top:?}", r.gpu[i])
+                    });
                     let gap = top[0].1 - lp;
-                    assert!(gap < 0.05 || gap <= noise, "{what}: GPU token {i} is {}, llama.cpp's {} (gap {gap:.3})", r.gpu[i], want[i]);
+                    assert!(
+                        gap < 0.05 || gap <= noise,
+                        "{what}: GPU token {i} is {}, llama.cpp's {} (gap {gap:.3})",
+                        r.gpu[i],
+                        want[i]
+                    );
                     eprintln!("{what}: parts from llama.cpp at token {i}, gap {gap:.3} (near-tie 0.05, peer noise {noise:.3})");
                 }
             }

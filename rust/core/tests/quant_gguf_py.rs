@@ -14,8 +14,8 @@
 #![allow(clippy::manual_is_multiple_of)]
 
 use edgelm_core::quant::{
-    dequantize_row, quantize_row, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0,
-    BlockQ5_1, BlockQ5_K, BlockQ6_K, BlockQ8_0, GgmlType,
+    dequantize_row, quantize_row, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1,
+    BlockQ5_K, BlockQ6_K, BlockQ8_0, GgmlType,
 };
 use half::{bf16, f16};
 use std::mem::offset_of;
@@ -41,15 +41,8 @@ const DECODE_TYPES: &[GgmlType] = &[
 
 /// Types whose encoding gguf-py implements, with the same rounding as ggml's
 /// `quantize_row_*_ref` (its K-quant encoders are not implemented).
-const ENCODE_TYPES: &[GgmlType] = &[
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q4_1,
-    GgmlType::Q5_0,
-    GgmlType::Q5_1,
-    GgmlType::Q8_0,
-];
+const ENCODE_TYPES: &[GgmlType] =
+    &[GgmlType::F16, GgmlType::BF16, GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q5_0, GgmlType::Q5_1, GgmlType::Q8_0];
 
 const ROWS: usize = 3;
 const N_PER_ROW: usize = 4 * 256;
@@ -95,11 +88,7 @@ impl Rng {
         let r = self.next_u64();
         if r % 8 == 0 {
             let bits = (r >> 8) as u16;
-            let bits = if bits & 0x7c00 == 0x7c00 {
-                bits & !0x4000
-            } else {
-                bits
-            };
+            let bits = if bits & 0x7c00 == 0x7c00 { bits & !0x4000 } else { bits };
             return bits.to_le_bytes();
         }
         let mag = 1e-3 + self.unit() * 2.0;
@@ -151,9 +140,7 @@ fn f16_fields(ty: GgmlType) -> Vec<usize> {
 
 fn random_rows(rng: &mut Rng, ty: GgmlType) -> Vec<u8> {
     let row_bytes = ty.row_bytes(N_PER_ROW).unwrap();
-    let mut b: Vec<u8> = (0..ROWS * row_bytes)
-        .map(|_| rng.next_u64() as u8)
-        .collect();
+    let mut b: Vec<u8> = (0..ROWS * row_bytes).map(|_| rng.next_u64() as u8).collect();
     let fields = f16_fields(ty);
     if !fields.is_empty() {
         for block in b.chunks_exact_mut(ty.type_size()) {
@@ -190,9 +177,7 @@ fn python() -> String {
 /// Runs PY_SCRIPT in `mode` over `types`; panics with Python's stderr on failure.
 fn run_python(mode: &str, dir: &Path, types: &[GgmlType]) {
     let py = python();
-    let probe = Command::new(&py)
-        .args(["-c", "import numpy, gguf.quants"])
-        .output();
+    let probe = Command::new(&py).args(["-c", "import numpy, gguf.quants"]).output();
     match probe {
         Err(e) => panic!(
             "cannot run `{py}` ({e}): this test needs Python 3 with the `gguf` and `numpy` \
@@ -212,19 +197,12 @@ fn run_python(mode: &str, dir: &Path, types: &[GgmlType]) {
         .args(types.iter().map(|t| t.name()))
         .output()
         .expect("run python");
-    assert!(
-        out.status.success(),
-        "gguf-py {mode} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "gguf-py {mode} failed:\n{}", String::from_utf8_lossy(&out.stderr));
 }
 
 fn read_f32s(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    bytes
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 #[test]
@@ -241,11 +219,7 @@ fn dequantize_matches_gguf_py_bit_for_bit() {
 
     for (ty, raw) in inputs {
         let theirs = read_f32s(&dir.0.join(format!("{}.bin.out", ty.name())));
-        assert_eq!(
-            theirs.len(),
-            ROWS * N_PER_ROW,
-            "{ty}: gguf-py returned a wrong size"
-        );
+        assert_eq!(theirs.len(), ROWS * N_PER_ROW, "{ty}: gguf-py returned a wrong size");
         let row_bytes = ty.row_bytes(N_PER_ROW).unwrap();
         let mut ours = vec![0f32; N_PER_ROW];
         for (r, src) in raw.chunks_exact(row_bytes).enumerate() {
@@ -285,14 +259,9 @@ fn quantize_matches_gguf_py_bit_for_bit() {
 
     for (ty, x) in inputs {
         let path = dir.0.join(format!("{}.f32.out", ty.name()));
-        let theirs =
-            std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        let theirs = std::fs::read(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
         let row_bytes = ty.row_bytes(N_PER_ROW).unwrap();
-        assert_eq!(
-            theirs.len(),
-            ROWS * row_bytes,
-            "{ty}: gguf-py returned a wrong size"
-        );
+        assert_eq!(theirs.len(), ROWS * row_bytes, "{ty}: gguf-py returned a wrong size");
         let mut ours = vec![0u8; row_bytes];
         for (r, src) in x.chunks_exact(N_PER_ROW).enumerate() {
             quantize_row(ty, src, &mut ours);

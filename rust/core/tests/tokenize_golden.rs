@@ -33,7 +33,8 @@ fn load(key: &str) -> Tokenizer {
         fixtures()
     } else {
         std::env::var_os("EDGELM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set; set EDGELM_MODELS_DIR")).join(".cache/edgelm/models")
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set; set EDGELM_MODELS_DIR"))
+                .join(".cache/edgelm/models")
         })
     };
     let path = dir.join(name);
@@ -71,7 +72,8 @@ fn corpus() -> Vec<String> {
 fn check_golden(model: &str) {
     let tok = load(model);
     let golden = read_json("tokenize_golden.json");
-    let cases = golden[model]["cases"].as_array().unwrap_or_else(|| panic!("tokenize_golden.json has no cases for {model}"));
+    let cases =
+        golden[model]["cases"].as_array().unwrap_or_else(|| panic!("tokenize_golden.json has no cases for {model}"));
     assert!(cases.len() >= 80, "expected the full corpus for {model}, got {} cases", cases.len());
 
     let mut failures = Vec::new();
@@ -91,7 +93,13 @@ fn check_golden(model: &str) {
             ));
         }
     }
-    assert!(failures.is_empty(), "{model}: {} of {} cases differ from llama.cpp:\n{}", failures.len(), cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{model}: {} of {} cases differ from llama.cpp:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
@@ -259,7 +267,8 @@ fn stream_decoder_flushes_incomplete_tail_as_replacement() {
     let tok = load(GEMMA3);
     let mut stream = StreamDecoder::new();
     // The first byte of a 4-byte character ("🦀" is F0 9F A6 80), then nothing more.
-    let byte_token = (0..tok.n_vocab() as u32).find(|&id| tok.token_text(id) == Some("<0xF0>")).expect("gemma has <0xF0>");
+    let byte_token =
+        (0..tok.n_vocab() as u32).find(|&id| tok.token_text(id) == Some("<0xF0>")).expect("gemma has <0xF0>");
     assert_eq!(stream.push(&tok, byte_token), "");
     assert_eq!(stream.finish(), "\u{FFFD}");
 }
@@ -284,7 +293,10 @@ fn tiny_gguf(model: &str, pre: Option<&str>) -> std::sync::Arc<Gguf> {
 fn unknown_tokenizer_model_is_a_clear_error() {
     let err = Tokenizer::from_gguf(&tiny_gguf("t5", None)).unwrap_err().to_string();
     assert!(err.contains("tokenizer.ggml.model") && err.contains("\"t5\""), "{err}");
-    assert!(err.contains("\"gpt2\"") && err.contains("\"llama\"") && err.contains("\"bert\""), "the error lists what is supported: {err}");
+    assert!(
+        err.contains("\"gpt2\"") && err.contains("\"llama\"") && err.contains("\"bert\""),
+        "the error lists what is supported: {err}"
+    );
     // A WordPiece vocabulary without [CLS]/[SEP]/[UNK] (three tokens: the defaults 100..102 are out of range).
     let err = Tokenizer::from_gguf(&tiny_gguf("bert", None)).unwrap_err().to_string();
     assert!(err.contains("[CLS]") && err.contains("bos_token_id"), "{err}");

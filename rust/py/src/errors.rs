@@ -17,10 +17,25 @@ use pyo3::prelude::*;
 
 pyo3::create_exception!(_native, EdgelmError, PyException, "Base class of every edgelm error.");
 pyo3::create_exception!(_native, ModelLoadError, EdgelmError, "A model file could not be loaded.");
-pyo3::create_exception!(_native, GGUFFormatError, ModelLoadError, "The file is not valid GGUF; the message names the defect and its byte offset.");
+pyo3::create_exception!(
+    _native,
+    GGUFFormatError,
+    ModelLoadError,
+    "The file is not valid GGUF; the message names the defect and its byte offset."
+);
 pyo3::create_exception!(_native, TokenizerError, ModelLoadError, "The tokenizer described by the file is unusable.");
-pyo3::create_exception!(_native, OutputError, EdgelmError, "An output file could not be written; nothing was left under its name.");
-pyo3::create_exception!(_native, InvalidRequestError, EdgelmError, "The request is impossible for this model (bad ids, too long, bad sampling values).");
+pyo3::create_exception!(
+    _native,
+    OutputError,
+    EdgelmError,
+    "An output file could not be written; nothing was left under its name."
+);
+pyo3::create_exception!(
+    _native,
+    InvalidRequestError,
+    EdgelmError,
+    "The request is impossible for this model (bad ids, too long, bad sampling values)."
+);
 pyo3::create_exception!(_native, CacheFullError, EdgelmError, "The KV cache has no free blocks left.");
 
 pub fn to_py(e: Error) -> PyErr {

@@ -27,7 +27,13 @@ struct Model {
 impl Model {
     #[new]
     #[pyo3(signature = (path, n_threads=None, kernel_level=None, n_ctx=None))]
-    fn new(py: Python<'_>, path: std::path::PathBuf, n_threads: Option<usize>, kernel_level: Option<&str>, n_ctx: Option<usize>) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        path: std::path::PathBuf,
+        n_threads: Option<usize>,
+        kernel_level: Option<&str>,
+        n_ctx: Option<usize>,
+    ) -> PyResult<Self> {
         let kernel_level = match kernel_level {
             None => None,
             Some(s) => Some(Level::parse(s).ok_or_else(|| {
@@ -122,7 +128,11 @@ impl Model {
     /// as float32 bytes `[len(ids)][n_embd]`, experts `[len(ids)][n_expert_used]` best
     /// first, their weights).
     #[allow(clippy::type_complexity)]
-    fn moe_trace<'py>(&self, py: Python<'py>, ids: Vec<u32>) -> PyResult<Vec<(usize, Bound<'py, PyBytes>, Vec<u32>, Vec<f32>)>> {
+    fn moe_trace<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+    ) -> PyResult<Vec<(usize, Bound<'py, PyBytes>, Vec<u32>, Vec<f32>)>> {
         self.check_ids(&ids)?;
         let trace = py.detach(|| self.engine.moe_trace(&ids)).map_err(to_py)?;
         Ok(trace
@@ -185,7 +195,13 @@ impl Model {
 
     /// (name, dims, type name, bytes) for every tensor, in file order.
     fn tensors(&self) -> Vec<(String, Vec<u64>, &'static str, u64)> {
-        self.engine.model.file.tensors().iter().map(|t| (t.name.clone(), t.dims.clone(), t.ty.name(), t.n_bytes)).collect()
+        self.engine
+            .model
+            .file
+            .tensors()
+            .iter()
+            .map(|t| (t.name.clone(), t.dims.clone(), t.ty.name(), t.n_bytes))
+            .collect()
     }
 
     #[pyo3(signature = (text, add_special=true, parse_special=false))]
@@ -268,7 +284,9 @@ impl Model {
     fn check_ids(&self, ids: &[u32]) -> PyResult<()> {
         let n = self.engine.model.cfg.n_vocab;
         match ids.iter().find(|&&t| t as usize >= n) {
-            Some(bad) => Err(errors::InvalidRequestError::new_err(format!("token id {bad} is out of range (vocabulary has {n} tokens)"))),
+            Some(bad) => Err(errors::InvalidRequestError::new_err(format!(
+                "token id {bad} is out of range (vocabulary has {n} tokens)"
+            ))),
             None => Ok(()),
         }
     }
@@ -401,7 +419,10 @@ impl Executor {
     ) -> PyResult<Vec<StepResult>> {
         let mut masks = masks.unwrap_or_default();
         if let Some((seq, m)) = masks.iter().find(|(_, m)| m.len() % 4 != 0) {
-            return Err(PyValueError::new_err(format!("sequence {seq}: a token mask is whole u32 words; got {} bytes", m.len())));
+            return Err(PyValueError::new_err(format!(
+                "sequence {seq}: a token mask is whole u32 words; got {} bytes",
+                m.len()
+            )));
         }
         let items: Vec<StepItem> = items
             .into_iter()
@@ -413,7 +434,10 @@ impl Executor {
             })
             .collect();
         let out = py.detach(|| {
-            let mut ex = self.inner.lock().map_err(|_| edgelm_core::Error::invalid("executor was poisoned by an earlier panic"))?;
+            let mut ex = self
+                .inner
+                .lock()
+                .map_err(|_| edgelm_core::Error::invalid("executor was poisoned by an earlier panic"))?;
             ex.step(&items)
         });
         Ok(out
@@ -441,12 +465,17 @@ impl Generator {
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<GenItem>> {
         let step = py.detach(|| {
-            let mut g = self.inner.lock().map_err(|_| edgelm_core::Error::invalid("generator was poisoned by an earlier panic"))?;
+            let mut g = self
+                .inner
+                .lock()
+                .map_err(|_| edgelm_core::Error::invalid("generator was poisoned by an earlier panic"))?;
             g.next_token()
         });
         match step.map_err(to_py)? {
             None => Ok(None),
-            Some(t) => Ok(Some((t.sampled.token, t.text, t.sampled.logprob, t.sampled.top, t.finish.map(|f| f.as_str())))),
+            Some(t) => {
+                Ok(Some((t.sampled.token, t.text, t.sampled.logprob, t.sampled.top, t.finish.map(|f| f.as_str()))))
+            }
         }
     }
 
@@ -500,10 +529,18 @@ fn array_to_py<'py>(py: Python<'py>, a: &Array) -> PyResult<Bound<'py, PyList>> 
 /// against the `gguf` package bit for bit).
 #[pyfunction]
 fn dequantize<'py>(py: Python<'py>, ggml_type: u32, data: &[u8], n: usize) -> PyResult<Bound<'py, PyBytes>> {
-    let ty = GgmlType::from_u32(ggml_type).ok_or_else(|| PyValueError::new_err(format!("unknown ggml type id {ggml_type}")))?;
+    let ty = GgmlType::from_u32(ggml_type)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown ggml type id {ggml_type}")))?;
     match ty.row_bytes(n) {
         Some(rb) if rb == data.len() => {}
-        _ => return Err(PyValueError::new_err(format!("{n} {} values need {:?} bytes, got {}", ty.name(), ty.row_bytes(n), data.len()))),
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "{n} {} values need {:?} bytes, got {}",
+                ty.name(),
+                ty.row_bytes(n),
+                data.len()
+            )))
+        }
     }
     let out = edgelm_core::quant::dequantize(ty, data, n);
     let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -524,7 +561,13 @@ fn read_bandwidth(py: Python<'_>, n_bytes: usize, n_threads: usize, reps: usize)
 #[pyo3(signature = (ordinal=0))]
 fn cuda_device<'py>(py: Python<'py>, ordinal: usize) -> PyResult<Bound<'py, pyo3::types::PyDict>> {
     let gpu = py
-        .detach(|| if ordinal == 0 { edgelm_core::cuda::probe().map_err(edgelm_core::error::Error::Cuda) } else { edgelm_core::cuda::Gpu::open(ordinal) })
+        .detach(|| {
+            if ordinal == 0 {
+                edgelm_core::cuda::probe().map_err(edgelm_core::error::Error::Cuda)
+            } else {
+                edgelm_core::cuda::Gpu::open(ordinal)
+            }
+        })
         .map_err(to_py)?;
     let (free, total) = gpu.mem_info().map_err(to_py)?;
     let d = pyo3::types::PyDict::new(py);

@@ -34,7 +34,11 @@ pub fn quantize_plan(input: PathBuf, ftype: &str, pure: bool) -> PyResult<Vec<Pl
     let opts = options(ftype, Some(1), pure)?;
     let gguf = edgelm_core::gguf::Gguf::open(&input).map_err(to_py)?;
     let plan = tools::plan(&gguf, &opts).map_err(to_py)?;
-    Ok(plan.tensors.into_iter().map(|p| (p.info.name, p.info.dims, p.info.ty.name(), p.to.name(), p.out_bytes)).collect())
+    Ok(plan
+        .tensors
+        .into_iter()
+        .map(|p| (p.info.name, p.info.dims, p.info.ty.name(), p.to.name(), p.out_bytes))
+        .collect())
 }
 
 /// Quantize a GGUF file (see edgelm-core `tools::quantize`). `progress(tensor,
@@ -58,7 +62,10 @@ pub fn quantize_file<'py>(
             Python::attach(|py| {
                 let r = py.check_signals().and_then(|()| match &progress {
                     Some(f) => f
-                        .call1(py, (p.tensor, p.n_tensors, p.name, p.from.name(), p.to.name(), p.done_bytes, p.total_bytes))
+                        .call1(
+                            py,
+                            (p.tensor, p.n_tensors, p.name, p.from.name(), p.to.name(), p.done_bytes, p.total_bytes),
+                        )
                         .map(|_| ()),
                     None => Ok(()),
                 });
@@ -143,7 +150,11 @@ fn value(key: &str, ty: &str, v: &Bound<'_, PyAny>) -> PyResult<Value> {
 /// Write a GGUF file: `kv` is [(key, type, value)], `tensors` is [(name, dims in ggml
 /// order, type name, bytes)]. Temporary file + rename; returns the file size.
 #[pyfunction]
-pub fn write_gguf(output: PathBuf, kv: Vec<(String, String, Bound<'_, PyAny>)>, tensors: Vec<(String, Vec<u64>, String, Bound<'_, PyBytes>)>) -> PyResult<u64> {
+pub fn write_gguf(
+    output: PathBuf,
+    kv: Vec<(String, String, Bound<'_, PyAny>)>,
+    tensors: Vec<(String, Vec<u64>, String, Bound<'_, PyBytes>)>,
+) -> PyResult<u64> {
     let mut w = GgufWriter::new();
     for (k, ty, v) in &kv {
         w.kv(k, value(k, ty, v)?);
@@ -155,7 +166,10 @@ pub fn write_gguf(output: PathBuf, kv: Vec<(String, String, Bound<'_, PyAny>)>, 
         let n_rows: u64 = dims.iter().skip(1).product();
         let want = dims.first().and_then(|&d0| t.row_bytes(d0 as usize)).map(|r| r as u64 * n_rows);
         if dims.is_empty() || want != Some(data.len() as u64) {
-            return Err(PyValueError::new_err(format!("tensor {name}: {dims:?} {ty} needs {want:?} bytes, got {}", data.len())));
+            return Err(PyValueError::new_err(format!(
+                "tensor {name}: {dims:?} {ty} needs {want:?} bytes, got {}",
+                data.len()
+            )));
         }
         w.tensor_sized(name, dims, t, data.len() as u64);
         sizes.push(data.len() as u64);
@@ -168,7 +182,10 @@ pub fn write_gguf(output: PathBuf, kv: Vec<(String, String, Bound<'_, PyAny>)>, 
 /// show what they hold.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
-pub fn inspect_gguf<'py>(py: Python<'py>, path: PathBuf) -> PyResult<(u32, usize, Bound<'py, PyDict>, Vec<(String, Vec<u64>, &'static str, u64)>)> {
+pub fn inspect_gguf<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(u32, usize, Bound<'py, PyDict>, Vec<(String, Vec<u64>, &'static str, u64)>)> {
     let g = edgelm_core::gguf::Gguf::open(&path).map_err(to_py)?;
     let md = PyDict::new(py);
     for (k, v) in g.metadata() {

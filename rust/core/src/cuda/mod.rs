@@ -101,10 +101,21 @@ struct Driver {
     func_set_attribute: unsafe extern "C" fn(CuFunction, c_int, c_int) -> CuResult,
     #[allow(clippy::type_complexity)]
     launch_kernel: unsafe extern "C" fn(
-        CuFunction, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, c_uint, CuStream, *mut *mut c_void, *mut *mut c_void,
+        CuFunction,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        c_uint,
+        CuStream,
+        *mut *mut c_void,
+        *mut *mut c_void,
     ) -> CuResult,
     /// cuLaunchKernelEx (CUDA 12.0+), for programmatic dependent launch.
-    launch_kernel_ex: Option<unsafe extern "C" fn(*const CuLaunchConfig, CuFunction, *mut *mut c_void, *mut *mut c_void) -> CuResult>,
+    launch_kernel_ex:
+        Option<unsafe extern "C" fn(*const CuLaunchConfig, CuFunction, *mut *mut c_void, *mut *mut c_void) -> CuResult>,
     mem_alloc: unsafe extern "C" fn(*mut CuDevicePtr, usize) -> CuResult,
     mem_free: unsafe extern "C" fn(CuDevicePtr) -> CuResult,
     memcpy_htod: unsafe extern "C" fn(CuDevicePtr, *const c_void, usize) -> CuResult,
@@ -167,7 +178,9 @@ impl Driver {
         let mut s: *const c_char = std::ptr::null();
         // SAFETY: cuGetErrorString writes a pointer to a static string (or leaves it null).
         unsafe { (self.get_error_string)(r, &mut s) };
-        let text = if s.is_null() { "unknown error".to_string() } else {
+        let text = if s.is_null() {
+            "unknown error".to_string()
+        } else {
             // SAFETY: a non-null result is a NUL-terminated static string.
             unsafe { CStr::from_ptr(s) }.to_string_lossy().into_owned()
         };
@@ -192,7 +205,12 @@ struct Nvrtc {
     _lib: libloading::Library,
     version: unsafe extern "C" fn(*mut c_int, *mut c_int) -> NvrtcResult,
     create_program: unsafe extern "C" fn(
-        *mut NvrtcProgram, *const c_char, *const c_char, c_int, *const *const c_char, *const *const c_char,
+        *mut NvrtcProgram,
+        *const c_char,
+        *const c_char,
+        c_int,
+        *const *const c_char,
+        *const *const c_char,
     ) -> NvrtcResult,
     compile_program: unsafe extern "C" fn(NvrtcProgram, c_int, *const *const c_char) -> NvrtcResult,
     get_program_log_size: unsafe extern "C" fn(NvrtcProgram, *mut usize) -> NvrtcResult,
@@ -247,7 +265,9 @@ impl Nvrtc {
         let opt_ptrs: Vec<*const c_char> = opts.iter().map(|o| o.as_ptr()).collect();
         let mut prog: NvrtcProgram = std::ptr::null_mut();
         // SAFETY: valid NUL-terminated strings; no headers are passed.
-        let r = unsafe { (self.create_program)(&mut prog, csrc.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null()) };
+        let r = unsafe {
+            (self.create_program)(&mut prog, csrc.as_ptr(), cname.as_ptr(), 0, std::ptr::null(), std::ptr::null())
+        };
         if r != 0 {
             return Err(cuda_err(format!("nvrtcCreateProgram failed ({r})")));
         }
@@ -318,7 +338,9 @@ fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("EDGELM_CUDA_CACHE") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")));
     base.unwrap_or_else(std::env::temp_dir).join("edgelm/cuda")
 }
 
@@ -374,10 +396,19 @@ impl Gpu {
             let mut dev: CuDevice = 0;
             drv.check((drv.device_get)(&mut dev, ordinal as c_int), "cuDeviceGet")?;
             let (mut major, mut minor, mut integ, mut sms) = (0, 0, 0, 0);
-            drv.check((drv.device_get_attribute)(&mut major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "attribute")?;
-            drv.check((drv.device_get_attribute)(&mut minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "attribute")?;
+            drv.check(
+                (drv.device_get_attribute)(&mut major, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev),
+                "attribute",
+            )?;
+            drv.check(
+                (drv.device_get_attribute)(&mut minor, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev),
+                "attribute",
+            )?;
             drv.check((drv.device_get_attribute)(&mut integ, CU_DEVICE_ATTRIBUTE_INTEGRATED, dev), "attribute")?;
-            drv.check((drv.device_get_attribute)(&mut sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev), "attribute")?;
+            drv.check(
+                (drv.device_get_attribute)(&mut sms, CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, dev),
+                "attribute",
+            )?;
             let mut name = [0 as c_char; 256];
             drv.check((drv.device_get_name)(name.as_mut_ptr(), 256, dev), "cuDeviceGetName")?;
             let name = CStr::from_ptr(name.as_ptr()).to_string_lossy().into_owned();
@@ -397,7 +428,9 @@ impl Gpu {
             drv.check((drv.module_load_data)(&mut module, cubin.as_ptr().cast()), "cuModuleLoadData (the kernels)")?;
             let mut stream: CuStream = std::ptr::null_mut();
             drv.check((drv.stream_create)(&mut stream, 0), "cuStreamCreate")?;
-            let pdl = arch >= 90 && drv.launch_kernel_ex.is_some() && std::env::var("EDGELM_CUDA_PDL").map_or(true, |v| v != "0");
+            let pdl = arch >= 90
+                && drv.launch_kernel_ex.is_some()
+                && std::env::var("EDGELM_CUDA_PDL").map_or(true, |v| v != "0");
             Ok(Arc::new(Gpu {
                 sms: sms.max(1) as u32,
                 pdl,
@@ -457,7 +490,13 @@ impl Gpu {
             // Their staging takes more than the 48 KiB a block gets without asking.
             const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES: c_int = 8;
             // SAFETY: a function of our module; an int attribute.
-            let r = unsafe { (self.drv.func_set_attribute)(f, CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, MAX_DYNAMIC_SHARED as c_int) };
+            let r = unsafe {
+                (self.drv.func_set_attribute)(
+                    f,
+                    CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    MAX_DYNAMIC_SHARED as c_int,
+                )
+            };
             self.drv.check(r, name)?;
         }
         cache.insert(name, f as usize);
@@ -500,7 +539,14 @@ impl Gpu {
 
     /// Launch `name` on a `grid` of `block`-thread blocks; `args` are pointers to
     /// each kernel parameter, in order (see `Arg`).
-    pub fn launch(&self, name: &'static str, grid: (u32, u32, u32), block: u32, shared: u32, args: &[Arg]) -> Result<()> {
+    pub fn launch(
+        &self,
+        name: &'static str,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<()> {
         self.bind()?;
         let f = self.func(name)?;
         let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
@@ -511,7 +557,11 @@ impl Gpu {
         // which is what cuLaunchKernel reads for parameters of at most that size.
         let r = match self.drv.launch_kernel_ex.filter(|_| self.pdl) {
             Some(launch_ex) => {
-                let mut attr = CuLaunchAttribute { id: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, pad: [0; 4], value: [0; 8] };
+                let mut attr = CuLaunchAttribute {
+                    id: CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+                    pad: [0; 4],
+                    value: [0; 8],
+                };
                 attr.value[0] = 1; // programmaticStreamSerializationAllowed (an int, little endian)
                 let cfg = CuLaunchConfig {
                     grid: [grid.0, grid.1, grid.2],
@@ -526,7 +576,19 @@ impl Gpu {
             }
             // SAFETY: see above.
             None => unsafe {
-                (self.drv.launch_kernel)(f, grid.0, grid.1, grid.2, block, 1, 1, shared, self.stream, ptrs.as_mut_ptr(), std::ptr::null_mut())
+                (self.drv.launch_kernel)(
+                    f,
+                    grid.0,
+                    grid.1,
+                    grid.2,
+                    block,
+                    1,
+                    1,
+                    shared,
+                    self.stream,
+                    ptrs.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
             },
         };
         self.drv.check(r, name)?;
@@ -561,12 +623,16 @@ impl Gpu {
     /// capture always ends, also when `f` fails); the graph replays them with one launch.
     pub fn capture(self: &Arc<Self>, f: impl FnOnce() -> Result<()>) -> Result<Graph> {
         self.bind()?;
-        // SAFETY: our stream; ended below on every path.
-        self.drv.check(unsafe { (self.drv.stream_begin_capture)(self.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) }, "cuStreamBeginCapture")?;
+        self.drv.check(
+            // SAFETY: our stream; ended below on every path.
+            unsafe { (self.drv.stream_begin_capture)(self.stream, CU_STREAM_CAPTURE_MODE_THREAD_LOCAL) },
+            "cuStreamBeginCapture",
+        )?;
         let r = f();
         let mut graph: CuGraph = std::ptr::null_mut();
         // SAFETY: ends the capture begun above.
-        let end = self.drv.check(unsafe { (self.drv.stream_end_capture)(self.stream, &mut graph) }, "cuStreamEndCapture");
+        let end =
+            self.drv.check(unsafe { (self.drv.stream_end_capture)(self.stream, &mut graph) }, "cuStreamEndCapture");
         r?;
         end?;
         let mut exec: CuGraphExec = std::ptr::null_mut();
@@ -648,11 +714,18 @@ impl DevBuf {
 
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<()> {
         if offset + data.len() > self.bytes {
-            return Err(cuda_err(format!("write of {} bytes at {offset} past a {}-byte buffer", data.len(), self.bytes)));
+            return Err(cuda_err(format!(
+                "write of {} bytes at {offset} past a {}-byte buffer",
+                data.len(),
+                self.bytes
+            )));
         }
         self.gpu.bind()?;
         // SAFETY: the range was checked against the allocation.
-        self.gpu.drv.check(unsafe { (self.gpu.drv.memcpy_htod)(self.ptr + offset as u64, data.as_ptr().cast(), data.len()) }, "cuMemcpyHtoD")
+        self.gpu.drv.check(
+            unsafe { (self.gpu.drv.memcpy_htod)(self.ptr + offset as u64, data.as_ptr().cast(), data.len()) },
+            "cuMemcpyHtoD",
+        )
     }
 
     pub fn read(&self, offset: usize, out: &mut [u8]) -> Result<()> {
@@ -661,7 +734,10 @@ impl DevBuf {
         }
         self.gpu.bind()?;
         // SAFETY: the range was checked against the allocation.
-        self.gpu.drv.check(unsafe { (self.gpu.drv.memcpy_dtoh)(out.as_mut_ptr().cast(), self.ptr + offset as u64, out.len()) }, "cuMemcpyDtoH")
+        self.gpu.drv.check(
+            unsafe { (self.gpu.drv.memcpy_dtoh)(out.as_mut_ptr().cast(), self.ptr + offset as u64, out.len()) },
+            "cuMemcpyDtoH",
+        )
     }
 
     pub fn read_f32(&self, n: usize) -> Result<Vec<f32>> {

@@ -135,7 +135,14 @@ struct GpuLayer {
 
 /// A layer's feed-forward weights on the device (see `model::Ffn`).
 enum GpuFfn {
-    Dense { gate: GpuWeight, up: GpuWeight, down: GpuWeight, b_gate: Option<DevBuf>, b_up: Option<DevBuf>, b_down: Option<DevBuf> },
+    Dense {
+        gate: GpuWeight,
+        up: GpuWeight,
+        down: GpuWeight,
+        b_gate: Option<DevBuf>,
+        b_up: Option<DevBuf>,
+        b_down: Option<DevBuf>,
+    },
     /// The router, and the stacked experts (`[n_expert * rows][cols]`, as in the file).
     Moe { router: GpuWeight, gate: GpuWeight, up: GpuWeight, down: GpuWeight },
 }
@@ -191,13 +198,24 @@ struct Input<'a> {
 /// q[t][c] (int8) and d[t][c / 32] (f32 pairs: scale, scale × quant sum) from the f32
 /// rows x[t][c], t < n_tok: the decode kernel's activations.
 fn quantize_input(gpu: &Arc<Gpu>, x: &DevBuf, cols: usize, n_tok: usize, q: &DevBuf, d: &DevBuf) -> Result<()> {
-    gpu.launch("quantize_q8", (cols.div_ceil(256) as u32, n_tok as u32, 1), 256, 0, &[
-        x.arg(), Arg::I32(cols as i32), Arg::I32(cols as i32), q.arg(), d.arg(),
-    ])
+    gpu.launch(
+        "quantize_q8",
+        (cols.div_ceil(256) as u32, n_tok as u32, 1),
+        256,
+        0,
+        &[x.arg(), Arg::I32(cols as i32), Arg::I32(cols as i32), q.arg(), d.arg()],
+    )
 }
 
 /// `x` as a matrix input, also quantized into `xq`, `xd`.
-fn prepare_input<'a>(gpu: &Arc<Gpu>, x: &'a DevBuf, cols: usize, n_tok: usize, xq: &'a DevBuf, xd: &'a DevBuf) -> Result<Input<'a>> {
+fn prepare_input<'a>(
+    gpu: &Arc<Gpu>,
+    x: &'a DevBuf,
+    cols: usize,
+    n_tok: usize,
+    xq: &'a DevBuf,
+    xd: &'a DevBuf,
+) -> Result<Input<'a>> {
     quantize_input(gpu, x, cols, n_tok, xq, xd)?;
     Ok(Input { x, q8: Some((xq, xd)) })
 }
@@ -237,7 +255,13 @@ pub fn decode_takes_mmvq(ty: GgmlType, count: usize, mmq_from: usize) -> bool {
 /// `launch_matmul` for several matrices with the same input (q, k, v; gate, up): runs
 /// of decode tokens that take `mmvq` do all of them (up to three) in one launch, with
 /// the results of separate launches.
-fn launch_matmuls(gpu: &Arc<Gpu>, ws: &[(&GpuWeight, &DevBuf)], x: Input<'_>, runs: &[Run], mmq_from: usize) -> Result<()> {
+fn launch_matmuls(
+    gpu: &Arc<Gpu>,
+    ws: &[(&GpuWeight, &DevBuf)],
+    x: Input<'_>,
+    runs: &[Run],
+    mmq_from: usize,
+) -> Result<()> {
     let cols = ws[0].0.cols;
     for &(first, count, solo) in runs {
         let run = [(first, count, solo)];
@@ -259,12 +283,22 @@ fn launch_matmuls(gpu: &Arc<Gpu>, ws: &[(&GpuWeight, &DevBuf)], x: Input<'_>, ru
             _ => ("mmvq8", 8, 2),
         };
         for group in ws.chunks(3) {
-            let mut args = vec![Arg::I32(cols as i32), xq.at(first * cols), xd.at(first * (cols / 32) * 8), Arg::I32(count as i32)];
+            let mut args = vec![
+                Arg::I32(cols as i32),
+                xq.at(first * cols),
+                xd.at(first * (cols / 32) * 8),
+                Arg::I32(count as i32),
+            ];
             let mut blocks = 0;
             for k in 0..3 {
                 match group.get(k) {
                     Some(&(w, y)) => {
-                        args.extend([Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32)]);
+                        args.extend([
+                            Arg::I32(w.ty as i32),
+                            w.buf.arg(),
+                            Arg::U64(w.row_bytes as u64),
+                            Arg::I32(w.rows as i32),
+                        ]);
                         args.extend([y.at(first * w.rows * 4), Arg::I32(w.rows as i32)]);
                         blocks += w.rows.div_ceil(4 * rpw);
                     }
@@ -294,7 +328,11 @@ fn mmq_stage_pitch(ty: GgmlType) -> usize {
         _ => 8 * 34,
     };
     let p16 = bytes.next_multiple_of(16);
-    if (p16 / 4) % 8 == 4 { p16 } else { p16 + 16 }
+    if (p16 / 4) % 8 == 4 {
+        p16
+    } else {
+        p16 + 16
+    }
 }
 
 /// Dynamic shared memory of an `mmq` block of 16·rt rows × 8·mt tokens (kernels.cu
@@ -335,7 +373,11 @@ fn mmq_tile(sms: usize, ty: GgmlType, rows: usize, n: usize) -> (&'static str, u
         };
         // Only the 32-token blocks come in more than one height.
         let fill = 2 * sms;
-        let rt = if mt < 4 { 1 } else { [4, 2].into_iter().find(|&rt| rows.div_ceil(16 * rt) * n.div_ceil(8 * mt) >= fill).unwrap_or(1) };
+        let rt = if mt < 4 {
+            1
+        } else {
+            [4, 2].into_iter().find(|&rt| rows.div_ceil(16 * rt) * n.div_ceil(8 * mt) >= fill).unwrap_or(1)
+        };
         (rt, mt)
     };
     // The variants kernels.cu has; the K-quants' 4x4 is its own kernel (`k44_blocks`).
@@ -362,7 +404,14 @@ fn k44_blocks() -> usize {
     })
 }
 
-fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run], y: &DevBuf, mmq_from: usize) -> Result<()> {
+fn launch_matmul_with(
+    gpu: &Arc<Gpu>,
+    w: &GpuWeight,
+    x: Input<'_>,
+    runs: &[Run],
+    y: &DevBuf,
+    mmq_from: usize,
+) -> Result<()> {
     for &(first, count, solo) in runs {
         if int8_decode(w.ty) {
             let Some((xq, xd)) = x.q8 else {
@@ -373,22 +422,49 @@ fn launch_matmul_with(gpu: &Arc<Gpu>, w: &GpuWeight, x: Input<'_>, runs: &[Run],
                 continue;
             }
             let (name, rt, mt) = mmq_tile(gpu.sms as usize, w.ty, w.rows, count);
-            gpu.launch(name, (w.rows.div_ceil(16 * rt) as u32, count.div_ceil(8 * mt) as u32, 1), 256, mmq_shared(w.ty, rt, mt), &[
-                Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32), Arg::I32(w.cols as i32),
-                xq.at(first * w.cols), xd.at(first * (w.cols / 32) * 8), Arg::I32(count as i32), y.at(first * w.rows * 4),
-                Arg::I32(w.rows as i32),
-            ])?;
+            gpu.launch(
+                name,
+                (w.rows.div_ceil(16 * rt) as u32, count.div_ceil(8 * mt) as u32, 1),
+                256,
+                mmq_shared(w.ty, rt, mt),
+                &[
+                    Arg::I32(w.ty as i32),
+                    w.buf.arg(),
+                    Arg::U64(w.row_bytes as u64),
+                    Arg::I32(w.rows as i32),
+                    Arg::I32(w.cols as i32),
+                    xq.at(first * w.cols),
+                    xd.at(first * (w.cols / 32) * 8),
+                    Arg::I32(count as i32),
+                    y.at(first * w.rows * 4),
+                    Arg::I32(w.rows as i32),
+                ],
+            )?;
             continue;
         }
-        let (name, starts, grid_y) = if solo { ("mmv", MMV_TOK, 1) } else { ("mmt", count.max(1), count.div_ceil(64) as u32) };
+        let (name, starts, grid_y) =
+            if solo { ("mmv", MMV_TOK, 1) } else { ("mmt", count.max(1), count.div_ceil(64) as u32) };
         let grid_x = if solo { w.rows.div_ceil(8) } else { w.rows.div_ceil(64) } as u32;
         for t0 in (first..first + count).step_by(starts) {
             let nt = starts.min(first + count - t0);
-            gpu.launch(name, (grid_x, grid_y, 1), 256, 0, &[
-                Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(w.rows as i32),
-                Arg::I32(w.cols as i32), x.x.at(t0 * w.cols * 4), Arg::I32(nt as i32), Arg::I32(w.cols as i32),
-                y.at(t0 * w.rows * 4), Arg::I32(w.rows as i32),
-            ])?;
+            gpu.launch(
+                name,
+                (grid_x, grid_y, 1),
+                256,
+                0,
+                &[
+                    Arg::I32(w.ty as i32),
+                    w.buf.arg(),
+                    Arg::U64(w.row_bytes as u64),
+                    Arg::I32(w.rows as i32),
+                    Arg::I32(w.cols as i32),
+                    x.x.at(t0 * w.cols * 4),
+                    Arg::I32(nt as i32),
+                    Arg::I32(w.cols as i32),
+                    y.at(t0 * w.rows * 4),
+                    Arg::I32(w.rows as i32),
+                ],
+            )?;
         }
     }
     Ok(())
@@ -506,20 +582,38 @@ impl GpuModel {
             return Err(Error::Cuda(format!("{} is an encoder; encoders run on the CPU", m.cfg.arch.name())));
         }
         if m.cfg.head_dim_v > 4 * 128 {
-            return Err(Error::Cuda(format!("value head size {} is larger than the attention kernel takes (512)", m.cfg.head_dim_v)));
+            return Err(Error::Cuda(format!(
+                "value head size {} is larger than the attention kernel takes (512)",
+                m.cfg.head_dim_v
+            )));
         }
         // The feed-forward matrices of a layer, by name (the MoE router first).
         let ffn_mats = |l: &crate::model::Layer| -> Vec<(&'static str, Weight)> {
             match &l.ffn {
-                Ffn::Dense { gate, up, down, .. } => vec![("ffn_gate", gate.clone()), ("ffn_up", up.clone()), ("ffn_down", down.clone())],
-                Ffn::Moe(x) => vec![("ffn_gate_inp", x.router.clone()), ("ffn_gate_exps", x.gate.clone()), ("ffn_up_exps", x.up.clone()), ("ffn_down_exps", x.down.clone())],
+                Ffn::Dense { gate, up, down, .. } => {
+                    vec![("ffn_gate", gate.clone()), ("ffn_up", up.clone()), ("ffn_down", down.clone())]
+                }
+                Ffn::Moe(x) => vec![
+                    ("ffn_gate_inp", x.router.clone()),
+                    ("ffn_gate_exps", x.gate.clone()),
+                    ("ffn_up_exps", x.up.clone()),
+                    ("ffn_down_exps", x.down.clone()),
+                ],
             }
         };
         for (i, l) in m.layers.iter().enumerate() {
-            let attn = [("attn_q", l.wq.clone()), ("attn_k", l.wk.clone()), ("attn_v", l.wv.clone()), ("attn_output", l.wo.clone())];
+            let attn = [
+                ("attn_q", l.wq.clone()),
+                ("attn_k", l.wk.clone()),
+                ("attn_v", l.wv.clone()),
+                ("attn_output", l.wo.clone()),
+            ];
             for (n, w) in attn.into_iter().chain(ffn_mats(l)) {
                 if !GPU_TYPES.contains(&w.ty) {
-                    return Err(Error::Cuda(format!("blk.{i}.{n}.weight is {:?}, which the CUDA kernels do not decode", w.ty)));
+                    return Err(Error::Cuda(format!(
+                        "blk.{i}.{n}.weight is {:?}, which the CUDA kernels do not decode",
+                        w.ty
+                    )));
                 }
                 // The experts go through the int8 kernels only (`mmq_moe`, `mmvq_moe`).
                 if n.ends_with("_exps") && !int8_decode(w.ty) {
@@ -542,7 +636,10 @@ impl GpuModel {
             GpuWeight::upload(gpu, w, name)
         };
         let int8 = int8_decode(m.output.ty)
-            || m.layers.iter().any(|l| [&l.wq, &l.wk, &l.wv, &l.wo].iter().any(|w| int8_decode(w.ty)) || ffn_mats(l).iter().any(|(_, w)| int8_decode(w.ty)));
+            || m.layers.iter().any(|l| {
+                [&l.wq, &l.wk, &l.wv, &l.wo].iter().any(|w| int8_decode(w.ty))
+                    || ffn_mats(l).iter().any(|(_, w)| int8_decode(w.ty))
+            });
         let tok_embd = up(&m.tok_embd, "token_embd.weight")?;
         let output = up(&m.output, "output.weight")?;
         let mut layers = Vec::with_capacity(m.layers.len());
@@ -603,7 +700,8 @@ impl GpuModel {
 
     pub fn new_kv(&self, n_blocks: usize, block_size: usize) -> Result<GpuKv> {
         let c = &self.cfg;
-        let shape = KvShape { n_layer: c.n_layer, n_blocks, block_size, kv_dim_k: c.kv_dim_k(), kv_dim_v: c.kv_dim_v() };
+        let shape =
+            KvShape { n_layer: c.n_layer, n_blocks, block_size, kv_dim_k: c.kv_dim_k(), kv_dim_v: c.kv_dim_v() };
         let slots = n_blocks * block_size;
         let mut k = Vec::with_capacity(c.n_layer);
         let mut v = Vec::with_capacity(c.n_layer);
@@ -620,7 +718,13 @@ impl GpuModel {
     }
 
     fn rms_norm(&self, x: &DevBuf, w: &DevBuf, y: &DevBuf, rows: usize, n: usize) -> Result<()> {
-        self.gpu.launch("rms_norm", (rows as u32, 1, 1), 256, 0, &[x.arg(), w.arg(), y.arg(), Arg::I32(n as i32), Arg::F32(self.cfg.rms_eps)])
+        self.gpu.launch(
+            "rms_norm",
+            (rows as u32, 1, 1),
+            256,
+            0,
+            &[x.arg(), w.arg(), y.arg(), Arg::I32(n as i32), Arg::F32(self.cfg.rms_eps)],
+        )
     }
 
     fn elementwise(&self, name: &'static str, n: usize, args: &[Arg]) -> Result<()> {
@@ -629,7 +733,11 @@ impl GpuModel {
 
     fn add_bias(&self, x: &DevBuf, b: &Option<DevBuf>, width: usize, n_tok: usize) -> Result<()> {
         if let Some(b) = b {
-            self.elementwise("add_bias", width * n_tok, &[x.arg(), b.arg(), Arg::I32(width as i32), Arg::I32((width * n_tok) as i32)])?;
+            self.elementwise(
+                "add_bias",
+                width * n_tok,
+                &[x.arg(), b.arg(), Arg::I32(width as i32), Arg::I32((width * n_tok) as i32)],
+            )?;
         }
         Ok(())
     }
@@ -649,7 +757,10 @@ impl GpuModel {
         let mut runs: Vec<Run> = Vec::new();
         for s in seqs {
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= c.n_vocab) {
-                return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {} tokens)", c.n_vocab)));
+                return Err(Error::invalid(format!(
+                    "token id {bad} is out of range (vocabulary has {} tokens)",
+                    c.n_vocab
+                )));
             }
             let n_pos = s.pos + s.tokens.len();
             kv.shape.check_table(s.block_table, n_pos)?;
@@ -705,18 +816,35 @@ impl GpuModel {
         let wide = e.max(ad).max(c.n_ff);
         // Mixture of experts: n_pairs (token, slot) pairs a layer, each a row of the
         // experts' products; `moe_tiles` their tiles for `mmq_moe`.
-        let (n_pairs, n_ff_exp, n_expert) = c.moe.as_ref().map_or((0, 0, 0), |m| (n_tok * m.n_expert_used, m.n_ff_exp, m.n_expert));
+        let (n_pairs, n_ff_exp, n_expert) =
+            c.moe.as_ref().map_or((0, 0, 0), |m| (n_tok * m.n_expert_used, m.n_ff_exp, m.n_expert));
         let (moe_mt, moe_tiles) = moe_tiles(n_pairs, n_expert);
         let ffn_rows = (n_tok * c.n_ff).max(n_pairs * n_ff_exp);
         let q8_rows = (n_tok.max(n_out) * wide).max(n_pairs * n_ff_exp);
-        kv.ensure(gpu, &[
-            (S_X, n_tok * e * 4), (S_H, n_tok * e * 4), (S_Q, n_tok * qd * 4), (S_K, n_tok * kd * 4), (S_V, n_tok * vd * 4),
-            (S_ATT, n_tok * ad * 4), (S_O, n_tok * e * 4), (S_G, ffn_rows * 4), (S_U, ffn_rows * 4),
-            (S_INPUTS, (4 * n_tok + n_out + tables.len() + tiles.len()) * 4), (S_XS, n_out * e * 4), (S_LOGITS, n_out * (c.n_vocab + 3) * 4),
-            (S_XQ, q8_rows), (S_XD, q8_rows / 32 * 8),
-            (S_MLOG, n_tok * n_expert * 4), (S_MOE, (5 * n_pairs + 3 * moe_tiles) * 4), (S_GQ, n_pairs * e), (S_GD, n_pairs * e / 32 * 8),
-            (S_MD, n_pairs * e * 4),
-        ])?;
+        kv.ensure(
+            gpu,
+            &[
+                (S_X, n_tok * e * 4),
+                (S_H, n_tok * e * 4),
+                (S_Q, n_tok * qd * 4),
+                (S_K, n_tok * kd * 4),
+                (S_V, n_tok * vd * 4),
+                (S_ATT, n_tok * ad * 4),
+                (S_O, n_tok * e * 4),
+                (S_G, ffn_rows * 4),
+                (S_U, ffn_rows * 4),
+                (S_INPUTS, (4 * n_tok + n_out + tables.len() + tiles.len()) * 4),
+                (S_XS, n_out * e * 4),
+                (S_LOGITS, n_out * (c.n_vocab + 3) * 4),
+                (S_XQ, q8_rows),
+                (S_XD, q8_rows / 32 * 8),
+                (S_MLOG, n_tok * n_expert * 4),
+                (S_MOE, (5 * n_pairs + 3 * moe_tiles) * 4),
+                (S_GQ, n_pairs * e),
+                (S_GD, n_pairs * e / 32 * 8),
+                (S_MD, n_pairs * e * 4),
+            ],
+        )?;
         let GpuKv { k: kv_k, v: kv_v, scratch, graphs, .. } = kv;
         let sc = &*scratch;
         // The step's inputs in one copy (each a synchronous transfer otherwise): ids,
@@ -735,9 +863,11 @@ impl GpuModel {
         let inp = &sc[S_INPUTS];
         inp.write(0, as_bytes(&packed))?;
         let at = |k: usize| inp.at(k * 4);
-        let (d_ids, d_pos, d_slot, d_tok_table, d_idx, d_tables) = (at(0), at(n_tok), at(2 * n_tok), at(3 * n_tok), at(4 * n_tok), at(4 * n_tok + n_out));
+        let (d_ids, d_pos, d_slot, d_tok_table, d_idx, d_tables) =
+            (at(0), at(n_tok), at(2 * n_tok), at(3 * n_tok), at(4 * n_tok), at(4 * n_tok + n_out));
         let tiles_at = 4 * n_tok + n_out + tables.len();
-        let (x, h, q, k, v, att, o, g, u) = (&sc[S_X], &sc[S_H], &sc[S_Q], &sc[S_K], &sc[S_V], &sc[S_ATT], &sc[S_O], &sc[S_G], &sc[S_U]);
+        let (x, h, q, k, v, att, o, g, u) =
+            (&sc[S_X], &sc[S_H], &sc[S_Q], &sc[S_K], &sc[S_V], &sc[S_ATT], &sc[S_O], &sc[S_G], &sc[S_U]);
         let (xq, xd) = (&sc[S_XQ], &sc[S_XD]);
         // A matrix input, quantized into the one int8 scratch (inputs are used in turn).
         let input = |buf, cols, rows| prepare_input(gpu, buf, cols, rows, xq, xd);
@@ -749,188 +879,378 @@ impl GpuModel {
         let fused = |buf| Input { x: buf, q8: int8.then_some((xq, xd)) };
 
         let launches = || -> Result<()> {
-        // embed
-        gpu.launch("get_rows", (n_tok as u32, 1, 1), 128, 0, &[
-            Arg::I32(self.tok_embd.ty as i32),
-            self.tok_embd.buf.arg(),
-            Arg::U64(self.tok_embd.row_bytes as u64),
-            d_ids,
-            Arg::I32(e as i32),
-            Arg::F32(c.embd_scale.unwrap_or(1.0)),
-            x.arg(),
-        ])?;
-        let ff = self.rope_freqs.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
-        // The residual add of a block's output goes with the next norm, in one kernel.
-        // (The first layer's norm has no residual to add: o = null.)
-        // Granite scales each block's output before the residual add.
-        let res_scale = c.residual_scale.unwrap_or(1.0);
-        let add_norm = |w: &DevBuf, first: bool| {
-            // 1024 threads: a decode step has one row a token, and a row of a few
-            // thousand is otherwise a long serial loop on one multiprocessor.
-            gpu.launch("add_rms_norm", (n_tok as u32, 1, 1), 1024, 0, &[
-                x.arg(), if first { Arg::Ptr(0) } else { o.arg() }, w.arg(), h.arg(), Arg::I32(e as i32), Arg::F32(c.rms_eps),
-                q8_args[0], q8_args[1], Arg::F32(res_scale),
-            ])
-        };
-        // Phi-3 scales Q before attention; here the scores (the same product).
-        let att_scale = c.attn_scale * c.q_scale.unwrap_or(1.0);
-        for (il, l) in self.layers.iter().enumerate() {
-            // attention block
-            add_norm(&l.attn_norm, il == 0)?; // + the previous layer's feed-forward output
-            let hin = fused(h);
-            launch_matmuls(gpu, &[(&l.wq, q), (&l.wk, k), (&l.wv, v)], hin, &runs, mmq_min())?;
-            self.add_bias(q, &l.bq, qd, n_tok)?;
-            self.add_bias(k, &l.bk, kd, n_tok)?;
-            self.add_bias(v, &l.bv, vd, n_tok)?;
-            if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
-                self.rms_norm(q, qn, q, n_tok * c.n_head, c.head_dim)?;
-                self.rms_norm(k, kn, k, n_tok * c.n_head_kv, c.head_dim)?;
-            }
-            let swa = c.swa_layers[il];
-            let base = if swa { c.rope_base_swa } else { c.rope_base };
-            let theta_scale = base.powf(-2.0 / c.n_rot as f32);
-            gpu.launch("rope_kv", (n_tok as u32, 1, 1), 512, 0, &[
-                q.arg(), k.arg(), v.arg(), kv_k[il].arg(), kv_v[il].arg(), d_pos, d_slot,
-                Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
-                Arg::I32(if c.use_rope { c.n_rot as i32 } else { 0 }), Arg::F32(theta_scale), Arg::I32(c.rope_neox as i32), ff,
-                Arg::F32(if swa { 1.0 } else { c.rope_freq_scale }), Arg::F32(c.rope_attn_factor),
-            ])?;
-            let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
-            if let Some((names, hg)) = attn_tok_kernel(c) {
-                // Decode tokens and prompt tokens each take their kernel (see kernels.cu; attn_dec
-                // runs 16 warps for head sizes up to 128, else 8).
-                for (&(first, count, solo), &(tile0, n_tiles)) in runs.iter().zip(&run_tiles) {
-                    if let (false, Some(fa)) = (solo, fa) {
-                        gpu.launch(fa, (c.n_head_kv as u32, n_tiles as u32, 1), 32 * (c.n_head / c.n_head_kv) as u32, 0, &[
-                            q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
-                            Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
-                            Arg::F32(att_scale), q8_args[0], q8_args[1], at(tiles_at + 2 * tile0),
-                        ])?;
-                        continue;
+            // embed
+            gpu.launch(
+                "get_rows",
+                (n_tok as u32, 1, 1),
+                128,
+                0,
+                &[
+                    Arg::I32(self.tok_embd.ty as i32),
+                    self.tok_embd.buf.arg(),
+                    Arg::U64(self.tok_embd.row_bytes as u64),
+                    d_ids,
+                    Arg::I32(e as i32),
+                    Arg::F32(c.embd_scale.unwrap_or(1.0)),
+                    x.arg(),
+                ],
+            )?;
+            let ff = self.rope_freqs.as_ref().map_or(Arg::Ptr(0), |b| b.arg());
+            // The residual add of a block's output goes with the next norm, in one kernel.
+            // (The first layer's norm has no residual to add: o = null.)
+            // Granite scales each block's output before the residual add.
+            let res_scale = c.residual_scale.unwrap_or(1.0);
+            let add_norm = |w: &DevBuf, first: bool| {
+                // 1024 threads: a decode step has one row a token, and a row of a few
+                // thousand is otherwise a long serial loop on one multiprocessor.
+                gpu.launch(
+                    "add_rms_norm",
+                    (n_tok as u32, 1, 1),
+                    1024,
+                    0,
+                    &[
+                        x.arg(),
+                        if first { Arg::Ptr(0) } else { o.arg() },
+                        w.arg(),
+                        h.arg(),
+                        Arg::I32(e as i32),
+                        Arg::F32(c.rms_eps),
+                        q8_args[0],
+                        q8_args[1],
+                        Arg::F32(res_scale),
+                    ],
+                )
+            };
+            // Phi-3 scales Q before attention; here the scores (the same product).
+            let att_scale = c.attn_scale * c.q_scale.unwrap_or(1.0);
+            for (il, l) in self.layers.iter().enumerate() {
+                // attention block
+                add_norm(&l.attn_norm, il == 0)?; // + the previous layer's feed-forward output
+                let hin = fused(h);
+                launch_matmuls(gpu, &[(&l.wq, q), (&l.wk, k), (&l.wv, v)], hin, &runs, mmq_min())?;
+                self.add_bias(q, &l.bq, qd, n_tok)?;
+                self.add_bias(k, &l.bk, kd, n_tok)?;
+                self.add_bias(v, &l.bv, vd, n_tok)?;
+                if let (Some(qn), Some(kn)) = (&l.q_norm, &l.k_norm) {
+                    self.rms_norm(q, qn, q, n_tok * c.n_head, c.head_dim)?;
+                    self.rms_norm(k, kn, k, n_tok * c.n_head_kv, c.head_dim)?;
+                }
+                let swa = c.swa_layers[il];
+                let base = if swa { c.rope_base_swa } else { c.rope_base };
+                let theta_scale = base.powf(-2.0 / c.n_rot as f32);
+                gpu.launch(
+                    "rope_kv",
+                    (n_tok as u32, 1, 1),
+                    512,
+                    0,
+                    &[
+                        q.arg(),
+                        k.arg(),
+                        v.arg(),
+                        kv_k[il].arg(),
+                        kv_v[il].arg(),
+                        d_pos,
+                        d_slot,
+                        Arg::I32(c.n_head as i32),
+                        Arg::I32(c.n_head_kv as i32),
+                        Arg::I32(c.head_dim as i32),
+                        Arg::I32(c.head_dim_v as i32),
+                        Arg::I32(if c.use_rope { c.n_rot as i32 } else { 0 }),
+                        Arg::F32(theta_scale),
+                        Arg::I32(c.rope_neox as i32),
+                        ff,
+                        Arg::F32(if swa { 1.0 } else { c.rope_freq_scale }),
+                        Arg::F32(c.rope_attn_factor),
+                    ],
+                )?;
+                let window = if swa { c.swa_window.unwrap_or(0) } else { 0 };
+                if let Some((names, hg)) = attn_tok_kernel(c) {
+                    // Decode tokens and prompt tokens each take their kernel (see kernels.cu; attn_dec
+                    // runs 16 warps for head sizes up to 128, else 8).
+                    for (&(first, count, solo), &(tile0, n_tiles)) in runs.iter().zip(&run_tiles) {
+                        if let (false, Some(fa)) = (solo, fa) {
+                            gpu.launch(
+                                fa,
+                                (c.n_head_kv as u32, n_tiles as u32, 1),
+                                32 * (c.n_head / c.n_head_kv) as u32,
+                                0,
+                                &[
+                                    q.arg(),
+                                    kv_k[il].arg(),
+                                    kv_v[il].arg(),
+                                    d_tables,
+                                    d_tok_table,
+                                    d_pos,
+                                    att.arg(),
+                                    Arg::I32(c.n_head as i32),
+                                    Arg::I32(c.n_head_kv as i32),
+                                    Arg::I32(bs as i32),
+                                    Arg::I32(window as i32),
+                                    Arg::F32(att_scale),
+                                    q8_args[0],
+                                    q8_args[1],
+                                    at(tiles_at + 2 * tile0),
+                                ],
+                            )?;
+                            continue;
+                        }
+                        gpu.launch(
+                            names[solo as usize],
+                            ((c.n_head / hg) as u32, count as u32, 1),
+                            if solo && c.head_dim <= 128 { 512 } else { 256 },
+                            0,
+                            &[
+                                q.arg(),
+                                kv_k[il].arg(),
+                                kv_v[il].arg(),
+                                d_tables,
+                                d_tok_table,
+                                d_pos,
+                                att.arg(),
+                                Arg::I32(c.n_head as i32),
+                                Arg::I32(c.n_head_kv as i32),
+                                Arg::I32(bs as i32),
+                                Arg::I32(window as i32),
+                                Arg::F32(att_scale),
+                                Arg::I32(hg as i32),
+                                q8_args[0],
+                                q8_args[1],
+                                Arg::I32(first as i32),
+                            ],
+                        )?;
                     }
-                    gpu.launch(names[solo as usize], ((c.n_head / hg) as u32, count as u32, 1), if solo && c.head_dim <= 128 { 512 } else { 256 }, 0, &[
-                        q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
-                        Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(bs as i32), Arg::I32(window as i32),
-                        Arg::F32(att_scale), Arg::I32(hg as i32), q8_args[0], q8_args[1], Arg::I32(first as i32),
-                    ])?;
+                } else {
+                    gpu.launch(
+                        "attention",
+                        (c.n_head as u32, n_tok as u32, 1),
+                        128,
+                        ((c.head_dim + 1024) * 4) as u32,
+                        &[
+                            q.arg(),
+                            kv_k[il].arg(),
+                            kv_v[il].arg(),
+                            d_tables,
+                            d_tok_table,
+                            d_pos,
+                            att.arg(),
+                            Arg::I32(c.n_head as i32),
+                            Arg::I32(c.n_head_kv as i32),
+                            Arg::I32(c.head_dim as i32),
+                            Arg::I32(c.head_dim_v as i32),
+                            Arg::I32(bs as i32),
+                            Arg::I32(window as i32),
+                            Arg::F32(att_scale),
+                        ],
+                    )?;
                 }
-            } else {
-                gpu.launch("attention", (c.n_head as u32, n_tok as u32, 1), 128, ((c.head_dim + 1024) * 4) as u32, &[
-                    q.arg(), kv_k[il].arg(), kv_v[il].arg(), d_tables, d_tok_table, d_pos, att.arg(),
-                    Arg::I32(c.n_head as i32), Arg::I32(c.n_head_kv as i32), Arg::I32(c.head_dim as i32), Arg::I32(c.head_dim_v as i32),
-                    Arg::I32(bs as i32), Arg::I32(window as i32), Arg::F32(att_scale),
-                ])?;
-            }
-            let ain = if attn_tok_kernel(c).is_some() || !int8 { fused(att) } else { input(att, ad, n_tok)? };
-            self.matmul(&l.wo, ain, &runs, o)?;
-            self.add_bias(o, &l.bo, e, n_tok)?;
-            if let Some(pn) = &l.post_attn_norm {
-                self.rms_norm(o, pn, o, n_tok, e)?;
-            }
+                let ain = if attn_tok_kernel(c).is_some() || !int8 { fused(att) } else { input(att, ad, n_tok)? };
+                self.matmul(&l.wo, ain, &runs, o)?;
+                self.add_bias(o, &l.bo, e, n_tok)?;
+                if let Some(pn) = &l.post_attn_norm {
+                    self.rms_norm(o, pn, o, n_tok, e)?;
+                }
 
-            // feed-forward block
-            add_norm(&l.ffn_norm, false)?;
-            let hin = fused(h);
-            match &l.ffn {
-                GpuFfn::Dense { gate, up, down, b_gate, b_up, b_down } => {
-                    launch_matmuls(gpu, &[(gate, g), (up, u)], hin, &runs, mmq_min())?;
-                    self.add_bias(g, b_gate, c.n_ff, n_tok)?;
-                    self.add_bias(u, b_up, c.n_ff, n_tok)?;
-                    let gelu = matches!(c.arch, Arch::Gemma3) as i32;
-                    self.elementwise("glu", n_tok * c.n_ff, &[
-                        g.arg(), u.arg(), Arg::I32((n_tok * c.n_ff) as i32), Arg::I32(gelu), Arg::I32(c.n_ff as i32), q8_args[0], q8_args[1],
-                    ])?;
-                    self.matmul(down, fused(g), &runs, o)?;
-                    self.add_bias(o, b_down, e, n_tok)?;
-                }
-                GpuFfn::Moe { router, gate, up, down } => {
-                    let m = c.moe.as_ref().expect("MoE layers have a MoE config");
-                    let (k, f) = (m.n_expert_used, m.n_ff_exp);
-                    let (mlog, mi, gq, gd, md) = (&sc[S_MLOG], &sc[S_MOE], &sc[S_GQ], &sc[S_GD], &sc[S_MD]);
-                    // The routing's ints: ids, weights, sorted, inv, sexp [n_pairs each], tiles.
-                    let part = |i: usize| mi.at(i * n_pairs * 4);
-                    let (ids, wts, sorted, inv, sexp, mtiles) = (part(0), part(1), part(2), part(3), part(4), part(5));
-                    self.matmul(router, hin, &runs, mlog)?;
-                    gpu.launch("moe_route", (n_tok as u32, 1, 1), 32, 0, &[
-                        mlog.arg(), Arg::I32(m.n_expert as i32), Arg::I32(k as i32), Arg::I32(m.norm_weights as i32),
-                        Arg::F32(m.weights_scale), ids, wts,
-                    ])?;
-                    gpu.launch("moe_sort", (1, 1, 1), 1024, 0, &[
-                        ids, Arg::I32(n_pairs as i32), Arg::I32(m.n_expert as i32), Arg::I32((8 * moe_mt) as i32),
-                        Arg::I32(moe_tiles as i32), sorted, inv, sexp, mtiles,
-                    ])?;
-                    gpu.launch("moe_gather_q8", (n_pairs as u32, 1, 1), 128, 0, &[
-                        xq.arg(), xd.arg(), sorted, Arg::I32(k as i32), Arg::I32(e as i32), gq.arg(), gd.arg(),
-                    ])?;
-                    // Decode steps of few tokens: a block row per pair (`mmvq_moe`);
-                    // else tiles of an expert's pairs (`mmq_moe`). The same bits either way.
-                    let per_pair = runs.iter().all(|r| r.2) && n_tok < mmq_min();
-                    let experts = |ws: &[(&GpuWeight, &DevBuf)], q: &DevBuf, d: &DevBuf| -> Result<()> {
-                        if per_pair {
-                            let mut args = vec![Arg::I32(ws[0].0.cols as i32), q.arg(), d.arg(), sexp];
-                            let mut blocks = 0;
-                            for i in 0..2 {
-                                match ws.get(i) {
-                                    Some(&(w, y)) => {
-                                        let rows = w.rows / m.n_expert;
-                                        args.extend([Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(rows as i32), y.arg()]);
-                                        blocks += rows.div_ceil(8);
+                // feed-forward block
+                add_norm(&l.ffn_norm, false)?;
+                let hin = fused(h);
+                match &l.ffn {
+                    GpuFfn::Dense { gate, up, down, b_gate, b_up, b_down } => {
+                        launch_matmuls(gpu, &[(gate, g), (up, u)], hin, &runs, mmq_min())?;
+                        self.add_bias(g, b_gate, c.n_ff, n_tok)?;
+                        self.add_bias(u, b_up, c.n_ff, n_tok)?;
+                        let gelu = matches!(c.arch, Arch::Gemma3) as i32;
+                        self.elementwise(
+                            "glu",
+                            n_tok * c.n_ff,
+                            &[
+                                g.arg(),
+                                u.arg(),
+                                Arg::I32((n_tok * c.n_ff) as i32),
+                                Arg::I32(gelu),
+                                Arg::I32(c.n_ff as i32),
+                                q8_args[0],
+                                q8_args[1],
+                            ],
+                        )?;
+                        self.matmul(down, fused(g), &runs, o)?;
+                        self.add_bias(o, b_down, e, n_tok)?;
+                    }
+                    GpuFfn::Moe { router, gate, up, down } => {
+                        let m = c.moe.as_ref().expect("MoE layers have a MoE config");
+                        let (k, f) = (m.n_expert_used, m.n_ff_exp);
+                        let (mlog, mi, gq, gd, md) = (&sc[S_MLOG], &sc[S_MOE], &sc[S_GQ], &sc[S_GD], &sc[S_MD]);
+                        // The routing's ints: ids, weights, sorted, inv, sexp [n_pairs each], tiles.
+                        let part = |i: usize| mi.at(i * n_pairs * 4);
+                        let (ids, wts, sorted, inv, sexp, mtiles) =
+                            (part(0), part(1), part(2), part(3), part(4), part(5));
+                        self.matmul(router, hin, &runs, mlog)?;
+                        gpu.launch(
+                            "moe_route",
+                            (n_tok as u32, 1, 1),
+                            32,
+                            0,
+                            &[
+                                mlog.arg(),
+                                Arg::I32(m.n_expert as i32),
+                                Arg::I32(k as i32),
+                                Arg::I32(m.norm_weights as i32),
+                                Arg::F32(m.weights_scale),
+                                ids,
+                                wts,
+                            ],
+                        )?;
+                        gpu.launch(
+                            "moe_sort",
+                            (1, 1, 1),
+                            1024,
+                            0,
+                            &[
+                                ids,
+                                Arg::I32(n_pairs as i32),
+                                Arg::I32(m.n_expert as i32),
+                                Arg::I32((8 * moe_mt) as i32),
+                                Arg::I32(moe_tiles as i32),
+                                sorted,
+                                inv,
+                                sexp,
+                                mtiles,
+                            ],
+                        )?;
+                        gpu.launch(
+                            "moe_gather_q8",
+                            (n_pairs as u32, 1, 1),
+                            128,
+                            0,
+                            &[xq.arg(), xd.arg(), sorted, Arg::I32(k as i32), Arg::I32(e as i32), gq.arg(), gd.arg()],
+                        )?;
+                        // Decode steps of few tokens: a block row per pair (`mmvq_moe`);
+                        // else tiles of an expert's pairs (`mmq_moe`). The same bits either way.
+                        let per_pair = runs.iter().all(|r| r.2) && n_tok < mmq_min();
+                        let experts = |ws: &[(&GpuWeight, &DevBuf)], q: &DevBuf, d: &DevBuf| -> Result<()> {
+                            if per_pair {
+                                let mut args = vec![Arg::I32(ws[0].0.cols as i32), q.arg(), d.arg(), sexp];
+                                let mut blocks = 0;
+                                for i in 0..2 {
+                                    match ws.get(i) {
+                                        Some(&(w, y)) => {
+                                            let rows = w.rows / m.n_expert;
+                                            args.extend([
+                                                Arg::I32(w.ty as i32),
+                                                w.buf.arg(),
+                                                Arg::U64(w.row_bytes as u64),
+                                                Arg::I32(rows as i32),
+                                                y.arg(),
+                                            ]);
+                                            blocks += rows.div_ceil(8);
+                                        }
+                                        None => args.extend([
+                                            Arg::I32(0),
+                                            Arg::Ptr(0),
+                                            Arg::U64(0),
+                                            Arg::I32(0),
+                                            Arg::Ptr(0),
+                                        ]),
                                     }
-                                    None => args.extend([Arg::I32(0), Arg::Ptr(0), Arg::U64(0), Arg::I32(0), Arg::Ptr(0)]),
                                 }
+                                return gpu.launch("mmvq_moe", (blocks as u32, n_pairs as u32, 1), 128, 0, &args);
                             }
-                            return gpu.launch("mmvq_moe", (blocks as u32, n_pairs as u32, 1), 128, 0, &args);
-                        }
-                        let name = ["mmq_moe_1x1", "mmq_moe_1x2", "mmq_moe_1x4", "mmq_moe_1x4"][moe_mt / 2];
-                        for &(w, y) in ws {
-                            let rows = w.rows / m.n_expert;
-                            gpu.launch(name, (rows.div_ceil(16) as u32, moe_tiles as u32, 1), 256, mmq_shared(w.ty, 1, moe_mt), &[
-                                Arg::I32(w.ty as i32), w.buf.arg(), Arg::U64(w.row_bytes as u64), Arg::I32(rows as i32),
-                                Arg::I32(w.cols as i32), q.arg(), d.arg(), mtiles, y.arg(),
-                            ])?;
-                        }
-                        Ok(())
-                    };
-                    experts(&[(gate, g), (up, u)], gq, gd)?;
-                    self.elementwise("glu", n_pairs * f, &[
-                        g.arg(), u.arg(), Arg::I32((n_pairs * f) as i32), Arg::I32(0), Arg::I32(f as i32), xq.arg(), xd.arg(),
-                    ])?;
-                    experts(&[(down, md)], xq, xd)?;
-                    gpu.launch("moe_combine", (n_tok as u32, 1, 1), 256, 0, &[md.arg(), wts, inv, Arg::I32(k as i32), Arg::I32(e as i32), o.arg()])?;
+                            let name = ["mmq_moe_1x1", "mmq_moe_1x2", "mmq_moe_1x4", "mmq_moe_1x4"][moe_mt / 2];
+                            for &(w, y) in ws {
+                                let rows = w.rows / m.n_expert;
+                                gpu.launch(
+                                    name,
+                                    (rows.div_ceil(16) as u32, moe_tiles as u32, 1),
+                                    256,
+                                    mmq_shared(w.ty, 1, moe_mt),
+                                    &[
+                                        Arg::I32(w.ty as i32),
+                                        w.buf.arg(),
+                                        Arg::U64(w.row_bytes as u64),
+                                        Arg::I32(rows as i32),
+                                        Arg::I32(w.cols as i32),
+                                        q.arg(),
+                                        d.arg(),
+                                        mtiles,
+                                        y.arg(),
+                                    ],
+                                )?;
+                            }
+                            Ok(())
+                        };
+                        experts(&[(gate, g), (up, u)], gq, gd)?;
+                        self.elementwise(
+                            "glu",
+                            n_pairs * f,
+                            &[
+                                g.arg(),
+                                u.arg(),
+                                Arg::I32((n_pairs * f) as i32),
+                                Arg::I32(0),
+                                Arg::I32(f as i32),
+                                xq.arg(),
+                                xd.arg(),
+                            ],
+                        )?;
+                        experts(&[(down, md)], xq, xd)?;
+                        gpu.launch(
+                            "moe_combine",
+                            (n_tok as u32, 1, 1),
+                            256,
+                            0,
+                            &[md.arg(), wts, inv, Arg::I32(k as i32), Arg::I32(e as i32), o.arg()],
+                        )?;
+                    }
+                }
+                if let Some(pn) = &l.post_ffn_norm {
+                    self.rms_norm(o, pn, o, n_tok, e)?;
                 }
             }
-            if let Some(pn) = &l.post_ffn_norm {
-                self.rms_norm(o, pn, o, n_tok, e)?;
-            }
-        }
-        // The last layer's feed-forward output (the next layer's norm took the others).
-        self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32), Arg::F32(res_scale)])?;
+            // The last layer's feed-forward output (the next layer's norm took the others).
+            self.elementwise("add", n_tok * e, &[x.arg(), o.arg(), Arg::I32((n_tok * e) as i32), Arg::F32(res_scale)])?;
 
-        // logits, only for the rows asked for
-        if n_out > 0 {
-            let (xs, logits) = (&sc[S_XS], &sc[S_LOGITS]);
-            gpu.launch("copy_rows", (n_out as u32, 1, 1), 128, 0, &[x.arg(), d_idx, xs.arg(), Arg::I32(e as i32)])?;
-            self.rms_norm(xs, &self.output_norm, xs, n_out, e)?;
-            let xin = if int8 { input(xs, e, n_out)? } else { fused(xs) };
-            self.matmul(&self.output, xin, &out_runs, logits)?;
-            self.add_bias(logits, &self.output_bias, c.n_vocab, n_out)?;
-            if let Some(ls) = c.logit_scale {
-                self.elementwise("scale_f32", n_out * c.n_vocab, &[logits.arg(), Arg::F32(1.0 / ls), Arg::I32((n_out * c.n_vocab) as i32)])?;
+            // logits, only for the rows asked for
+            if n_out > 0 {
+                let (xs, logits) = (&sc[S_XS], &sc[S_LOGITS]);
+                gpu.launch("copy_rows", (n_out as u32, 1, 1), 128, 0, &[x.arg(), d_idx, xs.arg(), Arg::I32(e as i32)])?;
+                self.rms_norm(xs, &self.output_norm, xs, n_out, e)?;
+                let xin = if int8 { input(xs, e, n_out)? } else { fused(xs) };
+                self.matmul(&self.output, xin, &out_runs, logits)?;
+                self.add_bias(logits, &self.output_bias, c.n_vocab, n_out)?;
+                if let Some(ls) = c.logit_scale {
+                    self.elementwise(
+                        "scale_f32",
+                        n_out * c.n_vocab,
+                        &[logits.arg(), Arg::F32(1.0 / ls), Arg::I32((n_out * c.n_vocab) as i32)],
+                    )?;
+                }
+                if let Some(cap) = c.final_logit_softcap {
+                    self.elementwise(
+                        "softcap",
+                        n_out * c.n_vocab,
+                        &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)],
+                    )?;
+                }
+                // The log-sum-exps after the logits, then each row's (first maximum, its
+                // logit): one transfer back, of everything or (all rows greedy) the tail.
+                gpu.launch(
+                    "row_lse",
+                    (n_out as u32, 1, 1),
+                    1024,
+                    0,
+                    &[
+                        logits.arg(),
+                        Arg::I32(c.n_vocab as i32),
+                        logits.at(n_out * c.n_vocab * 4),
+                        logits.at(n_out * (c.n_vocab + 1) * 4),
+                    ],
+                )?;
             }
-            if let Some(cap) = c.final_logit_softcap {
-                self.elementwise("softcap", n_out * c.n_vocab, &[logits.arg(), Arg::F32(cap), Arg::I32((n_out * c.n_vocab) as i32)])?;
-            }
-            // The log-sum-exps after the logits, then each row's (first maximum, its
-            // logit): one transfer back, of everything or (all rows greedy) the tail.
-            gpu.launch("row_lse", (n_out as u32, 1, 1), 1024, 0, &[
-                logits.arg(), Arg::I32(c.n_vocab as i32), logits.at(n_out * c.n_vocab * 4), logits.at(n_out * (c.n_vocab + 1) * 4),
-            ])?;
-        }
-        Ok(())
+            Ok(())
         };
 
         // Decode steps (every token alone in its sequence) replay a captured graph.
-        let decode = runs.len() == 1 && runs[0].2 && graphs_enabled() && std::env::var_os("EDGELM_CUDA_PROFILE").is_none();
+        let decode =
+            runs.len() == 1 && runs[0].2 && graphs_enabled() && std::env::var_os("EDGELM_CUDA_PROFILE").is_none();
         let key = (n_tok, out_runs.clone());
         if decode {
             if !graphs.contains_key(&key) {
@@ -971,7 +1291,17 @@ fn graphs_enabled() -> bool {
 /// tokens with the tensor-core kernel from `mmq_from` tokens. The int8 formats'
 /// activation quantization is counted in.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, n_tok: usize, tiled: bool, mmq_from: usize, reps: usize) -> Result<f64> {
+pub fn matmul_seconds(
+    gpu: &Arc<Gpu>,
+    ty: GgmlType,
+    w_bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    n_tok: usize,
+    tiled: bool,
+    mmq_from: usize,
+    reps: usize,
+) -> Result<f64> {
     let w = GpuWeight::from_gguf(gpu, ty, w_bytes, rows, cols)?;
     let dx = gpu.upload_f32(&vec![0.5f32; n_tok * cols])?;
     let (xq, xd) = (gpu.alloc(n_tok * cols)?, gpu.alloc(n_tok * cols / 32 * 8)?);
@@ -996,7 +1326,17 @@ pub fn matmul_seconds(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize,
 /// `mmq_from` tokens, else `mmq`, for the quantized formats; `mmv` for the float ones)
 /// or, when `tiled`, as a prompt (`mmq`; `mmt` for the float formats).
 #[allow(clippy::too_many_arguments)]
-pub fn matmul_once(gpu: &Arc<Gpu>, ty: GgmlType, w_bytes: &[u8], rows: usize, cols: usize, x: &[f32], n_tok: usize, tiled: bool, mmq_from: usize) -> Result<Vec<f32>> {
+pub fn matmul_once(
+    gpu: &Arc<Gpu>,
+    ty: GgmlType,
+    w_bytes: &[u8],
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n_tok: usize,
+    tiled: bool,
+    mmq_from: usize,
+) -> Result<Vec<f32>> {
     let w = GpuWeight::from_gguf(gpu, ty, w_bytes, rows, cols)?;
     let dx = gpu.upload_f32(x)?;
     let (xq, xd) = (gpu.alloc(n_tok * cols)?, gpu.alloc(n_tok * cols / 32 * 8)?);

@@ -285,7 +285,11 @@ impl TensorData {
     /// tensor's parts: phi3's `attn_qkv` rows, one expert of a 3-D `ffn_*_exps`).
     /// `info` stays the whole tensor's, so errors still name the file's tensor.
     pub fn slice(&self, start: usize, len: usize) -> TensorData {
-        assert!(start.checked_add(len).is_some_and(|end| end <= self.len), "TensorData::slice {start}+{len} beyond {}", self.len);
+        assert!(
+            start.checked_add(len).is_some_and(|end| end <= self.len),
+            "TensorData::slice {start}+{len} beyond {}",
+            self.len
+        );
         TensorData { file: Arc::clone(&self.file), start: self.start + start, len, info: self.info.clone() }
     }
 }
@@ -398,7 +402,9 @@ impl Gguf {
         if let Ok(f) = std::fs::File::open(&path) {
             use std::os::fd::AsRawFd;
             // SAFETY: a valid open descriptor and an in-file range.
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), start as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED) };
+            unsafe {
+                libc::posix_fadvise(f.as_raw_fd(), start as libc::off_t, len as libc::off_t, libc::POSIX_FADV_DONTNEED)
+            };
         }
         Ok(len)
     }
@@ -414,7 +420,10 @@ impl Gguf {
         if magic != MAGIC {
             return Err(Error::format(
                 0,
-                format!("wrong magic {:?}; expected \"GGUF\" (is this a GGUF model file?)", String::from_utf8_lossy(magic)),
+                format!(
+                    "wrong magic {:?}; expected \"GGUF\" (is this a GGUF model file?)",
+                    String::from_utf8_lossy(magic)
+                ),
             ));
         }
         let version = c.u32("version")?;
@@ -422,17 +431,32 @@ impl Gguf {
             return Err(Error::format(4, "big-endian GGUF files are not supported; convert to little-endian"));
         }
         if version != 2 && version != 3 {
-            return Err(Error::format(4, format!("unsupported GGUF version {version}; supported versions are 2 and 3")));
+            return Err(Error::format(
+                4,
+                format!("unsupported GGUF version {version}; supported versions are 2 and 3"),
+            ));
         }
         let n_tensors = c.u64("tensor count")?;
         let n_kv = c.u64("metadata count")?;
         // Each kv needs at least key len (8) + type (4) + 1 byte; each tensor info at
         // least name len (8) + n_dims (4) + one dim (8) + type (4) + offset (8).
         if n_kv > c.remaining() / 13 {
-            return Err(Error::format(16, format!("metadata count {n_kv} cannot fit in the {} bytes that remain; the file is truncated or corrupt", c.remaining())));
+            return Err(Error::format(
+                16,
+                format!(
+                    "metadata count {n_kv} cannot fit in the {} bytes that remain; the file is truncated or corrupt",
+                    c.remaining()
+                ),
+            ));
         }
         if n_tensors > c.remaining() / 32 {
-            return Err(Error::format(8, format!("tensor count {n_tensors} cannot fit in the {} bytes that remain; the file is truncated or corrupt", c.remaining())));
+            return Err(Error::format(
+                8,
+                format!(
+                    "tensor count {n_tensors} cannot fit in the {} bytes that remain; the file is truncated or corrupt",
+                    c.remaining()
+                ),
+            ));
         }
 
         let mut metadata = Vec::with_capacity(n_kv as usize);
@@ -442,7 +466,10 @@ impl Gguf {
             let key = c.string(&format!("key of metadata entry {i}"))?;
             let ty = c.u32(&format!("type of metadata key {key:?}"))?;
             let ty = ValueType::from_u32(ty).ok_or_else(|| {
-                Error::format(c.pos as u64 - 4, format!("metadata key {key:?} has unknown value type {ty} (valid: 0..=12)"))
+                Error::format(
+                    c.pos as u64 - 4,
+                    format!("metadata key {key:?} has unknown value type {ty} (valid: 0..=12)"),
+                )
             })?;
             let value = c.value(ty, &key, 0)?;
             if key_index.insert(key.clone(), metadata.len()).is_some() {
@@ -468,36 +495,56 @@ impl Gguf {
             let at = c.pos as u64;
             let name = c.string(&format!("name of tensor {i}"))?;
             if name.len() > MAX_NAME_BYTES {
-                return Err(Error::format(at, format!("tensor name {name:?} is {} bytes; the limit is {MAX_NAME_BYTES}", name.len())));
+                return Err(Error::format(
+                    at,
+                    format!("tensor name {name:?} is {} bytes; the limit is {MAX_NAME_BYTES}", name.len()),
+                ));
             }
             let n_dims = c.u32(&format!("n_dims of tensor {name:?}"))?;
             if n_dims == 0 || n_dims as usize > MAX_DIMS {
-                return Err(Error::format(at, format!("tensor {name:?} has {n_dims} dimensions; expected 1 to {MAX_DIMS}")));
+                return Err(Error::format(
+                    at,
+                    format!("tensor {name:?} has {n_dims} dimensions; expected 1 to {MAX_DIMS}"),
+                ));
             }
             let mut dims = Vec::with_capacity(n_dims as usize);
             for d in 0..n_dims {
                 let v = c.u64(&format!("dimension {d} of tensor {name:?}"))?;
                 if v == 0 || v > i64::MAX as u64 {
-                    return Err(Error::format(at, format!("tensor {name:?} dimension {d} is {v}; expected 1 to 2^63-1")));
+                    return Err(Error::format(
+                        at,
+                        format!("tensor {name:?} dimension {d} is {v}; expected 1 to 2^63-1"),
+                    ));
                 }
                 dims.push(v);
             }
             let n_elems = dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d)).filter(|&n| n <= i64::MAX as u64);
             let Some(n_elems) = n_elems else {
-                return Err(Error::format(at, format!("tensor {name:?} dimensions {dims:?} overflow: their product exceeds 2^63-1")));
+                return Err(Error::format(
+                    at,
+                    format!("tensor {name:?} dimensions {dims:?} overflow: their product exceeds 2^63-1"),
+                ));
             };
             let ty_raw = c.u32(&format!("type of tensor {name:?}"))?;
             let ty = GgmlType::from_u32(ty_raw).ok_or_else(|| {
                 Error::format(
                     c.pos as u64 - 4,
-                    format!("tensor {name:?} has unknown or unsupported type id {ty_raw}; supported: {}", supported_types()),
+                    format!(
+                        "tensor {name:?} has unknown or unsupported type id {ty_raw}; supported: {}",
+                        supported_types()
+                    ),
                 )
             })?;
             let offset = c.u64(&format!("offset of tensor {name:?}"))?;
             if dims[0] % ty.block_size() as u64 != 0 {
                 return Err(Error::format(
                     at,
-                    format!("tensor {name:?} ({}) row length {} is not a multiple of the block size {}", ty.name(), dims[0], ty.block_size()),
+                    format!(
+                        "tensor {name:?} ({}) row length {} is not a multiple of the block size {}",
+                        ty.name(),
+                        dims[0],
+                        ty.block_size()
+                    ),
                 ));
             }
             let n_bytes = (n_elems / ty.block_size() as u64)
@@ -515,8 +562,8 @@ impl Gguf {
             tensors.push(TensorInfo { name, dims, ty, offset, n_bytes });
         }
 
-        let data_start = align_up(c.pos, alignment)
-            .ok_or_else(|| Error::format(c.pos as u64, "data section start overflows"))?;
+        let data_start =
+            align_up(c.pos, alignment).ok_or_else(|| Error::format(c.pos as u64, "data section start overflows"))?;
         let file_len = bytes.len() as u64;
         if !tensors.is_empty() && data_start as u64 > file_len {
             return Err(Error::format(
@@ -638,7 +685,10 @@ impl Gguf {
         match self.get_array(key)? {
             None => Ok(None),
             Some(Array::Str(v)) => Ok(Some(v)),
-            Some(a) => Err(Error::model(format!("metadata key {key:?} must be an array of strings, got an array of {:?}", a.elem_type()))),
+            Some(a) => Err(Error::model(format!(
+                "metadata key {key:?} must be an array of strings, got an array of {:?}",
+                a.elem_type()
+            ))),
         }
     }
     /// A numeric array converted to f32 (scores are F32 in practice).
@@ -647,7 +697,12 @@ impl Gguf {
             None => None,
             Some(Array::F32(v)) => Some(v.clone()),
             Some(Array::F64(v)) => Some(v.iter().map(|&x| x as f32).collect()),
-            Some(a) => return Err(Error::model(format!("metadata key {key:?} must be an array of floats, got {:?}", a.elem_type()))),
+            Some(a) => {
+                return Err(Error::model(format!(
+                    "metadata key {key:?} must be an array of floats, got {:?}",
+                    a.elem_type()
+                )))
+            }
         })
     }
     /// An integer array converted to i64 (token types are I32 in practice).
@@ -661,7 +716,12 @@ impl Gguf {
             Some(Array::I16(v)) => Some(v.iter().map(|&x| x as i64).collect()),
             Some(Array::U16(v)) => Some(v.iter().map(|&x| x as i64).collect()),
             Some(Array::I64(v)) => Some(v.clone()),
-            Some(a) => return Err(Error::model(format!("metadata key {key:?} must be an array of integers, got {:?}", a.elem_type()))),
+            Some(a) => {
+                return Err(Error::model(format!(
+                    "metadata key {key:?} must be an array of integers, got {:?}",
+                    a.elem_type()
+                )))
+            }
         })
     }
 }
@@ -718,7 +778,10 @@ impl<'a> Cursor<'a> {
             return Err(Error::format(at, format!("{what} claims {n} bytes; the limit is {MAX_STRING_BYTES}")));
         }
         if n > self.remaining() {
-            return Err(Error::format(at, format!("{what} claims {n} bytes but only {} remain in the file", self.remaining())));
+            return Err(Error::format(
+                at,
+                format!("{what} claims {n} bytes but only {} remain in the file", self.remaining()),
+            ));
         }
         let bytes = self.take(n, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|e| Error::format(at + 8, format!("{what} is not valid UTF-8 ({e})")))
@@ -741,7 +804,12 @@ impl<'a> Cursor<'a> {
                 match self.arr::<1>(key)?[0] {
                     0 => Value::Bool(false),
                     1 => Value::Bool(true),
-                    b => return Err(Error::format(at, format!("metadata key {key:?}: bool byte is {b}, expected 0 or 1"))),
+                    b => {
+                        return Err(Error::format(
+                            at,
+                            format!("metadata key {key:?}: bool byte is {b}, expected 0 or 1"),
+                        ))
+                    }
                 }
             }
             ValueType::Str => Value::Str(self.string(&format!("value of metadata key {key:?}"))?),
@@ -797,7 +865,12 @@ impl<'a> Cursor<'a> {
                     match b {
                         0 => v.push(false),
                         1 => v.push(true),
-                        _ => return Err(Error::format(at, format!("metadata key {key:?}: bool element {i} is {b}, expected 0 or 1"))),
+                        _ => {
+                            return Err(Error::format(
+                                at,
+                                format!("metadata key {key:?}: bool element {i} is {b}, expected 0 or 1"),
+                            ))
+                        }
                     }
                 }
                 Array::Bool(v)

@@ -75,7 +75,14 @@ impl GgufWriter {
     /// Any type id and an optional forced offset: for crafting defective files.
     pub fn raw_tensor(&mut self, name: &str, dims: &[u64], ty: u32, data: Vec<u8>, offset: Option<u64>) -> &mut Self {
         let n_bytes = data.len() as u64;
-        self.tensors.push(PendingTensor { name: name.to_owned(), dims: dims.to_vec(), ty, data, n_bytes, offset_override: offset });
+        self.tensors.push(PendingTensor {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            ty,
+            data,
+            n_bytes,
+            offset_override: offset,
+        });
         self
     }
 
@@ -138,7 +145,10 @@ impl GgufWriter {
 
     pub fn write(&self, w: &mut impl Write) -> std::io::Result<()> {
         if let Some(t) = self.tensors.iter().find(|t| t.data.len() as u64 != t.n_bytes) {
-            return Err(std::io::Error::other(format!("tensor {:?} was declared by size; stream its data after header()", t.name)));
+            return Err(std::io::Error::other(format!(
+                "tensor {:?} was declared by size; stream its data after header()",
+                t.name
+            )));
         }
         w.write_all(&self.header())?;
         // Data is laid out in insertion order at the natural offsets; forced offsets

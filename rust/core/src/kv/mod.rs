@@ -39,7 +39,10 @@ impl KvShape {
             )));
         }
         if let Some(&b) = table[..need].iter().find(|&&b| b as usize >= self.n_blocks) {
-            return Err(Error::invalid(format!("block id {b} is out of range (the cache has {} blocks)", self.n_blocks)));
+            return Err(Error::invalid(format!(
+                "block id {b} is out of range (the cache has {} blocks)",
+                self.n_blocks
+            )));
         }
         Ok(())
     }
@@ -132,7 +135,9 @@ impl BlockAllocator {
     pub fn ensure(&mut self, table: &mut Vec<u32>, n_pos: usize, block_size: usize) -> Result<()> {
         while table.len() * block_size < n_pos {
             let b = self.free.pop().ok_or_else(|| {
-                Error::OutOfBlocks(format!("{n_pos} positions need more than the cache's blocks; raise the context size"))
+                Error::OutOfBlocks(format!(
+                    "{n_pos} positions need more than the cache's blocks; raise the context size"
+                ))
             })?;
             table.push(b);
         }

@@ -69,7 +69,8 @@ impl V16 for Arr {
     #[inline(always)]
     fn fma_b(mut self, a: f32, k: Self) -> Self {
         for l in 0..KB {
-            self.0[l] = if cfg!(target_arch = "aarch64") { a.mul_add(k.0[l], self.0[l]) } else { a * k.0[l] + self.0[l] };
+            self.0[l] =
+                if cfg!(target_arch = "aarch64") { a.mul_add(k.0[l], self.0[l]) } else { a * k.0[l] + self.0[l] };
         }
         self
     }
@@ -292,10 +293,10 @@ impl KeyRows for DenseKeys<'_> {
 /// Scratch reused across tiles of one task.
 #[derive(Default)]
 pub struct Scratch {
-    kt: Vec<[f32; KB]>,  // [hd] rows of 16 keys (K transposed)
-    v: Vec<f32>,         // [KB][hdv]
+    kt: Vec<[f32; KB]>, // [hd] rows of 16 keys (K transposed)
+    v: Vec<f32>,        // [KB][hdv]
     tmp: Vec<f32>,
-    acc: Vec<f32>,       // [rows][hdv]
+    acc: Vec<f32>, // [rows][hdv]
     m: Vec<f32>,
     l: Vec<f32>,
 }
@@ -471,8 +472,18 @@ fn run_generic<V: V16, K: KeyRows>(kern: &Kernels, t: &Tile<'_>, k: &K, sc: &mut
                         let a1 = a0.add(hdv);
                         let (p0, p1) = (&s[r], &s[r + 1]);
                         while c + 4 * KB <= hdv {
-                            let mut x = [V::load(a0.add(c)), V::load(a0.add(c + KB)), V::load(a0.add(c + 2 * KB)), V::load(a0.add(c + 3 * KB))];
-                            let mut y = [V::load(a1.add(c)), V::load(a1.add(c + KB)), V::load(a1.add(c + 2 * KB)), V::load(a1.add(c + 3 * KB))];
+                            let mut x = [
+                                V::load(a0.add(c)),
+                                V::load(a0.add(c + KB)),
+                                V::load(a0.add(c + 2 * KB)),
+                                V::load(a0.add(c + 3 * KB)),
+                            ];
+                            let mut y = [
+                                V::load(a1.add(c)),
+                                V::load(a1.add(c + KB)),
+                                V::load(a1.add(c + 2 * KB)),
+                                V::load(a1.add(c + 3 * KB)),
+                            ];
                             for jj in 0..KB {
                                 let v = vp.add(jj * hdv + c);
                                 let (q0, q1) = (p0[jj], p1[jj]);
@@ -502,7 +513,12 @@ fn run_generic<V: V16, K: KeyRows>(kern: &Kernels, t: &Tile<'_>, k: &K, sc: &mut
                     } else {
                         let p0 = &s[r];
                         while c + 4 * KB <= hdv {
-                            let mut x = [V::load(a0.add(c)), V::load(a0.add(c + KB)), V::load(a0.add(c + 2 * KB)), V::load(a0.add(c + 3 * KB))];
+                            let mut x = [
+                                V::load(a0.add(c)),
+                                V::load(a0.add(c + KB)),
+                                V::load(a0.add(c + 2 * KB)),
+                                V::load(a0.add(c + 3 * KB)),
+                            ];
                             for jj in 0..KB {
                                 let v = vp.add(jj * hdv + c);
                                 for i in 0..4 {
@@ -547,9 +563,22 @@ fn run_generic<V: V16, K: KeyRows>(kern: &Kernels, t: &Tile<'_>, k: &K, sc: &mut
 /// result depends only on its own query and keys, never on the batch.
 /// out: `rows × hdv`, row-major.
 #[allow(clippy::too_many_arguments)]
-pub fn decode(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: usize, hdv: usize, k: &Keys<'_>,
-              sc: &mut Scratch, out: &mut [f32]) {
-    assert!(hd.is_multiple_of(KB) && hdv.is_multiple_of(KB), "decode attention needs head sizes that are multiples of {KB}");
+pub fn decode(
+    kern: &Kernels,
+    q: &[f32],
+    rows: usize,
+    lo: usize,
+    hi: usize,
+    hd: usize,
+    hdv: usize,
+    k: &Keys<'_>,
+    sc: &mut Scratch,
+    out: &mut [f32],
+) {
+    assert!(
+        hd.is_multiple_of(KB) && hdv.is_multiple_of(KB),
+        "decode attention needs head sizes that are multiples of {KB}"
+    );
     assert!(q.len() == rows * hd && out.len() == rows * hdv && lo <= hi);
     match kern.level {
         #[cfg(target_arch = "x86_64")]
@@ -565,23 +594,53 @@ pub fn decode(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn decode_avx512(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: usize, hdv: usize,
-                        k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+unsafe fn decode_avx512(
+    kern: &Kernels,
+    q: &[f32],
+    rows: usize,
+    lo: usize,
+    hi: usize,
+    hd: usize,
+    hdv: usize,
+    k: &Keys<'_>,
+    sc: &mut Scratch,
+    out: &mut [f32],
+) {
     decode_generic::<x86::Z>(kern, q, rows, lo, hi, hd, hdv, k, sc, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn decode_avx2(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: usize, hdv: usize,
-                      k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+unsafe fn decode_avx2(
+    kern: &Kernels,
+    q: &[f32],
+    rows: usize,
+    lo: usize,
+    hi: usize,
+    hd: usize,
+    hdv: usize,
+    k: &Keys<'_>,
+    sc: &mut Scratch,
+    out: &mut [f32],
+) {
     decode_generic::<x86::Y>(kern, q, rows, lo, hi, hd, hdv, k, sc, out)
 }
 
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn decode_generic<V: V16>(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi: usize, hd: usize, hdv: usize,
-                          k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+fn decode_generic<V: V16>(
+    kern: &Kernels,
+    q: &[f32],
+    rows: usize,
+    lo: usize,
+    hi: usize,
+    hd: usize,
+    hdv: usize,
+    k: &Keys<'_>,
+    sc: &mut Scratch,
+    out: &mut [f32],
+) {
     // Rows in fours, then one at a time: a fixed count lets the compiler keep each
     // row's accumulators in registers. A row's arithmetic is the same either way.
     let mut r0 = 0;
@@ -599,8 +658,17 @@ fn decode_generic<V: V16>(kern: &Kernels, q: &[f32], rows: usize, lo: usize, hi:
 
 #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 #[inline(always)]
-fn decode_rows<V: V16, const R: usize>(kern: &Kernels, q: &[f32], lo: usize, hi: usize, hd: usize, hdv: usize,
-                                        k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+fn decode_rows<V: V16, const R: usize>(
+    kern: &Kernels,
+    q: &[f32],
+    lo: usize,
+    hi: usize,
+    hd: usize,
+    hdv: usize,
+    k: &Keys<'_>,
+    sc: &mut Scratch,
+    out: &mut [f32],
+) {
     if !V::F16 {
         sc.tmp.clear();
         sc.tmp.resize(KB * hd, 0.0); // [16 keys][hd]
@@ -629,7 +697,11 @@ fn decode_rows<V: V16, const R: usize>(kern: &Kernels, q: &[f32], lo: usize, hi:
         // rows alike; kp/vp[jj] point at rows of hd (hdv) f16 for the keys a..b.
         #[allow(clippy::undocumented_unsafe_blocks)]
         let key = |jj: usize, c: usize| unsafe {
-            if V::F16 { V::load_f16(kp[jj].add(c)) } else { V::load(sc.tmp.as_ptr().add(jj * hd + c)) }
+            if V::F16 {
+                V::load_f16(kp[jj].add(c))
+            } else {
+                V::load(sc.tmp.as_ptr().add(jj * hd + c))
+            }
         };
         // Scores: each key's chunk converted once and dotted with every row; the four
         // rows' sums share one reduction tree (hsum4), whose result per row does not
@@ -716,7 +788,8 @@ mod tests {
     #[test]
     fn tiled_attention_matches_reference_and_is_per_row() {
         let (hd, hdv, n_kv_heads, n_pos) = (32, 32, 2, 83);
-        let shape = KvShape { n_layer: 1, kv_dim_k: hd * n_kv_heads, kv_dim_v: hdv * n_kv_heads, block_size: 16, n_blocks: 8 };
+        let shape =
+            KvShape { n_layer: 1, kv_dim_k: hd * n_kv_heads, kv_dim_v: hdv * n_kv_heads, block_size: 16, n_blocks: 8 };
         let mut kv = KvCache::new(shape).unwrap();
         let table: Vec<u32> = (0..8u32).rev().collect(); // non-contiguous blocks
         let mut seed = 12345u64;
@@ -753,16 +826,25 @@ mod tests {
                     let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
                     let z: f64 = w.iter().sum();
                     for d in 0..hdv {
-                        let want: f64 =
-                            (lo[r]..=hi[r]).zip(&w).map(|(j, wj)| wj * kv.v_row(0, &table, j)[hdv + d].to_f64()).sum::<f64>() / z;
+                        let want: f64 = (lo[r]..=hi[r])
+                            .zip(&w)
+                            .map(|(j, wj)| wj * kv.v_row(0, &table, j)[hdv + d].to_f64())
+                            .sum::<f64>()
+                            / z;
                         let got = out[r * hdv + d] as f64;
-                        assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{level:?} window {window:?} row {r} dim {d}: {got} vs {want}");
+                        assert!(
+                            (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                            "{level:?} window {window:?} row {r} dim {d}: {got} vs {want}"
+                        );
                     }
                     // The same row alone in its own tile: bit-identical.
                     let one = Tile { q: qr, lo: &lo[r..r + 1], hi: &hi[r..r + 1], hd, hdv };
                     let mut o1 = vec![0f32; hdv];
                     run(kern, &one, &keys, &mut Scratch::default(), &mut o1);
-                    assert!(o1.iter().zip(&out[r * hdv..(r + 1) * hdv]).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}: row {r} depends on its tile");
+                    assert!(
+                        o1.iter().zip(&out[r * hdv..(r + 1) * hdv]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "{level:?}: row {r} depends on its tile"
+                    );
                 }
             }
         }
@@ -776,7 +858,13 @@ mod tests {
         for (hd, n_pos) in [(64usize, 300usize), (128, 70)] {
             let hdv = hd;
             let n_kv = 2;
-            let shape = KvShape { n_layer: 1, kv_dim_k: hd * n_kv, kv_dim_v: hdv * n_kv, block_size: 16, n_blocks: n_pos.div_ceil(16) };
+            let shape = KvShape {
+                n_layer: 1,
+                kv_dim_k: hd * n_kv,
+                kv_dim_v: hdv * n_kv,
+                block_size: 16,
+                n_blocks: n_pos.div_ceil(16),
+            };
             let mut kv = KvCache::new(shape).unwrap();
             let table: Vec<u32> = (0..shape.n_blocks as u32).rev().collect();
             let mut seed = 777u64;
@@ -810,13 +898,23 @@ mod tests {
                             let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
                             let z: f64 = w.iter().sum();
                             for d in 0..hdv {
-                                let want: f64 = (lo..=hi).zip(&w).map(|(j, wj)| wj * kv.v_row(0, &table, j)[hdv + d].to_f64()).sum::<f64>() / z;
+                                let want: f64 = (lo..=hi)
+                                    .zip(&w)
+                                    .map(|(j, wj)| wj * kv.v_row(0, &table, j)[hdv + d].to_f64())
+                                    .sum::<f64>()
+                                    / z;
                                 let got = out[r * hdv + d] as f64;
-                                assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()), "{level:?} hd {hd} lo {lo} rows {rows} row {r} dim {d}: {got} vs {want}");
+                                assert!(
+                                    (got - want).abs() < 1e-4 * (1.0 + want.abs()),
+                                    "{level:?} hd {hd} lo {lo} rows {rows} row {r} dim {d}: {got} vs {want}"
+                                );
                             }
                             let mut o1 = vec![0f32; hdv];
                             decode(kern, qr, 1, lo, hi, hd, hdv, &keys, &mut Scratch::default(), &mut o1);
-                            assert!(o1.iter().zip(&out[r * hdv..(r + 1) * hdv]).all(|(a, b)| a.to_bits() == b.to_bits()), "{level:?}: row {r} depends on the others");
+                            assert!(
+                                o1.iter().zip(&out[r * hdv..(r + 1) * hdv]).all(|(a, b)| a.to_bits() == b.to_bits()),
+                                "{level:?}: row {r} depends on the others"
+                            );
                         }
                     }
                 }

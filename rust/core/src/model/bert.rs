@@ -30,27 +30,27 @@ use crate::threads::{Disjoint, ThreadPool};
 pub(crate) struct Encoder {
     /// Row 0 of `token_types` (llama.cpp feeds type 0, "sentence A", to every token).
     type_row: Option<Vec<f32>>, // [n_embd]
-    pos_embd: Option<Weight>,   // [n_ctx_train][n_embd] (bert)
-    tok_norm: Vec<f32>,         // [n_embd]
-    tok_norm_b: Vec<f32>,       // [n_embd]
+    pos_embd: Option<Weight>, // [n_ctx_train][n_embd] (bert)
+    tok_norm: Vec<f32>,       // [n_embd]
+    tok_norm_b: Vec<f32>,     // [n_embd]
     layers: Vec<EncLayer>,
 }
 
 #[derive(Debug)]
 struct EncLayer {
-    wq: Weight,                  // [q_dim][n_embd]
-    wk: Weight,                  // [kv_dim][n_embd]
-    wv: Weight,                  // [kv_dim][n_embd]
-    bq: Option<Vec<f32>>,        // [q_dim]
-    bk: Option<Vec<f32>>,        // [kv_dim]
-    bv: Option<Vec<f32>>,        // [kv_dim]
-    wo: Weight,                  // [n_embd][q_dim]
-    bo: Option<Vec<f32>>,        // [n_embd]
-    attn_out_norm: Vec<f32>,     // [n_embd]
-    attn_out_norm_b: Vec<f32>,   // [n_embd]
+    wq: Weight,                // [q_dim][n_embd]
+    wk: Weight,                // [kv_dim][n_embd]
+    wv: Weight,                // [kv_dim][n_embd]
+    bq: Option<Vec<f32>>,      // [q_dim]
+    bk: Option<Vec<f32>>,      // [kv_dim]
+    bv: Option<Vec<f32>>,      // [kv_dim]
+    wo: Weight,                // [n_embd][q_dim]
+    bo: Option<Vec<f32>>,      // [n_embd]
+    attn_out_norm: Vec<f32>,   // [n_embd]
+    attn_out_norm_b: Vec<f32>, // [n_embd]
     ffn: EncFfn,
-    layer_out_norm: Vec<f32>,    // [n_embd]
-    layer_out_norm_b: Vec<f32>,  // [n_embd]
+    layer_out_norm: Vec<f32>,   // [n_embd]
+    layer_out_norm_b: Vec<f32>, // [n_embd]
 }
 
 #[derive(Debug)]
@@ -82,7 +82,8 @@ impl Encoder {
                 Some(row)
             }
         };
-        let pos_embd = if cfg.arch == Arch::Bert { Some(t.weight("position_embd.weight", e, cfg.n_ctx_train)?) } else { None };
+        let pos_embd =
+            if cfg.arch == Arch::Bert { Some(t.weight("position_embd.weight", e, cfg.n_ctx_train)?) } else { None };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for il in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{il}.{s}");
@@ -151,16 +152,24 @@ impl Model {
     /// `[Σ len][n_embd]`. Each sequence must fit the model's context.
     pub(crate) fn encode(&self, pool: &ThreadPool, kern: &Kernels, seqs: &[&[u32]]) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
-        let enc = self.encoder.as_ref().ok_or_else(|| Error::invalid(format!("{} is not an encoder", cfg.arch.name())))?;
+        let enc =
+            self.encoder.as_ref().ok_or_else(|| Error::invalid(format!("{} is not an encoder", cfg.arch.name())))?;
         for s in seqs {
             if s.is_empty() {
                 return Err(Error::invalid("an input has no tokens; give at least one"));
             }
             if s.len() > cfg.n_ctx_train {
-                return Err(Error::invalid(format!("{} tokens exceed the model's context length of {}", s.len(), cfg.n_ctx_train)));
+                return Err(Error::invalid(format!(
+                    "{} tokens exceed the model's context length of {}",
+                    s.len(),
+                    cfg.n_ctx_train
+                )));
             }
             if let Some(&bad) = s.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-                return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {} tokens)", cfg.n_vocab)));
+                return Err(Error::invalid(format!(
+                    "token id {bad} is out of range (vocabulary has {} tokens)",
+                    cfg.n_vocab
+                )));
             }
         }
         let e = cfg.n_embd;
@@ -198,7 +207,8 @@ impl Model {
                 }
             });
         }
-        self.profile.time(Op::Norm, || ops::layer_norm_rows(pool, &mut x, &enc.tok_norm, &enc.tok_norm_b, e, cfg.norm_eps));
+        self.profile
+            .time(Op::Norm, || ops::layer_norm_rows(pool, &mut x, &enc.tok_norm, &enc.tok_norm_b, e, cfg.norm_eps));
 
         let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim_k());
         let mut q = vec![0f32; n_tok * qd];
@@ -241,7 +251,9 @@ impl Model {
                 ops::add_bias_rows(&mut o, b);
             }
             ops::add_inplace(&mut o, &x);
-            self.profile.time(Op::Norm, || ops::layer_norm_rows(pool, &mut o, &l.attn_out_norm, &l.attn_out_norm_b, e, cfg.norm_eps));
+            self.profile.time(Op::Norm, || {
+                ops::layer_norm_rows(pool, &mut o, &l.attn_out_norm, &l.attn_out_norm_b, e, cfg.norm_eps)
+            });
 
             // feed-forward from o; x (no longer needed) takes its output
             match &l.ffn {
@@ -264,7 +276,9 @@ impl Model {
                 }
             }
             ops::add_inplace(&mut x, &o);
-            self.profile.time(Op::Norm, || ops::layer_norm_rows(pool, &mut x, &l.layer_out_norm, &l.layer_out_norm_b, e, cfg.norm_eps));
+            self.profile.time(Op::Norm, || {
+                ops::layer_norm_rows(pool, &mut x, &l.layer_out_norm, &l.layer_out_norm_b, e, cfg.norm_eps)
+            });
         }
         Ok(x)
     }
@@ -276,7 +290,16 @@ impl Model {
 /// (up to 64 tokens of one sequence, one KV head); each query row's arithmetic does not
 /// depend on its task, so batching never changes a result.
 #[allow(clippy::too_many_arguments)]
-fn attention(pool: &ThreadPool, kern: &Kernels, cfg: &Config, spans: &[(usize, usize)], q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) {
+fn attention(
+    pool: &ThreadPool,
+    kern: &Kernels,
+    cfg: &Config,
+    spans: &[(usize, usize)],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    out: &mut [f32],
+) {
     let hd = cfg.head_dim;
     let group = cfg.n_head / cfg.n_head_kv;
     let (qw, kvw) = (cfg.n_head * hd, cfg.n_head_kv * hd);
@@ -285,7 +308,9 @@ fn attention(pool: &ThreadPool, kern: &Kernels, cfg: &Config, spans: &[(usize, u
         .iter()
         .enumerate()
         .flat_map(|(si, &(_, n))| {
-            (0..n).step_by(TILE_TOK).flat_map(move |c| (0..cfg.n_head_kv).map(move |kvh| (si, c, TILE_TOK.min(n - c), kvh)))
+            (0..n)
+                .step_by(TILE_TOK)
+                .flat_map(move |c| (0..cfg.n_head_kv).map(move |kvh| (si, c, TILE_TOK.min(n - c), kvh)))
         })
         .collect();
     let d = Disjoint::new(out);
@@ -300,7 +325,10 @@ fn attention(pool: &ThreadPool, kern: &Kernels, cfg: &Config, spans: &[(usize, u
             for gi in 0..group {
                 let h = kvh * group + gi;
                 let r = i * group + gi;
-                qt[r * hd..(r + 1) * hd].iter_mut().zip(&q[t * qw + h * hd..t * qw + (h + 1) * hd]).for_each(|(a, &b)| *a = b * cfg.attn_scale);
+                qt[r * hd..(r + 1) * hd]
+                    .iter_mut()
+                    .zip(&q[t * qw + h * hd..t * qw + (h + 1) * hd])
+                    .for_each(|(a, &b)| *a = b * cfg.attn_scale);
                 lo.push(0);
                 hi.push(if cfg.causal { c + i } else { n - 1 });
             }

@@ -4,7 +4,8 @@
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 
-pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "gemma3", "qwen3", "qwen3moe", "phi3", "granite", "bert", "nomic-bert"];
+pub const SUPPORTED_ARCHS: &[&str] =
+    &["llama", "qwen2", "gemma3", "qwen3", "qwen3moe", "phi3", "granite", "bert", "nomic-bert"];
 
 /// Limits on hyper-parameters, checked before anything is sized from them (the file is
 /// untrusted). Each is far beyond any published model of the supported families.
@@ -221,7 +222,11 @@ impl Config {
         let n_head = req("attention.head_count")?;
         let n_head_kv = g.get_usize(&format!("{a}.attention.head_count_kv"))?.unwrap_or(n_head);
         // A MoE file's dense width is informational (llama.cpp reads it as optional).
-        let n_ff = if arch == Arch::Qwen3Moe { g.get_usize(&format!("{a}.feed_forward_length"))?.unwrap_or(0) } else { req("feed_forward_length")? };
+        let n_ff = if arch == Arch::Qwen3Moe {
+            g.get_usize(&format!("{a}.feed_forward_length"))?.unwrap_or(0)
+        } else {
+            req("feed_forward_length")?
+        };
         let n_ctx_train = req("context_length")?;
         let head_dim = g.get_usize(&format!("{a}.attention.key_length"))?.unwrap_or(n_embd / n_head);
         let head_dim_v = g.get_usize(&format!("{a}.attention.value_length"))?.unwrap_or(head_dim);
@@ -258,11 +263,15 @@ impl Config {
             )));
         }
         if head_dim == 0 || n_rot > head_dim || n_rot % 2 != 0 {
-            return Err(Error::model(format!("rope.dimension_count {n_rot} must be even and at most the head size {head_dim}")));
+            return Err(Error::model(format!(
+                "rope.dimension_count {n_rot} must be even and at most the head size {head_dim}"
+            )));
         }
         let positive = |v: f32| v.is_finite() && v > 0.0;
         if !positive(rms_eps) {
-            return Err(Error::model(format!("{a}.attention.layer_norm_rms_epsilon is {rms_eps}; it must be a positive number")));
+            return Err(Error::model(format!(
+                "{a}.attention.layer_norm_rms_epsilon is {rms_eps}; it must be a positive number"
+            )));
         }
         if !positive(rope_base) {
             return Err(Error::model(format!("{a}.rope.freq_base is {rope_base}; it must be a positive number")));
@@ -287,13 +296,20 @@ impl Config {
             other => return Err(Error::model(format!("{a}.rope.scaling.type is {other:?}; expected none, linear, yarn or longrope"))),
         };
         if !positive(rope_freq_scale) {
-            return Err(Error::model(format!("{a}.rope.scaling.factor gives a RoPE scale of {rope_freq_scale}; it must be a positive number")));
+            return Err(Error::model(format!(
+                "{a}.rope.scaling.factor gives a RoPE scale of {rope_freq_scale}; it must be a positive number"
+            )));
         }
         let rope_attn_factor = opt_f("rope.scaling.attn_factor")?.unwrap_or(1.0);
         if !positive(rope_attn_factor) {
-            return Err(Error::model(format!("{a}.rope.scaling.attn_factor is {rope_attn_factor}; it must be a positive number")));
+            return Err(Error::model(format!(
+                "{a}.rope.scaling.attn_factor is {rope_attn_factor}; it must be a positive number"
+            )));
         }
-        let n_ctx_orig = g.get_usize(&format!("{a}.rope.scaling.original_context_length"))?.filter(|&n| n > 0).unwrap_or(n_ctx_train);
+        let n_ctx_orig = g
+            .get_usize(&format!("{a}.rope.scaling.original_context_length"))?
+            .filter(|&n| n > 0)
+            .unwrap_or(n_ctx_train);
         let pooling = match g.get_u64(&format!("{a}.pooling_type"))? {
             None => None,
             Some(0) => Some(Pooling::None),
@@ -302,7 +318,9 @@ impl Config {
             Some(3) => Some(Pooling::Last),
             Some(4) => Some(Pooling::Rank),
             Some(v) => {
-                return Err(Error::model(format!("{a}.pooling_type is {v}; expected 0 (none), 1 (mean), 2 (cls), 3 (last) or 4 (rank)")))
+                return Err(Error::model(format!(
+                    "{a}.pooling_type is {v}; expected 0 (none), 1 (mean), 2 (cls), 3 (last) or 4 (rank)"
+                )))
             }
         };
         let causal = g.get_bool(&format!("{a}.attention.causal"))?.unwrap_or(true);
@@ -361,7 +379,9 @@ impl Config {
         }
         match arch {
             Arch::Qwen3 | Arch::Qwen3Moe if n_rot != head_dim => {
-                return Err(Error::model(format!("{a}.rope.dimension_count is {n_rot}; {a} rotates whole heads ({head_dim})")));
+                return Err(Error::model(format!(
+                    "{a}.rope.dimension_count is {n_rot}; {a} rotates whole heads ({head_dim})"
+                )));
             }
             Arch::Qwen3Moe => {
                 let n_expert = req("expert_count")?;
@@ -372,11 +392,14 @@ impl Config {
                     )));
                 }
                 // llama.cpp: expert_feed_forward_length, else feed_forward_length / used.
-                let n_ff_exp = match g.get_usize(&format!("{a}.expert_feed_forward_length"))?.filter(|&n| n > 0) {
-                    Some(n) => n,
-                    None if n_ff >= n_expert_used => n_ff / n_expert_used,
-                    None => return Err(Error::model(format!("{a}.expert_feed_forward_length is missing (and {a}.feed_forward_length does not give it)"))),
-                };
+                let n_ff_exp =
+                    match g.get_usize(&format!("{a}.expert_feed_forward_length"))?.filter(|&n| n > 0) {
+                        Some(n) => n,
+                        None if n_ff >= n_expert_used => n_ff / n_expert_used,
+                        None => return Err(Error::model(format!(
+                            "{a}.expert_feed_forward_length is missing (and {a}.feed_forward_length does not give it)"
+                        ))),
+                    };
                 // llama.cpp b11434's qwen3moe graph always renormalises the chosen
                 // weights and never scales them (Qwen3-MoE's norm_topk_prob is true and its
                 // converter writes neither key). edgelm also honours the keys when a file
@@ -384,10 +407,14 @@ impl Config {
                 let norm_weights = g.get_bool(&format!("{a}.expert_weights_norm"))?.unwrap_or(true);
                 let weights_scale = opt_f("expert_weights_scale")?.filter(|&s| s != 0.0).unwrap_or(1.0);
                 if !weights_scale.is_finite() {
-                    return Err(Error::model(format!("{a}.expert_weights_scale is {weights_scale}; it must be a finite number")));
+                    return Err(Error::model(format!(
+                        "{a}.expert_weights_scale is {weights_scale}; it must be a finite number"
+                    )));
                 }
                 if g.get_usize(&format!("{a}.expert_group_count"))?.unwrap_or(0) > 1 {
-                    return Err(Error::model(format!("{a}.expert_group_count is set; grouped expert selection is not supported")));
+                    return Err(Error::model(format!(
+                        "{a}.expert_group_count is set; grouped expert selection is not supported"
+                    )));
                 }
                 cfg.moe = Some(MoeConfig { n_expert, n_expert_used, n_ff_exp, norm_weights, weights_scale });
             }
@@ -406,7 +433,8 @@ impl Config {
                 cfg.attn_scale = 1.0;
             }
             Arch::Granite => {
-                let logit = opt_f("logit_scale")?.ok_or_else(|| Error::model("required metadata key \"granite.logit_scale\" is missing"))?;
+                let logit = opt_f("logit_scale")?
+                    .ok_or_else(|| Error::model("required metadata key \"granite.logit_scale\" is missing"))?;
                 if !positive(logit) {
                     return Err(Error::model(format!("granite.logit_scale is {logit}; it must be a positive number")));
                 }
@@ -414,7 +442,9 @@ impl Config {
                 // Zero means "not set" for these, as in llama.cpp.
                 let nonzero = |k: &str| -> Result<Option<f32>> {
                     match opt_f(k)? {
-                        Some(v) if v != 0.0 && !v.is_finite() => Err(Error::model(format!("granite.{k} is {v}; it must be a finite number"))),
+                        Some(v) if v != 0.0 && !v.is_finite() => {
+                            Err(Error::model(format!("granite.{k} is {v}; it must be a finite number")))
+                        }
                         v => Ok(v.filter(|&v| v != 0.0)),
                     }
                 };
@@ -425,29 +455,47 @@ impl Config {
                 }
                 cfg.use_rope = g.get_bool("granite.rope.scaling.finetuned")?.unwrap_or(true);
                 if g.get_usize("granite.expert_count")?.unwrap_or(0) > 0 {
-                    return Err(Error::model("granite.expert_count is set: Granite MoE files are not supported (dense granite is)"));
+                    return Err(Error::model(
+                        "granite.expert_count is set: Granite MoE files are not supported (dense granite is)",
+                    ));
                 }
                 if g.get("granite.deepstack_mapping").is_some() {
-                    return Err(Error::model("granite.deepstack_mapping is set: Granite Vision's deepstack layers are not supported"));
+                    return Err(Error::model(
+                        "granite.deepstack_mapping is set: Granite Vision's deepstack layers are not supported",
+                    ));
                 }
             }
             Arch::Bert | Arch::NomicBert => {
                 // llama.cpp reads both as required for these architectures.
-                cfg.norm_eps = opt_f("attention.layer_norm_epsilon")?
-                    .ok_or_else(|| Error::model(format!("required metadata key \"{a}.attention.layer_norm_epsilon\" is missing")))?;
+                cfg.norm_eps = opt_f("attention.layer_norm_epsilon")?.ok_or_else(|| {
+                    Error::model(format!("required metadata key \"{a}.attention.layer_norm_epsilon\" is missing"))
+                })?;
                 if !positive(cfg.norm_eps) {
-                    return Err(Error::model(format!("{a}.attention.layer_norm_epsilon is {}; it must be a positive number", cfg.norm_eps)));
+                    return Err(Error::model(format!(
+                        "{a}.attention.layer_norm_epsilon is {}; it must be a positive number",
+                        cfg.norm_eps
+                    )));
                 }
-                cfg.n_token_types = match g.get_usize("tokenizer.ggml.token_type_count")? {
-                    Some(n) if n > 0 && n <= 1 << 16 => n,
-                    Some(n) => return Err(Error::model(format!("tokenizer.ggml.token_type_count is {n}; expected 1 to 65536"))),
-                    None => return Err(Error::model(format!("{a} needs \"tokenizer.ggml.token_type_count\" (the token-type rows); re-convert the model"))),
-                };
+                cfg.n_token_types =
+                    match g.get_usize("tokenizer.ggml.token_type_count")? {
+                        Some(n) if n > 0 && n <= 1 << 16 => n,
+                        Some(n) => {
+                            return Err(Error::model(format!(
+                                "tokenizer.ggml.token_type_count is {n}; expected 1 to 65536"
+                            )))
+                        }
+                        None => return Err(Error::model(format!(
+                            "{a} needs \"tokenizer.ggml.token_type_count\" (the token-type rows); re-convert the model"
+                        ))),
+                    };
                 // BERT adds learned positions; nomic-bert rotates (NEOX, whole heads unless
                 // rope.dimension_count says else).
                 cfg.use_rope = arch == Arch::NomicBert;
                 if cfg.head_dim_v != cfg.head_dim {
-                    return Err(Error::model(format!("{a} needs equal key and value head sizes, got {} and {}", cfg.head_dim, cfg.head_dim_v)));
+                    return Err(Error::model(format!(
+                        "{a} needs equal key and value head sizes, got {} and {}",
+                        cfg.head_dim, cfg.head_dim_v
+                    )));
                 }
             }
             _ => {}

@@ -67,7 +67,11 @@ impl Model {
                 return Err(Error::invalid("an input has no tokens; give at least one"));
             }
             if s.len() > cfg.n_ctx_train {
-                return Err(Error::invalid(format!("{} tokens exceed the model's context length of {}", s.len(), cfg.n_ctx_train)));
+                return Err(Error::invalid(format!(
+                    "{} tokens exceed the model's context length of {}",
+                    s.len(),
+                    cfg.n_ctx_train
+                )));
             }
         }
         let blocks: Vec<usize> = lens.iter().map(|n| n.div_ceil(BLOCK_SIZE)).collect();
@@ -88,7 +92,8 @@ impl Model {
                 t
             })
             .collect();
-        let inputs: Vec<SeqInput<'_>> = seqs.iter().zip(&tables).map(|(s, t)| SeqInput::new(s, 0, t, LogitsWanted::None)).collect();
+        let inputs: Vec<SeqInput<'_>> =
+            seqs.iter().zip(&tables).map(|(s, t)| SeqInput::new(s, 0, t, LogitsWanted::None)).collect();
         let x = self.run_layers(pool, kern, &mut kv, &inputs, true, None)?;
         // Only the rows the pooling reads go through the final norm.
         let mut starts = Vec::with_capacity(lens.len());

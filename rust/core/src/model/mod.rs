@@ -107,19 +107,19 @@ impl Weight {
 
 #[derive(Debug)]
 pub(crate) struct Layer {
-    pub(crate) attn_norm: Vec<f32>,    // [n_embd]
-    pub(crate) wq: Weight,             // [q_dim][n_embd]
-    pub(crate) wk: Weight,             // [kv_dim_k][n_embd]
-    pub(crate) wv: Weight,             // [kv_dim_v][n_embd]
-    pub(crate) wo: Weight,             // [n_embd][n_head * head_dim_v]
-    pub(crate) bq: Option<Vec<f32>>,   // [q_dim]      (qwen2)
-    pub(crate) bk: Option<Vec<f32>>,   // [kv_dim_k]   (qwen2)
-    pub(crate) bv: Option<Vec<f32>>,   // [kv_dim_v]   (qwen2)
-    pub(crate) bo: Option<Vec<f32>>,   // [n_embd]     (some llama variants)
-    pub(crate) q_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
-    pub(crate) k_norm: Option<Vec<f32>>, // [head_dim] (gemma3)
+    pub(crate) attn_norm: Vec<f32>,              // [n_embd]
+    pub(crate) wq: Weight,                       // [q_dim][n_embd]
+    pub(crate) wk: Weight,                       // [kv_dim_k][n_embd]
+    pub(crate) wv: Weight,                       // [kv_dim_v][n_embd]
+    pub(crate) wo: Weight,                       // [n_embd][n_head * head_dim_v]
+    pub(crate) bq: Option<Vec<f32>>,             // [q_dim]      (qwen2)
+    pub(crate) bk: Option<Vec<f32>>,             // [kv_dim_k]   (qwen2)
+    pub(crate) bv: Option<Vec<f32>>,             // [kv_dim_v]   (qwen2)
+    pub(crate) bo: Option<Vec<f32>>,             // [n_embd]     (some llama variants)
+    pub(crate) q_norm: Option<Vec<f32>>,         // [head_dim] (gemma3)
+    pub(crate) k_norm: Option<Vec<f32>>,         // [head_dim] (gemma3)
     pub(crate) post_attn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
-    pub(crate) ffn_norm: Vec<f32>,     // [n_embd]
+    pub(crate) ffn_norm: Vec<f32>,               // [n_embd]
     pub(crate) ffn: Ffn,
     pub(crate) post_ffn_norm: Option<Vec<f32>>, // [n_embd] (gemma3)
 }
@@ -131,12 +131,12 @@ pub enum Ffn {
     /// Phi-3's fused `ffn_up` is `[2 n_ff][n_embd]`, gate rows first: gate and up are
     /// its two halves.
     Dense {
-        gate: Weight,                 // [n_ff][n_embd]
-        up: Weight,                   // [n_ff][n_embd]
-        down: Weight,                 // [n_embd][n_ff]
-        b_gate: Option<Vec<f32>>,     // [n_ff]   (granite, optional)
-        b_up: Option<Vec<f32>>,       // [n_ff]   (granite, optional)
-        b_down: Option<Vec<f32>>,     // [n_embd] (granite, optional)
+        gate: Weight,             // [n_ff][n_embd]
+        up: Weight,               // [n_ff][n_embd]
+        down: Weight,             // [n_embd][n_ff]
+        b_gate: Option<Vec<f32>>, // [n_ff]   (granite, optional)
+        b_up: Option<Vec<f32>>,   // [n_ff]   (granite, optional)
+        b_down: Option<Vec<f32>>, // [n_embd] (granite, optional)
     },
     /// Mixture of experts (see `moe`).
     Moe(moe::Experts),
@@ -145,10 +145,10 @@ pub enum Ffn {
 pub struct Model {
     pub cfg: Config,
     pub file: Arc<Gguf>,
-    pub(crate) tok_embd: Weight,          // [n_vocab][n_embd]
-    pub(crate) layers: Vec<Layer>,        // decoder layers (none in an encoder)
-    pub(crate) output_norm: Vec<f32>,     // [n_embd] (empty in an encoder)
-    pub(crate) output: Weight,            // [n_vocab][n_embd] (tied to tok_embd when absent; unused by encoders)
+    pub(crate) tok_embd: Weight,              // [n_vocab][n_embd]
+    pub(crate) layers: Vec<Layer>,            // decoder layers (none in an encoder)
+    pub(crate) output_norm: Vec<f32>,         // [n_embd] (empty in an encoder)
+    pub(crate) output: Weight,                // [n_vocab][n_embd] (tied to tok_embd when absent; unused by encoders)
     pub(crate) output_bias: Option<Vec<f32>>, // [n_vocab]
     /// [n_rot/2] RoPE frequency divisors: llama3's `rope_freqs`, or the LongRoPE factors
     /// chosen at load (`rope_factors_long`/`_short`).
@@ -210,7 +210,10 @@ impl Profile {
     }
     /// Seconds per kind of operation since the last call; resets the counters.
     pub fn take(&self) -> Vec<(&'static str, f64)> {
-        Op::ALL.iter().map(|&op| (op.name(), self.ns[op as usize].swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9)).collect()
+        Op::ALL
+            .iter()
+            .map(|&op| (op.name(), self.ns[op as usize].swap(0, std::sync::atomic::Ordering::Relaxed) as f64 * 1e-9))
+            .collect()
     }
 }
 
@@ -235,7 +238,14 @@ impl<'a> SeqInput<'a> {
     /// row path below `FA_TILE_Q` tokens.
     pub fn new(tokens: &'a [u32], pos: usize, block_table: &'a [u32], logits: LogitsWanted) -> Self {
         let n = tokens.len();
-        SeqInput { tokens, pos, block_table, logits, solo_from: if n == 1 { 0 } else { n }, row_attention: n < ops::FA_TILE_Q }
+        SeqInput {
+            tokens,
+            pos,
+            block_table,
+            logits,
+            solo_from: if n == 1 { 0 } else { n },
+            row_attention: n < ops::FA_TILE_Q,
+        }
     }
 }
 
@@ -271,7 +281,6 @@ pub struct StepLogits {
     pub greedy: Vec<(u32, f32)>,
 }
 
-
 impl Model {
     pub fn load(file: Arc<Gguf>) -> Result<Model> {
         Self::load_with(file, None)
@@ -286,7 +295,10 @@ impl Model {
         let (e, v) = (cfg.n_embd, cfg.n_vocab);
         let t = Tensors { g: &file };
         let tok_embd = t.weight("token_embd.weight", e, v)?;
-        let profile = Profile { enabled: std::env::var_os("EDGELM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0"), ..Default::default() };
+        let profile = Profile {
+            enabled: std::env::var_os("EDGELM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0"),
+            ..Default::default()
+        };
         if cfg.arch.is_encoder() {
             let encoder = Some(bert::Encoder::load(&t, &cfg)?);
             let output = tok_embd.clone();
@@ -344,17 +356,32 @@ impl Model {
                 let long = n_ctx.unwrap_or(cfg.n_ctx_train) > cfg.n_ctx_orig;
                 let name = if long { "rope_factors_long" } else { "rope_factors_short" };
                 // Both are checked, whichever is used.
-                let (l, s) = (t.opt_vector("rope_factors_long.weight", half)?, t.opt_vector("rope_factors_short.weight", half)?);
+                let (l, s) =
+                    (t.opt_vector("rope_factors_long.weight", half)?, t.opt_vector("rope_factors_short.weight", half)?);
                 (if long { l } else { s }, name)
             }
             _ => (None, ""),
         };
         if let Some(f) = rope_freqs.as_ref().and_then(|f| f.iter().find(|x| !(x.is_finite() && **x > 0.0))) {
-            return Err(Error::model(format!("tensor \"{rope_freqs_name}.weight\" holds {f}; RoPE frequency factors must be positive")));
+            return Err(Error::model(format!(
+                "tensor \"{rope_freqs_name}.weight\" holds {f}; RoPE frequency factors must be positive"
+            )));
         }
         let rope_freqs_name = rope_freqs.as_ref().map(|_| rope_freqs_name);
         let output_bias = t.opt_vector("output.bias", v)?;
-        Ok(Model { cfg, tok_embd, layers, output_norm, output, output_bias, rope_freqs, rope_freqs_name, encoder: None, profile, file: Arc::clone(&file) })
+        Ok(Model {
+            cfg,
+            tok_embd,
+            layers,
+            output_norm,
+            output,
+            output_bias,
+            rope_freqs,
+            rope_freqs_name,
+            encoder: None,
+            profile,
+            file: Arc::clone(&file),
+        })
     }
 
     /// Bytes of weights the forward pass reads per token (the bandwidth bound).
@@ -371,7 +398,8 @@ impl Model {
                     // The router and the experts a token uses.
                     Ffn::Moe(x) => {
                         let m = self.cfg.moe.as_ref().expect("MoE layers have a MoE config");
-                        x.router.n_bytes() + (x.gate.n_bytes() + x.up.n_bytes() + x.down.n_bytes()) / m.n_expert * m.n_expert_used
+                        x.router.n_bytes()
+                            + (x.gate.n_bytes() + x.up.n_bytes() + x.down.n_bytes()) / m.n_expert * m.n_expert_used
                     }
                 };
                 l.wq.n_bytes() + l.wk.n_bytes() + l.wv.n_bytes() + l.wo.n_bytes() + ffn
@@ -381,7 +409,13 @@ impl Model {
     }
 
     /// Run one step for a batch of sequences, writing their new K/V into `kv`.
-    pub fn forward(&self, pool: &ThreadPool, kern: &Kernels, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<StepLogits> {
+    pub fn forward(
+        &self,
+        pool: &ThreadPool,
+        kern: &Kernels,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+    ) -> Result<StepLogits> {
         self.forward_with(pool, kern, kv, seqs, false)
     }
 
@@ -433,7 +467,9 @@ impl Model {
             // A sequence's last-token logits always take the one-token kernels, so they
             // do not depend on how many sequences share the step.
             let solo_out: Vec<bool> = rows.iter().map(|&(si, _, _)| seqs[si].logits.last()).collect();
-            self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits, &solo_out, invariant));
+            self.profile.time(Op::Matmul, || {
+                ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits, &solo_out, invariant)
+            });
         }
         if let Some(b) = &self.output_bias {
             ops::add_bias_rows(&mut logits, b);
@@ -446,7 +482,13 @@ impl Model {
         if let Some(c) = cfg.final_logit_softcap {
             logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
         }
-        Ok(StepLogits { n_vocab: cfg.n_vocab, data: logits, rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(), lse: Vec::new(), greedy: Vec::new() })
+        Ok(StepLogits {
+            n_vocab: cfg.n_vocab,
+            data: logits,
+            rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(),
+            lse: Vec::new(),
+            greedy: Vec::new(),
+        })
     }
 
     /// Embed → layers: the last layer's output `[n_tok][n_embd]` for every token of
@@ -465,7 +507,10 @@ impl Model {
         let mut tok_meta = Vec::new(); // (seq index, position) per stacked token
         for (si, s) in seqs.iter().enumerate() {
             if let Some(&bad) = s.tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-                return Err(Error::invalid(format!("token id {bad} is out of range (vocabulary has {} tokens)", cfg.n_vocab)));
+                return Err(Error::invalid(format!(
+                    "token id {bad} is out of range (vocabulary has {} tokens)",
+                    cfg.n_vocab
+                )));
             }
             kv.check_table(s.block_table, s.pos + s.tokens.len())?;
             tok_meta.extend((0..s.tokens.len()).map(|i| (si, s.pos + i)));
@@ -555,7 +600,8 @@ impl Model {
                 t0 += s.tokens.len();
             }
             let window = if swa { cfg.swa_window } else { None };
-            self.profile.time(Op::Attention, || ops::attention(pool, kern, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window));
+            self.profile
+                .time(Op::Attention, || ops::attention(pool, kern, kv, il, cfg, seqs, &tok_meta, &q, &mut att, window));
             self.profile.time(Op::Matmul, || ops::matmul(pool, kern, &l.wo, &att, n_tok, &mut o, &solo, invariant));
             if let Some(b) = &l.bo {
                 ops::add_bias_rows(&mut o, b);
@@ -572,7 +618,8 @@ impl Model {
             self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &x, &mut h, &l.ffn_norm, e, cfg.rms_eps));
             match &l.ffn {
                 Ffn::Dense { gate, up, down, b_gate, b_up, b_down } => {
-                    self.profile.time(Op::Matmul, || ops::matmul(pool, kern, gate, &h, n_tok, &mut g, &solo, invariant));
+                    self.profile
+                        .time(Op::Matmul, || ops::matmul(pool, kern, gate, &h, n_tok, &mut g, &solo, invariant));
                     self.profile.time(Op::Matmul, || ops::matmul(pool, kern, up, &h, n_tok, &mut u, &solo, invariant));
                     for (buf, b) in [(&mut g, b_gate), (&mut u, b_up)] {
                         if let Some(b) = b {
@@ -580,10 +627,13 @@ impl Model {
                         }
                     }
                     match cfg.arch {
-                        Arch::Gemma3 => self.profile.time(Op::Activation, || ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff)),
+                        Arch::Gemma3 => {
+                            self.profile.time(Op::Activation, || ops::geglu_inplace(pool, &mut g, &u, cfg.n_ff))
+                        }
                         _ => self.profile.time(Op::Activation, || ops::swiglu_inplace(pool, &mut g, &u, cfg.n_ff)),
                     }
-                    self.profile.time(Op::Matmul, || ops::matmul(pool, kern, down, &g, n_tok, &mut o, &solo, invariant));
+                    self.profile
+                        .time(Op::Matmul, || ops::matmul(pool, kern, down, &g, n_tok, &mut o, &solo, invariant));
                     if let Some(b) = b_down {
                         ops::add_bias_rows(&mut o, b);
                     }
@@ -592,7 +642,12 @@ impl Model {
                     let m = cfg.moe.as_ref().expect("MoE layers have a MoE config");
                     let routes = moe::ffn(pool, kern, experts, m, &h, n_tok, &mut o, &solo, invariant, &self.profile);
                     if let Some(t) = trace.as_deref_mut() {
-                        t.push(moe::Trace { layer: il, input: h.clone(), experts: routes.experts, weights: routes.weights });
+                        t.push(moe::Trace {
+                            layer: il,
+                            input: h.clone(),
+                            experts: routes.experts,
+                            weights: routes.weights,
+                        });
                     }
                 }
             }
@@ -634,7 +689,8 @@ struct Tensors<'a> {
 
 impl Tensors<'_> {
     fn weight(&self, name: &str, cols: usize, rows: usize) -> Result<Weight> {
-        let data = self.g.tensor_data(name).ok_or_else(|| Error::model(format!("required tensor {name:?} is missing")))?;
+        let data =
+            self.g.tensor_data(name).ok_or_else(|| Error::model(format!("required tensor {name:?} is missing")))?;
         let dims = &data.info.dims;
         let want = [cols as u64, rows as u64];
         let ok = dims.len() >= 2 && dims[..2] == want && dims[2..].iter().all(|&d| d == 1);
@@ -649,7 +705,8 @@ impl Tensors<'_> {
     /// `[n][rows][cols]` stacked experts (GGUF dims `[cols, rows, n]`), as one weight of
     /// `n * rows` rows: expert `x` is rows `x * rows..(x + 1) * rows`.
     fn experts(&self, name: &str, cols: usize, rows: usize, n: usize) -> Result<Weight> {
-        let data = self.g.tensor_data(name).ok_or_else(|| Error::model(format!("required tensor {name:?} is missing")))?;
+        let data =
+            self.g.tensor_data(name).ok_or_else(|| Error::model(format!("required tensor {name:?} is missing")))?;
         let dims = &data.info.dims;
         let want = [cols as u64, rows as u64, n as u64];
         if !(dims.len() >= 3 && dims[..3] == want && dims[3..].iter().all(|&d| d == 1)) {
@@ -661,11 +718,19 @@ impl Tensors<'_> {
     /// Q, K, V and their biases: `attn_qkv` (fused, rows q then k then v) when the file
     /// has it, as llama.cpp's create_tensor_qkv prefers, else `attn_q`/`attn_k`/`attn_v`.
     #[allow(clippy::type_complexity)]
-    fn qkv(&self, il: usize, cfg: &Config) -> Result<(Weight, Weight, Weight, Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>)> {
+    fn qkv(
+        &self,
+        il: usize,
+        cfg: &Config,
+    ) -> Result<(Weight, Weight, Weight, Option<Vec<f32>>, Option<Vec<f32>>, Option<Vec<f32>>)> {
         let n = |s: &str| format!("blk.{il}.{s}");
         let (e, qd, kd, vd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim_k(), cfg.kv_dim_v());
         let separate_biases = || -> Result<_> {
-            Ok((self.opt_vector(&n("attn_q.bias"), qd)?, self.opt_vector(&n("attn_k.bias"), kd)?, self.opt_vector(&n("attn_v.bias"), vd)?))
+            Ok((
+                self.opt_vector(&n("attn_q.bias"), qd)?,
+                self.opt_vector(&n("attn_k.bias"), kd)?,
+                self.opt_vector(&n("attn_v.bias"), vd)?,
+            ))
         };
         if self.g.tensor_info(&n("attn_qkv.weight")).is_some() {
             let w = self.weight(&n("attn_qkv.weight"), e, qd + kd + vd)?;
@@ -680,7 +745,14 @@ impl Tensors<'_> {
             return Ok((w.rows_view(0, qd), w.rows_view(qd, kd), w.rows_view(qd + kd, vd), bq, bk, bv));
         }
         let (bq, bk, bv) = separate_biases()?;
-        Ok((self.weight(&n("attn_q.weight"), e, qd)?, self.weight(&n("attn_k.weight"), e, kd)?, self.weight(&n("attn_v.weight"), e, vd)?, bq, bk, bv))
+        Ok((
+            self.weight(&n("attn_q.weight"), e, qd)?,
+            self.weight(&n("attn_k.weight"), e, kd)?,
+            self.weight(&n("attn_v.weight"), e, vd)?,
+            bq,
+            bk,
+            bv,
+        ))
     }
 
     fn ffn(&self, il: usize, cfg: &Config) -> Result<Ffn> {
@@ -722,7 +794,10 @@ impl Tensors<'_> {
     fn opt_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>> {
         let Some(info) = self.g.tensor_info(name) else { return Ok(None) };
         if info.n_elements() != n as u64 {
-            return Err(Error::model(format!("tensor {name:?} has shape {:?} but the metadata implies [{n}]", info.dims)));
+            return Err(Error::model(format!(
+                "tensor {name:?} has shape {:?} but the metadata implies [{n}]",
+                info.dims
+            )));
         }
         // Norm vectors and biases are a few KiB; a copy in f32 keeps the hot loops simple.
         Ok(Some(quant::dequantize(info.ty, self.g.tensor_bytes(info), n)))

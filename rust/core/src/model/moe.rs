@@ -136,7 +136,16 @@ pub fn ffn(
     profile.time(Op::Matmul, || {
         if x.gate.ty.vec_dot_type() == x.up.ty.vec_dot_type() {
             let xq = gather(&quantize_rows(pool, kern, x.gate.ty, h, e), act_bytes(x.gate.ty, e), &pair_tok);
-            grouped_matmul(pool, kern, &mut [(&x.gate, &mut g), (&x.up, &mut u)], f, &groups, &xq, &pair_solo, invariant);
+            grouped_matmul(
+                pool,
+                kern,
+                &mut [(&x.gate, &mut g), (&x.up, &mut u)],
+                f,
+                &groups,
+                &xq,
+                &pair_solo,
+                invariant,
+            );
         } else {
             for (w, y) in [(&x.gate, &mut g), (&x.up, &mut u)] {
                 let xq = gather(&quantize_rows(pool, kern, w.ty, h, e), act_bytes(w.ty, e), &pair_tok);
@@ -235,7 +244,9 @@ fn grouped_matmul(
     let Some((w0, _)) = mats.first() else { return };
     let (cols, act) = (w0.cols, w0.ty.vec_dot_type());
     let arb = act_bytes(w0.ty, cols);
-    debug_assert!(mats.iter().all(|(w, _)| w.cols == cols && w.ty.vec_dot_type() == act && w.rows.is_multiple_of(rows)));
+    debug_assert!(mats
+        .iter()
+        .all(|(w, _)| w.cols == cols && w.ty.vec_dot_type() == act && w.rows.is_multiple_of(rows)));
     let n_pairs = xq.len() / arb.max(1);
     debug_assert!(mats.iter().all(|(_, y)| y.len() == n_pairs * rows));
     // Row ranges: whole groups of 8 rows (the gemm panels), about 4 tasks a thread.
@@ -348,7 +359,11 @@ mod tests {
     fn grouped_matmul_matches_f64_and_is_batch_invariant() {
         let (n_expert, rows, cols) = (4, 24, 256);
         // 10 pairs: experts 0 (3 pairs), 2 (1), 3 (6).
-        let groups = [Group { expert: 0, first: 0, count: 3 }, Group { expert: 2, first: 3, count: 1 }, Group { expert: 3, first: 4, count: 6 }];
+        let groups = [
+            Group { expert: 0, first: 0, count: 3 },
+            Group { expert: 2, first: 3, count: 1 },
+            Group { expert: 3, first: 4, count: 6 },
+        ];
         let n_pairs = 10;
         let x = rand(n_pairs * cols, 99);
         for level in Kernels::available() {
@@ -370,18 +385,36 @@ mod tests {
                                     let wr = &deq[(g.expert * rows + r) * cols..][..cols];
                                     let xr = &xa[p * cols..(p + 1) * cols];
                                     let want: f64 = wr.iter().zip(xr).map(|(&a, &b)| a as f64 * b as f64).sum();
-                                    let scale: f64 = wr.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                                    let scale: f64 =
+                                        wr.iter().zip(xr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
                                     let got = y[p * rows + r] as f64;
-                                    assert!((got - want).abs() <= 1e-3 * scale + 1e-6,
-                                        "{} {ty:?} pair {p} row {r}: {got} vs {want}", level.name());
+                                    assert!(
+                                        (got - want).abs() <= 1e-3 * scale + 1e-6,
+                                        "{} {ty:?} pair {p} row {r}: {got} vs {want}",
+                                        level.name()
+                                    );
                                 }
                                 if invariant {
                                     // The same pair alone in its expert.
                                     let one = [Group { expert: g.expert, first: 0, count: 1 }];
                                     let arb = act.row_bytes(cols).unwrap();
                                     let mut y1 = vec![0f32; rows];
-                                    grouped_matmul(&pool, kern, &mut [(&w, &mut y1)], rows, &one, &xq[p * arb..(p + 1) * arb], &solo[..1], true);
-                                    assert_eq!(y1, y[p * rows..(p + 1) * rows], "{} {ty:?} pair {p} (solo {solo_all}): alone differs", level.name());
+                                    grouped_matmul(
+                                        &pool,
+                                        kern,
+                                        &mut [(&w, &mut y1)],
+                                        rows,
+                                        &one,
+                                        &xq[p * arb..(p + 1) * arb],
+                                        &solo[..1],
+                                        true,
+                                    );
+                                    assert_eq!(
+                                        y1,
+                                        y[p * rows..(p + 1) * rows],
+                                        "{} {ty:?} pair {p} (solo {solo_all}): alone differs",
+                                        level.name()
+                                    );
                                 }
                             }
                         }

@@ -103,7 +103,16 @@ pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
 /// Without `invariant` (the library, the goldens) a lone token takes the decode
 /// kernel that follows llama.cpp's arithmetic.
 #[allow(clippy::too_many_arguments)]
-pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usize, y: &mut [f32], solo: &[bool], invariant: bool) {
+pub fn matmul(
+    pool: &ThreadPool,
+    k: &Kernels,
+    w: &Weight,
+    x: &[f32],
+    n_tok: usize,
+    y: &mut [f32],
+    solo: &[bool],
+    invariant: bool,
+) {
     debug_assert_eq!(x.len(), n_tok * w.cols);
     debug_assert_eq!(y.len(), n_tok * w.rows);
     debug_assert!(solo.is_empty() || solo.len() == n_tok);
@@ -191,7 +200,14 @@ pub fn matmul(pool: &ThreadPool, k: &Kernels, w: &Weight, x: &[f32], n_tok: usiz
 /// `matmul` over a packed weight (`quant::packed`): each task takes a range of 8-row
 /// groups and every token. Each token's result is computed alone in the same
 /// arithmetic, whatever the batch, so no token needs the one-by-one treatment.
-fn matmul_packed(pool: &ThreadPool, k: &Kernels, w: &crate::quant::packed::Packed, xq: &[u8], n_tok: usize, y: &mut [f32]) {
+fn matmul_packed(
+    pool: &ThreadPool,
+    k: &Kernels,
+    w: &crate::quant::packed::Packed,
+    xq: &[u8],
+    n_tok: usize,
+    y: &mut [f32],
+) {
     use crate::quant::packed::{act_sums, sums_per_block, ROWS};
     let spb = w.nb() * sums_per_block(w.ty);
     let arb = xq.len() / n_tok;
@@ -345,7 +361,18 @@ pub fn attention(
                     dst.iter_mut().zip(src).for_each(|(a, &b)| *a = b * scale);
                 }
                 let keys = super::attn::Keys { kv, layer, table, kvh };
-                super::attn::decode(kern, &qg, group, lo, p, hd, hdv, &keys, &mut super::attn::Scratch::default(), o_row);
+                super::attn::decode(
+                    kern,
+                    &qg,
+                    group,
+                    lo,
+                    p,
+                    hd,
+                    hdv,
+                    &keys,
+                    &mut super::attn::Scratch::default(),
+                    o_row,
+                );
                 return;
             }
             let mut sc = AttnScratch::new(hd, hdv);

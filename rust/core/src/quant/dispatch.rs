@@ -58,14 +58,8 @@ pub enum Level {
     NeonI8mm,
 }
 
-const ALL_LEVELS: [Level; 6] = [
-    Level::Scalar,
-    Level::Avx2,
-    Level::Avx512,
-    Level::Neon,
-    Level::NeonDotprod,
-    Level::NeonI8mm,
-];
+const ALL_LEVELS: [Level; 6] =
+    [Level::Scalar, Level::Avx2, Level::Avx512, Level::Neon, Level::NeonDotprod, Level::NeonI8mm];
 
 impl Level {
     /// The name `EDGELM_KERNEL_LEVEL` accepts for this level.
@@ -100,9 +94,7 @@ fn supported(level: Level) -> bool {
         Level::Scalar => true,
         #[cfg(target_arch = "x86_64")]
         Level::Avx2 => {
-            is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
+            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
         }
         #[cfg(target_arch = "x86_64")]
         Level::Avx512 => {
@@ -115,13 +107,9 @@ fn supported(level: Level) -> bool {
         #[cfg(target_arch = "aarch64")]
         Level::Neon => std::arch::is_aarch64_feature_detected!("neon"),
         #[cfg(target_arch = "aarch64")]
-        Level::NeonDotprod => {
-            supported(Level::Neon) && std::arch::is_aarch64_feature_detected!("dotprod")
-        }
+        Level::NeonDotprod => supported(Level::Neon) && std::arch::is_aarch64_feature_detected!("dotprod"),
         #[cfg(target_arch = "aarch64")]
-        Level::NeonI8mm => {
-            supported(Level::NeonDotprod) && std::arch::is_aarch64_feature_detected!("i8mm")
-        }
+        Level::NeonI8mm => supported(Level::NeonDotprod) && std::arch::is_aarch64_feature_detected!("i8mm"),
         #[allow(unreachable_patterns)]
         _ => false,
     }
@@ -135,20 +123,12 @@ pub struct Kernels {
 }
 
 static KERNELS: [Kernels; 6] = [
-    Kernels {
-        level: Level::Scalar,
-    },
+    Kernels { level: Level::Scalar },
     Kernels { level: Level::Avx2 },
-    Kernels {
-        level: Level::Avx512,
-    },
+    Kernels { level: Level::Avx512 },
     Kernels { level: Level::Neon },
-    Kernels {
-        level: Level::NeonDotprod,
-    },
-    Kernels {
-        level: Level::NeonI8mm,
-    },
+    Kernels { level: Level::NeonDotprod },
+    Kernels { level: Level::NeonI8mm },
 ];
 
 /// Env var that lowers the detected level (`scalar|avx2|avx512|neon|dotprod|i8mm`).
@@ -161,9 +141,7 @@ impl Kernels {
     pub fn detect() -> &'static Kernels {
         static CHOSEN: OnceLock<&'static Kernels> = OnceLock::new();
         CHOSEN.get_or_init(|| {
-            let best = *Self::available()
-                .last()
-                .expect("scalar is always available");
+            let best = *Self::available().last().expect("scalar is always available");
             let level = match std::env::var(LEVEL_ENV) {
                 Ok(s) if !s.trim().is_empty() => match Level::parse(&s) {
                     Some(l) if supported(l) => l,
@@ -196,11 +174,7 @@ impl Kernels {
 
     /// The levels this CPU supports, lowest first (always starts with `Scalar`).
     pub fn available() -> Vec<Level> {
-        ALL_LEVELS
-            .iter()
-            .copied()
-            .filter(|&l| supported(l))
-            .collect()
+        ALL_LEVELS.iter().copied().filter(|&l| supported(l)).collect()
     }
 
     fn available_names() -> String {
@@ -228,9 +202,7 @@ impl Kernels {
             Level::Avx512 => unsafe { avx512::quantize_row(ty, src, dst) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above (NEON is part of every level from `Neon` up).
-            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
-                neon::quantize_row(ty, src, dst)
-            },
+            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe { neon::quantize_row(ty, src, dst) },
             _ => false,
         };
         if !done {
@@ -243,12 +215,7 @@ impl Kernels {
     /// fields are read, not recomputed).
     pub fn vec_dot(&self, ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> f32 {
         assert_row(ty, n, w.len(), "Kernels::vec_dot weights");
-        assert_row(
-            ty.vec_dot_type(),
-            n,
-            a.len(),
-            "Kernels::vec_dot activations",
-        );
+        assert_row(ty.vec_dot_type(), n, a.len(), "Kernels::vec_dot activations");
         let r = match self.level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level's features are present (see `Kernels`); lengths checked.
@@ -258,9 +225,7 @@ impl Kernels {
             Level::Avx512 => unsafe { avx512::vec_dot(ty, n, w, a) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: as above.
-            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
-                neon::vec_dot(self.level, ty, n, w, a)
-            },
+            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe { neon::vec_dot(self.level, ty, n, w, a) },
             _ => None,
         };
         r.unwrap_or_else(|| reference::vec_dot(ty, w, a))
@@ -275,8 +240,14 @@ impl Kernels {
     pub fn single_token_matches_panel(&self, ty: GgmlType) -> bool {
         let panel_type = matches!(
             ty,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0
-                | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
+            GgmlType::Q4_0
+                | GgmlType::Q4_1
+                | GgmlType::Q5_0
+                | GgmlType::Q5_1
+                | GgmlType::Q8_0
+                | GgmlType::Q4_K
+                | GgmlType::Q5_K
+                | GgmlType::Q6_K
         );
         match self.level {
             // Everything on the scalar level goes one (row, token) dot at a time.
@@ -284,7 +255,8 @@ impl Kernels {
             // x86: the legacy formats have a one-token kernel written to the panel's
             // arithmetic; the K-quants decode through vec_dot.
             Level::Avx2 | Level::Avx512 => {
-                !panel_type || matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
+                !panel_type
+                    || matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0)
             }
             // NEON decode kernels have their own arithmetic.
             _ => !panel_type,
@@ -358,23 +330,12 @@ impl Kernels {
         let (Some(wrb), Some(arb)) = (wrb, arb) else {
             panic!("Kernels::gemm: {n} elements is not a whole number of {ty} blocks");
         };
-        assert_eq!(
-            w.len(),
-            n_rows * wrb,
-            "Kernels::gemm: w must hold {n_rows} rows of {n} {ty}"
-        );
-        assert_eq!(
-            a.len(),
-            n_tok * arb,
-            "Kernels::gemm: a must hold {n_tok} activation rows"
-        );
+        assert_eq!(w.len(), n_rows * wrb, "Kernels::gemm: w must hold {n_rows} rows of {n} {ty}");
+        assert_eq!(a.len(), n_tok * arb, "Kernels::gemm: a must hold {n_tok} activation rows");
         if n_rows == 0 || n_tok == 0 {
             return;
         }
-        assert!(
-            n_tok == 1 || out_stride >= n_rows,
-            "Kernels::gemm: out_stride {out_stride} < n_rows {n_rows}"
-        );
+        assert!(n_tok == 1 || out_stride >= n_rows, "Kernels::gemm: out_stride {out_stride} < n_rows {n_rows}");
         assert!(
             out.len() >= (n_tok - 1) * out_stride + n_rows,
             "Kernels::gemm: out has {} floats, needs {}",
@@ -385,7 +346,10 @@ impl Kernels {
         // that must get the panel's bits (`exact`); a plain lone token keeps vec_dot,
         // llama.cpp's decode arithmetic.
         #[cfg(target_arch = "x86_64")]
-        if matches!(ty, GgmlType::F16 | GgmlType::F32) && matches!(self.level, Level::Avx2 | Level::Avx512) && (n_tok > 1 || exact) {
+        if matches!(ty, GgmlType::F16 | GgmlType::F32)
+            && matches!(self.level, Level::Avx2 | Level::Avx512)
+            && (n_tok > 1 || exact)
+        {
             // SAFETY: the level's features are present; all slice lengths were checked above.
             unsafe { float_gemm::gemm(self.level, ty, n, w, n_rows, a, n_tok, out, out_stride) };
             return;
@@ -482,9 +446,7 @@ impl Kernels {
             Level::Avx512 => unsafe { avx512::dot_f32_f16(a, b) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: NEON present at every ARM level; lengths checked.
-            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
-                neon::dot_f32_f16(a, b)
-            },
+            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe { neon::dot_f32_f16(a, b) },
             _ => a.iter().zip(b).map(|(x, y)| x * y.to_f32()).sum(),
         }
     }
@@ -501,20 +463,14 @@ impl Kernels {
             Level::Avx512 => unsafe { avx512::axpy_f16(y, s, x) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: NEON present at every ARM level; lengths checked.
-            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
-                neon::axpy_f16(y, s, x)
-            },
+            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe { neon::axpy_f16(y, s, x) },
             _ => y.iter_mut().zip(x).for_each(|(y, x)| *y += s * x.to_f32()),
         }
     }
 
     /// f16 → f32, element for element (exact).
     pub fn f16_to_f32_row(&self, src: &[f16], dst: &mut [f32]) {
-        assert_eq!(
-            src.len(),
-            dst.len(),
-            "Kernels::f16_to_f32_row: lengths differ"
-        );
+        assert_eq!(src.len(), dst.len(), "Kernels::f16_to_f32_row: lengths differ");
         match self.level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: F16C present at both x86 levels; lengths checked.
@@ -524,20 +480,14 @@ impl Kernels {
             Level::Avx512 => unsafe { avx512::f16_to_f32_row(src, dst) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: NEON present at every ARM level; lengths checked.
-            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
-                neon::f16_to_f32_row(src, dst)
-            },
+            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe { neon::f16_to_f32_row(src, dst) },
             _ => dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32()),
         }
     }
 
     /// f32 → f16, round to nearest even (as `half::f16::from_f32` for finite values).
     pub fn f32_to_f16_row(&self, src: &[f32], dst: &mut [f16]) {
-        assert_eq!(
-            src.len(),
-            dst.len(),
-            "Kernels::f32_to_f16_row: lengths differ"
-        );
+        assert_eq!(src.len(), dst.len(), "Kernels::f32_to_f16_row: lengths differ");
         match self.level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: F16C present at both x86 levels; lengths checked.
@@ -547,13 +497,8 @@ impl Kernels {
             Level::Avx512 => unsafe { avx512::f32_to_f16_row(src, dst) },
             #[cfg(target_arch = "aarch64")]
             // SAFETY: NEON present at every ARM level; lengths checked.
-            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe {
-                neon::f32_to_f16_row(src, dst)
-            },
-            _ => dst
-                .iter_mut()
-                .zip(src)
-                .for_each(|(d, s)| *d = f16::from_f32(*s)),
+            Level::Neon | Level::NeonDotprod | Level::NeonI8mm => unsafe { neon::f32_to_f16_row(src, dst) },
+            _ => dst.iter_mut().zip(src).for_each(|(d, s)| *d = f16::from_f32(*s)),
         }
     }
 }

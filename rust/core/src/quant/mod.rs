@@ -39,9 +39,8 @@ mod reference;
 mod tests;
 
 pub use blocks::{
-    BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K,
-    BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K, K_SCALE_SIZE, QK4_0, QK4_1, QK5_0, QK5_1, QK8_0,
-    QK8_1, QK_K,
+    BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K, BlockQ8_0,
+    BlockQ8_1, BlockQ8_K, K_SCALE_SIZE, QK4_0, QK4_1, QK5_0, QK5_1, QK8_0, QK8_1, QK_K,
 };
 
 pub use dispatch::{Kernels, Level};
@@ -199,10 +198,7 @@ impl std::fmt::Display for GgmlType {
 #[track_caller]
 fn assert_row(ty: GgmlType, n: usize, bytes: usize, what: &str) {
     let want = ty.row_bytes(n);
-    assert!(
-        want == Some(bytes),
-        "quant: {what} of {n} {ty} elements needs {want:?} bytes, got {bytes}"
-    );
+    assert!(want == Some(bytes), "quant: {what} of {n} {ty} elements needs {want:?} bytes, got {bytes}");
 }
 
 /// Decodes one row: `src` holds `dst.len()` elements of type `ty`

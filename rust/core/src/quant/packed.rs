@@ -82,12 +82,19 @@ pub fn group_bytes(ty: GgmlType) -> Option<usize> {
 /// Activation sub-block sums per block (`act_sums`): the K-quants' 16 per super-block
 /// (Q4_K/Q5_K use the first 8), one per block of 32 for Q4_0 and Q8_0.
 pub fn sums_per_block(ty: GgmlType) -> usize {
-    if ty.block_size() == QK_K { 16 } else { 1 }
+    if ty.block_size() == QK_K {
+        16
+    } else {
+        1
+    }
 }
 
 /// Whether a `[rows][cols]` tensor of `ty` can be packed.
 pub fn packable(ty: GgmlType, rows: usize, cols: usize) -> bool {
-    group_bytes(ty).is_some() && rows > 0 && rows.is_multiple_of(ROWS) && cols > 0
+    group_bytes(ty).is_some()
+        && rows > 0
+        && rows.is_multiple_of(ROWS)
+        && cols > 0
         && cols.is_multiple_of(ty.block_size())
 }
 
@@ -110,8 +117,13 @@ impl Packed {
     /// As `new`, with the row groups split by `par(n_groups, f)`, which must call `f`
     /// on disjoint ranges covering `0..n_groups` (on threads: a thread pool's
     /// `for_ranges`).
-    pub fn new_with(ty: GgmlType, w: &[u8], rows: usize, cols: usize,
-                    par: impl FnOnce(usize, &(dyn Fn(std::ops::Range<usize>) + Sync))) -> Option<Packed> {
+    pub fn new_with(
+        ty: GgmlType,
+        w: &[u8],
+        rows: usize,
+        cols: usize,
+        par: impl FnOnce(usize, &(dyn Fn(std::ops::Range<usize>) + Sync)),
+    ) -> Option<Packed> {
         if !packable(ty, rows, cols) {
             return None;
         }
@@ -370,8 +382,16 @@ pub fn act_sums(ty: GgmlType, a: &[u8], out: &mut [i16]) {
 /// token's `act_sums`.
 #[allow(clippy::too_many_arguments)]
 #[allow(clippy::needless_range_loop)] // indices pair rows, sub-blocks and sums
-pub fn gemm_ref(ty: GgmlType, nb: usize, groups: &[u8], a: &[u8], sums: &[i16], n_tok: usize, out: &mut [f32],
-                out_stride: usize) {
+pub fn gemm_ref(
+    ty: GgmlType,
+    nb: usize,
+    groups: &[u8],
+    a: &[u8],
+    sums: &[i16],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let gb = group_bytes(ty).expect("a packed type");
     let n_groups = groups.len() / (nb * gb);
     let ab = ty.vec_dot_type().type_size();

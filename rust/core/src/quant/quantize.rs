@@ -14,8 +14,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::blocks::{
-    write_block, Block, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0,
-    BlockQ5_1, BlockQ5_K, BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K, K_SCALE_SIZE, QK_K,
+    write_block, Block, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K,
+    BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K, K_SCALE_SIZE, QK_K,
 };
 use super::reference::{get_scale_min_k4, q3_k_scales};
 use super::GgmlType;
@@ -131,10 +131,7 @@ fn quantize_block_q4_0(x: &[f32; 32]) -> BlockQ4_0 {
         let xi1 = ((x[j + 16] * id + 8.5) as i8).min(15) as u8;
         qs[j] = xi0 | (xi1 << 4);
     }
-    BlockQ4_0 {
-        d: f16::from_f32(d),
-        qs,
-    }
+    BlockQ4_0 { d: f16::from_f32(d), qs }
 }
 
 fn quantize_block_q4_1(x: &[f32; 32]) -> BlockQ4_1 {
@@ -155,11 +152,7 @@ fn quantize_block_q4_1(x: &[f32; 32]) -> BlockQ4_1 {
         let xi1 = (((x[j + 16] - min) * id + 0.5) as i8).min(15) as u8;
         qs[j] = xi0 | (xi1 << 4);
     }
-    BlockQ4_1 {
-        d: f16::from_f32(d),
-        m: f16::from_f32(min),
-        qs,
-    }
+    BlockQ4_1 { d: f16::from_f32(d), m: f16::from_f32(min), qs }
 }
 
 fn quantize_block_q5_0(x: &[f32; 32]) -> BlockQ5_0 {
@@ -174,11 +167,7 @@ fn quantize_block_q5_0(x: &[f32; 32]) -> BlockQ5_0 {
         qh |= (((xi0 & 0x10) >> 4) as u32) << j;
         qh |= (((xi1 & 0x10) >> 4) as u32) << (j + 16);
     }
-    BlockQ5_0 {
-        d: f16::from_f32(d),
-        qh: qh.to_le_bytes(),
-        qs,
-    }
+    BlockQ5_0 { d: f16::from_f32(d), qh: qh.to_le_bytes(), qs }
 }
 
 fn quantize_block_q5_1(x: &[f32; 32]) -> BlockQ5_1 {
@@ -203,12 +192,7 @@ fn quantize_block_q5_1(x: &[f32; 32]) -> BlockQ5_1 {
         qh |= (((xi0 & 0x10) >> 4) as u32) << j;
         qh |= (((xi1 & 0x10) >> 4) as u32) << (j + 16);
     }
-    BlockQ5_1 {
-        d: f16::from_f32(d),
-        m: f16::from_f32(min),
-        qh: qh.to_le_bytes(),
-        qs,
-    }
+    BlockQ5_1 { d: f16::from_f32(d), m: f16::from_f32(min), qh: qh.to_le_bytes(), qs }
 }
 
 fn quantize_block_q8_0(x: &[f32; 32]) -> BlockQ8_0 {
@@ -216,10 +200,7 @@ fn quantize_block_q8_0(x: &[f32; 32]) -> BlockQ8_0 {
     let d = amax / 127.0;
     let id = inv_or_zero(d);
     let qs = x.map(|v| (v * id).round() as i8);
-    BlockQ8_0 {
-        d: f16::from_f32(d),
-        qs,
-    }
+    BlockQ8_0 { d: f16::from_f32(d), qs }
 }
 
 fn quantize_block_q8_1(x: &[f32; 32]) -> BlockQ8_1 {
@@ -229,11 +210,7 @@ fn quantize_block_q8_1(x: &[f32; 32]) -> BlockQ8_1 {
     let qs = x.map(|v| (v * id).round() as i8);
     let sum: i32 = qs.iter().map(|&q| q as i32).sum();
     // s is d times the sum of the *rounded* quants, computed in f32 before f16 rounding.
-    BlockQ8_1 {
-        d: f16::from_f32(d),
-        s: f16::from_f32(sum as f32 * d),
-        qs,
-    }
+    BlockQ8_1 { d: f16::from_f32(d), s: f16::from_f32(sum as f32 * d), qs }
 }
 
 // ---- Q8_K ------------------------------------------------------------------------------
@@ -248,26 +225,13 @@ fn quantize_block_q8_k(x: &[f32; QK_K]) -> BlockQ8_K {
     }
     if amax == 0.0 {
         // ggml leaves bsums as they were here; we zero them (they multiply zeros anyway).
-        return BlockQ8_K {
-            d: 0.0,
-            qs: [0; QK_K],
-            bsums: [0; QK_K / 16],
-        };
+        return BlockQ8_K { d: 0.0, qs: [0; QK_K], bsums: [0; QK_K / 16] };
     }
     // -127 rather than -128: ggml changed it so the IQ2_XXS AVX dot can negate quants.
     let iscale = -127.0 / max;
     let qs = x.map(|v| nearest_int(iscale * v).min(127) as i8);
-    let bsums = std::array::from_fn(|j| {
-        qs[16 * j..16 * j + 16]
-            .iter()
-            .map(|&q| q as i32)
-            .sum::<i32>() as i16
-    });
-    BlockQ8_K {
-        d: 1.0 / iscale,
-        qs,
-        bsums,
-    }
+    let bsums = std::array::from_fn(|j| qs[16 * j..16 * j + 16].iter().map(|&q| q as i32).sum::<i32>() as i16);
+    BlockQ8_K { d: 1.0 / iscale, qs, bsums }
 }
 
 // ---- K-quant helpers (make_*_quants in ggml-quants.c) ----------------------------------
@@ -504,12 +468,7 @@ fn pack_scales_k4(ls: &[u8; 8], lm: &[u8; 8]) -> [u8; K_SCALE_SIZE] {
 
 /// The per-32 scale/min fit shared by Q4_K and Q5_K, through the 6-bit requantization
 /// of scales and mins; returns the block header and the quants (0..=nmax).
-fn fit_k4(
-    x: &[f32; QK_K],
-    nmax: i32,
-    rmin: f32,
-    nstep: i32,
-) -> (f16, f16, [u8; K_SCALE_SIZE], [u8; QK_K]) {
+fn fit_k4(x: &[f32; QK_K], nmax: i32, rmin: f32, nstep: i32) -> (f16, f16, [u8; K_SCALE_SIZE], [u8; QK_K]) {
     let mut l = [0u8; QK_K];
     let mut scales = [0f32; 8];
     let mut mins = [0f32; 8];
@@ -531,11 +490,7 @@ fn fit_k4(
             max_min = mins[j];
         }
     }
-    let inv_scale = if max_scale > 0.0 {
-        63.0 / max_scale
-    } else {
-        0.0
-    };
+    let inv_scale = if max_scale > 0.0 { 63.0 / max_scale } else { 0.0 };
     let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
     // ggml stores nearest_int's result in a uint8_t before MIN(63, ·): keep the wrap.
     let ls: [u8; 8] = std::array::from_fn(|j| (nearest_int(inv_scale * scales[j]) as u8).min(63));
@@ -610,12 +565,7 @@ fn quantize_block_q2_k(x: &[f32; QK_K]) -> BlockQ2_K {
             l[16 * j + ii] = nearest_int((x[16 * j + ii] + dm) / dj).clamp(0, 3) as u8;
         }
     }
-    BlockQ2_K {
-        scales: sc,
-        qs: pack_2bit(&l),
-        d,
-        dmin,
-    }
+    BlockQ2_K { scales: sc, qs: pack_2bit(&l), d, dmin }
 }
 
 fn quantize_block_q3_k(x: &[f32; QK_K]) -> BlockQ3_K {
@@ -670,12 +620,7 @@ fn quantize_block_q3_k(x: &[f32; QK_K]) -> BlockQ3_K {
         }
         low[i] = li;
     }
-    BlockQ3_K {
-        hmask,
-        qs: pack_2bit(&low),
-        scales: packed,
-        d,
-    }
+    BlockQ3_K { hmask, qs: pack_2bit(&low), scales: packed, d }
 }
 
 fn quantize_block_q4_k(x: &[f32; QK_K]) -> BlockQ4_K {
@@ -686,12 +631,7 @@ fn quantize_block_q4_k(x: &[f32; QK_K]) -> BlockQ4_K {
             qs[32 * k + i] = l[64 * k + i] | (l[64 * k + 32 + i] << 4);
         }
     }
-    BlockQ4_K {
-        d,
-        dmin,
-        scales,
-        qs,
-    }
+    BlockQ4_K { d, dmin, scales, qs }
 }
 
 fn quantize_block_q5_k(x: &[f32; QK_K]) -> BlockQ5_K {
@@ -713,13 +653,7 @@ fn quantize_block_q5_k(x: &[f32; QK_K]) -> BlockQ5_K {
             qs[32 * k + i] = l1 | (l2 << 4);
         }
     }
-    BlockQ5_K {
-        d,
-        dmin,
-        scales,
-        qh,
-        qs,
-    }
+    BlockQ5_K { d, dmin, scales, qh, qs }
 }
 
 fn quantize_block_q6_k(x: &[f32; QK_K]) -> BlockQ6_K {
@@ -734,12 +668,7 @@ fn quantize_block_q6_k(x: &[f32; QK_K]) -> BlockQ6_K {
         }
     }
     if max_abs_scale < GROUP_MAX_EPS {
-        return BlockQ6_K {
-            ql: [0; QK_K / 2],
-            qh: [0; QK_K / 4],
-            scales: [0; QK_K / 16],
-            d: f16::from_f32(0.0),
-        };
+        return BlockQ6_K { ql: [0; QK_K / 2], qh: [0; QK_K / 4], scales: [0; QK_K / 16], d: f16::from_f32(0.0) };
     }
 
     let iscale = -128.0 / max_scale;
@@ -761,22 +690,11 @@ fn quantize_block_q6_k(x: &[f32; QK_K]) -> BlockQ6_K {
     for n in 0..2 {
         let l = &l[128 * n..128 * n + 128];
         for i in 0..32 {
-            let q = [
-                l[i] as u8,
-                l[i + 32] as u8,
-                l[i + 64] as u8,
-                l[i + 96] as u8,
-            ];
+            let q = [l[i] as u8, l[i + 32] as u8, l[i + 64] as u8, l[i + 96] as u8];
             ql[64 * n + i] = (q[0] & 0xF) | ((q[2] & 0xF) << 4);
             ql[64 * n + i + 32] = (q[1] & 0xF) | ((q[3] & 0xF) << 4);
-            qh[32 * n + i] =
-                (q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6);
+            qh[32 * n + i] = (q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6);
         }
     }
-    BlockQ6_K {
-        ql,
-        qh,
-        scales: sc,
-        d,
-    }
+    BlockQ6_K { ql, qh, scales: sc, d }
 }

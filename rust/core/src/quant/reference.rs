@@ -18,8 +18,8 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::blocks::{
-    blocks, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K,
-    BlockQ6_K, BlockQ8_0, BlockQ8_1, BlockQ8_K, QK_K,
+    blocks, BlockQ2_K, BlockQ3_K, BlockQ4_0, BlockQ4_1, BlockQ4_K, BlockQ5_0, BlockQ5_1, BlockQ5_K, BlockQ6_K,
+    BlockQ8_0, BlockQ8_1, BlockQ8_K, QK_K,
 };
 use super::GgmlType;
 use half::{bf16, f16};
@@ -81,8 +81,7 @@ pub(super) fn vec_dot(ty: GgmlType, w: &[u8], a: &[u8]) -> f32 {
 /// `dst` split into fixed-size arrays, so the per-block loops have constant bounds.
 #[inline(always)]
 fn out_blocks<const N: usize>(dst: &mut [f32]) -> impl Iterator<Item = &mut [f32; N]> {
-    dst.chunks_exact_mut(N)
-        .map(|c| c.try_into().expect("chunks_exact_mut yields N"))
+    dst.chunks_exact_mut(N).map(|c| c.try_into().expect("chunks_exact_mut yields N"))
 }
 
 // ---- shared unpacking of packed scales ------------------------------------------------
@@ -95,10 +94,7 @@ pub(super) fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 
@@ -228,8 +224,7 @@ fn dequantize_row_q3_k(src: &[u8], dst: &mut [f32]) {
                     let dl = d_all * (scales[8 * n + 2 * j + side] as i32 - 32) as f32;
                     for l in 0..16 {
                         let i = 16 * side + l;
-                        let q = ((x.qs[32 * n + i] >> shift) & 3) as i32
-                            - if x.hmask[i] & m != 0 { 0 } else { 4 };
+                        let q = ((x.qs[32 * n + i] >> shift) & 3) as i32 - if x.hmask[i] & m != 0 { 0 } else { 4 };
                         y[128 * n + 32 * j + i] = dl * q as f32;
                     }
                 }
@@ -554,11 +549,7 @@ fn vec_dot_q4_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         for j in 0..16 {
             sumi += y.bsums[j] as i32 * sm[j / 2].1 as i32;
         }
-        add_lanes(
-            &mut sums,
-            x.d.to_f32() * y.d,
-            &lane_sums(&q, &y.qs, &scales),
-        );
+        add_lanes(&mut sums, x.d.to_f32() * y.d, &lane_sums(&q, &y.qs, &scales));
         sumf -= x.dmin.to_f32() * y.d * sumi as f32;
     }
     finish_lanes(sumf, &sums)
@@ -584,11 +575,7 @@ fn vec_dot_q5_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
         for j in 0..16 {
             sumi += y.bsums[j] as i32 * sm[j / 2].1 as i32;
         }
-        add_lanes(
-            &mut sums,
-            x.d.to_f32() * y.d,
-            &lane_sums(&q, &y.qs, &scales),
-        );
+        add_lanes(&mut sums, x.d.to_f32() * y.d, &lane_sums(&q, &y.qs, &scales));
         sumf -= x.dmin.to_f32() * y.d * sumi as f32;
     }
     finish_lanes(sumf, &sums)
@@ -599,11 +586,7 @@ fn vec_dot_q6_k_q8_k(w: &[u8], a: &[u8]) -> f32 {
     for (x, y) in blocks::<BlockQ6_K>(w).zip(blocks::<BlockQ8_K>(a)) {
         let q = q6_k_quants(&x);
         let scales: [i32; 16] = std::array::from_fn(|i| x.scales[i] as i32);
-        add_lanes(
-            &mut sums,
-            x.d.to_f32() * y.d,
-            &lane_sums(&q, &y.qs, &scales),
-        );
+        add_lanes(&mut sums, x.d.to_f32() * y.d, &lane_sums(&q, &y.qs, &scales));
     }
     finish_lanes(0.0, &sums)
 }

@@ -114,10 +114,7 @@ fn random_row_bytes(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
 }
 
 fn bits_eq(a: &[f32], b: &[f32]) -> bool {
-    a.len() == b.len()
-        && a.iter()
-            .zip(b)
-            .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
 }
 
 // ---- the type table -------------------------------------------------------------------
@@ -239,14 +236,8 @@ fn round_trip_error_bounds() {
             }
         }
         let rel_rms = (se / sx).sqrt();
-        assert!(
-            rel_rms <= rms_bound,
-            "{ty}: relative RMS error {rel_rms:.5} > {rms_bound}"
-        );
-        assert!(
-            worst <= max_bound,
-            "{ty}: max error / block amax {worst:.5} > {max_bound}"
-        );
+        assert!(rel_rms <= rms_bound, "{ty}: relative RMS error {rel_rms:.5} > {rms_bound}");
+        assert!(worst <= max_bound, "{ty}: max error / block amax {worst:.5} > {max_bound}");
     }
 }
 
@@ -255,17 +246,11 @@ fn zeros_and_constants_decode_finite() {
     for &ty in GgmlType::all() {
         let n = QK_K;
         let zeros = dequantize(ty, &quantize(ty, &vec![0.0; n]), n);
-        assert!(
-            zeros.iter().all(|&v| v == 0.0),
-            "{ty}: zeros decode to {zeros:?}"
-        );
+        assert!(zeros.iter().all(|&v| v == 0.0), "{ty}: zeros decode to {zeros:?}");
         for c in [1.0f32, -0.25, 0.03] {
             let y = dequantize(ty, &quantize(ty, &vec![c; n]), n);
             for v in y {
-                assert!(
-                    (v - c).abs() <= c.abs() * 0.02,
-                    "{ty}: constant {c} decodes to {v}"
-                );
+                assert!((v - c).abs() <= c.abs() * 0.02, "{ty}: constant {c} decodes to {v}");
             }
         }
     }
@@ -281,10 +266,7 @@ fn representable_values_round_trip_exactly() {
     }
     // Integers with amax 127: Q8_0 picks d = 1.
     let x: Vec<f32> = (0..32).map(|i| (i * 8 - 121) as f32).collect();
-    assert_eq!(
-        dequantize(GgmlType::Q8_0, &quantize(GgmlType::Q8_0, &x), 32),
-        x
-    );
+    assert_eq!(dequantize(GgmlType::Q8_0, &quantize(GgmlType::Q8_0, &x), 32), x);
 }
 
 #[test]
@@ -304,11 +286,7 @@ fn activation_blocks_carry_consistent_sums() {
         // s = f16(d·Σq) from the unrounded d, so only ≈ the stored f16 d times Σq.
         let s: i32 = b.qs.iter().map(|&q| q as i32).sum();
         let want = s as f32 * b.d.to_f32();
-        assert!(
-            (b.s.to_f32() - want).abs() <= want.abs() * 2e-3,
-            "s {} vs {want}",
-            b.s
-        );
+        assert!((b.s.to_f32() - want).abs() <= want.abs() * 2e-3, "s {} vs {want}", b.s);
     }
 }
 
@@ -359,10 +337,7 @@ fn vec_dot_matches_dequantized_dot() {
     for &(ty, bound) in DOT_BOUNDS {
         let at = ty.vec_dot_type();
         // Weights both from the quantizer and as raw random blocks (all quant patterns).
-        let weights = [
-            quantize(ty, &row(&mut rng, n)),
-            random_row_bytes(&mut rng, ty, n),
-        ];
+        let weights = [quantize(ty, &row(&mut rng, n)), random_row_bytes(&mut rng, ty, n)];
         for (k, w) in weights.iter().enumerate() {
             let x = row(&mut rng, n);
             let a = quantize(at, &x);
@@ -374,11 +349,7 @@ fn vec_dot_matches_dequantized_dot() {
             // plus for Q8_1 the f16 rounding of its stored sum `s` (which the Q4_1/Q5_1
             // dots use for the mins term instead of d·Σq).
             let exact: f64 = wd.iter().zip(&ad).map(|(&p, &q)| p as f64 * q as f64).sum();
-            let mag: f64 = wd
-                .iter()
-                .zip(&ad)
-                .map(|(&p, &q)| (p as f64 * q as f64).abs())
-                .sum();
+            let mag: f64 = wd.iter().zip(&ad).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
             let tight = if at == GgmlType::Q8_1 { 5e-4 } else { 1e-6 };
             assert!(
                 (got - exact).abs() <= tight * mag,
@@ -387,11 +358,7 @@ fn vec_dot_matches_dequantized_dot() {
 
             // Against the unquantized activation: the per-format tolerance.
             let ideal: f64 = wd.iter().zip(&x).map(|(&p, &q)| p as f64 * q as f64).sum();
-            let mag: f64 = wd
-                .iter()
-                .zip(&x)
-                .map(|(&p, &q)| (p as f64 * q as f64).abs())
-                .sum();
+            let mag: f64 = wd.iter().zip(&x).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
             assert!(
                 (got - ideal).abs() <= bound * mag,
                 "{ty} (weights #{k}): vec_dot {got} vs f32 dot {ideal}: rel {} > {bound}",
@@ -422,15 +389,8 @@ fn unaligned_rows_match_aligned() {
             abuf[off..].copy_from_slice(&a);
             let (wu, au) = (&wbuf[off..], &abuf[off..]);
 
-            assert!(
-                bits_eq(&dequantize(ty, wu, n), &want_deq),
-                "{ty} dequantize at +{off}"
-            );
-            assert_eq!(
-                vec_dot(ty, n, wu, au).to_bits(),
-                want_dot.to_bits(),
-                "{ty} vec_dot at +{off}"
-            );
+            assert!(bits_eq(&dequantize(ty, wu, n), &want_deq), "{ty} dequantize at +{off}");
+            assert_eq!(vec_dot(ty, n, wu, au).to_bits(), want_dot.to_bits(), "{ty} vec_dot at +{off}");
 
             let mut qbuf = vec![0u8; off + want_q.len()];
             quantize_row(ty, &x, &mut qbuf[off..]);

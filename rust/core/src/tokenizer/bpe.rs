@@ -195,7 +195,9 @@ impl Bpe {
                 out.push(sym.piece);
             } else {
                 let start = i as usize;
-                out.extend(bytes[start..start + sym.len as usize].iter().filter_map(|&b| self.byte_fallback[b as usize]));
+                out.extend(
+                    bytes[start..start + sym.len as usize].iter().filter_map(|&b| self.byte_fallback[b as usize]),
+                );
             }
             i = sym.next;
         }
@@ -207,7 +209,13 @@ impl Bpe {
         }
         let (l, r) = (syms[left as usize], syms[right as usize]);
         if let Some(m) = self.merges.get(&(l.piece, r.piece)) {
-            queue.push(Reverse(Pair { rank: m.rank, left: left as u32, right: right as u32, len: l.len + r.len, result: m.result }));
+            queue.push(Reverse(Pair {
+                rank: m.rank,
+                left: left as u32,
+                right: right as u32,
+                len: l.len + r.len,
+                result: m.result,
+            }));
         }
     }
 }

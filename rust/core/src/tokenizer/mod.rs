@@ -110,7 +110,9 @@ impl Vocab {
         })?;
         let n = texts.len();
         if n == 0 || n > u32::MAX as usize / 2 {
-            return Err(Error::Tokenizer(format!("{KEY_TOKENS:?} has {n} entries; a vocabulary needs 1..2^31; the file is corrupt")));
+            return Err(Error::Tokenizer(format!(
+                "{KEY_TOKENS:?} has {n} entries; a vocabulary needs 1..2^31; the file is corrupt"
+            )));
         }
         let scores = match g.get_f32_array(KEY_SCORES) {
             Ok(s) => s,
@@ -118,7 +120,8 @@ impl Vocab {
             Err(_) => g.get_int_array(KEY_SCORES)?.map(|v| v.into_iter().map(|x| x as f32).collect()),
         };
         let types = g.get_int_array(KEY_TOKEN_TYPE)?;
-        for (key, len) in [(KEY_SCORES, scores.as_ref().map(Vec::len)), (KEY_TOKEN_TYPE, types.as_ref().map(Vec::len))] {
+        for (key, len) in [(KEY_SCORES, scores.as_ref().map(Vec::len)), (KEY_TOKEN_TYPE, types.as_ref().map(Vec::len))]
+        {
             if let Some(len) = len.filter(|&len| len < n) {
                 return Err(Error::Tokenizer(format!(
                     "{key:?} has {len} entries but {KEY_TOKENS:?} has {n}; the file is corrupt, re-convert the model"
@@ -175,9 +178,15 @@ impl Vocab {
 enum Kind {
     Bpe(Box<Bpe>),
     /// SentencePiece; `byte_tokens[b]` is the `<0xXX>` fallback for byte b.
-    Spm { byte_tokens: Box<[Option<u32>; 256]> },
+    Spm {
+        byte_tokens: Box<[Option<u32>; 256]>,
+    },
     /// WordPiece; `cls` and `sep` wrap every encoding with `add_special`.
-    Wpm { wpm: Wpm, cls: u32, sep: u32 },
+    Wpm {
+        wpm: Wpm,
+        cls: u32,
+        sep: u32,
+    },
 }
 
 pub struct Tokenizer {
@@ -218,17 +227,72 @@ impl fmt::Debug for Tokenizer {
 
 /// Texts llama.cpp treats as end of generation (and forces to be control tokens).
 const EOG_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<|flush|>", "<|calls|>", "<end_of_turn>",
-    "<|endoftext|>", "</s>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]", "[EOS]", "<|end_of_text|>",
-    "<end_of_utterance>", "<eos>", "<turn|>", "<|tool_response>", "<｜end▁of▁sentence｜>", "[e~[",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+    "<｜end▁of▁sentence｜>",
+    "[e~[",
 ];
 const EOT_TEXTS: &[&str] = &[
-    "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>", "<EOT>", "_<EOT>",
-    "[EOT]", "<｜end▁of▁sentence｜>", "<end_of_utterance>",
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<｜end▁of▁sentence｜>",
+    "<end_of_utterance>",
 ];
-const FIM_PRE_TEXTS: &[&str] = &["<|fim_prefix|>", "<fim-prefix>", "<fim_prefix>", "<｜fim▁begin｜>", "<PRE>", "▁<PRE>", "<|code_prefix|>", "<|prefix|>"];
-const FIM_SUF_TEXTS: &[&str] = &["<|fim_suffix|>", "<fim-suffix>", "<fim_suffix>", "<｜fim▁hole｜>", "<SUF>", "▁<SUF>", "<|code_suffix|>", "<|suffix|>"];
-const FIM_MID_TEXTS: &[&str] = &["<|fim_middle|>", "<fim-middle>", "<fim_middle>", "<｜fim▁end｜>", "<MID>", "▁<MID>", "<|code_middle|>", "<|middle|>"];
+const FIM_PRE_TEXTS: &[&str] = &[
+    "<|fim_prefix|>",
+    "<fim-prefix>",
+    "<fim_prefix>",
+    "<｜fim▁begin｜>",
+    "<PRE>",
+    "▁<PRE>",
+    "<|code_prefix|>",
+    "<|prefix|>",
+];
+const FIM_SUF_TEXTS: &[&str] = &[
+    "<|fim_suffix|>",
+    "<fim-suffix>",
+    "<fim_suffix>",
+    "<｜fim▁hole｜>",
+    "<SUF>",
+    "▁<SUF>",
+    "<|code_suffix|>",
+    "<|suffix|>",
+];
+const FIM_MID_TEXTS: &[&str] = &[
+    "<|fim_middle|>",
+    "<fim-middle>",
+    "<fim_middle>",
+    "<｜fim▁end｜>",
+    "<MID>",
+    "▁<MID>",
+    "<|code_middle|>",
+    "<|middle|>",
+];
 const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
 const FIM_REP_TEXTS: &[&str] = &["<|fim_repo|>", "<|repo_name|>", "<fim-repo>", "<REPO>", "<reponame>"];
 const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
@@ -254,7 +318,9 @@ enum Family {
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer> {
         let model_name = g.get_str(KEY_MODEL)?.ok_or_else(|| {
-            Error::Tokenizer(format!("metadata key {KEY_MODEL:?} is missing; re-convert the model with llama.cpp's convert_hf_to_gguf.py"))
+            Error::Tokenizer(format!(
+                "metadata key {KEY_MODEL:?} is missing; re-convert the model with llama.cpp's convert_hf_to_gguf.py"
+            ))
         })?;
         let file_pre = g.get_str(KEY_PRE)?;
         let family = match model_name {
@@ -536,7 +602,12 @@ impl Tokenizer {
         }
         if attr.has(Attr::BYTE) {
             // "<0xXX>"
-            return token.text.get(3..5).and_then(|h| u8::from_str_radix(h, 16).ok()).map(|b| vec![b]).unwrap_or_default();
+            return token
+                .text
+                .get(3..5)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .map(|b| vec![b])
+                .unwrap_or_default();
         }
         // Unused and undefined tokens render as nothing, like control tokens.
         Vec::new()
@@ -577,9 +648,15 @@ fn fix_attributes(vocab: &mut Vocab, ids: &SpecialIds, model_name_lc: &str) -> V
     let mut eot = ids.eot;
     let mut eom = ids.eom;
     let mut fim = ids.fim;
-    for (slot, texts) in [(&mut eot, EOT_TEXTS), (&mut eom, &["<|eom_id|>"][..])]
-        .into_iter()
-        .chain(fim.iter_mut().zip([FIM_PRE_TEXTS, FIM_SUF_TEXTS, FIM_MID_TEXTS, FIM_PAD_TEXTS, FIM_REP_TEXTS, FIM_SEP_TEXTS]))
+    for (slot, texts) in
+        [(&mut eot, EOT_TEXTS), (&mut eom, &["<|eom_id|>"][..])].into_iter().chain(fim.iter_mut().zip([
+            FIM_PRE_TEXTS,
+            FIM_SUF_TEXTS,
+            FIM_MID_TEXTS,
+            FIM_PAD_TEXTS,
+            FIM_REP_TEXTS,
+            FIM_SEP_TEXTS,
+        ]))
     {
         if slot.is_none() {
             *slot = vocab.first_of(texts);

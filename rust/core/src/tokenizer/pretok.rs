@@ -115,7 +115,8 @@ const GPT2: &[&str] = &["gpt-2", "phi-2", "gigachat", "a.x-4.0", "mellum", "mpt"
 const GPT2_NO_CLEAN: &[&str] = &["trillion", "granite-docling"];
 const DIGITS_GPT2: &[&str] = &["starcoder", "refact", "codeshell", "exaone", "minerva-7b", "mellum2"];
 const DIGITS_GPT2_NO_CLEAN: &[&str] = &["smollm", "command-r"];
-const LLAMA3: &[&str] = &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"];
+const LLAMA3: &[&str] =
+    &["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano"];
 const LLAMA3_REGEX_ONLY: &[&str] = &["dbrx", "smaug-bpe"];
 const CHATGLM: &[&str] = &["chatglm-bpe"];
 const CHATGLM_IGNORE_MERGES: &[&str] = &["glm4", "glm5"];
@@ -125,8 +126,20 @@ const DEFAULT: &[&str] = &["default"];
 
 /// Every supported name, for error messages.
 pub(super) fn supported_names() -> Vec<&'static str> {
-    [GPT2, GPT2_NO_CLEAN, DIGITS_GPT2, DIGITS_GPT2_NO_CLEAN, LLAMA3, LLAMA3_REGEX_ONLY, CHATGLM, CHATGLM_IGNORE_MERGES, QWEN2_NO_CLEAN, QWEN2, DEFAULT]
-        .concat()
+    [
+        GPT2,
+        GPT2_NO_CLEAN,
+        DIGITS_GPT2,
+        DIGITS_GPT2_NO_CLEAN,
+        LLAMA3,
+        LLAMA3_REGEX_ONLY,
+        CHATGLM,
+        CHATGLM_IGNORE_MERGES,
+        QWEN2_NO_CLEAN,
+        QWEN2,
+        DEFAULT,
+    ]
+    .concat()
 }
 
 impl PreTokenizer {
@@ -295,9 +308,8 @@ impl Seg<'_> {
         if !self.is(pos, '\'') {
             return 0;
         }
-        let letter = |i: usize| {
-            self.cpt(i).and_then(char::from_u32).map(|c| if fold { c.to_ascii_lowercase() } else { c })
-        };
+        let letter =
+            |i: usize| self.cpt(i).and_then(char::from_u32).map(|c| if fold { c.to_ascii_lowercase() } else { c });
         match (letter(pos + 1), letter(pos + 2)) {
             (Some('s' | 't' | 'm' | 'd'), _) => 2,
             (Some('r'), Some('e')) | (Some('v'), Some('e')) | (Some('l'), Some('l')) => 3,

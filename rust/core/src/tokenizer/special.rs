@@ -74,7 +74,10 @@ impl Specials {
         } else {
             let texts = specials.iter().map(|s| s.1);
             Some(AhoCorasick::builder().match_kind(MatchKind::Standard).build(texts).map_err(|e| {
-                Error::Tokenizer(format!("cannot index the {} special tokens of tokenizer.ggml.tokens: {e}", specials.len()))
+                Error::Tokenizer(format!(
+                    "cannot index the {} special tokens of tokenizer.ggml.tokens: {e}",
+                    specials.len()
+                ))
             })?)
         };
         Ok(Specials { matcher, patterns })
@@ -173,6 +176,9 @@ mod tests {
     #[test]
     fn tokenizer_special_rstrip_eats_following_spaces() {
         let s = specials(&[(1, "<c>", Attr::CONTROL | Attr::RSTRIP)]);
-        assert_eq!(s.partition("a<c>  b<c>", true), [Fragment::Text("a"), Fragment::Token(1), Fragment::Text("b"), Fragment::Token(1)]);
+        assert_eq!(
+            s.partition("a<c>  b<c>", true),
+            [Fragment::Text("a"), Fragment::Token(1), Fragment::Text("b"), Fragment::Token(1)]
+        );
     }
 }

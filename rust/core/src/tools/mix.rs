@@ -238,9 +238,7 @@ pub fn allows_quantization(name: &str, dims: &[u64]) -> bool {
         "a.rvq.codebook",
         "mm.a.code_embd",
     ];
-    !NEVER_CONTAINS.iter().any(|s| name.contains(s))
-        && name != "position_embd.weight"
-        && name != "token_types.weight"
+    !NEVER_CONTAINS.iter().any(|s| name.contains(s)) && name != "position_embd.weight" && name != "token_types.weight"
 }
 
 /// The running state of one pass over the tensors (llama.cpp's `quantize_state_impl`
@@ -258,10 +256,7 @@ pub struct Mixer {
 /// tensors outside the blocks (layer −1) come first. The counters depend on it.
 pub fn tensor_order(a: &str, b: &str) -> std::cmp::Ordering {
     fn layer(n: &str) -> i64 {
-        n.strip_prefix("blk.")
-            .and_then(|r| r.split('.').next())
-            .and_then(|d| d.parse::<i64>().ok())
-            .unwrap_or(-1)
+        n.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|d| d.parse::<i64>().ok()).unwrap_or(-1)
     }
     layer(a).cmp(&layer(b)).then_with(|| a.cmp(b))
 }
@@ -299,7 +294,11 @@ impl Mixer {
             Q6_K => Q8_0,
             other => other,
         };
-        if n_cols % t.block_size() as u64 == 0 { t } else { F16 }
+        if n_cols % t.block_size() as u64 == 0 {
+            t
+        } else {
+            F16
+        }
     }
 
     /// `llama_tensor_get_type_impl`, for the file types above.

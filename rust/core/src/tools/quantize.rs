@@ -107,7 +107,10 @@ pub fn plan(gguf: &Gguf, opts: &Options) -> Result<Plan> {
         let to = mixer.target(&t.name, &t.dims, t.ty);
         let n_rows: u64 = t.dims[1..].iter().product();
         let row = to.row_bytes(t.dims[0] as usize).ok_or_else(|| {
-            Error::invalid(format!("tensor {} has rows of {} values, not a whole number of {to} blocks", t.name, t.dims[0]))
+            Error::invalid(format!(
+                "tensor {} has rows of {} values, not a whole number of {to} blocks",
+                t.name, t.dims[0]
+            ))
         })?;
         tensors.push(Planned { info: t.clone(), to, out_bytes: row as u64 * n_rows });
     }
@@ -134,7 +137,8 @@ pub fn quantize_file(
     }
     // Like gguf_set_val: an existing key is removed and the new value appended, so the
     // metadata comes out in llama-quantize's order (and the file byte-identical).
-    w.remove_kv("general.quantization_version").push_kv("general.quantization_version", Value::U32(QUANTIZATION_VERSION));
+    w.remove_kv("general.quantization_version")
+        .push_kv("general.quantization_version", Value::U32(QUANTIZATION_VERSION));
     w.remove_kv("general.file_type").push_kv("general.file_type", Value::U32(opts.ftype.id()));
     for p in &plan.tensors {
         w.tensor_sized(&p.info.name, &p.info.dims, p.to, p.out_bytes);
@@ -182,9 +186,8 @@ pub fn quantize_file(
 
 /// `.NAME.partial` beside the target: same file system, so the final rename is atomic.
 pub(super) fn temp_path(output: &Path) -> Result<PathBuf> {
-    let name = output
-        .file_name()
-        .ok_or_else(|| Error::invalid(format!("output path {} names no file", output.display())))?;
+    let name =
+        output.file_name().ok_or_else(|| Error::invalid(format!("output path {} names no file", output.display())))?;
     let dir = match output.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_owned(),
         _ => PathBuf::from("."),
@@ -260,7 +263,14 @@ fn write_tensors(
 
 /// Re-encode whole rows: `src` holds rows of `from`, `dst` receives rows of `to`.
 /// Workers take chunks of rows from a shared counter; each has its own f32 row.
-fn convert_rows(info: &TensorInfo, to: GgmlType, src: &[u8], dst: &mut [u8], first_row: usize, threads: usize) -> Result<()> {
+fn convert_rows(
+    info: &TensorInfo,
+    to: GgmlType,
+    src: &[u8],
+    dst: &mut [u8],
+    first_row: usize,
+    threads: usize,
+) -> Result<()> {
     let n_cols = info.dims[0] as usize;
     let row_in = info.ty.row_bytes(n_cols).expect("validated at open");
     let row_out = to.row_bytes(n_cols).expect("checked by plan");

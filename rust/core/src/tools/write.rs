@@ -13,7 +13,12 @@ use crate::gguf::{Gguf, GgufWriter};
 /// `w` declares every tensor by size (`GgufWriter::tensor_sized`); `data(i)` gives the
 /// bytes of the i-th, which are streamed after the header without another copy.
 /// Returns the size of the written file.
-pub fn write_file<'a>(output: &Path, w: &GgufWriter, sizes: &[u64], data: &mut dyn FnMut(usize) -> Result<&'a [u8]>) -> Result<u64> {
+pub fn write_file<'a>(
+    output: &Path,
+    w: &GgufWriter,
+    sizes: &[u64],
+    data: &mut dyn FnMut(usize) -> Result<&'a [u8]>,
+) -> Result<u64> {
     let tmp = temp_path(output)?;
     let werr = |source| Error::Write { path: output.to_owned(), source };
     let result = (|| {

@@ -17,7 +17,11 @@ pub fn model_path(name: &str) -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/edgelm/models"));
     let p = dir.join(name);
-    assert!(p.exists(), "model {} not found; run `python scripts/fetch_models.py` (or set EDGELM_MODELS_DIR)", p.display());
+    assert!(
+        p.exists(),
+        "model {} not found; run `python scripts/fetch_models.py` (or set EDGELM_MODELS_DIR)",
+        p.display()
+    );
     p
 }
 
@@ -86,7 +90,13 @@ pub fn tiny_llama(t: &Tiny) -> GgufWriter {
     let mut n = 0u32;
     for b in 0u32..256 {
         let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-        let c = if printable { char::from_u32(b).unwrap() } else { let c = char::from_u32(256 + n).unwrap(); n += 1; c };
+        let c = if printable {
+            char::from_u32(b).unwrap()
+        } else {
+            let c = char::from_u32(256 + n).unwrap();
+            n += 1;
+            c
+        };
         toks.push(c.to_string());
     }
     while toks.len() < t.n_vocab - 2 {
@@ -130,8 +140,17 @@ pub fn tiny_llama(t: &Tiny) -> GgufWriter {
 #[allow(dead_code)]
 pub fn tiny_gemma3(t: &Tiny) -> GgufWriter {
     let mut w = tiny_llama(t);
-    for k in ["context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-              "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size"] {
+    for k in [
+        "context_length",
+        "embedding_length",
+        "block_count",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "rope.freq_base",
+        "attention.layer_norm_rms_epsilon",
+        "vocab_size",
+    ] {
         w.remove_kv(&format!("llama.{k}"));
     }
     let hd = t.n_embd / t.n_head;
@@ -165,12 +184,23 @@ pub fn tiny_gemma3(t: &Tiny) -> GgufWriter {
 /// any layer: the hyper-parameters are `<arch>.*`, the layers are the caller's.
 fn tiny_base(arch: &str, t: &Tiny, head_dim: usize, n_ff: usize) -> GgufWriter {
     let mut w = tiny_llama(t);
-    for k in ["context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
-              "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon", "vocab_size"] {
+    for k in [
+        "context_length",
+        "embedding_length",
+        "block_count",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "rope.freq_base",
+        "attention.layer_norm_rms_epsilon",
+        "vocab_size",
+    ] {
         w.remove_kv(&format!("llama.{k}"));
     }
     for il in 0..t.n_layer {
-        for n in ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"] {
+        for n in
+            ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+        {
             w.remove_tensor(&format!("blk.{il}.{n}.weight"));
         }
     }
@@ -235,7 +265,12 @@ pub fn tiny_qwen3moe(t: &Tiny, n_expert: usize, n_used: usize) -> GgufWriter {
         // The router stays F32 (llama-quantize never quantizes ffn_gate_inp); scaled up
         // so that the routing is decisive.
         let r = randn(t.n_embd * n_expert, s + 8, 2.0);
-        w.tensor(&n("ffn_gate_inp.weight"), &[t.n_embd as u64, n_expert as u64], GgmlType::F32, r.iter().flat_map(|v| v.to_le_bytes()).collect());
+        w.tensor(
+            &n("ffn_gate_inp.weight"),
+            &[t.n_embd as u64, n_expert as u64],
+            GgmlType::F32,
+            r.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        );
         experts(&mut w, &n("ffn_gate_exps.weight"), t.n_embd, t.n_ff, n_expert, t.wtype, s + 9);
         experts(&mut w, &n("ffn_up_exps.weight"), t.n_embd, t.n_ff, n_expert, t.wtype, s + 10);
         experts(&mut w, &n("ffn_down_exps.weight"), t.n_ff, t.n_embd, n_expert, t.wtype, s + 11);
@@ -268,8 +303,18 @@ pub fn tiny_phi3(t: &Tiny) -> GgufWriter {
         .kv("phi3.attention.sliding_window", Value::U32(8));
     let long: Vec<f32> = (0..n_rot / 2).map(|i| 1.0 + i as f32).collect();
     let short: Vec<f32> = (0..n_rot / 2).map(|i| 1.0 + 0.1 * i as f32).collect();
-    w.tensor("rope_factors_long.weight", &[(n_rot / 2) as u64], GgmlType::F32, long.iter().flat_map(|v| v.to_le_bytes()).collect());
-    w.tensor("rope_factors_short.weight", &[(n_rot / 2) as u64], GgmlType::F32, short.iter().flat_map(|v| v.to_le_bytes()).collect());
+    w.tensor(
+        "rope_factors_long.weight",
+        &[(n_rot / 2) as u64],
+        GgmlType::F32,
+        long.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    );
+    w.tensor(
+        "rope_factors_short.weight",
+        &[(n_rot / 2) as u64],
+        GgmlType::F32,
+        short.iter().flat_map(|v| v.to_le_bytes()).collect(),
+    );
     let (e, kvd) = (t.n_embd, t.n_head_kv * hd);
     for il in 0..t.n_layer {
         let s = 4000 * (il as u64 + 1);

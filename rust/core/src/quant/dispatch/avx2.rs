@@ -134,12 +134,7 @@ macro_rules! x86_kernels {
         #[target_feature(enable = $feat)]
         #[inline]
         fn fifth_bits(qh: u32) -> __m256i {
-            let shuf = _mm256_set_epi64x(
-                0x0303030303030303,
-                0x0202020202020202,
-                0x0101010101010101,
-                0,
-            );
+            let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
             let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(qh as i32), shuf);
             let bit = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
             let set = _mm256_cmpeq_epi8(_mm256_and_si256(bytes, bit), bit);
@@ -163,14 +158,7 @@ macro_rules! x86_kernels {
             const KMASK2: u32 = 0x0f0f0f0f;
             const KMASK3: u32 = 0x03030303;
             // SAFETY: the caller passes 12 readable bytes.
-            let mut u = unsafe {
-                [
-                    rd_i32(p) as u32,
-                    rd_i32(p.add(4)) as u32,
-                    rd_i32(p.add(8)) as u32,
-                    0,
-                ]
-            };
+            let mut u = unsafe { [rd_i32(p) as u32, rd_i32(p.add(4)) as u32, rd_i32(p.add(8)) as u32, 0] };
             u[3] = ((u[2] >> 4) & KMASK2) | (((u[1] >> 6) & KMASK3) << 4);
             let uaux = u[1] & KMASK1;
             u[1] = (u[2] & KMASK2) | (((u[0] >> 6) & KMASK3) << 4);
@@ -194,11 +182,7 @@ macro_rules! x86_kernels {
         /// One 32-block of a legacy format: `(d_w·d_a, Σ(q-C)·a lanes, m·s)`.
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn legacy_block<const F: u8>(
-            x: *const u8,
-            y: *const u8,
-            b: usize,
-        ) -> (f32, __m256i, f32) {
+        unsafe fn legacy_block<const F: u8>(x: *const u8, y: *const u8, b: usize) -> (f32, __m256i, f32) {
             let z = _mm256_setzero_si256();
             // SAFETY: the caller passes rows holding block b (all arms).
             unsafe {
@@ -267,19 +251,10 @@ macro_rules! x86_kernels {
         /// for all rows (`act_info`, padded by 8). The weight scales of 8 blocks go through
         /// one `vcvtph2ps`; the block loop is then load, `dot4`, convert, fma.
         #[target_feature(enable = $feat)]
-        unsafe fn gemv_legacy<const F: u8>(
-            nb: usize,
-            x: *const u8,
-            y: *const u8,
-            info: &ActInfo,
-        ) -> f32 {
+        unsafe fn gemv_legacy<const F: u8>(nb: usize, x: *const u8, y: *const u8, info: &ActInfo) -> f32 {
             let (bb, _) = legacy_layout(F);
             let c = c_off(F);
-            let (mut acc0, mut acc1, mut accm) = (
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-            );
+            let (mut acc0, mut acc1, mut accm) = (_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps());
             let mut b = 0;
             while b < nb {
                 let m = 8.min(nb - b);
@@ -328,11 +303,7 @@ macro_rules! x86_kernels {
                         };
                         let q = legacy_q::<F>(x.add((b + j) * bb));
                         let a = ld(y.add(act_off(act(F), b + j)));
-                        let s = if signed(F) {
-                            dot_ss(init, q, a)
-                        } else {
-                            dot4(init, q, a)
-                        };
+                        let s = if signed(F) { dot_ss(init, q, a) } else { dot4(init, q, a) };
                         _mm256_fmadd_ps(_mm256_set1_ps(scs[j]), _mm256_cvtepi32_ps(s), acc)
                     };
                     if m == 8 {
@@ -364,12 +335,7 @@ macro_rules! x86_kernels {
         /// chain's latency. Each row sums its blocks in the same order as `gemv_legacy`
         /// but in one accumulator.
         #[target_feature(enable = $feat)]
-        unsafe fn gemv_legacy4<const F: u8>(
-            nb: usize,
-            x: [*const u8; 4],
-            y: *const u8,
-            info: &ActInfo,
-        ) -> [f32; 4] {
+        unsafe fn gemv_legacy4<const F: u8>(nb: usize, x: [*const u8; 4], y: *const u8, info: &ActInfo) -> [f32; 4] {
             let (bb, _) = legacy_layout(F);
             let c = c_off(F);
             let mut acc = [_mm256_setzero_ps(); 4];
@@ -436,11 +402,7 @@ macro_rules! x86_kernels {
                         let a = ld(y.add(act_off(act(F), b + j)));
                         for r in 0..4 {
                             let q = legacy_q::<F>(x[r].add((b + j) * bb));
-                            let s = if signed(F) {
-                                dot_ss(init, q, a)
-                            } else {
-                                dot4(init, q, a)
-                            };
+                            let s = if signed(F) { dot_ss(init, q, a) } else { dot4(init, q, a) };
                             let sc = _mm256_set1_ps(scs[r][j]);
                             acc[r] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(s), acc[r]);
                         }
@@ -479,11 +441,7 @@ macro_rules! x86_kernels {
                     F_Q5_0 => q5_quants(x, 2, 6),
                     F_Q5_1 => q5_quants(x, 4, 8),
                     _ => {
-                        let flip = if VNNI {
-                            _mm256_set1_epi8(-128)
-                        } else {
-                            _mm256_setzero_si256()
-                        };
+                        let flip = if VNNI { _mm256_set1_epi8(-128) } else { _mm256_setzero_si256() };
                         _mm256_xor_si256(ld(x.add(2)), flip)
                     }
                 }
@@ -508,26 +466,14 @@ macro_rules! x86_kernels {
                     let d = yd * fp16(rd_u16(xb));
                     let dmin = -yd * fp16(rd_u16(xb.add(2)));
                     let u = k4_scales_mins(xb.add(4));
-                    let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                        u[3] as i32,
-                        u[2] as i32,
-                        u[1] as i32,
-                        u[0] as i32,
-                    ));
+                    let ms = _mm256_cvtepu8_epi16(_mm_set_epi32(u[3] as i32, u[2] as i32, u[1] as i32, u[0] as i32));
                     let bsums = ld(yb.add(4 + 256));
-                    let pair_sums = _mm_hadd_epi16(
-                        _mm256_castsi256_si128(bsums),
-                        _mm256_extracti128_si256(bsums, 1),
-                    );
+                    let pair_sums = _mm_hadd_epi16(_mm256_castsi256_si128(bsums), _mm256_extracti128_si256(bsums, 1));
                     let prod = _mm_madd_epi16(_mm256_extracti128_si256(ms, 1), pair_sums);
                     acc_m = _mm_fmadd_ps(_mm_set1_ps(dmin), _mm_cvtepi32_ps(prod), acc_m);
                     let sc128 = _mm256_castsi256_si128(ms);
                     let scales = _mm256_set_m128i(sc128, sc128);
-                    let hbits = if HI {
-                        ld(xb.add(16))
-                    } else {
-                        _mm256_setzero_si256()
-                    };
+                    let hbits = if HI { ld(xb.add(16)) } else { _mm256_setzero_si256() };
                     // Two chains (lo/hi halves): `madd_acc` latency, not throughput, bounds one.
                     let (mut sumi, mut sumi2) = (_mm256_setzero_si256(), _mm256_setzero_si256());
                     for j in 0..4 {
@@ -578,13 +524,7 @@ macro_rules! x86_kernels {
         unsafe fn q6_k_quants(x: *const u8, h: usize) -> [__m256i; 4] {
             let m15 = _mm256_set1_epi8(15);
             // SAFETY: the caller passes a whole Q6_K block; h < 2.
-            let (l1, l2, qh) = unsafe {
-                (
-                    ld(x.add(64 * h)),
-                    ld(x.add(64 * h + 32)),
-                    ld(x.add(128 + 32 * h)),
-                )
-            };
+            let (l1, l2, qh) = unsafe { (ld(x.add(64 * h)), ld(x.add(64 * h + 32)), ld(x.add(128 + 32 * h))) };
             let h0 = _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(3)), 4);
             let h1 = _mm256_slli_epi16(_mm256_and_si256(qh, _mm256_set1_epi8(12)), 2);
             let h2 = _mm256_and_si256(qh, _mm256_set1_epi8(48));
@@ -609,8 +549,7 @@ macro_rules! x86_kernels {
                     let sc8 = ld128(xb.add(192));
                     let bsums = ld(yb.add(4 + 256));
                     // Σ sc·(q-32)·a = Σ sc·q·a - 32·Σ sc·bsum.
-                    let sub =
-                        _mm256_slli_epi32(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(sc8)), 5);
+                    let sub = _mm256_slli_epi32(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(sc8)), 5);
                     let mut sumi = [_mm256_setzero_si256(); 2];
                     for h in 0..2 {
                         let q = q6_k_quants(xb, h);
@@ -636,12 +575,7 @@ macro_rules! x86_kernels {
         ///
         /// # Safety
         /// The CPU has this module's features; `w`/`a` are whole rows of `n` elements.
-        pub(in crate::quant) unsafe fn vec_dot(
-            ty: GgmlType,
-            n: usize,
-            w: &[u8],
-            a: &[u8],
-        ) -> Option<f32> {
+        pub(in crate::quant) unsafe fn vec_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Option<f32> {
             let (x, y) = (w.as_ptr(), a.as_ptr());
             // SAFETY: features per the contract; each kernel reads exactly the n/32 or
             // n/256 blocks that `w` and `a` hold.
@@ -794,16 +728,8 @@ macro_rules! x86_kernels {
             let mut info = ActInfo {
                 // +8: `gemv_legacy` loads 8 entries at a time.
                 da: vec![0.0; n_tok * nb + 8],
-                ci: if c_off(F) != 0 {
-                    vec![0; n_tok * nb * ns]
-                } else {
-                    Vec::new()
-                },
-                sf: if has_o(F) {
-                    vec![0.0; n_tok * nb + 8]
-                } else {
-                    Vec::new()
-                },
+                ci: if c_off(F) != 0 { vec![0; n_tok * nb * ns] } else { Vec::new() },
+                sf: if has_o(F) { vec![0.0; n_tok * nb + 8] } else { Vec::new() },
             };
             let ones = _mm256_set1_epi8(1);
             for t in 0..n_tok {
@@ -832,8 +758,7 @@ macro_rules! x86_kernels {
                                 let d = rd_f32(blk);
                                 info.da[t * nb + b] = d;
                                 let bs = blk.add(4 + 256 + (b % 8) * 4);
-                                let (s0, s1) =
-                                    (rd_u16(bs) as i16 as i32, rd_u16(bs.add(2)) as i16 as i32);
+                                let (s0, s1) = (rd_u16(bs) as i16 as i32, rd_u16(bs.add(2)) as i16 as i32);
                                 if has_o(F) {
                                     info.sf[t * nb + b] = d * (s0 + s1) as f32;
                                 }
@@ -868,13 +793,7 @@ macro_rules! x86_kernels {
 
         /// Decodes blocks `b0..b0+kb` of one weight row into `p.tmp[r]`, `p.s`, `p.o`.
         #[target_feature(enable = $feat)]
-        unsafe fn decode<const F: u8>(
-            row: *const u8,
-            b0: usize,
-            kb: usize,
-            r: usize,
-            p: &mut Panel,
-        ) {
+        unsafe fn decode<const F: u8>(row: *const u8, b0: usize, kb: usize, r: usize, p: &mut Panel) {
             let tmp = &mut p.tmp[r * KC..(r + 1) * KC];
             // SAFETY: (all arms) the caller passes a whole weight row at `row` that holds
             // blocks b0..b0+kb; every offset below stays inside one block.
@@ -900,13 +819,8 @@ macro_rules! x86_kernels {
                             let d = fp16(rd_u16(x));
                             let dmin = fp16(rd_u16(x.add(2)));
                             let u = k4_scales_mins(x.add(4));
-                            let sm: [u8; 16] =
-                                core::array::from_fn(|i| (u[i / 4] >> (8 * (i % 4))) as u8);
-                            let hbits = if hi {
-                                ld(x.add(16))
-                            } else {
-                                _mm256_setzero_si256()
-                            };
+                            let sm: [u8; 16] = core::array::from_fn(|i| (u[i / 4] >> (8 * (i % 4))) as u8);
+                            let hbits = if hi { ld(x.add(16)) } else { _mm256_setzero_si256() };
                             for j in 0..4 {
                                 let bits = ld(x.add(qs_off + 32 * j));
                                 let mut lo = _mm256_and_si256(bits, m4);
@@ -1022,11 +936,7 @@ macro_rules! x86_kernels {
                         for t in 0..T {
                             // SAFETY: 4 bytes inside the 32 quants of block gb.
                             let av = _mm256_set1_epi32(unsafe { rd_i32(ap[t].add(4 * k)) });
-                            acc[t] = if signed(F) {
-                                dot_ss(acc[t], w, av)
-                            } else {
-                                dot4(acc[t], w, av)
-                            };
+                            acc[t] = if signed(F) { dot_ss(acc[t], w, av) } else { dot4(acc[t], w, av) };
                         }
                     }
                     // SAFETY: s holds KC·2·PR floats; (b·ns+sb)·PR + 8 ≤ that.
@@ -1077,11 +987,7 @@ macro_rules! x86_kernels {
                 for (t, v) in acc.iter().enumerate() {
                     let o = out.add((t0 + t) * out_stride + r0);
                     if nr == PR {
-                        let v = if b0 == 0 {
-                            *v
-                        } else {
-                            _mm256_add_ps(*v, _mm256_loadu_ps(o))
-                        };
+                        let v = if b0 == 0 { *v } else { _mm256_add_ps(*v, _mm256_loadu_ps(o)) };
                         _mm256_storeu_ps(o, v);
                     } else {
                         let mut lanes = [0f32; PR];
@@ -1135,24 +1041,16 @@ macro_rules! x86_kernels {
                         // SAFETY: t0 + T ≤ n_tok in every arm; see `tile_store`.
                         unsafe {
                             if MAX_T >= 8 && rem >= 8 {
-                                tile_store::<F, 8>(
-                                    &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
-                                );
+                                tile_store::<F, 8>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
                                 t0 += 8;
                             } else if rem >= 4 {
-                                tile_store::<F, 4>(
-                                    &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
-                                );
+                                tile_store::<F, 4>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
                                 t0 += 4;
                             } else if rem >= 2 {
-                                tile_store::<F, 2>(
-                                    &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
-                                );
+                                tile_store::<F, 2>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
                                 t0 += 2;
                             } else {
-                                tile_store::<F, 1>(
-                                    &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
-                                );
+                                tile_store::<F, 1>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
                                 t0 += 1;
                             }
                         }
@@ -1173,20 +1071,12 @@ macro_rules! x86_kernels {
                 let wp = w.as_ptr();
                 let mut r = 0;
                 while r + 4 <= n_rows {
-                    let x = [
-                        wp.add(r * wrb),
-                        wp.add((r + 1) * wrb),
-                        wp.add((r + 2) * wrb),
-                        wp.add((r + 3) * wrb),
-                    ];
+                    let x = [wp.add(r * wrb), wp.add((r + 1) * wrb), wp.add((r + 2) * wrb), wp.add((r + 3) * wrb)];
                     let o4 = gemv_legacy4::<F>(nb, x, a.as_ptr(), &info);
                     out[r..r + 4].copy_from_slice(&o4);
                     r += 4;
                 }
-                for (o, wr) in out[r..n_rows]
-                    .iter_mut()
-                    .zip(w[r * wrb..].chunks_exact(wrb))
-                {
+                for (o, wr) in out[r..n_rows].iter_mut().zip(w[r * wrb..].chunks_exact(wrb)) {
                     *o = gemv_legacy::<F>(nb, wr.as_ptr(), a.as_ptr(), &info);
                 }
             }
@@ -1215,8 +1105,7 @@ macro_rules! x86_kernels {
                 let mut r0 = 0;
                 while r0 < n_rows {
                     let nr = PR.min(n_rows - r0);
-                    let x: [*const u8; PR] =
-                        core::array::from_fn(|r| wp.add((r0 + if r < nr { r } else { 0 }) * wrb));
+                    let x: [*const u8; PR] = core::array::from_fn(|r| wp.add((r0 + if r < nr { r } else { 0 }) * wrb));
                     let mut res = _mm256_setzero_ps();
                     for b0 in (0..nb).step_by(KC) {
                         let kb = KC.min(nb - b0);
@@ -1258,13 +1147,27 @@ macro_rules! x86_kernels {
                             }
                             let rd = |r: usize, off: usize| rd_u16(x[r].add(b * bb + off)) as i16;
                             let sv = _mm256_cvtph_ps(_mm_setr_epi16(
-                                rd(0, 0), rd(1, 0), rd(2, 0), rd(3, 0), rd(4, 0), rd(5, 0), rd(6, 0), rd(7, 0),
+                                rd(0, 0),
+                                rd(1, 0),
+                                rd(2, 0),
+                                rd(3, 0),
+                                rd(4, 0),
+                                rd(5, 0),
+                                rd(6, 0),
+                                rd(7, 0),
                             ));
                             let sc = _mm256_mul_ps(sv, _mm256_set1_ps(*info.da.get_unchecked(b)));
                             accf = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), sc, accf);
                             if has_o(F) {
                                 let ov = _mm256_cvtph_ps(_mm_setr_epi16(
-                                    rd(0, 2), rd(1, 2), rd(2, 2), rd(3, 2), rd(4, 2), rd(5, 2), rd(6, 2), rd(7, 2),
+                                    rd(0, 2),
+                                    rd(1, 2),
+                                    rd(2, 2),
+                                    rd(3, 2),
+                                    rd(4, 2),
+                                    rd(5, 2),
+                                    rd(6, 2),
+                                    rd(7, 2),
                                 ));
                                 accf = _mm256_fmadd_ps(ov, _mm256_set1_ps(*info.sf.get_unchecked(b)), accf);
                             }
@@ -1402,16 +1305,11 @@ macro_rules! x86_kernels {
                 let d = amax / 127.0;
                 let id = if d != 0.0 { 1.0 / d } else { 0.0 };
                 let idv = _mm256_set1_ps(id);
-                let q: [__m256i; 4] = core::array::from_fn(|i| {
-                    _mm256_cvttps_epi32(roundf8(_mm256_mul_ps(v[i], idv)))
-                });
+                let q: [__m256i; 4] = core::array::from_fn(|i| _mm256_cvttps_epi32(roundf8(_mm256_mul_ps(v[i], idv))));
                 let off = if with_sum { 4 } else { 2 };
                 y[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
                 if with_sum {
-                    let sum = hsum_i32(_mm256_add_epi32(
-                        _mm256_add_epi32(q[0], q[1]),
-                        _mm256_add_epi32(q[2], q[3]),
-                    ));
+                    let sum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
                     y[2..4].copy_from_slice(&f16::from_f32(sum as f32 * d).to_le_bytes());
                 }
                 // SAFETY: `y` has off + 32 bytes.
@@ -1441,11 +1339,7 @@ macro_rules! x86_kernels {
                 let am = _mm256_set1_ps(amax);
                 let mut max = 0f32;
                 for i in 0..32 {
-                    let hit = _mm256_movemask_ps(_mm256_cmp_ps(
-                        _mm256_andnot_ps(sign, v(i)),
-                        am,
-                        _CMP_EQ_OQ,
-                    ));
+                    let hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_andnot_ps(sign, v(i)), am, _CMP_EQ_OQ));
                     if hit != 0 {
                         max = x[8 * i + hit.trailing_zeros() as usize];
                         break;
@@ -1463,9 +1357,7 @@ macro_rules! x86_kernels {
                     let s0 = hsum_i32(_mm256_add_epi32(q[0], q[1]));
                     let s1 = hsum_i32(_mm256_add_epi32(q[2], q[3]));
                     // SAFETY: 32 bytes at 4 + 32g inside the 292-byte block.
-                    unsafe {
-                        _mm256_storeu_si256(y.as_mut_ptr().add(4 + 32 * g).cast(), pack_i8(q))
-                    };
+                    unsafe { _mm256_storeu_si256(y.as_mut_ptr().add(4 + 32 * g).cast(), pack_i8(q)) };
                     y[260 + 4 * g..262 + 4 * g].copy_from_slice(&(s0 as i16).to_le_bytes());
                     y[262 + 4 * g..264 + 4 * g].copy_from_slice(&(s1 as i16).to_le_bytes());
                 }
@@ -1599,8 +1491,10 @@ macro_rules! x86_kernels {
             unsafe {
                 for p in 0..8 {
                     // Sub-blocks 2p and 2p+1 of each row as i16 pairs, one dword a row.
-                    let pair = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(_mm_loadl_epi64(x.add(16 + 16 * p).cast()),
-                                                                      _mm_loadl_epi64(x.add(24 + 16 * p).cast())));
+                    let pair = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(
+                        _mm_loadl_epi64(x.add(16 + 16 * p).cast()),
+                        _mm_loadl_epi64(x.add(24 + 16 * p).cast()),
+                    ));
                     for t in 0..T {
                         msum[t] = madd_acc(msum[t], pair, bcast4(y.add(256 * T + 4 * (p * T + t))));
                     }
@@ -1646,8 +1540,11 @@ macro_rules! x86_kernels {
         /// One block of 32 of a Q4_0 (`Q8`: Q8_0) group against the tile.
         #[target_feature(enable = $feat)]
         #[inline]
-        unsafe fn packed_legacy_tile<const Q8: bool, const T: usize>(x: *const u8, y: *const u8,
-                                                                      acc: &mut [__m256; T]) {
+        unsafe fn packed_legacy_tile<const Q8: bool, const T: usize>(
+            x: *const u8,
+            y: *const u8,
+            acc: &mut [__m256; T],
+        ) {
             let m4 = _mm256_set1_epi8(0x0F);
             let mut isum = [_mm256_setzero_si256(); T];
             // SAFETY: the caller passes one packed block at `x` and one tile block at
@@ -1676,7 +1573,13 @@ macro_rules! x86_kernels {
                     }
                 }
                 let d = _mm256_cvtph_ps(ld128(x));
-                let shift = if !Q8 { 3 } else if VNNI { 7 } else { 0 }; // Q4_0: -8·Σa; biased Q8_0: -128·Σa
+                let shift = if !Q8 {
+                    3
+                } else if VNNI {
+                    7
+                } else {
+                    0
+                }; // Q4_0: -8·Σa; biased Q8_0: -128·Σa
                 for t in 0..T {
                     let yd = _mm256_set1_ps(rd_f32(y.add(32 * T + 4 * t)));
                     let mut is = isum[t];
@@ -1693,8 +1596,16 @@ macro_rules! x86_kernels {
         /// row group `gx`: every block, then the 8×T results.
         #[target_feature(enable = $feat)]
         #[allow(clippy::too_many_arguments)]
-        unsafe fn packed_group<const T: usize>(ty: GgmlType, nb: usize, gx: *const u8, gb: usize, ya: *const u8,
-                                               t0: usize, out: *mut f32, out_stride: usize) {
+        unsafe fn packed_group<const T: usize>(
+            ty: GgmlType,
+            nb: usize,
+            gx: *const u8,
+            gb: usize,
+            ya: *const u8,
+            t0: usize,
+            out: *mut f32,
+            out_stride: usize,
+        ) {
             let tb = if ty.block_size() == 256 { TILE_K } else { TILE_L };
             let mut acc = [_mm256_setzero_ps(); T];
             for b in 0..nb {
@@ -1775,11 +1686,7 @@ macro_rules! x86_kernels {
         ///
         /// # Safety
         /// The CPU has this module's features; `dst.len() == ty.row_bytes(src.len())`.
-        pub(in crate::quant) unsafe fn quantize_row(
-            ty: GgmlType,
-            src: &[f32],
-            dst: &mut [u8],
-        ) -> bool {
+        pub(in crate::quant) unsafe fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> bool {
             // SAFETY: features per the contract; whole blocks.
             unsafe {
                 match ty {
@@ -1835,14 +1742,12 @@ macro_rules! x86_kernels {
                 while i + 32 <= n {
                     for (j, acc) in acc.iter_mut().enumerate() {
                         let k = i + 8 * j;
-                        *acc =
-                            _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), ld_f16x8(pb.add(k)), *acc);
+                        *acc = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(k)), ld_f16x8(pb.add(k)), *acc);
                     }
                     i += 32;
                 }
                 while i + 8 <= n {
-                    acc[0] =
-                        _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), ld_f16x8(pb.add(i)), acc[0]);
+                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(pa.add(i)), ld_f16x8(pb.add(i)), acc[0]);
                     i += 8;
                 }
             }

@@ -29,8 +29,17 @@ use crate::quant::GgmlType;
 /// `n_tok` rows of `n` `ty.vec_dot_type()` values, `out` row t at `t * out_stride` with
 /// room for `n_rows` floats (the sizes `Kernels::gemm` checks).
 #[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn gemm(level: Level, ty: GgmlType, n: usize, w: &[u8], n_rows: usize, a: &[u8], n_tok: usize,
-                          out: &mut [f32], out_stride: usize) {
+pub(super) unsafe fn gemm(
+    level: Level,
+    ty: GgmlType,
+    n: usize,
+    w: &[u8],
+    n_rows: usize,
+    a: &[u8],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let f16w = match ty {
         GgmlType::F16 => true,
         GgmlType::F32 => false,
@@ -68,8 +77,15 @@ fn widen<const F16: bool>(a: &[u8], n: usize, t: usize, dst: &mut [f32]) {
 macro_rules! driver {
     ($lanes:expr, $r:expr, $t:expr, $tile:ident) => {
         #[allow(clippy::too_many_arguments)]
-        pub(super) unsafe fn gemm<const F16: bool>(n: usize, w: &[u8], n_rows: usize, a: &[u8], n_tok: usize,
-                                                   out: &mut [f32], out_stride: usize) {
+        pub(super) unsafe fn gemm<const F16: bool>(
+            n: usize,
+            w: &[u8],
+            n_rows: usize,
+            a: &[u8],
+            n_tok: usize,
+            out: &mut [f32],
+            out_stride: usize,
+        ) {
             let np = n.next_multiple_of($lanes);
             let wrb = if F16 { 2 * n } else { 4 * n };
             let mut af = vec![0f32; $t * np];
@@ -119,8 +135,15 @@ mod z {
     /// `out[t * stride + r]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn tile<const F16: bool, const R: usize, const T: usize>(n: usize, np: usize, wp: *const u8, wrb: usize,
-                                                                    ap: *const f32, out: *mut f32, stride: usize) {
+    unsafe fn tile<const F16: bool, const R: usize, const T: usize>(
+        n: usize,
+        np: usize,
+        wp: *const u8,
+        wrb: usize,
+        ap: *const f32,
+        out: *mut f32,
+        stride: usize,
+    ) {
         let mut acc = [[_mm512_setzero_ps(); T]; R];
         let rem = n % 16;
         let mask: __mmask16 = if rem == 0 { 0xFFFF } else { (1u16 << rem) - 1 };
@@ -163,8 +186,15 @@ mod y {
 
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
-    unsafe fn tile<const F16: bool, const R: usize, const T: usize>(n: usize, np: usize, wp: *const u8, wrb: usize,
-                                                                    ap: *const f32, out: *mut f32, stride: usize) {
+    unsafe fn tile<const F16: bool, const R: usize, const T: usize>(
+        n: usize,
+        np: usize,
+        wp: *const u8,
+        wrb: usize,
+        ap: *const f32,
+        out: *mut f32,
+        stride: usize,
+    ) {
         let mut acc = [[_mm256_setzero_ps(); T]; R];
         let full = n / 8 * 8;
         // SAFETY: full-chunk loads stay below n in each weight row and np in each
@@ -181,7 +211,8 @@ mod y {
                     let mut tail = [0f32; 8];
                     for (i, x) in tail.iter_mut().enumerate().take(n - k) {
                         *x = if F16 {
-                            f16::from_bits(std::ptr::read_unaligned(wp.add(r * wrb + 2 * (k + i)).cast::<u16>())).to_f32()
+                            f16::from_bits(std::ptr::read_unaligned(wp.add(r * wrb + 2 * (k + i)).cast::<u16>()))
+                                .to_f32()
                         } else {
                             std::ptr::read_unaligned(wp.add(r * wrb + 4 * (k + i)).cast::<f32>())
                         };

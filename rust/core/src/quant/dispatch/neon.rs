@@ -89,11 +89,7 @@ unsafe fn dot4<const DP: bool>(acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> in
 
 /// `dot4` of `w` against dword `L` of `a` broadcast to every lane.
 #[inline(always)]
-unsafe fn dot4_lane<const DP: bool, const L: i32>(
-    acc: int32x4_t,
-    w: int8x16_t,
-    a: int8x16_t,
-) -> int32x4_t {
+unsafe fn dot4_lane<const DP: bool, const L: i32>(acc: int32x4_t, w: int8x16_t, a: int8x16_t) -> int32x4_t {
     // SAFETY: as `dot4`.
     unsafe {
         if DP {
@@ -228,10 +224,7 @@ unsafe fn legacy_q<const F: u8>(x: *const u8) -> [int8x16_t; 2] {
                 let qs = vld1q_u8(x.add(if F == F_Q4_0 { 2 } else { 4 }));
                 let (lo, hi) = (vandq_u8(qs, m4), vshrq_n_u8::<4>(qs));
                 let c = vdupq_n_u8(if F == F_Q4_0 { 8 } else { 0 });
-                [
-                    vreinterpretq_s8_u8(vsubq_u8(lo, c)),
-                    vreinterpretq_s8_u8(vsubq_u8(hi, c)),
-                ]
+                [vreinterpretq_s8_u8(vsubq_u8(lo, c)), vreinterpretq_s8_u8(vsubq_u8(hi, c))]
             }
             F_Q5_0 | F_Q5_1 => {
                 let (qh_off, qs_off) = if F == F_Q5_0 { (2, 6) } else { (4, 8) };
@@ -240,10 +233,7 @@ unsafe fn legacy_q<const F: u8>(x: *const u8) -> [int8x16_t; 2] {
                 let lo = vorrq_u8(vandq_u8(qs, m4), fifth_bits(qh, 0));
                 let hi = vorrq_u8(vshrq_n_u8::<4>(qs), fifth_bits(qh, 1));
                 let c = vdupq_n_u8(if F == F_Q5_0 { 16 } else { 0 });
-                [
-                    vreinterpretq_s8_u8(vsubq_u8(lo, c)),
-                    vreinterpretq_s8_u8(vsubq_u8(hi, c)),
-                ]
+                [vreinterpretq_s8_u8(vsubq_u8(lo, c)), vreinterpretq_s8_u8(vsubq_u8(hi, c))]
             }
             _ => [ld(x.add(2)), ld(x.add(18))],
         }
@@ -275,10 +265,7 @@ unsafe fn k45_pair<const HI: bool>(x: *const u8, j: usize) -> [[int8x16_t; 2]; 2
         let m4 = vdupq_n_u8(0x0F);
         let b0 = vld1q_u8(x.add(qs_off + 32 * j));
         let b1 = vld1q_u8(x.add(qs_off + 32 * j + 16));
-        let mut q = [
-            [vandq_u8(b0, m4), vandq_u8(b1, m4)],
-            [vshrq_n_u8::<4>(b0), vshrq_n_u8::<4>(b1)],
-        ];
+        let mut q = [[vandq_u8(b0, m4), vandq_u8(b1, m4)], [vshrq_n_u8::<4>(b0), vshrq_n_u8::<4>(b1)]];
         if HI {
             // The fifth bit of sub-block s is bit s of qh[l] (l = element within it).
             let (h0, h1) = (vld1q_u8(x.add(16)), vld1q_u8(x.add(32)));
@@ -305,11 +292,7 @@ unsafe fn q6_group(x: *const u8, g: usize) -> [int8x16_t; 2] {
         let mut out = [vdupq_n_s8(0); 2];
         for (k, o) in out.iter_mut().enumerate() {
             let l = vld1q_u8(ql.add(16 * k));
-            let l = if i >= 2 {
-                vshrq_n_u8::<4>(l)
-            } else {
-                vandq_u8(l, vdupq_n_u8(0x0F))
-            };
+            let l = if i >= 2 { vshrq_n_u8::<4>(l) } else { vandq_u8(l, vdupq_n_u8(0x0F)) };
             let hb = vld1q_u8(qh.add(16 * k));
             let hb = match i {
                 0 => vshlq_n_u8::<4>(vandq_u8(hb, vdupq_n_u8(3))),
@@ -337,11 +320,7 @@ unsafe fn dot_legacy<const F: u8, const DP: bool>(nb: usize, x: *const u8, y: *c
         for b in 0..nb {
             let (xb, yp) = (x.add(b * bb), y.add(b * yb));
             let q = legacy_q::<F>(xb);
-            let s = dot4::<DP>(
-                dot4::<DP>(vdupq_n_s32(0), q[0], ld(yp.add(qoff))),
-                q[1],
-                ld(yp.add(qoff + 16)),
-            );
+            let s = dot4::<DP>(dot4::<DP>(vdupq_n_s32(0), q[0], ld(yp.add(qoff))), q[1], ld(yp.add(qoff + 16)));
             let d = fp16(rd_u16(xb)) * fp16(rd_u16(yp));
             acc[b & 1] = vfmaq_n_f32(acc[b & 1], vcvtq_f32_s32(s), d);
             if has_o(F) {
@@ -364,17 +343,13 @@ unsafe fn dot_q45_k<const HI: bool, const DP: bool>(nb: usize, x: *const u8, y: 
             let sm = k4_scales_mins(xb.add(4));
             let bs = vpaddq_s16(vld1q_s16(yb.add(260).cast()), vld1q_s16(yb.add(276).cast()));
             let mins = vreinterpretq_s16_u16(vmovl_u8(vld1_u8(sm.as_ptr().add(8))));
-            let mp = vaddq_s32(
-                vmull_s16(vget_low_s16(bs), vget_low_s16(mins)),
-                vmull_high_s16(bs, mins),
-            );
+            let mp = vaddq_s32(vmull_s16(vget_low_s16(bs), vget_low_s16(mins)), vmull_high_s16(bs, mins));
             let mut isum = vdupq_n_s32(0);
             for j in 0..4 {
                 let q = k45_pair::<HI>(xb, j);
                 for (k, q) in q.iter().enumerate() {
                     let a = yb.add(4 + 64 * j + 32 * k);
-                    let p =
-                        dot4::<DP>(dot4::<DP>(vdupq_n_s32(0), q[0], ld(a)), q[1], ld(a.add(16)));
+                    let p = dot4::<DP>(dot4::<DP>(vdupq_n_s32(0), q[0], ld(a)), q[1], ld(a.add(16)));
                     isum = vmlaq_n_s32(isum, p, sm[2 * j + k] as i32);
                 }
             }
@@ -407,12 +382,7 @@ unsafe fn dot_q6_k<const DP: bool>(nb: usize, x: *const u8, y: *const u8) -> f32
 }
 
 #[target_feature(enable = "neon")]
-unsafe fn vec_dot_dp<const DP: bool>(
-    ty: GgmlType,
-    n: usize,
-    x: *const u8,
-    y: *const u8,
-) -> Option<f32> {
+unsafe fn vec_dot_dp<const DP: bool>(ty: GgmlType, n: usize, x: *const u8, y: *const u8) -> Option<f32> {
     // SAFETY: whole rows (caller).
     unsafe {
         Some(match ty {
@@ -492,13 +462,7 @@ unsafe fn dot_float<const K: u8>(n: usize, x: *const u8, y: *const u8) -> f32 {
 
 /// # Safety
 /// The CPU supports `level`; `w`/`a` are whole rows of `n` elements.
-pub(in crate::quant) unsafe fn vec_dot(
-    level: Level,
-    ty: GgmlType,
-    n: usize,
-    w: &[u8],
-    a: &[u8],
-) -> Option<f32> {
+pub(in crate::quant) unsafe fn vec_dot(level: Level, ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> Option<f32> {
     let (x, y) = (w.as_ptr(), a.as_ptr());
     // SAFETY: dotprod is used only from the levels that include it.
     unsafe {
@@ -542,13 +506,7 @@ struct ActInfo {
 }
 
 #[target_feature(enable = "neon")]
-unsafe fn act_info<const F: u8>(
-    a: &[u8],
-    n_tok: usize,
-    nb: usize,
-    arb: usize,
-    pairs: bool,
-) -> ActInfo {
+unsafe fn act_info<const F: u8>(a: &[u8], n_tok: usize, nb: usize, arb: usize, pairs: bool) -> ActInfo {
     let mut info = ActInfo {
         da: vec![0.0; n_tok * nb],
         sf: vec![0.0; n_tok * nb],
@@ -563,18 +521,12 @@ unsafe fn act_info<const F: u8>(
             unsafe {
                 let (da, sf) = match act(F) {
                     0 => (fp16(rd_u16(p.add(b * Q8_0_B))), 0.0),
-                    1 => (
-                        fp16(rd_u16(p.add(b * Q8_1_B))),
-                        fp16(rd_u16(p.add(b * Q8_1_B + 2))),
-                    ),
+                    1 => (fp16(rd_u16(p.add(b * Q8_1_B))), fp16(rd_u16(p.add(b * Q8_1_B + 2)))),
                     _ => {
                         let blk = p.add((b / 8) * Q8_K_B);
                         let bs = blk.add(260 + (b % 8) * 4);
                         let d = rd_f32(blk);
-                        (
-                            d,
-                            d * (rd_u16(bs) as i16 as i32 + rd_u16(bs.add(2)) as i16 as i32) as f32,
-                        )
+                        (d, d * (rd_u16(bs) as i16 as i32 + rd_u16(bs.add(2)) as i16 as i32) as f32)
                     }
                 };
                 info.da[t * nb + b] = da;
@@ -590,23 +542,17 @@ unsafe fn act_info<const F: u8>(
             for b in 0..nb {
                 // SAFETY: block b of rows t0, t1 (< n_tok) is in bounds.
                 unsafe {
-                    let (p0, p1) = (
-                        a.as_ptr().add(t0 * arb + act_off(act(F), b)),
-                        a.as_ptr().add(t1 * arb + act_off(act(F), b)),
-                    );
+                    let (p0, p1) =
+                        (a.as_ptr().add(t0 * arb + act_off(act(F), b)), a.as_ptr().add(t1 * arb + act_off(act(F), b)));
                     for h in 0..2 {
-                        let (v0, v1) = (
-                            vreinterpretq_s64_s8(ld(p0.add(16 * h))),
-                            vreinterpretq_s64_s8(ld(p1.add(16 * h))),
-                        );
+                        let (v0, v1) =
+                            (vreinterpretq_s64_s8(ld(p0.add(16 * h))), vreinterpretq_s64_s8(ld(p1.add(16 * h))));
                         info.ai.push(vreinterpretq_s8_s64(vtrn1q_s64(v0, v1)));
                         info.ai.push(vreinterpretq_s8_s64(vtrn2q_s64(v0, v1)));
                     }
                 }
-                info.dap
-                    .extend([info.da[t0 * nb + b], info.da[t1 * nb + b]]);
-                info.sfp
-                    .extend([info.sf[t0 * nb + b], info.sf[t1 * nb + b]]);
+                info.dap.extend([info.da[t0 * nb + b], info.da[t1 * nb + b]]);
+                info.sfp.extend([info.sf[t0 * nb + b], info.sf[t1 * nb + b]]);
             }
         }
     }
@@ -637,11 +583,7 @@ unsafe fn decode<const F: u8>(row: *const u8, b0: usize, kb: usize, r: usize, p:
                     let (d, dmin) = (fp16(rd_u16(x)), fp16(rd_u16(x.add(2))));
                     let sm = k4_scales_mins(x.add(4));
                     for j in 0..4 {
-                        let q = if F == F_Q5_K {
-                            k45_pair::<true>(x, j)
-                        } else {
-                            k45_pair::<false>(x, j)
-                        };
+                        let q = if F == F_Q5_K { k45_pair::<true>(x, j) } else { k45_pair::<false>(x, j) };
                         tmp[sbk * 8 + 2 * j] = q[0];
                         tmp[sbk * 8 + 2 * j + 1] = q[1];
                     }
@@ -674,17 +616,12 @@ fn interleave(p: &mut Panel, kb: usize, mm: bool) {
     {
         for b in 0..kb {
             for h in 0..2 {
-                let v: [int32x4_t; 4] =
-                    core::array::from_fn(|r| vreinterpretq_s32_s8(p.tmp[r * KC + b][h]));
+                let v: [int32x4_t; 4] = core::array::from_fn(|r| vreinterpretq_s32_s8(p.tmp[r * KC + b][h]));
                 if mm {
                     for pr in 0..2 {
-                        let (x0, x1) = (
-                            vreinterpretq_s64_s32(v[2 * pr]),
-                            vreinterpretq_s64_s32(v[2 * pr + 1]),
-                        );
+                        let (x0, x1) = (vreinterpretq_s64_s32(v[2 * pr]), vreinterpretq_s64_s32(v[2 * pr + 1]));
                         p.q[(b * 4 + 2 * h) * 2 + pr] = vreinterpretq_s8_s64(vtrn1q_s64(x0, x1));
-                        p.q[(b * 4 + 2 * h + 1) * 2 + pr] =
-                            vreinterpretq_s8_s64(vtrn2q_s64(x0, x1));
+                        p.q[(b * 4 + 2 * h + 1) * 2 + pr] = vreinterpretq_s8_s64(vtrn2q_s64(x0, x1));
                     }
                 } else {
                     let t0 = vreinterpretq_s64_s32(vtrn1q_s32(v[0], v[1]));
@@ -790,11 +727,7 @@ unsafe fn tile_mm<const F: u8, const TP: usize>(
                     let d2 = vld1_f32(info.dap.as_ptr().add(((tp0 + tp) * nb + gb) * 2));
                     let da = vcombine_f32(d2, d2);
                     for pr in 0..2 {
-                        accf[pr][tp] = vfmaq_f32(
-                            accf[pr][tp],
-                            vcvtq_f32_s32(acc[pr][tp]),
-                            vmulq_f32(sp[pr], da),
-                        );
+                        accf[pr][tp] = vfmaq_f32(accf[pr][tp], vcvtq_f32_s32(acc[pr][tp]), vmulq_f32(sp[pr], da));
                     }
                 }
             }
@@ -902,12 +835,7 @@ unsafe fn gemm_panel<const F: u8, const DP: bool>(
     // SAFETY: `a` holds n_tok rows (caller).
     let info = unsafe { act_info::<F>(a, n_tok, nb, arb, mm) };
     let z = vdupq_n_s8(0);
-    let mut p = Panel {
-        tmp: [[z; 2]; PR * KC],
-        q: [z; KC * 8],
-        s: [0.0; KC * 2 * PR],
-        o: [0.0; KC * PR],
-    };
+    let mut p = Panel { tmp: [[z; 2]; PR * KC], q: [z; KC * 8], s: [0.0; KC * 2 * PR], o: [0.0; KC * PR] };
     let n_pairs = n_tok.div_ceil(2);
     for r0 in (0..n_rows).step_by(PR) {
         let nr = PR.min(n_rows - r0);
@@ -926,14 +854,10 @@ unsafe fn gemm_panel<const F: u8, const DP: bool>(
                     let mut tp = 0;
                     while tp < n_pairs {
                         if n_pairs - tp >= 2 {
-                            mm_store::<F, 2>(
-                                &p, kb, b0, &info, tp, nb, n_tok, out, out_stride, r0, nr,
-                            );
+                            mm_store::<F, 2>(&p, kb, b0, &info, tp, nb, n_tok, out, out_stride, r0, nr);
                             tp += 2;
                         } else {
-                            mm_store::<F, 1>(
-                                &p, kb, b0, &info, tp, nb, n_tok, out, out_stride, r0, nr,
-                            );
+                            mm_store::<F, 1>(&p, kb, b0, &info, tp, nb, n_tok, out, out_stride, r0, nr);
                             tp += 1;
                         }
                     }
@@ -942,19 +866,13 @@ unsafe fn gemm_panel<const F: u8, const DP: bool>(
                     while t0 < n_tok {
                         let rem = n_tok - t0;
                         if rem >= 4 {
-                            dot_store::<F, DP, 4>(
-                                &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
-                            );
+                            dot_store::<F, DP, 4>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
                             t0 += 4;
                         } else if rem >= 2 {
-                            dot_store::<F, DP, 2>(
-                                &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
-                            );
+                            dot_store::<F, DP, 2>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
                             t0 += 2;
                         } else {
-                            dot_store::<F, DP, 1>(
-                                &p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr,
-                            );
+                            dot_store::<F, DP, 1>(&p, kb, b0, ap, arb, &info, t0, nb, out, out_stride, r0, nr);
                             t0 += 1;
                         }
                     }
@@ -1078,8 +996,14 @@ unsafe fn min_pairs(acc: int32x4_t, p: *const u8, sa: i16, sb: i16) -> int32x4_t
 /// One block of one half (`hf`: rows 4hf..4hf+4) of a packed group against `T` tokens
 /// (activation blocks `y[t]`, their sums `s[t]`); updates `acc[t]`.
 #[inline(always)]
-unsafe fn packed_half<const DP: bool, const T: usize>(ty: GgmlType, x: *const u8, hf: usize, y: &[*const u8; T],
-                                                      s: &[*const i16; T], acc: &mut [float32x4_t; T]) {
+unsafe fn packed_half<const DP: bool, const T: usize>(
+    ty: GgmlType,
+    x: *const u8,
+    hf: usize,
+    y: &[*const u8; T],
+    s: &[*const i16; T],
+    acc: &mut [float32x4_t; T],
+) {
     // SAFETY: the caller passes one packed block at `x`, one activation block at each
     // y[t] with its sums at s[t]; every offset below is inside them.
     unsafe {
@@ -1115,7 +1039,8 @@ unsafe fn packed_half<const DP: bool, const T: usize>(ty: GgmlType, x: *const u8
                     for t in 0..T {
                         isum[t] = vmlaq_s32(isum[t], lo[t], sc_lo);
                         isum[t] = vmlaq_s32(isum[t], hi[t], sc_hi);
-                        msum[t] = min_pairs(msum[t], x.add(96 + 16 * p + 8 * hf), *s[t].add(2 * p), *s[t].add(2 * p + 1));
+                        msum[t] =
+                            min_pairs(msum[t], x.add(96 + 16 * p + 8 * hf), *s[t].add(2 * p), *s[t].add(2 * p + 1));
                     }
                 }
             }
@@ -1129,7 +1054,8 @@ unsafe fn packed_half<const DP: bool, const T: usize>(ty: GgmlType, x: *const u8
                                 let l = vreinterpretq_u8_s8(ld(v.add(32 * (i & 1))));
                                 let qh = vreinterpretq_u8_s8(ld(v.add(64)));
                                 let lo4 = if i < 2 { vandq_u8(l, vdupq_n_u8(15)) } else { vshrq_n_u8::<4>(l) };
-                                let hb = vshlq_n_u8::<4>(vandq_u8(vshlq_u8(qh, vdupq_n_s8(-2 * i as i8)), vdupq_n_u8(3)));
+                                let hb =
+                                    vshlq_n_u8::<4>(vandq_u8(vshlq_u8(qh, vdupq_n_s8(-2 * i as i8)), vdupq_n_u8(3)));
                                 let q = vreinterpretq_s8_u8(vorrq_u8(lo4, hb));
                                 for t in 0..T {
                                     sub[t] = dot4::<DP>(sub[t], q, bcast4(y[t].add(4 + 128 * h + 32 * i + 4 * k)));
@@ -1187,9 +1113,19 @@ unsafe fn packed_half<const DP: bool, const T: usize>(ty: GgmlType, x: *const u8
 /// Tokens `t0..t0+T` against row group `gx`: every block, then the 8×T results.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn packed_group<const DP: bool, const T: usize>(ty: GgmlType, nb: usize, gx: *const u8, gb: usize,
-                                                       a: *const u8, ab: usize, sums: *const i16, spb: usize,
-                                                       t0: usize, out: *mut f32, out_stride: usize) {
+unsafe fn packed_group<const DP: bool, const T: usize>(
+    ty: GgmlType,
+    nb: usize,
+    gx: *const u8,
+    gb: usize,
+    a: *const u8,
+    ab: usize,
+    sums: *const i16,
+    spb: usize,
+    t0: usize,
+    out: *mut f32,
+    out_stride: usize,
+) {
     for hf in 0..2 {
         // SAFETY: NEON is baseline on aarch64.
         let mut acc = [unsafe { vdupq_n_f32(0.0) }; T];
@@ -1216,8 +1152,17 @@ unsafe fn packed_group<const DP: bool, const T: usize>(ty: GgmlType, nb: usize, 
 /// n_tok activation rows, `sums` their `packed::act_sums`, `out` room for every result.
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "neon")]
-pub(in crate::quant) unsafe fn gemm_packed(level: Level, ty: GgmlType, nb: usize, groups: &[u8], a: &[u8],
-                                           sums: &[i16], n_tok: usize, out: &mut [f32], out_stride: usize) {
+pub(in crate::quant) unsafe fn gemm_packed(
+    level: Level,
+    ty: GgmlType,
+    nb: usize,
+    groups: &[u8],
+    a: &[u8],
+    sums: &[i16],
+    n_tok: usize,
+    out: &mut [f32],
+    out_stride: usize,
+) {
     let gb = crate::quant::packed::group_bytes(ty).expect("a packed type");
     let spb = crate::quant::packed::sums_per_block(ty);
     let ab = ty.vec_dot_type().type_size();
@@ -1226,16 +1171,26 @@ pub(in crate::quant) unsafe fn gemm_packed(level: Level, ty: GgmlType, nb: usize
     for g in 0..n_groups {
         let mut t0 = 0;
         while t0 < n_tok {
-            let t = if n_tok - t0 >= PACKED_T { PACKED_T } else if n_tok - t0 >= 2 { 2 } else { 1 };
+            let t = if n_tok - t0 >= PACKED_T {
+                PACKED_T
+            } else if n_tok - t0 >= 2 {
+                2
+            } else {
+                1
+            };
             // SAFETY: g < n_groups, t0 + t <= n_tok; level per the contract.
             unsafe {
                 let gx = groups.as_ptr().add(g * nb * gb);
                 let (ap, sp, o) = (a.as_ptr(), sums.as_ptr(), out.as_mut_ptr().add(8 * g));
                 match (dp, t) {
-                    (true, PACKED_T) => packed_group::<true, PACKED_T>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
+                    (true, PACKED_T) => {
+                        packed_group::<true, PACKED_T>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride)
+                    }
                     (true, 2) => packed_group::<true, 2>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
                     (true, _) => packed_group::<true, 1>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
-                    (false, PACKED_T) => packed_group::<false, PACKED_T>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
+                    (false, PACKED_T) => {
+                        packed_group::<false, PACKED_T>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride)
+                    }
                     (false, 2) => packed_group::<false, 2>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
                     (false, _) => packed_group::<false, 1>(ty, nb, gx, gb, ap, ab, sp, spb, t0, o, out_stride),
                 }
@@ -1271,10 +1226,7 @@ unsafe fn store_i8x32(y: *mut u8, q: &[int32x4_t; 8]) {
         for h in 0..2 {
             let a = vcombine_s16(vqmovn_s32(q[4 * h]), vqmovn_s32(q[4 * h + 1]));
             let b = vcombine_s16(vqmovn_s32(q[4 * h + 2]), vqmovn_s32(q[4 * h + 3]));
-            vst1q_s8(
-                y.add(16 * h).cast(),
-                vcombine_s8(vqmovn_s16(a), vqmovn_s16(b)),
-            );
+            vst1q_s8(y.add(16 * h).cast(), vcombine_s8(vqmovn_s16(a), vqmovn_s16(b)));
         }
     }
 }
@@ -1294,8 +1246,7 @@ unsafe fn quantize_q8_0(src: &[f32], dst: &mut [u8], with_sum: bool) {
             // Same scalar arithmetic as the reference; `frinta` is C `roundf`.
             let d = amax / 127.0;
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-            let q: [int32x4_t; 8] =
-                core::array::from_fn(|i| vcvtq_s32_f32(vrndaq_f32(vmulq_n_f32(v[i], id))));
+            let q: [int32x4_t; 8] = core::array::from_fn(|i| vcvtq_s32_f32(vrndaq_f32(vmulq_n_f32(v[i], id))));
             y[0..2].copy_from_slice(&f16::from_f32(d).to_le_bytes());
             let off = if with_sum { 4 } else { 2 };
             if with_sum {
@@ -1326,10 +1277,7 @@ unsafe fn quantize_q8_k(src: &[f32], dst: &mut [u8]) {
             let mut max = 0f32;
             for i in 0..64 {
                 if vmaxvq_u32(vceqq_f32(vabsq_f32(v(i)), vdupq_n_f32(amax))) != 0 {
-                    max = *x[4 * i..4 * i + 4]
-                        .iter()
-                        .find(|e| e.abs() == amax)
-                        .expect("lane matched");
+                    max = *x[4 * i..4 * i + 4].iter().find(|e| e.abs() == amax).expect("lane matched");
                     break;
                 }
             }
@@ -1338,9 +1286,8 @@ unsafe fn quantize_q8_k(src: &[f32], dst: &mut [u8]) {
             let lim = vdupq_n_s32(127);
             for g in 0..8 {
                 // `fcvtns` rounds half to even, like the reference's `nearest_int`.
-                let q: [int32x4_t; 8] = core::array::from_fn(|i| {
-                    vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(v(8 * g + i), iscale)), lim)
-                });
+                let q: [int32x4_t; 8] =
+                    core::array::from_fn(|i| vminq_s32(vcvtnq_s32_f32(vmulq_n_f32(v(8 * g + i), iscale)), lim));
                 let s0 = vaddvq_s32(vaddq_s32(vaddq_s32(q[0], q[1]), vaddq_s32(q[2], q[3])));
                 let s1 = vaddvq_s32(vaddq_s32(vaddq_s32(q[4], q[5]), vaddq_s32(q[6], q[7])));
                 store_i8x32(y.as_mut_ptr().add(4 + 32 * g), &q);
@@ -1387,27 +1334,16 @@ pub(in crate::quant) unsafe fn dot_f32_f16(a: &[f32], b: &[f16]) -> f32 {
         while i + 16 <= n {
             for (j, acc) in acc.iter_mut().enumerate() {
                 let k = i + 4 * j;
-                *acc = vfmaq_f32(
-                    *acc,
-                    vld1q_f32(a.as_ptr().add(k)),
-                    ld_f16x4(b.as_ptr().add(k)),
-                );
+                *acc = vfmaq_f32(*acc, vld1q_f32(a.as_ptr().add(k)), ld_f16x4(b.as_ptr().add(k)));
             }
             i += 16;
         }
         while i + 4 <= n {
-            acc[0] = vfmaq_f32(
-                acc[0],
-                vld1q_f32(a.as_ptr().add(i)),
-                ld_f16x4(b.as_ptr().add(i)),
-            );
+            acc[0] = vfmaq_f32(acc[0], vld1q_f32(a.as_ptr().add(i)), ld_f16x4(b.as_ptr().add(i)));
             i += 4;
         }
     }
-    let mut sum = vaddvq_f32(vaddq_f32(
-        vaddq_f32(acc[0], acc[1]),
-        vaddq_f32(acc[2], acc[3]),
-    ));
+    let mut sum = vaddvq_f32(vaddq_f32(vaddq_f32(acc[0], acc[1]), vaddq_f32(acc[2], acc[3])));
     for k in i..n {
         sum += a[k] * b[k].to_f32();
     }

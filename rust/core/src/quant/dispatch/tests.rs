@@ -38,10 +38,7 @@ const TOLERANCE: &[(GgmlType, f64, f64)] = &[
 ];
 
 fn tol(ty: GgmlType) -> (f64, f64) {
-    let &(_, s, f) = TOLERANCE
-        .iter()
-        .find(|(t, _, _)| *t == ty)
-        .expect("type in table");
+    let &(_, s, f) = TOLERANCE.iter().find(|(t, _, _)| *t == ty).expect("type in table");
     (s, f)
 }
 
@@ -95,9 +92,7 @@ fn raw_row(rng: &mut Rng, ty: GgmlType, n: usize) -> Vec<u8> {
         GgmlType::Q6_K => &[offset_of!(BlockQ6_K, d)],
         _ => return quantize(ty, &rng.row(n)),
     };
-    let mut b: Vec<u8> = (0..ty.row_bytes(n).unwrap())
-        .map(|_| rng.next_u64() as u8)
-        .collect();
+    let mut b: Vec<u8> = (0..ty.row_bytes(n).unwrap()).map(|_| rng.next_u64() as u8).collect();
     for blk in b.chunks_exact_mut(ty.type_size()) {
         for &off in fields {
             let mag = 1e-3 + (rng.uniform() * 0.5 + 0.5) * 0.05;
@@ -132,10 +127,7 @@ fn f64_dot(ty: GgmlType, n: usize, w: &[u8], a: &[u8]) -> (f64, f64) {
 }
 
 fn kernels() -> Vec<&'static Kernels> {
-    Kernels::available()
-        .into_iter()
-        .map(|l| Kernels::for_level(l).expect("available level"))
-        .collect()
+    Kernels::available().into_iter().map(|l| Kernels::for_level(l).expect("available level")).collect()
 }
 
 /// Lists the levels this run exercises (scripts/test_arm.sh greps this line).
@@ -149,10 +141,7 @@ fn levels_that_ran() {
     for l in ALL_LEVELS {
         assert_eq!(Level::parse(l.name()), Some(l));
         assert_eq!(Level::parse(&l.name().to_uppercase()), Some(l));
-        assert_eq!(
-            Kernels::for_level(l).is_some(),
-            Kernels::available().contains(&l)
-        );
+        assert_eq!(Kernels::for_level(l).is_some(), Kernels::available().contains(&l));
     }
     assert_eq!(Level::parse("neon-dotprod"), Some(Level::NeonDotprod));
     assert_eq!(Level::parse("sse4"), None);
@@ -164,14 +153,7 @@ fn levels_that_ran() {
 #[test]
 fn quantize_row_is_bit_identical() {
     let mut rng = Rng::new(11);
-    let acts = [
-        GgmlType::Q8_0,
-        GgmlType::Q8_1,
-        GgmlType::Q8_K,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::F32,
-    ];
+    let acts = [GgmlType::Q8_0, GgmlType::Q8_1, GgmlType::Q8_K, GgmlType::F16, GgmlType::BF16, GgmlType::F32];
     for k in kernels() {
         for ty in acts {
             for n in [256usize, 512, 2304] {
@@ -191,11 +173,7 @@ fn quantize_row_is_bit_identical() {
                 let want = quantize(ty, &x);
                 let mut got = vec![0xAAu8; want.len()];
                 k.quantize_row(ty, &x, &mut got);
-                assert!(
-                    got == want,
-                    "{} quantize_row {ty} n={n} differs from the reference",
-                    k.level
-                );
+                assert!(got == want, "{} quantize_row {ty} n={n} differs from the reference", k.level);
             }
         }
     }
@@ -223,22 +201,10 @@ fn vec_dot_matches_scalar_and_f64() {
         for &ty in GgmlType::all() {
             for n in lengths(ty) {
                 for raw in [false, true] {
-                    let w = if raw {
-                        raw_row(&mut rng, ty, n)
-                    } else {
-                        quantize(ty, &rng.row(n))
-                    };
+                    let w = if raw { raw_row(&mut rng, ty, n) } else { quantize(ty, &rng.row(n)) };
                     let a = quantize(ty.vec_dot_type(), &rng.row(n));
                     let got = k.vec_dot(ty, n, &w, &a);
-                    check_dot(
-                        k.level,
-                        ty,
-                        n,
-                        &w,
-                        &a,
-                        got,
-                        if raw { "vec_dot(raw)" } else { "vec_dot" },
-                    );
+                    check_dot(k.level, ty, n, &w, &a, got, if raw { "vec_dot(raw)" } else { "vec_dot" });
                 }
             }
         }
@@ -250,11 +216,8 @@ fn gemm_matches_scalar_and_f64() {
     let mut rng = Rng::new(7);
     let rows: &[usize] = &[1, 3, 5, 8, 17];
     let toks: &[usize] = &[1, 2, 3, 5, 9, 17];
-    let types: Vec<GgmlType> = SIMD_TYPES
-        .iter()
-        .copied()
-        .chain([GgmlType::Q3_K, GgmlType::F16, GgmlType::F32])
-        .collect();
+    let types: Vec<GgmlType> =
+        SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16, GgmlType::F32]).collect();
     for k in kernels() {
         for &ty in &types {
             for n in lengths(ty) {
@@ -263,44 +226,22 @@ fn gemm_matches_scalar_and_f64() {
                 let max_r = *rows.last().unwrap();
                 let max_t = *toks.last().unwrap();
                 let w: Vec<u8> = (0..max_r)
-                    .flat_map(|r| {
-                        if r % 2 == 0 {
-                            raw_row(&mut rng, ty, n)
-                        } else {
-                            quantize(ty, &rng.row(n))
-                        }
-                    })
+                    .flat_map(|r| if r % 2 == 0 { raw_row(&mut rng, ty, n) } else { quantize(ty, &rng.row(n)) })
                     .collect();
-                let a: Vec<u8> = (0..max_t)
-                    .flat_map(|_| quantize(ty.vec_dot_type(), &rng.row(n)))
-                    .collect();
+                let a: Vec<u8> = (0..max_t).flat_map(|_| quantize(ty.vec_dot_type(), &rng.row(n))).collect();
                 for &nr in rows {
                     for &nt in toks {
                         let stride = nr + 3;
                         let mut out = vec![f32::NAN; nt * stride];
-                        k.gemm(
-                            ty,
-                            n,
-                            &w[..nr * wrb],
-                            nr,
-                            &a[..nt * arb],
-                            nt,
-                            &mut out,
-                            stride,
-                        );
+                        k.gemm(ty, n, &w[..nr * wrb], nr, &a[..nt * arb], nt, &mut out, stride);
                         for t in 0..nt {
                             for r in 0..stride {
                                 let got = out[t * stride + r];
                                 if r >= nr {
-                                    assert!(
-                                        got.is_nan(),
-                                        "{} gemm {ty} wrote outside its rows",
-                                        k.level
-                                    );
+                                    assert!(got.is_nan(), "{} gemm {ty} wrote outside its rows", k.level);
                                     continue;
                                 }
-                                let (wr, at) =
-                                    (&w[r * wrb..(r + 1) * wrb], &a[t * arb..(t + 1) * arb]);
+                                let (wr, at) = (&w[r * wrb..(r + 1) * wrb], &a[t * arb..(t + 1) * arb]);
                                 let what = format!("gemm rows={nr} toks={nt} (r={r}, t={t})");
                                 check_dot(k.level, ty, n, wr, at, got, &what);
                             }
@@ -318,7 +259,8 @@ fn gemm_matches_scalar_and_f64() {
 #[test]
 fn token_results_do_not_depend_on_the_batch() {
     let mut rng = Rng::new(11);
-    let types: Vec<GgmlType> = SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16, GgmlType::F32]).collect();
+    let types: Vec<GgmlType> =
+        SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16, GgmlType::F32]).collect();
     for k in kernels() {
         for &ty in &types {
             for n in lengths(ty) {
@@ -336,11 +278,19 @@ fn token_results_do_not_depend_on_the_batch() {
                         let pair: Vec<u8> = at.iter().chain(partner).copied().collect();
                         let mut two = vec![0f32; 2 * nr];
                         k.gemm(ty, n, &w, nr, &pair, 2, &mut two, nr);
-                        assert!(bits_eq(&two[..nr], &all[t * nr..(t + 1) * nr]), "{} {ty} n={n} rows={nr}: panel token {t} depends on its batch", k.level);
+                        assert!(
+                            bits_eq(&two[..nr], &all[t * nr..(t + 1) * nr]),
+                            "{} {ty} n={n} rows={nr}: panel token {t} depends on its batch",
+                            k.level
+                        );
                         if k.single_token_matches_panel(ty) {
                             let mut one = vec![0f32; nr];
                             k.gemm_exact(ty, n, &w, nr, at, 1, &mut one, nr);
-                            assert!(bits_eq(&one, &all[t * nr..(t + 1) * nr]), "{} {ty} n={n} rows={nr}: one-token kernel differs from the panel", k.level);
+                            assert!(
+                                bits_eq(&one, &all[t * nr..(t + 1) * nr]),
+                                "{} {ty} n={n} rows={nr}: one-token kernel differs from the panel",
+                                k.level
+                            );
                         }
                     }
                 }
@@ -360,9 +310,7 @@ fn unaligned_inputs_give_identical_results() {
             let wrb = ty.row_bytes(n).unwrap();
             let arb = ty.vec_dot_type().row_bytes(n).unwrap();
             let w: Vec<u8> = (0..nr).flat_map(|_| quantize(ty, &rng.row(n))).collect();
-            let a: Vec<u8> = (0..nt)
-                .flat_map(|_| quantize(ty.vec_dot_type(), &rng.row(n)))
-                .collect();
+            let a: Vec<u8> = (0..nt).flat_map(|_| quantize(ty.vec_dot_type(), &rng.row(n))).collect();
             let mut base = vec![0f32; nt * nr];
             k.gemm(ty, n, &w, nr, &a, nt, &mut base, nr);
             let base_dot = k.vec_dot(ty, n, &w[..wrb], &a[..arb]);
@@ -376,27 +324,14 @@ fn unaligned_inputs_give_identical_results() {
                 abuf[off..].copy_from_slice(&a);
                 let mut out = vec![0f32; nt * nr + 1];
                 k.gemm(ty, n, &wbuf[off..], nr, &abuf[off..], nt, &mut out[1..], nr);
-                assert!(
-                    bits_eq(&out[1..], &base),
-                    "{} gemm {ty} at offset {off}",
-                    k.level
-                );
+                assert!(bits_eq(&out[1..], &base), "{} gemm {ty} at offset {off}", k.level);
                 let d = k.vec_dot(ty, n, &wbuf[off..off + wrb], &abuf[off..off + arb]);
-                assert_eq!(
-                    d.to_bits(),
-                    base_dot.to_bits(),
-                    "{} vec_dot {ty} at offset {off}",
-                    k.level
-                );
+                assert_eq!(d.to_bits(), base_dot.to_bits(), "{} vec_dot {ty} at offset {off}", k.level);
                 let mut xbuf = vec![0f32; n + 1];
                 xbuf[1..].copy_from_slice(&x);
                 let mut qbuf = vec![0u8; arb + off];
                 k.quantize_row(ty.vec_dot_type(), &xbuf[1..], &mut qbuf[off..]);
-                assert!(
-                    qbuf[off..] == qbase[..],
-                    "{} quantize_row at offset {off}",
-                    k.level
-                );
+                assert!(qbuf[off..] == qbase[..], "{} quantize_row at offset {off}", k.level);
             }
         }
     }
@@ -414,17 +349,9 @@ fn f16_helpers_match_scalar() {
             let a = rng.row(n);
             let bf: Vec<f16> = rng.row(n).iter().map(|&v| f16::from_f32(v)).collect();
             let want: f64 = a.iter().zip(&bf).map(|(x, y)| *x as f64 * y.to_f64()).sum();
-            let mag: f64 = a
-                .iter()
-                .zip(&bf)
-                .map(|(x, y)| (*x as f64 * y.to_f64()).abs())
-                .sum();
+            let mag: f64 = a.iter().zip(&bf).map(|(x, y)| (*x as f64 * y.to_f64()).abs()).sum();
             let got = k.dot_f32_f16(&a, &bf) as f64;
-            assert!(
-                (got - want).abs() <= 1e-6 * mag + 1e-30,
-                "{} dot_f32_f16 n={n}",
-                k.level
-            );
+            assert!((got - want).abs() <= 1e-6 * mag + 1e-30, "{} dot_f32_f16 n={n}", k.level);
 
             let mut y = rng.row(n);
             let mut y_ref = y.clone();
@@ -433,25 +360,15 @@ fn f16_helpers_match_scalar() {
                 *yr += 0.37 * x.to_f32();
             }
             for (g, w) in y.iter().zip(&y_ref) {
-                assert!(
-                    (g - w).abs() <= 1e-6 * (w.abs() + 1.0),
-                    "{} axpy_f16 n={n}",
-                    k.level
-                );
+                assert!((g - w).abs() <= 1e-6 * (w.abs() + 1.0), "{} axpy_f16 n={n}", k.level);
             }
 
             let mut back = vec![0f32; n];
             k.f16_to_f32_row(&bf, &mut back);
-            assert!(back
-                .iter()
-                .zip(&bf)
-                .all(|(x, y)| x.to_bits() == y.to_f32().to_bits()));
+            assert!(back.iter().zip(&bf).all(|(x, y)| x.to_bits() == y.to_f32().to_bits()));
             let mut h = vec![f16::ZERO; n];
             k.f32_to_f16_row(&a, &mut h);
-            assert!(h
-                .iter()
-                .zip(&a)
-                .all(|(x, y)| x.to_bits() == f16::from_f32(*y).to_bits()));
+            assert!(h.iter().zip(&a).all(|(x, y)| x.to_bits() == f16::from_f32(*y).to_bits()));
         }
     }
 }
@@ -470,8 +387,9 @@ fn packed_gemm_matches_twin_and_file_layout() {
         for &n in lens {
             let rows = 24;
             let wrb = ty.row_bytes(n).unwrap();
-            let w: Vec<u8> =
-                (0..rows).flat_map(|i| if i % 2 == 0 { raw_row(&mut rng, ty, n) } else { quantize(ty, &rng.row(n)) }).collect();
+            let w: Vec<u8> = (0..rows)
+                .flat_map(|i| if i % 2 == 0 { raw_row(&mut rng, ty, n) } else { quantize(ty, &rng.row(n)) })
+                .collect();
             let p = Packed::new(ty, &w, rows, n).expect("packs");
             for r in [0, 5, 13, 23] {
                 let mut got = vec![0f32; n];
@@ -505,7 +423,11 @@ fn packed_gemm_matches_twin_and_file_layout() {
                 let mut got = vec![0f32; 3 * 40];
                 k.gemm_packed(&p, 1, 3, &a[..3 * arb], &sums[..3 * spb], 3, &mut got, 40);
                 for t in 0..3 {
-                    assert!(bits_eq(&got[t * 40..t * 40 + 16], &want[t * rows + 8..t * rows + 24]), "{} groups 1..3", k.level);
+                    assert!(
+                        bits_eq(&got[t * 40..t * 40 + 16], &want[t * rows + 8..t * rows + 24]),
+                        "{} groups 1..3",
+                        k.level
+                    );
                 }
             }
         }

@@ -36,17 +36,15 @@ from typing import Any
 
 from edgelm import EdgelmError, Model, _native, modelinfo, store
 from edgelm._native import Executor
-from edgelm.serve import tools
-from edgelm.serve.chat import ChatTemplate
-from edgelm.serve.config import Config, parse_keep_alive
-from edgelm.serve.embed_engine import EmbedEngine, EmbedLimits
-from edgelm.serve.engine import AsyncEngine
-from edgelm.serve.gotemplate import GoTemplate, GoTemplateError
-from edgelm.serve.grammar import GrammarError, Grammars
-from edgelm.serve.metrics import Metrics
-from edgelm.serve.params import ApiError
-from edgelm.serve.scheduler import SchedulerLimits
-from edgelm.serve.thinking import ThoughtBudget, ThoughtRule
+from edgelm.prompt.chat import ChatTemplate
+from edgelm.config import Config, parse_keep_alive
+from edgelm.engine.embed import EmbedEngine, EmbedLimits
+from edgelm.engine.loop import AsyncEngine
+from edgelm.prompt.gotemplate import GoTemplate, GoTemplateError
+from edgelm.prompt.grammar import GrammarError, Grammars
+from edgelm.engine.metrics import Metrics
+from edgelm.errors import NoMemory, NotFound
+from edgelm.engine.scheduler import SchedulerLimits
 
 log = logging.getLogger("edgelm.serve")
 
@@ -100,48 +98,6 @@ class LoadedModel:
     def busy(self) -> bool:
         return self.n_users > 0 or self.engine.n_active > 0
 
-    async def grammar_for(self, schema: dict[str, Any] | None) -> str | None:
-        """Compile a JSON schema for constrained decoding (off the event loop: the
-        first call also builds the grammar engine's view of the vocabulary)."""
-        if schema is None:
-            return None
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.json_schema, schema)
-        except GrammarError as e:
-            raise ApiError(str(e), "response_format", 400) from None
-
-    async def tool_grammar(self, plan: tools.ToolPlan, schema: dict[str, Any] | None) -> str:
-        """The grammar for an answer that may call tools (see edgelm.serve.tools)."""
-        source = tools.grammar(plan, schema)
-        assert source is not None  # a plan always constrains
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, source)
-        except GrammarError as e:
-            raise ApiError(str(e), "tools", 400) from None
-
-    async def answer_grammar(self, plan: tools.ToolPlan | None, schema: dict[str, Any] | None,
-                             thought: ThoughtRule | None) -> str | None:
-        """The grammar for an answer: tools, a response schema and a thinking model's
-        thought, in any combination (None: unconstrained)."""
-        if thought is None or (plan is None and schema is None and thought.budget is None):
-            return await (self.tool_grammar(plan, schema) if plan else self.grammar_for(schema))
-        source = tools.grammar(plan, schema, thought)
-        assert source is not None
-        try:
-            return await asyncio.get_running_loop().run_in_executor(None, self.grammars.lark, source)
-        except GrammarError as e:
-            raise ApiError(str(e), "tools" if plan else "response_format", 400) from None
-
-    def matcher(self, grammar: str | None, thought: ThoughtRule | None) -> Any:
-        """A matcher for `grammar` (None: none), with the thought's token budget."""
-        if grammar is None:
-            return None
-        m = self.grammars.matcher(grammar)
-        if thought is None or thought.budget is None:
-            return m
-        close = self.grammars.prefix_masks(thought.style.close.encode())
-        return ThoughtBudget(m, thought.budget, thought.style, thought.opened, self.token_bytes, close)
-
     def token_bytes(self, tid: int) -> bytes:
         b = self._token_bytes.get(tid)
         if b is None:
@@ -174,6 +130,7 @@ class ModelPool:
         self.default_id = cfg.model_id()
         self._metadata: dict[tuple[str, int, float], dict[str, Any]] = {}
         self._device: tuple[str, dict[str, Any] | None] | None = None
+        self._warming: set[asyncio.Future[Any]] = set()  # grammar vocabularies being built (threads)
 
     # -- names ---------------------------------------------------------------------
     def models_dir(self) -> Path:
@@ -226,8 +183,8 @@ class ModelPool:
             if path.resolve() == self.default_path.resolve():
                 return self.default_id, self.default_path
             return model_id_of(path), path
-        raise ApiError(f"model '{name}' not found (available: {', '.join(sorted(avail))}); `edgelm pull {name}` or "
-                       "/api/pull fetches it", "model", 404, "model_not_found")
+        raise NotFound(f"model '{name}' not found (available: {', '.join(sorted(avail))}); `edgelm pull {name}` or "
+                       "/api/pull fetches it", "model", "model_not_found")
 
     def names(self) -> list[tuple[str, str, Path]]:
         """Every name a client can list: (name, model id, file) for each servable file
@@ -334,7 +291,9 @@ class ModelPool:
                 lm = LoadedModel(engine=engine, cost_bytes=cost, **parts)
                 # Warm the grammar engine's vocabulary in the background (a few seconds on a
                 # small CPU), so the first structured-output request does not pay for it.
-                loop.run_in_executor(None, lm.grammars.tokenizer)
+                warm = loop.run_in_executor(None, lm.grammars.tokenizer)
+                self._warming.add(warm)
+                warm.add_done_callback(self._warming.discard)
             lm.engine.start()
             lm.touch()
             self.loaded[mid] = lm
@@ -423,12 +382,12 @@ class ModelPool:
             await self.unload(idle[0].id)
         if too_full():
             loaded = ", ".join(f"{m.id} ({m.cost_bytes / 2**20:.0f} MiB, busy)" for m in self.loaded.values()) or "none"
-            raise ApiError(
+            raise NoMemory(
                 f"not enough memory for model '{mid}': it needs {cost / 2**20:.0f} MiB and "
                 f"{(self.budget_bytes - used()) / 2**20:.0f} MiB of the {self.budget_bytes / 2**20:.0f} MiB budget "
                 f"is free (max_loaded_models {self.cfg.max_loaded_models}; loaded: {loaded}); retry when they are "
                 f"idle, raise memory_budget_mib, or lower kv_cache_mib",
-                "model", 503, "insufficient_memory", "server_error", {"Retry-After": "5"})
+                "model", "insufficient_memory")
 
     def _build(self, mid: str, path: Path, model: Model, n_blocks: int,
                device: str) -> tuple[dict[str, Any], Executor, frozenset[int]]:
@@ -515,8 +474,11 @@ class ModelPool:
                     await self.unload(lm.id)
 
     async def close(self, grace_s: float) -> int:
-        """Drain every model (in parallel, `grace_s` for all), stop the engines;
-        returns how many requests were aborted."""
+        """Stop loads under way, drain every model (in parallel, `grace_s` for all),
+        stop the engines; returns how many requests were aborted."""
+        for fut in [*self._loading.values(), *self._warming]:
+            fut.cancel()  # (a vocabulary already being built finishes on its thread)
+        await asyncio.gather(*self._loading.values(), return_exceptions=True)
         engines = [lm.engine for lm in self.loaded.values()]
         n = sum(await asyncio.gather(*(e.drain(grace_s) for e in engines)))
         for e in engines:
@@ -530,13 +492,4 @@ class ModelPool:
 
     def update_gauges(self) -> None:
         """Scheduler gauges summed over the loaded models."""
-        m = self.metrics
-        scheds = [lm.engine.sched for lm in list(self.loaded.values())]
-        m.queue.set(sum(len(s.waiting) for s in scheds))
-        m.running.set(sum(len(s.running) for s in scheds))
-        m.kv_total.set(sum(s.blocks.n_blocks for s in scheds))
-        m.kv_used.set(sum(s.blocks.n_used for s in scheds))
-        m.kv_cached.set(sum(s.blocks.n_cached for s in scheds))
-        m.preemptions.set(sum(s.n_preemptions for s in scheds))
-        m.grammar_masks.set(sum(s.n_masks for s in scheds))
-        m.grammar_mask_seconds.set(sum(s.mask_seconds for s in scheds))
+        self.metrics.set_engine_gauges([lm.engine.stats() for lm in list(self.loaded.values())])

@@ -17,17 +17,17 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgelm.serve import thinking, tools
-from edgelm.serve.chat import ChatTemplateError
-from edgelm.serve.embed_api import require_generation
-from edgelm.serve.engine import Delta, EngineError, GenRequest, Stream
-from edgelm.serve.grammar import ANY_JSON_OBJECT
-from edgelm.serve.params import ApiError, Body, SERVER, int_list, sampling_from
-from edgelm.serve.scheduler import QueueFull
+from edgelm.server import thinking, tools
+from edgelm.prompt.chat import ChatTemplateError
+from edgelm.server.embed import require_generation
+from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
+from edgelm.prompt.grammar import ANY_JSON_OBJECT
+from edgelm.server.params import ApiError, Body, int_list, sampling_from
+from edgelm.server.state import SERVER, Server
+from edgelm.errors import RequestError
 
 if TYPE_CHECKING:
-    from edgelm.serve.app import Server
-    from edgelm.serve.models import LoadedModel
+    from edgelm.engine.pool import LoadedModel
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -75,17 +75,13 @@ async def _submit(lm: LoadedModel, prompt: list[int], max_tokens: int, c: dict[s
             sampling = dict(c["sampling"], n_logprobs=n_logprobs)
             if sampling["seed"] is not None:
                 sampling["seed"] = (sampling["seed"] + i) % (2**64)
-            matcher = lm.matcher(grammar, thought)
+            matcher = tools.answer_matcher(lm, grammar, thought)
             req = GenRequest(prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher)
             streams.append(lm.engine.submit(req))
-    except QueueFull as e:
+    except RequestError:  # busy, or too long for the context (edgelm.errors): none of the n runs
         for s in streams:
             s.abort()
-        raise ApiError(f"server busy: {e}", None, 429, "queue_full", "rate_limit_error", {"Retry-After": "1"}) from None
-    except ValueError as e:
-        for s in streams:
-            s.abort()
-        raise ApiError(str(e), "prompt", 400, "context_length_exceeded") from None
+        raise
     return streams
 
 
@@ -383,7 +379,7 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
         raise ApiError(f"the chat template failed: {e}", "messages") from None
     opened = thinking.forced_open(text, style)
     rule = thinking.thought_rule(think, style, opened)
-    grammar = await lm.answer_grammar(plan, schema, rule)
+    grammar = await tools.answer_grammar(lm, plan, schema, rule)
     prompt = lm.chat_tokens(text)
     max_tokens = _max_tokens(lm, b, "max_completion_tokens", len(prompt))
     streams = await _submit(lm, prompt, max_tokens, c, (top_lp or 0) if want_lp else 0, c["n"], grammar, rule)

@@ -13,9 +13,9 @@ concurrent requests share each weight read. A sequence's vector does not depend 
 what shares its batch (the Rust forward is batch-invariant). A request whose client
 went away is dropped before its inputs run.
 
-For /health and the gauges, `sched` shows the queue as the scheduler of a generation
-model does (waiting and running sequences; no KV blocks). `submit`, the generation
-entry point, refuses: an embedding model does not generate text.
+For /health, the gauges and the mDNS busy state, `stats()` reports the queue as a
+generation engine does (waiting and running sequences; no KV blocks). `submit`, the
+generation entry point, refuses: an embedding model does not generate text.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ import numpy as np
 import numpy.typing as npt
 
 from edgelm._native import Model as NativeModel
-from edgelm.serve.engine import EngineError
-from edgelm.serve.metrics import Metrics
-from edgelm.serve.scheduler import QueueFull
+from edgelm.engine.loop import EngineError, EngineStats
+from edgelm.engine.metrics import Metrics
+from edgelm.engine.scheduler import QueueFull
 
 if TYPE_CHECKING:
-    from edgelm.serve.engine import GenRequest, Stream
+    from edgelm.engine.loop import GenRequest, Stream
 
 log = logging.getLogger("edgelm.serve")
 
@@ -74,25 +74,12 @@ class EmbedLimits:
 
 
 @dataclass
-class NoKvBlocks:
-    """An embedding model holds no KV cache (what /health and the gauges read)."""
-
-    n_blocks: int = 0
-    n_used: int = 0
-    n_cached: int = 0
-
-
-@dataclass
 class EmbedQueue:
-    """The batcher's state, read by /health and the gauges as a scheduler's."""
+    """The batcher's state: sequences waiting, and the batch running."""
 
     limits: EmbedLimits
     waiting: collections.deque[_Item] = field(default_factory=collections.deque)
     running: list[_Item] = field(default_factory=list)
-    blocks: NoKvBlocks = field(default_factory=NoKvBlocks)
-    n_preemptions: int = 0
-    n_masks: int = 0
-    mask_seconds: float = 0.0
 
 
 class EmbedEngine:
@@ -118,6 +105,12 @@ class EmbedEngine:
     @property
     def n_active(self) -> int:
         return self._jobs
+
+    def stats(self) -> EngineStats:
+        """As a generation engine reports it; an embedding model holds no KV blocks."""
+        with self._lock:
+            s = self.sched
+            return EngineStats(len(s.running), len(s.waiting), s.limits.max_running, 0, 0, 0, 0, 0, 0.0)
 
     async def drain(self, grace_s: float) -> int:
         """Wait up to `grace_s` for requests in flight, then drop the rest; returns how

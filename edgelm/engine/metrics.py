@@ -3,7 +3,13 @@ in tests)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from edgelm.engine.loop import EngineStats
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -35,6 +41,17 @@ class Metrics:
         self.connections_dropped = Gauge("edgelm_http_connections_dropped", "HTTP connections closed by the server "
                                          "so far: header_timeout, evicted (at the cap), refused (503)", ["reason"],
                                          registry=r)
+
+    def set_engine_gauges(self, stats: Sequence[EngineStats]) -> None:
+        """The scheduler gauges, summed over the engines (one per loaded model)."""
+        self.queue.set(sum(s.waiting for s in stats))
+        self.running.set(sum(s.running for s in stats))
+        self.kv_total.set(sum(s.kv_blocks_total for s in stats))
+        self.kv_used.set(sum(s.kv_blocks_used for s in stats))
+        self.kv_cached.set(sum(s.kv_blocks_cached for s in stats))
+        self.preemptions.set(sum(s.preemptions for s in stats))
+        self.grammar_masks.set(sum(s.grammar_masks for s in stats))
+        self.grammar_mask_seconds.set(sum(s.grammar_mask_seconds for s in stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,8 +20,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from edgelm.serve.metrics import Metrics
-from edgelm.serve.scheduler import Executor, Scheduler, SchedulerLimits, SeqOutput, Sequence
+from edgelm.engine.metrics import Metrics
+from edgelm.engine.scheduler import Executor, Scheduler, SchedulerLimits, SeqOutput, Sequence
 from edgelm.stops import StopMatcher
 
 log = logging.getLogger("edgelm.serve")
@@ -50,6 +50,26 @@ class Delta:
 
 class EngineError(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """What an engine is doing, for /health, the gauges and the mDNS busy state."""
+
+    running: int
+    waiting: int
+    max_running: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    kv_blocks_cached: int
+    preemptions: int
+    grammar_masks: int
+    grammar_mask_seconds: float
+
+    @property
+    def busy(self) -> bool:
+        """Requests wait, or the batch is full."""
+        return self.waiting > 0 or self.running >= self.max_running
 
 
 class Stream:
@@ -137,6 +157,12 @@ class AsyncEngine:
     @property
     def n_active(self) -> int:
         return len(self._streams)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = self.sched
+            return EngineStats(len(s.running), len(s.waiting), s.limits.max_running, s.blocks.n_blocks,
+                               s.blocks.n_used, s.blocks.n_cached, s.n_preemptions, s.n_masks, s.mask_seconds)
 
     async def drain(self, grace_s: float) -> int:
         """Wait up to `grace_s` for in-flight requests to finish, then abort the rest;
@@ -281,11 +307,4 @@ class AsyncEngine:
         if self._gauges is not None:
             self._gauges()
             return
-        m, s = self.metrics, self.sched
-        m.queue.set(len(s.waiting))
-        m.running.set(len(s.running))
-        m.kv_used.set(s.blocks.n_used)
-        m.kv_cached.set(s.blocks.n_cached)
-        m.preemptions.set(s.n_preemptions)
-        m.grammar_masks.set(s.n_masks)
-        m.grammar_mask_seconds.set(s.mask_seconds)
+        self.metrics.set_engine_gauges([self.stats()])

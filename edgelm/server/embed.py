@@ -21,7 +21,7 @@ Ollama does. A model that cannot embed (a text generation model: no `pooling_typ
 its file) answers `"name" does not support embeddings`; an embedding model asked to
 chat or generate answers `"name" does not support chat` (`require_generation`), as
 Ollama words both. The batching of inputs (within a request and across requests) is
-edgelm.serve.embed_engine's.
+edgelm.engine.embed's.
 """
 
 from __future__ import annotations
@@ -35,21 +35,13 @@ import numpy as np
 import numpy.typing as npt
 from aiohttp import web
 
-from edgelm.serve.config import parse_keep_alive
-from edgelm.serve.embed_engine import EmbedEngine
-from edgelm.serve.params import ApiError, Body, SERVER, as_int
-from edgelm.serve.scheduler import QueueFull
+from edgelm.config import parse_keep_alive
+from edgelm.engine.embed import EmbedEngine
+from edgelm.server.params import ApiError, Body, as_int
+from edgelm.server.state import SERVER, Server
 
 if TYPE_CHECKING:
-    from edgelm.serve.app import Server
-    from edgelm.serve.models import LoadedModel
-
-
-def add_routes(app: web.Application) -> None:
-    r = app.router
-    r.add_post("/v1/embeddings", openai_embeddings)
-    r.add_post("/api/embed", ollama_embed)
-    r.add_post("/api/embeddings", ollama_embeddings)
+    from edgelm.engine.pool import LoadedModel
 
 
 def require_generation(lm: LoadedModel, what: str) -> None:
@@ -132,10 +124,7 @@ async def _vectors(srv: Server, lm: LoadedModel, name: str, inputs: list[str | l
         if bad is not None:
             raise ApiError(f"'{field}[{i}]' holds {bad}, which is not a token id (the vocabulary has {n_vocab} "
                            "tokens)", field)
-    try:
-        vecs = await engine.embed(seqs)
-    except QueueFull as e:
-        raise ApiError(f"server busy: {e}", None, 429, headers={"Retry-After": "1"}) from None
+    vecs = await engine.embed(seqs)  # Busy (429) when the queue is full
     return vecs, sum(len(s) for s in seqs)
 
 

@@ -18,15 +18,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from aiohttp import web
-
-if TYPE_CHECKING:
-    from edgelm.serve.app import Server
-
-SERVER: web.AppKey[Server] = web.AppKey("server")
-"""Where the aiohttp application keeps its `Server`."""
+from edgelm.errors import BadRequest, Busy, NoMemory, NotFound, RequestError
 
 
 class ApiError(Exception):
@@ -42,6 +36,20 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    @staticmethod
+    def of(e: RequestError) -> ApiError:
+        """The HTTP answer to an engine's error (see edgelm.errors): the one place its
+        status is chosen."""
+        headers = {"Retry-After": f"{e.retry_after_s:.0f}"} if e.retry_after_s is not None else {}
+        if isinstance(e, NotFound):
+            return ApiError(e.message, e.param, 404, e.code, headers=headers)
+        if isinstance(e, Busy):
+            return ApiError(f"server busy: {e.message}", e.param, 429, e.code, "rate_limit_error", headers)
+        if isinstance(e, NoMemory):
+            return ApiError(e.message, e.param, 503, e.code, "server_error", headers)
+        assert isinstance(e, BadRequest), e
+        return ApiError(e.message, e.param, 400, e.code, headers=headers)
 
 
 MAX_DEPTH = 64

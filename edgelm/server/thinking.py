@@ -49,32 +49,11 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.serve.params import ApiError
-
-TAGS = (("<think>", "</think>"),)
-"""The tag pairs a template may write around a thought (the first found is used)."""
+from edgelm.prompt.chat import ThinkingStyle, template_style
+from edgelm.server.params import ApiError
 
 LEVELS = ("low", "medium", "high")
 MAX_BUDGET = 1 << 20
-
-
-@dataclass(frozen=True)
-class ThinkingStyle:
-    """What a chat template says about thinking."""
-
-    open: str
-    close: str
-    switchable: bool  # the template reads `enable_thinking`
-
-
-def template_style(source: str | None) -> ThinkingStyle | None:
-    """The thinking style of a chat template's source, or None (not a thinking model)."""
-    if not source:
-        return None
-    for open_tag, close_tag in TAGS:
-        if open_tag in source and close_tag in source:
-            return ThinkingStyle(open_tag, close_tag, "enable_thinking" in source)
-    return None
 
 
 @dataclass(frozen=True)

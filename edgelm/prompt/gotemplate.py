@@ -26,7 +26,7 @@ print printf println json` and Ollama's `currentDate`, `yesterdayDate`. `define`
 does not know, so a template either renders as Ollama would or is not used.
 
 The template comes from the network: rendering is bounded like the Jinja sandbox
-(edgelm.serve.chat: output, and steps, capped); Go templates have no loops but `range`
+(edgelm.prompt.chat: output, and steps, capped); Go templates have no loops but `range`
 over the data, and no access to anything but the values handed in.
 """
 
@@ -38,8 +38,8 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
-from edgelm.serve.chat import MAX_OUTPUT_CHARS, ChatTemplateError
-from edgelm.serve.thinking import ThinkingStyle, template_style
+from edgelm.prompt.chat import MAX_OUTPUT_CHARS, ChatTemplateError
+from edgelm.prompt.chat import ThinkingStyle, template_style
 
 MAX_STEPS = 1_000_000
 """Most nodes a rendering may evaluate."""
@@ -490,7 +490,7 @@ class _Run:
 
 class GoTemplate:
     """A parsed Ollama template, rendered as Ollama renders it (see the module doc).
-    It answers to what edgelm.serve.chat.ChatTemplate answers to."""
+    It answers to what edgelm.prompt.chat.ChatTemplate answers to."""
 
     def __init__(self, source: str) -> None:
         if len(source) > MAX_SOURCE:

@@ -33,10 +33,11 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgelm.serve.params import ApiError, SERVER
+from edgelm.server.params import ApiError
+from edgelm.server.state import SERVER
 
 if TYPE_CHECKING:
-    from edgelm.serve.config import Config
+    from edgelm.config import Config
 
 log = logging.getLogger("edgelm.serve")
 
@@ -124,7 +125,7 @@ def require_admin(request: web.Request) -> None:
 
 
 def mdns_host_name() -> str:
-    """The host name the mDNS advertiser announces (see edgelm.serve.mdns)."""
+    """The host name the mDNS advertiser announces (see edgelm.daemon.mdns)."""
     return f"edgelm-{socket.gethostname().split('.')[0] or 'edgelm'}.local"
 
 

@@ -28,13 +28,19 @@ content and streams as it comes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from edgelm.serve.params import ApiError
-from edgelm.serve.thinking import ThinkingStyle, ThinkSplitter, ThoughtRule
+from edgelm.prompt.chat import ThinkingStyle
+from edgelm.prompt.grammar import GrammarError
+from edgelm.server.params import ApiError
+from edgelm.server.thinking import ThinkSplitter, ThoughtBudget, ThoughtRule
+
+if TYPE_CHECKING:
+    from edgelm.engine.pool import LoadedModel
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
@@ -316,7 +322,7 @@ def _call_rules(plan: ToolPlan) -> list[str]:
 
 
 def _thinking_grammar(plan: ToolPlan | None, text_schema: dict[str, Any] | None, thought: ThoughtRule) -> str:
-    """The thought first (see edgelm.serve.thinking), whitespace, then the answer.
+    """The thought first (see edgelm.server.thinking), whitespace, then the answer.
     Text may not begin with whitespace or "<" here, so that whitespace after the thought
     is WS's alone and "<" after it can only open a call: no tool call passes as text."""
     think, lines = thought.lark()
@@ -428,3 +434,36 @@ class Reply:
         t1, c1 = self.feed(text)
         t2, c2, calls = self.finish()
         return t1 + t2, c1 + c2, calls
+
+
+# -- what an answer is generated under -----------------------------------------------------
+
+
+async def answer_grammar(lm: LoadedModel, plan: ToolPlan | None, schema: dict[str, Any] | None,
+                         thought: ThoughtRule | None) -> str | None:
+    """The grammar for an answer: tools, a response schema and a thinking model's
+    thought, in any combination (None: unconstrained). Compiled off the event loop (the
+    first one also builds the grammar engine's view of the vocabulary)."""
+    loop = asyncio.get_running_loop()
+    try:
+        if thought is None or (plan is None and schema is None and thought.budget is None):
+            if not plan:
+                return None if schema is None else await loop.run_in_executor(None, lm.grammars.json_schema, schema)
+            source = grammar(plan, schema)
+        else:
+            source = grammar(plan, schema, thought)
+        assert source is not None  # a plan or a thought always constrains
+        return await loop.run_in_executor(None, lm.grammars.lark, source)
+    except GrammarError as e:
+        raise ApiError(str(e), "tools" if plan else "response_format", 400) from None
+
+
+def answer_matcher(lm: LoadedModel, grammar: str | None, thought: ThoughtRule | None) -> Any:
+    """A matcher for `grammar` (None: none), with the thought's token budget."""
+    if grammar is None:
+        return None
+    m = lm.grammars.matcher(grammar)
+    if thought is None or thought.budget is None:
+        return m
+    close = lm.grammars.prefix_masks(thought.style.close.encode())
+    return ThoughtBudget(m, thought.budget, thought.style, thought.opened, lm.token_bytes, close)

@@ -41,7 +41,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edgelm.serve.blocks import BlockManager, OutOfBlocks, chain_hashes
+from edgelm.engine.blocks import BlockManager, OutOfBlocks, chain_hashes
+from edgelm.errors import BadRequest, Busy
 
 StepItem = tuple[int, int, int, list[int], bool]
 StepResult = tuple[int, int, float, list[tuple[int, float]], str]
@@ -71,7 +72,7 @@ class Executor(Protocol):
     def step(self, items: list[StepItem], masks: dict[int, bytes] | None = ...) -> list[StepResult]: ...
 
 
-class QueueFull(Exception):
+class QueueFull(Busy):
     """The waiting queue is at its limit; retry later."""
 
 
@@ -196,16 +197,18 @@ class Scheduler:
 
     def add(self, seq: Sequence) -> None:
         if len(self.waiting) >= self.limits.max_queue:
-            raise QueueFull(f"the queue holds {len(self.waiting)} requests (limit {self.limits.max_queue})")
+            raise QueueFull(f"the queue holds {len(self.waiting)} requests (limit {self.limits.max_queue})",
+                            code="queue_full")
         need = len(seq.prompt) + max(seq.max_tokens, 1)
         if not seq.prompt:
-            raise ValueError("the prompt is empty")
+            raise BadRequest("the prompt is empty", "prompt")
         if len(seq.prompt) >= self.limits.max_context:
-            raise ValueError(f"the prompt has {len(seq.prompt)} tokens; the context holds {self.limits.max_context}")
+            raise BadRequest(f"the prompt has {len(seq.prompt)} tokens; the context holds {self.limits.max_context}",
+                             "prompt", "context_length_exceeded")
         if min(need, self.limits.max_context) > self.capacity_tokens():
-            raise ValueError(
-                f"prompt + max_tokens = {need} tokens do not fit in the KV cache ({self.capacity_tokens()} tokens)"
-            )
+            raise BadRequest(
+                f"prompt + max_tokens = {need} tokens do not fit in the KV cache ({self.capacity_tokens()} tokens)",
+                "prompt", "context_length_exceeded")
         self.waiting.append(seq)
 
     def abort(self, seq: Sequence, reason: str = "abort") -> None:

@@ -33,6 +33,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NoReturn
 
@@ -43,8 +44,6 @@ from jinja2.exceptions import SecurityError
 from jinja2.parser import Parser
 from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
-
-from edgelm.serve.thinking import ThinkingStyle, template_style
 
 MAX_OUTPUT_CHARS = 4 * 1024 * 1024
 """Longest rendered prompt, and longest string or list a template may build."""
@@ -78,6 +77,28 @@ converted without a template."""
 
 FALLBACK_TEMPLATES = {"gemma3": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma": GEMMA_TEMPLATE}
 """Templates by architecture, for model files that carry none."""
+
+TAGS = (("<think>", "</think>"),)
+"""The tag pairs a template may write around a thought (the first found is used)."""
+
+
+@dataclass(frozen=True)
+class ThinkingStyle:
+    """What a chat template says about thinking."""
+
+    open: str
+    close: str
+    switchable: bool  # the template reads `enable_thinking`
+
+
+def template_style(source: str | None) -> ThinkingStyle | None:
+    """The thinking style of a chat template's source, or None (not a thinking model)."""
+    if not source:
+        return None
+    for open_tag, close_tag in TAGS:
+        if open_tag in source and close_tag in source:
+            return ThinkingStyle(open_tag, close_tag, "enable_thinking" in source)
+    return None
 
 
 class ChatTemplateError(ValueError):

@@ -1,0 +1,2 @@
+"""The process and the LAN: `edgelm serve`'s lifecycle (main), systemd notification
+(sdnotify), mDNS advertising and discovery (mdns)."""

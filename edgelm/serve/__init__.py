@@ -1,1 +1,0 @@
-"""The edgelm daemon: `edgelm serve`."""

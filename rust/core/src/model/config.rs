@@ -392,14 +392,15 @@ impl Config {
                     )));
                 }
                 // llama.cpp: expert_feed_forward_length, else feed_forward_length / used.
-                let n_ff_exp =
-                    match g.get_usize(&format!("{a}.expert_feed_forward_length"))?.filter(|&n| n > 0) {
-                        Some(n) => n,
-                        None if n_ff >= n_expert_used => n_ff / n_expert_used,
-                        None => return Err(Error::model(format!(
+                let n_ff_exp = match g.get_usize(&format!("{a}.expert_feed_forward_length"))?.filter(|&n| n > 0) {
+                    Some(n) => n,
+                    None if n_ff >= n_expert_used => n_ff / n_expert_used,
+                    None => {
+                        return Err(Error::model(format!(
                             "{a}.expert_feed_forward_length is missing (and {a}.feed_forward_length does not give it)"
-                        ))),
-                    };
+                        )))
+                    }
+                };
                 // llama.cpp b11434's qwen3moe graph always renormalises the chosen
                 // weights and never scales them (Qwen3-MoE's norm_topk_prob is true and its
                 // converter writes neither key). edgelm also honours the keys when a file
@@ -476,18 +477,19 @@ impl Config {
                         cfg.norm_eps
                     )));
                 }
-                cfg.n_token_types =
-                    match g.get_usize("tokenizer.ggml.token_type_count")? {
-                        Some(n) if n > 0 && n <= 1 << 16 => n,
-                        Some(n) => {
-                            return Err(Error::model(format!(
-                                "tokenizer.ggml.token_type_count is {n}; expected 1 to 65536"
-                            )))
-                        }
-                        None => return Err(Error::model(format!(
+                cfg.n_token_types = match g.get_usize("tokenizer.ggml.token_type_count")? {
+                    Some(n) if n > 0 && n <= 1 << 16 => n,
+                    Some(n) => {
+                        return Err(Error::model(format!(
+                            "tokenizer.ggml.token_type_count is {n}; expected 1 to 65536"
+                        )))
+                    }
+                    None => {
+                        return Err(Error::model(format!(
                             "{a} needs \"tokenizer.ggml.token_type_count\" (the token-type rows); re-convert the model"
-                        ))),
-                    };
+                        )))
+                    }
+                };
                 // BERT adds learned positions; nomic-bert rotates (NEOX, whole heads unless
                 // rope.dimension_count says else).
                 cfg.use_rope = arch == Arch::NomicBert;

@@ -1,7 +1,9 @@
 """Embeddings against llama.cpp (b11434) on tiny synthetic files of each family's
 layout — bert (WordPiece, token types, positions, post-norm, GELU), nomic-bert (RoPE,
-fused QKV, SwiGLU) and qwen3 with last-token pooling — and the three endpoints through
-the real `openai` and `ollama` clients.
+fused QKV, SwiGLU) and qwen3 with last-token pooling — and on the real
+all-MiniLM-L6-v2 (Ollama's `all-minilm`; scripts/fetch_models.py converts it from its
+PyPI package, tests/fixtures/make_minilm_golden.py recorded llama-embedding's vectors
+for it), and the three endpoints through the real `openai` and `ollama` clients.
 
 Fixtures: tests/fixtures/make_embed_models.py wrote the F32 files and recorded
 llama-embedding's raw pooled vectors (embed_golden.json); the F16 copies and the CLS
@@ -23,13 +25,14 @@ import openai
 import pytest
 
 import edgelm
-from conftest import FIXTURES, SMOLLM2, load_fixture, model_path
+from conftest import FIXTURES, MODELS_DIR, SMOLLM2, load_fixture, model_path
 from serve_util import Daemon, daemon
 
 sys.path.insert(0, str(FIXTURES))
 import make_embed_models  # noqa: E402  (the writer the fixtures came from)
 
 GOLDEN = load_fixture("embed_golden.json")
+MINILM = load_fixture("minilm_golden.json")
 ENTRIES = sorted(GOLDEN)
 MAX_COS_DIST = 1e-3  # the bar; F32 files agree far closer (printed)
 
@@ -111,6 +114,32 @@ def test_encoder_limits_and_errors(models: dict[str, edgelm.Model], smollm2: edg
         smollm2.embed(["hello"])
 
 
+@pytest.fixture(scope="module")
+def minilm_path() -> Path:
+    path = model_path(MINILM["file"])
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == MINILM["sha256"], (
+        f"{path} is not the file llama.cpp ran; delete it and rerun scripts/fetch_models.py (or, if the converter "
+        "changed, tests/fixtures/make_minilm_golden.py)")
+    return path
+
+
+def test_real_minilm_matches_llama_cpp(minilm_path: Path) -> None:
+    """The real model: WordPiece ids equal llama.cpp's on the texts and the whole
+    tokenizer corpus, vectors within the bar, and its sense intact."""
+    m = edgelm.Model(minilm_path, n_threads=2)
+    assert m.is_embedding and m.native.pooling == "mean" and m.native.n_embd == 384
+    cases = MINILM["cases"]
+    for c in cases:
+        assert m.tokenize(c["text"], True, True) == c["ids"], f"tokens of {c['text']!r} differ from llama.cpp"
+    got = m.embed([c["text"] for c in cases], normalize=False)
+    dists = [cos_dist(v, np.array(c["embedding"], dtype=np.float32)) for c, v in zip(cases, got)]
+    worst = int(np.argmax(dists))
+    assert dists[worst] <= MAX_COS_DIST, f"{cases[worst]['text'][:40]!r}: cosine distance {dists[worst]:.2e}"
+    print(f"all-MiniLM-L6-v2: worst cosine distance from llama.cpp {dists[worst]:.1e} over {len(cases)} texts")
+    a, b, c = m.embed(["A man is playing a guitar.", "Someone plays an instrument.", "Stock markets fell sharply today."])
+    assert a @ b > a @ c + 0.2, (a @ b, a @ c)
+
+
 # -- the daemon ---------------------------------------------------------------------------
 
 
@@ -119,6 +148,7 @@ def srv(files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Dae
     d = tmp_path_factory.mktemp("models")
     for entry in ("tiny-bert.gguf", "tiny-nomic-bert.gguf", "tiny-qwen3-embed.gguf"):
         (d / entry).symlink_to(files[entry])
+    (d / "all-minilm.gguf").symlink_to(MODELS_DIR / MINILM["file"])
     with daemon(model_path(SMOLLM2), config=f"models_dir: {d}\nmax_loaded_models: 3\n") as s:
         yield s
 
@@ -189,6 +219,22 @@ def test_ollama_client_embed_and_embeddings(srv: Daemon) -> None:
         client.generate(model="tiny-nomic-bert", prompt="hi")
     with pytest.raises(ollama.ResponseError, match="does not support embeddings"):
         client.embed(model=SMOLLM2.removesuffix(".gguf"), input="hi")
+
+
+def test_real_model_through_both_clients(srv: Daemon, minilm_path: Path) -> None:
+    cases = MINILM["cases"][:8]
+    texts = [c["text"] for c in cases]
+    want = np.array([c["embedding"] for c in cases], dtype=np.float64)
+    want /= np.linalg.norm(want, axis=1, keepdims=True)
+    r = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120).embeddings.create(
+        model="all-minilm", input=texts)
+    assert r.usage.prompt_tokens == sum(len(c["ids"]) for c in cases)
+    o = ollama.Client(host=srv.url, timeout=120).embed(model="all-minilm", input=texts)
+    assert o.prompt_eval_count == r.usage.prompt_tokens
+    for d, v, w in zip(r.data, o.embeddings, want):
+        assert len(d.embedding) == len(v) == 384
+        assert cos_dist(np.array(d.embedding), w) <= MAX_COS_DIST and cos_dist(np.array(v), w) <= MAX_COS_DIST
+        assert np.allclose(d.embedding, v, atol=1e-6)
 
 
 def test_capabilities_and_pool(srv: Daemon) -> None:

@@ -159,6 +159,10 @@ def _model_name(b: Body) -> str:
 def _openai_inputs(v: Any) -> list[str | list[int]]:
     """OpenAI's `input`: a string, an array of strings, an array of token ids, or an
     array of arrays of token ids."""
+    if v == "" or (isinstance(v, list) and "" in v):
+        # As OpenAI: an empty text is refused (llama.cpp would embed [CLS] [SEP] alone).
+        at = "" if v == "" else f"[{v.index('')}]"
+        raise ApiError(f"'input{at}' is an empty string: there is no text to embed", "input")
     if isinstance(v, str):
         return [v]
     if not isinstance(v, list) or not v:

@@ -278,3 +278,27 @@ def test_concurrent_requests_are_batched_and_unchanged(srv: Daemon) -> None:
     for d, want in zip(body["data"], alone):
         v = np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4")
         assert np.array_equal(v, np.array(want, dtype=np.float32))
+
+
+@pytest.mark.parametrize(("path", "body", "words"), [
+    ("/v1/embeddings", {"model": "tiny-bert"}, "'input' must be a string"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": []}, "and not empty"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": [1, "a"]}, "'input[0]' must be a string or a non-empty"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": [[]]}, "'input[0]' must be a string or a non-empty"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": [[2, 10**6, 3]]}, "which is not a token id"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": "hi", "encoding_format": "int8"}, "'encoding_format' must be"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": "hi", "dimensions": 65}, "this model's embeddings have 64"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": "hi", "dimensions": 0}, "dimensions"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": ""}, "'input' is an empty string"),
+    ("/v1/embeddings", {"model": "tiny-bert", "input": ["a", ""]}, "'input[1]' is an empty string"),
+    ("/api/embed", {"input": "hi"}, "'model' is required"),
+    ("/api/embed", {"model": "tiny-bert", "input": [1, 2]}, "'input' must be a string or an array of strings"),
+    ("/api/embed", {"model": "tiny-bert", "input": "hi", "keep_alive": "forever"}, "keep_alive"),
+    ("/api/embed", {"model": "tiny-bert", "input": "hi", "options": []}, "'options' must be an object"),
+    ("/api/embeddings", {"model": "tiny-bert", "prompt": 3}, "prompt"),
+])
+def test_bad_input_is_a_clear_400(srv: Daemon, path: str, body: dict, words: str) -> None:  # type: ignore[type-arg]
+    status, reply = srv.post(path, body)
+    assert status == 400, reply
+    msg = reply["error"] if path.startswith("/api/") else reply["error"]["message"]
+    assert words in msg, msg

@@ -125,8 +125,8 @@ class Model:
         texts parsed), token-id lists are used as given. Pooled as the file says;
         `normalize` scales each vector to unit length. All inputs run as one batch, so
         each must fit the model's context (InvalidRequestError otherwise)."""
-        items = [inputs] if isinstance(inputs, str) else list(inputs)
-        seqs = [self.tokenize(x, True, True) if isinstance(x, str) else list(x) for x in items]
+        items: list[str | Sequence[int]] = [inputs] if isinstance(inputs, str) else list(inputs)
+        seqs = [self.tokenize(x, True, True) if isinstance(x, str) else [int(t) for t in x] for x in items]
         raw = self._m.embed_bytes(seqs)
         out = np.frombuffer(raw, dtype=np.float32).reshape(len(seqs), self._m.n_embd).copy()
         if normalize:

@@ -107,7 +107,8 @@ def _normalize(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     if not np.isfinite(v).all():
         raise ApiError("the model produced NaN or infinite values for this input", None, 500, None, "server_error")
     norm = np.sqrt(np.sum(v.astype(np.float64) ** 2, axis=1, keepdims=True))
-    return (v / np.maximum(norm, 1e-12)).astype(np.float32)
+    out: npt.NDArray[np.float32] = (v / np.maximum(norm, 1e-12)).astype(np.float32)
+    return out
 
 
 async def _vectors(srv: Server, lm: LoadedModel, name: str, inputs: list[str | list[int]], limit: int, truncate: bool,

@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,12 +37,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benches"))
-from bench_cpu import LLAMA_BIN, _cpu_name, _llc, edgelm_once, llama_once  # noqa: E402
-from synthetic import SHAPES as ALL_SHAPES, TINY, write_f16  # noqa: E402
+from bench_cpu import _cpu_name, _llc, edgelm_once, llama_once  # noqa: E402
+from synthetic import SHAPES as ALL_SHAPES  # noqa: E402
+from synthetic import TINY, write_f16  # noqa: E402
 
 SHAPES = {k: v for k, v in ALL_SHAPES.items() if v["arch"] != "llama"}
 
 BENCH_DIR = Path(os.environ.get("EDGELM_BENCH_DIR", Path.home() / ".cache/edgelm/bench-archs"))
+
 
 def make(name: str, s: dict, threads: int) -> Path:  # type: ignore[type-arg]
     from edgelm import _native
@@ -97,15 +98,24 @@ def main() -> int:
                 r = runs[(n, t)]
                 order = ["edgelm", "llama"] if (rep + t) % 2 == 0 else ["llama", "edgelm"]
                 for who in order:
-                    got = edgelm_once(models[(n, t)], args.n_prompt, args.n_gen) if who == "edgelm" else \
-                        llama_once(files[n], t, args.n_prompt, args.n_gen)
+                    got = (
+                        edgelm_once(models[(n, t)], args.n_prompt, args.n_gen)
+                        if who == "edgelm"
+                        else llama_once(files[n], t, args.n_prompt, args.n_gen)
+                    )
                     r[f"{who}_pp"].append(got["pp"])
                     r[f"{who}_tg"].append(got["tg"])
 
     rows = []
     for (n, t), r in runs.items():
-        row: dict = {"model": n, "arch": shapes[n]["arch"], "file": files[n].name, "threads": t,  # type: ignore[type-arg]
-                     "file_bytes": files[n].stat().st_size, "weight_bytes_per_token": models[(n, t)].weight_bytes_per_token}
+        row: dict = {
+            "model": n,
+            "arch": shapes[n]["arch"],
+            "file": files[n].name,
+            "threads": t,  # type: ignore[type-arg]
+            "file_bytes": files[n].stat().st_size,
+            "weight_bytes_per_token": models[(n, t)].weight_bytes_per_token,
+        }
         for k, v in r.items():
             row[k] = {"mean": statistics.mean(v), "min": min(v), "max": max(v), "runs": v}
         for m in ("pp", "tg"):
@@ -113,20 +123,32 @@ def main() -> int:
         rows.append(row)
 
     pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
-    lines = [f"| model | threads | edgelm {pp} | llama.cpp {pp} | ratio | edgelm {tg} | llama.cpp {tg} | ratio |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| model | threads | edgelm {pp} | llama.cpp {pp} | ratio | edgelm {tg} | llama.cpp {tg} | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(d: dict) -> str:  # type: ignore[type-arg]
         return f"{d['mean']:.2f} ({d['min']:.2f}–{d['max']:.2f})"
 
     for r in rows:
-        lines.append(f"| {r['model']} | {r['threads']} | {cell(r['edgelm_pp'])} | {cell(r['llama_pp'])} | "
-                     f"{r['pp_ratio']:.2f}x | {cell(r['edgelm_tg'])} | {cell(r['llama_tg'])} | {r['tg_ratio']:.2f}x |")
+        lines.append(
+            f"| {r['model']} | {r['threads']} | {cell(r['edgelm_pp'])} | {cell(r['llama_pp'])} | "
+            f"{r['pp_ratio']:.2f}x | {cell(r['edgelm_tg'])} | {cell(r['llama_tg'])} | {r['tg_ratio']:.2f}x |"
+        )
     table = "\n".join(lines)
     print(table)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": _cpu_name(), "llc": _llc(),
-            "kernel_level": edgelm._native.kernel_level(), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-            "reps": reps, "pp": pp, "tg": tg}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": _cpu_name(),
+        "llc": _llc(),
+        "kernel_level": edgelm._native.kernel_level(),
+        "n_prompt": args.n_prompt,
+        "n_gen": args.n_gen,
+        "reps": reps,
+        "pp": pp,
+        "tg": tg,
+    }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     archs = ", ".join(f"{n} = {shapes[n]['arch']}" for n in names)
@@ -135,7 +157,8 @@ def main() -> int:
         f"Synthetic Q4_K_M files of real shapes (random weights, each family's layout: "
         f"{archs}), made by benches/bench_archs.py. Kernel level "
         f"{meta['kernel_level']}; last-level cache {meta['llc']}. Tokens/s, mean (min–max) of {reps} interleaved "
-        f"repetitions, edgelm and llama-bench -r 1 alternating within each.\n\n{table}\n")
+        f"repetitions, edgelm and llama-bench -r 1 alternating within each.\n\n{table}\n"
+    )
     _chart(rows, out_dir / f"{stem}.png", meta)
     return 0
 
@@ -157,8 +180,15 @@ def _chart(rows: list[dict], out: Path, meta: dict) -> None:  # type: ignore[typ
             d = [r[f"{who}_{m}"] for r in rows]
             mean = np.array([v["mean"] for v in d])
             err = np.array([[v["mean"] - v["min"] for v in d], [v["max"] - v["mean"] for v in d]])
-            ax.bar(x + (i - 0.5) * 0.38, mean, 0.38, yerr=err, capsize=3, color=color,
-                   label="edgelm" if who == "edgelm" else "llama.cpp b11434")
+            ax.bar(
+                x + (i - 0.5) * 0.38,
+                mean,
+                0.38,
+                yerr=err,
+                capsize=3,
+                color=color,
+                label="edgelm" if who == "edgelm" else "llama.cpp b11434",
+            )
         ax.set_xticks(x, labels, fontsize=8)
         ax.set_title(f"{meta[m]} (tokens/s, mean and min–max)")
         ax.legend(fontsize=8)

@@ -47,9 +47,24 @@ def llama_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int)
     if not exe.exists():
         return None
     out = subprocess.run(
-        [str(exe), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-         "-r", str(reps), "-o", "json"],
-        capture_output=True, text=True, check=True,
+        [
+            str(exe),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            str(n_prompt),
+            "-n",
+            str(n_gen),
+            "-r",
+            str(reps),
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     res = {}
     for row in json.loads(out.stdout):
@@ -60,9 +75,24 @@ def llama_bench(model: Path, threads: int, n_prompt: int, n_gen: int, reps: int)
 
 def llama_once(model: Path, threads: int, n_prompt: int, n_gen: int) -> dict[str, float]:
     out = subprocess.run(
-        [str(LLAMA_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", str(n_prompt), "-n", str(n_gen),
-         "-r", "1", "-o", "json"],
-        capture_output=True, text=True, check=True,
+        [
+            str(LLAMA_BIN / "llama-bench"),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            str(n_prompt),
+            "-n",
+            str(n_gen),
+            "-r",
+            "1",
+            "-o",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return {("pp" if r["n_prompt"] > 0 else "tg"): float(r["avg_ts"]) for r in json.loads(out.stdout)}
 
@@ -136,10 +166,20 @@ def main() -> int:
             # not DRAM, is what generation streams from.
             bw_same = edgelm._native.read_bandwidth(int(ours["bytes_per_token"]), t, 5)
             bound_same = bw_same / ours["bytes_per_token"]
-            rows.append({"model": path.name, "threads": t, "edgelm": ours, "llama.cpp": peer,
-                         "bandwidth_Bps": bw[t], "tg_bound": bound, "tg_fraction_of_bound": ours["tg"] / bound,
-                         "bandwidth_same_size_Bps": bw_same, "tg_bound_same_size": bound_same,
-                         "tg_fraction_of_same_size_bound": ours["tg"] / bound_same})
+            rows.append(
+                {
+                    "model": path.name,
+                    "threads": t,
+                    "edgelm": ours,
+                    "llama.cpp": peer,
+                    "bandwidth_Bps": bw[t],
+                    "tg_bound": bound,
+                    "tg_fraction_of_bound": ours["tg"] / bound,
+                    "bandwidth_same_size_Bps": bw_same,
+                    "tg_bound_same_size": bound_same,
+                    "tg_fraction_of_same_size_bound": ours["tg"] / bound_same,
+                }
+            )
 
     pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
     lines = [
@@ -149,30 +189,48 @@ def main() -> int:
     ]
     for r in rows:
         e, p = r["edgelm"], r["llama.cpp"]
+
         def cell(k: str) -> tuple[str, str, str]:
             if p is None:
                 return f"{e[k]:.1f}", "n/a", "n/a"
             return f"{e[k]:.1f}", f"{p[k]:.1f}", f"{e[k] / p[k]:.2f}x"
+
         a, b = cell("pp"), cell("tg")
-        lines.append(f"| {r['model']} | {r['threads']} | {a[0]} | {a[1]} | {a[2]} | {b[0]} | {b[1]} | {b[2]} "
-                     f"| {r['tg_bound']:.0f} | {r['tg_fraction_of_bound']:.0%} | {r['tg_bound_same_size']:.0f} "
-                     f"| {r['tg_fraction_of_same_size_bound']:.0%} |")
+        lines.append(
+            f"| {r['model']} | {r['threads']} | {a[0]} | {a[1]} | {a[2]} | {b[0]} | {b[1]} | {b[2]} "
+            f"| {r['tg_bound']:.0f} | {r['tg_fraction_of_bound']:.0%} | {r['tg_bound_same_size']:.0f} "
+            f"| {r['tg_fraction_of_same_size_bound']:.0%} |"
+        )
     table = "\n".join(lines)
-    prof = ["", "Where edgelm's time goes (share of wall time):", "",
-            "| model | threads | measure | matmul | attention | norm | rope | activation | other |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    prof = [
+        "",
+        "Where edgelm's time goes (share of wall time):",
+        "",
+        "| model | threads | measure | matmul | attention | norm | rope | activation | other |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         for key in ("pp", "tg"):
             p = r["edgelm"].get(f"{key}_profile", {})
-            cells = " | ".join(f"{p.get(k, 0):.0%}" for k in ("matmul", "attention", "norm", "rope", "activation", "other"))
+            cells = " | ".join(
+                f"{p.get(k, 0):.0%}" for k in ("matmul", "attention", "norm", "rope", "activation", "other")
+            )
             prof.append(f"| {r['model']} | {r['threads']} | {key} | {cells} |")
     table += "\n" + "\n".join(prof)
     print(table)
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "cpu": _cpu_name(),
-            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "reps": args.reps,
-            "read_bandwidth_Bps": bw, "kernel_level": edgelm._native.kernel_level(), "llc": _llc()}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "n_prompt": args.n_prompt,
+        "n_gen": args.n_gen,
+        "reps": args.reps,
+        "read_bandwidth_Bps": bw,
+        "kernel_level": edgelm._native.kernel_level(),
+        "llc": _llc(),
+    }
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     bw_line = ", ".join(f"{t} thread(s) {b / 1e9:.1f} GB/s" for t, b in bw.items())
     (RESULTS / f"{args.name}.md").write_text(
@@ -180,7 +238,8 @@ def main() -> int:
         f"Kernel level {meta['kernel_level']}; memory read bandwidth {bw_line} (1 GiB buffer: DRAM); "
         f"last-level cache {meta['llc']}. tg bound = bandwidth / weight bytes read per token. The same-size bound "
         f"measures the read bandwidth over a buffer as large as the model's weights: when the weights fit in the "
-        f"last-level cache, generation streams from it, and the DRAM bound is exceeded.\n\n{table}\n")
+        f"last-level cache, generation streams from it, and the DRAM bound is exceeded.\n\n{table}\n"
+    )
     _chart(rows, RESULTS / f"{args.name}.png", pp, tg)
     return 0
 
@@ -217,6 +276,7 @@ def _chart(rows: list[dict], out: Path, pp: str, tg: str) -> None:  # type: igno
         print("matplotlib missing: no chart", file=sys.stderr)
         return
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+
     def short(name: str) -> str:
         name = name.replace(".gguf", "").replace("SmolLM2-135M-Instruct.", "SmolLM2 ")
         return name.replace("gemma-3-270m-q4_k_m", "Gemma3 Q4_K_M")

@@ -59,8 +59,11 @@ def make(name: str, types: list[str]) -> dict[str, Path]:
             write_f16(f16, SHAPES[name])
         for t in missing:
             print(f"llama-quantize {f16.name} -> {out[t].name} ...", file=sys.stderr, flush=True)
-            subprocess.run([str(LLAMA_BIN / "llama-quantize"), str(f16), str(out[t]), t, str(os.cpu_count() or 2)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [str(LLAMA_BIN / "llama-quantize"), str(f16), str(out[t]), t, str(os.cpu_count() or 2)],
+                check=True,
+                capture_output=True,
+            )
         f16.unlink()
     return out
 
@@ -123,8 +126,11 @@ def main() -> int:
                 r = runs.setdefault((label, t), {"edgelm_pp": [], "edgelm_tg": [], "llama_pp": [], "llama_tg": []})
                 order = ["edgelm", "llama"] if (rep + t) % 2 == 0 else ["llama", "edgelm"]
                 for who in order:
-                    got = edgelm_once(m, args.n_prompt, args.n_gen) if who == "edgelm" else \
-                        llama_once(path, t, args.n_prompt, args.n_gen)
+                    got = (
+                        edgelm_once(m, args.n_prompt, args.n_gen)
+                        if who == "edgelm"
+                        else llama_once(path, t, args.n_prompt, args.n_gen)
+                    )
                     r[f"{who}_pp"].append(got["pp"])
                     r[f"{who}_tg"].append(got["tg"])
                 del m
@@ -133,8 +139,13 @@ def main() -> int:
     rows = []
     for (label, t), r in runs.items():
         bw = min(bw_before[t], bw_after[t])
-        row: dict = {"model": label, "threads": t, "types": summaries[label],  # type: ignore[type-arg]
-                     "weight_bytes_per_token": per_token[label], "bandwidth_Bps": bw}
+        row: dict = {
+            "model": label,
+            "threads": t,
+            "types": summaries[label],  # type: ignore[type-arg]
+            "weight_bytes_per_token": per_token[label],
+            "bandwidth_Bps": bw,
+        }
         for k, v in r.items():
             row[k] = stats(v)
         for m in ("pp", "tg"):
@@ -144,26 +155,41 @@ def main() -> int:
         rows.append(row)
 
     pp, tg = f"pp{args.n_prompt}", f"tg{args.n_gen}"
-    lines = [f"| file | threads | edgelm {pp} | llama.cpp {pp} | ratio | edgelm {tg} | llama.cpp {tg} | ratio | "
-             "tg / bound |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| file | threads | edgelm {pp} | llama.cpp {pp} | ratio | edgelm {tg} | llama.cpp {tg} | ratio | "
+        "tg / bound |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(d: dict) -> str:  # type: ignore[type-arg]
         return f"{d['median']:.1f} ({d['min']:.1f}–{d['max']:.1f})"
 
     for r in rows:
-        lines.append(f"| {r['model']} | {r['threads']} | {cell(r['edgelm_pp'])} | {cell(r['llama_pp'])} | "
-                     f"{r['pp_ratio']:.2f}× | {cell(r['edgelm_tg'])} | {cell(r['llama_tg'])} | {r['tg_ratio']:.2f}× | "
-                     f"{100 * r['tg_fraction_of_bound']:.0f}% |")
+        lines.append(
+            f"| {r['model']} | {r['threads']} | {cell(r['edgelm_pp'])} | {cell(r['llama_pp'])} | "
+            f"{r['pp_ratio']:.2f}× | {cell(r['edgelm_tg'])} | {cell(r['llama_tg'])} | {r['tg_ratio']:.2f}× | "
+            f"{100 * r['tg_fraction_of_bound']:.0f}% |"
+        )
     table = "\n".join(lines)
     print(table)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": _cpu_name(), "llc": _llc(),
-            "kernel_level": edgelm._native.kernel_level(), "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-            "reps": args.reps, "pp": pp, "tg": tg,
-            "bandwidth_before_Bps": bw_before, "bandwidth_after_Bps": bw_after}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": _cpu_name(),
+        "llc": _llc(),
+        "kernel_level": edgelm._native.kernel_level(),
+        "n_prompt": args.n_prompt,
+        "n_gen": args.n_gen,
+        "reps": args.reps,
+        "pp": pp,
+        "tg": tg,
+        "bandwidth_before_Bps": bw_before,
+        "bandwidth_after_Bps": bw_after,
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    types = "\n".join(f"- {label}: " + ", ".join(f"{ty} {100 * v:.0f}%" for ty, v in s.items())
-                      for label, s in summaries.items())
+    types = "\n".join(
+        f"- {label}: " + ", ".join(f"{ty} {100 * v:.0f}%" for ty, v in s.items()) for label, s in summaries.items()
+    )
     bws = ", ".join(f"{t} thread(s) {min(bw_before[t], bw_after[t]) / 1e9:.1f} GB/s" for t in args.threads)
     (RESULTS / f"{args.name}.md").write_text(
         f"# CPU at real sizes: edgelm vs llama-bench ({meta['date']}, {meta['cpu']})\n\n"
@@ -172,7 +198,8 @@ def main() -> int:
         f"{meta['kernel_level']}; last-level cache {meta['llc']}; DRAM read bandwidth (2 GiB buffer, the lower of "
         f"before and after): {bws}. Tokens/s, median (min–max) of {args.reps} interleaved repetitions, edgelm and "
         f"`llama-bench -r 1` alternating within each; ratio of the medians; tg / bound = edgelm's tg ÷ "
-        f"(bandwidth ÷ weight bytes read per token).\n\n{table}\n\nTensor bytes per type:\n\n{types}\n")
+        f"(bandwidth ÷ weight bytes read per token).\n\n{table}\n\nTensor bytes per type:\n\n{types}\n"
+    )
     _chart(rows, RESULTS / f"{args.name}.png", meta)
     return 0
 

@@ -36,7 +36,11 @@ def main() -> int:
     if args.from_log:
         out = Path(args.from_log).read_text()
     else:
-        cmd = [args.bin] if args.bin else ["cargo", "run", "-q", "--release", "-p", "edgelm-core", "--example", "cuda_bench", "--"]
+        cmd = (
+            [args.bin]
+            if args.bin
+            else ["cargo", "run", "-q", "--release", "-p", "edgelm-core", "--example", "cuda_bench", "--"]
+        )
         r = subprocess.run([*cmd, *args.types], capture_output=True, text=True)
         sys.stderr.write(r.stderr)
         if r.returncode != 0:
@@ -50,15 +54,21 @@ def main() -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "note": args.note, "gpu": rows[0]["gpu"]}
     (RESULTS / "cuda_edgelm.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-    table = ["| model | pp512 tok/s | tg128 tok/s | tg / bandwidth bound | 16 streams tok/s | 64 streams tok/s |",
-             "|---|---|---|---|---|---|"]
+    table = [
+        "| model | pp512 tok/s | tg128 tok/s | tg / bandwidth bound | 16 streams tok/s | 64 streams tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        table.append(f"| 1B {r['type'].upper()} | {r['pp512']:.0f} | {r['tg128']:.0f} | {100 * r['tg_fraction_of_bandwidth']:.1f}% "
-                     f"| {r['agg16']:.0f} | {r['agg64']:.0f} |")
-    md = (f"# CUDA: edgelm on {meta['gpu']} ({meta['when']})\n\n{args.note}\n\n"
-          "Measure model: Llama 3.2 1B shapes (dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, RoPE base "
-          "500000), vocabulary 49152, random weights. The bound is the card's bandwidth (4.8 TB/s) over the weight "
-          "bytes read per token.\n\n" + "\n".join(table) + "\n")
+        table.append(
+            f"| 1B {r['type'].upper()} | {r['pp512']:.0f} | {r['tg128']:.0f} | {100 * r['tg_fraction_of_bandwidth']:.1f}% "
+            f"| {r['agg16']:.0f} | {r['agg64']:.0f} |"
+        )
+    md = (
+        f"# CUDA: edgelm on {meta['gpu']} ({meta['when']})\n\n{args.note}\n\n"
+        "Measure model: Llama 3.2 1B shapes (dim 2048, 16 layers, 32 heads, 8 KV heads, FFN 8192, RoPE base "
+        "500000), vocabulary 49152, random weights. The bound is the card's bandwidth (4.8 TB/s) over the weight "
+        "bytes read per token.\n\n" + "\n".join(table) + "\n"
+    )
     (RESULTS / "cuda_edgelm.md").write_text(md)
     print(md)
     try:

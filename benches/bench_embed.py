@@ -30,7 +30,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,8 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benches" / "results"
 sys.path.insert(0, str(ROOT / "benches"))
 sys.path.insert(0, str(ROOT / "tests" / "fixtures"))
-from bench_serve import LLAMA_BIN, EDGELM_BIN, Server, _free_port  # noqa: E402
 import make_embed_models  # noqa: E402
+from bench_serve import EDGELM_BIN, LLAMA_BIN, Server, _free_port  # noqa: E402
 
 BENCH_DIR = Path(os.environ.get("EDGELM_BENCH_DIR", Path.home() / ".cache/edgelm/bench-embed"))
 SHAPE = dict(n_embd=768, n_layer=12, n_head=12, n_ff=3072, n_ctx=512, n_vocab=30522)
@@ -116,12 +115,15 @@ def write_bert_base(path: Path) -> None:
 
 def texts(n: int, seed: int) -> list[str]:
     """Distinct texts of whole vocabulary words (about one token a word)."""
-    words = [t[1:] for t in make_embed_models.wordpiece_vocab() if t.startswith("\u2581") and len(t) > 2 and t[1:].isalpha()]
+    words = [
+        t[1:] for t in make_embed_models.wordpiece_vocab() if t.startswith("\u2581") and len(t) > 2 and t[1:].isalpha()
+    ]
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(40, 110))) + "." for _ in range(n)]
 
 
 # ---------------------------------------------------------------- load
+
 
 async def run_clients(base: str, model: str, n_clients: int, duration: float, pool: list[str]) -> dict[str, float]:
     import aiohttp
@@ -155,13 +157,17 @@ async def run_clients(base: str, model: str, n_clients: int, duration: float, po
 def first_vector(base: str, model: str, text: str) -> np.ndarray:
     import urllib.request
 
-    req = urllib.request.Request(f"{base}/v1/embeddings", json.dumps({"model": model, "input": text}).encode(),
-                                 {"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{base}/v1/embeddings",
+        json.dumps({"model": model, "input": text}).encode(),
+        {"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=120) as r:
         return np.array(json.loads(r.read())["data"][0]["embedding"], dtype=np.float64)
 
 
 # ---------------------------------------------------------------- main
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -179,11 +185,40 @@ def main() -> None:
     name = model.name.removesuffix(".gguf")
     pool = texts(4000, 1)
     argv = {
-        "llama": lambda port: [str(LLAMA_BIN / "llama-server"), "-m", str(model), "--embedding", "-t", str(args.threads),
-                               "-np", "32", "-c", str(32 * SHAPE["n_ctx"]), "-b", "2048", "-ub", "2048",
-                               "--host", "127.0.0.1", "--port", str(port), "--no-webui"],
-        "edgelm": lambda port: [str(EDGELM_BIN), "serve", "--model", str(model), "--threads", str(args.threads),
-                                "--host", "127.0.0.1", "--port", str(port), "--no-mdns"],
+        "llama": lambda port: [
+            str(LLAMA_BIN / "llama-server"),
+            "-m",
+            str(model),
+            "--embedding",
+            "-t",
+            str(args.threads),
+            "-np",
+            "32",
+            "-c",
+            str(32 * SHAPE["n_ctx"]),
+            "-b",
+            "2048",
+            "-ub",
+            "2048",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-webui",
+        ],
+        "edgelm": lambda port: [
+            str(EDGELM_BIN),
+            "serve",
+            "--model",
+            str(model),
+            "--threads",
+            str(args.threads),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-mdns",
+        ],
     }
     runs: dict[str, dict[int, list[float]]] = {s: {c: [] for c in CLIENTS} for s in argv}
     vectors: dict[str, np.ndarray] = {}
@@ -199,8 +234,12 @@ def main() -> None:
                     for c in CLIENTS:
                         r = asyncio.run(run_clients(srv.base, name, c, args.duration, pool))
                         runs[srv_name][c].append(r["per_s"])
-                        print(f"rep {rep + 1} {srv_name:6} {c:2} clients: {r['per_s']:7.2f} embeddings/s "
-                              f"({r['embeddings']} in {r['wall_s']:.1f} s)", file=sys.stderr, flush=True)
+                        print(
+                            f"rep {rep + 1} {srv_name:6} {c:2} clients: {r['per_s']:7.2f} embeddings/s "
+                            f"({r['embeddings']} in {r['wall_s']:.1f} s)",
+                            file=sys.stderr,
+                            flush=True,
+                        )
                 finally:
                     srv.stop()
     a, b = vectors["edgelm"], vectors["llama"]
@@ -210,24 +249,38 @@ def main() -> None:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "cpu": cpu, "threads": args.threads,
-                              "model": model.name, "shape": SHAPE, "duration_s": args.duration, "reps": args.reps,
-                              "runs": {s: {str(c): v for c, v in d.items()} for s, d in runs.items()},
-                              "same_vector_cosine": cos, "llama_server_argv": argv["llama"](0)[1:]}
+    result: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cpu": cpu,
+        "threads": args.threads,
+        "model": model.name,
+        "shape": SHAPE,
+        "duration_s": args.duration,
+        "reps": args.reps,
+        "runs": {s: {str(c): v for c, v in d.items()} for s, d in runs.items()},
+        "same_vector_cosine": cos,
+        "llama_server_argv": argv["llama"](0)[1:],
+    }
     med = {s: {c: statistics.median(v) for c, v in d.items()} for s, d in runs.items()}
-    lines = [f"# Embeddings: edgelm serve vs llama-server --embedding ({result['date']}, {cpu})", "",
-             f"{model.name} (BERT-base shape: 12 layers × 768, n_ff 3072, 30522-token WordPiece, mean pooling, F16), "
-             f"{args.threads} threads per server, one server at a time, interleaved ({args.reps} repetitions of "
-             f"{args.duration:.0f} s per client count). Closed loop: each client sends POST /v1/embeddings with one "
-             "distinct 40–110-word text (~50–120 tokens) back to back. llama-server: "
-             f"`llama-server --embedding -np 32 -c {32 * SHAPE['n_ctx']} -b 2048 -ub 2048 -t {args.threads}`. "
-             f"Both servers return the same vector (cosine {cos:.6f} on the first text).", "",
-             "| clients | edgelm embeddings/s (median, range) | llama-server embeddings/s (median, range) | ratio |",
-             "|---|---|---|---|"]
+    lines = [
+        f"# Embeddings: edgelm serve vs llama-server --embedding ({result['date']}, {cpu})",
+        "",
+        f"{model.name} (BERT-base shape: 12 layers × 768, n_ff 3072, 30522-token WordPiece, mean pooling, F16), "
+        f"{args.threads} threads per server, one server at a time, interleaved ({args.reps} repetitions of "
+        f"{args.duration:.0f} s per client count). Closed loop: each client sends POST /v1/embeddings with one "
+        "distinct 40–110-word text (~50–120 tokens) back to back. llama-server: "
+        f"`llama-server --embedding -np 32 -c {32 * SHAPE['n_ctx']} -b 2048 -ub 2048 -t {args.threads}`. "
+        f"Both servers return the same vector (cosine {cos:.6f} on the first text).",
+        "",
+        "| clients | edgelm embeddings/s (median, range) | llama-server embeddings/s (median, range) | ratio |",
+        "|---|---|---|---|",
+    ]
     for c in CLIENTS:
         e, l_ = runs["edgelm"][c], runs["llama"][c]
-        lines.append(f"| {c} | {med['edgelm'][c]:.2f} ({min(e):.2f}–{max(e):.2f}) | {med['llama'][c]:.2f} "
-                     f"({min(l_):.2f}–{max(l_):.2f}) | {med['edgelm'][c] / med['llama'][c]:.2f}x |")
+        lines.append(
+            f"| {c} | {med['edgelm'][c]:.2f} ({min(e):.2f}–{max(e):.2f}) | {med['llama'][c]:.2f} "
+            f"({min(l_):.2f}–{max(l_):.2f}) | {med['edgelm'][c] / med['llama'][c]:.2f}x |"
+        )
     result["ratio"] = {str(c): med["edgelm"][c] / med["llama"][c] for c in CLIENTS}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "embed.json").write_text(json.dumps(result, indent=1) + "\n")

@@ -18,8 +18,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main() -> int:
-    r = subprocess.run(["cargo", "run", "-q", "--release", "-p", "edgelm-core", "--example", "gemv_cache_bench"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["cargo", "run", "-q", "--release", "-p", "edgelm-core", "--example", "gemv_cache_bench"],
+        capture_output=True,
+        text=True,
+    )
     sys.stderr.write(r.stderr)
     if r.returncode != 0:
         return 1

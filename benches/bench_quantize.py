@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from bench_cpu import _cpu_name  # benches/ is on sys.path when run as a script
+
 from edgelm.pull import file_sha256 as sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +48,26 @@ def timed(cmd: list[str], reps: int) -> float:
 
 
 def llama_ppl(model: Path) -> float:
-    out = subprocess.run([str(LLAMA_BIN / "llama-perplexity"), "-m", str(model), "-f", str(PPL_TEXT), "-c",
-                          str(N_CTX), "--chunks", str(CHUNKS), "-t", "2", "-b", str(N_CTX)],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            str(LLAMA_BIN / "llama-perplexity"),
+            "-m",
+            str(model),
+            "-f",
+            str(PPL_TEXT),
+            "-c",
+            str(N_CTX),
+            "--chunks",
+            str(CHUNKS),
+            "-t",
+            "2",
+            "-b",
+            str(N_CTX),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     m = re.search(r"Final estimate: PPL = ([0-9.]+)", out.stdout + out.stderr)
     assert m, out.stderr[-1000:]
     return float(m.group(1))
@@ -77,8 +95,12 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         f16 = tmp / "SmolLM2-135M-Instruct.F16.gguf"
-        subprocess.run(edgelm_cli + ["quantize", str(MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"), str(f16), "F16"],
-                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            edgelm_cli + ["quantize", str(MODELS / "SmolLM2-135M-Instruct.Q4_1.gguf"), str(f16), "F16"],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         import edgelm._native as native
 
         in_bytes = sum(t[3] for t in native.inspect_gguf(str(f16))[3])
@@ -87,38 +109,58 @@ def main() -> int:
             t_e = timed(edgelm_cli + ["quantize", "-t", str(args.threads), str(f16), str(ours), ty], args.reps)
             t_l = timed([str(LLAMA_BIN / "llama-quantize"), str(f16), str(peer), ty, str(args.threads)], args.reps)
             row = {
-                "type": ty, "file_mib": ours.stat().st_size / 2**20,
-                "edgelm_s": t_e, "llama_s": t_l,
-                "edgelm_mb_s": in_bytes / t_e / 1e6, "llama_mb_s": in_bytes / t_l / 1e6,
+                "type": ty,
+                "file_mib": ours.stat().st_size / 2**20,
+                "edgelm_s": t_e,
+                "llama_s": t_l,
+                "edgelm_mb_s": in_bytes / t_e / 1e6,
+                "llama_mb_s": in_bytes / t_l / 1e6,
                 "identical": sha256(ours) == sha256(peer),
-                "ppl_llama_on_peer": llama_ppl(peer), "ppl_llama_on_edgelm": llama_ppl(ours),
+                "ppl_llama_on_peer": llama_ppl(peer),
+                "ppl_llama_on_edgelm": llama_ppl(ours),
                 "ppl_edgelm_on_edgelm": edgelm_ppl(ours),
             }
             rows.append(row)
-            print(f"{ty:7s} edgelm {row['edgelm_mb_s']:6.0f} MB/s  llama-quantize {row['llama_mb_s']:6.0f} MB/s  "
-                  f"({row['llama_s'] / row['edgelm_s']:.2f}x)  identical={row['identical']}  ppl peer "
-                  f"{row['ppl_llama_on_peer']:.3f}, llama-ppl on ours {row['ppl_llama_on_edgelm']:.3f}, "
-                  f"edgelm {row['ppl_edgelm_on_edgelm']:.3f}", flush=True)
+            print(
+                f"{ty:7s} edgelm {row['edgelm_mb_s']:6.0f} MB/s  llama-quantize {row['llama_mb_s']:6.0f} MB/s  "
+                f"({row['llama_s'] / row['edgelm_s']:.2f}x)  identical={row['identical']}  ppl peer "
+                f"{row['ppl_llama_on_peer']:.3f}, llama-ppl on ours {row['ppl_llama_on_edgelm']:.3f}, "
+                f"edgelm {row['ppl_edgelm_on_edgelm']:.3f}",
+                flush=True,
+            )
             ours.unlink()
             peer.unlink()
-    meta = {"machine": platform.processor() or platform.machine(), "cpu": _cpu_name(), "threads": args.threads,
-            "reps": args.reps, "input": "SmolLM2-135M F16 (made by edgelm)", "input_tensor_bytes": in_bytes,
-            "llama_cpp": "b11434", "ppl": f"ppl_text.txt, -c {N_CTX}, {CHUNKS} chunks",
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    meta = {
+        "machine": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
+        "threads": args.threads,
+        "reps": args.reps,
+        "input": "SmolLM2-135M F16 (made by edgelm)",
+        "input_tensor_bytes": in_bytes,
+        "llama_cpp": "b11434",
+        "ppl": f"ppl_text.txt, -c {N_CTX}, {CHUNKS} chunks",
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "quantize.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    lines = [f"# edgelm quantize vs llama-quantize ({meta['date']}, {meta['cpu']}, {args.threads} threads)", "",
-             f"Input: {meta['input']}, {in_bytes / 1e6:.0f} MB of tensors. Speed = input MB / wall seconds "
-             f"(best of {args.reps}). Perplexity: {meta['ppl']}.", "",
-             "| type | file MiB | edgelm MB/s | llama-quantize MB/s | speed ratio | identical bytes | "
-             "ppl (llama-perplexity, llama-quantize's file) | ppl (llama-perplexity, edgelm's file) | "
-             "ppl (edgelm, edgelm's file) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# edgelm quantize vs llama-quantize ({meta['date']}, {meta['cpu']}, {args.threads} threads)",
+        "",
+        f"Input: {meta['input']}, {in_bytes / 1e6:.0f} MB of tensors. Speed = input MB / wall seconds "
+        f"(best of {args.reps}). Perplexity: {meta['ppl']}.",
+        "",
+        "| type | file MiB | edgelm MB/s | llama-quantize MB/s | speed ratio | identical bytes | "
+        "ppl (llama-perplexity, llama-quantize's file) | ppl (llama-perplexity, edgelm's file) | "
+        "ppl (edgelm, edgelm's file) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['type']} | {r['file_mib']:.1f} | {r['edgelm_mb_s']:.0f} | {r['llama_mb_s']:.0f} | "
-                     f"{r['llama_s'] / r['edgelm_s']:.2f}x | {'yes' if r['identical'] else 'no'} | "
-                     f"{r['ppl_llama_on_peer']:.4f} | {r['ppl_llama_on_edgelm']:.4f} | "
-                     f"{r['ppl_edgelm_on_edgelm']:.4f} |")
+        lines.append(
+            f"| {r['type']} | {r['file_mib']:.1f} | {r['edgelm_mb_s']:.0f} | {r['llama_mb_s']:.0f} | "
+            f"{r['llama_s'] / r['edgelm_s']:.2f}x | {'yes' if r['identical'] else 'no'} | "
+            f"{r['ppl_llama_on_peer']:.4f} | {r['ppl_llama_on_edgelm']:.4f} | "
+            f"{r['ppl_edgelm_on_edgelm']:.4f} |"
+        )
     (RESULTS / "quantize.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _chart(rows, RESULTS / "quantize.png")

@@ -67,6 +67,7 @@ HOME_COMMANDS = [
 
 # ---------------------------------------------------------------- servers
 
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -75,8 +76,22 @@ def _free_port() -> int:
 
 def llama_argv(model: Path, threads: int, port: int) -> list[str]:
     exe = LLAMA_BIN / "llama-server"
-    argv = [str(exe), "-m", str(model), "-t", str(threads), "-np", "16", "-c", "16384", "-kvu",
-            "--host", "127.0.0.1", "--port", str(port)]
+    argv = [
+        str(exe),
+        "-m",
+        str(model),
+        "-t",
+        str(threads),
+        "-np",
+        "16",
+        "-c",
+        "16384",
+        "-kvu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     try:
         help_text = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
@@ -87,8 +102,18 @@ def llama_argv(model: Path, threads: int, port: int) -> list[str]:
 
 
 def edgelm_argv(model: Path, threads: int, port: int) -> list[str]:
-    return [str(EDGELM_BIN), "serve", "--model", str(model), "--threads", str(threads),
-            "--host", "127.0.0.1", "--port", str(port)]
+    return [
+        str(EDGELM_BIN),
+        "serve",
+        "--model",
+        str(model),
+        "--threads",
+        str(threads),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
 
 
 class Server:
@@ -103,8 +128,9 @@ class Server:
     def start(self, timeout: float = 180.0) -> None:
         print(f"[{self.name}] {' '.join(self.argv)}", file=sys.stderr, flush=True)
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
@@ -143,15 +169,46 @@ class Server:
 
 # ---------------------------------------------------------------- client
 
-_SUBJECTS = ["an old lighthouse keeper", "a curious red fox", "a pair of rival bakers", "a retired astronaut",
-             "a lost delivery drone", "the village librarian", "a stubborn mountain goat", "a young violinist",
-             "a clockmaker's apprentice", "a sleepy harbour seal", "the night-shift nurse", "a travelling magician",
-             "a robot gardener"]
-_EVENTS = ["finds a map", "hears a strange song", "loses a key", "meets a stranger", "builds a boat",
-           "wins a contest", "opens a locked box", "follows a trail of lights", "receives a letter",
-           "misses the last train", "plants a tree"]
-_PLACES = ["in a snowy town", "on a windy island", "under a bridge", "at the market", "in a quiet forest",
-           "on the moon", "by the river", "in a crowded station", "at midnight", "during a storm"]
+_SUBJECTS = [
+    "an old lighthouse keeper",
+    "a curious red fox",
+    "a pair of rival bakers",
+    "a retired astronaut",
+    "a lost delivery drone",
+    "the village librarian",
+    "a stubborn mountain goat",
+    "a young violinist",
+    "a clockmaker's apprentice",
+    "a sleepy harbour seal",
+    "the night-shift nurse",
+    "a travelling magician",
+    "a robot gardener",
+]
+_EVENTS = [
+    "finds a map",
+    "hears a strange song",
+    "loses a key",
+    "meets a stranger",
+    "builds a boat",
+    "wins a contest",
+    "opens a locked box",
+    "follows a trail of lights",
+    "receives a letter",
+    "misses the last train",
+    "plants a tree",
+]
+_PLACES = [
+    "in a snowy town",
+    "on a windy island",
+    "under a bridge",
+    "at the market",
+    "in a quiet forest",
+    "on the moon",
+    "by the river",
+    "in a crowded station",
+    "at midnight",
+    "during a storm",
+]
 
 
 def prompt_for(i: int) -> str:
@@ -224,8 +281,14 @@ def _session() -> Any:
 
 
 def _completion_payload(kind: str, prompt: str, max_tokens: int) -> dict[str, Any]:
-    body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body: dict[str, Any] = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     if kind == "llama":
         body["cache_prompt"] = True
     return body
@@ -235,12 +298,14 @@ def _mean(xs: list[float]) -> float | None:
     return statistics.mean(xs) if xs else None
 
 
-async def throughput_point(kind: str, base: str, clients: int, duration: float, max_tokens: int,
-                           label: str) -> dict[str, Any]:
+async def throughput_point(
+    kind: str, base: str, clients: int, duration: float, max_tokens: int, label: str
+) -> dict[str, Any]:
     url = f"{base}/v1/completions"
     async with _session() as session:
-        await stream_request(session, url, _completion_payload(kind, "Once upon a time, in a small town,", max_tokens),
-                             chat=False)  # warm-up
+        await stream_request(
+            session, url, _completion_payload(kind, "Once upon a time, in a small town,", max_tokens), chat=False
+        )  # warm-up
         done: list[dict[str, Any]] = []
         errors: list[str] = []
         counter = 0
@@ -253,8 +318,11 @@ async def throughput_point(kind: str, base: str, clients: int, duration: float, 
             while time.perf_counter() < deadline:
                 i, counter = counter, counter + 1
                 try:
-                    done.append(await stream_request(session, url, _completion_payload(kind, prompt_for(i), max_tokens),
-                                                      chat=False))
+                    done.append(
+                        await stream_request(
+                            session, url, _completion_payload(kind, prompt_for(i), max_tokens), chat=False
+                        )
+                    )
                     failures = 0
                 except Exception as e:  # noqa: BLE001 - recorded, and a run of them ends the client
                     errors.append(f"{type(e).__name__}: {e}")
@@ -288,8 +356,24 @@ async def throughput_point(kind: str, base: str, clients: int, duration: float, 
 
 # ---------------------------------------------------------------- home-automation pattern
 
-_ROOMS = ["kitchen", "living_room", "bedroom", "bathroom", "hallway", "office", "garage", "garden",
-          "guest_room", "laundry", "nursery", "basement", "attic", "porch", "dining_room", "study"]
+_ROOMS = [
+    "kitchen",
+    "living_room",
+    "bedroom",
+    "bathroom",
+    "hallway",
+    "office",
+    "garage",
+    "garden",
+    "guest_room",
+    "laundry",
+    "nursery",
+    "basement",
+    "attic",
+    "porch",
+    "dining_room",
+    "study",
+]
 _FIXTURES = ["ceiling", "lamp", "strip", "spot", "pendant", "wall"]
 
 
@@ -321,15 +405,18 @@ def _entity_line(i: int) -> str:
 
 
 def home_system_prompt(n_lines: int) -> str:
-    head = ("You are the voice assistant of a smart home. Answer in one short sentence, and when the user "
-            "asks to change a device, name the service call, e.g. light.turn_on(light.kitchen_ceiling).\n"
-            "Current state of every entity in the home:\n")
+    head = (
+        "You are the voice assistant of a smart home. Answer in one short sentence, and when the user "
+        "asks to change a device, name the service call, e.g. light.turn_on(light.kitchen_ceiling).\n"
+        "Current state of every entity in the home:\n"
+    )
     return head + "\n".join(f"- {_entity_line(i)}" for i in range(n_lines)) + "\nEnd of entity list."
 
 
 def tokenize(base: str, text: str) -> int:
-    req = urllib.request.Request(f"{base}/tokenize", data=json.dumps({"content": text}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"{base}/tokenize", data=json.dumps({"content": text}).encode(), headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         return len(json.loads(r.read())["tokens"])
 
@@ -356,7 +443,9 @@ async def home_pattern(kind: str, base: str, system: str, max_tokens: int) -> di
         for cmd in HOME_COMMANDS:
             body: dict[str, Any] = {
                 "messages": [{"role": "system", "content": system}, {"role": "user", "content": cmd}],
-                "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "stream": True,
                 "stream_options": {"include_usage": True},
             }
             if kind == "llama":
@@ -375,19 +464,23 @@ async def home_pattern(kind: str, base: str, system: str, max_tokens: int) -> di
 
 # ---------------------------------------------------------------- driver
 
+
 def light_client_tok_s(port: int, prompts: list[str], max_tokens: int) -> float:
     """Generated tokens/s of streamed requests sent one after another by a minimal
     client (a raw socket that only looks for the end of the stream), so the client
     takes next to no CPU from the server's cores. The first request warms up."""
     toks, t0 = 0, 0.0
     for i, p in enumerate(prompts):
-        body = json.dumps({"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
-                           "stream": True}).encode()
+        body = json.dumps(
+            {"prompt": p, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True, "stream": True}
+        ).encode()
         with socket.create_connection(("127.0.0.1", port), timeout=120) as s:
             if i == 1:
                 toks, t0 = 0, time.perf_counter()
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
             buf = b""
             while b"data: [DONE]" not in buf[-64:]:
                 d = s.recv(1 << 16)
@@ -398,8 +491,9 @@ def light_client_tok_s(port: int, prompts: list[str], max_tokens: int) -> float:
     return toks / (time.perf_counter() - t0)
 
 
-def bench_server(kind: str, model: Path, args: argparse.Namespace, log_dir: Path,
-                 home: dict[str, Any]) -> dict[str, Any]:
+def bench_server(
+    kind: str, model: Path, args: argparse.Namespace, log_dir: Path, home: dict[str, Any]
+) -> dict[str, Any]:
     name = SERVERS[kind]
     port = _free_port()
     argv = (llama_argv if kind == "llama" else edgelm_argv)(model, args.threads, port)
@@ -411,9 +505,13 @@ def bench_server(kind: str, model: Path, args: argparse.Namespace, log_dir: Path
             print(f"[{name}] {c} client(s), {args.duration:g} s ...", file=sys.stderr, flush=True)
             pt = asyncio.run(throughput_point(kind, srv.base, c, args.duration, args.max_tokens, name))
             res["throughput"].append(pt)
-            print(f"[{name}] clients {c:>3}: {pt['tok_s']:8.1f} tok/s   TTFT {pt['ttft_ms']:7.1f} ms   "
-                  f"{_fmt(pt['tpot_ms'], '.2f')} ms/token   {pt['requests']} requests, {pt['errors']} errors"
-                  f"{'' if pt['tokens_from_usage'] else '  (tokens counted by chunk)'}", file=sys.stderr, flush=True)
+            print(
+                f"[{name}] clients {c:>3}: {pt['tok_s']:8.1f} tok/s   TTFT {pt['ttft_ms']:7.1f} ms   "
+                f"{_fmt(pt['tpot_ms'], '.2f')} ms/token   {pt['requests']} requests, {pt['errors']} errors"
+                f"{'' if pt['tokens_from_usage'] else '  (tokens counted by chunk)'}",
+                file=sys.stderr,
+                flush=True,
+            )
         if kind == "edgelm" and 1 in args.clients:
             prompts = [prompt_for(i) for i in range(6)]
             res["light_client_tok_s"] = light_client_tok_s(port, prompts, args.max_tokens)
@@ -426,8 +524,12 @@ def bench_server(kind: str, model: Path, args: argparse.Namespace, log_dir: Path
             h = asyncio.run(home_pattern(kind, srv.base, home["system"], args.home_max_tokens))
             h["system_tokens"] = n_tok
             res["home"] = h
-            print(f"[{name}] home: cold TTFT {h['cold_ttft_ms']:.0f} ms, warm TTFT {h['warm_ttft_ms']:.1f} ms "
-                  f"(prompt {h['prompt_tokens']} tokens, cached {h['cached_tokens']})", file=sys.stderr, flush=True)
+            print(
+                f"[{name}] home: cold TTFT {h['cold_ttft_ms']:.0f} ms, warm TTFT {h['warm_ttft_ms']:.1f} ms "
+                f"(prompt {h['prompt_tokens']} tokens, cached {h['cached_tokens']})",
+                file=sys.stderr,
+                flush=True,
+            )
     except Exception as e:  # noqa: BLE001 - recorded; the other server still runs
         res["error"] = f"{type(e).__name__}: {e}"
         print(f"[{name}] FAILED: {res['error']}\n--- log tail ---\n{srv.log_tail()}", file=sys.stderr, flush=True)
@@ -451,18 +553,19 @@ model, threads, max_tokens, prompts = sys.argv[1], int(sys.argv[2]), int(sys.arg
 m = n.Model(model, n_threads=threads)
 ex = n.Executor(m, 512)
 table = list(range(512))
+greedy = n.SamplingParams(temperature=0.0)
 toks, t0 = 0, None
 for i, p in enumerate(prompts):
     ids = m.tokenize(p, True, True)
-    ex.add(i, ids, temperature=0.0)
+    new = [n.NewSequence(i, ids, greedy, max_tokens, ignore_eos=True)]
     if i == 1:
         toks, t0 = 0, time.perf_counter()  # the first request warms up
     start, end = 0, len(ids)
     for _ in range(max_tokens):
-        ex.step([(i, start, end, table, True)])
+        ex.step(n.StepPlan(new, [n.StepItem(i, start, end, table, True)]))
+        new = []
         start, end = end, end + 1
         toks += 1
-    ex.remove(i)
 print(json.dumps({"tok_s": toks / (time.perf_counter() - t0), "requests": len(prompts) - 1}))
 """
 
@@ -473,12 +576,18 @@ def bare_engine(model: Path, threads: int, max_tokens: int, n_requests: int = 6)
     HTTP, no scheduler, no event loop. The 1-client server figure against this one is
     the cost of the serving layer."""
     prompts = [prompt_for(i) for i in range(n_requests)]
-    r = subprocess.run([sys.executable, "-c", _BARE, str(model), str(threads), str(max_tokens), json.dumps(prompts)],
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _BARE, str(model), str(threads), str(max_tokens), json.dumps(prompts)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if r.returncode != 0:
         return {"error": r.stderr[-2000:]}
     out: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
-    print(f"[bare engine] {out['tok_s']:.1f} tok/s ({out['requests']} requests of {max_tokens} tokens)", file=sys.stderr)
+    print(
+        f"[bare engine] {out['tok_s']:.1f} tok/s ({out['requests']} requests of {max_tokens} tokens)", file=sys.stderr
+    )
     return out
 
 
@@ -487,9 +596,11 @@ def tables(saved: dict[str, Any]) -> str:
     e, p = servers.get("edgelm") or {}, servers.get("llama-server") or {}
     et = {r["clients"]: r for r in e.get("throughput", [])}
     pt = {r["clients"]: r for r in p.get("throughput", [])}
-    lines = ["| clients | edgelm tok/s | llama-server tok/s | ratio | edgelm TTFT ms | llama-server TTFT ms | ratio "
-             "| edgelm ms/token | llama-server ms/token | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| clients | edgelm tok/s | llama-server tok/s | ratio | edgelm TTFT ms | llama-server TTFT ms | ratio "
+        "| edgelm ms/token | llama-server ms/token | ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for c in saved["meta"]["clients"]:
         a, b = et.get(c, {}), pt.get(c, {})
         cells = []
@@ -499,26 +610,41 @@ def tables(saved: dict[str, Any]) -> str:
     out = "\n".join(lines)
     eh, ph = e.get("home") or {}, p.get("home") or {}
     if eh or ph:
-        hl = ["", "Home-automation pattern (system prompt + short command, chat, max_tokens "
-              f"{saved['meta']['home_max_tokens']}, sequential):", "",
-              "| measure | edgelm | llama-server | ratio |", "|---|---|---|---|"]
-        for key, label, spec in (("system_tokens", "system prompt tokens (/tokenize)", "d"),
-                                 ("prompt_tokens", "prompt tokens (usage)", "d"),
-                                 ("cold_ttft_ms", "cold TTFT ms (1st request)", ".0f"),
-                                 ("warm_ttft_ms", "warm TTFT ms (mean of next 4)", ".1f"),
-                                 ("cold_prefill_tok_s", "cold prefill tok/s", ".0f")):
+        hl = [
+            "",
+            "Home-automation pattern (system prompt + short command, chat, max_tokens "
+            f"{saved['meta']['home_max_tokens']}, sequential):",
+            "",
+            "| measure | edgelm | llama-server | ratio |",
+            "|---|---|---|---|",
+        ]
+        for key, label, spec in (
+            ("system_tokens", "system prompt tokens (/tokenize)", "d"),
+            ("prompt_tokens", "prompt tokens (usage)", "d"),
+            ("cold_ttft_ms", "cold TTFT ms (1st request)", ".0f"),
+            ("warm_ttft_ms", "warm TTFT ms (mean of next 4)", ".1f"),
+            ("cold_prefill_tok_s", "cold prefill tok/s", ".0f"),
+        ):
             a, b = eh.get(key), ph.get(key)
-            hl.append(f"| {label} | {_fmt(a, spec)} | {_fmt(b, spec)} | "
-                      f"{_ratio(a, b) if key.endswith(('_ms', '_s')) else ''} |")
+            hl.append(
+                f"| {label} | {_fmt(a, spec)} | {_fmt(b, spec)} | "
+                f"{_ratio(a, b) if key.endswith(('_ms', '_s')) else ''} |"
+            )
         out += "\n" + "\n".join(hl)
     bare = saved.get("bare_engine") or {}
     e1, light = et.get(1, {}).get("tok_s"), e.get("light_client_tok_s")
     if bare.get("tok_s") and light:
-        out += ("\n\nServing-layer cost at 1 client (same prompts, 128 tokens each, requests back to back): "
-                f"bare engine (in-process executor) {bare['tok_s']:.1f} tok/s; `edgelm serve` over HTTP with a "
-                f"minimal raw-socket client {light:.1f} tok/s ({(1 - light / bare['tok_s']) * 100:+.1f}% slower)"
-                + (f", with the aiohttp load generator above {e1:.1f} tok/s ({(1 - e1 / bare['tok_s']) * 100:+.1f}%: "
-                   "that client shares the machine's two cores)." if e1 else "."))
+        out += (
+            "\n\nServing-layer cost at 1 client (same prompts, 128 tokens each, requests back to back): "
+            f"bare engine (in-process executor) {bare['tok_s']:.1f} tok/s; `edgelm serve` over HTTP with a "
+            f"minimal raw-socket client {light:.1f} tok/s ({(1 - light / bare['tok_s']) * 100:+.1f}% slower)"
+            + (
+                f", with the aiohttp load generator above {e1:.1f} tok/s ({(1 - e1 / bare['tok_s']) * 100:+.1f}%: "
+                "that client shares the machine's two cores)."
+                if e1
+                else "."
+            )
+        )
     errs = [f"- {n}: {r['error']}" for n, r in servers.items() if r and r.get("error")]
     if errs:
         out += "\n\nFailures:\n" + "\n".join(errs)
@@ -530,13 +656,16 @@ def summary(saved: dict[str, Any]) -> str:
     if not e.get("throughput") or not p.get("throughput"):
         return "edgelm/llama-server ratios: n/a (only one server measured)"
     pt = {r["clients"]: r for r in p["throughput"]}
-    parts = [f"{r['clients']} client(s) {_ratio(r['tok_s'], pt.get(r['clients'], {}).get('tok_s'))}"
-             for r in e["throughput"]]
+    parts = [
+        f"{r['clients']} client(s) {_ratio(r['tok_s'], pt.get(r['clients'], {}).get('tok_s'))}" for r in e["throughput"]
+    ]
     s = "edgelm/llama-server aggregate tok/s (higher is better for edgelm): " + ", ".join(parts)
     if e.get("home") and p.get("home"):
-        s += ("\nedgelm/llama-server home TTFT (lower is better for edgelm): cold "
-              f"{_ratio(e['home']['cold_ttft_ms'], p['home']['cold_ttft_ms'])}, warm "
-              f"{_ratio(e['home']['warm_ttft_ms'], p['home']['warm_ttft_ms'])}")
+        s += (
+            "\nedgelm/llama-server home TTFT (lower is better for edgelm): cold "
+            f"{_ratio(e['home']['cold_ttft_ms'], p['home']['cold_ttft_ms'])}, warm "
+            f"{_ratio(e['home']['warm_ttft_ms'], p['home']['warm_ttft_ms'])}"
+        )
     return s
 
 
@@ -563,8 +692,12 @@ def _chart(saved: dict[str, Any], out: Path) -> None:
     ax = axes[2]
     for j, (n, r) in enumerate(servers):
         h = r.get("home") or {}
-        ax.bar([i + (j - 0.5) * 0.4 for i in (0, 1)], [h.get("cold_ttft_ms") or 0, h.get("warm_ttft_ms") or 0],
-               0.4, label=n)
+        ax.bar(
+            [i + (j - 0.5) * 0.4 for i in (0, 1)],
+            [h.get("cold_ttft_ms") or 0, h.get("warm_ttft_ms") or 0],
+            0.4,
+            label=n,
+        )
     ax.set_xticks([0, 1], ["cold", "warm (prefix cached)"])
     if any((r.get("home") or {}).get("cold_ttft_ms") for _, r in servers):
         ax.set_yscale("log")
@@ -628,11 +761,21 @@ def main() -> int:
     args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
     model = _resolve_model(args.model)
     kinds = [args.only] if args.only else list(SERVERS)
-    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.machine(), "cpu": _cpu_name(),
-            "cpus": os.cpu_count(), "model": model.name, "threads": args.threads, "clients": args.clients,
-            "duration_s": args.duration, "max_tokens": args.max_tokens, "home_tokens": args.home_tokens,
-            "home_max_tokens": args.home_max_tokens, "home_commands": HOME_COMMANDS,
-            "llama_server_version": _llama_version()}
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.machine(),
+        "cpu": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "model": model.name,
+        "threads": args.threads,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "max_tokens": args.max_tokens,
+        "home_tokens": args.home_tokens,
+        "home_max_tokens": args.home_max_tokens,
+        "home_commands": HOME_COMMANDS,
+        "llama_server_version": _llama_version(),
+    }
     signal.signal(signal.SIGTERM, _sigterm)
     servers: dict[str, Any] = {}
     home: dict[str, Any] = {}
@@ -656,7 +799,8 @@ def main() -> int:
         f"back to back for {args.duration:g} s; tok/s = completion tokens / wall time. TTFT = time to the first "
         f"content chunk; ms/token = (last - first token time) / (tokens - 1), mean over requests. "
         f"llama-server: `{' '.join(Path(a).name if i == 0 else a for i, a in enumerate((servers.get('llama-server') or {}).get('argv', ['llama-server'])))}`."
-        f"\n\n{table}\n\n{summary(saved)}\n")
+        f"\n\n{table}\n\n{summary(saved)}\n"
+    )
     _chart(saved, args.out / f"{args.name}.png")
     return 1 if any(r.get("error") for r in servers.values()) else 0
 

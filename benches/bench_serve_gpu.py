@@ -32,8 +32,23 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def llama_argv(bin_dir: Path, model: Path, port: int) -> list[str]:
     exe = bin_dir / "llama-server"
-    argv = [str(exe), "-m", str(model), "-ngl", "99", "-np", "64", "-c", "65536", "-fa", "on",
-            "--host", "127.0.0.1", "--port", str(port)]
+    argv = [
+        str(exe),
+        "-m",
+        str(model),
+        "-ngl",
+        "99",
+        "-np",
+        "64",
+        "-c",
+        "65536",
+        "-fa",
+        "on",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     help_text = subprocess.run([str(exe), "--help"], capture_output=True, text=True, timeout=60).stdout
     if "--no-webui" in help_text:
         argv.append("--no-webui")
@@ -41,8 +56,23 @@ def llama_argv(bin_dir: Path, model: Path, port: int) -> list[str]:
 
 
 def edgelm_argv(model: Path, port: int) -> list[str]:
-    return [sys.executable, "-m", "edgelm.cli", "serve", "--model", str(model), "--device", "cuda",
-            "--host", "127.0.0.1", "--port", str(port), "--no-mdns", "--max-context", "2048"]
+    return [
+        sys.executable,
+        "-m",
+        "edgelm.cli",
+        "serve",
+        "--model",
+        str(model),
+        "--device",
+        "cuda",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-mdns",
+        "--max-context",
+        "2048",
+    ]
 
 
 def run(kind: str, argv: list[str], port: int, args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
@@ -53,9 +83,12 @@ def run(kind: str, argv: list[str], port: int, args: argparse.Namespace, log_dir
         for c in args.clients:
             pt = asyncio.run(bs.throughput_point(kind, srv.base, c, args.duration, args.max_tokens, srv.name))
             res["throughput"].append(pt)
-            print(f"[{srv.name}] clients {c:>3}: {pt['tok_s']:8.1f} tok/s  TTFT {pt['ttft_ms']:7.1f} ms  "
-                  f"{bs._fmt(pt['tpot_ms'], '.2f')} ms/token  {pt['requests']} requests, {pt['errors']} errors",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[{srv.name}] clients {c:>3}: {pt['tok_s']:8.1f} tok/s  TTFT {pt['ttft_ms']:7.1f} ms  "
+                f"{bs._fmt(pt['tpot_ms'], '.2f')} ms/token  {pt['requests']} requests, {pt['errors']} errors",
+                file=sys.stderr,
+                flush=True,
+            )
     except Exception as e:  # noqa: BLE001 - recorded; the other server still runs
         res["error"] = f"{type(e).__name__}: {e}"
         print(f"[{srv.name}] FAILED: {res['error']}\n{srv.log_tail()}", file=sys.stderr, flush=True)
@@ -74,10 +107,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benches" / "results")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    gpu = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout.strip()
-    out: dict[str, Any] = {"model": args.model.name, "gpu": gpu, "clients": args.clients, "duration_s": args.duration,
-                           "max_tokens": args.max_tokens, "servers": {}}
+    gpu = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.strip()
+    out: dict[str, Any] = {
+        "model": args.model.name,
+        "gpu": gpu,
+        "clients": args.clients,
+        "duration_s": args.duration,
+        "max_tokens": args.max_tokens,
+        "servers": {},
+    }
     with tempfile.TemporaryDirectory() as logs:
         for kind in ("llama", "edgelm"):
             port = bs._free_port()
@@ -96,7 +136,8 @@ def main() -> None:
         rows.append(f"| {c} | {ra} | {rb} | {ratio} |")
     table = "\n".join(rows)
     (args.out / "serve_gpu.md").write_text(
-        f"# edgelm vs llama-server on {gpu}: {args.model.name}, {args.max_tokens} tokens a request\n\n{table}\n")
+        f"# edgelm vs llama-server on {gpu}: {args.model.name}, {args.max_tokens} tokens a request\n\n{table}\n"
+    )
     print(table)
 
 

@@ -31,8 +31,11 @@ def main() -> int:
         if out.exists():
             continue
         print(f"llama-quantize {SRC} → {out.name}", file=sys.stderr)
-        subprocess.run([str(BIN / "llama-quantize"), "--allow-requantize", str(MODELS / SRC), str(out), ty],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [str(BIN / "llama-quantize"), "--allow-requantize", str(MODELS / SRC), str(out), ty],
+            check=True,
+            capture_output=True,
+        )
     for ty in TYPES:
         print(path_for(ty))
     return 0

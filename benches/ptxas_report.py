@@ -6,6 +6,7 @@ report: registers, shared memory and spills per kernel, for sm_90 and sm_87.
 Uses the libnvrtc.so.12 of the nvidia-cuda-nvrtc-cu12 wheel (requirements-dev.txt), as
 the CI compile test does. Kernels that spill are marked with "SPILL".
 """
+
 import ctypes
 import glob
 import os
@@ -15,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nvrtc():
-    cands = glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.1*"))
+    cands = glob.glob(
+        os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "cuda_nvrtc", "lib", "libnvrtc.so.1*")
+    )
     for c in sorted(cands) + ["libnvrtc.so.13", "libnvrtc.so.12"]:
         try:
             return ctypes.CDLL(c)

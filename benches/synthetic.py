@@ -21,26 +21,102 @@ from make_tiny_models import vocab  # noqa: E402  (the fixtures' tokenizer)
 
 # Hyper-parameters of the published models (their config.json), layers cut only for the MoE.
 SHAPES: dict[str, dict] = {  # type: ignore[type-arg]
-    "llama-3.2-1b": dict(arch="llama", n_embd=2048, n_layer=16, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192,
-                         n_vocab=128256, tied=True, ctx=131072, rope_base=500000.0, eps=1e-5),
-    "llama-3.2-3b": dict(arch="llama", n_embd=3072, n_layer=28, n_head=24, n_head_kv=8, head_dim=128, n_ff=8192,
-                         n_vocab=128256, tied=True, ctx=131072, rope_base=500000.0, eps=1e-5),
-    "qwen3-1.7b": dict(arch="qwen3", n_embd=2048, n_layer=28, n_head=16, n_head_kv=8, head_dim=128, n_ff=6144,
-                       n_vocab=151936, tied=True, ctx=40960, rope_base=1e6, eps=1e-6),
-    "phi4-mini": dict(arch="phi3", n_embd=3072, n_layer=32, n_head=24, n_head_kv=8, head_dim=128, n_ff=8192,
-                      n_vocab=200064, tied=True, ctx=131072, orig_ctx=4096, n_rot=96, rope_base=10000.0, eps=1e-5),
-    "qwen3-30b-a3b-8l": dict(arch="qwen3moe", n_embd=2048, n_layer=8, n_head=32, n_head_kv=4, head_dim=128,
-                             n_expert=128, n_used=8, n_ff_exp=768, n_ff=6144, n_vocab=151936, tied=False, ctx=40960,
-                             rope_base=1e6, eps=1e-6),
+    "llama-3.2-1b": dict(
+        arch="llama",
+        n_embd=2048,
+        n_layer=16,
+        n_head=32,
+        n_head_kv=8,
+        head_dim=64,
+        n_ff=8192,
+        n_vocab=128256,
+        tied=True,
+        ctx=131072,
+        rope_base=500000.0,
+        eps=1e-5,
+    ),
+    "llama-3.2-3b": dict(
+        arch="llama",
+        n_embd=3072,
+        n_layer=28,
+        n_head=24,
+        n_head_kv=8,
+        head_dim=128,
+        n_ff=8192,
+        n_vocab=128256,
+        tied=True,
+        ctx=131072,
+        rope_base=500000.0,
+        eps=1e-5,
+    ),
+    "qwen3-1.7b": dict(
+        arch="qwen3",
+        n_embd=2048,
+        n_layer=28,
+        n_head=16,
+        n_head_kv=8,
+        head_dim=128,
+        n_ff=6144,
+        n_vocab=151936,
+        tied=True,
+        ctx=40960,
+        rope_base=1e6,
+        eps=1e-6,
+    ),
+    "phi4-mini": dict(
+        arch="phi3",
+        n_embd=3072,
+        n_layer=32,
+        n_head=24,
+        n_head_kv=8,
+        head_dim=128,
+        n_ff=8192,
+        n_vocab=200064,
+        tied=True,
+        ctx=131072,
+        orig_ctx=4096,
+        n_rot=96,
+        rope_base=10000.0,
+        eps=1e-5,
+    ),
+    "qwen3-30b-a3b-8l": dict(
+        arch="qwen3moe",
+        n_embd=2048,
+        n_layer=8,
+        n_head=32,
+        n_head_kv=4,
+        head_dim=128,
+        n_expert=128,
+        n_used=8,
+        n_ff_exp=768,
+        n_ff=6144,
+        n_vocab=151936,
+        tied=False,
+        ctx=40960,
+        rope_base=1e6,
+        eps=1e-6,
+    ),
 }
 # The same layouts on tiny shapes (rows whole 256-blocks, so Q4_K_M applies).
 TINY: dict[str, dict] = {  # type: ignore[type-arg]
-    "qwen3-tiny": dict(SHAPES["qwen3-1.7b"], n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64, n_ff=512,
-                       n_vocab=4096),
-    "phi4-tiny": dict(SHAPES["phi4-mini"], n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64, n_ff=512,
-                      n_vocab=4096, n_rot=48),
-    "qwen3moe-tiny": dict(SHAPES["qwen3-30b-a3b-8l"], n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64,
-                          n_expert=16, n_used=4, n_ff_exp=256, n_vocab=4096),
+    "qwen3-tiny": dict(
+        SHAPES["qwen3-1.7b"], n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64, n_ff=512, n_vocab=4096
+    ),
+    "phi4-tiny": dict(
+        SHAPES["phi4-mini"], n_embd=256, n_layer=2, n_head=4, n_head_kv=2, head_dim=64, n_ff=512, n_vocab=4096, n_rot=48
+    ),
+    "qwen3moe-tiny": dict(
+        SHAPES["qwen3-30b-a3b-8l"],
+        n_embd=256,
+        n_layer=2,
+        n_head=4,
+        n_head_kv=2,
+        head_dim=64,
+        n_expert=16,
+        n_used=4,
+        n_ff_exp=256,
+        n_vocab=4096,
+    ),
 }
 
 
@@ -65,13 +141,20 @@ def tensors(s: dict) -> list[tuple[str, tuple[int, ...]]]:  # type: ignore[type-
         out += [(p + "attn_output.weight", (e, qd)), (p + "ffn_norm.weight", (e,))]
         if s["arch"] == "qwen3moe":
             x, f = s["n_expert"], s["n_ff_exp"]
-            out += [(p + "ffn_gate_inp.weight", (x, e)), (p + "ffn_gate_exps.weight", (x, f, e)),
-                    (p + "ffn_up_exps.weight", (x, f, e)), (p + "ffn_down_exps.weight", (x, e, f))]
+            out += [
+                (p + "ffn_gate_inp.weight", (x, e)),
+                (p + "ffn_gate_exps.weight", (x, f, e)),
+                (p + "ffn_up_exps.weight", (x, f, e)),
+                (p + "ffn_down_exps.weight", (x, e, f)),
+            ]
         elif s["arch"] == "phi3":
             out += [(p + "ffn_up.weight", (2 * s["n_ff"], e)), (p + "ffn_down.weight", (e, s["n_ff"]))]
         else:
-            out += [(p + "ffn_gate.weight", (s["n_ff"], e)), (p + "ffn_up.weight", (s["n_ff"], e)),
-                    (p + "ffn_down.weight", (e, s["n_ff"]))]
+            out += [
+                (p + "ffn_gate.weight", (s["n_ff"], e)),
+                (p + "ffn_up.weight", (s["n_ff"], e)),
+                (p + "ffn_down.weight", (e, s["n_ff"])),
+            ]
     return out
 
 

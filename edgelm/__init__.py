@@ -16,6 +16,7 @@ from edgelm._native import (
     InvalidRequestError,
     ModelLoadError,
     OutputError,
+    SamplingParams,
     TokenizerError,
 )
 from edgelm._native import __version__ as __version__
@@ -29,6 +30,7 @@ def discover(timeout: float = 3.0, interfaces: list[str] | None = None) -> list[
 
     return _discover(timeout, interfaces)
 
+
 __all__ = [
     "CacheFullError",
     "EdgelmError",
@@ -37,6 +39,7 @@ __all__ = [
     "Model",
     "ModelLoadError",
     "OutputError",
+    "SamplingParams",
     "Token",
     "TokenizerError",
     "discover",

@@ -13,6 +13,12 @@ __all__ = [
     "InvalidRequestError",
     "Model",
     "ModelLoadError",
+    "NewSequence",
+    "SampledToken",
+    "SamplingParams",
+    "StepItem",
+    "StepPlan",
+    "StepResult",
     "TokenizerError",
     "dequantize",
     "available_kernel_levels",
@@ -42,7 +48,11 @@ class CacheFullError(EdgelmError): ...
 @final
 class Model:
     def __new__(
-        cls, path: str | PathLike[str], n_threads: int | None = None, kernel_level: str | None = None, n_ctx: int | None = None
+        cls,
+        path: str | PathLike[str],
+        n_threads: int | None = None,
+        kernel_level: str | None = None,
+        n_ctx: int | None = None,
     ) -> Model: ...
     @property
     def architecture(self) -> str: ...
@@ -100,17 +110,8 @@ class Model:
     def generate(
         self,
         ids: list[int],
+        sampling: SamplingParams | None = None,
         max_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        seed: int | None = None,
-        n_logprobs: int = 0,
         stop_tokens: list[int] = ...,
         stop_at_eog: bool = True,
     ) -> Generator: ...
@@ -129,6 +130,154 @@ def available_kernel_levels() -> list[str]: ...
 def read_bandwidth(n_bytes: int = 1073741824, n_threads: int = 1, reps: int = 5) -> float: ...
 
 @final
+class SamplingParams:
+    """How a sequence's tokens are drawn; defaults and limits are the Rust type's."""
+
+    def __new__(
+        cls,
+        *,
+        temperature: float = ...,
+        top_k: int = ...,
+        top_p: float = ...,
+        min_p: float = ...,
+        repeat_penalty: float = ...,
+        repeat_last_n: int = ...,
+        frequency_penalty: float = ...,
+        presence_penalty: float = ...,
+        seed: int | None = None,
+        n_logprobs: int = ...,
+        penalize_prompt: bool = ...,
+    ) -> SamplingParams: ...
+    def replace(
+        self,
+        *,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        repeat_penalty: float | None = None,
+        repeat_last_n: int | None = None,
+        frequency_penalty: float | None = None,
+        presence_penalty: float | None = None,
+        seed: int | None = None,
+        n_logprobs: int | None = None,
+        penalize_prompt: bool | None = None,
+    ) -> SamplingParams: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def repeat_penalty(self) -> float: ...
+    @property
+    def repeat_last_n(self) -> int: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
+    @property
+    def n_logprobs(self) -> int: ...
+    @property
+    def penalize_prompt(self) -> bool: ...
+
+@final
+class NewSequence:
+    def __new__(
+        cls,
+        id: int,
+        prompt: list[int],
+        sampling: SamplingParams,
+        max_tokens: int,
+        stop_ids: list[int] = ...,
+        ignore_eos: bool = False,
+    ) -> NewSequence: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def prompt(self) -> list[int]: ...
+    @property
+    def sampling(self) -> SamplingParams: ...
+    @property
+    def max_tokens(self) -> int: ...
+    @property
+    def stop_ids(self) -> list[int]: ...
+    @property
+    def ignore_eos(self) -> bool: ...
+
+@final
+class StepItem:
+    def __new__(cls, id: int, start: int, end: int, block_table: list[int], sample: bool) -> StepItem: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def start(self) -> int: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def block_table(self) -> list[int]: ...
+    @property
+    def sample(self) -> bool: ...
+
+@final
+class StepPlan:
+    def __new__(
+        cls,
+        new: list[NewSequence] = ...,
+        items: list[StepItem] = ...,
+        finished: list[int] = ...,
+        masks: dict[int, bytes] = ...,
+    ) -> StepPlan: ...
+    @property
+    def new(self) -> list[NewSequence]: ...
+    @property
+    def items(self) -> list[StepItem]: ...
+    @property
+    def finished(self) -> list[int]: ...
+    @property
+    def masks(self) -> dict[int, bytes]: ...
+    @property
+    def n_tokens(self) -> int: ...
+    def is_empty(self) -> bool: ...
+
+@final
+class SampledToken:
+    def __new__(
+        cls,
+        id: int,
+        token: int,
+        logprob: float,
+        text: str,
+        top: list[tuple[int, float]] = ...,
+        finish_reason: str | None = None,
+    ) -> SampledToken: ...
+    @property
+    def id(self) -> int: ...
+    @property
+    def token(self) -> int: ...
+    @property
+    def logprob(self) -> float: ...
+    @property
+    def top(self) -> list[tuple[int, float]]: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+
+@final
+class StepResult:
+    def __new__(cls, tokens: list[SampledToken] = ..., refused: dict[int, str] = ...) -> StepResult: ...
+    @property
+    def tokens(self) -> list[SampledToken]: ...
+    @property
+    def refused(self) -> dict[int, str]: ...
+
+@final
 class Executor:
     def __new__(cls, model: Model, n_blocks: int, device: str = "cpu") -> Executor: ...
     @property
@@ -137,31 +286,13 @@ class Executor:
     def n_blocks(self) -> int: ...
     @property
     def block_size(self) -> int: ...
-    def add(
-        self,
-        seq_id: int,
-        prompt: list[int],
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        seed: int | None = None,
-        n_logprobs: int = 0,
-        penalize_prompt: bool = True,
-    ) -> None: ...
-    def remove(self, seq_id: int) -> str | None: ...
     def n_sequences(self) -> int: ...
-    def history(self, seq_id: int) -> list[int] | None: ...
-    def step(
-        self, items: list[tuple[int, int, int, list[int], bool]], masks: dict[int, bytes] | None = None
-    ) -> list[tuple[int, int, float, list[tuple[int, float]], str]]: ...
+    def step(self, plan: StepPlan) -> StepResult: ...
 
 def file_types() -> list[str]: ...
-def quantize_plan(input: str | PathLike[str], ftype: str, pure: bool = False) -> list[tuple[str, list[int], str, str, int]]: ...
+def quantize_plan(
+    input: str | PathLike[str], ftype: str, pure: bool = False
+) -> list[tuple[str, list[int], str, str, int]]: ...
 def quantize_file(
     input: str | PathLike[str],
     output: str | PathLike[str],
@@ -170,5 +301,9 @@ def quantize_file(
     pure: bool = False,
     progress: Callable[[int, int, str, str, str, int, int], Any] | None = None,
 ) -> dict[str, Any]: ...
-def write_gguf(output: str | PathLike[str], kv: list[tuple[str, str, Any]], tensors: list[tuple[str, list[int], str, bytes]]) -> int: ...
-def inspect_gguf(path: str | PathLike[str]) -> tuple[int, int, dict[str, Any], list[tuple[str, list[int], str, int]]]: ...
+def write_gguf(
+    output: str | PathLike[str], kv: list[tuple[str, str, Any]], tensors: list[tuple[str, list[int], str, bytes]]
+) -> int: ...
+def inspect_gguf(
+    path: str | PathLike[str],
+) -> tuple[int, int, dict[str, Any], list[tuple[str, list[int], str, int]]]: ...

@@ -45,9 +45,6 @@ HELP = """Available commands:
 Use \"\"\" to begin a message of several lines, and \"\"\" again to end it.
 Ctrl-C stops an answer; the session goes on."""
 
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1, "repeat_last_n": 64}
-"""Ollama's sampling defaults (a pulled model's parameters and the flags override them)."""
-
 
 class Backend(Protocol):
     name: str
@@ -77,12 +74,19 @@ class DaemonBackend:
                 yield "content", str(msg["content"])
             if line.get("done"):
                 n, ns = int(line.get("eval_count") or 0), int(line.get("eval_duration") or 0)
-                yield "stats", (f"prompt tokens evaluated: {line.get('prompt_eval_count', 0)} (the rest cached), "
-                                f"answer tokens: {n}" + (f", {n / (ns / 1e9):.1f} tokens/s" if ns else ""))
+                yield (
+                    "stats",
+                    (
+                        f"prompt tokens evaluated: {line.get('prompt_eval_count', 0)} (the rest cached), "
+                        f"answer tokens: {n}" + (f", {n / (ns / 1e9):.1f} tokens/s" if ns else "")
+                    ),
+                )
 
     def complete(self, prompt: str) -> Iterator[str]:
-        for line in self.daemon.stream("/api/generate", {"model": self.name, "prompt": prompt, "raw": True,
-                                                          "stream": True, "options": self.options}):
+        for line in self.daemon.stream(
+            "/api/generate",
+            {"model": self.name, "prompt": prompt, "raw": True, "stream": True, "options": self.options},
+        ):
             if line.get("response"):
                 yield str(line["response"])
 
@@ -90,8 +94,15 @@ class DaemonBackend:
 class LocalBackend:
     """The model loaded in this process."""
 
-    def __init__(self, path: Path, name: str, entry: store.Entry | None, st: store.Store | None,
-                 options: dict[str, Any], threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        entry: store.Entry | None,
+        st: store.Store | None,
+        options: dict[str, Any],
+        threads: int | None = None,
+    ) -> None:
         from edgelm import Model
 
         self.name = name
@@ -101,8 +112,9 @@ class LocalBackend:
         src = md.get("tokenizer.chat_template")
         bos = native.detokenize([native.bos], True) if native.bos is not None else ""
         eos = native.detokenize([native.eos], True) if native.eos is not None else ""
-        self.template: ChatTemplate | GoTemplate = ChatTemplate.for_model(src if isinstance(src, str) else None,
-                                                                          self.model.architecture, bos, eos)
+        self.template: ChatTemplate | GoTemplate = ChatTemplate.for_model(
+            src if isinstance(src, str) else None, self.model.architecture, bos, eos
+        )
         go = st.text_layer(entry, store.TEMPLATE) if entry is not None and st is not None else None
         if go and not isinstance(src, str):  # no chat template in the file: the registry's
             try:
@@ -110,10 +122,15 @@ class LocalBackend:
             except GoTemplateError:
                 pass
         params = modelinfo.params_of(entry, st)
-        self.stop = [str(s) for s in params.get("stop", []) if isinstance(s, str)] if isinstance(params.get("stop"),
-                                                                                             list) else []
-        self.options = {**DEFAULTS, **{k: v for k, v in params.items() if k in DEFAULTS or k in ("seed", "num_predict")},
-                        **options}
+        self.stop = (
+            [str(s) for s in params.get("stop", []) if isinstance(s, str)]
+            if isinstance(params.get("stop"), list)
+            else []
+        )
+        # As the daemon reads an Ollama request: Ollama's defaults, then the model's
+        # parameters, then the flags (as options).
+        self.params = params
+        self.options = {**{k: v for k, v in params.items() if k in ("seed", "num_predict")}, **options}
         self.stats = ""
 
     def _generate(self, ids: list[int]) -> Iterator[str]:
@@ -122,25 +139,31 @@ class LocalBackend:
         o = self.options
         room = self.model.n_ctx_train - len(ids)
         if room <= 0:
-            raise EdgelmError(f"the conversation has {len(ids)} tokens; the model's context holds "
-                              f"{self.model.n_ctx_train}. /clear starts again")
+            raise EdgelmError(
+                f"the conversation has {len(ids)} tokens; the model's context holds "
+                f"{self.model.n_ctx_train}. /clear starts again"
+            )
         n = o.get("num_predict")
         max_tokens = room if n is None or n < 0 else min(int(n), room)
+        from edgelm.server.ollama import from_ollama
+        from edgelm.server.params import ApiError, Body
+
+        try:
+            sampling = from_ollama(Body(o, "options", "options."), self.params)
+        except ApiError as e:
+            raise EdgelmError(e.message) from None
         t0, count = time.perf_counter(), 0
-        for tok in self.model.generate(ids, max_tokens=max_tokens, temperature=float(o["temperature"]),
-                                       top_k=int(o["top_k"]), top_p=float(o["top_p"]), min_p=float(o["min_p"]),
-                                       repeat_penalty=float(o["repeat_penalty"]),
-                                       repeat_last_n=int(o["repeat_last_n"]), seed=o.get("seed"), stop=self.stop):
+        for tok in self.model.generate(ids, max_tokens=max_tokens, sampling=sampling, stop=self.stop):
             count += 1
             if tok.text:
                 yield tok.text
         dt = time.perf_counter() - t0
-        self.stats = (f"prompt tokens: {len(ids)}, answer tokens: {count}"
-                      + (f", {count / dt:.1f} tokens/s" if dt > 0 else ""))
+        self.stats = f"prompt tokens: {len(ids)}, answer tokens: {count}" + (
+            f", {count / dt:.1f} tokens/s" if dt > 0 else ""
+        )
 
     def chat(self, messages: list[dict[str, Any]], think: bool | None) -> Iterator[tuple[str, str]]:
         from edgelm.server import thinking
-
         from edgelm.server.params import ApiError
 
         style = self.template.thinking
@@ -219,8 +242,17 @@ class Screen:
         self.stats = ""
 
 
-def answer_once(backend: Backend, prompt: str, system: str | None, think: bool | None, raw: bool,
-                out: TextIO, err: TextIO, hide_thinking: bool, verbose: bool = False) -> int:
+def answer_once(
+    backend: Backend,
+    prompt: str,
+    system: str | None,
+    think: bool | None,
+    raw: bool,
+    out: TextIO,
+    err: TextIO,
+    hide_thinking: bool,
+    verbose: bool = False,
+) -> int:
     screen = Screen(out, err, once=True, hide_thinking=hide_thinking, verbose=verbose)
     if raw:
         for piece in backend.complete(prompt):
@@ -253,8 +285,15 @@ def _read_message(inp: Any) -> str:
         lines.append(more)
 
 
-def session(backend: Backend, system: str | None, think: bool | None, out: TextIO, err: TextIO,
-            hide_thinking: bool, verbose: bool = False) -> int:
+def session(
+    backend: Backend,
+    system: str | None,
+    think: bool | None,
+    out: TextIO,
+    err: TextIO,
+    hide_thinking: bool,
+    verbose: bool = False,
+) -> int:
     """The interactive chat (see the module doc)."""
     try:
         import readline  # noqa: F401  (line editing and history for input())

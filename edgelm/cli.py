@@ -1,17 +1,17 @@
 """The `edgelm` command.
 
-    edgelm run NAME ["prompt"]    chat in the terminal (or answer once); pulls NAME first
-    edgelm pull NAME|SOURCE       a model into the models directory (Ollama registry,
-                                  hf.co, catalogue, URL, edgelm://, LAN)
-    edgelm list | ps              the models there | the models the daemon has loaded
-    edgelm show NAME              architecture, parameters, quantization, template, license
-    edgelm rm NAME… | cp SRC DST  remove | give another name (the daemon's, else the store)
-    edgelm stop NAME              unload a model from the daemon
-    edgelm info MODEL             architecture, sizes, quant types, tokenizer of any GGUF
-    edgelm serve [--config F]     the HTTP daemon (OpenAI- and Ollama-compatible API)
-    edgelm discover [--json]      edgelm daemons on the LAN (mDNS)
-    edgelm quantize IN OUT TYPE   re-encode a GGUF's weights (Q4_0 … Q8_0, Q4_K_M, …)
-    edgelm convert M.onnx OUT     import a decoder-only ONNX model (float or int4 MatMulNBits)
+edgelm run NAME ["prompt"]    chat in the terminal (or answer once); pulls NAME first
+edgelm pull NAME|SOURCE       a model into the models directory (Ollama registry,
+                              hf.co, catalogue, URL, edgelm://, LAN)
+edgelm list | ps              the models there | the models the daemon has loaded
+edgelm show NAME              architecture, parameters, quantization, template, license
+edgelm rm NAME… | cp SRC DST  remove | give another name (the daemon's, else the store)
+edgelm stop NAME              unload a model from the daemon
+edgelm info MODEL             architecture, sizes, quant types, tokenizer of any GGUF
+edgelm serve [--config F]     the HTTP daemon (OpenAI- and Ollama-compatible API)
+edgelm discover [--json]      edgelm daemons on the LAN (mDNS)
+edgelm quantize IN OUT TYPE   re-encode a GGUF's weights (Q4_0 … Q8_0, Q4_K_M, …)
+edgelm convert M.onnx OUT     import a decoder-only ONNX model (float or int4 MatMulNBits)
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from datetime import UTC
 from typing import Any, TextIO
 
 from edgelm import EdgelmError, __version__
@@ -46,8 +47,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"architecture:  {arch}   file type: {_FTYPE_NAMES.get(ftype, ftype) if ftype is not None else '?'}")
     n_params = sum(_n_elements(dims) for _, dims, _, _ in tensors)
     total = sum(nb for *_, nb in tensors) or 1
-    print(f"tensors:       {len(tensors)}, {n_params / 1e6:.1f} M weights, {_fmt_bytes(total)}, "
-          f"{8 * total / max(n_params, 1):.2f} bits per weight")
+    print(
+        f"tensors:       {len(tensors)}, {n_params / 1e6:.1f} M weights, {_fmt_bytes(total)}, "
+        f"{8 * total / max(n_params, 1):.2f} bits per weight"
+    )
     by_type: collections.Counter[str] = collections.Counter()
     count: collections.Counter[str] = collections.Counter()
     elems: collections.Counter[str] = collections.Counter()
@@ -57,8 +60,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         elems[ty] += _n_elements(dims)
     print("bytes per type:")
     for ty, nbytes in by_type.most_common():
-        print(f"  {ty:6s} {count[ty]:5d} tensors  {_fmt_bytes(nbytes):>10s}  {100 * nbytes / total:5.1f}%  "
-              f"{8 * nbytes / max(elems[ty], 1):5.2f} bits/weight")
+        print(
+            f"  {ty:6s} {count[ty]:5d} tensors  {_fmt_bytes(nbytes):>10s}  {100 * nbytes / total:5.1f}%  "
+            f"{8 * nbytes / max(elems[ty], 1):5.2f} bits/weight"
+        )
     try:
         m = Model(args.model, n_threads=1)
     except EdgelmError as e:
@@ -67,12 +72,16 @@ def cmd_info(args: argparse.Namespace) -> int:
         nm = m.native
         print(f"layers:        {nm.n_layer}   embedding: {nm.n_embd}   heads: {nm.n_head} (kv {nm.n_head_kv})")
         print(f"context:       {m.n_ctx_train} tokens (trained)")
-        print(f"vocabulary:    {m.n_vocab} tokens, tokenizer {nm.tokenizer_model!r} pre {nm.tokenizer_pre!r}, "
-              f"bos {nm.bos} eos {nm.eos}")
+        print(
+            f"vocabulary:    {m.n_vocab} tokens, tokenizer {nm.tokenizer_model!r} pre {nm.tokenizer_pre!r}, "
+            f"bos {nm.bos} eos {nm.eos}"
+        )
         print(f"chat template: {'yes' if 'tokenizer.chat_template' in md else 'no'}")
         print(f"weights read per token: {_fmt_bytes(nm.weight_bytes_per_token)}")
-        print(f"CPU kernels:   {m.kernel_level} (this CPU can run: {', '.join(_native.available_kernel_levels())}; "
-              f"EDGELM_KERNEL_LEVEL lowers it), {_native.physical_cores()} physical cores")
+        print(
+            f"CPU kernels:   {m.kernel_level} (this CPU can run: {', '.join(_native.available_kernel_levels())}; "
+            f"EDGELM_KERNEL_LEVEL lowers it), {_native.physical_cores()} physical cores"
+        )
     if not args.summary:
         print("tensors (name, type, shape in ggml order, bytes):")
         for name, dims, ty, nbytes in tensors:
@@ -88,9 +97,25 @@ def _n_elements(dims: Sequence[int]) -> int:
 
 
 # `general.file_type` values (llama.cpp's enum llama_ftype) edgelm reads or writes.
-_FTYPE_NAMES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-                11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S",
-                17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+_FTYPE_NAMES = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
 
 
 class _ProgressBar:
@@ -137,19 +162,25 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         return 0
     bar = _ProgressBar("quantizing")
     try:
-        s = _native.quantize_file(args.input, args.output, args.type, threads=args.threads, pure=args.pure,
-                                  progress=bar)
+        s = _native.quantize_file(
+            args.input, args.output, args.type, threads=args.threads, pure=args.pure, progress=bar
+        )
     finally:
         bar.close()
     in_size = os.path.getsize(args.input)
-    print(f"wrote {args.output}: {s['ftype']}, {_fmt_bytes(s['out_file_bytes'])} (from {_fmt_bytes(in_size)}), "
-          f"{s['n_tensors']} tensors ({s['n_converted']} re-encoded, {s['n_fallback']} fell back to a 32-block type), "
-          f"{s['seconds']:.2f} s, {s['in_tensor_bytes'] / max(s['seconds'], 1e-9) / 1e6:.0f} MB/s of input")
+    print(
+        f"wrote {args.output}: {s['ftype']}, {_fmt_bytes(s['out_file_bytes'])} (from {_fmt_bytes(in_size)}), "
+        f"{s['n_tensors']} tensors ({s['n_converted']} re-encoded, {s['n_fallback']} fell back to a 32-block type), "
+        f"{s['seconds']:.2f} s, {s['in_tensor_bytes'] / max(s['seconds'], 1e-9) / 1e6:.0f} MB/s of input"
+    )
     for ty, n, nbytes in s["by_type"]:
         print(f"  {ty:6s} {n:5d} tensors  {_fmt_bytes(nbytes)}")
     if s["n_requantized"]:
-        print(f"note: {s['n_requantized']} tensors were already quantized in {args.input}; re-encoding them adds "
-              f"error on top of theirs. Quantize from the F16/BF16/F32 original where you have it.", file=sys.stderr)
+        print(
+            f"note: {s['n_requantized']} tensors were already quantized in {args.input}; re-encoding them adds "
+            f"error on top of theirs. Quantize from the F16/BF16/F32 original where you have it.",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -158,12 +189,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     bar = _ProgressBar("converting")
     try:
-        info = convert_onnx(args.model, args.output, tokenizer=args.tokenizer, config=args.config,
-                            out_type=args.type, progress=bar)
+        info = convert_onnx(
+            args.model, args.output, tokenizer=args.tokenizer, config=args.config, out_type=args.type, progress=bar
+        )
     finally:
         bar.close()
-    print(f"wrote {args.output}: {info['architecture']}, {info['n_layer']} layers, {info['n_tensors']} tensors, "
-          f"{_fmt_bytes(info['file_bytes'])}")
+    print(
+        f"wrote {args.output}: {info['architecture']}, {info['n_layer']} layers, {info['n_tensors']} tensors, "
+        f"{_fmt_bytes(info['file_bytes'])}"
+    )
     for ty, n in sorted(info["types"].items()):
         print(f"  {ty:6s} {n:5d} tensors")
     return 0
@@ -172,8 +206,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace) -> dict[str, object]:
     """The sampling flags given, as Ollama options."""
     out: dict[str, object] = {}
-    for flag, key in (("max_tokens", "num_predict"), ("temperature", "temperature"), ("top_k", "top_k"),
-                      ("top_p", "top_p"), ("seed", "seed")):
+    for flag, key in (
+        ("max_tokens", "num_predict"),
+        ("temperature", "temperature"),
+        ("top_k", "top_k"),
+        ("top_p", "top_p"),
+        ("seed", "seed"),
+    ):
         v = getattr(args, flag, None)
         if v is not None:
             out[key] = v
@@ -205,8 +244,19 @@ def _backend(args: argparse.Namespace) -> object:
         return DaemonBackend(daemon, args.model, opts)
     found = find_local(s.models_dir, args.model)
     if found is None:
-        if cmd_pull(argparse.Namespace(source=args.model, list=False, models_dir=str(s.models_dir), sha256=None,
-                                       api_key=None, interfaces=None)) != 0:
+        if (
+            cmd_pull(
+                argparse.Namespace(
+                    source=args.model,
+                    list=False,
+                    models_dir=str(s.models_dir),
+                    sha256=None,
+                    api_key=None,
+                    interfaces=None,
+                )
+            )
+            != 0
+        ):
             return None
         found = find_local(s.models_dir, args.model)
         if found is None:
@@ -236,15 +286,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     think = False if args.nothink else (True if args.think else None)
     if piped is not None or prompt is not None:
         text = "\n\n".join(x for x in (piped.strip() if piped else None, prompt) if x)
-        return answer_once(backend, text, args.system, think, args.raw, sys.stdout, sys.stderr,  # type: ignore[arg-type]
-                           args.hidethinking, args.verbose)
-    return session(backend, args.system, think, sys.stdout, sys.stderr, args.hidethinking,  # type: ignore[arg-type]
-                   args.verbose)
+        return answer_once(
+            backend,  # type: ignore[arg-type]
+            text,
+            args.system,
+            think,
+            args.raw,
+            sys.stdout,
+            sys.stderr,
+            args.hidethinking,
+            args.verbose,
+        )
+    return session(
+        backend,  # type: ignore[arg-type]
+        args.system,
+        think,
+        sys.stdout,
+        sys.stderr,
+        args.hidethinking,
+        args.verbose,
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from edgelm.daemon.main import run
     from edgelm.config import ConfigError, load_config
+    from edgelm.daemon.main import run
 
     flags = {k: getattr(args, k) for k in _SERVE_FLAGS}
     if args.no_prefix_cache:
@@ -277,8 +343,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
     if not found:
         print(f"no edgelm daemon answered within {args.timeout:g} s", file=sys.stderr)
         return 1
-    rows = [(d["name"], d["url"], d.get("model", ""), d.get("state", ""), d.get("accel", ""), d.get("ver", ""))
-            for d in found]
+    rows = [
+        (d["name"], d["url"], d.get("model", ""), d.get("state", ""), d.get("accel", ""), d.get("ver", ""))
+        for d in found
+    ]
     head = ("NAME", "URL", "MODEL", "STATE", "ACCEL", "VERSION")
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:
@@ -300,8 +368,11 @@ def _pull_progress() -> Any:
             frac = min(done / total, 1.0)
             rate = float(p.get("rate") or 0.0)
             bar = "█" * int(25 * frac)
-            sys.stderr.write(f"\r{status}: {100 * frac:3.0f}% ▕{bar:<25}▏ {_fmt_bytes(done)}/{_fmt_bytes(total)}"
-                             + (f" {_fmt_bytes(rate)}/s" if rate else "") + "\x1b[K")
+            sys.stderr.write(
+                f"\r{status}: {100 * frac:3.0f}% ▕{bar:<25}▏ {_fmt_bytes(done)}/{_fmt_bytes(total)}"
+                + (f" {_fmt_bytes(rate)}/s" if rate else "")
+                + "\x1b[K"
+            )
             state["status"] = status
         else:
             if state["status"] is not None:
@@ -335,8 +406,17 @@ def cmd_pull(args: argparse.Namespace) -> int:
     models_dir = Path(args.models_dir).expanduser() if args.models_dir else s.models_dir
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
     try:
-        path = asyncio.run(pull(args.source, models_dir, args.sha256, _pull_progress(), headers,
-                                args.interfaces or None, registries=Registries(s.registry_url, s.hf_url)))
+        path = asyncio.run(
+            pull(
+                args.source,
+                models_dir,
+                args.sha256,
+                _pull_progress(),
+                headers,
+                args.interfaces or None,
+                registries=Registries(s.registry_url, s.hf_url),
+            )
+        )
     except PullError as e:
         print(f"edgelm: pull failed: {e}" + (f" ({e.detail})" if e.detail else ""), file=sys.stderr)
         return 1
@@ -348,13 +428,13 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _ago(iso: str) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     try:
         t = datetime.fromisoformat(iso.replace("Z", "+00:00"))
     except ValueError:
         return iso
-    s = (datetime.now(timezone.utc) - t).total_seconds()
+    s = (datetime.now(UTC) - t).total_seconds()
     for unit, n in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if abs(s) >= n:
             k = int(abs(s) // n)
@@ -378,8 +458,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     if d is not None:
         for m in d.request("GET", "/api/tags")["models"]:
-            rows.append((m["name"], str(m.get("digest", ""))[:12], _fmt_bytes(m.get("size", 0)),
-                         _ago(m.get("modified_at", ""))))
+            rows.append(
+                (m["name"], str(m.get("digest", ""))[:12], _fmt_bytes(m.get("size", 0)), _ago(m.get("modified_at", "")))
+            )
     else:
         for m in list_local(s.models_dir):
             digest = (m.entry.digest or "")[7:19] if m.entry is not None else ""
@@ -390,8 +471,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def _no_daemon(url: str, what: str) -> int:
-    print(f"edgelm: no daemon answers at {url} ({what}); start one with `edgelm serve`, or set EDGELM_URL",
-          file=sys.stderr)
+    print(
+        f"edgelm: no daemon answers at {url} ({what}); start one with `edgelm serve`, or set EDGELM_URL",
+        file=sys.stderr,
+    )
     return 1
 
 
@@ -406,8 +489,16 @@ def cmd_ps(args: argparse.Namespace) -> int:
     for m in d.request("GET", "/api/ps")["models"]:
         where = "100% GPU" if m.get("size_vram") else "100% CPU"
         until = "forever" if str(m.get("expires_at", "")).startswith("2318") else _ago(m.get("expires_at", ""))
-        rows.append((m["name"], str(m.get("digest", ""))[:12], _fmt_bytes(m.get("size", 0)), where,
-                     str(m.get("context_length", "")), until))
+        rows.append(
+            (
+                m["name"],
+                str(m.get("digest", ""))[:12],
+                _fmt_bytes(m.get("size", 0)),
+                where,
+                str(m.get("context_length", "")),
+                until,
+            )
+        )
     _table(("NAME", "ID", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"), rows)
     return 0
 
@@ -422,25 +513,35 @@ def _show_info(name: str) -> dict[str, Any]:
         return dict(d.request("POST", "/api/show", {"model": name}))
     found = find_local(s.models_dir, name)
     if found is None:
-        raise EdgelmError(f"model '{name}' not found in {s.models_dir}; `edgelm list` shows the models, "
-                          f"`edgelm pull {name}` fetches it")
+        raise EdgelmError(
+            f"model '{name}' not found in {s.models_dir}; `edgelm list` shows the models, "
+            f"`edgelm pull {name}` fetches it"
+        )
     md = modelinfo.read_metadata(found.path)
     return modelinfo.describe(found.path, md, found.entry, store.Store(s.models_dir))
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     info = _show_info(args.model)
-    for flag, key in (("license", "license"), ("modelfile", "modelfile"), ("parameters", "parameters"),
-                      ("template", "template"), ("system", "system")):
+    for flag, key in (
+        ("license", "license"),
+        ("modelfile", "modelfile"),
+        ("parameters", "parameters"),
+        ("template", "template"),
+        ("system", "system"),
+    ):
         if getattr(args, flag):
             print(info.get(key) or "")
             return 0
     md = info.get("model_info") or {}
     arch = str(md.get("general.architecture", info.get("details", {}).get("family", "")))
-    rows = [("architecture", arch), ("parameters", info.get("details", {}).get("parameter_size") or ""),
-            ("context length", str(md.get(f"{arch}.context_length", ""))),
-            ("embedding length", str(md.get(f"{arch}.embedding_length", ""))),
-            ("quantization", info.get("details", {}).get("quantization_level") or "")]
+    rows = [
+        ("architecture", arch),
+        ("parameters", info.get("details", {}).get("parameter_size") or ""),
+        ("context length", str(md.get(f"{arch}.context_length", ""))),
+        ("embedding length", str(md.get(f"{arch}.embedding_length", ""))),
+        ("quantization", info.get("details", {}).get("quantization_level") or ""),
+    ]
     print("  Model")
     for k, v in rows:
         if v:
@@ -523,7 +624,8 @@ def cmd_stop(args: argparse.Namespace) -> int:
     if d is None:
         return _no_daemon(s.url, "nothing is loaded, so nothing to stop")
     loaded = {m["name"] for m in d.request("GET", "/api/ps")["models"]} | {
-        m["model"] for m in d.request("GET", "/api/ps")["models"]}
+        m["model"] for m in d.request("GET", "/api/ps")["models"]
+    }
     want = args.model if ":" in args.model.rsplit("/", 1)[-1] else f"{args.model}:latest"
     if args.model not in loaded and want not in loaded:
         raise EdgelmError(f"'{args.model}' is not loaded (`edgelm ps` shows what is)")
@@ -531,12 +633,36 @@ def cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
-_SERVE_FLAGS = ("model", "models_dir", "served_model_name", "host", "port", "threads", "kernel_level",
-                "kv_cache_mib", "max_context", "max_running", "max_step_tokens", "max_queue",
-                "request_timeout_s", "shutdown_grace_s", "log_level", "mdns_name", "state_dir",
-                "memory_budget_mib", "max_loaded_models", "keep_alive", "max_tool_rounds", "device",
-                "allowed_hosts", "allowed_origins", "max_connections", "header_timeout_s", "idle_timeout_s",
-                "max_pull_mib")
+_SERVE_FLAGS = (
+    "model",
+    "models_dir",
+    "served_model_name",
+    "host",
+    "port",
+    "threads",
+    "kernel_level",
+    "kv_cache_mib",
+    "max_context",
+    "max_running",
+    "max_step_tokens",
+    "max_queue",
+    "request_timeout_s",
+    "shutdown_grace_s",
+    "log_level",
+    "mdns_name",
+    "state_dir",
+    "memory_budget_mib",
+    "max_loaded_models",
+    "keep_alive",
+    "max_tool_rounds",
+    "device",
+    "allowed_hosts",
+    "allowed_origins",
+    "max_connections",
+    "header_timeout_s",
+    "idle_timeout_s",
+    "max_pull_mib",
+)
 
 
 def _positive_int(text: str) -> int:
@@ -554,14 +680,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"edgelm {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="chat with a model (pulled first if missing)",
-                       description="Chat with NAME using its chat template: a session in the terminal, or one "
-                                   "answer to PROMPT (or to text piped in). The running daemon answers when it is "
-                                   "up; else the model is loaded here. A name not yet pulled is pulled first.")
+    r = sub.add_parser(
+        "run",
+        help="chat with a model (pulled first if missing)",
+        description="Chat with NAME using its chat template: a session in the terminal, or one "
+        "answer to PROMPT (or to text piped in). The running daemon answers when it is "
+        "up; else the model is loaded here. A name not yet pulled is pulled first.",
+    )
     r.add_argument("model", help="a model name (qwen3:0.6b, hf.co/USER/REPO:Q4_K_M, a file id) or a GGUF path")
     r.add_argument("prompt", nargs="*", help="answer this once and exit")
     r.add_argument("-n", "--max-tokens", type=int, default=None, help="at most this many tokens an answer")
-    r.add_argument("-t", "--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)")
+    r.add_argument(
+        "-t", "--threads", type=_positive_int, default=None, help="compute threads (default: physical cores)"
+    )
     r.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: the model's, else 0.8)")
     r.add_argument("--top-k", type=int, default=None)
     r.add_argument("--top-p", type=float, default=None)
@@ -602,10 +733,13 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tensors", action="store_true", help=argparse.SUPPRESS)  # the table is the default now
     i.set_defaults(func=cmd_info)
 
-    s = sub.add_parser("serve", help="run the HTTP daemon",
-                       description="Serve a model over an OpenAI-compatible HTTP API. Settings come from the YAML "
-                                   "config (--config, $EDGELM_CONFIG, ./edgelm.yaml, ~/.config/edgelm/edgelm.yaml, "
-                                   "/etc/edgelm/edgelm.yaml), then EDGELM_<KEY> variables, then these flags.")
+    s = sub.add_parser(
+        "serve",
+        help="run the HTTP daemon",
+        description="Serve a model over an OpenAI-compatible HTTP API. Settings come from the YAML "
+        "config (--config, $EDGELM_CONFIG, ./edgelm.yaml, ~/.config/edgelm/edgelm.yaml, "
+        "/etc/edgelm/edgelm.yaml), then EDGELM_<KEY> variables, then these flags.",
+    )
     s.add_argument("--config", help="YAML config file")
     s.add_argument("--print-config", action="store_true", help="print the merged configuration and exit")
     s.add_argument("-m", "--model", help="GGUF path, or a file name in models_dir (default: SmolLM2-135M-Instruct)")
@@ -632,7 +766,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-mdns", action="store_true", help="do not advertise on the LAN")
     s.add_argument("--mdns-name")
     s.add_argument("--state-dir")
-    s.add_argument("--allowed-hosts", help="extra Host names clients may use, comma-separated (\"*\": no check)")
+    s.add_argument("--allowed-hosts", help='extra Host names clients may use, comma-separated ("*": no check)')
     s.add_argument("--allowed-origins", help="browser origins allowed to call the API (CORS), comma-separated")
     s.add_argument("--max-connections", type=int)
     s.add_argument("--header-timeout-s", type=float)
@@ -647,23 +781,33 @@ def build_parser() -> argparse.ArgumentParser:
     dsc.set_defaults(func=cmd_discover)
 
     pl = sub.add_parser("pull", help="download a model into the models directory (resumable, digest-checked)")
-    pl.add_argument("source", nargs="?", help="a name from the Ollama registry (qwen3:0.6b, user/model:tag), "
-                                              "hf.co/USER/REPO[:QUANT], a catalogue name (see --list), "
-                                              "https://…/FILE.gguf, edgelm://HOST:PORT/FILE.gguf, or FILE.gguf "
-                                              "(ask the LAN)")
+    pl.add_argument(
+        "source",
+        nargs="?",
+        help="a name from the Ollama registry (qwen3:0.6b, user/model:tag), "
+        "hf.co/USER/REPO[:QUANT], a catalogue name (see --list), "
+        "https://…/FILE.gguf, edgelm://HOST:PORT/FILE.gguf, or FILE.gguf "
+        "(ask the LAN)",
+    )
     pl.add_argument("--list", action="store_true", help="list the catalogue of known models")
     pl.add_argument("--models-dir", help="default: the config's, $EDGELM_MODELS_DIR or ~/.cache/edgelm/models")
     pl.add_argument("--sha256", help="expected digest")
-    pl.add_argument("--api-key", help="key for a daemon that requires one (or EDGELM_API_KEY)",
-                    default=os.environ.get("EDGELM_API_KEY"))
+    pl.add_argument(
+        "--api-key",
+        help="key for a daemon that requires one (or EDGELM_API_KEY)",
+        default=os.environ.get("EDGELM_API_KEY"),
+    )
     pl.add_argument("--interfaces", nargs="*", help="mDNS interfaces for FILE.gguf lookups (default: all)")
     pl.set_defaults(func=cmd_pull)
 
-    q = sub.add_parser("quantize", help="re-encode a GGUF file's weights (llama-quantize's types and mixes)",
-                       description="Quantize IN into OUT. TYPE is a llama.cpp file type: F32 F16 BF16 Q4_0 Q4_1 Q5_0 "
-                                   "Q5_1 Q8_0 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K (Q4_K = "
-                                   "Q4_K_M). Mixes give some tensors more bits, as llama-quantize does; the output "
-                                   "is written to a temporary file and renamed when complete.")
+    q = sub.add_parser(
+        "quantize",
+        help="re-encode a GGUF file's weights (llama-quantize's types and mixes)",
+        description="Quantize IN into OUT. TYPE is a llama.cpp file type: F32 F16 BF16 Q4_0 Q4_1 Q5_0 "
+        "Q5_1 Q8_0 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M Q6_K (Q4_K = "
+        "Q4_K_M). Mixes give some tensors more bits, as llama-quantize does; the output "
+        "is written to a temporary file and renamed when complete.",
+    )
     q.add_argument("input")
     q.add_argument("output")
     q.add_argument("type")
@@ -672,14 +816,21 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dry-run", action="store_true", help="print each tensor's new type and size, write nothing")
     q.set_defaults(func=cmd_quantize)
 
-    c = sub.add_parser("convert", help="import an ONNX decoder-only model (float or int4 MatMulNBits) as GGUF",
-                       description="Convert a llama-family model exported to ONNX (Hugging Face Optimum or "
-                                   "onnxruntime-genai layouts) to GGUF. config.json and tokenizer.json are read from "
-                                   "the model's directory unless given. Needs the `onnx` package.")
+    c = sub.add_parser(
+        "convert",
+        help="import an ONNX decoder-only model (float or int4 MatMulNBits) as GGUF",
+        description="Convert a llama-family model exported to ONNX (Hugging Face Optimum or "
+        "onnxruntime-genai layouts) to GGUF. config.json and tokenizer.json are read from "
+        "the model's directory unless given. Needs the `onnx` package.",
+    )
     c.add_argument("model", help="model.onnx (external data files beside it are read too)")
     c.add_argument("output")
-    c.add_argument("--type", default="F16", choices=["F32", "F16"],
-                   help="type for float weights (int4 weights keep their blocks as Q4_0/Q4_1)")
+    c.add_argument(
+        "--type",
+        default="F16",
+        choices=["F32", "F16"],
+        help="type for float weights (int4 weights keep their blocks as Q4_0/Q4_1)",
+    )
     c.add_argument("--tokenizer", help="tokenizer.json (default: beside the model)")
     c.add_argument("--config", help="Hugging Face config.json (default: beside the model)")
     c.set_defaults(func=cmd_convert)

@@ -43,7 +43,7 @@ class Settings:
 
 def settings() -> Settings:
     """Where the daemon should be, its key, and the models directory (see the module doc)."""
-    from edgelm.config import ConfigError, Config, load_config
+    from edgelm.config import Config, ConfigError, load_config
 
     try:
         cfg, _ = load_config(None, {})

@@ -47,7 +47,7 @@ def parse_keep_alive(v: Any, what: str = "keep_alive") -> float | None:
     which is what Home Assistant sends); negative means forever. A plain number in a
     string ("300") is seconds too. NaN, infinities and durations past Go's limit are
     errors. Raises ValueError with a message naming `what`."""
-    usage = f"'{what}' must be a duration such as \"5m\", \"1h30m\", a number of seconds, or -1 (forever)"
+    usage = f'\'{what}\' must be a duration such as "5m", "1h30m", a number of seconds, or -1 (forever)'
     if isinstance(v, bool) or v is None:
         raise ValueError(usage)
     if isinstance(v, (int, float)):
@@ -75,8 +75,10 @@ def parse_keep_alive(v: Any, what: str = "keep_alive") -> float | None:
     if seconds < 0:
         return None
     if seconds > MAX_KEEP_ALIVE_S:
-        raise ValueError(f"'{what}' is {v!r}: longer than the longest duration (about 292 years); use -1 to keep "
-                         "the model loaded for good")
+        raise ValueError(
+            f"'{what}' is {v!r}: longer than the longest duration (about 292 years); use -1 to keep "
+            "the model loaded for good"
+        )
     return seconds
 
 
@@ -188,7 +190,14 @@ class Config:
             raise bad("shutdown_grace_s", "must not be negative")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             raise bad("log_level", "must be debug, info, warning or error")
-        if self.kernel_level is not None and self.kernel_level not in ("scalar", "avx2", "avx512", "neon", "dotprod", "i8mm"):
+        if self.kernel_level is not None and self.kernel_level not in (
+            "scalar",
+            "avx2",
+            "avx512",
+            "neon",
+            "dotprod",
+            "i8mm",
+        ):
             raise bad("kernel_level", "must be scalar, avx2, avx512, neon, dotprod or i8mm")
         if not self.model:
             raise bad("model", "must not be empty")
@@ -210,8 +219,11 @@ class Config:
                 raise bad(key, f"{getattr(self, key)!r} is not an http(s) URL")
         for origin in self.allowed_origins:
             if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", origin):
-                raise bad("allowed_origins", f"{origin!r} is not an origin such as \"http://homeassistant.local:8123\" "
-                                             "(scheme://host[:port], no path) or \"*\"")
+                raise bad(
+                    "allowed_origins",
+                    f'{origin!r} is not an origin such as "http://homeassistant.local:8123" '
+                    '(scheme://host[:port], no path) or "*"',
+                )
         for host in self.allowed_hosts:
             if not host or any(c.isspace() or c in "/@" for c in host):
                 raise bad("allowed_hosts", f"{host!r} is not a host name or address")
@@ -251,8 +263,10 @@ class Config:
         step = self.max_step_tokens or max(2048 if gpu else 512, running)
         if step < running:
             where = "set" if self.max_running else f"the default on {'a GPU' if gpu else 'the CPU'}"
-            raise ConfigError(f"config key 'max_step_tokens': {step} must be at least max_running ({running}, {where}); "
-                              "raise max_step_tokens or lower max_running")
+            raise ConfigError(
+                f"config key 'max_step_tokens': {step} must be at least max_running ({running}, {where}); "
+                "raise max_step_tokens or lower max_running"
+            )
         return running, step
 
     def _entry(self) -> Any:

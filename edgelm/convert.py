@@ -50,14 +50,77 @@ class ConvertError(EdgelmError):
 # Operators a llama-family decoder export uses (Optimum's decomposed attention and
 # RoPE; onnxruntime-genai's fused contrib ops). Anything else is another architecture.
 ALLOWED_OPS = {
-    "Add", "And", "Cast", "CastLike", "Concat", "Constant", "ConstantOfShape", "CumSum", "Div", "Equal",
-    "Expand", "Flatten", "Gather", "GatherElements", "GatherND", "Greater", "GreaterOrEqual", "Identity",
-    "IsNaN", "Less", "LessOrEqual", "MatMul", "Max", "Min", "Mod", "Mul", "Neg", "Not", "Or", "Pow", "Range",
-    "Reciprocal", "ReduceMax", "ReduceMean", "ReduceSum", "Reshape", "ScatterND", "Shape", "Sigmoid", "Sin",
-    "Cos", "Size", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Tanh", "Tile", "Transpose", "Trilu",
-    "Unsqueeze", "Where", "Xor", "Sum", "Erf", "Abs", "Floor", "Ceil", "Clip", "Exp", "Log",
-    "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization", "RMSNormalization",
-    "MatMulNBits", "RotaryEmbedding", "GroupQueryAttention", "MultiHeadAttention", "Attention",
+    "Add",
+    "And",
+    "Cast",
+    "CastLike",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "CumSum",
+    "Div",
+    "Equal",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "GatherElements",
+    "GatherND",
+    "Greater",
+    "GreaterOrEqual",
+    "Identity",
+    "IsNaN",
+    "Less",
+    "LessOrEqual",
+    "MatMul",
+    "Max",
+    "Min",
+    "Mod",
+    "Mul",
+    "Neg",
+    "Not",
+    "Or",
+    "Pow",
+    "Range",
+    "Reciprocal",
+    "ReduceMax",
+    "ReduceMean",
+    "ReduceSum",
+    "Reshape",
+    "ScatterND",
+    "Shape",
+    "Sigmoid",
+    "Sin",
+    "Cos",
+    "Size",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Tanh",
+    "Tile",
+    "Transpose",
+    "Trilu",
+    "Unsqueeze",
+    "Where",
+    "Xor",
+    "Sum",
+    "Erf",
+    "Abs",
+    "Floor",
+    "Ceil",
+    "Clip",
+    "Exp",
+    "Log",
+    "SimplifiedLayerNormalization",
+    "SkipSimplifiedLayerNormalization",
+    "RMSNormalization",
+    "MatMulNBits",
+    "RotaryEmbedding",
+    "GroupQueryAttention",
+    "MultiHeadAttention",
+    "Attention",
 }
 
 _PROJ = re.compile(
@@ -65,14 +128,25 @@ _PROJ = re.compile(
     r"down_proj|gate_up_proj)/(?:MatMul|MatMulNBits)(?:_\d+)?$"
 )
 _LM_HEAD = re.compile(r"^/lm_head/(?:MatMul|MatMulNBits)(?:_\d+)?$")
-_GGUF_PROJ = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+_GGUF_PROJ = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
 
 # Pre-tokenizer regexes of the byte-level BPE families edgelm's tokenizer implements.
-_LLAMA3_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-              r"\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_RE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-             r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_LLAMA3_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_RE = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 @dataclass
@@ -93,8 +167,9 @@ class Weight:
         def pick(a: np.ndarray | None) -> np.ndarray | None:
             return None if a is None else a[idx]
 
-        return Weight(self.name, len(idx), self.cols, pick(self.data), pick(self.codes), pick(self.scales),
-                      pick(self.zeros))
+        return Weight(
+            self.name, len(idx), self.cols, pick(self.data), pick(self.codes), pick(self.scales), pick(self.zeros)
+        )
 
 
 @dataclass
@@ -115,14 +190,18 @@ def _load(path: Path) -> Any:
     try:
         return onnx.load(str(path), load_external_data=True)
     except Exception as e:  # protobuf DecodeError, missing external data, …
-        raise ConvertError(f"cannot read ONNX model {path}: {type(e).__name__}: {e} "
-                    f"(is the file complete? external data files must sit beside it)") from e
+        raise ConvertError(
+            f"cannot read ONNX model {path}: {type(e).__name__}: {e} "
+            f"(is the file complete? external data files must sit beside it)"
+        ) from e
 
 
 def _read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
-        raise ConvertError(f"{what} not found at {path}: the exporter writes it beside model.onnx; copy the model's "
-                    f"Hugging Face {path.name} there or pass --{'config' if 'config' in path.name else 'tokenizer'}")
+        raise ConvertError(
+            f"{what} not found at {path}: the exporter writes it beside model.onnx; copy the model's "
+            f"Hugging Face {path.name} there or pass --{'config' if 'config' in path.name else 'tokenizer'}"
+        )
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -163,8 +242,10 @@ def _int4_weight(node: Any, inits: dict[str, np.ndarray]) -> tuple[Weight, bool]
     n_blocks = -(-k // block)
     b = inits[inputs[1]]
     if b.dtype != np.uint8 or b.size != n * n_blocks * block // 2:
-        raise ConvertError(f"MatMulNBits node {node.name}: B {inputs[1]} has shape {b.shape} {b.dtype}; "
-                    f"expected uint8 [{n}, {n_blocks}, {block // 2}]")
+        raise ConvertError(
+            f"MatMulNBits node {node.name}: B {inputs[1]} has shape {b.shape} {b.dtype}; "
+            f"expected uint8 [{n}, {n_blocks}, {block // 2}]"
+        )
     b = b.reshape(n, n_blocks * block // 2)
     codes = np.empty((n, n_blocks * block), np.uint8)
     codes[:, 0::2] = b & 0x0F  # low nibble first along K
@@ -176,8 +257,10 @@ def _int4_weight(node: Any, inits: dict[str, np.ndarray]) -> tuple[Weight, bool]
         if zp.dtype == np.uint8:
             per_row = -(-n_blocks // 2)
             if zp.size != n * per_row:
-                raise ConvertError(f"MatMulNBits node {node.name}: zero_points {inputs[3]} has {zp.size} bytes; "
-                            f"expected {n * per_row} (4-bit, packed per row)")
+                raise ConvertError(
+                    f"MatMulNBits node {node.name}: zero_points {inputs[3]} has {zp.size} bytes; "
+                    f"expected {n * per_row} (4-bit, packed per row)"
+                )
             zp = zp.reshape(n, per_row)
             z = np.empty((n, per_row * 2), np.float32)
             z[:, 0::2] = zp & 0x0F
@@ -217,17 +300,22 @@ def _scan(model: Any, inits: dict[str, np.ndarray]) -> Found:
     producers = {o: n for n in model.graph.node for o in n.output}
     for node in model.graph.node:
         if node.op_type not in ALLOWED_OPS:
-            raise ConvertError(f"unsupported op {node.op_type} (node {node.name or '?'}, domain "
-                        f"{node.domain or 'ai.onnx'}): not part of a llama-family decoder this importer knows")
+            raise ConvertError(
+                f"unsupported op {node.op_type} (node {node.name or '?'}, domain "
+                f"{node.domain or 'ai.onnx'}): not part of a llama-family decoder this importer knows"
+            )
         if node.op_type not in ("MatMul", "MatMulNBits"):
             continue
         m, head = _PROJ.match(node.name), _LM_HEAD.match(node.name)
         if not (m or head):
-            if node.op_type == "MatMulNBits" or (len(node.input) > 1 and node.input[1] in inits
-                                                  and inits[node.input[1]].ndim == 2):
-                raise ConvertError(f"weight matrix of node {node.name or '?'} ({node.op_type}) belongs to no projection "
-                            f"this importer knows (expected /model/layers.N/(self_attn|attn|mlp)/*_proj/"
-                            f"{node.op_type} or /lm_head/{node.op_type})")
+            if node.op_type == "MatMulNBits" or (
+                len(node.input) > 1 and node.input[1] in inits and inits[node.input[1]].ndim == 2
+            ):
+                raise ConvertError(
+                    f"weight matrix of node {node.name or '?'} ({node.op_type}) belongs to no projection "
+                    f"this importer knows (expected /model/layers.N/(self_attn|attn|mlp)/*_proj/"
+                    f"{node.op_type} or /lm_head/{node.op_type})"
+                )
             continue  # activation × activation (attention scores)
         if node.op_type == "MatMulNBits":
             w, widened = _int4_weight(node, inits)
@@ -273,12 +361,15 @@ def _matrix(w: Weight, out_type: str) -> tuple[str, bytes]:
     return out_type, np.ascontiguousarray(w.data, dtype=dt).tobytes()
 
 
-def _tokenizer_kv(tok: dict[str, Any], tok_cfg: dict[str, Any], cfg: dict[str, Any], n_vocab: int,
-                  where: Path) -> list[tuple[str, str, Any]]:
+def _tokenizer_kv(
+    tok: dict[str, Any], tok_cfg: dict[str, Any], cfg: dict[str, Any], n_vocab: int, where: Path
+) -> list[tuple[str, str, Any]]:
     model = tok.get("model") or {}
     if model.get("type") != "BPE":
-        raise ConvertError(f"{where}: tokenizer model {model.get('type')!r} is not supported; only byte-level BPE "
-                    f"(GPT-2, Llama 3, SmolLM2, Qwen2 families) is")
+        raise ConvertError(
+            f"{where}: tokenizer model {model.get('type')!r} is not supported; only byte-level BPE "
+            f"(GPT-2, Llama 3, SmolLM2, Qwen2 families) is"
+        )
     pre = _pre_name(tok.get("pre_tokenizer"), where)
     vocab: dict[str, int] = model.get("vocab") or {}
     tokens: list[str | None] = [None] * n_vocab
@@ -290,7 +381,9 @@ def _tokenizer_kv(tok: dict[str, Any], tok_cfg: dict[str, Any], cfg: dict[str, A
     for a in tok.get("added_tokens") or []:
         i = int(a["id"])
         if not 0 <= i < n_vocab:
-            raise ConvertError(f"{where}: added token {a.get('content')!r} has id {i}, outside the vocabulary of {n_vocab}")
+            raise ConvertError(
+                f"{where}: added token {a.get('content')!r} has id {i}, outside the vocabulary of {n_vocab}"
+            )
         tokens[i] = a["content"]
         types[i] = 3 if a.get("special") else 4
     for i, t in enumerate(tokens):
@@ -347,17 +440,26 @@ def _pre_name(pre: Any, where: Path) -> str:
             return "llama-bpe"
         if pattern == _QWEN2_RE:
             return "qwen2"
-    raise ConvertError(f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one edgelm implements "
-                f"(GPT-2, Llama 3, SmolLM2 or Qwen2 splitting)")
+    raise ConvertError(
+        f"{where}: pre-tokenizer {json.dumps(pre)[:200]} is not one edgelm implements "
+        f"(GPT-2, Llama 3, SmolLM2 or Qwen2 splitting)"
+    )
 
 
-def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Path | None = None,
-                 config: str | Path | None = None, out_type: str = "F16",
-                 progress: Callable[[int, int, str, str, str, int, int], None] | None = None) -> dict[str, Any]:
+def convert_onnx(
+    model_path: str | Path,
+    output: str | Path,
+    tokenizer: str | Path | None = None,
+    config: str | Path | None = None,
+    out_type: str = "F16",
+    progress: Callable[[int, int, str, str, str, int, int], None] | None = None,
+) -> dict[str, Any]:
     """Convert; returns a summary (architecture, n_layer, n_tensors, file_bytes, types, widened)."""
     if out_type not in ("F16", "F32"):
-        raise ConvertError(f"--type {out_type!r}: float weights can be written as F16 or F32 (quantize afterwards "
-                    f"with `edgelm quantize`)")
+        raise ConvertError(
+            f"--type {out_type!r}: float weights can be written as F16 or F32 (quantize afterwards "
+            f"with `edgelm quantize`)"
+        )
     from onnx import numpy_helper
 
     model_path = Path(model_path)
@@ -372,8 +474,10 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
     model_type = cfg.get("model_type", "llama")
     arch = {"llama": "llama", "mistral": "llama", "smollm": "llama", "qwen2": "qwen2"}.get(model_type)
     if arch is None:
-        raise ConvertError(f"config.json model_type {model_type!r} is not a llama-family decoder this importer knows "
-                    f"(llama, mistral, qwen2)")
+        raise ConvertError(
+            f"config.json model_type {model_type!r} is not a llama-family decoder this importer knows "
+            f"(llama, mistral, qwen2)"
+        )
 
     def need(key: str) -> int:
         if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
@@ -393,7 +497,9 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
         try:
             inits[t.name] = numpy_helper.to_array(t)
         except Exception as e:
-            raise ConvertError(f"initializer {t.name}: cannot read its data ({e}); is the external data complete?") from e
+            raise ConvertError(
+                f"initializer {t.name}: cannot read its data ({e}); is the external data complete?"
+            ) from e
     found = _scan(graph, inits)
 
     def init(name: str, shape: tuple[int, ...], *alts: str) -> np.ndarray:
@@ -415,8 +521,9 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
 
     def put_matrix(gguf_name: str, w: Weight, rows: int, cols: int) -> None:
         if (w.rows, w.cols) != (rows, cols):
-            raise ConvertError(f"tensor {w.name} ({gguf_name}) is {w.rows}x{w.cols} (out x in); config.json implies "
-                        f"{rows}x{cols}")
+            raise ConvertError(
+                f"tensor {w.name} ({gguf_name}) is {w.rows}x{w.cols} (out x in); config.json implies {rows}x{cols}"
+            )
         ty, data = _matrix(w, out_type)
         tensors.append((gguf_name, [cols, rows], ty, data))
         report(gguf_name, ty)
@@ -425,8 +532,14 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
         tensors.append((gguf_name, [int(v.size)], "F32", np.ascontiguousarray(v, np.float32).tobytes()))
 
     embd = init("model.embed_tokens.weight", (n_vocab, n_embd))
-    tensors.append(("token_embd.weight", [n_embd, n_vocab], out_type,
-                    embd.astype(np.float16 if out_type == "F16" else np.float32).tobytes()))
+    tensors.append(
+        (
+            "token_embd.weight",
+            [n_embd, n_vocab],
+            out_type,
+            embd.astype(np.float16 if out_type == "F16" else np.float32).tobytes(),
+        )
+    )
     q_dim, kv_dim = n_head * head_dim, n_head_kv * head_dim
     for i in range(n_layer):
         put_vector(f"blk.{i}.attn_norm.weight", init(f"model.layers.{i}.input_layernorm.weight", (n_embd,)))
@@ -445,13 +558,21 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
                 raise ConvertError(f"tensor {w.name}: {w.rows} rows; gate+up need {2 * n_ff}")
             p["gate_proj"] = w.take_rows(np.arange(0, n_ff))
             p["up_proj"] = w.take_rows(np.arange(n_ff, 2 * n_ff))
-        shapes = {"q_proj": (q_dim, n_embd), "k_proj": (kv_dim, n_embd), "v_proj": (kv_dim, n_embd),
-                  "o_proj": (n_embd, q_dim), "gate_proj": (n_ff, n_embd), "up_proj": (n_ff, n_embd),
-                  "down_proj": (n_embd, n_ff)}
+        shapes = {
+            "q_proj": (q_dim, n_embd),
+            "k_proj": (kv_dim, n_embd),
+            "v_proj": (kv_dim, n_embd),
+            "o_proj": (n_embd, q_dim),
+            "gate_proj": (n_ff, n_embd),
+            "up_proj": (n_ff, n_embd),
+            "down_proj": (n_embd, n_ff),
+        }
         for proj, (rows, cols) in shapes.items():
             if proj not in p:
-                raise ConvertError(f"layer {i}: no {proj} MatMul found (expected a node named "
-                            f"/model/layers.{i}/self_attn|attn|mlp/{proj}/MatMul)")
+                raise ConvertError(
+                    f"layer {i}: no {proj} MatMul found (expected a node named "
+                    f"/model/layers.{i}/self_attn|attn|mlp/{proj}/MatMul)"
+                )
             w = p[proj]
             if arch == "llama" and proj in ("q_proj", "k_proj"):
                 w = _permute_rope_rows(w, n_head if proj == "q_proj" else n_head_kv)
@@ -463,8 +584,10 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
                     if arch != "qwen2":
                         raise ConvertError(f"tensor {bias}: biases are only supported for qwen2 models")
                     put_vector(f"blk.{i}.{_GGUF_PROJ[proj]}.bias", init(bias, (n,)))
-    put_vector("output_norm.weight", init("model.norm.weight", (n_embd,),
-                                          f"model.layers.{n_layer}.final_norm_layernorm.weight"))
+    put_vector(
+        "output_norm.weight",
+        init("model.norm.weight", (n_embd,), f"model.layers.{n_layer}.final_norm_layernorm.weight"),
+    )
     if found.lm_head is not None:
         head = found.lm_head
         tied = head.data is not None and head.data.shape == embd.shape and np.array_equal(head.data, embd)
@@ -477,11 +600,13 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
     for name, a in inits.items():
         if name in found.used or a.size < 64 or re.search(r"(cos|sin|rotary|inv_freq|mask|causal)", name, re.I):
             continue
-        raise ConvertError(f"tensor {name} (shape {list(a.shape)}) is not part of any layer this importer knows; "
-                    f"the graph is not a plain llama-family decoder")
+        raise ConvertError(
+            f"tensor {name} (shape {list(a.shape)}) is not part of any layer this importer knows; "
+            f"the graph is not a plain llama-family decoder"
+        )
 
     n_quant = sum(1 for t in tensors if t[2] in ("Q4_0", "Q4_1"))
-    ftype = (2 if n_quant else (1 if out_type == "F16" else 0))
+    ftype = 2 if n_quant else (1 if out_type == "F16" else 0)
     name = cfg.get("_name_or_path") or model_path.stem
     kv: list[tuple[str, str, Any]] = [
         ("general.architecture", "str", arch),
@@ -509,5 +634,11 @@ def convert_onnx(model_path: str | Path, output: str | Path, tokenizer: str | Pa
     types: dict[str, int] = {}
     for t in tensors:
         types[t[2]] = types.get(t[2], 0) + 1
-    return {"architecture": arch, "n_layer": n_layer, "n_tensors": len(tensors), "file_bytes": file_bytes,
-            "types": types, "widened": found.widened}
+    return {
+        "architecture": arch,
+        "n_layer": n_layer,
+        "n_tensors": len(tensors),
+        "file_bytes": file_bytes,
+        "types": types,
+        "widened": found.widened,
+    }

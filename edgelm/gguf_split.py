@@ -161,8 +161,17 @@ def _read_part(path: Path) -> _Part:
         if off % alignment or data_start + end > size or end < off:
             raise SplitError(f"{path.name}: a tensor's offset {off} is not aligned or lies outside the file")
         tensors[i] = _Tensor(infos[i][0], off, end - off)
-    return _Part(path, version, kv, number(b"split.no"), number(b"split.count"), number(b"split.tensors.count"),
-                 alignment, data_start, tensors)
+    return _Part(
+        path,
+        version,
+        kv,
+        number(b"split.no"),
+        number(b"split.count"),
+        number(b"split.tensors.count"),
+        alignment,
+        data_start,
+        tensors,
+    )
 
 
 def merge(paths: list[Path], out: Path) -> str:
@@ -174,8 +183,10 @@ def merge(paths: list[Path], out: Path) -> str:
     first = parts[0]
     for i, p in enumerate(parts):
         if p.split_no != i or p.split_count != len(parts) or p.n_total != first.n_total:
-            raise SplitError(f"{p.path.name} is part {p.split_no + 1} of {p.split_count} of a model of {p.n_total} "
-                             f"tensors; expected part {i + 1} of {len(parts)} of {first.n_total}")
+            raise SplitError(
+                f"{p.path.name} is part {p.split_no + 1} of {p.split_count} of a model of {p.n_total} "
+                f"tensors; expected part {i + 1} of {len(parts)} of {first.n_total}"
+            )
         if p.alignment != first.alignment:
             raise SplitError(f"{p.path.name} aligns tensors to {p.alignment}, the first part to {first.alignment}")
     tensors = [(p, t) for p in parts for t in p.tensors]

@@ -16,6 +16,7 @@ import numpy as np
 import numpy.typing as npt
 
 from edgelm import _native
+from edgelm._native import SamplingParams
 from edgelm.stops import StopMatcher
 
 
@@ -119,7 +120,9 @@ class Model:
         file sets a pooling type (Qwen3-Embedding)."""
         return self._m.is_embedding
 
-    def embed(self, inputs: str | Sequence[str] | Sequence[Sequence[int]], normalize: bool = True) -> npt.NDArray[np.float32]:
+    def embed(
+        self, inputs: str | Sequence[str] | Sequence[Sequence[int]], normalize: bool = True
+    ) -> npt.NDArray[np.float32]:
         """One vector per input, shape (n_inputs, n_embd): texts are tokenized as
         llama.cpp's embedding tools do (the model's special tokens added, special-token
         texts parsed), token-id lists are used as given. Pooled as the file says;
@@ -144,42 +147,26 @@ class Model:
         prompt: str | Sequence[int],
         *,
         max_tokens: int = 256,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
-        frequency_penalty: float = 0.0,
-        presence_penalty: float = 0.0,
-        seed: int | None = None,
+        sampling: SamplingParams | None = None,
         logprobs: int = 0,
         stop: Sequence[str] = (),
         stop_tokens: Sequence[int] = (),
         add_special: bool = True,
+        **settings: Any,
     ) -> Iterator[Token]:
         """Generate a continuation, one `Token` at a time.
 
-        `prompt` is text (tokenized with `add_special`) or token ids. `temperature=0`
-        is greedy. Generation ends at an end-of-generation token, a stop token, a stop
-        string (not included in the output) or after `max_tokens`.
+        `prompt` is text (tokenized with `add_special`) or token ids. How tokens are
+        drawn is a `SamplingParams` (`sampling`; default: its defaults), with any of its
+        settings given by name on top (`temperature=0` is greedy; `logprobs` is
+        `n_logprobs`). Generation ends at an end-of-generation token, a stop token, a
+        stop string (not included in the output) or after `max_tokens`.
         """
         ids = self.tokenize(prompt, add_special) if isinstance(prompt, str) else list(prompt)
-        gen = self._m.generate(
-            ids,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            min_p=min_p,
-            repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n,
-            frequency_penalty=frequency_penalty,
-            presence_penalty=presence_penalty,
-            seed=seed,
-            n_logprobs=logprobs,
-            stop_tokens=list(stop_tokens),
-        )
+        if logprobs:
+            settings["n_logprobs"] = logprobs
+        params = sampling.replace(**settings) if sampling is not None else SamplingParams(**settings)
+        gen = self._m.generate(ids, params, max_tokens=max_tokens, stop_tokens=list(stop_tokens))
         matcher = StopMatcher(list(stop))
         for tid, text, lp, top, finish in gen:
             out = matcher.push(text)

@@ -12,20 +12,37 @@ GGUF's chat template), `parameters` (Ollama's text form, one `key value` a line)
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from edgelm import store
 from edgelm.prompt.chat import template_style
 
-QUANT = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K", 11: "Q3_K_S",
-         12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
+QUANT = {
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    7: "Q8_0",
+    8: "Q5_0",
+    9: "Q5_1",
+    10: "Q2_K",
+    11: "Q3_K_S",
+    12: "Q3_K_M",
+    13: "Q3_K_L",
+    14: "Q4_K_S",
+    15: "Q4_K_M",
+    16: "Q5_K_S",
+    17: "Q5_K_M",
+    18: "Q6_K",
+    32: "BF16",
+}
 """llama.cpp's `general.file_type` values, by name."""
 
 
 def iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -40,9 +57,14 @@ def details(md: dict[str, Any]) -> dict[str, Any]:
     arch = str(md.get("general.architecture") or "")
     ftype = md.get("general.file_type")
     size = md.get("general.size_label")
-    return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None,
-            "parameter_size": str(size) if size else "",
-            "quantization_level": QUANT.get(ftype, str(ftype)) if isinstance(ftype, int) else ""}
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch] if arch else None,
+        "parameter_size": str(size) if size else "",
+        "quantization_level": QUANT.get(ftype, str(ftype)) if isinstance(ftype, int) else "",
+    }
 
 
 ENCODERS = ("bert", "nomic-bert")
@@ -89,9 +111,11 @@ def parameters_text(params: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def describe(path: Path, md: dict[str, Any], entry: store.Entry | None = None,
-             st: store.Store | None = None) -> dict[str, Any]:
+def describe(
+    path: Path, md: dict[str, Any], entry: store.Entry | None = None, st: store.Store | None = None
+) -> dict[str, Any]:
     """The /api/show answer for the model at `path` (its store entry, if it has one)."""
+
     def layer(media_type: str) -> str | None:
         return st.text_layer(entry, media_type) if entry is not None and st is not None else None
 
@@ -108,9 +132,14 @@ def describe(path: Path, md: dict[str, Any], entry: store.Entry | None = None,
         modelfile += f'SYSTEM """{system}"""\n'
     modelfile += "".join(f"PARAMETER {line}\n" for line in parameters_text(params).splitlines())
     out: dict[str, Any] = {
-        "modified_at": iso(entry.modified if entry is not None else path.stat().st_mtime), "template": template,
-        "modelfile": modelfile, "license": license_text, "details": details(md), "model_info": md,
-        "parameters": parameters_text(params), "capabilities": capabilities(md, go_template),
+        "modified_at": iso(entry.modified if entry is not None else path.stat().st_mtime),
+        "template": template,
+        "modelfile": modelfile,
+        "license": license_text,
+        "details": details(md),
+        "model_info": md,
+        "parameters": parameters_text(params),
+        "capabilities": capabilities(md, go_template),
     }
     if system:
         out["system"] = system

@@ -148,8 +148,9 @@ def _is_lan_host(host: str) -> bool:
     return ip.is_loopback or ip.is_private or ip.is_link_local
 
 
-async def resolve(source: str, sha256: str | None = None, interfaces: list[str] | None = None,
-                  allow_urls: bool = True) -> Source | store.ModelName:
+async def resolve(
+    source: str, sha256: str | None = None, interfaces: list[str] | None = None, allow_urls: bool = True
+) -> Source | store.ModelName:
     """What `source` names: a file to download (a Source), or a name to pull from a
     registry (edgelm.registry). Catalogue names come before registry names."""
     u = urlparse(source)
@@ -158,15 +159,20 @@ async def resolve(source: str, sha256: str | None = None, interfaces: list[str] 
         if not u.hostname or not u.port:
             raise PullError("an edgelm source is edgelm://HOST:PORT/FILE.gguf")
         if not allow_urls and not _is_lan_host(u.hostname):
-            raise PullError(f"{u.hostname} is not on the local network; this daemon pulls from URLs only when "
-                            "allow_url_pull is on", 403)
+            raise PullError(
+                f"{u.hostname} is not on the local network; this daemon pulls from URLs only when allow_url_pull is on",
+                403,
+            )
         host = f"[{u.hostname}]" if ":" in u.hostname else u.hostname
         return Source(file, sha256, [Part(f"http://{host}:{u.port}/api/edgelm/models/{quote(file)}")])
     if u.scheme in ("http", "https") and u.path:
         if not allow_urls:
-            raise PullError("pulling from a URL is off on this daemon: it listens on the network without an API key. "
-                            "Pull a catalogue or registry name, or from an edgelm daemon on the LAN, or set "
-                            "api_key/admin_key, or allow_url_pull: true", 403)
+            raise PullError(
+                "pulling from a URL is off on this daemon: it listens on the network without an API key. "
+                "Pull a catalogue or registry name, or from an edgelm daemon on the LAN, or set "
+                "api_key/admin_key, or allow_url_pull: true",
+                403,
+            )
         return Source(safe_model_name(Path(u.path).name), sha256, [Part(source)])
     if "://" not in source:
         hit = catalogue_entry(source)
@@ -181,16 +187,23 @@ async def resolve(source: str, sha256: str | None = None, interfaces: list[str] 
         try:
             name = store.ModelName.parse(source)
         except store.ModelNameError as e:
-            raise PullError(f"{e}; or give an http(s) URL, edgelm://HOST:PORT/FILE.gguf or FILE.gguf (from a daemon "
-                            "on the LAN)", 400) from None
+            raise PullError(
+                f"{e}; or give an http(s) URL, edgelm://HOST:PORT/FILE.gguf or FILE.gguf (from a daemon on the LAN)",
+                400,
+            ) from None
         if sha256:
             raise PullError("--sha256 is for files; a registry name's manifest gives the digests", 400)
         if not (name.registry_default or name.is_hf) and not allow_urls:
-            raise PullError(f"{name.host} is not a registry this daemon pulls from without an API key (the Ollama "
-                            "registry and hf.co are); set api_key/admin_key or allow_url_pull: true", 403)
+            raise PullError(
+                f"{name.host} is not a registry this daemon pulls from without an API key (the Ollama "
+                "registry and hf.co are); set api_key/admin_key or allow_url_pull: true",
+                403,
+            )
         return name
-    raise PullError(f"unknown source {source!r}: give a model name (qwen3:0.6b, hf.co/USER/REPO:Q4_K_M), "
-                    "FILE.gguf (from a daemon on the LAN), an http(s) URL or edgelm://HOST:PORT/FILE.gguf")
+    raise PullError(
+        f"unknown source {source!r}: give a model name (qwen3:0.6b, hf.co/USER/REPO:Q4_K_M), "
+        "FILE.gguf (from a daemon on the LAN), an http(s) URL or edgelm://HOST:PORT/FILE.gguf"
+    )
 
 
 async def _from_lan(file: str, sha256: str | None, interfaces: list[str] | None) -> Source:
@@ -206,7 +219,7 @@ async def _from_lan(file: str, sha256: str | None, interfaces: list[str] | None)
                 async with s.get(f"{d['url']}/api/edgelm/models") as r:
                     if r.status == 200 and any(m["file"] == file for m in (await r.json())["models"]):
                         return Source(file, sha256, [Part(f"{d['url']}/api/edgelm/models/{quote(file)}")])
-            except (aiohttp.ClientError, asyncio.TimeoutError, KeyError, TypeError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, KeyError, TypeError, ValueError):
                 continue
     raise PullError(f"no edgelm daemon on the LAN has {file} ({len(daemons)} answered)", 404)
 
@@ -220,8 +233,9 @@ class ProgressLog:
 
     def __init__(self, emit: Any, what: str, every_s: float = 30.0) -> None:
         # `emit` is a logging.Logger (lines at INFO) or a callable taking a line.
-        self.emit: Callable[[str], None] = (lambda line: emit.info("%s", line)) if isinstance(emit, logging.Logger) \
-            else emit
+        self.emit: Callable[[str], None] = (
+            (lambda line: emit.info("%s", line)) if isinstance(emit, logging.Logger) else emit
+        )
         self.prefix, self.every_s = (f"pull {what}: " if what else ""), every_s
         self.status: Any = None
         self.tenth, self.last = -1, 0.0
@@ -265,9 +279,13 @@ class _Sink:
 def _upstream(url: str, detail: str, retry: bool = True) -> PullError:
     """A failure upstream: the client hears which URL it asked for, the log hears why."""
     host = urlparse(url).netloc or url
-    return PullError(f"could not download the model from {host}: no model file came back (the host could not be "
-                     "reached, answered with an error or broke off); check the name or URL and try again", 502, detail,
-                     retry)
+    return PullError(
+        f"could not download the model from {host}: no model file came back (the host could not be "
+        "reached, answered with an error or broke off); check the name or URL and try again",
+        502,
+        detail,
+        retry,
+    )
 
 
 def _free_bytes(d: Path) -> int:
@@ -277,9 +295,11 @@ def _free_bytes(d: Path) -> int:
 def _check_room(d: Path, need: int, what: str) -> None:
     free = _free_bytes(d)
     if need + DISK_RESERVE > free:
-        raise PullError(f"not enough disk space for {what}: it needs {need / 2**20:.0f} MiB and {free / 2**20:.0f} MiB "
-                        f"is free in {d} (keeping {DISK_RESERVE >> 20} MiB spare); free some space or remove a model",
-                        507)
+        raise PullError(
+            f"not enough disk space for {what}: it needs {need / 2**20:.0f} MiB and {free / 2**20:.0f} MiB "
+            f"is free in {d} (keeping {DISK_RESERVE >> 20} MiB spare); free some space or remove a model",
+            507,
+        )
 
 
 async def _open_url(s: Any, url: str, headers: dict[str, str]) -> Any:
@@ -294,7 +314,7 @@ async def _open_url(s: Any, url: str, headers: dict[str, str]) -> Any:
             headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         try:
             r = await s.get(url, headers=headers, allow_redirects=False)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as e:
+        except (TimeoutError, aiohttp.ClientError, OSError) as e:
             raise _upstream(url, f"{url}: {type(e).__name__}: {e}") from None
         if r.status not in (301, 302, 303, 307, 308):
             return r
@@ -302,15 +322,27 @@ async def _open_url(s: Any, url: str, headers: dict[str, str]) -> Any:
         r.release()
         nxt = urljoin(url, location)
         if urlparse(nxt).scheme not in ("http", "https"):
-            raise PullError(f"the download of the model was redirected to a URL that is not http(s) ({urlparse(nxt).scheme}:); "
-                            "edgelm follows redirects only to http(s)", 502, f"{url} -> {nxt}")
+            raise PullError(
+                f"the download of the model was redirected to a URL that is not http(s) ({urlparse(nxt).scheme}:); "
+                "edgelm follows redirects only to http(s)",
+                502,
+                f"{url} -> {nxt}",
+            )
         url = nxt
     raise _upstream(url, f"more than {MAX_REDIRECTS} redirects")
 
 
-async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, headers: dict[str, str] | None,
-                 max_bytes: int | None, status: str | None = None,
-                 fields: dict[str, Any] | None = None) -> tuple[str, str | None]:
+async def _fetch(
+    s: Any,
+    url: str,
+    part: Path,
+    label: str,
+    report: Progress,
+    headers: dict[str, str] | None,
+    max_bytes: int | None,
+    status: str | None = None,
+    fields: dict[str, Any] | None = None,
+) -> tuple[str, str | None]:
     """Download `url` into `part`, continuing what is there (HTTP Range). Returns the
     sha256 of the whole file and the digest the server announced (X-Edgelm-Sha256).
     Progress lines say `status` (default "downloading LABEL") with `fields` added."""
@@ -337,8 +369,12 @@ async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, hea
         if total is not None:
             _check_room(part.parent, total - have, label)
         if total is not None and max_bytes is not None and total > max_bytes:
-            raise PullError(f"the model file is {total / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB "
-                            "this pull may take (max_pull_mib, or the catalogue's size)", 413, url)
+            raise PullError(
+                f"the model file is {total / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB "
+                "this pull may take (max_pull_mib, or the catalogue's size)",
+                413,
+                url,
+            )
         announced: str | None = r.headers.get("X-Edgelm-Sha256")
         if have:
             report({"status": f"resuming at {have} bytes", "total": total, "completed": have, **extra})
@@ -348,8 +384,12 @@ async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, hea
             async for chunk in r.content.iter_chunked(CHUNK):
                 done += len(chunk)
                 if max_bytes is not None and done > max_bytes:
-                    raise PullError(f"the download grew past the {max_bytes / 2**20:.0f} MiB this pull may take "
-                                    "(max_pull_mib, or the catalogue's size); stopped", 413, url)
+                    raise PullError(
+                        f"the download grew past the {max_bytes / 2**20:.0f} MiB this pull may take "
+                        "(max_pull_mib, or the catalogue's size); stopped",
+                        413,
+                        url,
+                    )
                 if total is not None and done > total:
                     raise _upstream(url, f"{url}: sent more than the {total} bytes it announced")
                 if total is None and done % (64 * CHUNK) < len(chunk):
@@ -360,11 +400,12 @@ async def _fetch(s: Any, url: str, part: Path, label: str, report: Progress, hea
                     last = now
                     rate = (done - have) / max(now - t0, 1e-6)
                     report({"status": status, "total": total, "completed": done, "rate": rate, **extra})
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise _upstream(url, f"{url}: broke off after {done} bytes: {type(e).__name__}: {e}") from None
         except OSError as e:
-            raise PullError(f"could not write {part}: {e.strerror}; free some space or check the models directory",
-                            507) from None
+            raise PullError(
+                f"could not write {part}: {e.strerror}; free some space or check the models directory", 507
+            ) from None
         finally:
             digest = await loop.run_in_executor(None, sink.close)
         if total is not None and done < total:
@@ -424,19 +465,36 @@ def _same_file(path: Path, sha256: str | None) -> bool:
     return sha256 is not None and path.is_file() and file_sha256(path) == sha256.lower()
 
 
-async def pull(source: str, models_dir: Path, sha256: str | None = None, progress: Progress | None = None,
-               headers: dict[str, str] | None = None, interfaces: list[str] | None = None, *,
-               allow_urls: bool = True, max_bytes: int | None = None,
-               in_use: Callable[[Path], bool] | None = None, registries: Any = None) -> Path:
+async def pull(
+    source: str,
+    models_dir: Path,
+    sha256: str | None = None,
+    progress: Progress | None = None,
+    headers: dict[str, str] | None = None,
+    interfaces: list[str] | None = None,
+    *,
+    allow_urls: bool = True,
+    max_bytes: int | None = None,
+    in_use: Callable[[Path], bool] | None = None,
+    registries: Any = None,
+) -> Path:
     """Download `source` into `models_dir` (see the module doc); returns the final path."""
     src = await resolve(source, sha256, interfaces, allow_urls)
-    return await pull_source(src, models_dir, progress, headers, max_bytes=max_bytes, in_use=in_use,
-                             registries=registries)
+    return await pull_source(
+        src, models_dir, progress, headers, max_bytes=max_bytes, in_use=in_use, registries=registries
+    )
 
 
-async def pull_source(src: Source | store.ModelName, models_dir: Path, progress: Progress | None = None,
-                      headers: dict[str, str] | None = None, *, max_bytes: int | None = None,
-                      in_use: Callable[[Path], bool] | None = None, registries: Any = None) -> Path:
+async def pull_source(
+    src: Source | store.ModelName,
+    models_dir: Path,
+    progress: Progress | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    max_bytes: int | None = None,
+    in_use: Callable[[Path], bool] | None = None,
+    registries: Any = None,
+) -> Path:
     """Download a resolved source. `in_use(path)` says whether a file is loaded (the
     daemon's pool): such a file is never replaced. `registries` (edgelm.registry's
     Registries) for names."""
@@ -454,13 +512,17 @@ async def pull_source(src: Source | store.ModelName, models_dir: Path, progress:
 
     def refuse_if_in_use() -> None:
         if in_use is not None and in_use(dest):
-            raise PullError(f"{src.file} is loaded and in use; a pull never replaces a model in use. Unload it "
-                            "first (a request with keep_alive 0, as an admin), then pull again", 409)
+            raise PullError(
+                f"{src.file} is loaded and in use; a pull never replaces a model in use. Unload it "
+                "first (a request with keep_alive 0, as an admin), then pull again",
+                409,
+            )
 
     refuse_if_in_use()
     report({"status": "pulling manifest", "source": src.url})
-    async with store.file_lock(models_dir / f".{src.file}.lock",
-                               lambda: report({"status": f"waiting for another pull of {src.file}"})):
+    async with store.file_lock(
+        models_dir / f".{src.file}.lock", lambda: report({"status": f"waiting for another pull of {src.file}"})
+    ):
         if await loop.run_in_executor(None, _same_file, dest, src.sha256):
             report({"status": f"{src.file} is already here and up to date"})
         else:
@@ -468,8 +530,11 @@ async def pull_source(src: Source | store.ModelName, models_dir: Path, progress:
             report({"status": "verifying sha256 digest"})
             if src.sha256 and digest != src.sha256.lower():
                 part.unlink(missing_ok=True)
-                raise PullError(f"sha256 mismatch for {src.file}: got {digest}, expected {src.sha256}; the source sent "
-                                "other bytes than it announced", 502)
+                raise PullError(
+                    f"sha256 mismatch for {src.file}: got {digest}, expected {src.sha256}; the source sent "
+                    "other bytes than it announced",
+                    502,
+                )
             await validated(part, report)
             refuse_if_in_use()  # it may have been loaded while we downloaded
             os.replace(part, dest)
@@ -479,8 +544,9 @@ async def pull_source(src: Source | store.ModelName, models_dir: Path, progress:
     return dest
 
 
-async def _download(src: Source, models_dir: Path, part: Path, report: Progress, headers: dict[str, str] | None,
-                    limit: int | None) -> str:
+async def _download(
+    src: Source, models_dir: Path, part: Path, report: Progress, headers: dict[str, str] | None, limit: int | None
+) -> str:
     """The whole file into `part`; its sha256."""
     import aiohttp
 
@@ -499,8 +565,15 @@ async def _download(src: Source, models_dir: Path, part: Path, report: Progress,
         pieces: list[Path] = []
         for i, p in enumerate(src.parts):
             piece = models_dir / f".{src.file}.part{i}.partial"
-            digest, _ = await _fetch(s, p.url, piece, f"{src.file} part {i + 1}/{len(src.parts)}", report, headers,
-                                     2 * limit if limit else None)  # a zip holds its member and some headers
+            digest, _ = await _fetch(
+                s,
+                p.url,
+                piece,
+                f"{src.file} part {i + 1}/{len(src.parts)}",
+                report,
+                headers,
+                2 * limit if limit else None,
+            )  # a zip holds its member and some headers
             if p.sha256 and digest != p.sha256.lower():
                 piece.unlink(missing_ok=True)
                 raise PullError(f"sha256 mismatch for part {i + 1} of {src.file} ({p.url}); run the pull again", 502)

@@ -56,8 +56,25 @@ from edgelm.store import ModelName, Store
 
 RETRIES = 4
 BACKOFF_S = 0.5
-PREFERRED = ("Q4_K_M", "Q4_K_S", "Q5_K_M", "Q4_0", "Q5_K_S", "Q6_K", "Q8_0", "Q3_K_M", "Q3_K_L", "Q2_K", "IQ4_XS",
-             "Q5_0", "Q4_1", "Q5_1", "F16", "BF16", "F32")
+PREFERRED = (
+    "Q4_K_M",
+    "Q4_K_S",
+    "Q5_K_M",
+    "Q4_0",
+    "Q5_K_S",
+    "Q6_K",
+    "Q8_0",
+    "Q3_K_M",
+    "Q3_K_L",
+    "Q2_K",
+    "IQ4_XS",
+    "Q5_0",
+    "Q4_1",
+    "Q5_1",
+    "F16",
+    "BF16",
+    "F32",
+)
 _QUANT = re.compile(r"(?:^|[-_.])((?:I?Q[0-9]_?[A-Z0-9_]*?)|BF16|F16|F32)(?=$|[-.])", re.IGNORECASE)
 _SPLIT = re.compile(r"^(.*)-([0-9]{5})-of-([0-9]{5})\.gguf$")
 MAX_LISTING = 100_000
@@ -71,8 +88,10 @@ class Registries:
 
     @classmethod
     def from_env(cls, ollama: str | None = None, hf: str | None = None) -> Registries:
-        return cls((ollama or os.environ.get("EDGELM_REGISTRY_URL") or cls.ollama).rstrip("/"),
-                   (hf or os.environ.get("EDGELM_HF_URL") or cls.hf).rstrip("/"))
+        return cls(
+            (ollama or os.environ.get("EDGELM_REGISTRY_URL") or cls.ollama).rstrip("/"),
+            (hf or os.environ.get("EDGELM_HF_URL") or cls.hf).rstrip("/"),
+        )
 
 
 @dataclass
@@ -103,13 +122,20 @@ def _headers(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def _not_found(name: ModelName, where: str) -> PullError:
     if name.is_hf:
-        return PullError(f"model '{name}' not found on Hugging Face ({where}): check the user/repo (it may be private "
-                         "or gated: set HF_TOKEN) and the quantization tag", 404)
-    return PullError(f"model '{name}' not found in the registry ({where}): check the name and tag "
-                     "(ollama.com/library lists them)", 404)
+        return PullError(
+            f"model '{name}' not found on Hugging Face ({where}): check the user/repo (it may be private "
+            "or gated: set HF_TOKEN) and the quantization tag",
+            404,
+        )
+    return PullError(
+        f"model '{name}' not found in the registry ({where}): check the name and tag (ollama.com/library lists them)",
+        404,
+    )
 
 
-async def _get_json(s: Any, url: str, name: ModelName, headers: dict[str, str], limit: int = 8 << 20) -> tuple[Any, Any]:
+async def _get_json(
+    s: Any, url: str, name: ModelName, headers: dict[str, str], limit: int = 8 << 20
+) -> tuple[Any, Any]:
     """A JSON document and its response headers; PullError for a missing name, an
     unreachable registry or an answer that is not JSON."""
     import aiohttp
@@ -118,24 +144,35 @@ async def _get_json(s: Any, url: str, name: ModelName, headers: dict[str, str], 
     try:
         r = await _open_url(s, url, headers)
     except PullError as e:
-        raise PullError(f"could not reach {host} to pull '{name}': check the network, or the registry URL "
-                        "(registry_url / hf_url, $EDGELM_REGISTRY_URL / $EDGELM_HF_URL)", 502, e.detail, True) from None
+        raise PullError(
+            f"could not reach {host} to pull '{name}': check the network, or the registry URL "
+            "(registry_url / hf_url, $EDGELM_REGISTRY_URL / $EDGELM_HF_URL)",
+            502,
+            e.detail,
+            True,
+        ) from None
     try:
         if r.status in (401, 403, 404):
             raise _not_found(name, host)
         if r.status != 200:
-            raise PullError(f"{host} answered the pull of '{name}' with an error; try again later", 502,
-                            f"{url}: HTTP {r.status}", r.status >= 500 or r.status == 429)
+            raise PullError(
+                f"{host} answered the pull of '{name}' with an error; try again later",
+                502,
+                f"{url}: HTTP {r.status}",
+                r.status >= 500 or r.status == 429,
+            )
         try:
             raw = await r.content.read(limit + 1)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             raise PullError(f"{host} broke off while sending the manifest of '{name}'", 502, str(e), True) from None
         if len(raw) > limit:
             raise PullError(f"{host} sent a manifest or listing larger than {limit >> 20} MiB for '{name}'", 502, url)
         try:
             return json.loads(raw), r.headers
         except ValueError:
-            raise PullError(f"{host} did not answer with JSON for '{name}' (is the registry URL right?)", 502, url) from None
+            raise PullError(
+                f"{host} did not answer with JSON for '{name}' (is the registry URL right?)", 502, url
+            ) from None
     finally:
         r.release()
 
@@ -196,8 +233,12 @@ def quant_of(file: str) -> str | None:
 def pick_gguf(files: list[dict[str, Any]], tag: str) -> list[dict[str, Any]]:
     """The listing entries of the GGUF a tag asks for (several: a split model, in
     order), or PullError naming the quantizations the repo has."""
-    ggufs = [f for f in files if str(f.get("path", "")).lower().endswith(".gguf")
-             and "mmproj" not in str(f["path"]).rsplit("/", 1)[-1].lower()]
+    ggufs = [
+        f
+        for f in files
+        if str(f.get("path", "")).lower().endswith(".gguf")
+        and "mmproj" not in str(f["path"]).rsplit("/", 1)[-1].lower()
+    ]
     groups: dict[str, list[dict[str, Any]]] = {}
     for f in ggufs:
         m = _SPLIT.match(str(f["path"]))
@@ -242,11 +283,17 @@ async def plan_hf(s: Any, name: ModelName, base: str, headers: dict[str, str]) -
         page, hdrs = await _get_json(s, url, name, _headers(headers))
         if not isinstance(page, list):
             raise PullError(f"Hugging Face's file listing for '{name}' is not a list", 502, url)
-        files += [f for f in page if isinstance(f, dict) and f.get("type", "file") == "file" and isinstance(f.get("path"), str)]
+        files += [
+            f
+            for f in page
+            if isinstance(f, dict) and f.get("type", "file") == "file" and isinstance(f.get("path"), str)
+        ]
         nxt = re.search(r'<([^>]+)>;\s*rel="next"', hdrs.get("Link", ""))
         url = nxt.group(1) if nxt else None
         if url is not None and urlparse(url).netloc != urlparse(base).netloc:
-            raise PullError("Hugging Face's file listing continues on another host; edgelm does not follow it", 502, url)
+            raise PullError(
+                "Hugging Face's file listing continues on another host; edgelm does not follow it", 502, url
+            )
     try:
         chosen = pick_gguf(files, name.tag)
     except PullError as e:
@@ -273,10 +320,17 @@ async def plan_hf(s: Any, name: ModelName, base: str, headers: dict[str, str]) -
 # -- fetching --------------------------------------------------------------------------
 
 
-async def _fetch_blob(s: Any, st: Store, layer: Layer, report: Progress, headers: dict[str, str],
-                      max_bytes: int | None, retries: int, backoff_s: float) -> None:
+async def _fetch_blob(
+    s: Any,
+    st: Store,
+    layer: Layer,
+    report: Progress,
+    headers: dict[str, str],
+    max_bytes: int | None,
+    retries: int,
+    backoff_s: float,
+) -> None:
     """One blob into the store: downloaded, checked (digest; a model also loaded), renamed."""
-    loop = asyncio.get_running_loop()
     dest = st.blob(layer.digest)
     part = dest.with_name(dest.name + "-partial")
     short = layer.digest.split(":")[1][:12]
@@ -284,10 +338,14 @@ async def _fetch_blob(s: Any, st: Store, layer: Layer, report: Progress, headers
     small = layer.media_type in store.TEXT_LAYERS or layer.media_type == store.CONFIG_TYPE
     limit = store.MAX_TEXT_LAYER if small else max_bytes
     if layer.size and limit is not None and layer.size > limit:
-        raise PullError(f"the model file is {layer.size / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB this "
-                        "pull may take (max_pull_mib)", 413)
-    async with store.file_lock(dest.with_name("." + dest.name + ".lock"),
-                               lambda: report({"status": f"waiting for another pull of {short}"})):
+        raise PullError(
+            f"the model file is {layer.size / 2**20:.0f} MiB, more than the {limit / 2**20:.0f} MiB this "
+            "pull may take (max_pull_mib)",
+            413,
+        )
+    async with store.file_lock(
+        dest.with_name("." + dest.name + ".lock"), lambda: report({"status": f"waiting for another pull of {short}"})
+    ):
         if st.has_blob(layer.digest, layer.size or None):
             report({"status": f"pulling {short}", "completed": layer.size, **fields})
             return
@@ -297,8 +355,9 @@ async def _fetch_blob(s: Any, st: Store, layer: Layer, report: Progress, headers
             resumed = part.exists() and part.stat().st_size > 0
 
             async def once() -> str:
-                got, _ = await _fetch(s, layer.urls[0], part, short, report, _headers(headers), limit,
-                                      f"pulling {short}", fields)
+                got, _ = await _fetch(
+                    s, layer.urls[0], part, short, report, _headers(headers), limit, f"pulling {short}", fields
+                )
                 return got
 
             got = await _retrying(once, report, short, retries, backoff_s)
@@ -306,8 +365,11 @@ async def _fetch_blob(s: Any, st: Store, layer: Layer, report: Progress, headers
                 break
             part.unlink(missing_ok=True)
             if fresh or not resumed:
-                raise PullError(f"the download of {short} does not match its digest {layer.digest} (got sha256:{got}); "
-                                "the source sent other bytes than its manifest names. Pull again later", 502)
+                raise PullError(
+                    f"the download of {short} does not match its digest {layer.digest} (got sha256:{got}); "
+                    "the source sent other bytes than its manifest names. Pull again later",
+                    502,
+                )
             report({"status": f"{short} did not match its digest after resuming; downloading it again"})
         report({"status": "verifying sha256 digest", "digest": layer.digest})
         if layer.media_type == store.MODEL:
@@ -315,16 +377,27 @@ async def _fetch_blob(s: Any, st: Store, layer: Layer, report: Progress, headers
         os.replace(part, dest)
 
 
-async def _fetch_split(s: Any, st: Store, layer: Layer, report: Progress, headers: dict[str, str],
-                       max_bytes: int | None, retries: int, backoff_s: float) -> str:
+async def _fetch_split(
+    s: Any,
+    st: Store,
+    layer: Layer,
+    report: Progress,
+    headers: dict[str, str],
+    max_bytes: int | None,
+    retries: int,
+    backoff_s: float,
+) -> str:
     """A split GGUF: its parts as blobs of their own (kept until merged), merged into
     one model blob; returns the merged file's digest."""
     from edgelm.gguf_split import SplitError, merge
 
     loop = asyncio.get_running_loop()
     if max_bytes is not None and layer.size > max_bytes:
-        raise PullError(f"the model is {layer.size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB this "
-                        "pull may take (max_pull_mib)", 413)
+        raise PullError(
+            f"the model is {layer.size / 2**20:.0f} MiB, more than the {max_bytes / 2**20:.0f} MiB this "
+            "pull may take (max_pull_mib)",
+            413,
+        )
     _check_room(st.blobs, 2 * layer.size, "the parts and the merged model")
     parts = []
     for i, (url, d, size) in enumerate(zip(layer.urls, layer.part_digests, layer.part_sizes)):
@@ -350,10 +423,17 @@ async def _fetch_split(s: Any, st: Store, layer: Layer, report: Progress, header
     return digest
 
 
-async def pull_name(name: ModelName, models_dir: Path, progress: Progress | None = None, *,
-                    registries: Registries | None = None, max_bytes: int | None = None,
-                    in_use: Callable[[Path], bool] | None = None, retries: int = RETRIES,
-                    backoff_s: float = BACKOFF_S) -> store.Entry:
+async def pull_name(
+    name: ModelName,
+    models_dir: Path,
+    progress: Progress | None = None,
+    *,
+    registries: Registries | None = None,
+    max_bytes: int | None = None,
+    in_use: Callable[[Path], bool] | None = None,
+    retries: int = RETRIES,
+    backoff_s: float = BACKOFF_S,
+) -> store.Entry:
     """Pull `name` into the store in `models_dir` (see the module doc); its entry."""
     import aiohttp
 
@@ -367,7 +447,9 @@ async def pull_name(name: ModelName, models_dir: Path, progress: Progress | None
     hf_headers = {"Authorization": f"Bearer {os.environ['HF_TOKEN']}"} if os.environ.get("HF_TOKEN") else {}
     async with aiohttp.ClientSession(timeout=timeout) as s:
         if name.is_hf:
-            plan = await _retrying(lambda: plan_hf(s, name, reg.hf, hf_headers), report, "the listing", retries, backoff_s)
+            plan = await _retrying(
+                lambda: plan_hf(s, name, reg.hf, hf_headers), report, "the listing", retries, backoff_s
+            )
             headers = hf_headers
         else:
             base = reg.ollama if name.registry_default else f"https://{name.host}"
@@ -377,8 +459,11 @@ async def pull_name(name: ModelName, models_dir: Path, progress: Progress | None
             report({"status": note})
         model = next(x for x in plan.layers if x.media_type == store.MODEL)
         if old is not None and in_use is not None and in_use(old.model) and model.digest != old.digest:
-            raise PullError(f"'{name}' is loaded and in use; a pull never replaces a model in use. Unload it first "
-                            "(`edgelm stop`, or a request with keep_alive 0), then pull again", 409)
+            raise PullError(
+                f"'{name}' is loaded and in use; a pull never replaces a model in use. Unload it first "
+                "(`edgelm stop`, or a request with keep_alive 0), then pull again",
+                409,
+            )
         for layer in plan.layers:
             if layer.part_digests:
                 await _fetch_split(s, st, layer, report, headers, max_bytes, retries, backoff_s)

@@ -100,14 +100,16 @@ class ModelName:
     def parse(cls, text: str) -> ModelName:
         """A name as Ollama reads it, or ModelNameError saying what a name looks like."""
         s = text.strip()
-        bad = ModelNameError(f"{text[:200]!r} is not a model name (name[:tag], namespace/name:tag or "
-                             "hf.co/user/repo[:quant]; letters, digits, '.', '_', '-')")
+        bad = ModelNameError(
+            f"{text[:200]!r} is not a model name (name[:tag], namespace/name:tag or "
+            "hf.co/user/repo[:quant]; letters, digits, '.', '_', '-')"
+        )
         if not s or "://" in s or len(s) > 350 or ".." in s:
             raise bad
         tag = DEFAULT_TAG
         slash, colon = s.rfind("/"), s.rfind(":")
         if colon > slash:
-            s, tag = s[:colon], s[colon + 1:]
+            s, tag = s[:colon], s[colon + 1 :]
         parts = s.split("/")
         if len(parts) == 1:
             host, namespace, model = DEFAULT_HOST, DEFAULT_NAMESPACE, parts[0]
@@ -387,8 +389,11 @@ class Store:
         with self._lock():
             missing = sorted(d for d in _digests(manifest) if not self.blob(d).is_file())
             if missing:
-                raise StoreError(f"the blobs {', '.join(missing)} of {n} are not in the store (removed while it was "
-                                 "pulled?); pull again", 409)
+                raise StoreError(
+                    f"the blobs {', '.join(missing)} of {n} are not in the store (removed while it was "
+                    "pulled?); pull again",
+                    409,
+                )
             path = self.manifests / n.relpath()
             old = _read_manifest(path)
             _write_atomic(path, json.dumps(manifest, indent=1).encode())
@@ -503,9 +508,18 @@ class Store:
                 if (self.manifests / n.relpath()).exists():
                     continue
                 layer = {"mediaType": MODEL, "size": (self.dir / file).stat().st_size, "annotations": {FILE_KEY: file}}
-                _write_atomic(self.manifests / n.relpath(), json.dumps({
-                    "schemaVersion": 2, "mediaType": MANIFEST_TYPE, "layers": [layer],
-                    "annotations": {NAME_KEY: str(n)}}, indent=1).encode())
+                _write_atomic(
+                    self.manifests / n.relpath(),
+                    json.dumps(
+                        {
+                            "schemaVersion": 2,
+                            "mediaType": MANIFEST_TYPE,
+                            "layers": [layer],
+                            "annotations": {NAME_KEY: str(n)},
+                        },
+                        indent=1,
+                    ).encode(),
+                )
             os.replace(old, self.dir / (NAMES_FILE + ".migrated"))
 
 
@@ -524,8 +538,12 @@ def _digests(manifest: dict[str, Any]) -> set[str]:
     in the blob store)."""
     out = set()
     for layer in list(manifest.get("layers") or []) + [manifest.get("config") or {}]:
-        if isinstance(layer, dict) and isinstance(layer.get("digest"), str) and _DIGEST.match(layer["digest"]) \
-                and not (isinstance(layer.get("annotations"), dict) and FILE_KEY in layer["annotations"]):
+        if (
+            isinstance(layer, dict)
+            and isinstance(layer.get("digest"), str)
+            and _DIGEST.match(layer["digest"])
+            and not (isinstance(layer.get("annotations"), dict) and FILE_KEY in layer["annotations"])
+        ):
             out.add(layer["digest"])
     return out
 

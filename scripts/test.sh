@@ -14,6 +14,9 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"   # the Rust tests call python3 with gguf installed
 echo "== rustfmt (rustfmt.toml)" >&2
 cargo fmt --all -- --check
+echo "== ruff format + ruff check (pyproject.toml [tool.ruff])" >&2
+.venv/bin/ruff format --check edgelm tests benches scripts
+.venv/bin/ruff check edgelm tests benches scripts
 echo "== cargo clippy (warnings are errors)" >&2
 cargo clippy -q -p edgelm-core -p edgelm-py -- -D warnings
 echo "== cargo test (edgelm-core; CUDA kernels compiled by NVRTC for sm_87 and sm_90)" >&2
@@ -25,6 +28,8 @@ cargo test -p edgelm-core
 echo "== mypy.stubtest + mypy" >&2
 .venv/bin/python -m mypy.stubtest edgelm._native
 .venv/bin/python -m mypy edgelm
+# The scheduler's fake executor is held to the same Executor Protocol as the real one.
+.venv/bin/python -m mypy --strict tests/python/test_scheduler.py
 echo "== pytest (kernel level: $(.venv/bin/python -c 'import edgelm._native as n; print(n.kernel_level())'))" >&2
 .venv/bin/python -m pytest tests/python -q
 # The end-to-end goldens (greedy vs llama.cpp, perplexity) again at every lower

@@ -23,8 +23,13 @@ from edgelm.config import Config
 from edgelm.daemon.mdns import Advertiser, default_state_dir
 from edgelm.daemon.sdnotify import Notifier
 from edgelm.server.app import make_app
-from edgelm.server.connections import (ConnectionGuard, GuardedSite, MalformedHttpFilter, default_max_connections,
-                                      raise_nofile_limit)
+from edgelm.server.connections import (
+    ConnectionGuard,
+    GuardedSite,
+    MalformedHttpFilter,
+    default_max_connections,
+    raise_nofile_limit,
+)
 from edgelm.server.state import Server
 
 log = logging.getLogger("edgelm.serve")
@@ -36,8 +41,9 @@ async def serve(cfg: Config) -> int:
     notify.status(f"starting: binding {cfg.host}:{cfg.port}")
     srv = Server(cfg)
     app = make_app(srv)
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True, access_log=None,
-                           keepalive_timeout=cfg.idle_timeout_s)
+    runner = web.AppRunner(
+        app, handle_signals=False, handler_cancellation=True, access_log=None, keepalive_timeout=cfg.idle_timeout_s
+    )
     await runner.setup()
     nofile = raise_nofile_limit()
     guard = ConnectionGuard(cfg.max_connections or default_max_connections(nofile), cfg.header_timeout_s)
@@ -48,10 +54,12 @@ async def serve(cfg: Config) -> int:
     except OSError as e:
         await runner.cleanup()
         notify.close()
-        why = {errno.EADDRINUSE: "the address is in use (another edgelm, or Ollama? `edgelm ps` asks it); stop it or "
-                                 "choose another port with --port",
-               errno.EACCES: "this user may not listen on that port (below 1024); choose another with --port",
-               errno.EADDRNOTAVAIL: "that address is not one of this machine's; check --host"}
+        why = {
+            errno.EADDRINUSE: "the address is in use (another edgelm, or Ollama? `edgelm ps` asks it); stop it or "
+            "choose another port with --port",
+            errno.EACCES: "this user may not listen on that port (below 1024); choose another with --port",
+            errno.EADDRNOTAVAIL: "that address is not one of this machine's; check --host",
+        }
         raise EdgelmError(f"cannot listen on {cfg.host}:{cfg.port}: {why.get(e.errno or 0, e.strerror)}") from None
     addrs = runner.addresses
     port = int(addrs[0][1]) if addrs else cfg.port

@@ -95,8 +95,14 @@ class Advertiser:
     def _info(self, type_: str, addresses: list[bytes]) -> Any:
         from zeroconf.asyncio import AsyncServiceInfo
 
-        return AsyncServiceInfo(type_, f"{self.instance}.{type_}", addresses=addresses, port=self.port,
-                                properties=self.txt, server=self.server)
+        return AsyncServiceInfo(
+            type_,
+            f"{self.instance}.{type_}",
+            addresses=addresses,
+            port=self.port,
+            properties=self.txt,
+            server=self.server,
+        )
 
     async def start(self, **txt: str) -> None:
         from zeroconf import InterfaceChoice, IPVersion
@@ -194,8 +200,16 @@ async def discover_async(timeout: float = 3.0, interfaces: Sequence[str] | None 
             addrs = info.parsed_scoped_addresses()
             host = addrs[0] if addrs else (info.server or "").rstrip(".")
             url_host = f"[{host}]" if ":" in host else host
-            out.append({"name": name.removesuffix("." + SERVICE), "host": (info.server or "").rstrip("."),
-                        "addresses": addrs, "port": info.port, "url": f"http://{url_host}:{info.port}", **txt})
+            out.append(
+                {
+                    "name": name.removesuffix("." + SERVICE),
+                    "host": (info.server or "").rstrip("."),
+                    "addresses": addrs,
+                    "port": info.port,
+                    "url": f"http://{url_host}:{info.port}",
+                    **txt,
+                }
+            )
         return sorted(out, key=lambda d: d["name"])
     finally:
         await browser.async_cancel()

@@ -139,8 +139,9 @@ class EmbedEngine:
     # -- requests (event-loop thread) ----------------------------------------------
     def submit(self, req: GenRequest) -> Stream:
         """Generation: refused, the model only embeds."""
-        raise EngineError(f'"{self.name}" is an embedding model: it does not generate text (it serves /api/embed '
-                          "and /v1/embeddings)")
+        raise EngineError(
+            f'"{self.name}" is an embedding model: it does not generate text (it serves /api/embed and /v1/embeddings)'
+        )
 
     async def embed(self, seqs: list[list[int]]) -> npt.NDArray[np.float32]:
         """Pooled, unnormalized vectors for `seqs`, shape (len(seqs), n_embd). Raises

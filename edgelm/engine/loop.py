@@ -1,11 +1,12 @@
 """The asyncio side of serving: requests come in as `Stream`s, an engine thread runs
-the scheduler's steps back to back (the Rust step releases the GIL, so the event loop
-keeps serving HTTP while the model computes), and each step's tokens are handed to
-their streams on the event loop.
+the steps back to back — the scheduler plans, the executor computes (the Rust step
+releases the GIL, so the event loop keeps serving HTTP while the model computes), the
+scheduler applies the result — and each step's tokens are handed to their streams on
+the event loop.
 
-    engine = AsyncEngine(model, executor, limits, metrics)
+    engine = AsyncEngine(executor, limits, metrics, eog_ids)
     engine.start()
-    stream = engine.submit(GenRequest(prompt=ids, max_tokens=32))
+    stream = engine.submit(GenRequest(prompt=ids, max_tokens=32, sampling=SamplingParams(temperature=0)))
     async for delta in stream:
         print(delta.text, end="")
 """
@@ -21,7 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgelm.engine.metrics import Metrics
-from edgelm.engine.scheduler import Executor, Scheduler, SchedulerLimits, SeqOutput, Sequence
+from edgelm.engine.scheduler import Scheduler, SchedulerLimits, SeqOutput, Sequence
+from edgelm.engine.types import Executor, SamplingParams, StepResult
 from edgelm.stops import StopMatcher
 
 log = logging.getLogger("edgelm.serve")
@@ -29,11 +31,13 @@ log = logging.getLogger("edgelm.serve")
 
 @dataclass
 class GenRequest:
+    """What the HTTP layer asks an engine for: the contract between them."""
+
     prompt: list[int]
     max_tokens: int
-    sampling: dict[str, Any] = field(default_factory=dict)
-    stop: list[str] = field(default_factory=list)
-    stop_ids: frozenset[int] = frozenset()
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)  # stop strings (matched here, on the text)
+    stop_ids: frozenset[int] = frozenset()  # stop tokens (the executor's stop rule)
     ignore_eos: bool = False
     timeout_s: float | None = None
     matcher: Any = None  # llguidance LLMatcher (structured output)
@@ -97,6 +101,11 @@ class Stream:
     def n_generated(self) -> int:
         return self.seq.n_generated
 
+    @property
+    def tokens(self) -> list[int]:
+        """Prompt and generated tokens so far (Ollama's `context`)."""
+        return list(self.seq.tokens)
+
     def abort(self) -> None:
         """Stop generating (client gone); blocks are freed at the next step."""
         if not self.finished:
@@ -118,7 +127,7 @@ class Stream:
 class AsyncEngine:
     """Continuous batching on a dedicated engine thread.
 
-    The thread runs schedule → step → process back to back, so the next step starts
+    The thread runs schedule → step → update back to back, so the next step starts
     as soon as the previous one is done, without a round trip through the event loop;
     it hands each step's outputs to the loop (`call_soon_threadsafe`), where they are
     matched against stop strings and streamed. Requests enter and leave the scheduler
@@ -135,7 +144,7 @@ class AsyncEngine:
         gauges: Callable[[], None] | None = None,
     ) -> None:
         self.executor = executor
-        self.sched = Scheduler(executor, limits, eog_ids, enable_prefix_cache)
+        self._sched = Scheduler(executor, limits, eog_ids, enable_prefix_cache)
         self.metrics = metrics
         self._gauges = gauges  # sets the gauges for every model served (else: this engine's)
         if gauges is None:
@@ -160,9 +169,18 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         with self._lock:
-            s = self.sched
-            return EngineStats(len(s.running), len(s.waiting), s.limits.max_running, s.blocks.n_blocks,
-                               s.blocks.n_used, s.blocks.n_cached, s.n_preemptions, s.n_masks, s.mask_seconds)
+            s = self._sched
+            return EngineStats(
+                len(s.running),
+                len(s.waiting),
+                s.limits.max_running,
+                s.blocks.n_blocks,
+                s.blocks.n_used,
+                s.blocks.n_cached,
+                s.n_preemptions,
+                s.n_masks,
+                s.mask_seconds,
+            )
 
     async def drain(self, grace_s: float) -> int:
         """Wait up to `grace_s` for in-flight requests to finish, then abort the rest;
@@ -173,7 +191,7 @@ class AsyncEngine:
         left = list(self._streams.values())
         with self._lock:
             for s in left:
-                self.sched.abort(s.seq, "abort")
+                self._sched.abort(s.seq, "abort")
         self._wake.set()
         t_end = time.monotonic() + 5.0
         while self._streams and time.monotonic() < t_end:
@@ -188,7 +206,8 @@ class AsyncEngine:
 
     # -- requests (event-loop thread) ----------------------------------------------
     def submit(self, req: GenRequest) -> Stream:
-        """Queue a request; raises QueueFull or ValueError (it can never fit)."""
+        """Queue a request; raises edgelm.errors.Busy (the queue is full) or BadRequest
+        (it can never fit)."""
         if self._closed:
             raise EngineError("the engine is shutting down")
         deadline = time.monotonic() + req.timeout_s if req.timeout_s else None
@@ -203,7 +222,7 @@ class AsyncEngine:
         )
         stream = Stream(self, seq, req.stop)
         with self._lock:
-            self.sched.add(seq)
+            self._sched.add(seq)
         self._streams[seq.id] = stream
         self.metrics.tokens_in.inc(len(req.prompt))
         self._wake.set()
@@ -211,7 +230,7 @@ class AsyncEngine:
 
     def _abort(self, stream: Stream, reason: str = "abort") -> None:
         with self._lock:
-            self.sched.abort(stream.seq, reason)
+            self._sched.abort(stream.seq, reason)
         self._wake.set()
 
     # -- the engine thread ---------------------------------------------------------
@@ -220,53 +239,41 @@ class AsyncEngine:
         loop = self._loop
         while not self._closed:
             with self._lock:
-                busy = self.sched.has_work()
-                items = self.sched.schedule() if busy else []
-                masks = self.sched.masks
-            if not busy:
+                plan = self._sched.schedule() if self._sched.has_work() else None
+            if plan is None:
                 self._wake.wait(0.5)
                 self._wake.clear()
                 continue
-            results: list[Any] = []
-            if items:
-                try:
-                    results = self.executor.step(items, masks or None)  # the GIL is released inside
-                except Exception as e:  # a bug or a resource failure: fail this step's requests, keep serving
-                    log.exception("step failed")
-                    with self._lock:
-                        self.sched.process([])
-                        for sid, *_ in items:
-                            seq = next((s for s in self.sched.running if s.id == sid), None)
-                            if seq is not None:
-                                seq.error = f"generation failed: {e}"
-                                self.sched.finish_now(seq, "error")
-                    failed = [sid for sid, *_ in items]
-                    loop.call_soon_threadsafe(self._fail, failed, f"generation failed: {e}")
-                    continue
+            try:
+                result = StepResult() if plan.is_empty() else self.executor.step(plan)  # the GIL is released inside
+            except Exception as e:  # a bug or a resource failure: fail this step's requests, keep serving
+                log.exception("step failed")
+                with self._lock:
+                    outs = self._sched.fail(plan, f"generation failed: {e}")
+                loop.call_soon_threadsafe(self._dispatch, outs)
+                continue
+            if plan.items:
                 self.metrics.steps.inc()
-                self.metrics.step_tokens.inc(sum(b - a for _, a, b, _, _ in items))
+                self.metrics.step_tokens.inc(plan.n_tokens)
             with self._lock:
                 try:
-                    outs = self.sched.process(results)
-                except Exception as e:  # a scheduler bug: fail what is in flight, keep serving
+                    outs = self._sched.update(plan, result)
+                except Exception as e:  # a scheduler bug: fail every request, keep serving
                     log.exception("scheduling failed")
-                    self.sched._planned = []
-                    loop.call_soon_threadsafe(self._fail, None, f"generation failed: {e}")
-                    continue
+                    outs = self._sched.fail(plan, f"generation failed: {e}")
+                    loop.call_soon_threadsafe(self._fail_all, f"generation failed: {e}")
             if outs:
                 loop.call_soon_threadsafe(self._dispatch, outs)
-            if not items:
+            if not plan.items:
                 time.sleep(0.002)  # nothing runnable yet (a shared prefix in flight)
 
     # -- outputs (event-loop thread) -----------------------------------------------
-    def _fail(self, ids: list[int] | None, msg: str) -> None:
-        for sid in list(self._streams) if ids is None else ids:
-            st = self._streams.pop(sid, None)
-            if st is not None:
-                st.finished = True
-                if ids is None:
-                    self._abort(st, "error")
-                st.queue.put_nowait(EngineError(msg))
+    def _fail_all(self, msg: str) -> None:
+        for sid in list(self._streams):
+            st = self._streams.pop(sid)
+            st.finished = True
+            self._abort(st, "error")
+            st.queue.put_nowait(EngineError(msg))
 
     def _dispatch(self, outs: list[SeqOutput]) -> None:
         now = time.perf_counter()

@@ -36,21 +36,22 @@ from typing import Any
 
 from edgelm import EdgelmError, Model, _native, modelinfo, store
 from edgelm._native import Executor
-from edgelm.prompt.chat import ChatTemplate
 from edgelm.config import Config, parse_keep_alive
 from edgelm.engine.embed import EmbedEngine, EmbedLimits
 from edgelm.engine.loop import AsyncEngine
-from edgelm.prompt.gotemplate import GoTemplate, GoTemplateError
-from edgelm.prompt.grammar import GrammarError, Grammars
 from edgelm.engine.metrics import Metrics
-from edgelm.errors import NoMemory, NotFound
 from edgelm.engine.scheduler import SchedulerLimits
+from edgelm.errors import NoMemory, NotFound
+from edgelm.prompt.chat import ChatTemplate
+from edgelm.prompt.gotemplate import GoTemplate, GoTemplateError
+from edgelm.prompt.grammar import Grammars
 
 log = logging.getLogger("edgelm.serve")
 
 BLOCK_SIZE = 16
 SCRATCH_BYTES = 64 << 20
 """Allowance per model for activations, logits and the grammar vocabulary."""
+
 
 def mem_available() -> int | None:
     """MemAvailable from /proc/meminfo, in bytes."""
@@ -183,8 +184,12 @@ class ModelPool:
             if path.resolve() == self.default_path.resolve():
                 return self.default_id, self.default_path
             return model_id_of(path), path
-        raise NotFound(f"model '{name}' not found (available: {', '.join(sorted(avail))}); `edgelm pull {name}` or "
-                       "/api/pull fetches it", "model", "model_not_found")
+        raise NotFound(
+            f"model '{name}' not found (available: {', '.join(sorted(avail))}); `edgelm pull {name}` or "
+            "/api/pull fetches it",
+            "model",
+            "model_not_found",
+        )
 
     def names(self) -> list[tuple[str, str, Path]]:
         """Every name a client can list: (name, model id, file) for each servable file
@@ -220,7 +225,8 @@ class ModelPool:
         except OSError:
             return False
         return any(lm.path.resolve() == target for lm in self.loaded.values()) or (
-            target == self.default_path.resolve() and self.default_id in self._loading)
+            target == self.default_path.resolve() and self.default_id in self._loading
+        )
 
     async def file_metadata(self, path: Path) -> dict[str, Any]:
         """A GGUF file's metadata (arrays longer than 64 left out), read without loading
@@ -260,8 +266,9 @@ class ModelPool:
         # parameters or system prompts differ.
         lm = self.loaded.get(mid)
         if lm is None:
-            lm = next((m for m in self.loaded.values() if m.path == path and (m.params, m.system) == self.extras(mid)),
-                      None)
+            lm = next(
+                (m for m in self.loaded.values() if m.path == path and (m.params, m.system) == self.extras(mid)), None
+            )
         if lm is not None:
             lm.last_used = time.monotonic()
             return lm
@@ -297,8 +304,14 @@ class ModelPool:
             lm.engine.start()
             lm.touch()
             self.loaded[mid] = lm
-            log.info("loaded %s in %.2fs (%.0f MiB of the %.0f MiB budget; %d models loaded)", mid,
-                     time.perf_counter() - t0, cost / 2**20, self.budget_bytes / 2**20, len(self.loaded))
+            log.info(
+                "loaded %s in %.2fs (%.0f MiB of the %.0f MiB budget; %d models loaded)",
+                mid,
+                time.perf_counter() - t0,
+                cost / 2**20,
+                self.budget_bytes / 2**20,
+                len(self.loaded),
+            )
             self.metrics.models_loaded.set(len(self.loaded))
             if self.on_change is not None:
                 self.on_change()
@@ -322,9 +335,16 @@ class ModelPool:
             log.info("no usable GPU (%s); running on the CPU", e)
             self._device = ("cpu", None)
             return self._device
-        log.info("GPU %d: %s (sm_%d, %.1f of %.1f GiB free%s; kernels from %s)", ordinal, info["name"], info["arch"],
-                 info["free_bytes"] / 2**30, info["total_bytes"] / 2**30,
-                 ", memory shared with the CPU" if info["integrated"] else "", info["kernels_from"])
+        log.info(
+            "GPU %d: %s (sm_%d, %.1f of %.1f GiB free%s; kernels from %s)",
+            ordinal,
+            info["name"],
+            info["arch"],
+            info["free_bytes"] / 2**30,
+            info["total_bytes"] / 2**30,
+            ", memory shared with the CPU" if info["integrated"] else "",
+            info["kernels_from"],
+        )
         self._device = (f"cuda:{ordinal}", info)
         return self._device
 
@@ -334,8 +354,9 @@ class ModelPool:
 
     def _open(self, path: Path) -> tuple[Model, int, int, str]:
         if not path.is_file():
-            raise EdgelmError(f"model file {path} does not exist (set `model:` in the config, or fetch one with "
-                              f"`edgelm pull`)")
+            raise EdgelmError(
+                f"model file {path} does not exist (set `model:` in the config, or fetch one with `edgelm pull`)"
+            )
         model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=self.cfg.max_context)
         if model.is_embedding:
             # No KV cache to keep; one step's activations (a decoder embedder's scratch
@@ -359,8 +380,9 @@ class ModelPool:
         # with, as llama.cpp does by its -c: the context served, which the KV cache may
         # hold below max_context. Loading again is a new mapping of the same file.
         served = self.served_context(model, n_blocks)
-        if (model.native.rope_factors or "").startswith("rope_factors_") and served != (self.cfg.max_context or
-                                                                                        model.n_ctx_train):
+        if (model.native.rope_factors or "").startswith("rope_factors_") and served != (
+            self.cfg.max_context or model.n_ctx_train
+        ):
             model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=served)
         # Host memory: the mapped weights, and the KV cache unless it is on a GPU of
         # its own (on a Jetson the GPU's memory is the host's).
@@ -387,10 +409,13 @@ class ModelPool:
                 f"{(self.budget_bytes - used()) / 2**20:.0f} MiB of the {self.budget_bytes / 2**20:.0f} MiB budget "
                 f"is free (max_loaded_models {self.cfg.max_loaded_models}; loaded: {loaded}); retry when they are "
                 f"idle, raise memory_budget_mib, or lower kv_cache_mib",
-                "model", "insufficient_memory")
+                "model",
+                "insufficient_memory",
+            )
 
-    def _build(self, mid: str, path: Path, model: Model, n_blocks: int,
-               device: str) -> tuple[dict[str, Any], Executor, frozenset[int]]:
+    def _build(
+        self, mid: str, path: Path, model: Model, n_blocks: int, device: str
+    ) -> tuple[dict[str, Any], Executor, frozenset[int]]:
         """Everything but the engine (which starts on the event loop), off the loop."""
         native = model.native
         max_ctx = self.served_context(model, n_blocks)
@@ -408,8 +433,9 @@ class ModelPool:
         bos, eos = native.bos, native.eos
         bos_s = native.detokenize([bos], True) if bos is not None else ""
         eos_s = native.detokenize([eos], True) if eos is not None else ""
-        template: ChatTemplate | GoTemplate = ChatTemplate.for_model(tmpl if isinstance(tmpl, str) else None,
-                                                                     model.architecture, bos_s, eos_s)
+        template: ChatTemplate | GoTemplate = ChatTemplate.for_model(
+            tmpl if isinstance(tmpl, str) else None, model.architecture, bos_s, eos_s
+        )
         eog = frozenset(t for t in range(model.n_vocab) if native.is_eog(t))
         keep = None if path == self.default_path else self.default_keep_alive
         entry = self.entry(mid)
@@ -420,15 +446,38 @@ class ModelPool:
             try:
                 template = GoTemplate(go)
             except GoTemplateError as e:
-                log.warning("%s: the file has no chat template, and the registry's cannot be run (%s); it chats in its "
-                            "architecture's turn format (or ChatML)", mid, e)
-        parts = {"id": mid, "path": path, "model": model, "template": template, "grammars": Grammars(native, eog),
-                 "params": params, "system": system,
-                 "max_context": max_ctx, "bos_id": bos, "keep_alive_s": keep, "device": executor.device}
+                log.warning(
+                    "%s: the file has no chat template, and the registry's cannot be run (%s); it chats in its "
+                    "architecture's turn format (or ChatML)",
+                    mid,
+                    e,
+                )
+        parts = {
+            "id": mid,
+            "path": path,
+            "model": model,
+            "template": template,
+            "grammars": Grammars(native, eog),
+            "params": params,
+            "system": system,
+            "max_context": max_ctx,
+            "bos_id": bos,
+            "keep_alive_s": keep,
+            "device": executor.device,
+        }
         rope = f", RoPE factors {native.rope_factors}" if native.rope_factors else ""
-        log.info("%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d%s", mid,
-                 model.architecture, executor.device, model.kernel_level, model.n_threads, n_blocks, BLOCK_SIZE, max_ctx,
-                 rope)
+        log.info(
+            "%s: %s on %s (CPU: %s kernels, %d threads); KV cache %d blocks × %d tokens, context %d%s",
+            mid,
+            model.architecture,
+            executor.device,
+            model.kernel_level,
+            model.n_threads,
+            n_blocks,
+            BLOCK_SIZE,
+            max_ctx,
+            rope,
+        )
         return parts, executor, eog
 
     def _embedding_model(self, mid: str, path: Path, model: Model, cost: int) -> LoadedModel:
@@ -436,17 +485,35 @@ class ModelPool:
         inputs of every request (embed_engine). Encoders run on the CPU."""
         c = self.cfg
         max_running, max_step_tokens = c.step_limits("cpu")
-        engine = EmbedEngine(model.native, EmbedLimits(max(max_running, 64), max_step_tokens, c.max_queue), self.metrics,
-                             mid)
+        engine = EmbedEngine(
+            model.native, EmbedLimits(max(max_running, 64), max_step_tokens, c.max_queue), self.metrics, mid
+        )
         max_ctx = min(c.max_context or model.n_ctx_train, model.n_ctx_train)
         keep = None if path == self.default_path else self.default_keep_alive
         params, system = self.extras(mid)
-        log.info("%s: %s embedding model (pooling %s) on the CPU (%s kernels, %d threads), context %d", mid,
-                 model.architecture, model.native.pooling, model.kernel_level, model.n_threads, max_ctx)
-        return LoadedModel(id=mid, path=path, model=model, engine=engine, cost_bytes=cost,
-                           template=ChatTemplate.for_model(None, model.architecture, "", ""),
-                           grammars=Grammars(model.native, frozenset()), max_context=max_ctx, bos_id=model.native.bos,
-                           keep_alive_s=keep, params=params, system=system)
+        log.info(
+            "%s: %s embedding model (pooling %s) on the CPU (%s kernels, %d threads), context %d",
+            mid,
+            model.architecture,
+            model.native.pooling,
+            model.kernel_level,
+            model.n_threads,
+            max_ctx,
+        )
+        return LoadedModel(
+            id=mid,
+            path=path,
+            model=model,
+            engine=engine,
+            cost_bytes=cost,
+            template=ChatTemplate.for_model(None, model.architecture, "", ""),
+            grammars=Grammars(model.native, frozenset()),
+            max_context=max_ctx,
+            bos_id=model.native.bos,
+            keep_alive_s=keep,
+            params=params,
+            system=system,
+        )
 
     async def unload(self, mid: str) -> bool:
         lm = self.loaded.pop(mid, None)

@@ -1,17 +1,19 @@
-"""Continuous batching.
+"""Continuous batching: the scheduler decides, the executor computes.
 
 Every step runs the next token of each running sequence plus chunks of prompts under
 a token budget (chunked prefill), so a long prompt never stalls the streams already
-running. The scheduler decides what runs; the executor (`edgelm._native.Executor`, or
-a fake in tests) computes it.
+running. The scheduler plans each step and applies its result; it never calls the
+executor (`edgelm._native.Executor`, or a fake in tests): the contract between them is
+a `StepPlan` and a `StepResult` (edgelm.engine.types).
 
-    sched = Scheduler(executor, SchedulerLimits(...), eog_ids)
+    sched = Scheduler(executor, SchedulerLimits(...), eog_ids)   # reads the KV geometry
     sched.add(Sequence(...))            # QueueFull when the queue is at its limit
-    items = sched.schedule()            # what the next step runs
-    outputs = sched.process(executor.step(items))
+    plan = sched.schedule()             # what the next step does
+    outputs = sched.update(plan, executor.step(plan))
 
-`schedule` and `process` run between steps (never while one is in flight), on one
-thread; they are the only places sequences enter, leave and change.
+`schedule` and `update` run between steps (never while one is in flight), on one
+thread; they are the only places sequences enter, leave and change. A step that fails
+goes to `fail` instead of `update`: its sequences end with an error.
 
 Policies:
   - Each step's token budget goes first to the decode token of every running sequence
@@ -27,9 +29,13 @@ Policies:
     shares the result instead of computing it twice.
   - Out of KV blocks: preempt the youngest running sequence (its blocks are freed; it
     goes back to the front of the queue and is recomputed later, prefix hits
-    included) rather than fail anything.
-  - Aborted and timed-out sequences are dropped, and their blocks freed, at the next
-    `schedule`.
+    included) rather than fail anything. The executor keeps its state (history,
+    sampler, decoder) meanwhile: a preempted sequence is not new when it comes back.
+  - A sequence ends at a stop token or its token budget by the executor's stop rule
+    (the result says so, with the end of its text); the scheduler ends it when its
+    grammar is complete, when it is aborted (a client gone, a stop string) or timed
+    out — those at the next `schedule`, which frees their blocks and tells the
+    executor to forget them.
 """
 
 from __future__ import annotations
@@ -39,37 +45,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from edgelm.engine.blocks import BlockManager, OutOfBlocks, chain_hashes
+from edgelm.engine.types import KvGeometry, NewSequence, SamplingParams, StepItem, StepPlan, StepResult
 from edgelm.errors import BadRequest, Busy
-
-StepItem = tuple[int, int, int, list[int], bool]
-StepResult = tuple[int, int, float, list[tuple[int, float]], str]
-
-
-class Executor(Protocol):
-    @property
-    def n_blocks(self) -> int: ...
-    @property
-    def block_size(self) -> int: ...
-    def add(
-        self,
-        seq_id: int,
-        prompt: list[int],
-        temperature: float = ...,
-        top_k: int = ...,
-        top_p: float = ...,
-        min_p: float = ...,
-        repeat_penalty: float = ...,
-        repeat_last_n: int = ...,
-        frequency_penalty: float = ...,
-        presence_penalty: float = ...,
-        seed: int | None = ...,
-        n_logprobs: int = ...,
-    ) -> None: ...
-    def remove(self, seq_id: int) -> str | None: ...
-    def step(self, items: list[StepItem], masks: dict[int, bytes] | None = ...) -> list[StepResult]: ...
 
 
 class QueueFull(Busy):
@@ -89,9 +69,6 @@ class SchedulerLimits:
                 raise ValueError(f"{k} must be at least 1")
         if self.max_step_tokens < self.max_running:
             raise ValueError("max_step_tokens must be at least max_running (every running sequence decodes each step)")
-
-
-_ids = itertools.count(1)
 
 
 # Batching must not change what a request gets. The executor computes a lone token on
@@ -120,12 +97,12 @@ def _chunk(todo: int, budget: int) -> int:
 class Sequence:
     prompt: list[int]
     max_tokens: int
-    sampling: dict[str, Any] = field(default_factory=dict)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
     stop_ids: frozenset[int] = frozenset()
     ignore_eos: bool = False
     deadline: float | None = None  # time.monotonic() value
     matcher: Any = None  # an llguidance LLMatcher: constrained decoding
-    id: int = field(default_factory=lambda: next(_ids))
+    id: int = 0  # given by Scheduler.add
     # State (the scheduler's).
     tokens: list[int] = field(init=False)
     n_computed: int = 0
@@ -133,7 +110,7 @@ class Sequence:
     n_generated: int = 0
     n_cached_prompt: int = 0  # prompt tokens served from the prefix cache (first admission)
     n_preempted: int = 0
-    admitted: bool = False  # registered with the executor
+    registered: bool = False  # the executor holds its state
     finish_reason: str | None = None
     abort_reason: str | None = None
     error: str | None = None  # why the executor refused it (finish_reason "error")
@@ -167,25 +144,30 @@ class SeqOutput:
 class Scheduler:
     def __init__(
         self,
-        executor: Executor,
+        kv: KvGeometry,
         limits: SchedulerLimits,
         eog_ids: Iterable[int] = (),
         enable_prefix_cache: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.ex = executor
+        """`kv`: the executor's KV cache shape (read once; the executor itself is never
+        called from here). `eog_ids`: the model's end-of-generation tokens (a grammar
+        that is complete does not end a sequence whose last token is one of them: the
+        stop rule has already)."""
         self.limits = limits
         self.eog = frozenset(eog_ids)
-        self.bs = executor.block_size
-        self.blocks = BlockManager(executor.n_blocks, self.bs, enable_prefix_cache)
+        self.bs = kv.block_size
+        self.blocks = BlockManager(kv.n_blocks, self.bs, enable_prefix_cache)
         self.clock = clock
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self._planned: list[tuple[Sequence, int, int, bool]] = []
+        self._ids = itertools.count(1)
+        self._in_flight: tuple[StepPlan, list[_Planned], list[Sequence]] | None = None
         self._inflight: dict[int, int] = {}  # block hash -> id of the sequence computing it
-        self._ended: list[SeqOutput] = []  # ends decided in schedule(), reported by process()
-        self.masks: dict[int, bytes] = {}  # token masks of the planned step's constrained samples
-        self.mask_seconds = 0.0  # time spent computing them (the grammar's per-token cost)
+        self._ended: list[SeqOutput] = []  # ends decided in schedule(), reported by update()
+        self._new: list[Sequence] = []  # admitted, for the executor to register in the next plan
+        self._forget: list[int] = []  # ended while the executor holds their state
+        self.mask_seconds = 0.0  # time spent computing token masks (the grammar's per-token cost)
         self.n_masks = 0
         self.n_preemptions = 0
         self.n_prompt_tokens_computed = 0
@@ -196,19 +178,27 @@ class Scheduler:
         return self.blocks.n_blocks * self.bs
 
     def add(self, seq: Sequence) -> None:
+        """Queue a sequence (it gets its id here)."""
         if len(self.waiting) >= self.limits.max_queue:
-            raise QueueFull(f"the queue holds {len(self.waiting)} requests (limit {self.limits.max_queue})",
-                            code="queue_full")
+            raise QueueFull(
+                f"the queue holds {len(self.waiting)} requests (limit {self.limits.max_queue})", code="queue_full"
+            )
         need = len(seq.prompt) + max(seq.max_tokens, 1)
         if not seq.prompt:
             raise BadRequest("the prompt is empty", "prompt")
         if len(seq.prompt) >= self.limits.max_context:
-            raise BadRequest(f"the prompt has {len(seq.prompt)} tokens; the context holds {self.limits.max_context}",
-                             "prompt", "context_length_exceeded")
+            raise BadRequest(
+                f"the prompt has {len(seq.prompt)} tokens; the context holds {self.limits.max_context}",
+                "prompt",
+                "context_length_exceeded",
+            )
         if min(need, self.limits.max_context) > self.capacity_tokens():
             raise BadRequest(
                 f"prompt + max_tokens = {need} tokens do not fit in the KV cache ({self.capacity_tokens()} tokens)",
-                "prompt", "context_length_exceeded")
+                "prompt",
+                "context_length_exceeded",
+            )
+        seq.id = next(self._ids)
         self.waiting.append(seq)
 
     def abort(self, seq: Sequence, reason: str = "abort") -> None:
@@ -217,21 +207,22 @@ class Scheduler:
             seq.abort_reason = reason
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._ended)
+        return bool(self.running or self.waiting or self._ended or self._forget)
 
     # -- one step ----------------------------------------------------------------
-    def schedule(self) -> list[StepItem]:
-        assert not self._planned, "process() the previous step first"
+    def schedule(self) -> StepPlan:
+        """Plan the next step."""
+        assert self._in_flight is None, "update() with the previous step's result first"
         now = self.clock()
         for seq in [*self.running, *self.waiting]:
             if seq.abort_reason is None and seq.deadline is not None and now >= seq.deadline:
                 seq.abort_reason = "timeout"
             if seq.abort_reason is not None:
-                self._finish(seq, seq.abort_reason)
+                self._end(seq, seq.abort_reason)
                 self._ended.append(SeqOutput(seq, None, 0.0, [], "", seq.finish_reason))
 
         budget = self.limits.max_step_tokens
-        plan: dict[int, tuple[Sequence, int, int, bool]] = {}
+        plan: dict[int, _Planned] = {}
 
         def run(seq: Sequence, n: int, may_preempt: bool = True) -> bool:
             nonlocal budget
@@ -253,14 +244,7 @@ class Scheduler:
         skipped: list[Sequence] = []
         while self.waiting and budget > 0 and admit_budget > 0 and len(self.running) < self.limits.max_running:
             seq = self.waiting.popleft()
-            try:
-                admitted = self._admit(seq)
-            except Exception as e:  # the executor refused it (bad parameters): end it alone
-                seq.error = str(e)
-                self._finish(seq, "error")
-                self._ended.append(SeqOutput(seq, None, 0.0, [], "", "error"))
-                continue
-            if not admitted:
+            if not self._admit(seq):
                 skipped.append(seq)  # its prefix is being computed by another; next step
                 continue
             n = _chunk(len(seq.tokens) - seq.n_computed, min(budget, admit_budget))
@@ -277,21 +261,44 @@ class Scheduler:
             if n > 0:
                 run(seq, n)
         self.waiting.extendleft(reversed(skipped))
-        self._planned = list(plan.values())
-        self.masks = {}
-        for seq, _a, _b, smp in self._planned:
+
+        planned = list(plan.values())
+        masks: dict[int, bytes] = {}
+        for seq, _a, _b, smp in planned:
             if smp and seq.matcher is not None:
                 t0 = time.perf_counter()
-                self.masks[seq.id] = seq.matcher.compute_bitmask()
+                masks[seq.id] = seq.matcher.compute_bitmask()
                 self.mask_seconds += time.perf_counter() - t0
                 self.n_masks += 1
-        return [(s.id, a, b, list(s.blocks), smp) for s, a, b, smp in self._planned]
+        new = [
+            NewSequence(s.id, list(s.tokens), s.sampling, self._max_tokens(s), sorted(s.stop_ids), s.ignore_eos)
+            for s in self._new
+        ]
+        step = StepPlan(
+            new, [StepItem(s.id, a, b, list(s.blocks), smp) for s, a, b, smp in planned], self._forget, masks
+        )
+        self._in_flight = (step, planned, self._new)
+        self._new, self._forget = [], []
+        return step
 
-    def process(self, results: list[StepResult]) -> list[SeqOutput]:
-        """Apply a step's results; returns one output per sampled token and per
+    def update(self, plan: StepPlan, result: StepResult) -> list[SeqOutput]:
+        """Apply a step's result; returns one output per sampled token and per
         sequence that ended."""
+        assert self._in_flight is not None and self._in_flight[0] is plan, "update() the plan schedule() gave"
+        _, planned, new = self._in_flight
+        self._in_flight = None
         out, self._ended = self._ended, []
-        for seq, _start, end, _sample in self._planned:
+        by_id = {s.id: s for s in new} | {s.id: s for s, *_ in planned}
+        refused = result.refused
+        for sid, why in refused.items():  # bad parameters: that sequence ends, alone
+            seq = by_id[sid]
+            seq.registered = False
+            seq.error = why
+            self._end(seq, "error")
+            out.append(SeqOutput(seq, None, 0.0, [], "", "error"))
+        for seq, _start, end, _sample in planned:
+            if seq.id in refused:
+                continue
             if seq.n_computed < len(seq.prompt):
                 self.n_prompt_tokens_computed += min(end, len(seq.prompt)) - seq.n_computed
             seq.n_computed = end
@@ -300,62 +307,77 @@ class Scheduler:
                 self.blocks.register(seq.blocks[i], h)
                 if self._inflight.get(h) == seq.id:
                     del self._inflight[h]
-        by_id = {s.id: s for s, *_ in self._planned}
-        self._planned = []
-        for sid, tok, lp, top, text in results:
-            seq = by_id[sid]
-            seq.tokens.append(tok)
+        for t in result.tokens:
+            seq = by_id[t.id]
+            seq.tokens.append(t.token)
             seq.n_generated += 1
-            reason = None
-            done_grammar = False
-            if seq.matcher is not None:
-                seq.matcher.consume_token(tok)
-                done_grammar = seq.matcher.is_stopped() and tok not in self.eog
-            if tok in seq.stop_ids or (not seq.ignore_eos and tok in self.eog):
-                reason, text = "stop", ""
-            elif done_grammar:
-                reason = "stop"  # the grammar is complete: nothing more may follow
-            elif seq.n_generated >= seq.max_tokens or len(seq.tokens) >= self.limits.max_context:
-                reason = "length"
+            reason = t.finish_reason
             if reason is not None:
-                text += self._finish(seq, reason)
-            out.append(SeqOutput(seq, tok, lp, top, text, reason))
+                seq.registered = False  # the executor has forgotten it
+            if seq.matcher is not None:
+                seq.matcher.consume_token(t.token)
+                if reason != "stop" and seq.matcher.is_stopped() and t.token not in self.eog:
+                    reason = "stop"  # the grammar is complete: nothing more may follow
+            if reason is not None:
+                self._end(seq, reason)
+            out.append(SeqOutput(seq, t.token, t.logprob, t.top, t.text, reason))
         return out
 
-    def finish_now(self, seq: Sequence, reason: str) -> None:
-        """End a sequence between steps (e.g. a stop string matched)."""
-        if not seq.finished:
-            self._finish(seq, reason)
+    def fail(self, plan: StepPlan, error: str) -> list[SeqOutput]:
+        """The step `plan` raised (or its result could not be applied): its sequences
+        end with `error`, the others go on."""
+        _, planned, new = (
+            self._in_flight if self._in_flight is not None and self._in_flight[0] is plan else (plan, [], [])
+        )
+        self._in_flight = None
+        out, self._ended = self._ended, []
+        self._forget.extend(plan.finished)  # (forgetting twice is harmless; leaking state is not)
+        ids = {it.id for it in plan.items} | {n.id for n in plan.new}
+        for seq in [*self.running, *self.waiting, *new, *(s for s, *_ in planned)]:
+            if seq.id in ids and not seq.finished:
+                seq.registered = True  # whatever the executor kept of it, it forgets
+                seq.error = error
+                self._end(seq, "error")
+                out.append(SeqOutput(seq, None, 0.0, [], "", "error"))
+        return out
 
     # -- internals ---------------------------------------------------------------
-    def _finish(self, seq: Sequence, reason: str) -> str:
+    def _max_tokens(self, seq: Sequence) -> int:
+        """The executor's token budget for `seq`: its own, within the context."""
+        return min(seq.max_tokens, self.limits.max_context - len(seq.prompt))
+
+    def _end(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if seq in self._new:  # never registered
+            self._new.remove(seq)
+            seq.registered = False
         self._drop_inflight(seq)
         self.blocks.release(seq.blocks)
         seq.blocks = []
-        tail = self.ex.remove(seq.id) if seq.admitted else None
-        seq.admitted = False
-        return tail or ""
+        if seq.registered:
+            self._forget.append(seq.id)
+            seq.registered = False
 
     def _drop_inflight(self, seq: Sequence) -> None:
         for h in [h for h, sid in self._inflight.items() if sid == seq.id]:
             del self._inflight[h]
 
     def _admit(self, seq: Sequence) -> bool:
-        """Prefix lookup, executor registration; False when it must wait."""
+        """Prefix lookup; False when it must wait. A sequence the executor has not
+        seen goes into the next plan's `new`."""
         if self._blocked_on_inflight(seq):
             return False
         n_lookup = _n_lookup(len(seq.tokens), self.bs)
         hashes = seq.hashes(self.bs, n_lookup)
         seq.blocks = self.blocks.lookup(hashes)
         seq.n_computed = len(seq.blocks) * self.bs
-        if not seq.admitted:
-            self.ex.add(seq.id, list(seq.tokens), **seq.sampling)
-            seq.admitted = True
+        if not seq.registered:
+            self._new.append(seq)
+            seq.registered = True
         if seq.n_preempted == 0:
             seq.n_cached_prompt = seq.n_computed
             self.n_prompt_tokens_cached += seq.n_computed
@@ -382,7 +404,7 @@ class Scheduler:
         seq.blocks = []
         seq.n_computed = 0
 
-    def _grow(self, seq: Sequence, n_pos: int, plan: dict[int, tuple[Sequence, int, int, bool]], may_preempt: bool = True) -> bool:
+    def _grow(self, seq: Sequence, n_pos: int, plan: dict[int, _Planned], may_preempt: bool = True) -> bool:
         """Make `seq`'s block table hold `n_pos` positions, preempting the youngest
         running sequences if needed. False if `seq` could not get them (it was
         preempted itself, or may not preempt)."""
@@ -398,7 +420,7 @@ class Scheduler:
                     return False
         return True
 
-    def _preempt(self, seq: Sequence, plan: dict[int, tuple[Sequence, int, int, bool]]) -> None:
+    def _preempt(self, seq: Sequence, plan: dict[int, _Planned]) -> None:
         plan.pop(seq.id, None)
         self.running.remove(seq)
         self._drop_inflight(seq)
@@ -408,3 +430,7 @@ class Scheduler:
         seq.n_preempted += 1
         self.n_preemptions += 1
         self.waiting.appendleft(seq)
+
+
+_Planned = tuple[Sequence, int, int, bool]
+"""(sequence, first token, end, sample) of one step's item."""

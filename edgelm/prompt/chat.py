@@ -230,14 +230,24 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _environment() -> _Sandbox:
-    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, autoescape=False, undefined=jinja2.Undefined,
-                   extensions=[jinja2.ext.loopcontrols, _GenerationTag])
+    env = _Sandbox(
+        trim_blocks=True,
+        lstrip_blocks=True,
+        autoescape=False,
+        undefined=jinja2.Undefined,
+        extensions=[jinja2.ext.loopcontrols, _GenerationTag],
+    )
     env.globals.pop("lipsum", None)  # unbounded work from one call, and no template uses it
     env.globals.update(range=_range, raise_exception=_raise_exception, strftime_now=_strftime_now)
     env.filters["tojson"] = _tojson
@@ -299,11 +309,23 @@ class ChatTemplate:
             source = FALLBACK_TEMPLATES.get(architecture)
         return cls(source, bos_token, eos_token)
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-               tools: list[dict[str, Any]] | None = None, **extra: Any) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **extra: Any,
+    ) -> str:
         """The prompt text for `messages`; `extra` become template variables too."""
-        context = {"bos_token": self.bos_token, "eos_token": self.eos_token, **extra,
-                   "messages": _normalise(messages), "tools": tools, "add_generation_prompt": add_generation_prompt}
+        context = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            **extra,
+            "messages": _normalise(messages),
+            "tools": tools,
+            "add_generation_prompt": add_generation_prompt,
+        }
         out: list[str] = []
         size = 0
         token = _deadline.set(time.monotonic() + RENDER_TIMEOUT_S)

@@ -38,15 +38,15 @@ from collections.abc import Callable
 from datetime import date, timedelta
 from typing import Any
 
-from edgelm.prompt.chat import MAX_OUTPUT_CHARS, ChatTemplateError
-from edgelm.prompt.chat import ThinkingStyle, template_style
+from edgelm.prompt.chat import MAX_OUTPUT_CHARS, ChatTemplateError, ThinkingStyle, template_style
 
 MAX_STEPS = 1_000_000
 """Most nodes a rendering may evaluate."""
 MAX_SOURCE = 256 * 1024
 
 _ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
-_TOKEN = re.compile(r"""\s*(?:
+_TOKEN = re.compile(
+    r"""\s*(?:
     (?P<str>"(?:\\.|[^"\\])*")
   | (?P<raw>`[^`]*`)
   | (?P<num>-?[0-9]+(?:\.[0-9]+)?)
@@ -59,7 +59,9 @@ _TOKEN = re.compile(r"""\s*(?:
   | (?P<var>\$[A-Za-z0-9_]*(?:\.[A-Za-z0-9_]+)*)
   | (?P<field>(?:\.[A-Za-z0-9_]+)+|\.)
   | (?P<ident>[A-Za-z_][A-Za-z0-9_]*)
-)""", re.X)
+)""",
+    re.X,
+)
 
 
 class GoTemplateError(ChatTemplateError):
@@ -80,7 +82,7 @@ def _tokens(src: str) -> list[tuple[str, str]]:
             break
         m = _TOKEN.match(src, pos)
         if m is None or m.end() == pos:
-            raise GoTemplateError(f"cannot read {src[pos:pos + 30]!r} in a template action")
+            raise GoTemplateError(f"cannot read {src[pos : pos + 30]!r} in a template action")
         kind = m.lastgroup or ""
         out.append((kind, m.group(kind)))
         pos = m.end()
@@ -139,7 +141,7 @@ def _parse(src: str) -> list[Any]:
     pieces: list[tuple[str, str]] = []
     pos = 0
     for m in _ACTION.finditer(src):
-        text = src[pos:m.start()]
+        text = src[pos : m.start()]
         if m.group(1):
             text = text.rstrip()
         if pieces and pieces[-1][0] == "trim":
@@ -167,7 +169,7 @@ def _parse(src: str) -> list[Any]:
                 body.append(("text", text))
             continue
         word = text.split(None, 1)[0] if text else ""
-        rest = text[len(word):].strip()
+        rest = text[len(word) :].strip()
         if word == "if":
             node: list[Any] = ["if", [[_pipe(rest), []]], None]
             body.append(node)
@@ -223,6 +225,7 @@ def _parse(src: str) -> list[Any]:
 
 def _mentions(nodes: list[Any], name: str) -> bool:
     """Whether a parsed template refers to the field `name` anywhere."""
+
     def walk(x: Any) -> bool:
         if isinstance(x, (list, tuple)):
             if len(x) >= 2 and x[0] == "field" and isinstance(x[1], list) and x[1][:1] == [name]:
@@ -231,6 +234,7 @@ def _mentions(nodes: list[Any], name: str) -> bool:
                 return True
             return any(walk(y) for y in x)
         return False
+
     return walk(nodes)
 
 
@@ -276,8 +280,14 @@ def _cut_after(nodes: list[Any], name: str, state: dict[str, bool] | None = None
 
 
 def _truth(v: Any) -> bool:
-    return not (v is None or v is False or v == 0 and not isinstance(v, bool) or v == "" or
-                (isinstance(v, (list, dict, tuple)) and len(v) == 0))
+    return not (
+        v is None
+        or v is False
+        or v == 0
+        and not isinstance(v, bool)
+        or v == ""
+        or (isinstance(v, (list, dict, tuple)) and len(v) == 0)
+    )
 
 
 def _json(v: Any) -> str:
@@ -313,6 +323,7 @@ def _cmp(op: Callable[[Any, Any], bool]) -> Callable[..., bool]:
             return bool(op(a, b))
         except TypeError:
             raise GoTemplateError(f"cannot compare {type(a).__name__} with {type(b).__name__}") from None
+
     return f
 
 
@@ -351,15 +362,22 @@ def _printf(fmt: str, *args: Any) -> str:
 _FUNCS: dict[str, Callable[..., Any]] = {
     "not": lambda v: not _truth(v),
     "eq": lambda a, *bs: any(_cmp(lambda x, y: x == y)(a, b) for b in bs),
-    "ne": _cmp(lambda a, b: a != b), "lt": _cmp(lambda a, b: a < b), "le": _cmp(lambda a, b: a <= b),
-    "gt": _cmp(lambda a, b: a > b), "ge": _cmp(lambda a, b: a >= b),
+    "ne": _cmp(lambda a, b: a != b),
+    "lt": _cmp(lambda a, b: a < b),
+    "le": _cmp(lambda a, b: a <= b),
+    "gt": _cmp(lambda a, b: a > b),
+    "ge": _cmp(lambda a, b: a >= b),
     "len": lambda v: len(v) if isinstance(v, (list, dict, str)) else 0,
-    "index": _index, "slice": _slice,
-    "print": lambda *a: "".join(_text(x) for x in a), "println": lambda *a: " ".join(_text(x) for x in a) + "\n",
-    "printf": _printf, "json": _json,
+    "index": _index,
+    "slice": _slice,
+    "print": lambda *a: "".join(_text(x) for x in a),
+    "println": lambda *a: " ".join(_text(x) for x in a) + "\n",
+    "printf": _printf,
+    "json": _json,
     "currentDate": lambda *a: date.today().isoformat(),
     "yesterdayDate": lambda *a: (date.today() - timedelta(days=1)).isoformat(),
-    "and": lambda *a: a[-1], "or": lambda *a: a[-1],  # evaluated lazily in _command
+    "and": lambda *a: a[-1],
+    "or": lambda *a: a[-1],  # evaluated lazily in _command
 }
 
 
@@ -509,15 +527,27 @@ class GoTemplate:
     def renders_tools(self) -> bool:
         return _mentions(self._nodes, "Tools")
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True,
-               tools: list[dict[str, Any]] | None = None, **extra: Any) -> str:
-        think = {"Think": bool(extra.get("enable_thinking")), "ThinkLevel": str(extra.get("reasoning_effort") or ""),
-                 "IsThinkSet": "enable_thinking" in extra}
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **extra: Any,
+    ) -> str:
+        think = {
+            "Think": bool(extra.get("enable_thinking")),
+            "ThinkLevel": str(extra.get("reasoning_effort") or ""),
+            "IsThinkSet": "enable_thinking" in extra,
+        }
         system = "\n\n".join(str(m.get("content") or "") for m in messages if m.get("role") == "system")
         collated: list[dict[str, Any]] = []
         for m in messages:
             if collated and collated[-1].get("role") == m.get("role") and m.get("role") != "tool":
-                collated[-1] = {**collated[-1], "content": f"{collated[-1].get('content') or ''}\n\n{m.get('content') or ''}"}
+                collated[-1] = {
+                    **collated[-1],
+                    "content": f"{collated[-1].get('content') or ''}\n\n{m.get('content') or ''}",
+                }
             else:
                 collated.append(dict(m))
         try:

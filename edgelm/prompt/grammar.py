@@ -60,7 +60,9 @@ class Grammars:
     def json_schema(self, schema: dict[str, Any]) -> str:
         import llguidance
 
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults={"whitespace_flexible": False})
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(
+            json.dumps(schema), defaults={"whitespace_flexible": False}
+        )
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer())
         if is_error:
             raise GrammarError(f"invalid JSON schema: {'; '.join(messages)}")

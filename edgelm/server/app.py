@@ -41,8 +41,13 @@ async def errors(request: web.Request, handler: Any) -> web.StreamResponse:
         if e.status < 400:
             raise
         kind = "not_found" if e.status == 404 else None
-        http = ApiError(e.reason if e.status != 413 else f"request body too large ({e.text})", None, e.status, kind,
-                        headers={k: v for k, v in e.headers.items() if k == "Allow"})
+        http = ApiError(
+            e.reason if e.status != 413 else f"request body too large ({e.text})",
+            None,
+            e.status,
+            kind,
+            headers={k: v for k, v in e.headers.items() if k == "Allow"},
+        )
         return _error(request, http)
     except (ConnectionResetError, asyncio.CancelledError):
         raise

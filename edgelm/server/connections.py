@@ -55,12 +55,15 @@ def default_max_connections(nofile: int) -> int:
 
 def _response(status: str, body: str, extra: str = "") -> bytes:
     data = body.encode()
-    return (f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-            f"Connection: close\r\n{extra}\r\n").encode() + data
+    return (
+        f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        f"Connection: close\r\n{extra}\r\n"
+    ).encode() + data
 
 
-_BUSY = _response("503 Service Unavailable", '{"error": "too many open connections; retry shortly"}',
-                  "Retry-After: 1\r\n")
+_BUSY = _response(
+    "503 Service Unavailable", '{"error": "too many open connections; retry shortly"}', "Retry-After: 1\r\n"
+)
 _SLOW = _response("408 Request Timeout", '{"error": "the request headers did not arrive in time"}')
 
 
@@ -81,8 +84,13 @@ class ConnectionGuard:
         now = time.monotonic()
         if now - self._last_warning > 10.0:  # one line per 10 s under a flood
             self._last_warning = now
-            log.warning("%s (%d connections open, limit %d; so far %s)", what, len(self.live),
-                        self.max_connections, ", ".join(f"{k} {v}" for k, v in self.dropped.items()))
+            log.warning(
+                "%s (%d connections open, limit %d; so far %s)",
+                what,
+                len(self.live),
+                self.max_connections,
+                ", ".join(f"{k} {v}" for k, v in self.dropped.items()),
+            )
 
     def admit(self, conn: GuardedProtocol) -> bool:
         if len(self.live) >= self.max_connections:
@@ -167,7 +175,9 @@ class GuardedProtocol(asyncio.Protocol):
 class GuardedSite(web.BaseSite):
     """A TCP site whose connections go through a ConnectionGuard."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, backlog: int = 512) -> None:
+    def __init__(
+        self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, backlog: int = 512
+    ) -> None:
         super().__init__(runner, backlog=backlog)
         self._host, self._port, self.guard = host, port, guard
 
@@ -181,7 +191,8 @@ class GuardedSite(web.BaseSite):
         server = self._runner.server
         assert server is not None
         self._server = await asyncio.get_running_loop().create_server(
-            self.guard.protocol_factory(server), self._host, self._port, backlog=self._backlog, reuse_address=True)
+            self.guard.protocol_factory(server), self._host, self._port, backlog=self._backlog, reuse_address=True
+        )
 
 
 class MalformedHttpFilter(logging.Filter):
@@ -194,6 +205,9 @@ class MalformedHttpFilter(logging.Filter):
         if isinstance(exc, HttpProcessingError):
             remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
             record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "malformed HTTP request from %s: %s", (remote, exc.message or exc.__class__.__name__)
+            record.msg, record.args = (
+                "malformed HTTP request from %s: %s",
+                (remote, exc.message or exc.__class__.__name__),
+            )
             record.exc_info, record.exc_text = None, None
         return True

@@ -47,18 +47,28 @@ if TYPE_CHECKING:
 def require_generation(lm: LoadedModel, what: str) -> None:
     """Refuse chat or generation on an embedding model, before anything is rendered."""
     if isinstance(lm.engine, EmbedEngine):
-        raise ApiError(f'"{lm.id}" does not support {what}: it is an embedding model (use /api/embed or '
-                       "/v1/embeddings)", "model", 400)
+        raise ApiError(
+            f'"{lm.id}" does not support {what}: it is an embedding model (use /api/embed or /v1/embeddings)',
+            "model",
+            400,
+        )
 
 
 def _embedder(lm: LoadedModel, name: str) -> EmbedEngine:
     if not isinstance(lm.engine, EmbedEngine):
-        raise ApiError(f'"{name}" does not support embeddings: it is a text generation model (its file has no '
-                       f"{lm.model.architecture}.pooling_type)", "model", 400)
+        raise ApiError(
+            f'"{name}" does not support embeddings: it is a text generation model (its file has no '
+            f"{lm.model.architecture}.pooling_type)",
+            "model",
+            400,
+        )
     pooling = lm.model.native.pooling
     if pooling not in ("mean", "cls", "last"):
-        why = ("a reranker (pooling_type rank)" if pooling == "rank" else
-               "converted without its pooling layer (one vector per token)")
+        why = (
+            "a reranker (pooling_type rank)"
+            if pooling == "rank"
+            else "converted without its pooling layer (one vector per token)"
+        )
         raise ApiError(f'"{name}" cannot serve embeddings: it is {why}', "model", 400)
     return lm.engine
 
@@ -66,8 +76,9 @@ def _embedder(lm: LoadedModel, name: str) -> EmbedEngine:
 # -- inputs → token ids → vectors ----------------------------------------------------------
 
 
-def _tokenize(lm: LoadedModel, inputs: list[str | list[int]], limit: int, truncate: bool,
-              field: str) -> list[list[int]]:
+def _tokenize(
+    lm: LoadedModel, inputs: list[str | list[int]], limit: int, truncate: bool, field: str
+) -> list[list[int]]:
     """Token ids for each input, within `limit` tokens (cut when `truncate`, else a 400
     naming the input). Runs off the event loop (many inputs take a while)."""
     native = lm.model.native
@@ -81,14 +92,17 @@ def _tokenize(lm: LoadedModel, inputs: list[str | list[int]], limit: int, trunca
             raise ApiError(f"'{name}' is empty: it has no tokens to embed", field)
         if len(ids) > limit:
             if not truncate:
-                raise ApiError(f"'{name}' has {len(ids)} tokens, more than the context length of {limit}; shorten it "
-                               "or set \"truncate\": true", field)
+                raise ApiError(
+                    f"'{name}' has {len(ids)} tokens, more than the context length of {limit}; shorten it "
+                    'or set "truncate": true',
+                    field,
+                )
             if is_text:
                 # Keep the model's own first and last tokens ([CLS] … [SEP], BOS … EOS).
                 keep = limit - len(prefix) - len(suffix)
                 if keep < 1:
                     raise ApiError(f"a context of {limit} tokens leaves no room for '{name}'", field)
-                ids = ids[:len(prefix) + keep] + ids[len(ids) - len(suffix):]
+                ids = ids[: len(prefix) + keep] + ids[len(ids) - len(suffix) :]
             else:
                 ids = ids[:limit]
         out.append(ids)
@@ -111,8 +125,9 @@ def _normalize(v: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     return out
 
 
-async def _vectors(srv: Server, lm: LoadedModel, name: str, inputs: list[str | list[int]], limit: int, truncate: bool,
-                   field: str) -> tuple[npt.NDArray[np.float32], int]:
+async def _vectors(
+    srv: Server, lm: LoadedModel, name: str, inputs: list[str | list[int]], limit: int, truncate: bool, field: str
+) -> tuple[npt.NDArray[np.float32], int]:
     """Raw pooled vectors for `inputs`, and the tokens they took."""
     engine = _embedder(lm, name)
     if inputs and any(isinstance(x, str) for x in inputs):
@@ -123,8 +138,9 @@ async def _vectors(srv: Server, lm: LoadedModel, name: str, inputs: list[str | l
     for i, s in enumerate(seqs):
         bad = next((t for t in s if not 0 <= t < n_vocab), None)
         if bad is not None:
-            raise ApiError(f"'{field}[{i}]' holds {bad}, which is not a token id (the vocabulary has {n_vocab} "
-                           "tokens)", field)
+            raise ApiError(
+                f"'{field}[{i}]' holds {bad}, which is not a token id (the vocabulary has {n_vocab} tokens)", field
+            )
     vecs = await engine.embed(seqs)  # Busy (429) when the queue is full
     return vecs, sum(len(s) for s in seqs)
 
@@ -167,8 +183,11 @@ def _openai_inputs(v: Any) -> list[str | list[int]]:
     if isinstance(v, str):
         return [v]
     if not isinstance(v, list) or not v:
-        raise ApiError("'input' must be a string, an array of strings, or token ids (an array of integers or of "
-                       "arrays of integers), and not empty", "input")
+        raise ApiError(
+            "'input' must be a string, an array of strings, or token ids (an array of integers or of "
+            "arrays of integers), and not empty",
+            "input",
+        )
     if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
         return [[as_int(x, f"input[{i}]") for i, x in enumerate(v)]]
     out: list[str | list[int]] = []
@@ -188,7 +207,7 @@ async def openai_embeddings(request: web.Request) -> web.Response:
     inputs = _openai_inputs(b.data.get("input"))
     fmt = b.get("encoding_format", str, "float")
     if fmt not in ("float", "base64"):
-        raise ApiError("'encoding_format' must be \"float\" or \"base64\"", "encoding_format")
+        raise ApiError('\'encoding_format\' must be "float" or "base64"', "encoding_format")
     truncate = bool(b.get("truncate", bool, False))
     async with srv.use(b.get("model", str)) as lm:
         dims = _dimensions(b, lm.model.native.n_embd)
@@ -200,8 +219,9 @@ async def openai_embeddings(request: web.Request) -> web.Response:
     for i, v in enumerate(vecs):
         emb: Any = base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()
         data.append({"object": "embedding", "index": i, "embedding": emb})
-    return web.json_response({"object": "list", "data": data, "model": lm.id,
-                              "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}})
+    return web.json_response(
+        {"object": "list", "data": data, "model": lm.id, "usage": {"prompt_tokens": n_tok, "total_tokens": n_tok}}
+    )
 
 
 # -- Ollama ----------------------------------------------------------------------------------
@@ -231,8 +251,15 @@ async def ollama_embed(request: web.Request) -> web.Response:
     out = _normalize(vecs) if len(vecs) else vecs
     if dims is not None and len(out):
         out = _normalize(out[:, :dims])
-    return web.json_response({"model": name, "embeddings": out.tolist(), "total_duration": int((time.perf_counter() - t0) * 1e9),
-                              "load_duration": int((t_loaded - t0) * 1e9), "prompt_eval_count": n_tok})
+    return web.json_response(
+        {
+            "model": name,
+            "embeddings": out.tolist(),
+            "total_duration": int((time.perf_counter() - t0) * 1e9),
+            "load_duration": int((t_loaded - t0) * 1e9),
+            "prompt_eval_count": n_tok,
+        }
+    )
 
 
 async def ollama_embeddings(request: web.Request) -> web.Response:

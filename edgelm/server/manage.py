@@ -83,10 +83,14 @@ async def pull(request: web.Request) -> web.StreamResponse:
             logged(p)
 
         try:
-            return await pull_source(src, _models_dir(srv), report,
-                                     max_bytes=(cfg.max_pull_mib << 20) if cfg.max_pull_mib else None,
-                                     in_use=srv.pool.in_use,
-                                     registries=Registries.from_env(cfg.registry_url, cfg.hf_url))
+            return await pull_source(
+                src,
+                _models_dir(srv),
+                report,
+                max_bytes=(cfg.max_pull_mib << 20) if cfg.max_pull_mib else None,
+                in_use=srv.pool.in_use,
+                registries=Registries.from_env(cfg.registry_url, cfg.hf_url),
+            )
         finally:
             lines.put_nowait(None)
 
@@ -138,15 +142,20 @@ async def delete(request: web.Request) -> web.Response:
         return web.json_response({})
     is_default = path == pool.default_path or path.resolve() == pool.default_path.resolve()
     if mid == pool.default_id or (entry is None and is_default):  # another name of its blob may go
-        raise ApiError(f"'{mid}' is the configured model (`model:` in the config); it cannot be deleted while it "
-                       "is", "model", 409, "model_in_use")
+        raise ApiError(
+            f"'{mid}' is the configured model (`model:` in the config); it cannot be deleted while it is",
+            "model",
+            409,
+            "model_in_use",
+        )
     if entry is None and (path.parent.resolve() != d.resolve() or not path.name.endswith(".gguf")):
         raise ApiError(f"'{mid}' is not in the models directory", "model", 409)
     lm = pool.loaded.get(mid)
     if lm is not None:
         if lm.busy:
-            raise ApiError(f"'{mid}' has requests in flight; delete it when they are done", "model", 409,
-                           "model_in_use")
+            raise ApiError(
+                f"'{mid}' has requests in flight; delete it when they are done", "model", 409, "model_in_use"
+            )
         await pool.unload(mid)
     if entry is not None:
         try:

@@ -15,19 +15,21 @@ import hashlib
 import json
 import logging
 import time
-from datetime import datetime, timezone
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
 from edgelm import EdgelmError, __version__, modelinfo
-from edgelm.server import thinking, tools
-from edgelm.prompt.chat import ChatTemplateError
-from edgelm.server.embed import require_generation
-from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
-from edgelm.prompt.grammar import ANY_JSON_OBJECT
+from edgelm._native import SamplingParams
 from edgelm.config import parse_keep_alive
+from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
+from edgelm.prompt.chat import ChatTemplateError
+from edgelm.prompt.grammar import ANY_JSON_OBJECT
+from edgelm.server import thinking, tools
+from edgelm.server.embed import require_generation
 from edgelm.server.params import ApiError, Body, int_list
 from edgelm.server.security import require_admin
 from edgelm.server.state import SERVER, Server
@@ -40,9 +42,34 @@ if TYPE_CHECKING:
 # The Ollama API level these endpoints follow (clients check it for features).
 OLLAMA_API_VERSION = "0.12.3"
 
-# Ollama's own defaults for the options a request leaves out.
-DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1,
-            "repeat_last_n": 64, "presence_penalty": 0.0, "frequency_penalty": 0.0}
+OLLAMA_DEFAULTS = SamplingParams(top_p=0.9, min_p=0.0, repeat_penalty=1.1)
+"""Ollama's defaults for the options a request leaves out, where they differ from the
+engine's (llama.cpp's)."""
+
+
+def from_ollama(o: Body, model_params: Mapping[str, Any], penalize_prompt: bool = True) -> SamplingParams:
+    """The sampling settings of an Ollama `options` object (Ollama's names and ranges;
+    whole-number floats where integers go, as Home Assistant sends them; seed -1 =
+    random). A pulled model's parameters (its registry layer) come before Ollama's
+    defaults, as in Ollama. `penalize_prompt`: False for a tool turn (see
+    SamplingParams)."""
+
+    def dflt(name: str) -> Any:
+        v = model_params.get(name)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else getattr(OLLAMA_DEFAULTS, name)
+
+    return SamplingParams(
+        temperature=float(o.get("temperature", float, dflt("temperature"), lo=0.0, hi=100.0)),
+        top_k=int(o.get("top_k", int, dflt("top_k"), lo=0, hi=1 << 20)),
+        top_p=max(float(o.get("top_p", float, dflt("top_p"), lo=0.0, hi=1.0)), 1e-6),
+        min_p=float(o.get("min_p", float, dflt("min_p"), lo=0.0, hi=1.0)),
+        repeat_penalty=max(float(o.get("repeat_penalty", float, dflt("repeat_penalty"), lo=0.0, hi=10.0)), 1e-6),
+        repeat_last_n=int(o.get("repeat_last_n", int, dflt("repeat_last_n"), lo=-1, hi=1 << 20)),
+        presence_penalty=float(o.get("presence_penalty", float, dflt("presence_penalty"), lo=-2.0, hi=2.0)),
+        frequency_penalty=float(o.get("frequency_penalty", float, dflt("frequency_penalty"), lo=-2.0, hi=2.0)),
+        seed=None if (seed := o.get("seed", int)) is None or seed < 0 else seed,
+        penalize_prompt=penalize_prompt,
+    )
 
 
 def ollama_name(mid: str) -> str:
@@ -68,11 +95,11 @@ def _keep_alive(b: Body) -> float | None | str:
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 def _iso(t: float) -> str:
-    return datetime.fromtimestamp(t, timezone.utc).isoformat().replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat().replace("+00:00", "Z")
 
 
 async def _metadata(srv: Server, path: Path) -> dict[str, Any]:
@@ -93,7 +120,7 @@ def _file_info(path: Path) -> tuple[int, str]:
 
 def _digest(path: Path) -> str:
     if path.parent.name == "blobs" and path.name.startswith("sha256-"):
-        return path.name[len("sha256-"):]
+        return path.name[len("sha256-") :]
     # A stable identity without hashing gigabytes on every listing: name, size, mtime.
     size, mtime = _file_info(path)
     return hashlib.sha256(f"{path.name}:{size}:{mtime}".encode()).hexdigest()
@@ -118,9 +145,17 @@ async def tags(request: web.Request) -> web.Response:
     for name, _, path in srv.pool.names():
         size, mtime = _file_info(path)
         md = await _metadata(srv, path)
-        out.append({"name": ollama_name(name), "model": ollama_name(name), "modified_at": mtime, "size": size,
-                    "digest": _digest(path), "details": modelinfo.details(md),
-                    "capabilities": modelinfo.capabilities(md)})
+        out.append(
+            {
+                "name": ollama_name(name),
+                "model": ollama_name(name),
+                "modified_at": mtime,
+                "size": size,
+                "digest": _digest(path),
+                "details": modelinfo.details(md),
+                "capabilities": modelinfo.capabilities(md),
+            }
+        )
     return web.json_response({"models": out})
 
 
@@ -139,9 +174,18 @@ async def ps(request: web.Request) -> web.Response:
     out = []
     for lm in list(srv.pool.loaded.values()):
         md = await _metadata(srv, lm.path)
-        out.append({"name": ollama_name(lm.id), "model": ollama_name(lm.id), "size": lm.cost_bytes,
-                    "digest": _digest(lm.path), "details": modelinfo.details(md), "expires_at": _expires(lm),
-                    "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0], "context_length": lm.max_context})
+        out.append(
+            {
+                "name": ollama_name(lm.id),
+                "model": ollama_name(lm.id),
+                "size": lm.cost_bytes,
+                "digest": _digest(lm.path),
+                "details": modelinfo.details(md),
+                "expires_at": _expires(lm),
+                "size_vram": 0 if lm.device == "cpu" else _file_info(lm.path)[0],
+                "context_length": lm.max_context,
+            }
+        )
     return web.json_response({"models": out})
 
 
@@ -166,28 +210,14 @@ async def show(request: web.Request) -> web.Response:
 # -- generation ----------------------------------------------------------------------------
 
 
-def _options(lm: LoadedModel, b: Body) -> tuple[dict[str, Any], int | None, list[str], int]:
-    """Sampling parameters, num_predict (None = until the context is full), stop
-    strings and the context size from an Ollama `options` object."""
+def _options(lm: LoadedModel, b: Body, penalize_prompt: bool) -> tuple[SamplingParams, int | None, list[str], int]:
+    """Sampling settings, num_predict (None = until the context is full), stop strings
+    and the context size from an Ollama `options` object."""
     raw = b.data.get("options")
     if raw is not None and not isinstance(raw, dict):
         raise ApiError("'options' must be an object", "options")
     o = Body(raw or {}, "options", "options.")
-    # A pulled model's parameters come before Ollama's defaults (as in Ollama).
-    dflt = {**DEFAULTS, **{k: v for k, v in lm.params.items() if k in DEFAULTS and isinstance(v, (int, float))
-                           and not isinstance(v, bool)}}
-    sampling: dict[str, Any] = {
-        "temperature": float(o.get("temperature", float, dflt["temperature"], lo=0.0, hi=100.0)),
-        "top_k": int(o.get("top_k", int, dflt["top_k"], lo=0, hi=1 << 20)),
-        "top_p": max(float(o.get("top_p", float, dflt["top_p"], lo=0.0, hi=1.0)), 1e-6),
-        "min_p": float(o.get("min_p", float, dflt["min_p"], lo=0.0, hi=1.0)),
-        "repeat_penalty": max(float(o.get("repeat_penalty", float, dflt["repeat_penalty"], lo=0.0, hi=10.0)), 1e-6),
-        "repeat_last_n": int(o.get("repeat_last_n", int, dflt["repeat_last_n"], lo=-1, hi=1 << 20)),
-        "presence_penalty": float(o.get("presence_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-        "frequency_penalty": float(o.get("frequency_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-    }
-    seed = o.get("seed", int)
-    sampling["seed"] = None if seed is None or seed < 0 else seed  # Ollama: -1 = random
+    sampling = from_ollama(o, lm.params, penalize_prompt)
     n_predict = o.get("num_predict", int, -1, lo=-2)  # -1: until done, -2: until the context is full
     num_ctx = o.get("num_ctx", int, lm.max_context, lo=1)
     stop = o.stop("stop") if o.has("stop") else [str(x) for x in lm.params.get("stop") or [] if isinstance(x, str)][:16]
@@ -221,9 +251,12 @@ def _stats(st: Stream, t0: float, load_s: float) -> dict[str, Any]:
     first = st.first_token_at or now
     last = st.last_token_at or first
     return {
-        "total_duration": int((now - t0) * 1e9), "load_duration": int(load_s * 1e9),
-        "prompt_eval_count": st.n_prompt - st.n_cached, "prompt_eval_duration": int((first - st.submitted) * 1e9),
-        "eval_count": st.n_generated, "eval_duration": int((last - first) * 1e9),
+        "total_duration": int((now - t0) * 1e9),
+        "load_duration": int(load_s * 1e9),
+        "prompt_eval_count": st.n_prompt - st.n_cached,
+        "prompt_eval_duration": int((first - st.submitted) * 1e9),
+        "eval_count": st.n_generated,
+        "eval_duration": int((last - first) * 1e9),
     }
 
 
@@ -231,18 +264,26 @@ def _done_reason(d: Delta) -> str:
     return "length" if d.finish_reason == "length" else "stop"
 
 
-async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, prompt: list[int], b: Body, kind: str,
-               schema: dict[str, Any] | None, plan: tools.ToolPlan | None, think: thinking.Thinking,
-               load_s: float = 0.0) -> web.StreamResponse:
+async def _run(
+    srv: Server,
+    lm: LoadedModel,
+    request: web.Request,
+    text: str,
+    prompt: list[int],
+    b: Body,
+    kind: str,
+    schema: dict[str, Any] | None,
+    plan: tools.ToolPlan | None,
+    think: thinking.Thinking,
+    load_s: float = 0.0,
+) -> web.StreamResponse:
     """Generate the answer to a rendered prompt (`text`, as `prompt` tokens) and send it
     back as Ollama does: content, `thinking` apart (thinking models), tool calls whole."""
-    sampling, n_predict, stop, num_ctx = _options(lm, b)
+    sampling, n_predict, stop, num_ctx = _options(lm, b, penalize_prompt=plan is None)
     style = lm.template.thinking
     opened = thinking.forced_open(text, style)
     rule = thinking.thought_rule(think, style, opened)
     grammar = await tools.answer_grammar(lm, plan, schema, rule)
-    if plan:
-        sampling["penalize_prompt"] = False  # see Executor.add
     matcher = tools.answer_matcher(lm, grammar, rule)
     room = num_ctx - len(prompt)
     if room <= 0:
@@ -252,9 +293,18 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
     t0 = time.perf_counter()
     model = ollama_name(lm.id)
     if max_tokens == 0:  # num_predict 0: "at most 0 tokens" — nothing to compute
-        done: dict[str, Any] = {"model": model, "created_at": _now(), "done": True, "done_reason": "length",
-                                "total_duration": 0, "load_duration": int(load_s * 1e9),
-                                "prompt_eval_count": 0, "prompt_eval_duration": 0, "eval_count": 0, "eval_duration": 0}
+        done: dict[str, Any] = {
+            "model": model,
+            "created_at": _now(),
+            "done": True,
+            "done_reason": "length",
+            "total_duration": 0,
+            "load_duration": int(load_s * 1e9),
+            "prompt_eval_count": 0,
+            "prompt_eval_duration": 0,
+            "eval_count": 0,
+            "eval_duration": 0,
+        }
         done.update({"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""})
         if stream_mode:
             resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
@@ -262,11 +312,13 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
             await resp.write(json.dumps(done).encode() + b"\n")
             return resp
         return web.json_response(done)
-    st = lm.engine.submit(GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False,
-                                     srv.cfg.request_timeout_s, matcher))  # edgelm.errors: busy, too long
+    st = lm.engine.submit(
+        GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False, srv.cfg.request_timeout_s, matcher)
+    )  # edgelm.errors: busy, too long
 
-    def line(piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None,
-             thought: str = "") -> dict[str, Any]:
+    def line(
+        piece: str, done: bool, d: Delta | None = None, calls: list[tools.ToolCall] | None = None, thought: str = ""
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"model": model, "created_at": _now()}
         if kind == "chat":
             out["message"] = {"role": "assistant", "content": piece}
@@ -282,7 +334,7 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
         if done and d is not None:
             out["done_reason"] = _done_reason(d)
             if kind == "generate":
-                out["context"] = list(st.seq.tokens)
+                out["context"] = st.tokens
             out.update(_stats(st, t0, load_s))
         return out
 
@@ -320,8 +372,9 @@ async def _run(srv: Server, lm: LoadedModel, request: web.Request, text: str, pr
         st.abort()
 
 
-async def _load_or_unload(srv: Server, request: web.Request, name: str, ka: float | None | str,
-                          kind: str) -> web.Response:
+async def _load_or_unload(
+    srv: Server, request: web.Request, name: str, ka: float | None | str, kind: str
+) -> web.Response:
     """Ollama's requests without a prompt: load the model (and set its keep_alive), or
     with keep_alive 0, unload it — an admin action (it may take the configured model
     out of memory, which no other request's keep_alive does)."""
@@ -419,8 +472,9 @@ async def chat(request: web.Request) -> web.StreamResponse:
             out.insert(0, {"role": "system", "content": lm.system})
         msgs2, tools_arg = tools.prompt_messages(out, plan, lm.template.renders_tools)
         try:
-            text = lm.template.render(msgs2, add_generation_prompt=True, tools=tools_arg,
-                                      **think.template_vars(lm.template.thinking))
+            text = lm.template.render(
+                msgs2, add_generation_prompt=True, tools=tools_arg, **think.template_vars(lm.template.thinking)
+            )
         except ChatTemplateError as e:
             raise ApiError(f"the chat template failed: {e}", "messages") from None
         return await _run(srv, lm, request, text, lm.chat_tokens(text), b, "chat", schema, plan, think, load_s)

@@ -17,19 +17,48 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from edgelm.server import thinking, tools
-from edgelm.prompt.chat import ChatTemplateError
-from edgelm.server.embed import require_generation
+from edgelm._native import SamplingParams
 from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
-from edgelm.prompt.grammar import ANY_JSON_OBJECT
-from edgelm.server.params import ApiError, Body, int_list, sampling_from
-from edgelm.server.state import SERVER, Server
 from edgelm.errors import RequestError
+from edgelm.prompt.chat import ChatTemplateError
+from edgelm.prompt.grammar import ANY_JSON_OBJECT
+from edgelm.server import thinking, tools
+from edgelm.server.embed import require_generation
+from edgelm.server.params import ApiError, Body, int_list
+from edgelm.server.state import SERVER, Server
 
 if TYPE_CHECKING:
     from edgelm.engine.pool import LoadedModel
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+OPENAI_DEFAULTS = SamplingParams(temperature=1.0, top_p=1.0)
+"""OpenAI's defaults, where they differ from the engine's (llama.cpp's)."""
+
+
+def from_openai(b: Body) -> SamplingParams:
+    """The sampling settings of an OpenAI request: OpenAI's fields, and the llama.cpp
+    ones the SDK sends through `extra_body` (`top_k`, `min_p`, `repeat_penalty`,
+    `repeat_last_n`), within OpenAI's ranges; each refusal names its field."""
+    d = OPENAI_DEFAULTS
+    seed = b.get("seed", int)
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ApiError("'seed' must fit in 64 bits", "seed")
+    return SamplingParams(
+        temperature=float(b.get("temperature", float, d.temperature, lo=0.0, hi=2.0)),
+        # Open-ended lower bounds: a positive value too small for f32 means "as small as can be".
+        top_p=max(float(b.get("top_p", float, d.top_p, lo=0.0, hi=1.0, lo_open=True)), 1e-6),
+        top_k=int(b.get("top_k", int, d.top_k, lo=0, hi=1 << 20)),
+        min_p=float(b.get("min_p", float, d.min_p, lo=0.0, hi=1.0)),
+        repeat_penalty=max(
+            float(b.get("repeat_penalty", float, d.repeat_penalty, lo=0.0, hi=10.0, lo_open=True)), 1e-6
+        ),
+        repeat_last_n=int(b.get("repeat_last_n", int, d.repeat_last_n, lo=-1, hi=1 << 20)),
+        presence_penalty=float(b.get("presence_penalty", float, d.presence_penalty, lo=-2.0, hi=2.0)),
+        frequency_penalty=float(b.get("frequency_penalty", float, d.frequency_penalty, lo=-2.0, hi=2.0)),
+        seed=None if seed is None else seed % (2**64),
+    )
 
 
 def _common(srv: Server, b: Body) -> dict[str, Any]:
@@ -45,7 +74,7 @@ def _common(srv: Server, b: Body) -> dict[str, Any]:
         "stream": b.get("stream", bool, False),
         "include_usage": include_usage,
         "stop": b.stop(),
-        "sampling": sampling_from(b),
+        "sampling": from_openai(b),
         "ignore_eos": b.get("ignore_eos", bool, False),
         "timeout": timeout,
     }
@@ -58,7 +87,9 @@ def _max_tokens(lm: LoadedModel, b: Body, key: str, n_prompt: int) -> int:
     if room <= 0:
         raise ApiError(
             f"the prompt has {n_prompt} tokens; this model's context holds {lm.max_context}",
-            "messages" if key == "max_completion_tokens" else "prompt", 400, "context_length_exceeded",
+            "messages" if key == "max_completion_tokens" else "prompt",
+            400,
+            "context_length_exceeded",
         )
     lo = 0 if key == "max_tokens" and b.get("echo", bool, False) else 1
     mt = b.get(key, int, None, lo=lo)
@@ -67,16 +98,26 @@ def _max_tokens(lm: LoadedModel, b: Body, key: str, n_prompt: int) -> int:
     return room if mt is None else min(mt, room)
 
 
-async def _submit(lm: LoadedModel, prompt: list[int], max_tokens: int, c: dict[str, Any], n_logprobs: int, n: int,
-                  grammar: str | None = None, thought: thinking.ThoughtRule | None = None) -> list[Stream]:
+async def _submit(
+    lm: LoadedModel,
+    prompt: list[int],
+    max_tokens: int,
+    c: dict[str, Any],
+    n_logprobs: int,
+    n: int,
+    grammar: str | None = None,
+    thought: thinking.ThoughtRule | None = None,
+) -> list[Stream]:
     streams: list[Stream] = []
     try:
         for i in range(n):
-            sampling = dict(c["sampling"], n_logprobs=n_logprobs)
-            if sampling["seed"] is not None:
-                sampling["seed"] = (sampling["seed"] + i) % (2**64)
+            sampling: SamplingParams = c["sampling"]
+            seed = None if sampling.seed is None else (sampling.seed + i) % (2**64)  # n choices, n draws
+            sampling = sampling.replace(n_logprobs=n_logprobs, seed=seed)
             matcher = tools.answer_matcher(lm, grammar, thought)
-            req = GenRequest(prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher)
+            req = GenRequest(
+                prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher
+            )
             streams.append(lm.engine.submit(req))
     except RequestError:  # busy, or too long for the context (edgelm.errors): none of the n runs
         for s in streams:
@@ -138,7 +179,9 @@ class _Chunks:
     """SSE events of one response: the fields every chunk repeats are encoded once."""
 
     def __init__(self, head: dict[str, Any]) -> None:
-        self._prefix = b"data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1].encode() + b',"choices":['
+        self._prefix = (
+            b"data: " + json.dumps(head, ensure_ascii=False, separators=(",", ":"))[:-1].encode() + b',"choices":['
+        )
 
     def event(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
         body = ",".join(json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in choices)
@@ -147,7 +190,9 @@ class _Chunks:
 
 
 async def _sse_response(request: web.Request) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )
     await resp.prepare(request)
     return resp
 
@@ -224,18 +269,36 @@ async def _completions(request: web.Request, srv: Server, lm: LoadedModel, b: Bo
         echoes += [lm.model.native.detokenize(p, True) if echo else ""] * c["n"]
     if max_tokens[0] == 0:  # echo with max_tokens 0: the prompt back, nothing generated
         n_prompt = sum(len(p) for p in prompts)
-        return web.json_response({
-            "id": cid, "object": "text_completion", "created": created, "model": lm.id,
-            "system_fingerprint": srv.fingerprint,
-            "choices": [{"index": i, "text": e, "logprobs": None, "finish_reason": "length"} for i, e in enumerate(echoes)],
-            "usage": {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt,
-                      "prompt_tokens_details": {"cached_tokens": 0}}})
+        return web.json_response(
+            {
+                "id": cid,
+                "object": "text_completion",
+                "created": created,
+                "model": lm.id,
+                "system_fingerprint": srv.fingerprint,
+                "choices": [
+                    {"index": i, "text": e, "logprobs": None, "finish_reason": "length"} for i, e in enumerate(echoes)
+                ],
+                "usage": {
+                    "prompt_tokens": n_prompt,
+                    "completion_tokens": 0,
+                    "total_tokens": n_prompt,
+                    "prompt_tokens_details": {"cached_tokens": 0},
+                },
+            }
+        )
     for p, mt in zip(prompts, max_tokens):
         streams += await _submit(lm, p, mt, c, n_lp or 0, c["n"])
 
     def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": lm.id,
-                               "system_fingerprint": srv.fingerprint, "choices": choices}
+        out: dict[str, Any] = {
+            "id": cid,
+            "object": "text_completion",
+            "created": created,
+            "model": lm.id,
+            "system_fingerprint": srv.fingerprint,
+            "choices": choices,
+        }
         if usage is not None:
             out["usage"] = usage
         return out
@@ -250,7 +313,9 @@ async def _completions(request: web.Request, srv: Server, lm: LoadedModel, b: Bo
             try:
                 async for i, d in _merged(streams):
                     lp = _completion_logprobs(lm, [d], 0) if n_lp is not None else None
-                    await resp.write(ev.event([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}]))
+                    await resp.write(
+                        ev.event([{"index": i, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}])
+                    )
             except EngineError as e:
                 await resp.write(_sse(ApiError(str(e)).body()))
             if c["include_usage"]:
@@ -265,9 +330,12 @@ async def _completions(request: web.Request, srv: Server, lm: LoadedModel, b: Bo
             deltas[i].append(d)
             finish[i] = d.finish_reason or finish[i]
         choices = [
-            {"index": i, "text": texts[i],
-             "logprobs": _completion_logprobs(lm, deltas[i], len(echoes[i])) if n_lp is not None else None,
-             "finish_reason": finish[i]}
+            {
+                "index": i,
+                "text": texts[i],
+                "logprobs": _completion_logprobs(lm, deltas[i], len(echoes[i])) if n_lp is not None else None,
+                "finish_reason": finish[i],
+            }
             for i in range(len(streams))
         ]
         return web.json_response(chunk(choices, _usage_multi(streams, prompts, c["n"])))
@@ -280,8 +348,12 @@ def _usage_multi(streams: list[Stream], prompts: list[list[int]], n: int) -> dic
     n_prompt = sum(len(p) for p in prompts)
     gen = sum(s.n_generated for s in streams)
     cached = sum(streams[i * n].n_cached for i in range(len(prompts)))
-    return {"prompt_tokens": n_prompt, "completion_tokens": gen, "total_tokens": n_prompt + gen,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": gen,
+        "total_tokens": n_prompt + gen,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 # -- /v1/chat/completions --------------------------------------------------------------
@@ -307,7 +379,9 @@ def _messages(b: Body) -> list[dict[str, Any]]:
                 parts.append(part["text"])
             content = "".join(parts)
         elif content is not None and not isinstance(content, str):
-            raise ApiError(f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content")
+            raise ApiError(
+                f"messages[{i}].content must be a string or an array of text parts", f"messages[{i}].content"
+            )
         if content is None and not (role == "assistant" and m.get("tool_calls")):
             raise ApiError(f"messages[{i}].content is required", f"messages[{i}].content")
         msg = dict(m)
@@ -342,10 +416,16 @@ def _chat_logprobs(lm: LoadedModel, ds: list[Delta]) -> dict[str, Any]:
         if d.token is None:
             continue
         t = lm.token_str(d.token)
-        content.append({
-            "token": t, "logprob": d.logprob, "bytes": list(lm.token_bytes(d.token)),
-            "top_logprobs": [{"token": lm.token_str(tid), "logprob": lp, "bytes": list(lm.token_bytes(tid))} for tid, lp in d.top],
-        })
+        content.append(
+            {
+                "token": t,
+                "logprob": d.logprob,
+                "bytes": list(lm.token_bytes(d.token)),
+                "top_logprobs": [
+                    {"token": lm.token_str(tid), "logprob": lp, "bytes": list(lm.token_bytes(tid))} for tid, lp in d.top
+                ],
+            }
+        )
     return {"content": content, "refusal": None}
 
 
@@ -372,7 +452,7 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
     think = thinking.from_openai(b.data, style)
     msgs, tools_arg = tools.prompt_messages(msgs, plan, lm.template.renders_tools)
     if plan:
-        c["sampling"]["penalize_prompt"] = False  # see Executor.add
+        c["sampling"] = c["sampling"].replace(penalize_prompt=False)  # see SamplingParams
     try:
         text = lm.template.render(msgs, add_generation_prompt=True, tools=tools_arg, **think.template_vars(style))
     except ChatTemplateError as e:
@@ -391,8 +471,14 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
     created = int(time.time())
 
     def chunk(obj: str, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": cid, "object": obj, "created": created, "model": lm.id,
-                               "system_fingerprint": srv.fingerprint, "choices": choices}
+        out: dict[str, Any] = {
+            "id": cid,
+            "object": obj,
+            "created": created,
+            "model": lm.id,
+            "system_fingerprint": srv.fingerprint,
+            "choices": choices,
+        }
         if usage is not None:
             out["usage"] = usage
         return out
@@ -403,7 +489,12 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
             ev = _Chunks({k: v for k, v in chunk("chat.completion.chunk", []).items() if k != "choices"})
             replies = [reply() for _ in streams]
             for i in range(len(streams)):
-                first = {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                first = {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
                 await resp.write(ev.event([first]))
             try:
                 async for i, d in _merged(streams):
@@ -425,12 +516,15 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
                         body["content"] = piece
                     if calls:
                         if body:
-                            await resp.write(ev.event([{"index": i, "delta": body, "logprobs": lp, "finish_reason": None}]))
+                            await resp.write(
+                                ev.event([{"index": i, "delta": body, "logprobs": lp, "finish_reason": None}])
+                            )
                             body, lp = {}, None
                         for k, call in enumerate(calls):
                             delta = {"role": "assistant", "content": None, "tool_calls": [call.openai(k)]}
-                            await resp.write(ev.event([{"index": i, "delta": delta, "logprobs": None,
-                                                        "finish_reason": None}]))
+                            await resp.write(
+                                ev.event([{"index": i, "delta": delta, "logprobs": None, "finish_reason": None}])
+                            )
                     await resp.write(ev.event([{"index": i, "delta": body, "logprobs": lp, "finish_reason": reason}]))
             except EngineError as e:
                 await resp.write(_sse(ApiError(str(e)).body()))
@@ -452,11 +546,18 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
             if thought:
                 message["reasoning_content"] = thought
             if calls:
-                message.update(content=None, tool_calls=[{k: v for k, v in c.openai(0).items() if k != "index"}
-                                                         for c in calls])
+                message.update(
+                    content=None, tool_calls=[{k: v for k, v in c.openai(0).items() if k != "index"} for c in calls]
+                )
                 finish[i] = "tool_calls" if finish[i] != "length" else finish[i]
-            choices.append({"index": i, "message": message,
-                            "logprobs": _chat_logprobs(lm, deltas[i]) if want_lp else None, "finish_reason": finish[i]})
+            choices.append(
+                {
+                    "index": i,
+                    "message": message,
+                    "logprobs": _chat_logprobs(lm, deltas[i]) if want_lp else None,
+                    "finish_reason": finish[i],
+                }
+            )
         return web.json_response(chunk("chat.completion", choices, _usage(streams)))
     finally:
         for s in streams:

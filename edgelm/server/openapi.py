@@ -8,7 +8,9 @@ from typing import Any
 from edgelm import __version__
 
 
-def _num(lo: float | None = None, hi: float | None = None, integer: bool = False, excl_lo: bool = False) -> dict[str, Any]:
+def _num(
+    lo: float | None = None, hi: float | None = None, integer: bool = False, excl_lo: bool = False
+) -> dict[str, Any]:
     s: dict[str, Any] = {"type": "integer" if integer else "number"}
     if lo is not None:
         s["exclusiveMinimum" if excl_lo else "minimum"] = lo
@@ -58,7 +60,9 @@ _ERROR = {
 _USAGE = {
     "type": "object",
     "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-    "properties": {k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+    "properties": {
+        k: {"type": "integer", "minimum": 0} for k in ("prompt_tokens", "completion_tokens", "total_tokens")
+    },
 }
 
 
@@ -96,8 +100,12 @@ def openapi_spec(model_ids: list[str] | None = None) -> dict[str, Any]:
                     {"type": "string"},
                     {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 16},
                     {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-                    {"type": "array", "minItems": 1, "maxItems": 16,
-                     "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}},
+                    {
+                        "type": "array",
+                        "minItems": 1,
+                        "maxItems": 16,
+                        "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                    },
                 ]
             },
             "max_tokens": _num(0, None, True),
@@ -110,11 +118,19 @@ def openapi_spec(model_ids: list[str] | None = None) -> dict[str, Any]:
         "required": ["role", "content"],
         "properties": {
             "role": {"enum": ["system", "developer", "user", "assistant", "tool"]},
-            "content": {"oneOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "object", "required": ["type", "text"],
-                                            "properties": {"type": {"const": "text"}, "text": {"type": "string"}}}},
-            ]},
+            "content": {
+                "oneOf": [
+                    {"type": "string"},
+                    {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["type", "text"],
+                            "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+                        },
+                    },
+                ]
+            },
             "name": {"type": "string"},
         },
     }
@@ -129,58 +145,122 @@ def openapi_spec(model_ids: list[str] | None = None) -> dict[str, Any]:
             "max_completion_tokens": _num(1, None, True),
             "logprobs": {"type": "boolean"},
             "top_logprobs": _num(0, 20, True),
-            "response_format": {"type": "object", "properties": {"type": {"enum": ["text", "json_object", "json_schema"]},
-                                                                 "json_schema": {"type": "object"}}},
+            "response_format": {
+                "type": "object",
+                "properties": {
+                    "type": {"enum": ["text", "json_object", "json_schema"]},
+                    "json_schema": {"type": "object"},
+                },
+            },
         },
     }
     choice = {"type": "object", "required": ["index", "finish_reason"]}
-    completion = {"type": "object", "required": ["id", "object", "created", "model", "choices"],
-                  "properties": {"choices": {"type": "array", "items": choice}, "usage": _USAGE}}
+    completion = {
+        "type": "object",
+        "required": ["id", "object", "created", "model", "choices"],
+        "properties": {"choices": {"type": "array", "items": choice}, "usage": _USAGE},
+    }
     paths: dict[str, Any] = {
         "/v1/completions": _post("Text completion", completion_body, completion, sse=True),
         "/v1/chat/completions": _post("Chat completion", chat_body, completion, sse=True),
         "/tokenize": _post(
             "Text to token ids",
-            {"type": "object", "required": ["content"],
-             "properties": {"content": {"type": "string"}, "add_special": {"type": "boolean"},
-                            "parse_special": {"type": "boolean"}, "with_pieces": {"type": "boolean"}}},
+            {
+                "type": "object",
+                "required": ["content"],
+                "properties": {
+                    "content": {"type": "string"},
+                    "add_special": {"type": "boolean"},
+                    "parse_special": {"type": "boolean"},
+                    "with_pieces": {"type": "boolean"},
+                },
+            },
             {"type": "object", "required": ["tokens"], "properties": {"tokens": {"type": "array"}}},
         ),
         "/detokenize": _post(
             "Token ids to text",
-            {"type": "object", "required": ["tokens"],
-             "properties": {"tokens": {"type": "array", "items": {"type": "integer"}}}},
+            {
+                "type": "object",
+                "required": ["tokens"],
+                "properties": {"tokens": {"type": "array", "items": {"type": "integer"}}},
+            },
             {"type": "object", "required": ["content"], "properties": {"content": {"type": "string"}}},
         ),
         "/v1/embeddings": _post(
             "Embeddings (normalized; base64 is little-endian float32)",
-            {"type": "object", "required": ["input"], "properties": {
-                "model": model, "encoding_format": {"enum": ["float", "base64"]}, "dimensions": _num(1, None, True),
-                "truncate": {"type": "boolean"}, "input": {"oneOf": [
-                    {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                    {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
-                    {"type": "array", "minItems": 1, "items": {"type": "array", "items": {"type": "integer", "minimum": 0},
-                                                               "minItems": 1}}]}}},
-            {"type": "object", "required": ["object", "data", "model", "usage"],
-             "properties": {"data": {"type": "array", "items": {"type": "object", "required": ["index", "embedding"]}}}},
+            {
+                "type": "object",
+                "required": ["input"],
+                "properties": {
+                    "model": model,
+                    "encoding_format": {"enum": ["float", "base64"]},
+                    "dimensions": _num(1, None, True),
+                    "truncate": {"type": "boolean"},
+                    "input": {
+                        "oneOf": [
+                            {"type": "string"},
+                            {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                            {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                            },
+                        ]
+                    },
+                },
+            },
+            {
+                "type": "object",
+                "required": ["object", "data", "model", "usage"],
+                "properties": {
+                    "data": {"type": "array", "items": {"type": "object", "required": ["index", "embedding"]}}
+                },
+            },
         ),
-        "/v1/models": {"get": {"summary": "Models served", "responses": _ok(
-            {"type": "object", "required": ["object", "data"], "properties": {"data": {"type": "array"}}})}},
-        "/v1/models/{model}": {"get": {
-            "summary": "One model",
-            "parameters": [{"name": "model", "in": "path", "required": True, "schema": model}],
-            "responses": {**_ok({"type": "object", "required": ["id", "object"]}), **_errors(404)},
-        }},
-        "/health": {"get": {"summary": "Liveness and readiness", "responses": {
-            "200": {"description": "ready", "content": {"application/json": {"schema": {"type": "object", "required": ["status"]}}}},
-            "503": {"description": "loading or stopping", "content": {"application/json": {"schema": {"type": "object"}}}},
-        }}},
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
-            "200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+        "/v1/models": {
+            "get": {
+                "summary": "Models served",
+                "responses": _ok(
+                    {"type": "object", "required": ["object", "data"], "properties": {"data": {"type": "array"}}}
+                ),
+            }
+        },
+        "/v1/models/{model}": {
+            "get": {
+                "summary": "One model",
+                "parameters": [{"name": "model", "in": "path", "required": True, "schema": model}],
+                "responses": {**_ok({"type": "object", "required": ["id", "object"]}), **_errors(404)},
+            }
+        },
+        "/health": {
+            "get": {
+                "summary": "Liveness and readiness",
+                "responses": {
+                    "200": {
+                        "description": "ready",
+                        "content": {"application/json": {"schema": {"type": "object", "required": ["status"]}}},
+                    },
+                    "503": {
+                        "description": "loading or stopping",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    },
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "responses": {"200": {"description": "ok", "content": {"text/plain": {"schema": {"type": "string"}}}}},
+            }
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "edgelm", "version": __version__,
-                 "description": "OpenAI-compatible API of the edgelm daemon"},
+        "info": {
+            "title": "edgelm",
+            "version": __version__,
+            "description": "OpenAI-compatible API of the edgelm daemon",
+        },
         "paths": paths,
     }

@@ -24,8 +24,15 @@ from edgelm.errors import BadRequest, Busy, NoMemory, NotFound, RequestError
 
 
 class ApiError(Exception):
-    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None,
-                 type: str = "invalid_request_error", headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -80,8 +87,9 @@ def parse_json(raw: bytes) -> Any:
         data = json.loads(raw, parse_constant=_NotANumber)
     except RecursionError:
         where = _find(raw, deep=True)
-        raise ApiError(f"'{_short(where)}' nests arrays or objects more than {MAX_DEPTH} levels deep",
-                       _path(where[:1])) from None
+        raise ApiError(
+            f"'{_short(where)}' nests arrays or objects more than {MAX_DEPTH} levels deep", _path(where[:1])
+        ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ApiError(f"the request body is not valid JSON: {e}") from None
     except ValueError:  # Python refuses integers of more than 4,300 digits
@@ -153,8 +161,9 @@ def check_value(data: Any, where: list[str | int] | None = None) -> None:
             raise ApiError(f"'{_path(path)}' is {v.text}, which is not a JSON number", _path(path))
         elif isinstance(v, (dict, list)):
             if len(path) >= MAX_DEPTH:
-                raise ApiError(f"'{_short(path)}' nests arrays or objects more than {MAX_DEPTH} levels deep",
-                               _path(path[:1]))
+                raise ApiError(
+                    f"'{_short(path)}' nests arrays or objects more than {MAX_DEPTH} levels deep", _path(path[:1])
+                )
             if isinstance(v, dict):
                 for k, x in v.items():
                     _check_text(k, path)
@@ -169,8 +178,11 @@ def _check_text(s: str, path: list[str | int]) -> None:
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
-        raise ApiError(f"'{_path(path)}' holds a lone UTF-16 surrogate ({s[e.start]!r} at {e.start}), which is not "
-                       "text; send valid Unicode", _path(path)) from None
+        raise ApiError(
+            f"'{_path(path)}' holds a lone UTF-16 surrogate ({s[e.start]!r} at {e.start}), which is not "
+            "text; send valid Unicode",
+            _path(path),
+        ) from None
 
 
 def as_int(v: Any, key: str) -> int:
@@ -192,7 +204,14 @@ def int_list(v: Any, key: str) -> list[int]:
 
 
 def _name(t: type | tuple[type, ...]) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array", dict: "an object"}
+    names = {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "an array",
+        dict: "an object",
+    }
     ts = t if isinstance(t, tuple) else (t,)
     return " or ".join(names.get(x, x.__name__) for x in ts)
 
@@ -210,8 +229,16 @@ class Body:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
-    def get(self, key: str, t: type | tuple[type, ...], default: Any = None, *, lo: float | None = None,
-            hi: float | None = None, lo_open: bool = False) -> Any:
+    def get(
+        self,
+        key: str,
+        t: type | tuple[type, ...],
+        default: Any = None,
+        *,
+        lo: float | None = None,
+        hi: float | None = None,
+        lo_open: bool = False,
+    ) -> Any:
         v = self.data.get(key)
         if v is None:
             return default
@@ -246,22 +273,3 @@ class Body:
         if len(v) > max_n:
             raise ApiError(f"'{name}' has {len(v)} entries; at most {max_n}", name)
         return [s for s in v if s]
-
-
-def sampling_from(b: Body, *, temperature_default: float = 1.0) -> dict[str, Any]:
-    """The sampling parameters the OpenAI and llama.cpp-style APIs share."""
-    seed = b.get("seed", int)
-    if seed is not None and not -(2**63) <= seed < 2**64:
-        raise ApiError("'seed' must fit in 64 bits", "seed")
-    return {
-        "temperature": float(b.get("temperature", float, temperature_default, lo=0.0, hi=2.0)),
-        # Open-ended lower bounds: a positive value too small for f32 means "as small as can be".
-        "top_p": max(float(b.get("top_p", float, 1.0, lo=0.0, hi=1.0, lo_open=True)), 1e-6),
-        "top_k": int(b.get("top_k", int, 40, lo=0, hi=1 << 20)),
-        "min_p": float(b.get("min_p", float, 0.05, lo=0.0, hi=1.0)),
-        "repeat_penalty": max(float(b.get("repeat_penalty", float, 1.0, lo=0.0, hi=10.0, lo_open=True)), 1e-6),
-        "repeat_last_n": int(b.get("repeat_last_n", int, 64, lo=-1, hi=1 << 20)),
-        "presence_penalty": float(b.get("presence_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-        "frequency_penalty": float(b.get("frequency_penalty", float, 0.0, lo=-2.0, hi=2.0)),
-        "seed": None if seed is None else seed % (2**64),
-    }

@@ -105,8 +105,14 @@ def check_key(cfg: Config, request: web.Request, scope: str) -> None:
         needed = cfg.api_key
     token = _bearer(request)
     if not token:
-        raise ApiError("an API key is required: send 'Authorization: Bearer <key>'", None, 401, "invalid_api_key",
-                       "authentication_error", _CHALLENGE)
+        raise ApiError(
+            "an API key is required: send 'Authorization: Bearer <key>'",
+            None,
+            401,
+            "invalid_api_key",
+            "authentication_error",
+            _CHALLENGE,
+        )
 
     def matches(key: str | None) -> bool:
         return key is not None and hmac.compare_digest(token.encode(), key.encode())
@@ -114,8 +120,13 @@ def check_key(cfg: Config, request: web.Request, scope: str) -> None:
     if matches(needed) or (scope == READ and matches(cfg.admin_key)):
         return
     if scope == ADMIN and matches(cfg.api_key):
-        raise ApiError("this needs the admin key (it changes the models on disk or in memory)", None, 403,
-                       "insufficient_scope", "permission_error")
+        raise ApiError(
+            "this needs the admin key (it changes the models on disk or in memory)",
+            None,
+            403,
+            "insufficient_scope",
+            "permission_error",
+        )
     raise ApiError("invalid API key", None, 401, "invalid_api_key", "authentication_error", _CHALLENGE)
 
 
@@ -157,7 +168,9 @@ class HostPolicy:
         host = socket.gethostname().lower()
         short = host.split(".")[0]
         self.any = "*" in cfg.allowed_hosts
-        self.names = {n.lower().rstrip(".") for n in (host, short, f"{short}.local", mdns_host_name(), *cfg.allowed_hosts)}
+        self.names = {
+            n.lower().rstrip(".") for n in (host, short, f"{short}.local", mdns_host_name(), *cfg.allowed_hosts)
+        }
         bind = cfg.host.strip("[]").lower()
         self.names.add(bind)
         self.wildcard = bind in ("0.0.0.0", "::", "")
@@ -213,8 +226,11 @@ class OriginPolicy:
 
 
 def _cors_headers(origin: str) -> dict[str, str]:
-    return {"Access-Control-Allow-Origin": origin, "Vary": "Origin",
-            "Access-Control-Expose-Headers": "Retry-After, WWW-Authenticate"}
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Vary": "Origin",
+        "Access-Control-Expose-Headers": "Retry-After, WWW-Authenticate",
+    }
 
 
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
@@ -233,25 +249,48 @@ def make_guard(cfg: Config) -> Any:
     async def guard(request: web.Request, handler: Any) -> web.StreamResponse:
         host = request.headers.get("Host")
         if not hosts.allows(host):
-            log.warning("refused a request for host %r from %s (not this daemon's name; see allowed_hosts)",
-                        (host or "")[:100], request.remote)
-            raise ApiError(f"host {(host or '')[:100]!r} is not a name of this server; add it to allowed_hosts "
-                           "if clients reach the server by it", None, 403, "host_not_allowed", "permission_error")
+            log.warning(
+                "refused a request for host %r from %s (not this daemon's name; see allowed_hosts)",
+                (host or "")[:100],
+                request.remote,
+            )
+            raise ApiError(
+                f"host {(host or '')[:100]!r} is not a name of this server; add it to allowed_hosts "
+                "if clients reach the server by it",
+                None,
+                403,
+                "host_not_allowed",
+                "permission_error",
+            )
         origin = request.headers.get("Origin")
         if origin is not None:
             if not origins.allows(origin, host, request.scheme):
-                log.warning("refused a request from origin %r (%s %s); see allowed_origins", origin[:100],
-                            request.method, request.path[:100])
-                raise ApiError(f"requests from the web page at {origin[:100]!r} are not allowed; add the origin to "
-                               "allowed_origins to let it use this server", None, 403, "origin_not_allowed",
-                               "permission_error")
+                log.warning(
+                    "refused a request from origin %r (%s %s); see allowed_origins",
+                    origin[:100],
+                    request.method,
+                    request.path[:100],
+                )
+                raise ApiError(
+                    f"requests from the web page at {origin[:100]!r} are not allowed; add the origin to "
+                    "allowed_origins to let it use this server",
+                    None,
+                    403,
+                    "origin_not_allowed",
+                    "permission_error",
+                )
             request[_ORIGIN_KEY] = origin
             if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
                 asked = request.headers.get("Access-Control-Request-Headers")
-                return web.Response(status=204, headers={
-                    **_cors_headers(origin), "Access-Control-Allow-Methods": _CORS_METHODS,
-                    "Access-Control-Allow-Headers": asked[:1000] if asked else _CORS_HEADERS,
-                    "Access-Control-Max-Age": "600"})
+                return web.Response(
+                    status=204,
+                    headers={
+                        **_cors_headers(origin),
+                        "Access-Control-Allow-Methods": _CORS_METHODS,
+                        "Access-Control-Allow-Headers": asked[:1000] if asked else _CORS_HEADERS,
+                        "Access-Control-Max-Age": "600",
+                    },
+                )
         if request.match_info.http_exception is None:  # unknown paths and methods: the router's 404/405
             check_key(cfg, request, scope_of(request))
         response: web.StreamResponse = await handler(request)

@@ -16,20 +16,41 @@ from edgelm.server.state import SERVER, Server
 async def health(request: web.Request) -> web.Response:
     srv: Server = request.app[SERVER]
     pool = srv.pool
-    body: dict[str, Any] = {"status": "ok" if srv.state == "ready" else srv.state, "model": pool.default_id,
-                            "version": __version__}
+    body: dict[str, Any] = {
+        "status": "ok" if srv.state == "ready" else srv.state,
+        "model": pool.default_id,
+        "version": __version__,
+    }
     lm = pool.loaded.get(pool.default_id) or next(iter(pool.loaded.values()), None)
     if lm is not None:
-        body.update(kernel_level=lm.model.kernel_level, threads=lm.model.n_threads, device=lm.device,
-                    architecture=lm.model.architecture, context=lm.max_context)
+        body.update(
+            kernel_level=lm.model.kernel_level,
+            threads=lm.model.n_threads,
+            device=lm.device,
+            architecture=lm.model.architecture,
+            context=lm.max_context,
+        )
         s = lm.engine.stats()
-        body.update(running=s.running, waiting=s.waiting, kv_blocks_total=s.kv_blocks_total,
-                    kv_blocks_used=s.kv_blocks_used, kv_blocks_cached=s.kv_blocks_cached)
+        body.update(
+            running=s.running,
+            waiting=s.waiting,
+            kv_blocks_total=s.kv_blocks_total,
+            kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_cached=s.kv_blocks_cached,
+        )
     models = []
     for m in list(pool.loaded.values()):
         s = m.engine.stats()
-        models.append({"model": m.id, "device": m.device, "context": m.max_context,
-                       "memory_mib": round(m.cost_bytes / 2**20), "running": s.running, "waiting": s.waiting})
+        models.append(
+            {
+                "model": m.id,
+                "device": m.device,
+                "context": m.max_context,
+                "memory_mib": round(m.cost_bytes / 2**20),
+                "running": s.running,
+                "waiting": s.waiting,
+            }
+        )
     body["models"] = models
     body["memory_budget_mib"] = pool.budget_bytes >> 20
     if srv.error:
@@ -71,8 +92,10 @@ async def detokenize(request: web.Request) -> web.Response:
         native = lm.model.native
         bad = next((i for i, t in enumerate(toks) if not 0 <= t < native.n_vocab), None)
         if bad is not None:
-            raise ApiError(f"'tokens[{bad}]' = {toks[bad]} is not a token id (the vocabulary has {native.n_vocab} "
-                           "tokens)", "tokens")
+            raise ApiError(
+                f"'tokens[{bad}]' = {toks[bad]} is not a token id (the vocabulary has {native.n_vocab} tokens)",
+                "tokens",
+            )
         return web.json_response({"content": native.detokenize(toks, True)})
 
 

@@ -69,10 +69,13 @@ class Server:
 
     def ready_or_503(self) -> None:
         if self.state != "ready":
-            raise ApiError(f"the server is {self.state}", None, 503, "unavailable", "server_error", {"Retry-After": "1"})
+            raise ApiError(
+                f"the server is {self.state}", None, 503, "unavailable", "server_error", {"Retry-After": "1"}
+            )
 
-    def use(self, name: str | None,
-            keep_alive: float | None | str = "default") -> contextlib.AbstractAsyncContextManager[LoadedModel]:
+    def use(
+        self, name: str | None, keep_alive: float | None | str = "default"
+    ) -> contextlib.AbstractAsyncContextManager[LoadedModel]:
         """`async with srv.use(name) as lm:` the named model (None: the configured
         one), loaded if needed and held while the block runs."""
         self.ready_or_503()
@@ -89,11 +92,10 @@ class Server:
         """The request's JSON body, parsed within edgelm.server.params' limits."""
         try:
             raw = await asyncio.wait_for(request.read(), BODY_TIMEOUT_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise ApiError(f"the request body did not arrive within {BODY_TIMEOUT_S:.0f} s", None, 408) from None
         return parse_json(raw)
 
 
 SERVER: web.AppKey[Server] = web.AppKey("server", Server)
 """Where the aiohttp application keeps its `Server`."""
-

@@ -49,7 +49,8 @@ from typing import Any
 
 import numpy as np
 
-from edgelm.prompt.chat import ThinkingStyle, template_style
+from edgelm.prompt.chat import ThinkingStyle
+from edgelm.prompt.chat import template_style as template_style  # re-exported: where thinking is told apart
 from edgelm.server.params import ApiError
 
 LEVELS = ("low", "medium", "high")
@@ -89,8 +90,12 @@ def _budget(raw: Any, field: str) -> int | None:
 
 
 def _no_thinking(model: str) -> ApiError:
-    return ApiError(f"'{model}' does not support thinking (its chat template has no thinking section); "
-                    "leave 'think' out or set it to false", "think", 400)
+    return ApiError(
+        f"'{model}' does not support thinking (its chat template has no thinking section); "
+        "leave 'think' out or set it to false",
+        "think",
+        400,
+    )
 
 
 def from_ollama(raw: Any, budget_raw: Any, style: ThinkingStyle | None, model: str) -> Thinking:
@@ -105,7 +110,7 @@ def from_ollama(raw: Any, budget_raw: Any, style: ThinkingStyle | None, model: s
     elif isinstance(raw, str) and raw.lower() in (*LEVELS, "max"):
         want, level = True, "high" if raw.lower() == "max" else raw.lower()
     else:
-        raise ApiError("'think' must be true, false, \"high\", \"medium\" or \"low\"", "think")
+        raise ApiError('\'think\' must be true, false, "high", "medium" or "low"', "think")
     budget = _budget(budget_raw, "options.thinking_budget")
     if style is None:
         if want:
@@ -122,8 +127,10 @@ def from_openai(body: dict[str, Any], style: ThinkingStyle | None) -> Thinking:
     if kwargs is not None and not isinstance(kwargs, dict):
         raise ApiError("'chat_template_kwargs' must be an object", "chat_template_kwargs")
     want: bool | None = None
-    for where, value in (("chat_template_kwargs.enable_thinking", (kwargs or {}).get("enable_thinking")),
-                         ("enable_thinking", body.get("enable_thinking"))):
+    for where, value in (
+        ("chat_template_kwargs.enable_thinking", (kwargs or {}).get("enable_thinking")),
+        ("enable_thinking", body.get("enable_thinking")),
+    ):
         if value is not None:
             if not isinstance(value, bool):
                 raise ApiError(f"'{where}' must be a boolean", where)
@@ -132,8 +139,9 @@ def from_openai(body: dict[str, Any], style: ThinkingStyle | None) -> Thinking:
     effort = body.get("reasoning_effort")
     if effort is not None:
         if effort not in ("none", "minimal", *LEVELS):
-            raise ApiError("'reasoning_effort' must be \"none\", \"minimal\", \"low\", \"medium\" or \"high\"",
-                           "reasoning_effort")
+            raise ApiError(
+                '\'reasoning_effort\' must be "none", "minimal", "low", "medium" or "high"', "reasoning_effort"
+            )
         if effort == "none":
             want = False if want is None else want
         else:
@@ -141,7 +149,7 @@ def from_openai(body: dict[str, Any], style: ThinkingStyle | None) -> Thinking:
             want = True if want is None else want
     fmt = body.get("reasoning_format")
     if fmt is not None and fmt not in ("none", "auto", "deepseek", "deepseek-legacy"):
-        raise ApiError("'reasoning_format' must be \"none\", \"auto\" or \"deepseek\"", "reasoning_format")
+        raise ApiError('\'reasoning_format\' must be "none", "auto" or "deepseek"', "reasoning_format")
     budget = _budget(body.get("thinking_budget"), "thinking_budget")
     if style is None or want is False:
         return OFF
@@ -191,8 +199,15 @@ class ThoughtBudget:
     `close_masks[k]`: the tokens whose bytes begin the rest of the closing tag after
     its first k bytes (as little-endian u32 bitmasks, see `Grammars.prefix_masks`)."""
 
-    def __init__(self, inner: Any, budget: int, style: ThinkingStyle, opened: bool,
-                 token_bytes: Callable[[int], bytes], close_masks: list[np.ndarray]) -> None:
+    def __init__(
+        self,
+        inner: Any,
+        budget: int,
+        style: ThinkingStyle,
+        opened: bool,
+        token_bytes: Callable[[int], bytes],
+        close_masks: list[np.ndarray],
+    ) -> None:
         self.inner = inner
         self.budget = budget
         self.open, self.close = style.open.encode(), style.close.encode()
@@ -221,13 +236,13 @@ class ThoughtBudget:
             self.seen += b
             lead = self.seen.lstrip()
             if lead.startswith(self.open):
-                self.state, self.seen = "thought", lead[len(self.open):]
+                self.state, self.seen = "thought", lead[len(self.open) :]
                 self._closed()
             elif not self.open.startswith(lead):
                 self.state = "after"  # no thought (the grammar allowed none)
         elif self.state == "thought":
             self.n_thought += 1
-            self.seen = (self.seen + b)[-(len(self.close) + len(b)):]
+            self.seen = (self.seen + b)[-(len(self.close) + len(b)) :]
             self._closed()
         return ok
 
@@ -292,7 +307,7 @@ class ThinkSplitter:
         if self.state == "before":
             lead = h.lstrip()
             if lead.startswith(self.open):
-                self.held = lead[len(self.open):]
+                self.held = lead[len(self.open) :]
                 self.state = "lead"
                 return "", ""
             if not lead or self.open.startswith(lead):
@@ -309,7 +324,7 @@ class ThinkSplitter:
         if self.state == "thought":
             at = h.find(self.close)
             if at >= 0:
-                self.held, self.state = h[at + len(self.close):], "gap"
+                self.held, self.state = h[at + len(self.close) :], "gap"
                 return h[:at].rstrip(), ""
             keep = _partial_suffix(h, self.close)
             # Trailing whitespace may be the last before the closing tag: held too.

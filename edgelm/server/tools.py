@@ -49,7 +49,7 @@ SYSTEM_PROMPT = (
     "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions "
     "about what values to plug into functions.\n<tools>\n{tools}\n</tools>\n"
     "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": "
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{{"name": <function-name>, "arguments": '
     "<args-json-object>}}\n</tool_call>"
 )
 """The tool-use system prompt for templates that do not render tools (Hermes's)."""
@@ -66,8 +66,10 @@ class Tool:
 
     def wire(self) -> dict[str, Any]:
         """The OpenAI/Ollama form: what templates that render tools expect."""
-        return {"type": "function", "function": {"name": self.name, "description": self.description,
-                                                 "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description, "parameters": self.parameters},
+        }
 
 
 @dataclass
@@ -77,8 +79,12 @@ class ToolCall:
     id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
 
     def openai(self, index: int) -> dict[str, Any]:
-        return {"index": index, "id": self.id, "type": "function",
-                "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)}}
+        return {
+            "index": index,
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)},
+        }
 
     def ollama(self) -> dict[str, Any]:
         return {"function": {"name": self.name, "arguments": self.arguments}}
@@ -121,12 +127,18 @@ def parse_tools(raw: Any, choice_raw: Any = None, parallel_raw: Any = None) -> T
     tools: list[Tool] = []
     for i, t in enumerate(raw):
         where = f"tools[{i}]"
-        if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
-            raise ApiError(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where)
+        if (
+            not isinstance(t, dict)
+            or t.get("type", "function") != "function"
+            or not isinstance(t.get("function"), dict)
+        ):
+            raise ApiError(f'{where} must be {{"type": "function", "function": {{...}}}}', where)
         f = t["function"]
         name = f.get("name")
         if not isinstance(name, str) or not name or len(name) > 64 or not all(c.isalnum() or c in "_-." for c in name):
-            raise ApiError(f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.'", f"{where}.function.name")
+            raise ApiError(
+                f"{where}.function.name must be 1-64 letters, digits, '_', '-' or '.'", f"{where}.function.name"
+            )
         if any(x.name == name for x in tools):
             raise ApiError(f"{where}: the tool name '{name}' is used twice", f"{where}.function.name")
         desc = f.get("description") or ""
@@ -152,8 +164,10 @@ def parse_tools(raw: Any, choice_raw: Any = None, parallel_raw: Any = None) -> T
         if not any(t.name == name for t in tools):
             raise ApiError(f"'tool_choice' names '{name}', which is not among the tools", "tool_choice")
         return ToolPlan([t for t in tools if t.name == name], "required", False)
-    raise ApiError("'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
-                   "\"function\": {\"name\": ...}}", "tool_choice")
+    raise ApiError(
+        '\'tool_choice\' must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
+        "tool_choice",
+    )
 
 
 def _arguments_object(args: Any, where: str) -> dict[str, Any]:
@@ -188,8 +202,9 @@ def _call_text(name: str, arguments: dict[str, Any]) -> str:
     return f"{OPEN}\n{json.dumps({'name': name, 'arguments': arguments}, ensure_ascii=False)}\n{CLOSE}"
 
 
-def prompt_messages(messages: list[dict[str, Any]], plan: ToolPlan | None,
-                    template_renders_tools: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+def prompt_messages(
+    messages: list[dict[str, Any]], plan: ToolPlan | None, template_renders_tools: bool
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
     """The messages and `tools` to hand the chat template."""
     if template_renders_tools:
         out = []
@@ -213,7 +228,9 @@ def prompt_messages(messages: list[dict[str, Any]], plan: ToolPlan | None,
             if out and out[-1].get("_tool_turn"):
                 out[-1]["content"] += f"\n<tool_response>\n{body}\n</tool_response>"
             else:
-                out.append({"role": "user", "content": f"<tool_response>\n{body}\n</tool_response>", "_tool_turn": True})
+                out.append(
+                    {"role": "user", "content": f"<tool_response>\n{body}\n</tool_response>", "_tool_turn": True}
+                )
         else:
             out.append({"role": role, "content": m.get("content") or ""})
     for m in out:
@@ -221,8 +238,10 @@ def prompt_messages(messages: list[dict[str, Any]], plan: ToolPlan | None,
     if plan is not None:
         # One function per line, without the {"type": "function"} wrapper: SmolLM2-135M
         # calls tools from this listing, and answers in prose from the wrapped one.
-        listing = "\n".join(json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters},
-                                       ensure_ascii=False) for t in plan.tools)
+        listing = "\n".join(
+            json.dumps({"name": t.name, "description": t.description, "parameters": t.parameters}, ensure_ascii=False)
+            for t in plan.tools
+        )
         prompt = SYSTEM_PROMPT.format(tools=listing)
         # After the caller's system text, right before the conversation: placed first,
         # a small model forgets it by the time the user speaks.
@@ -270,7 +289,7 @@ def _hoisted(tools: list[Tool]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             if isinstance(ref, str) and ref.startswith("#"):
                 for head in ("#/$defs/", "#/definitions/"):
                     if ref.startswith(head):
-                        out["$ref"] = f"#/$defs/{prefix}{ref[len(head):]}"
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(head) :]}"
                         break
                 else:  # the tool's root, or a path under it
                     out["$ref"] = f"#/$defs/{prefix}args" + ref[1:]
@@ -283,8 +302,9 @@ def _hoisted(tools: list[Tool]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return refs, defs
 
 
-def grammar(plan: ToolPlan | None, text_schema: dict[str, Any] | None = None,
-            thought: ThoughtRule | None = None) -> str | None:
+def grammar(
+    plan: ToolPlan | None, text_schema: dict[str, Any] | None = None, thought: ThoughtRule | None = None
+) -> str | None:
     """The Lark grammar (llguidance) for an answer under `plan` (None: no tools);
     `text_schema`, from a response_format, constrains the text branch to JSON too;
     `thought`, for a thinking model, puts the thought before the answer. None when
@@ -292,7 +312,11 @@ def grammar(plan: ToolPlan | None, text_schema: dict[str, Any] | None = None,
     if thought is not None:
         return _thinking_grammar(plan, text_schema, thought)
     if plan is None:
-        return None if text_schema is None else "start: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}) + "\n"
+        return (
+            None
+            if text_schema is None
+            else "start: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}) + "\n"
+        )
     if plan.choice == "text":
         if text_schema is not None:
             return "start: %json " + json.dumps({**text_schema, "x-guidance": JSON_STYLE}) + "\n"
@@ -311,13 +335,20 @@ def grammar(plan: ToolPlan | None, text_schema: dict[str, Any] | None = None,
 
 def _call_rules(plan: ToolPlan) -> list[str]:
     refs, defs = _hoisted(plan.tools)
-    one_of = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": ref},
-               "required": ["name", "arguments"], "additionalProperties": False} for t, ref in zip(plan.tools, refs)]
+    one_of = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t.name}, "arguments": ref},
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t, ref in zip(plan.tools, refs)
+    ]
     call_schema: dict[str, Any] = {"anyOf": one_of} if len(one_of) > 1 else one_of[0]
     call_schema = {**call_schema, "$defs": defs, "x-guidance": JSON_STYLE}
     return [
         "call: " + json.dumps(OPEN + "\n") + " %json " + json.dumps(call_schema) + " " + json.dumps("\n" + CLOSE),
-        "calls: call (\"\\n\" call)*" if plan.parallel else "calls: call",
+        'calls: call ("\\n" call)*' if plan.parallel else "calls: call",
     ]
 
 
@@ -405,8 +436,9 @@ class Reply:
     at once) and the tool calls (whole, at the end). `feed` gives (thought, content)
     pieces; `finish` the rest and the calls."""
 
-    def __init__(self, plan: ToolPlan | None, style: ThinkingStyle | None = None, think: bool = False,
-                 opened: bool = False) -> None:
+    def __init__(
+        self, plan: ToolPlan | None, style: ThinkingStyle | None = None, think: bool = False, opened: bool = False
+    ) -> None:
         self.think = ThinkSplitter(style, opened) if style is not None and (think or opened) else None
         self.tools = ToolStream() if plan is not None and plan.choice != "text" else None
 
@@ -439,8 +471,9 @@ class Reply:
 # -- what an answer is generated under -----------------------------------------------------
 
 
-async def answer_grammar(lm: LoadedModel, plan: ToolPlan | None, schema: dict[str, Any] | None,
-                         thought: ThoughtRule | None) -> str | None:
+async def answer_grammar(
+    lm: LoadedModel, plan: ToolPlan | None, schema: dict[str, Any] | None, thought: ThoughtRule | None
+) -> str | None:
     """The grammar for an answer: tools, a response schema and a thinking model's
     thought, in any combination (None: unconstrained). Compiled off the event loop (the
     first one also builds the grammar engine's view of the vocabulary)."""

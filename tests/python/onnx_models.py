@@ -32,8 +32,20 @@ from onnx.reference.op_run import OpRun
 class MatMulNBits(OpRun):
     op_domain = "com.microsoft"
 
-    def _run(self, a, b, scales, zero_points=None, g_idx=None, bias=None, K=None, N=None,  # noqa: N803
-             bits=None, block_size=None, accuracy_level=None):
+    def _run(
+        self,
+        a,
+        b,
+        scales,
+        zero_points=None,
+        g_idx=None,
+        bias=None,
+        K=None,
+        N=None,  # noqa: N803
+        bits=None,
+        block_size=None,
+        accuracy_level=None,
+    ):
         k, n, block = int(K), int(N), int(block_size)
         n_blocks = -(-k // block)
         codes = np.empty((n, n_blocks * block), np.float32)
@@ -75,13 +87,20 @@ class Shape:
 
 # Per projection in the int4 layout: (block size, zero points: None | "u8" | "float").
 INT4_BLOCKS = {
-    "q_proj": (32, None), "k_proj": (32, None), "v_proj": (32, "u8"), "o_proj": (64, "u8"),
-    "gate_proj": (128, "u8"), "up_proj": (32, "float"), "down_proj": (16, None), "qkv_proj": (32, "u8"),
+    "q_proj": (32, None),
+    "k_proj": (32, None),
+    "v_proj": (32, "u8"),
+    "o_proj": (64, "u8"),
+    "gate_proj": (128, "u8"),
+    "up_proj": (32, "float"),
+    "down_proj": (16, None),
+    "qkv_proj": (32, "u8"),
 }
 
 
-def _quantize_int4(w: np.ndarray, block: int, zp_kind: str | None, rng: np.random.Generator,
-                   fp16_scales: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
+def _quantize_int4(
+    w: np.ndarray, block: int, zp_kind: str | None, rng: np.random.Generator, fp16_scales: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:
     """Random int4 codes for an [N, K] weight with w's scale; returns packed B, scales,
     zero points and the dequantized weight the graph then means."""
     n, k = w.shape
@@ -104,13 +123,21 @@ def _quantize_int4(w: np.ndarray, block: int, zp_kind: str | None, rng: np.rando
         else:
             zp = zeros.astype(scales.dtype).reshape(-1)
     packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).reshape(n, n_blocks, block // 2)
-    deq = ((codes.astype(np.float32).reshape(n, n_blocks, block) - zeros[:, :, None])
-           * scales.astype(np.float32)[:, :, None]).reshape(n, k)
+    deq = (
+        (codes.astype(np.float32).reshape(n, n_blocks, block) - zeros[:, :, None])
+        * scales.astype(np.float32)[:, :, None]
+    ).reshape(n, k)
     return packed, scales.reshape(-1), zp, deq
 
 
-def build(layout: str, shape: Shape, seed: int = 0, fp16_scales: bool = False,
-          meant: dict[tuple[int, str], np.ndarray] | None = None, fused: bool = False) -> onnx.ModelProto:
+def build(
+    layout: str,
+    shape: Shape,
+    seed: int = 0,
+    fp16_scales: bool = False,
+    meant: dict[tuple[int, str], np.ndarray] | None = None,
+    fused: bool = False,
+) -> onnx.ModelProto:
     """A decoder for `shape.seq` tokens: inputs input_ids [1, S] and position_ids [S]
     (int64), output logits [1, S, V]. `meant` receives each projection's weight as the
     graph defines it ([out, in], dequantized for int4). `fused` puts q, k and v in one
@@ -161,8 +188,17 @@ def build(layout: str, shape: Shape, seed: int = 0, fp16_scales: bool = False,
         ins = [x, const(base + ".qweight", packed), const(base + ".scales", scales)]
         if zp is not None:
             ins.append(const(base + ".qzeros", zp))
-        return node("MatMulNBits", ins, f"/model/layers.{layer}/attn/{name}/MatMulNBits", domain="com.microsoft",
-                    K=n_in, N=n_out, bits=4, block_size=block, accuracy_level=0)
+        return node(
+            "MatMulNBits",
+            ins,
+            f"/model/layers.{layer}/attn/{name}/MatMulNBits",
+            domain="com.microsoft",
+            K=n_in,
+            N=n_out,
+            bits=4,
+            block_size=block,
+            accuracy_level=0,
+        )
 
     hd, half = s.head_dim, s.head_dim // 2
     inv_freq = 1.0 / (s.rope_theta ** (np.arange(0, hd, 2, dtype=np.float64) / hd))
@@ -187,8 +223,9 @@ def build(layout: str, shape: Shape, seed: int = 0, fp16_scales: bool = False,
         lo = node("Slice", [t, ints([0]), ints([half]), ints([3])], f"{where}/Slice")
         hi = node("Slice", [t, ints([half]), ints([hd]), ints([3])], f"{where}/Slice_1")
         rot = node("Concat", [node("Neg", [hi], f"{where}/Neg"), lo], f"{where}/Concat", axis=3)
-        return node("Add", [node("Mul", [t, cos], f"{where}/Mul"), node("Mul", [rot, sin], f"{where}/Mul_1")],
-                    f"{where}/Add")
+        return node(
+            "Add", [node("Mul", [t, cos], f"{where}/Mul"), node("Mul", [rot, sin], f"{where}/Mul_1")], f"{where}/Add"
+        )
 
     def repeat_kv(t: str, where: str) -> str:  # [1,nkv,S,hd] -> [1,nh,S,hd]
         rep = s.n_head // s.n_head_kv
@@ -204,13 +241,20 @@ def build(layout: str, shape: Shape, seed: int = 0, fp16_scales: bool = False,
         if fused:  # onnxruntime-genai: one qkv_proj MatMulNBits, then Split
             qkv = proj(h, i, group_attn, "qkv_proj", (s.n_head + 2 * s.n_head_kv) * hd, s.n_embd, sd)
             outs = [tmp("q"), tmp("k"), tmp("v")]
-            nodes.append(helper.make_node("Split", [qkv, ints([s.n_head * hd, s.n_head_kv * hd, s.n_head_kv * hd])],
-                                          outs, name=at + "/qkv_split/Split", axis=-1))
+            nodes.append(
+                helper.make_node(
+                    "Split",
+                    [qkv, ints([s.n_head * hd, s.n_head_kv * hd, s.n_head_kv * hd])],
+                    outs,
+                    name=at + "/qkv_split/Split",
+                    axis=-1,
+                )
+            )
             q_lin, k_lin, v_lin = outs
             w = meant.pop((i, "qkv_proj"))
             meant[(i, "q_proj")] = w[: s.n_head * hd]
-            meant[(i, "k_proj")] = w[s.n_head * hd: (s.n_head + s.n_head_kv) * hd]
-            meant[(i, "v_proj")] = w[(s.n_head + s.n_head_kv) * hd:]
+            meant[(i, "k_proj")] = w[s.n_head * hd : (s.n_head + s.n_head_kv) * hd]
+            meant[(i, "v_proj")] = w[(s.n_head + s.n_head_kv) * hd :]
         else:
             q_lin = proj(h, i, group_attn, "q_proj", s.n_head * hd, s.n_embd, sd)
             k_lin = proj(h, i, group_attn, "k_proj", s.n_head_kv * hd, s.n_embd, sd)
@@ -224,25 +268,34 @@ def build(layout: str, shape: Shape, seed: int = 0, fp16_scales: bool = False,
         probs = node("Softmax", [node("Add", [scores, "causal_mask"], at + "/Add")], at + "/Softmax", axis=-1)
         ctx = node("Transpose", [node("MatMul", [probs, v], at + "/MatMul_1")], at + "/Transpose", perm=[0, 2, 1, 3])
         ctx = node("Reshape", [ctx, ints([1, s.seq, s.n_head * hd])], at + "/Reshape")
-        x = node("Add", [x, proj(ctx, i, group_attn, "o_proj", s.n_embd, s.n_head * hd, sd)],
-                 f"/model/layers.{i}/Add")
-        h = rmsnorm(x, f"model.layers.{i}.post_attention_layernorm.weight",
-                    f"/model/layers.{i}/post_attention_layernorm")
+        x = node("Add", [x, proj(ctx, i, group_attn, "o_proj", s.n_embd, s.n_head * hd, sd)], f"/model/layers.{i}/Add")
+        h = rmsnorm(
+            x, f"model.layers.{i}.post_attention_layernorm.weight", f"/model/layers.{i}/post_attention_layernorm"
+        )
         group_mlp = "mlp" if layout == "float" else "attn"
         g = proj(h, i, group_mlp, "gate_proj", s.n_ff, s.n_embd, sd)
         u = proj(h, i, group_mlp, "up_proj", s.n_ff, s.n_embd, sd)
-        act = node("Mul", [node("Mul", [g, node("Sigmoid", [g], f"/model/layers.{i}/mlp/Sigmoid")],
-                                f"/model/layers.{i}/mlp/Mul"), u], f"/model/layers.{i}/mlp/Mul_1")
-        x = node("Add", [x, proj(act, i, group_mlp, "down_proj", s.n_embd, s.n_ff, 0.5 / np.sqrt(s.n_ff))],
-                 f"/model/layers.{i}/Add_1")
+        act = node(
+            "Mul",
+            [node("Mul", [g, node("Sigmoid", [g], f"/model/layers.{i}/mlp/Sigmoid")], f"/model/layers.{i}/mlp/Mul"), u],
+            f"/model/layers.{i}/mlp/Mul_1",
+        )
+        x = node(
+            "Add",
+            [x, proj(act, i, group_mlp, "down_proj", s.n_embd, s.n_ff, 0.5 / np.sqrt(s.n_ff))],
+            f"/model/layers.{i}/Add_1",
+        )
     x = rmsnorm(x, "model.norm.weight", "/model/norm")
     head = const("onnx::MatMul_lm_head", np.ascontiguousarray(embed.T))  # tied embeddings
     nodes.append(helper.make_node("MatMul", [x, head], ["logits"], name="/lm_head/MatMul"))
 
     graph = helper.make_graph(
-        nodes, f"tiny-llama-{layout}",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, s.seq]),
-         helper.make_tensor_value_info("position_ids", TensorProto.INT64, [s.seq])],
+        nodes,
+        f"tiny-llama-{layout}",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, s.seq]),
+            helper.make_tensor_value_info("position_ids", TensorProto.INT64, [s.seq]),
+        ],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, s.seq, s.n_vocab])],
         inits,
     )
@@ -254,10 +307,19 @@ def build(layout: str, shape: Shape, seed: int = 0, fp16_scales: bool = False,
 
 def config_json(s: Shape) -> dict[str, object]:
     return {
-        "model_type": "llama", "hidden_size": s.n_embd, "num_hidden_layers": s.n_layer,
-        "num_attention_heads": s.n_head, "num_key_value_heads": s.n_head_kv, "intermediate_size": s.n_ff,
-        "vocab_size": s.n_vocab, "rms_norm_eps": s.eps, "rope_theta": s.rope_theta,
-        "max_position_embeddings": 64, "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2,
+        "model_type": "llama",
+        "hidden_size": s.n_embd,
+        "num_hidden_layers": s.n_layer,
+        "num_attention_heads": s.n_head,
+        "num_key_value_heads": s.n_head_kv,
+        "intermediate_size": s.n_ff,
+        "vocab_size": s.n_vocab,
+        "rms_norm_eps": s.eps,
+        "rope_theta": s.rope_theta,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": True,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
         "_name_or_path": "tiny-onnx-llama",
     }
 
@@ -282,9 +344,13 @@ def tokenizer_json_from_gguf(gguf_path: Path) -> tuple[dict[str, object], dict[s
     tok = {
         "version": "1.0",
         "added_tokens": added,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]},
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Digits", "individual_digits": True},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            ],
+        },
         "model": {"type": "BPE", "vocab": vocab, "merges": merges},
     }
     f = r.fields["tokenizer.chat_template"]
@@ -292,9 +358,16 @@ def tokenizer_json_from_gguf(gguf_path: Path) -> tuple[dict[str, object], dict[s
     return tok, cfg
 
 
-def write_model_dir(d: Path, layout: str, shape: Shape, smollm2: Path, seed: int = 0,
-                    fp16_scales: bool = False, meant: dict[tuple[int, str], np.ndarray] | None = None,
-                    fused: bool = False) -> Path:
+def write_model_dir(
+    d: Path,
+    layout: str,
+    shape: Shape,
+    smollm2: Path,
+    seed: int = 0,
+    fp16_scales: bool = False,
+    meant: dict[tuple[int, str], np.ndarray] | None = None,
+    fused: bool = False,
+) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     model = build(layout, shape, seed, fp16_scales, meant, fused)
     onnx.save(model, str(d / "model.onnx"))

@@ -62,10 +62,9 @@ def _blob_host(blobs: Blobs) -> Any:
             blobs.drops[d] -= 1
             start = int(request.headers.get("Range", "bytes=0-")[6:].split("-")[0] or 0)
             data = blobs.files[d].read_bytes() if d in blobs.files else blobs.data[d]
-            resp = web.StreamResponse(status=206 if start else 200,
-                                      headers={"Content-Length": str(len(data) - start)})
+            resp = web.StreamResponse(status=206 if start else 200, headers={"Content-Length": str(len(data) - start)})
             await resp.prepare(request)
-            await resp.write(data[start: start + (len(data) - start) // 3])
+            await resp.write(data[start : start + (len(data) - start) // 3])
             assert request.transport is not None
             request.transport.close()  # the storage host goes away a third of the way in
             return resp
@@ -92,9 +91,18 @@ class Registry:
     manifests: dict[tuple[str, str, str], dict[str, Any]]
     repos: dict[tuple[str, str], list[dict[str, Any]]]
 
-    def add_ollama(self, name: str, model: Path, template: str | None = None, params: dict[str, Any] | None = None,
-                   system: str | None = None, license: str | None = None, extra: list[dict[str, Any]] | None = None,
-                   digest: str | None = None, size: int | None = None) -> dict[str, Any]:
+    def add_ollama(
+        self,
+        name: str,
+        model: Path,
+        template: str | None = None,
+        params: dict[str, Any] | None = None,
+        system: str | None = None,
+        license: str | None = None,
+        extra: list[dict[str, Any]] | None = None,
+        digest: str | None = None,
+        size: int | None = None,
+    ) -> dict[str, Any]:
         """Publish `model` (a GGUF) as `[namespace/]model:tag` with the text layers given;
         `digest` and `size` override the model layer's (a manifest that lies)."""
         ns, rest = name.split("/", 1) if "/" in name else ("library", name)
@@ -103,16 +111,23 @@ class Registry:
         if digest is not None:
             self.blobs.files[digest] = model  # served under the digest the manifest names
         layers = [{"mediaType": MODEL, "digest": digest or d, "size": size if size is not None else real}]
-        for mt, text in (("template", template), ("system", system), ("license", license),
-                         ("params", json.dumps(params) if params is not None else None)):
+        for mt, text in (
+            ("template", template),
+            ("system", system),
+            ("license", license),
+            ("params", json.dumps(params) if params is not None else None),
+        ):
             if text is not None:
                 ld, ls = self.blobs.add_bytes(text.encode())
                 layers.append({"mediaType": f"application/vnd.ollama.image.{mt}", "digest": ld, "size": ls})
         layers += extra or []
         cd, cs = self.blobs.add_bytes(json.dumps({"model_format": "gguf", "model_family": "llama"}).encode())
-        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
-                    "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": cd, "size": cs},
-                    "layers": layers}
+        manifest = {
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+            "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "digest": cd, "size": cs},
+            "layers": layers,
+        }
         self.manifests[(ns, model_name, tag)] = manifest
         return manifest
 
@@ -122,8 +137,15 @@ class Registry:
         listing: list[dict[str, Any]] = [{"type": "file", "path": p, "size": 10, "oid": "0" * 40} for p in extra_files]
         for path, f in files.items():
             d, size = self.blobs.add_file(f)
-            listing.append({"type": "file", "path": path, "size": size, "oid": "1" * 40,
-                            "lfs": {"oid": d.split(":")[1], "size": size, "pointerSize": 134}})
+            listing.append(
+                {
+                    "type": "file",
+                    "path": path,
+                    "size": size,
+                    "oid": "1" * 40,
+                    "lfs": {"oid": d.split(":")[1], "size": size, "pointerSize": 134},
+                }
+            )
         self.repos[(user, name)] = listing
 
 
@@ -139,11 +161,13 @@ def registry_servers(page_size: int = 2) -> Iterator[Registry]:
 
         async def manifest(request: web.Request) -> web.Response:
             key = (request.match_info["ns"], request.match_info["model"], request.match_info["tag"])
-            m = next((v for k, v in manifests.items() if tuple(x.lower() for x in k) == tuple(x.lower() for x in key)),
-                     None)
+            m = next(
+                (v for k, v in manifests.items() if tuple(x.lower() for x in k) == tuple(x.lower() for x in key)), None
+            )
             if m is None:
-                return web.json_response({"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]},
-                                         status=404)
+                return web.json_response(
+                    {"errors": [{"code": "MANIFEST_UNKNOWN", "message": "manifest unknown"}]}, status=404
+                )
             return web.json_response(m, content_type="application/vnd.docker.distribution.manifest.v2+json")
 
         async def blob(request: web.Request) -> web.Response:
@@ -158,10 +182,12 @@ def registry_servers(page_size: int = 2) -> Iterator[Registry]:
             if listing is None:
                 return web.json_response({"error": "Repository not found"}, status=404)
             start = int(request.query.get("cursor", "0"))
-            page = listing[start: start + page_size]
+            page = listing[start : start + page_size]
             headers = {}
             if start + page_size < len(listing):
-                headers["Link"] = f'<{request.url.with_query(recursive="true", cursor=str(start + page_size))}>; rel="next"'
+                headers["Link"] = (
+                    f'<{request.url.with_query(recursive="true", cursor=str(start + page_size))}>; rel="next"'
+                )
             return web.json_response(page, headers=headers)
 
         async def resolve(request: web.Request) -> web.Response:

@@ -52,11 +52,18 @@ class Daemon:
         return total
 
 
-def http(method: str, url: str, body: Any = None, raw: bytes | None = None, timeout: float = 120,
-         headers: dict[str, str] | None = None) -> tuple[int, Any]:
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    raw: bytes | None = None,
+    timeout: float = 120,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
     data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json",
-                                                                          **(headers or {})})
+    req = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json", **(headers or {})}
+    )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             payload = r.read()
@@ -71,9 +78,16 @@ def http(method: str, url: str, body: Any = None, raw: bytes | None = None, time
 
 
 @contextmanager
-def daemon(model: Path, *args: str, env: dict[str, str] | None = None, config: str = "",
-           mdns: bool = False, host: str = "127.0.0.1", prefix: list[str] | None = None,
-           nofile: int | None = None) -> Iterator[Daemon]:
+def daemon(
+    model: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    config: str = "",
+    mdns: bool = False,
+    host: str = "127.0.0.1",
+    prefix: list[str] | None = None,
+    nofile: int | None = None,
+) -> Iterator[Daemon]:
     """The daemon on a free port of `host` (loopback by default; `prefix` runs it in a
     network namespace, see lan_util); mDNS (loopback only) when `mdns`; `nofile` sets
     its open-file limit (soft and hard)."""
@@ -82,11 +96,31 @@ def daemon(model: Path, *args: str, env: dict[str, str] | None = None, config: s
         cfg = Path(tmp) / "edgelm.yaml"
         cfg.write_text(config)
         log_path = Path(tmp) / "daemon.log"
-        e = {k: v for k, v in os.environ.items()
-             if not k.startswith("EDGELM_") or k in ("EDGELM_MODELS_DIR", "EDGELM_REGISTRY_URL", "EDGELM_HF_URL")}
+        e = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("EDGELM_") or k in ("EDGELM_MODELS_DIR", "EDGELM_REGISTRY_URL", "EDGELM_HF_URL")
+        }
         e.update(env or {})
-        cmd = [*(prefix or []), sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg), "--host", host,
-               "--port", str(port), "--model", str(model), "--threads", "2", *([] if mdns else ["--no-mdns"]), *args]
+        cmd = [
+            *(prefix or []),
+            sys.executable,
+            "-m",
+            "edgelm.cli",
+            "serve",
+            "--config",
+            str(cfg),
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--model",
+            str(model),
+            "--threads",
+            "2",
+            *([] if mdns else ["--no-mdns"]),
+            *args,
+        ]
 
         def limit() -> None:
             if nofile is not None:

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SMOLLM2, model_path
 
 import edgelm
 from edgelm.stops import StopMatcher
-
-from conftest import GEMMA3, SMOLLM2, model_path
 
 
 def test_facts(smollm2: edgelm.Model, gemma3: edgelm.Model) -> None:
@@ -77,7 +76,9 @@ def test_sampling_filters(smollm2: edgelm.Model) -> None:
     lg = smollm2.logits(ids)[-1]
     top5 = set(np.argsort(-lg)[:5].tolist())
     for seed in range(6):
-        toks = [t.id for t in smollm2.generate(ids, max_tokens=1, temperature=1.5, top_k=5, top_p=1.0, min_p=0.0, seed=seed)]
+        toks = [
+            t.id for t in smollm2.generate(ids, max_tokens=1, temperature=1.5, top_k=5, top_p=1.0, min_p=0.0, seed=seed)
+        ]
         assert toks[0] in top5
     # top_p tiny keeps only the most likely token: same as greedy.
     t = next(iter(smollm2.generate(ids, max_tokens=1, temperature=1.0, top_k=0, top_p=1e-6, min_p=0.0, seed=1)))
@@ -91,12 +92,28 @@ def test_penalties_change_greedy_choice(smollm2: edgelm.Model) -> None:
     ids = smollm2.tokenize("one one one one one one one one")
     plain = next(iter(smollm2.generate(ids, max_tokens=1, temperature=0))).id
     history = ids + [plain] * 4  # the greedy choice now repeats in the context
-    pen = next(iter(smollm2.generate(history, max_tokens=1, temperature=0, presence_penalty=2.0,
-                                     frequency_penalty=2.0, repeat_penalty=1.5))).id
+    pen = next(
+        iter(
+            smollm2.generate(
+                history, max_tokens=1, temperature=0, presence_penalty=2.0, frequency_penalty=2.0, repeat_penalty=1.5
+            )
+        )
+    ).id
     assert pen != plain
     # Penalties only look back repeat_last_n tokens: with a window of 0 nothing changes.
-    off = next(iter(smollm2.generate(history, max_tokens=1, temperature=0, presence_penalty=2.0,
-                                     frequency_penalty=2.0, repeat_penalty=1.5, repeat_last_n=0))).id
+    off = next(
+        iter(
+            smollm2.generate(
+                history,
+                max_tokens=1,
+                temperature=0,
+                presence_penalty=2.0,
+                frequency_penalty=2.0,
+                repeat_penalty=1.5,
+                repeat_last_n=0,
+            )
+        )
+    ).id
     assert off == next(iter(smollm2.generate(history, max_tokens=1, temperature=0))).id
 
 
@@ -224,7 +241,19 @@ def test_dequantize_matches_gguf_package() -> None:
             # Keep f16 scale fields finite so the comparison is about the format.
             for b in range(n_blocks):
                 off = b * size
-                scale_at = [0, 2] if t in (T.Q4_1, T.Q5_1) else ([size - 2] if t == T.Q6_K else ([size - 4, size - 2] if t == T.Q2_K else ([size - 2] if t == T.Q3_K else [0, 2] if t in (T.Q4_K, T.Q5_K) else [0])))
+                scale_at = (
+                    [0, 2]
+                    if t in (T.Q4_1, T.Q5_1)
+                    else (
+                        [size - 2]
+                        if t == T.Q6_K
+                        else (
+                            [size - 4, size - 2]
+                            if t == T.Q2_K
+                            else ([size - 2] if t == T.Q3_K else [0, 2] if t in (T.Q4_K, T.Q5_K) else [0])
+                        )
+                    )
+                )
                 for s in scale_at:
                     struct.pack_into("<e", raw, off + s, float(rng.uniform(-2, 2)))
         ref = gq.dequantize(np.frombuffer(bytes(raw), dtype=np.uint8), t).astype(np.float32).ravel()

@@ -9,12 +9,10 @@ from pathlib import Path
 
 import gguf
 import pytest
+from conftest import GEMMA3, SMOLLM2, model_path
 
 from edgelm.prompt import chat
 from edgelm.prompt.chat import DEFAULT_TEMPLATE, ChatTemplate, ChatTemplateError
-
-from conftest import GEMMA3, SMOLLM2, model_path
-
 
 SYSTEM_USER = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi!"}]
 
@@ -37,9 +35,7 @@ def smollm2_template() -> ChatTemplate:
 def test_smollm2_renders_chatml(smollm2_template: ChatTemplate) -> None:
     assert not smollm2_template.is_default
     assert smollm2_template.render(SYSTEM_USER) == (
-        "<|im_start|>system\nYou are terse.<|im_end|>\n"
-        "<|im_start|>user\nHi!<|im_end|>\n"
-        "<|im_start|>assistant\n"
+        "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n<|im_start|>assistant\n"
     )
     assert smollm2_template.render(SYSTEM_USER, add_generation_prompt=False) == (
         "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\nHi!<|im_end|>\n"
@@ -47,8 +43,11 @@ def test_smollm2_renders_chatml(smollm2_template: ChatTemplate) -> None:
 
 
 def test_smollm2_adds_its_own_system_prompt(smollm2_template: ChatTemplate) -> None:
-    msgs = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
-            {"role": "user", "content": "Bye."}]
+    msgs = [
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye."},
+    ]
     assert smollm2_template.render(msgs) == (
         "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
         "<|im_start|>user\nHi!<|im_end|>\n"
@@ -95,8 +94,11 @@ def test_default_template_is_chatml() -> None:
 
 
 def test_variables_tools_and_tojson() -> None:
-    t = ChatTemplate("{{ bos_token }}|{{ eos_token }}|{{ tools|tojson }}|{{ flag }}|{{ add_generation_prompt }}",
-                     bos_token="<s>", eos_token="</s>")
+    t = ChatTemplate(
+        "{{ bos_token }}|{{ eos_token }}|{{ tools|tojson }}|{{ flag }}|{{ add_generation_prompt }}",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     tools = [{"type": "function", "function": {"name": "météo", "parameters": {"b": 1, "a": [1, 2]}}}]
     assert t.render([], tools=tools, flag="yes") == f"<s>|</s>|{json.dumps(tools, ensure_ascii=False)}|yes|True"
     assert "météo" in t.render([], tools=tools)  # ensure_ascii=False, as Hugging Face's tojson

@@ -38,8 +38,13 @@ def test_kernel_level_can_be_forced() -> None:
     assert levels[0] == "scalar"
     for level in levels:
         env = dict(os.environ, EDGELM_KERNEL_LEVEL=level)
-        r = subprocess.run([sys.executable, "-m", "edgelm.cli", "info", str(model_path(SMOLLM2))],
-                           capture_output=True, text=True, timeout=600, env=env)
+        r = subprocess.run(
+            [sys.executable, "-m", "edgelm.cli", "info", str(model_path(SMOLLM2))],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         assert f"CPU kernels:   {level} " in r.stdout
 
@@ -90,8 +95,11 @@ def test_weights_are_held_once() -> None:
         size = d["size"]
         anon_growth = d["after"]["RssAnon"] - d["before"]["RssAnon"]
         file_growth = d["after"]["RssFile"] - d["before"]["RssFile"]
-        print(f"{name}: file {size >> 20} MiB, anon growth {anon_growth >> 20} MiB, "
-              f"file-backed growth {file_growth >> 20} MiB")
+        print(
+            f"{name}: file {size >> 20} MiB, anon growth {anon_growth >> 20} MiB, "
+            f"file-backed growth {file_growth >> 20} MiB"
+        )
         # Tokenizer tables, KV cache and scratch are allowed; a second copy of the weights is not.
-        assert anon_growth + file_growth < 1.3 * size, \
+        assert anon_growth + file_growth < 1.3 * size, (
             f"{name}: {anon_growth} anonymous + {file_growth} file-backed bytes for a {size}-byte file"
+        )

@@ -11,24 +11,30 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SMOLLM2, model_path
 from registry_util import registry_servers
 from serve_util import daemon
 
-from conftest import SMOLLM2, model_path
 from edgelm.store import Store
 
 CLOSED = "http://127.0.0.1:9"  # nothing listens: the CLI works on the models directory
 
 
-def cli(*args: str, url: str = CLOSED, models: Path | None = None, key: str | None = None,
-        extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str,
+    url: str = CLOSED,
+    models: Path | None = None,
+    key: str | None = None,
+    extra: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "EDGELM_URL": url, **(extra or {})}
     if models is not None:
         env["EDGELM_MODELS_DIR"] = str(models)
     if key is not None:
         env["EDGELM_API_KEY"] = key
-    return subprocess.run([sys.executable, "-m", "edgelm.cli", *args], capture_output=True, text=True, timeout=300,
-                          env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -72,12 +78,18 @@ def test_model_commands_on_the_models_directory(models: Path) -> None:
     assert cli("cp", "qwen3:0.6b", "kitchen", models=models).stdout.strip() == "copied 'qwen3:0.6b' to 'kitchen'"
     assert cli("cp", "plain", "plain-alias:v1", models=models).returncode == 0
     assert sorted((models / "blobs").iterdir()) == blobs
-    assert set(rows(cli("ls", models=models).stdout)) == {"plain:latest", "qwen3:0.6b", "kitchen:latest",
-                                                         "plain-alias:v1"}
+    assert set(rows(cli("ls", models=models).stdout)) == {
+        "plain:latest",
+        "qwen3:0.6b",
+        "kitchen:latest",
+        "plain-alias:v1",
+    }
     assert cli("rm", "qwen3:0.6b", models=models).returncode == 0
     assert sorted((models / "blobs").iterdir()) == blobs
-    assert cli("rm", "kitchen", "plain-alias:v1", models=models).stdout.split("\n")[:2] == ["deleted 'kitchen'",
-                                                                                           "deleted 'plain-alias:v1'"]
+    assert cli("rm", "kitchen", "plain-alias:v1", models=models).stdout.split("\n")[:2] == [
+        "deleted 'kitchen'",
+        "deleted 'plain-alias:v1'",
+    ]
     assert list((models / "blobs").iterdir()) == [] and (models / "plain.gguf").exists()
     assert cli("rm", "plain", models=models).returncode == 0 and not (models / "plain.gguf").exists()
     # What users meet, one line each.
@@ -113,8 +125,22 @@ def test_serve_on_a_port_in_use_is_one_line() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "edgelm.cli", "serve", "--port", str(port), "--no-mdns",
-                            "--model", str(model_path(SMOLLM2))], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "edgelm.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--no-mdns",
+                "--model",
+                str(model_path(SMOLLM2)),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     one_line_error(r, f"cannot listen on 127.0.0.1:{port}", "address is in use", "--port")
 
 
@@ -126,8 +152,9 @@ def test_serve_a_pulled_name(models: Path) -> None:
     with daemon(Path("qwen3:0.6b"), "--models-dir", str(models)) as d:
         c = ollama.Client(host=d.url)
         assert c.ps().models[0].model == "qwen3:0.6b"
-        assert c.chat(model="qwen3:0.6b", messages=[{"role": "user", "content": "hi"}],
-                      options={"num_predict": 2}).message.content
+        assert c.chat(
+            model="qwen3:0.6b", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 2}
+        ).message.content
         c.copy("qwen3:0.6b", "kitchen")
         c.delete("kitchen")
         with pytest.raises(ollama.ResponseError) as e:

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_models as om
 import pytest
+from conftest import FIXTURES, SMOLLM2, model_path
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import edgelm
-import onnx_models as om
-from conftest import FIXTURES, SMOLLM2, model_path
 from edgelm import _native
 from edgelm.convert import ConvertError, convert_onnx
 
@@ -29,8 +29,9 @@ IDS = [1, 504, 3458, 282, 4649, 314, 27, 198, 4093, 28, 29, 30]
 
 def reference_logits(path: Path) -> np.ndarray:
     ref = ReferenceEvaluator(onnx.load(str(path)), new_ops=[om.MatMulNBits])
-    (logits,) = ref.run(None, {"input_ids": np.array([IDS], np.int64),
-                               "position_ids": np.arange(SHAPE.seq, dtype=np.int64)})
+    (logits,) = ref.run(
+        None, {"input_ids": np.array([IDS], np.int64), "position_ids": np.arange(SHAPE.seq, dtype=np.int64)}
+    )
     return logits[0]
 
 
@@ -51,8 +52,16 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict
     out = {}
     for layout, fp16 in (("float", False), ("int4", False), ("int4-fp16", True), ("int4-fused", True)):
         meant: dict = {}
-        p = om.write_model_dir(tmp_path_factory.mktemp(layout), layout.split("-")[0], SHAPE, smol, seed=7,
-                               fp16_scales=fp16, meant=meant, fused=layout.endswith("fused"))
+        p = om.write_model_dir(
+            tmp_path_factory.mktemp(layout),
+            layout.split("-")[0],
+            SHAPE,
+            smol,
+            seed=7,
+            fp16_scales=fp16,
+            meant=meant,
+            fused=layout.endswith("fused"),
+        )
         out[layout] = (p, meant)
     return out
 
@@ -76,8 +85,12 @@ def test_int4_layout_matches_reference_evaluator(dirs: dict, tmp_path: Path, lay
     # → Q4_1; down (block 16) cannot be a GGUF block and is widened to F16. A fused
     # qkv_proj (zero points) splits into three Q4_1 tensors.
     q4_0 = 0 if layout.endswith("fused") else 2
-    want = {"Q4_0": q4_0 * SHAPE.n_layer, "Q4_1": (6 - q4_0) * SHAPE.n_layer,
-            "F16": SHAPE.n_layer + 1, "F32": 2 * SHAPE.n_layer + 1}
+    want = {
+        "Q4_0": q4_0 * SHAPE.n_layer,
+        "Q4_1": (6 - q4_0) * SHAPE.n_layer,
+        "F16": SHAPE.n_layer + 1,
+        "F32": 2 * SHAPE.n_layer + 1,
+    }
     assert info["types"] == {k: v for k, v in want.items() if v}
     assert len(info["widened"]) == SHAPE.n_layer
     m = edgelm.Model(tmp_path / "m.gguf")
@@ -135,13 +148,15 @@ def test_tokenizer_and_template_carry_over(dirs: dict, tmp_path: Path) -> None:
 def test_cli_convert_writes_a_model_edgelm_runs(dirs: dict, tmp_path: Path) -> None:
     src, _ = dirs["int4"]
     out = tmp_path / "cli.gguf"
-    r = subprocess.run([sys.executable, "-m", "edgelm.cli", "convert", str(src), str(out)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", "convert", str(src), str(out)], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout and "Q4_1" in r.stdout
     assert "converting" in r.stderr  # progress
-    info = subprocess.run([sys.executable, "-m", "edgelm.cli", "info", str(out)], capture_output=True, text=True,
-                          timeout=120)
+    info = subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", "info", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert info.returncode == 0, info.stderr
     assert "Q4_0" in info.stdout and "blk.0.attn_q.weight" in info.stdout
 
@@ -187,6 +202,7 @@ def test_unsupported_op_is_named(dirs: dict, tmp_path: Path) -> None:
 
     def add_conv(m: onnx.ModelProto) -> None:
         m.graph.node.append(helper.make_node("Conv", ["input_ids", "input_ids"], ["junk"], name="/model/conv/Conv"))
+
     _fails(_edit(src, tmp_path / "op", add_conv), tmp_path / "o.gguf", "unsupported op Conv", "/model/conv/Conv")
 
 
@@ -194,8 +210,10 @@ def test_unknown_tensor_is_named(dirs: dict, tmp_path: Path) -> None:
     src, _ = dirs["float"]
 
     def add_init(m: onnx.ModelProto) -> None:
-        m.graph.initializer.append(numpy_helper.from_array(np.ones((128, 128), np.float32),
-                                                           "model.layers.0.mlp.extra_proj.weight"))
+        m.graph.initializer.append(
+            numpy_helper.from_array(np.ones((128, 128), np.float32), "model.layers.0.mlp.extra_proj.weight")
+        )
+
     _fails(_edit(src, tmp_path / "t", add_init), tmp_path / "o.gguf", "model.layers.0.mlp.extra_proj.weight")
 
 
@@ -207,6 +225,7 @@ def test_unsupported_weights_are_named(dirs: dict, tmp_path: Path) -> None:
         for a in n.attribute:
             if a.name == "bits":
                 a.i = 8
+
     _fails(_edit(src, tmp_path / "b8", eight_bit), tmp_path / "o.gguf", "8-bit", "MatMulNBits")
 
 
@@ -234,8 +253,14 @@ def test_external_data_and_its_truncation(dirs: dict, tmp_path: Path) -> None:
     src, _ = dirs["float"]
     d = tmp_path / "ext"
     d.mkdir()
-    onnx.save(onnx.load(str(src)), str(d / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="model.onnx.data", size_threshold=1024)
+    onnx.save(
+        onnx.load(str(src)),
+        str(d / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (d / f).write_bytes((src.parent / f).read_bytes())
     assert (d / "model.onnx.data").stat().st_size > (d / "model.onnx").stat().st_size

@@ -23,10 +23,10 @@ import numpy as np
 import ollama
 import openai
 import pytest
-
-import edgelm
 from conftest import FIXTURES, MODELS_DIR, SMOLLM2, load_fixture, model_path
 from serve_util import Daemon, daemon
+
+import edgelm
 
 sys.path.insert(0, str(FIXTURES))
 import make_embed_models  # noqa: E402  (the writer the fixtures came from)
@@ -49,7 +49,11 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     out = {}
     for entry in ENTRIES:
         g = GOLDEN[entry]
-        path = FIXTURES / g["file"] if ":" not in entry and (FIXTURES / g["file"]).exists() else tmp / entry.replace(":", "-")
+        path = (
+            FIXTURES / g["file"]
+            if ":" not in entry and (FIXTURES / g["file"]).exists()
+            else tmp / entry.replace(":", "-")
+        )
         if not path.exists():
             make_embed_models.write_entry(entry, path)
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
@@ -119,7 +123,8 @@ def minilm_path() -> Path:
     path = model_path(MINILM["file"])
     assert hashlib.sha256(path.read_bytes()).hexdigest() == MINILM["sha256"], (
         f"{path} is not the file llama.cpp ran; delete it and rerun scripts/fetch_models.py (or, if the converter "
-        "changed, tests/fixtures/make_minilm_golden.py)")
+        "changed, tests/fixtures/make_minilm_golden.py)"
+    )
     return path
 
 
@@ -136,7 +141,9 @@ def test_real_minilm_matches_llama_cpp(minilm_path: Path) -> None:
     worst = int(np.argmax(dists))
     assert dists[worst] <= MAX_COS_DIST, f"{cases[worst]['text'][:40]!r}: cosine distance {dists[worst]:.2e}"
     print(f"all-MiniLM-L6-v2: worst cosine distance from llama.cpp {dists[worst]:.1e} over {len(cases)} texts")
-    a, b, c = m.embed(["A man is playing a guitar.", "Someone plays an instrument.", "Stock markets fell sharply today."])
+    a, b, c = m.embed(
+        ["A man is playing a guitar.", "Someone plays an instrument.", "Stock markets fell sharply today."]
+    )
     assert a @ b > a @ c + 0.2, (a @ b, a @ c)
 
 
@@ -227,7 +234,8 @@ def test_real_model_through_both_clients(srv: Daemon, minilm_path: Path) -> None
     want = np.array([c["embedding"] for c in cases], dtype=np.float64)
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     r = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=120).embeddings.create(
-        model="all-minilm", input=texts)
+        model="all-minilm", input=texts
+    )
     assert r.usage.prompt_tokens == sum(len(c["ids"]) for c in cases)
     o = ollama.Client(host=srv.url, timeout=120).embed(model="all-minilm", input=texts)
     assert o.prompt_eval_count == r.usage.prompt_tokens
@@ -280,23 +288,30 @@ def test_concurrent_requests_are_batched_and_unchanged(srv: Daemon) -> None:
         assert np.array_equal(v, np.array(want, dtype=np.float32))
 
 
-@pytest.mark.parametrize(("path", "body", "words"), [
-    ("/v1/embeddings", {"model": "tiny-bert"}, "'input' must be a string"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": []}, "and not empty"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": [1, "a"]}, "'input[0]' must be a string or a non-empty"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": [[]]}, "'input[0]' must be a string or a non-empty"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": [[2, 10**6, 3]]}, "which is not a token id"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": "hi", "encoding_format": "int8"}, "'encoding_format' must be"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": "hi", "dimensions": 65}, "this model's embeddings have 64"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": "hi", "dimensions": 0}, "dimensions"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": ""}, "'input' is an empty string"),
-    ("/v1/embeddings", {"model": "tiny-bert", "input": ["a", ""]}, "'input[1]' is an empty string"),
-    ("/api/embed", {"input": "hi"}, "'model' is required"),
-    ("/api/embed", {"model": "tiny-bert", "input": [1, 2]}, "'input' must be a string or an array of strings"),
-    ("/api/embed", {"model": "tiny-bert", "input": "hi", "keep_alive": "forever"}, "keep_alive"),
-    ("/api/embed", {"model": "tiny-bert", "input": "hi", "options": []}, "'options' must be an object"),
-    ("/api/embeddings", {"model": "tiny-bert", "prompt": 3}, "prompt"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "words"),
+    [
+        ("/v1/embeddings", {"model": "tiny-bert"}, "'input' must be a string"),
+        ("/v1/embeddings", {"model": "tiny-bert", "input": []}, "and not empty"),
+        ("/v1/embeddings", {"model": "tiny-bert", "input": [1, "a"]}, "'input[0]' must be a string or a non-empty"),
+        ("/v1/embeddings", {"model": "tiny-bert", "input": [[]]}, "'input[0]' must be a string or a non-empty"),
+        ("/v1/embeddings", {"model": "tiny-bert", "input": [[2, 10**6, 3]]}, "which is not a token id"),
+        (
+            "/v1/embeddings",
+            {"model": "tiny-bert", "input": "hi", "encoding_format": "int8"},
+            "'encoding_format' must be",
+        ),
+        ("/v1/embeddings", {"model": "tiny-bert", "input": "hi", "dimensions": 65}, "this model's embeddings have 64"),
+        ("/v1/embeddings", {"model": "tiny-bert", "input": "hi", "dimensions": 0}, "dimensions"),
+        ("/v1/embeddings", {"model": "tiny-bert", "input": ""}, "'input' is an empty string"),
+        ("/v1/embeddings", {"model": "tiny-bert", "input": ["a", ""]}, "'input[1]' is an empty string"),
+        ("/api/embed", {"input": "hi"}, "'model' is required"),
+        ("/api/embed", {"model": "tiny-bert", "input": [1, 2]}, "'input' must be a string or an array of strings"),
+        ("/api/embed", {"model": "tiny-bert", "input": "hi", "keep_alive": "forever"}, "keep_alive"),
+        ("/api/embed", {"model": "tiny-bert", "input": "hi", "options": []}, "'options' must be an object"),
+        ("/api/embeddings", {"model": "tiny-bert", "prompt": 3}, "prompt"),
+    ],
+)
 def test_bad_input_is_a_clear_400(srv: Daemon, path: str, body: dict, words: str) -> None:  # type: ignore[type-arg]
     status, reply = srv.post(path, body)
     assert status == 400, reply

@@ -5,10 +5,9 @@ compared token for token in rust/core/tests/tokenize_golden.rs and again here.""
 from __future__ import annotations
 
 import pytest
+from conftest import FIXTURES, GEMMA3, SMOLLM2, load_fixture, model_path
 
 import edgelm
-
-from conftest import FIXTURES, GEMMA3, SMOLLM2, load_fixture, model_path
 
 NEAR_TIE = 0.05  # llama.cpp top-1 vs top-2 logprob gap under which a parting is a tie
 
@@ -41,7 +40,7 @@ def test_greedy_matches_llama_cpp(models: dict[str, edgelm.Model], model_name: s
     assert m.tokenize(case["prompt"], add_special=True, parse_special=True) == case["prompt_ids"]
     want: list[int] = case["ids"]
     n_prompt = len(case["prompt_ids"])
-    logits = m.logits(case["prompt_ids"] + want[:-1])[n_prompt - 1:]
+    logits = m.logits(case["prompt_ids"] + want[:-1])[n_prompt - 1 :]
     forced = [int(row.argmax()) for row in logits]
     for i, (a, b) in enumerate(zip(forced, want)):
         if a == b:
@@ -61,8 +60,10 @@ def test_greedy_matches_llama_cpp(models: dict[str, edgelm.Model], model_name: s
                 f"{model_name} {case['prompt']!r}: token {i} is {a}, llama.cpp chose {b} (top-3 {top}); "
                 f"gap {gap:.3f} exceeds both the near-tie bound {NEAR_TIE} and the peer's own noise {noise:.3f}"
             )
-            print(f"parting at token {i}: gap {gap:.3f} within the peer's self-disagreement ({noise:.3f}) "
-                  f"for {case['prompt']!r}")
+            print(
+                f"parting at token {i}: gap {gap:.3f} within the peer's self-disagreement ({noise:.3f}) "
+                f"for {case['prompt']!r}"
+            )
     partings = sum(a != b for a, b in zip(forced, want))
     assert partings <= len(want) // 4, f"{model_name}: {partings} of {len(want)} tokens part: {forced} vs {want}"
 

@@ -13,15 +13,19 @@ from pathlib import Path
 
 import ollama
 import pytest
+from conftest import SMOLLM2, model_path
 from registry_util import registry_servers
 from serve_util import daemon
 
-from conftest import SMOLLM2, model_path
 from edgelm.prompt.chat import MAX_OUTPUT_CHARS
 from edgelm.prompt.gotemplate import GoTemplate, GoTemplateError
 
-HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}]
+HELLO = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+]
 
 CHATML = """{{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>
@@ -41,9 +45,11 @@ CHATML = """{{- if .System }}<|im_start|>system
 
 def test_messages_mode() -> None:
     t = GoTemplate(CHATML)
-    assert t.render(HELLO) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                               "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
-                               "<|im_start|>assistant\n")
+    assert t.render(HELLO) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello!<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     # Consecutive messages of one role are merged; system messages also make .System.
     two = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     assert t.render(two) == "<|im_start|>user\na\n\nb<|im_end|>\n<|im_start|>assistant\n"
@@ -65,16 +71,30 @@ TOOLS = """{{- if .Tools }}<tools>{{ range .Tools }}
 def test_tools_and_tool_calls_are_their_json() -> None:
     t = GoTemplate(TOOLS)
     assert t.renders_tools
-    tools = [{"type": "function", "function": {"name": "HassTurnOn", "description": "On <now> & then",
-                                                "parameters": {"type": "object", "properties": {}}}}]
-    msgs = [{"role": "user", "content": "light"},
-            {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "HassTurnOn",
-                                                                              "arguments": {"name": "kitchen"}}}]},
-            {"role": "tool", "content": "done"}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "HassTurnOn",
+                "description": "On <now> & then",
+                "parameters": {"type": "object", "properties": {}},
+            },
+        }
+    ]
+    msgs = [
+        {"role": "user", "content": "light"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "HassTurnOn", "arguments": {"name": "kitchen"}}}],
+        },
+        {"role": "tool", "content": "done"},
+    ]
     assert t.render(msgs, tools=tools) == (
         '<tools>\n{"name":"HassTurnOn","description":"On \\u003cnow\\u003e \\u0026 then","parameters":'
         '{"type":"object","properties":{}}}\n</tools>\nuser: light\n'
-        '<call>{"name": "HassTurnOn", "arguments": {"name":"kitchen"}}</call>\n<result>done</result>\n')
+        '<call>{"name": "HassTurnOn", "arguments": {"name":"kitchen"}}</call>\n<result>done</result>\n'
+    )
 
 
 LEGACY = "{{ if .System }}S: {{ .System }}\n{{ end }}{{ if .Prompt }}U: {{ .Prompt }}\n{{ end }}A: {{ .Response }}\n"
@@ -86,8 +106,12 @@ def test_legacy_mode_renders_each_exchange_and_cuts_the_last() -> None:
     assert t.render([{"role": "user", "content": "Hi"}]) == "U: Hi\nA: "
     # The cut happens inside blocks too: nothing after the first .Response is kept.
     t = GoTemplate("{{ if .Prompt }}[{{ .Prompt }}]{{ .Response }}<end>{{ end }}<tail>")
-    assert t.render([{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"},
-                     {"role": "user", "content": "q2"}]) == "[q]r<end><tail>[q2]"
+    assert (
+        t.render(
+            [{"role": "user", "content": "q"}, {"role": "assistant", "content": "r"}, {"role": "user", "content": "q2"}]
+        )
+        == "[q]r<end><tail>[q2]"
+    )
 
 
 def test_the_language() -> None:
@@ -96,26 +120,42 @@ def test_the_language() -> None:
         return GoTemplate(src + "{{ if .Messages }}{{ end }}").render(msgs or [{"role": "user", "content": "x"}])
 
     assert r("{{ $x := 1 }}{{ if true }}{{ $x = 2 }}{{ $y := 3 }}{{ end }}{{ $x }}") == "2"
-    assert r('{{ range $i, $m := .Messages }}{{ if eq $i 1 }}{{ continue }}{{ end }}{{ if eq $i 3 }}{{ break }}'
-             '{{ end }}{{ $i }}{{ end }}', [{"role": ("user", "assistant")[k % 2], "content": str(k)}
-                                             for k in range(5)]) == "02"
+    assert (
+        r(
+            "{{ range $i, $m := .Messages }}{{ if eq $i 1 }}{{ continue }}{{ end }}{{ if eq $i 3 }}{{ break }}"
+            "{{ end }}{{ $i }}{{ end }}",
+            [{"role": ("user", "assistant")[k % 2], "content": str(k)} for k in range(5)],
+        )
+        == "02"
+    )
     assert r("{{ with .System }}has {{ . }}{{ else }}none{{ end }}") == "none"
     assert r('{{ if eq .System "a" "b" "" }}one of{{ end }}') == "one of"
-    assert r("{{ and .Tools (index .Tools 5) }}|{{ or .System \"dflt\" }}") == "[]|dflt"  # lazy: no index error
+    assert r('{{ and .Tools (index .Tools 5) }}|{{ or .System "dflt" }}') == "[]|dflt"  # lazy: no index error
     assert r('{{ printf "%s=%d %q" "n" 3 "s" }} {{ len .Messages }} {{ slice "abcdef" 1 3 }}') == 'n=3 "s" 1 bc'
-    assert r("{{ .Messages | len }} {{ 3 | printf \"%d\" }}") == "1 3"
-    assert r("a  {{- /* gone */ -}}  b\n{{- \"c\" -}}\n d") == "abcd"
+    assert r('{{ .Messages | len }} {{ 3 | printf "%d" }}') == "1 3"
+    assert r('a  {{- /* gone */ -}}  b\n{{- "c" -}}\n d') == "abcd"
     assert r("{{ if gt (len .Messages) 0 }}many{{ else if .System }}sys{{ else }}none{{ end }}") == "many"
     assert r("{{ .Think }} {{ .IsThinkSet }}") == "false false"
-    assert GoTemplate("{{ .Think }} {{ .IsThinkSet }}{{ if .Messages }}{{ end }} <think>").render(
-        [], enable_thinking=True) == "true true <think>"
+    assert (
+        GoTemplate("{{ .Think }} {{ .IsThinkSet }}{{ if .Messages }}{{ end }} <think>").render([], enable_thinking=True)
+        == "true true <think>"
+    )
 
 
-@pytest.mark.parametrize("src, msg", [
-    ('{{ define "x" }}{{ end }}', "define"), ('{{ template "x" }}', "template"), ("{{ if .X }}", "unclosed"),
-    ("{{ end }}", "without"), ("{{ exec .X }}", "'exec'"), ("{{ .X | }}", "empty command"),
-    ("{{ (.X }}", "unclosed '\\('"), ("{{ break }}", "outside a range"), ("{{ else }}", "outside"),
-])
+@pytest.mark.parametrize(
+    "src, msg",
+    [
+        ('{{ define "x" }}{{ end }}', "define"),
+        ('{{ template "x" }}', "template"),
+        ("{{ if .X }}", "unclosed"),
+        ("{{ end }}", "without"),
+        ("{{ exec .X }}", "'exec'"),
+        ("{{ .X | }}", "empty command"),
+        ("{{ (.X }}", "unclosed '\\('"),
+        ("{{ break }}", "outside a range"),
+        ("{{ else }}", "outside"),
+    ],
+)
 def test_what_is_refused(src: str, msg: str) -> None:
     with pytest.raises(GoTemplateError, match=msg):
         GoTemplate(src)
@@ -128,7 +168,7 @@ def test_rendering_is_bounded() -> None:
         t.render(big)
     assert MAX_OUTPUT_CHARS < 8 * 8 * 300_000
     with pytest.raises(GoTemplateError, match="out of range"):
-        GoTemplate('{{ index .Messages 9 }}').render(HELLO)
+        GoTemplate("{{ index .Messages 9 }}").render(HELLO)
 
 
 def test_a_pulled_model_chats_through_its_go_template(tmp_path: Path) -> None:
@@ -142,17 +182,22 @@ def test_a_pulled_model_chats_through_its_go_template(tmp_path: Path) -> None:
     copy_with_new_metadata(reader, gguf.GGUFWriter(bare, "llama"), {}, ["tokenizer.chat_template"])
     with registry_servers() as reg:
         reg.add_ollama("bare:latest", bare, template=CHATML, system="You answer questions about geography.")
-        with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path / "models"),
-                    env={"EDGELM_REGISTRY_URL": reg.ollama}) as d:
+        with daemon(
+            model_path(SMOLLM2), "--models-dir", str(tmp_path / "models"), env={"EDGELM_REGISTRY_URL": reg.ollama}
+        ) as d:
             c = ollama.Client(host=d.url)
             assert c.pull("bare", stream=False).status == "success"
-            r = c.chat(model="bare", messages=[{"role": "user", "content": "What is the capital of France?"}],
-                       options={"temperature": 0, "num_predict": 12})
+            r = c.chat(
+                model="bare",
+                messages=[{"role": "user", "content": "What is the capital of France?"}],
+                options={"temperature": 0, "num_predict": 12},
+            )
             assert "Paris" in r.message.content
             g = c.generate(model="bare", prompt="Hi", options={"num_predict": 1})
             status, body = d.post("/detokenize", {"model": "bare", "tokens": g.context})
             assert status == 200 and body["content"].startswith(
                 "<|im_start|>system\nYou answer questions about geography.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                "<|im_start|>assistant\n"), body
+                "<|im_start|>assistant\n"
+            ), body
             assert "tools" in (c.show("bare").capabilities or [])
             assert json.loads(json.dumps(c.show("bare").template)) == CHATML

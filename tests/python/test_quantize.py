@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, GEMMA3, SMOLLM2, load_fixture, model_path
 
 import edgelm
-from conftest import FIXTURES, GEMMA3, SMOLLM2, load_fixture, model_path
 from edgelm import _native
 from edgelm.pull import file_sha256 as sha256
 
@@ -33,8 +33,9 @@ PPL_TEXT = (FIXTURES / "ppl_text.txt").read_text()
 
 
 def cli(*args: str, timeout: float = 300, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgelm.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, **kw)  # type: ignore[call-overload]
+    return subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", *args], capture_output=True, text=True, timeout=timeout, **kw
+    )  # type: ignore[call-overload]
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +70,10 @@ def test_each_type_equals_llama_quantize(f16: Path, tmp_path: Path, ty: str) -> 
     assert want["edgelm_identical"]
     got = ppl(out)
     peer_on_ours = want["ppl_edgelm_file"]
-    print(f"{ty}: edgelm ppl {got:.4f}; llama-perplexity on edgelm's file {peer_on_ours:.4f}, "
-          f"on llama-quantize's {want['ppl_llama_quantize']:.4f}; {s['seconds']:.2f} s")
+    print(
+        f"{ty}: edgelm ppl {got:.4f}; llama-perplexity on edgelm's file {peer_on_ours:.4f}, "
+        f"on llama-quantize's {want['ppl_llama_quantize']:.4f}; {s['seconds']:.2f} s"
+    )
     assert abs(got - peer_on_ours) / peer_on_ours < 0.01
     assert abs(got - want["ppl_llama_quantize"]) / want["ppl_llama_quantize"] < 0.01
 
@@ -104,8 +107,12 @@ def test_metadata_and_tokenizer_carry_over(f16: Path, tmp_path: Path) -> None:
 
 def test_progress_and_plan(f16: Path, tmp_path: Path) -> None:
     seen: list[tuple[int, int, int]] = []
-    _native.quantize_file(str(f16), str(tmp_path / "q.gguf"), "Q8_0",
-                          progress=lambda i, n, name, a, b, done, total: seen.append((i, done, total)))
+    _native.quantize_file(
+        str(f16),
+        str(tmp_path / "q.gguf"),
+        "Q8_0",
+        progress=lambda i, n, name, a, b, done, total: seen.append((i, done, total)),
+    )
     assert seen and seen[-1][1] == seen[-1][2] and seen[-1][0] == 272
     assert all(x[1] <= y[1] for x, y in zip(seen, seen[1:]))
     plan = _native.quantize_plan(str(f16), "Q4_K_M")
@@ -223,9 +230,11 @@ def test_full_disk_ends_cleanly(f16: Path, tmp_path: Path) -> None:
         pytest.skip("needs root and unshare(1) to mount a private tmpfs")
     mnt = tmp_path / "small"
     mnt.mkdir()
-    script = (f"mount -t tmpfs -o size=16m tmpfs {mnt} && "
-              f"{sys.executable} -m edgelm.cli quantize {f16} {mnt}/out.gguf Q8_0; rc=$?; "
-              f"ls -A {mnt}; exit $rc")
+    script = (
+        f"mount -t tmpfs -o size=16m tmpfs {mnt} && "
+        f"{sys.executable} -m edgelm.cli quantize {f16} {mnt}/out.gguf Q8_0; rc=$?; "
+        f"ls -A {mnt}; exit $rc"
+    )
     r = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     if "mount:" in r.stderr and "permission denied" in r.stderr.lower():
         pytest.skip(f"cannot mount tmpfs here: {r.stderr.strip()}")
@@ -236,8 +245,12 @@ def test_full_disk_ends_cleanly(f16: Path, tmp_path: Path) -> None:
 
 def test_ctrl_c_leaves_nothing(f16: Path, tmp_path: Path) -> None:
     out = tmp_path / "int.gguf"
-    p = subprocess.Popen([sys.executable, "-m", "edgelm.cli", "quantize", "-t", "1", str(f16), str(out), "Q3_K_M"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "edgelm.cli", "quantize", "-t", "1", str(f16), str(out), "Q3_K_M"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert p.stderr is not None
     first = p.stderr.readline()  # the first progress line: the work has started
     assert "quantizing" in first, first

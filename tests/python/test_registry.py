@@ -17,10 +17,10 @@ from pathlib import Path
 import ollama
 import openai
 import pytest
+from conftest import SMOLLM2, model_path
 from registry_util import Registry, registry_servers, sha256_file, split_gguf
 from serve_util import daemon, http
 
-from conftest import SMOLLM2, model_path
 from edgelm.store import Store
 
 TEMPLATE = "{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}..."
@@ -36,20 +36,32 @@ def reg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     with registry_servers(page_size=2) as r:
         r.add_ollama("qwen3:0.6b", smol, template=TEMPLATE, params=PARAMS, license=LICENSE, system="You are terse.")
         r.add_ollama("edgelm/smol:q4_1", smol)
-        r.add_ollama("vision:latest", smol, extra=[{"mediaType": "application/vnd.ollama.image.projector",
-                                                    "digest": "sha256:" + "7" * 64, "size": 10}])
+        r.add_ollama(
+            "vision:latest",
+            smol,
+            extra=[{"mediaType": "application/vnd.ollama.image.projector", "digest": "sha256:" + "7" * 64, "size": 10}],
+        )
         r.add_ollama("lies:latest", smol, digest="sha256:" + "0" * 64)  # the manifest names other bytes
         r.add_ollama("huge:latest", smol, digest="sha256:" + "1" * 64, size=10**14)  # 100 TB: no disk holds it
-        r.add_hf(HF_REPO, {p.name.replace(".Q4_1", "-Q4_1"): p for p in parts} | {"SmolLM2-135M-Instruct-Q8_0.gguf": smol},
-                 ["README.md", ".gitattributes", "mmproj-SmolLM2-F16.gguf"])
+        r.add_hf(
+            HF_REPO,
+            {p.name.replace(".Q4_1", "-Q4_1"): p for p in parts} | {"SmolLM2-135M-Instruct-Q8_0.gguf": smol},
+            ["README.md", ".gitattributes", "mmproj-SmolLM2-F16.gguf"],
+        )
         yield r
 
 
 def cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
     import os
 
-    return subprocess.run([sys.executable, "-m", "edgelm.cli", *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **(env or {})}, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+        input=stdin,
+    )
 
 
 def reg_env(r: Registry) -> dict[str, str]:
@@ -156,13 +168,20 @@ def test_end_to_end_pull_chat_list_copy_remove(reg: Registry, tmp_path: Path) ->
         # temperature), the system prompt too.
         shown = c.show("qwen3:0.6b")
         assert shown.template == TEMPLATE and shown.license == LICENSE and "temperature" in (shown.parameters or "")
-        r = c.chat(model="qwen3:0.6b", messages=[{"role": "user", "content": "What is the capital of France?"}],
-                   options={"temperature": 0, "num_predict": 16})
+        r = c.chat(
+            model="qwen3:0.6b",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            options={"temperature": 0, "num_predict": 16},
+        )
         assert "Paris" in r.message.content
         oai = openai.OpenAI(base_url=d.url + "/v1", api_key="unused", max_retries=0)
         assert {"qwen3:0.6b", hf_name} <= {m.id for m in oai.models.list().data}
-        o = oai.chat.completions.create(model=hf_name, messages=[{"role": "user", "content": "What is the capital of "
-                                                                  "France?"}], temperature=0, max_tokens=16)
+        o = oai.chat.completions.create(
+            model=hf_name,
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            temperature=0,
+            max_tokens=16,
+        )
         assert "Paris" in (o.choices[0].message.content or "")
         assert {m.model for m in c.ps().models} >= {"qwen3:0.6b"}
         # Copy: a name, no bytes; remove: the blob goes with its last name.
@@ -170,8 +189,11 @@ def test_end_to_end_pull_chat_list_copy_remove(reg: Registry, tmp_path: Path) ->
         before = sorted(p.name for p in blobs.iterdir())
         c.copy("qwen3:0.6b", "kitchen:assistant")
         assert sorted(p.name for p in blobs.iterdir()) == before
-        r2 = c.chat(model="kitchen:assistant", messages=[{"role": "user", "content": "What is the capital of France?"}],
-                    options={"temperature": 0, "num_predict": 16})
+        r2 = c.chat(
+            model="kitchen:assistant",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            options={"temperature": 0, "num_predict": 16},
+        )
         assert r2.message.content == r.message.content
         c.delete("qwen3:0.6b")
         assert "qwen3:0.6b" not in {m.model for m in c.list().models}
@@ -194,8 +216,12 @@ def test_a_pull_does_not_replace_a_model_in_use(reg: Registry, tmp_path: Path) -
     with daemon(model_path(SMOLLM2), "--models-dir", str(models), env=reg_env(reg)) as d:
         c = ollama.Client(host=d.url)
         assert c.pull("edgelm/smol:q4_1", stream=False).status == "success"
-        c.chat(model="edgelm/smol:q4_1", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 1},
-               keep_alive=-1)
+        c.chat(
+            model="edgelm/smol:q4_1",
+            messages=[{"role": "user", "content": "hi"}],
+            options={"num_predict": 1},
+            keep_alive=-1,
+        )
         # The registry now has other bytes under that name: refused before downloading.
         gemma = model_path("gemma-3-270m-q4_k_m.gguf")
         reg.add_ollama("edgelm/smol:q4_1", gemma)
@@ -216,9 +242,14 @@ def test_pull_progress_bar_on_a_terminal(reg: Registry, tmp_path: Path) -> None:
 
     import pexpect
 
-    c = pexpect.spawn(sys.executable, ["-m", "edgelm.cli", "pull", "qwen3:0.6b", "--models-dir", str(tmp_path)],
-                      env={**os.environ, **reg_env(reg), "TERM": "dumb"}, encoding="utf-8", timeout=120,
-                      dimensions=(40, 200))
+    c = pexpect.spawn(
+        sys.executable,
+        ["-m", "edgelm.cli", "pull", "qwen3:0.6b", "--models-dir", str(tmp_path)],
+        env={**os.environ, **reg_env(reg), "TERM": "dumb"},
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 200),
+    )
     c.expect("pulling manifest")
     digest = reg.manifests[("library", "qwen3", "0.6b")]["layers"][0]["digest"]
     c.expect(f"pulling {digest[7:19]}: +[0-9]+% ▕")

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from conftest import SMOLLM2, model_path
 from registry_util import registry_servers
 from serve_util import Daemon, daemon, http
-
-from conftest import SMOLLM2, model_path
 
 CLOSED = "http://127.0.0.1:9"
 REPO = str(Path(__file__).resolve().parents[2])
@@ -27,8 +26,15 @@ LONG = "Write a very long story about a cat who travels the world, with many cha
 
 def spawn(*args: str, url: str = CLOSED, env: dict[str, str] | None = None) -> pexpect.spawn:
     e = {**os.environ, "EDGELM_URL": url, "TERM": "dumb", **(env or {})}
-    return pexpect.spawn(sys.executable, ["-m", "edgelm.cli", "run", *args], cwd=REPO, env=e, encoding="utf-8",
-                         timeout=120, dimensions=(40, 200))
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "edgelm.cli", "run", *args],
+        cwd=REPO,
+        env=e,
+        encoding="utf-8",
+        timeout=120,
+        dimensions=(40, 200),
+    )
 
 
 def ask(c: pexpect.spawn, text: str) -> str:
@@ -115,8 +121,14 @@ def test_session_through_the_daemon(served: Daemon) -> None:
 
 
 def run(*args: str, stdin: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edgelm.cli", "run", *args], capture_output=True, text=True,
-                          input=stdin, timeout=600, env={**os.environ, "EDGELM_URL": CLOSED, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", "run", *args],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=600,
+        env={**os.environ, "EDGELM_URL": CLOSED, **(env or {})},
+    )
 
 
 def test_one_shot_and_pull_first(tmp_path: Path, served: Daemon) -> None:
@@ -134,14 +146,23 @@ def test_one_shot_and_pull_first(tmp_path: Path, served: Daemon) -> None:
         assert r.returncode == 0 and "Paris" in r.stdout, r.stderr
         assert "pulling manifest" in r.stderr and "success" in r.stderr
         r = run("nobody-has-this:1b", "hi", env=env)
-        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith("edgelm: pull failed: model "
-                                                                                 "'nobody-has-this:1b' not found")
-        with daemon(model_path(SMOLLM2), "--models-dir", str(tmp_path / "daemon-models"),
-                    env={"EDGELM_REGISTRY_URL": reg.ollama}) as d:
+        assert r.returncode == 1 and r.stderr.strip().splitlines()[-1].startswith(
+            "edgelm: pull failed: model 'nobody-has-this:1b' not found"
+        )
+        with daemon(
+            model_path(SMOLLM2),
+            "--models-dir",
+            str(tmp_path / "daemon-models"),
+            env={"EDGELM_REGISTRY_URL": reg.ollama},
+        ) as d:
             r = run("tiny-chat", "What is the capital of France?", "--temperature", "0", env={"EDGELM_URL": d.url})
             assert r.returncode == 0 and "Paris" in r.stdout and "success" in r.stderr, r.stderr
             assert (tmp_path / "daemon-models" / "manifests").is_dir()  # the daemon pulled it, into its directory
     # --think for a model that cannot think: one line.
     r = run(smol, "hi", "--think")
-    assert r.returncode == 2 and r.stderr.strip() == "edgelm: error: 'SmolLM2-135M-Instruct.Q4_1' does not support " \
+    assert (
+        r.returncode == 2
+        and r.stderr.strip()
+        == "edgelm: error: 'SmolLM2-135M-Instruct.Q4_1' does not support "
         "thinking (its chat template has no thinking section); leave 'think' out or set it to false"
+    )

@@ -6,24 +6,26 @@ here, not only in output text."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from edgelm.engine.blocks import BlockManager, OutOfBlocks
-from edgelm.engine.scheduler import QueueFull, Scheduler, SchedulerLimits, Sequence, StepItem, StepResult
+from edgelm.engine.scheduler import QueueFull, Scheduler, SchedulerLimits, SeqOutput, Sequence
+from edgelm.engine.types import Executor, SampledToken, StepItem, StepPlan, StepResult
 
 EOS = 2
 
 
 class FakeExecutor:
-    """Next token = a hash of the whole history (so any wrong context changes it)."""
+    """Next token = a hash of the whole history (so any wrong context changes it).
+    Takes plans and gives results as the real executor does (`Executor`), stop rule
+    included: a stop token or EOS ends a sequence without its text, max_tokens with."""
 
     def __init__(self, n_blocks: int, block_size: int = 16) -> None:
         self._n_blocks = n_blocks
         self._bs = block_size
         self.kv: dict[tuple[int, int], int] = {}
         self.hist: dict[int, list[int]] = {}
+        self.rules: dict[int, tuple[int, int, frozenset[int]]] = {}  # id -> (prompt length, max_tokens, stops)
         self.steps: list[list[StepItem]] = []
 
     @property
@@ -34,18 +36,20 @@ class FakeExecutor:
     def block_size(self) -> int:
         return self._bs
 
-    def add(self, seq_id: int, prompt: list[int], **sampling: Any) -> None:
-        assert seq_id not in self.hist
-        self.hist[seq_id] = list(prompt)
-
-    def remove(self, seq_id: int) -> str | None:
-        return "" if self.hist.pop(seq_id, None) is not None else None
-
-    def step(self, items: list[StepItem], masks: dict[int, bytes] | None = None) -> list[StepResult]:
+    def step(self, plan: StepPlan) -> StepResult:
+        for sid in plan.finished:
+            self.hist.pop(sid, None)
+        for n in plan.new:
+            assert n.id not in self.hist
+            self.hist[n.id] = list(n.prompt)
+            stops = frozenset(n.stop_ids) | (frozenset() if n.ignore_eos else frozenset([EOS]))
+            self.rules[n.id] = (len(n.prompt), n.max_tokens, stops)
+        items = plan.items
         self.steps.append(items)
-        out: list[StepResult] = []
+        out: list[SampledToken] = []
         written: set[tuple[int, int]] = set()
-        for sid, start, end, table, sample in items:
+        for it in items:
+            sid, start, end, table = it.id, it.start, it.end, it.block_table
             h = self.hist[sid]
             assert 0 <= start < end <= len(h)
             assert len(table) * self._bs >= end
@@ -56,25 +60,34 @@ class FakeExecutor:
                 assert slot not in written, "two sequences wrote one slot in a step"
                 written.add(slot)
                 self.kv[slot] = h[p]
-            if sample:
+            if it.sample:
                 assert end == len(h)
                 tok = 3 + hash(tuple(h)) % 50
                 h.append(tok)
-                out.append((sid, tok, -0.5, [], f"<{tok}>"))
-        return out
+                n_prompt, max_tokens, stops = self.rules[sid]
+                finish = "stop" if tok in stops else "length" if len(h) - n_prompt >= max_tokens else None
+                if finish is not None:
+                    del self.hist[sid]
+                out.append(SampledToken(sid, tok, -0.5, "" if finish == "stop" else f"<{tok}>", [], finish))
+        return StepResult(out)
 
 
-def run(s: Scheduler, ex: FakeExecutor, max_steps: int = 10000) -> dict[int, list[int]]:
+def run(s: Scheduler, ex: Executor, max_steps: int = 10000) -> dict[int, list[int]]:
     """Step until idle; returns generated tokens per sequence id."""
     got: dict[int, list[int]] = {}
     for _ in range(max_steps):
         if not s.has_work():
             return got
-        items = s.schedule()
-        for o in s.process(ex.step(items) if items else []):
+        plan = s.schedule()
+        for o in s.update(plan, ex.step(plan)):
             if o.token is not None:
                 got.setdefault(o.seq.id, []).append(o.token)
     raise AssertionError("did not finish")
+
+
+def step(s: Scheduler, ex: Executor) -> list[SeqOutput]:
+    plan = s.schedule()
+    return s.update(plan, ex.step(plan))
 
 
 def prompt(n: int, salt: int = 0) -> list[int]:
@@ -97,7 +110,7 @@ def test_chunked_prefill_respects_budget_and_keeps_decoding() -> None:
         s.add(q)
     early: dict[int, list[int]] = {}
     for _ in range(3):  # get the short ones decoding
-        for o in s.process(ex.step(s.schedule())):
+        for o in step(s, ex):
             early.setdefault(o.seq.id, []).append(o.token or 0)
     long = Sequence(prompt(300, 9), 4)
     s.add(long)
@@ -105,12 +118,12 @@ def test_chunked_prefill_respects_budget_and_keeps_decoding() -> None:
     for k, v in early.items():
         got[k] = v + got[k]
     for items in ex.steps:
-        assert sum(e - a for _, a, e, _, _ in items) <= 32
+        assert sum(i.end - i.start for i in items) <= 32
     # While the long prompt was being prefilled, the short ones decoded every step.
-    prefill_steps = [it for it in ex.steps if any(sid == long.id and e - a > 1 for sid, a, e, _, _ in it)]
+    prefill_steps = [it for it in ex.steps if any(i.id == long.id and i.end - i.start > 1 for i in it)]
     assert len(prefill_steps) >= 300 // 32
     for it in prefill_steps:
-        ids = {sid for sid, *_ in it}
+        ids = {i.id for i in it}
         assert all(q.id in ids for q in short)
     for q in short:
         assert got[q.id] == alone(q.prompt, 40)
@@ -125,11 +138,11 @@ def test_max_running_and_queue_limit() -> None:
         s.add(q)
     with pytest.raises(QueueFull):
         s.add(Sequence(prompt(8, 9), 5))
-    items = s.schedule()
+    plan = s.schedule()
     assert len(s.running) == 2 and len(s.waiting) == 1
-    s.process(ex.step(items))
+    s.update(plan, ex.step(plan))
     got = run(s, ex)
-    assert all(len({sid for sid, *_ in it}) <= 2 for it in ex.steps)
+    assert all(len({i.id for i in it}) <= 2 for it in ex.steps)
     assert got and all(q.n_generated == 5 and q.finish_reason == "length" for q in seqs)
 
 
@@ -169,13 +182,13 @@ def test_abort_frees_blocks_at_next_step() -> None:
     s.add(a)
     s.add(b)
     for _ in range(3):
-        s.process(ex.step(s.schedule()))
+        step(s, ex)
     used = s.blocks.n_used
     s.abort(a)
     assert s.blocks.n_used == used  # not before the next step
-    items = s.schedule()
-    assert [sid for sid, *_ in items] == [b.id]
-    outs = s.process(ex.step(items))
+    plan = s.schedule()
+    assert [i.id for i in plan.items] == [b.id]
+    outs = s.update(plan, ex.step(plan))
     assert a.finish_reason == "abort" and any(o.seq is a and o.finish_reason == "abort" for o in outs)
     assert a.id not in ex.hist
     assert s.blocks.n_used < used
@@ -187,10 +200,11 @@ def test_timeout_ends_with_reason() -> None:
     s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS], clock=lambda: now[0])
     q = Sequence(prompt(10), 1000, deadline=5.0)
     s.add(q)
-    s.process(ex.step(s.schedule()))
+    step(s, ex)
     now[0] = 6.0
-    assert s.schedule() == []
-    outs = s.process([])
+    plan = s.schedule()
+    assert plan.items == []
+    outs = s.update(plan, ex.step(plan))
     assert q.finish_reason == "timeout"
     assert any(o.finish_reason == "timeout" for o in outs)
 
@@ -215,9 +229,9 @@ def test_prefix_hit_skips_cached_blocks() -> None:
     assert s.blocks.n_cached >= 2
     b = Sequence(system + [20, 21], 3)
     s.add(b)
-    items = s.schedule()
-    assert items[0][1] == 32  # two full blocks of the shared 40 tokens come from the cache
-    s.process(ex.step(items))
+    plan = s.schedule()
+    assert plan.items[0].start == 32  # two full blocks of the shared 40 tokens come from the cache
+    s.update(plan, ex.step(plan))
     assert b.n_cached_prompt == 32
     got = run(s, ex)
     assert [*got.get(b.id, [])] == alone(b.prompt, 3)[1:]  # first token came with the first step
@@ -231,7 +245,7 @@ def test_shared_prefix_computed_once_when_requests_arrive_together() -> None:
     for q in seqs:
         s.add(q)
     got = run(s, ex)
-    prefill = sum(e - a for it in ex.steps for _, a, e, _, smp in it if e - a > 1)
+    prefill = sum(i.end - i.start for it in ex.steps for i in it if i.end - i.start > 1)
     assert prefill < 64 + 3 * 17, prefill  # the 64 shared tokens were computed once
     assert all(q.n_cached_prompt == 64 for q in seqs[1:])
     for q in seqs:
@@ -256,11 +270,11 @@ def test_lru_eviction_order() -> None:
     assert bm.n_cached == 0 and not bm.is_cached(100)
 
 
-def _first_token_step(s: Scheduler, ex: FakeExecutor, seq: Sequence, got: dict[int, list[int]] | None = None) -> int:
+def _first_token_step(s: Scheduler, ex: Executor, seq: Sequence, got: dict[int, list[int]] | None = None) -> int:
     """Steps until `seq` gets its first token (stepping everything; tokens into `got`)."""
     for n in range(1, 10000):
         hit = False
-        for o in s.process(ex.step(s.schedule())):
+        for o in step(s, ex):
             if o.token is not None and got is not None:
                 got.setdefault(o.seq.id, []).append(o.token)
             hit = hit or (o.seq is seq and o.token is not None)
@@ -288,7 +302,7 @@ def test_a_short_request_is_admitted_while_a_long_prompt_prefills() -> None:
     long = Sequence(prompt(8000, 1), 1)
     s.add(long)
     for _ in range(3):  # the long prompt is under way
-        s.process(ex.step(s.schedule()))
+        step(s, ex)
     short = Sequence(prompt(8, 2), 4)
     s.add(short)
     got: dict[int, list[int]] = {}
@@ -296,7 +310,7 @@ def test_a_short_request_is_admitted_while_a_long_prompt_prefills() -> None:
     n_long = 4 + _first_token_step(s, ex, long, got)
     assert n_long <= long_alone() + 1, (n_long, long_alone())
     for items in ex.steps:
-        assert sum(e - a for _, a, e, _, _ in items) <= 512
+        assert sum(i.end - i.start for i in items) <= 512
     for sid, toks in run(s, ex).items():
         got.setdefault(sid, []).extend(toks)
     assert got[short.id] == alone(short.prompt, 4)
@@ -311,18 +325,97 @@ def test_new_requests_take_at_most_half_a_step_from_a_prefill() -> None:
     s = Scheduler(ex, lim, [EOS])
     long = Sequence(prompt(4000, 3), 1)
     s.add(long)
-    s.process(ex.step(s.schedule()))
-    shorts = []
+    step(s, ex)
+    shorts: list[Sequence] = []
     for i in range(20):
         q = Sequence(prompt(60, 10 + i), 2)
         s.add(q)
         shorts.append(q)
-        items = s.schedule()
-        got = {sid: e - a for sid, a, e, _, _ in items}
+        plan = s.schedule()
+        got = {i.id: i.end - i.start for i in plan.items}
         assert got.get(q.id, 0) == 60, "a short prompt is admitted whole at once"
         n_decode = sum(1 for sid, n in got.items() if n == 1)
         if long.n_computed < 4000 - 256:
             assert got[long.id] >= 256 // 2 - n_decode, got
-        s.process(ex.step(items))
+        s.update(plan, ex.step(plan))
+    gen = run(s, ex)
+    assert all(len(gen.get(q.id, [])) >= 1 or q.n_generated == 2 for q in shorts)
+
+
+class RefusingExecutor(FakeExecutor):
+    """Refuses to register the sequences it is told to (as the real one refuses bad
+    parameters), and can fail a step."""
+
+    def __init__(self, n_blocks: int, refuse: set[int]) -> None:
+        super().__init__(n_blocks)
+        self.refuse = refuse
+        self.fail_next = False
+
+    def step(self, plan: StepPlan) -> StepResult:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the device went away")
+        bad = {n.id for n in plan.new if n.id in self.refuse}
+        keep = StepPlan(
+            [n for n in plan.new if n.id not in bad],
+            [i for i in plan.items if i.id not in bad],
+            plan.finished,
+            plan.masks,
+        )
+        return StepResult(super().step(keep).tokens, {sid: "temperature is -1" for sid in bad})
+
+
+def test_the_executor_forgets_every_sequence_that_ends() -> None:
+    """Ended by its stop rule (EOS, max_tokens), by an abort or by a timeout: the
+    executor holds no state for it afterwards."""
+    now = [0.0]
+    ex = FakeExecutor(64)
+    s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS], clock=lambda: now[0])
+    seqs = [Sequence(prompt(20, i), 30, deadline=5.0 if i == 2 else None) for i in range(4)]
+    for q in seqs:
+        s.add(q)
+    step(s, ex)
+    s.abort(seqs[1])
+    now[0] = 6.0
+    run(s, ex)
+    assert [q.finish_reason for q in seqs] == ["length", "abort", "timeout", "length"]
+    assert ex.hist == {} and s.blocks.n_used == 0
+
+
+def test_a_refused_sequence_ends_alone_with_the_reason() -> None:
+    ex = RefusingExecutor(64, refuse={2})
+    s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS])
+    a, b, c = (Sequence(prompt(20, i), 5) for i in range(3))
+    for q in (a, b, c):
+        s.add(q)
+    plan = s.schedule()
+    outs = s.update(plan, ex.step(plan))
+    assert b.finish_reason == "error" and b.error == "temperature is -1"
+    assert any(o.seq is b and o.finish_reason == "error" for o in outs)
+    got: dict[int, list[int]] = {}
+    for o in outs:
+        if o.token is not None:
+            got.setdefault(o.seq.id, []).append(o.token)
+    for sid, toks in run(s, ex).items():
+        got.setdefault(sid, []).extend(toks)
+    assert got[a.id] == alone(a.prompt, 5) and got[c.id] == alone(c.prompt, 5)
+    assert s.blocks.n_used == 0 and ex.hist == {}
+
+
+def test_a_failed_step_ends_its_sequences_and_the_rest_go_on() -> None:
+    ex = RefusingExecutor(64, refuse=set())
+    s = Scheduler(ex, SchedulerLimits(max_context=4096), [EOS])
+    a = Sequence(prompt(20, 1), 5)
+    s.add(a)
+    step(s, ex)
+    ex.fail_next = True
+    plan = s.schedule()
+    with pytest.raises(RuntimeError):
+        ex.step(plan)
+    outs = s.fail(plan, "generation failed: the device went away")
+    assert [(o.seq, o.finish_reason) for o in outs] == [(a, "error")] and a.error is not None
+    b = Sequence(prompt(20, 2), 5)
+    s.add(b)
     got = run(s, ex)
-    assert all(len(got.get(q.id, [])) >= 1 or q.n_generated == 2 for q in shorts)
+    assert got[b.id] == alone(b.prompt, 5)
+    assert s.blocks.n_used == 0 and ex.hist == {}

@@ -9,10 +9,10 @@ from pathlib import Path
 import ollama
 import openai
 import pytest
+from conftest import SMOLLM2, model_path
 from serve_util import daemon, http
 from test_mdns import browse
 
-from conftest import SMOLLM2, model_path
 from edgelm.config import ConfigError, load_config
 
 USER, ADMIN = "user-secret-1", "admin-secret-1"

@@ -21,7 +21,9 @@ MODEL = Path(__file__).resolve().parents[1] / "fixtures" / "tiny-llama3.gguf"
 # The real models too, where the GPU machine has them (they travel in parts: see
 # DEVELOPERS.md, CUDA).
 REAL = Path(os.environ.get("EDGELM_REAL_MODELS_DIR", Path.home() / ".cache/edgelm/models"))
-MODELS = [MODEL] + [p for p in (REAL / "SmolLM2-135M-Instruct.Q4_1.gguf", REAL / "gemma-3-270m-q4_k_m.gguf") if p.is_file()]
+MODELS = [MODEL] + [
+    p for p in (REAL / "SmolLM2-135M-Instruct.Q4_1.gguf", REAL / "gemma-3-270m-q4_k_m.gguf") if p.is_file()
+]
 PROMPTS = [[(i * 37 + j * 11 + 5) % 250 for j in range(4 + 3 * i)] for i in range(16)]
 
 
@@ -33,6 +35,7 @@ def srv(request: pytest.FixtureRequest) -> Iterator[Daemon]:
 
 async def _texts(url: str, prompts: list[list[int]], n: int) -> list[str]:
     async with aiohttp.ClientSession() as s:
+
         async def one(p: list[int]) -> str:
             body = {"prompt": p, "max_tokens": n, "temperature": 0, "stream": True, "ignore_eos": True}
             out = []

@@ -14,10 +14,10 @@ from pathlib import Path
 import aiohttp
 import gguf
 import pytest
+from conftest import FIXTURES, SMOLLM2, model_path
 from gguf.scripts.gguf_new_metadata import MetadataDetails, copy_with_new_metadata
 from serve_util import daemon, http
 
-from conftest import FIXTURES, SMOLLM2, model_path
 from edgelm.config import ConfigError, load_config
 
 LONG = {"prompt": "Write a long story about a robot.", "max_tokens": 2000, "ignore_eos": True}
@@ -50,7 +50,9 @@ def test_sigterm_finishes_in_flight_and_exits_zero() -> None:
 
         async def go() -> tuple[dict[str, object], int]:
             async with aiohttp.ClientSession() as s:
-                short = asyncio.ensure_future(s.post(d.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 20, "temperature": 0}))
+                short = asyncio.ensure_future(
+                    s.post(d.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 20, "temperature": 0})
+                )
                 long = asyncio.ensure_future(s.post(d.url + "/v1/completions", json=LONG))
                 await asyncio.sleep(0.5)
                 d.proc.send_signal(signal.SIGTERM)
@@ -74,8 +76,24 @@ def test_sigterm_finishes_in_flight_and_exits_zero() -> None:
 
 
 def test_missing_model_exits_nonzero(tmp_path: Path) -> None:
-    r = subprocess.run([sys.executable, "-m", "edgelm.cli", "serve", "--config", "/dev/null", "--port", "0",
-                        "--model", str(tmp_path / "nope.gguf")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgelm.cli",
+            "serve",
+            "--config",
+            "/dev/null",
+            "--port",
+            "0",
+            "--model",
+            str(tmp_path / "nope.gguf"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
     assert r.returncode == 1 and "does not exist" in r.stderr
 
 
@@ -96,7 +114,9 @@ def test_hostile_chat_template_in_model_file(tmp_path: Path) -> None:
     model = tmp_path / "hostile.gguf"
     _with_template(FIXTURES / "tiny-llama3.gguf", model, payload)
     with daemon(model) as d:
-        status, body = d.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        status, body = d.post(
+            "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        )
         assert status == 400 and "chat template" in body["error"]["message"]
         assert not marker.exists()
         status, _ = d.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
@@ -134,11 +154,17 @@ def test_config_precedence_and_validation(tmp_path: Path) -> None:
         os.chdir(cwd)
     # The command line reports errors naming the key, and exits 2.
     cfg.write_text("bogus: 1\n")
-    r = subprocess.run([sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "unknown config key 'bogus'" in r.stderr
     cfg.write_text("port: 9001\n")
-    r = subprocess.run([sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg), "--print-config", "--max-running", "3"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "edgelm.cli", "serve", "--config", str(cfg), "--print-config", "--max-running", "3"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0 and "port: 9001" in r.stdout and "max_running: 3" in r.stdout
 
 
@@ -169,11 +195,29 @@ def test_schemathesis_no_server_errors() -> None:
         status, spec = http("GET", d.url + "/openapi.json")
         assert status == 200 and spec["openapi"].startswith("3.")
         r = subprocess.run(
-            [str(Path(sys.executable).parent / "schemathesis"), "run", d.url + "/openapi.json", "--url", d.url,
-             "--checks", "not_a_server_error,status_code_conformance,content_type_conformance",
-             "--max-examples", "40", "--seed", "1", "--request-timeout", "60", "--workers", "1",
-             "--phases", "examples,coverage,fuzzing", "--no-color"],
-            capture_output=True, text=True, timeout=900,
+            [
+                str(Path(sys.executable).parent / "schemathesis"),
+                "run",
+                d.url + "/openapi.json",
+                "--url",
+                d.url,
+                "--checks",
+                "not_a_server_error,status_code_conformance,content_type_conformance",
+                "--max-examples",
+                "40",
+                "--seed",
+                "1",
+                "--request-timeout",
+                "60",
+                "--workers",
+                "1",
+                "--phases",
+                "examples,coverage,fuzzing",
+                "--no-color",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         out = r.stdout + r.stderr
         print(out[-3000:])
@@ -219,8 +263,8 @@ def test_health_is_503_until_the_model_is_loaded() -> None:
     503 and generation endpoints refuse with 503 + Retry-After, then both turn ready."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from edgelm.server.app import Server, make_app
     from edgelm.config import Config
+    from edgelm.server.app import Server, make_app
 
     async def go() -> None:
         srv = Server(Config(model=str(model_path(SMOLLM2)), threads=2, kv_cache_mib=64))
@@ -256,8 +300,10 @@ def test_short_request_is_not_starved_by_a_long_prompt() -> None:
         done: dict[str, float] = {}
 
         def long() -> None:
-            status, r = d.post("/v1/completions", {"prompt": [(i * 37) % 40000 + 100 for i in range(4000)],
-                                                   "max_tokens": 1, "temperature": 0})
+            status, r = d.post(
+                "/v1/completions",
+                {"prompt": [(i * 37) % 40000 + 100 for i in range(4000)], "max_tokens": 1, "temperature": 0},
+            )
             assert status == 200, r
             done["long"] = time.perf_counter()
 
@@ -270,6 +316,8 @@ def test_short_request_is_not_starved_by_a_long_prompt() -> None:
         done["short"] = time.perf_counter()
         assert status == 200, r
         t.join(120)
-        print(f"short request alone {idle * 1000:.0f} ms; behind the 4,000-token prompt {(done['short'] - t1) * 1000:.0f} ms;"
-              f" the long prompt took {done['long'] - t_long:.1f} s")
+        print(
+            f"short request alone {idle * 1000:.0f} ms; behind the 4,000-token prompt {(done['short'] - t1) * 1000:.0f} ms;"
+            f" the long prompt took {done['long'] - t_long:.1f} s"
+        )
         assert done["short"] < done["long"]

@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import ollama
 import openai
 import pytest
-from serve_util import Daemon, daemon
-
 from conftest import SMOLLM2, model_path
+from serve_util import Daemon, daemon
 
 NAME = "SmolLM2-135M-Instruct.Q4_1:latest"
 GREEDY = {"temperature": 0, "num_predict": 24, "repeat_penalty": 1.0}  # Ollama defaults to 1.1
@@ -47,13 +46,17 @@ def test_root_version_tags_ps_show(srv: Daemon) -> None:
 
 
 def test_chat_matches_openai_endpoint(srv: Daemon) -> None:
-    msgs = [{"role": "system", "content": "You are a helpful assistant."}, {"role": "user", "content": "What is the capital of France?"}]
+    msgs = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     c = ollama.Client(host=srv.url)
     r = c.chat(model=NAME, messages=msgs, options=GREEDY, stream=False)
     assert r.done and r.done_reason in ("stop", "length") and r.message.role == "assistant"
     assert "Paris" in (r.message.content or "")
     o = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused").chat.completions.create(
-        model="SmolLM2-135M-Instruct.Q4_1", messages=msgs, max_tokens=24, temperature=0)  # type: ignore[arg-type]
+        model="SmolLM2-135M-Instruct.Q4_1", messages=msgs, max_tokens=24, temperature=0
+    )  # type: ignore[arg-type]
     assert r.message.content == o.choices[0].message.content
     assert r.prompt_eval_count == o.usage.prompt_tokens  # type: ignore[union-attr]
     assert r.eval_count is not None and r.eval_count >= 1 and r.total_duration and r.eval_duration is not None
@@ -69,7 +72,9 @@ def test_chat_stream_ndjson(srv: Daemon) -> None:
     assert "".join(p.message.content or "" for p in parts) == whole.message.content
     assert parts[-1].eval_count == whole.eval_count and parts[-1].done_reason == whole.done_reason
     # Raw NDJSON: one JSON object per line.
-    req = urllib.request.Request(srv.url + "/api/chat", data=json.dumps({"model": NAME, "messages": msgs, "options": GREEDY}).encode())
+    req = urllib.request.Request(
+        srv.url + "/api/chat", data=json.dumps({"model": NAME, "messages": msgs, "options": GREEDY}).encode()
+    )
     with urllib.request.urlopen(req, timeout=60) as r:
         assert r.headers["Content-Type"].startswith("application/x-ndjson")
         lines = r.read().decode().splitlines()
@@ -79,18 +84,33 @@ def test_chat_stream_ndjson(srv: Daemon) -> None:
 
 def test_generate_options_and_context(srv: Daemon) -> None:
     c = ollama.Client(host=srv.url)
-    r = c.generate(model=NAME, prompt="Once upon a time, in a land far away,", raw=True,
-                   options={"temperature": 0, "num_predict": 5}, stream=False)
+    r = c.generate(
+        model=NAME,
+        prompt="Once upon a time, in a land far away,",
+        raw=True,
+        options={"temperature": 0, "num_predict": 5},
+        stream=False,
+    )
     assert r.done and r.eval_count == 5 and r.done_reason == "length"
     assert r.context is not None and len(r.context) == r.prompt_eval_count + 5  # type: ignore[operator]
-    more = c.generate(model=NAME, prompt=" Then", raw=True, context=r.context, options={"temperature": 0, "num_predict": 3})
+    more = c.generate(
+        model=NAME, prompt=" Then", raw=True, context=r.context, options={"temperature": 0, "num_predict": 3}
+    )
     assert more.done and more.context is not None and list(more.context[: len(r.context)]) == list(r.context)
-    raw = c.generate(model=NAME, prompt="The capital of France is", raw=True, options={"temperature": 0, "num_predict": 6})
+    raw = c.generate(
+        model=NAME, prompt="The capital of France is", raw=True, options={"temperature": 0, "num_predict": 6}
+    )
     assert "Paris" in (raw.response or "")
-    stops = c.generate(model=NAME, prompt="1, 2, 3, 4,", raw=True, options={"temperature": 0, "num_predict": 40, "stop": [" 7"]})
+    stops = c.generate(
+        model=NAME, prompt="1, 2, 3, 4,", raw=True, options={"temperature": 0, "num_predict": 40, "stop": [" 7"]}
+    )
     assert stops.done_reason == "stop" and " 7" not in (stops.response or "")
-    seeded = [c.generate(model=NAME, prompt="Tell me a joke.", options={"temperature": 1.0, "seed": 7, "num_predict": 12}).response
-              for _ in range(2)]
+    seeded = [
+        c.generate(
+            model=NAME, prompt="Tell me a joke.", options={"temperature": 1.0, "seed": 7, "num_predict": 12}
+        ).response
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
     load = c.generate(model=NAME, prompt="", keep_alive="5m")
     assert load.done and load.done_reason == "load"
@@ -117,7 +137,11 @@ def test_bad_input_is_4xx_with_ollama_error(srv: Daemon) -> None:
     cases = [
         ("/api/chat", {"model": NAME, "messages": "hi"}, 400),
         ("/api/chat", {"model": NAME, "messages": [{"role": "wizard", "content": "x"}]}, 400),
-        ("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "options": {"temperature": "hot"}}, 400),
+        (
+            "/api/chat",
+            {"model": NAME, "messages": [{"role": "user", "content": "x"}], "options": {"temperature": "hot"}},
+            400,
+        ),
         ("/api/chat", {"model": NAME, "messages": [{"role": "user", "content": "x"}], "options": []}, 400),
         ("/api/chat", {"messages": [{"role": "user", "content": "x"}]}, 400),
         ("/api/generate", {"model": NAME, "prompt": 5}, 400),

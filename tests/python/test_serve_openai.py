@@ -13,10 +13,10 @@ from collections.abc import Iterator
 import aiohttp
 import openai
 import pytest
+from conftest import SMOLLM2, model_path
 from serve_util import Daemon, daemon
 
 import edgelm
-from conftest import SMOLLM2, model_path
 
 PROMPTS = [
     "The capital of France is",
@@ -85,18 +85,28 @@ def test_stream_equals_non_stream(client: openai.OpenAI) -> None:
 
 
 def test_chat_sync_and_stream(client: openai.OpenAI, smollm2: edgelm.Model) -> None:
-    msgs = [{"role": "system", "content": "You are a concise assistant."}, {"role": "user", "content": "What is the capital of France?"}]
+    msgs = [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
     r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=msgs, max_tokens=30, temperature=0)  # type: ignore[arg-type]
     text = r.choices[0].message.content
     assert r.choices[0].message.role == "assistant" and "Paris" in (text or "")
     assert r.choices[0].finish_reason == "stop"  # ended at <|im_end|>, which is not in the text
     assert "<|im_end|>" not in (text or "")
     # The prompt is the model's own chat template, rendered and tokenized.
-    rendered = ("<|im_start|>system\nYou are a concise assistant.<|im_end|>\n<|im_start|>user\n"
-                "What is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    rendered = (
+        "<|im_start|>system\nYou are a concise assistant.<|im_end|>\n<|im_start|>user\n"
+        "What is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert r.usage is not None and r.usage.prompt_tokens == len(smollm2.tokenize(rendered, parse_special=True))
-    stream = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=msgs, max_tokens=30,  # type: ignore[call-overload]
-                                            temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        messages=msgs,
+        max_tokens=30,  # type: ignore[call-overload]
+        temperature=0,
+        stream=True,
+    )
     parts = list(stream)
     assert parts[0].choices[0].delta.role == "assistant"
     assert "".join(p.choices[0].delta.content or "" for p in parts) == text
@@ -104,31 +114,48 @@ def test_chat_sync_and_stream(client: openai.OpenAI, smollm2: edgelm.Model) -> N
 
 
 def test_logprobs(client: openai.OpenAI) -> None:
-    r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=[{"role": "user", "content": "Count: 1, 2, 3,"}],
-                                       max_tokens=8, temperature=0, logprobs=True, top_logprobs=3)
+    r = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        messages=[{"role": "user", "content": "Count: 1, 2, 3,"}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+    )
     lp = r.choices[0].logprobs
     assert lp is not None and lp.content is not None and len(lp.content) == r.usage.completion_tokens  # type: ignore[union-attr]
     for t in lp.content:
         assert t.logprob <= 0 and len(t.top_logprobs) == 3
         assert t.top_logprobs[0].token == t.token  # greedy picks the most likely
         assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
-    c = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="1, 2, 3,", max_tokens=5, temperature=0, logprobs=2)
+    c = client.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1", prompt="1, 2, 3,", max_tokens=5, temperature=0, logprobs=2
+    )
     clp = c.choices[0].logprobs
     assert clp is not None and len(clp.tokens or []) == 5 and "".join(clp.tokens or []) == c.choices[0].text
     assert all(len(d) == 2 for d in clp.top_logprobs or [])
 
 
 def test_stop_strings_seed_and_n(client: openai.OpenAI) -> None:
-    r = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="1, 2, 3, 4,", max_tokens=40, temperature=0, stop=[" 7"])
+    r = client.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1", prompt="1, 2, 3, 4,", max_tokens=40, temperature=0, stop=[" 7"]
+    )
     assert r.choices[0].finish_reason == "stop" and " 7" not in r.choices[0].text and "6" in r.choices[0].text
-    kw = dict(model="SmolLM2-135M-Instruct.Q4_1", prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=1234, n=3)
+    kw = dict(
+        model="SmolLM2-135M-Instruct.Q4_1", prompt="Once upon a time", max_tokens=16, temperature=1.0, seed=1234, n=3
+    )
     a = client.completions.create(**kw)  # type: ignore[call-overload]
     b = client.completions.create(**kw)  # type: ignore[call-overload]
     assert [c.text for c in a.choices] == [c.text for c in b.choices]  # seeded: reproducible
     assert len({c.text for c in a.choices}) > 1  # each choice draws with its own seed
     assert sorted(c.index for c in a.choices) == [0, 1, 2]
-    extra = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Once upon a time", max_tokens=8,
-                                      temperature=0.7, extra_body={"top_k": 1, "min_p": 0.0, "repeat_penalty": 1.1})
+    extra = client.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        prompt="Once upon a time",
+        max_tokens=8,
+        temperature=0.7,
+        extra_body={"top_k": 1, "min_p": 0.0, "repeat_penalty": 1.1},
+    )
     assert extra.choices[0].text
 
 
@@ -140,8 +167,9 @@ async def _async_texts(url: str, prompts: list[str], n: int, stream: bool) -> li
             r = await c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=n, temperature=0)
             return r.choices[0].text
         out = []
-        async for ch in await c.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=n,
-                                                   temperature=0, stream=True):
+        async for ch in await c.completions.create(
+            model="SmolLM2-135M-Instruct.Q4_1", prompt=p, max_tokens=n, temperature=0, stream=True
+        ):
             out.append(ch.choices[0].text)
         return "".join(out)
 
@@ -172,8 +200,13 @@ def test_sixteen_concurrent_streams_equal_alone(srv: Daemon) -> None:
 def test_raw_sse(srv: Daemon) -> None:
     async def go() -> list[bytes]:
         async with aiohttp.ClientSession() as s:
-            body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0, "stream": True,
-                    "stream_options": {"include_usage": True}}
+            body = {
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 5,
+                "temperature": 0,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
             async with s.post(srv.url + "/v1/chat/completions", json=body) as r:
                 assert r.status == 200 and r.headers["Content-Type"].startswith("text/event-stream")
                 return [line async for line in r.content]
@@ -201,16 +234,23 @@ def test_prefix_cache_hit_for_shared_system_prompt(srv: Daemon, client: openai.O
     system = "You control a smart home. Devices: " + ", ".join(f"light.room_{i} (on, {i % 100}%)" for i in range(60))
     outs = []
     for cmd in ("Turn on the kitchen light.", "Turn off the bedroom light."):
-        r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=8, temperature=0,
-                                           messages=[{"role": "system", "content": system}, {"role": "user", "content": cmd}])
+        r = client.chat.completions.create(
+            model="SmolLM2-135M-Instruct.Q4_1",
+            max_tokens=8,
+            temperature=0,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": cmd}],
+        )
         outs.append(r)
     n_prompt = outs[1].usage.prompt_tokens  # type: ignore[union-attr]
     cached = outs[1].usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
     assert n_prompt > 400 and cached >= n_prompt - 32, (n_prompt, cached)
     # The cached answer is the one a cold cache gives.
-    again = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=8, temperature=0,
-                                           messages=[{"role": "system", "content": system},
-                                                     {"role": "user", "content": "Turn off the bedroom light."}])
+    again = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        max_tokens=8,
+        temperature=0,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "Turn off the bedroom light."}],
+    )
     assert again.choices[0].message.content == outs[1].choices[0].message.content
     assert srv.metric("edgelm_prompt_tokens_cached_total") >= cached
 
@@ -253,10 +293,14 @@ def test_bad_input_is_4xx_with_openai_error(srv: Daemon, client: openai.OpenAI) 
 
 
 def test_disconnect_aborts_and_frees_blocks(srv: Daemon) -> None:
-    body = json.dumps({"prompt": "Tell me a long story.", "max_tokens": 1500, "ignore_eos": True, "stream": True}).encode()
+    body = json.dumps(
+        {"prompt": "Tell me a long story.", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+    ).encode()
     s = socket.create_connection(("127.0.0.1", int(srv.url.rsplit(":", 1)[1])))
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
     got = b""
     while got.count(b"data: ") < 5:
         chunk = s.recv(65536)
@@ -277,8 +321,12 @@ def test_disconnect_aborts_and_frees_blocks(srv: Daemon) -> None:
 
 def test_request_timeout_finish_reason(client: openai.OpenAI) -> None:
     t0 = time.monotonic()
-    r = client.completions.create(model="SmolLM2-135M-Instruct.Q4_1", prompt="Count to a million:", max_tokens=1500,
-                                  extra_body={"ignore_eos": True, "timeout": 0.5})
+    r = client.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        prompt="Count to a million:",
+        max_tokens=1500,
+        extra_body={"ignore_eos": True, "timeout": 0.5},
+    )
     assert r.choices[0].finish_reason == "timeout"
     assert time.monotonic() - t0 < 5
     assert 0 < r.usage.completion_tokens < 1500  # type: ignore[union-attr]
@@ -287,7 +335,15 @@ def test_request_timeout_finish_reason(client: openai.OpenAI) -> None:
 def test_metrics_exposition(srv: Daemon) -> None:
     status, text = srv.get("/metrics")
     assert status == 200
-    for name in ("edgelm_requests_total", "edgelm_queue_length", "edgelm_running_sequences", "edgelm_prompt_tokens_total",
-                 "edgelm_generated_tokens_total", "edgelm_time_to_first_token_seconds_bucket",
-                 "edgelm_time_per_output_token_seconds_bucket", "edgelm_kv_blocks_used", "edgelm_kv_blocks_cached"):
+    for name in (
+        "edgelm_requests_total",
+        "edgelm_queue_length",
+        "edgelm_running_sequences",
+        "edgelm_prompt_tokens_total",
+        "edgelm_generated_tokens_total",
+        "edgelm_time_to_first_token_seconds_bucket",
+        "edgelm_time_per_output_token_seconds_bucket",
+        "edgelm_kv_blocks_used",
+        "edgelm_kv_blocks_cached",
+    ):
         assert name in text, name

@@ -12,10 +12,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import SMOLLM2, model_path
 from registry_util import split_gguf
 
 import edgelm
-from conftest import SMOLLM2, model_path
 from edgelm import store
 from edgelm.gguf_split import SplitError, merge
 from edgelm.pull import PullError, resolve
@@ -31,28 +31,71 @@ NAMES = [
     ("Qwen3:0.6B", "registry.ollama.ai", "library", "Qwen3", "0.6B", "Qwen3:0.6B"),
     ("library/qwen3:0.6b", "registry.ollama.ai", "library", "qwen3", "0.6b", "qwen3:0.6b"),
     ("jmorgan/tiny-model:q4", "registry.ollama.ai", "jmorgan", "tiny-model", "q4", "jmorgan/tiny-model:q4"),
-    ("hf.co/unsloth/Qwen3-0.6B-GGUF:Q4_K_M", "hf.co", "unsloth", "Qwen3-0.6B-GGUF", "Q4_K_M",
-     "hf.co/unsloth/Qwen3-0.6B-GGUF:Q4_K_M"),
-    ("huggingface.co/bartowski/SmolLM2-GGUF", "hf.co", "bartowski", "SmolLM2-GGUF", "latest",
-     "hf.co/bartowski/SmolLM2-GGUF:latest"),
-    ("registry.local:5000/team/model:v1", "registry.local:5000", "team", "model", "v1",
-     "registry.local:5000/team/model:v1"),
-    ("SmolLM2-135M-Instruct.Q4_1", "registry.ollama.ai", "library", "SmolLM2-135M-Instruct.Q4_1", "latest",
-     "SmolLM2-135M-Instruct.Q4_1:latest"),
+    (
+        "hf.co/unsloth/Qwen3-0.6B-GGUF:Q4_K_M",
+        "hf.co",
+        "unsloth",
+        "Qwen3-0.6B-GGUF",
+        "Q4_K_M",
+        "hf.co/unsloth/Qwen3-0.6B-GGUF:Q4_K_M",
+    ),
+    (
+        "huggingface.co/bartowski/SmolLM2-GGUF",
+        "hf.co",
+        "bartowski",
+        "SmolLM2-GGUF",
+        "latest",
+        "hf.co/bartowski/SmolLM2-GGUF:latest",
+    ),
+    (
+        "registry.local:5000/team/model:v1",
+        "registry.local:5000",
+        "team",
+        "model",
+        "v1",
+        "registry.local:5000/team/model:v1",
+    ),
+    (
+        "SmolLM2-135M-Instruct.Q4_1",
+        "registry.ollama.ai",
+        "library",
+        "SmolLM2-135M-Instruct.Q4_1",
+        "latest",
+        "SmolLM2-135M-Instruct.Q4_1:latest",
+    ),
 ]
 
 
 @pytest.mark.parametrize("text, host, namespace, model, tag, shown", NAMES)
-def test_names_are_read_as_ollama_reads_them(text: str, host: str, namespace: str, model: str, tag: str,
-                                             shown: str) -> None:
+def test_names_are_read_as_ollama_reads_them(
+    text: str, host: str, namespace: str, model: str, tag: str, shown: str
+) -> None:
     n = ModelName.parse(text)
     assert (n.host, n.namespace, n.model, n.tag) == (host, namespace, model, tag)
     assert str(n) == shown and ModelName.parse(shown) == n
     assert ".." not in str(n.relpath()) and not n.relpath().is_absolute()
 
 
-@pytest.mark.parametrize("text", ["", ":", "a/b/c/d", "../etc/passwd", "a/../b", "x:../../y", "/abs", "a:b:c",
-                                  "https://x/y.gguf", "a b", "na\u00efve", "-dash", "x" * 400, "a/:tag", ".hidden"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        ":",
+        "a/b/c/d",
+        "../etc/passwd",
+        "a/../b",
+        "x:../../y",
+        "/abs",
+        "a:b:c",
+        "https://x/y.gguf",
+        "a b",
+        "na\u00efve",
+        "-dash",
+        "x" * 400,
+        "a/:tag",
+        ".hidden",
+    ],
+)
 def test_bad_names_are_refused(text: str) -> None:
     with pytest.raises(ModelNameError, match="is not a model name"):
         ModelName.parse(text)
@@ -69,8 +112,11 @@ def _blob(st: Store, data: bytes) -> tuple[str, int]:
 
 
 def _manifest(*layers: tuple[str, tuple[str, int]]) -> dict:  # type: ignore[type-arg]
-    return {"schemaVersion": 2, "mediaType": store.MANIFEST_TYPE,
-            "layers": [{"mediaType": mt, "digest": d, "size": n} for mt, (d, n) in layers]}
+    return {
+        "schemaVersion": 2,
+        "mediaType": store.MANIFEST_TYPE,
+        "layers": [{"mediaType": mt, "digest": d, "size": n} for mt, (d, n) in layers],
+    }
 
 
 def test_copy_is_free_and_removal_frees_only_unused_blobs(tmp_path: Path) -> None:
@@ -136,8 +182,18 @@ def test_names_of_plain_files_and_the_old_names_file(tmp_path: Path) -> None:
     use) are manifests whose model layer is the file; removing one leaves the file."""
     (tmp_path / "a.gguf").write_bytes(b"GGUF a")
     (tmp_path / "b.gguf").write_bytes(b"GGUF b")
-    (tmp_path / store.NAMES_FILE).write_text(json.dumps({"names": {
-        "smollm2:latest": "a.gguf", "kitchen:latest": "b.gguf", "gone:latest": "missing.gguf", "../bad": "a.gguf"}}))
+    (tmp_path / store.NAMES_FILE).write_text(
+        json.dumps(
+            {
+                "names": {
+                    "smollm2:latest": "a.gguf",
+                    "kitchen:latest": "b.gguf",
+                    "gone:latest": "missing.gguf",
+                    "../bad": "a.gguf",
+                }
+            }
+        )
+    )
     st = Store(tmp_path)
     assert [(e.name, e.file) for e in st.entries()] == [("kitchen:latest", "b.gguf"), ("smollm2:latest", "a.gguf")]
     assert not (tmp_path / store.NAMES_FILE).exists() and (tmp_path / (store.NAMES_FILE + ".migrated")).exists()
@@ -190,15 +246,23 @@ def test_hf_quant_pick() -> None:
     def f(path: str) -> dict:  # type: ignore[type-arg]
         return {"path": path}
 
-    files = [f("Qwen3-0.6B-Q8_0.gguf"), f("Qwen3-0.6B-Q4_K_M.gguf"), f("Qwen3-0.6B-IQ4_XS.gguf"),
-             f("mmproj-Qwen3-F16.gguf"), f("README.md"), f("BF16/Qwen3-0.6B-BF16-00001-of-00002.gguf"),
-             f("BF16/Qwen3-0.6B-BF16-00002-of-00002.gguf")]
+    files = [
+        f("Qwen3-0.6B-Q8_0.gguf"),
+        f("Qwen3-0.6B-Q4_K_M.gguf"),
+        f("Qwen3-0.6B-IQ4_XS.gguf"),
+        f("mmproj-Qwen3-F16.gguf"),
+        f("README.md"),
+        f("BF16/Qwen3-0.6B-BF16-00001-of-00002.gguf"),
+        f("BF16/Qwen3-0.6B-BF16-00002-of-00002.gguf"),
+    ]
     assert quant_of("Qwen3-0.6B-Q4_K_M.gguf") == "Q4_K_M" and quant_of("model.q8_0.gguf") == "Q8_0"
     assert quant_of("Qwen3-0.6B-BF16-00001-of-00002.gguf") == "BF16" and quant_of("model.gguf") is None
     assert [x["path"] for x in pick_gguf(files, "latest")] == ["Qwen3-0.6B-Q4_K_M.gguf"]
     assert [x["path"] for x in pick_gguf(files, "q8_0")] == ["Qwen3-0.6B-Q8_0.gguf"]
-    assert [x["path"] for x in pick_gguf(files, "BF16")] == ["BF16/Qwen3-0.6B-BF16-00001-of-00002.gguf",
-                                                            "BF16/Qwen3-0.6B-BF16-00002-of-00002.gguf"]
+    assert [x["path"] for x in pick_gguf(files, "BF16")] == [
+        "BF16/Qwen3-0.6B-BF16-00001-of-00002.gguf",
+        "BF16/Qwen3-0.6B-BF16-00002-of-00002.gguf",
+    ]
     with pytest.raises(PullError, match="no Q3_K_S GGUF.*BF16, IQ4_XS, Q4_K_M, Q8_0"):
         pick_gguf(files, "Q3_K_S")
     with pytest.raises(PullError, match="missing parts"):

@@ -11,9 +11,8 @@ import jsonschema
 import ollama
 import openai
 import pytest
-from serve_util import Daemon, daemon
-
 from conftest import SMOLLM2, model_path
+from serve_util import Daemon, daemon
 
 PERSON = {
     "type": "object",
@@ -27,12 +26,26 @@ PERSON = {
 }
 LIGHT = {
     "type": "object",
-    "properties": {"entity_id": {"type": "string", "pattern": "^light\\.[a-z_]{1,30}$"},
-                   "state": {"enum": ["on", "off"]}, "brightness": {"type": "integer", "minimum": 0, "maximum": 255}},
+    "properties": {
+        "entity_id": {"type": "string", "pattern": "^light\\.[a-z_]{1,30}$"},
+        "state": {"enum": ["on", "off"]},
+        "brightness": {"type": "integer", "minimum": 0, "maximum": 255},
+    },
     "required": ["entity_id", "state"],
     "additionalProperties": False,
 }
-SUBJECTS = ["a baker", "a pilot", "a student", "a doctor", "a farmer", "a painter", "a sailor", "a teacher", "a chef", "a poet"]
+SUBJECTS = [
+    "a baker",
+    "a pilot",
+    "a student",
+    "a doctor",
+    "a farmer",
+    "a painter",
+    "a sailor",
+    "a teacher",
+    "a chef",
+    "a poet",
+]
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +59,24 @@ def test_twenty_schema_requests_parse_and_validate(srv: Daemon) -> None:
     answers = []
     for i, who in enumerate(SUBJECTS):  # 10 through the OpenAI API
         r = client.chat.completions.create(
-            model="SmolLM2-135M-Instruct.Q4_1", max_tokens=120, temperature=0.7, seed=i,
+            model="SmolLM2-135M-Instruct.Q4_1",
+            max_tokens=120,
+            temperature=0.7,
+            seed=i,
             messages=[{"role": "user", "content": f"Invent {who}: name, age and city, as JSON."}],
             response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}},
         )
         answers.append((PERSON, r.choices[0].message.content or ""))
     oc = ollama.Client(host=srv.url)
-    for i, room in enumerate(["kitchen", "bedroom", "garage", "office", "hall", "porch", "attic", "cellar", "garden", "bathroom"]):
-        r = oc.chat(model="SmolLM2-135M-Instruct.Q4_1", format=LIGHT, options={"temperature": 0.7, "seed": i, "num_predict": 120},
-                    messages=[{"role": "user", "content": f"Turn on the {room} light. Answer with the command as JSON."}])
+    for i, room in enumerate(
+        ["kitchen", "bedroom", "garage", "office", "hall", "porch", "attic", "cellar", "garden", "bathroom"]
+    ):
+        r = oc.chat(
+            model="SmolLM2-135M-Instruct.Q4_1",
+            format=LIGHT,
+            options={"temperature": 0.7, "seed": i, "num_predict": 120},
+            messages=[{"role": "user", "content": f"Turn on the {room} light. Answer with the command as JSON."}],
+        )
         answers.append((LIGHT, r.message.content or ""))
     for schema, text in answers:
         jsonschema.validate(json.loads(text), schema)  # raises if it does not parse or validate
@@ -66,12 +88,20 @@ def test_twenty_schema_requests_parse_and_validate(srv: Daemon) -> None:
 
 def test_json_object_mode_and_bad_schemas(srv: Daemon) -> None:
     client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=300)
-    r = client.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", max_tokens=80, temperature=0,
-                                       messages=[{"role": "user", "content": "Describe a cat."}],
-                                       response_format={"type": "json_object"})
+    r = client.chat.completions.create(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        max_tokens=80,
+        temperature=0,
+        messages=[{"role": "user", "content": "Describe a cat."}],
+        response_format={"type": "json_object"},
+    )
     assert isinstance(json.loads(r.choices[0].message.content or ""), dict)
-    g = ollama.Client(host=srv.url).generate(model="SmolLM2-135M-Instruct.Q4_1", prompt="A dog as JSON:", format="json",
-                                             options={"temperature": 0, "num_predict": 80})
+    g = ollama.Client(host=srv.url).generate(
+        model="SmolLM2-135M-Instruct.Q4_1",
+        prompt="A dog as JSON:",
+        format="json",
+        options={"temperature": 0, "num_predict": 80},
+    )
     assert isinstance(json.loads(g.response or ""), dict)
     for body in (
         {"response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
@@ -80,6 +110,8 @@ def test_json_object_mode_and_bad_schemas(srv: Daemon) -> None:
     ):
         status, resp = srv.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **body})
         assert status == 400, (body, resp)
-    status, resp = srv.post("/api/chat", {"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "x"}],
-                                          "format": "yaml"})
+    status, resp = srv.post(
+        "/api/chat",
+        {"model": "SmolLM2-135M-Instruct.Q4_1", "messages": [{"role": "user", "content": "x"}], "format": "yaml"},
+    )
     assert status == 400 and isinstance(resp["error"], str)

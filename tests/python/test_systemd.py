@@ -12,9 +12,8 @@ import threading
 import time
 from pathlib import Path
 
-from serve_util import daemon
-
 from conftest import SMOLLM2, model_path
+from serve_util import daemon
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -28,7 +27,9 @@ def test_unit_file_verifies(tmp_path: Path) -> None:
     # verify checks that ExecStart exists: point it at this checkout's daemon.
     edgelm = Path(sys.executable).parent / "edgelm"
     (tmp_path / "edgelm.service").write_text(unit.replace("/opt/edgelm/.venv/bin/edgelm", str(edgelm)))
-    r = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "edgelm.service")], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "edgelm.service")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 0 and r.stdout.strip() == "" and r.stderr.strip() == "", r.stdout + r.stderr
     # The example configuration loads and names real keys only.
     from edgelm.config import load_config

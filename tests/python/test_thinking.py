@@ -14,21 +14,20 @@ import json
 import os
 import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ollama
 import openai
 import pytest
+from conftest import SMOLLM2, model_path
 from serve_util import Daemon, daemon
 from think_util import QWEN3_OPENED, QWEN3_STYLE, with_template
 
 import edgelm
-from conftest import SMOLLM2, model_path
-from edgelm.server import thinking, tools
 from edgelm.prompt.chat import ChatTemplate
 from edgelm.prompt.grammar import Grammars
+from edgelm.server import thinking, tools
 from edgelm.server.params import ApiError
 
 STYLE = thinking.ThinkingStyle("<think>", "</think>", True)
@@ -116,7 +115,8 @@ def test_reply_splits_thought_content_and_calls() -> None:
 def test_template_style() -> None:
     assert thinking.template_style(QWEN3_STYLE) == STYLE
     assert thinking.template_style("{{ '<think>' }}...{{ '</think>' }}") == thinking.ThinkingStyle(
-        "<think>", "</think>", False)
+        "<think>", "</think>", False
+    )
     source = ChatTemplate.for_model(None, "llama").source
     assert thinking.template_style(source) is None and thinking.template_style(None) is None
 
@@ -150,8 +150,13 @@ def test_openai_thinking_fields() -> None:
     assert f({"reasoning_format": "none"}, STYLE) == thinking.Thinking(True, split=False)
     # vLLM and llama-server ignore template switches a template does not read.
     assert f({"chat_template_kwargs": {"enable_thinking": True}}, None) == thinking.OFF
-    for body in ({"chat_template_kwargs": []}, {"enable_thinking": "yes"}, {"reasoning_effort": "max"},
-                 {"reasoning_format": "xml"}, {"thinking_budget": -1}):
+    for body in (
+        {"chat_template_kwargs": []},
+        {"enable_thinking": "yes"},
+        {"reasoning_effort": "max"},
+        {"reasoning_format": "xml"},
+        {"thinking_budget": -1},
+    ):
         with pytest.raises(ApiError):
             f(body, STYLE)
 
@@ -166,13 +171,20 @@ def test_qwen3_style_template_renders_the_switch_and_the_history() -> None:
     assert not thinking.forced_open(on, t.thinking) and not thinking.forced_open(off, t.thinking)
     assert thinking.forced_open(ChatTemplate(QWEN3_OPENED).render(user), t.thinking)
     # Earlier thoughts: kept after the last user turn (a tool round), dropped before it.
-    history = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1", "reasoning_content": "T1"},
-               {"role": "user", "content": "Q2"},
-               {"role": "assistant", "content": "", "reasoning_content": "T2",
-                "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}]},
-               {"role": "tool", "content": "ok"}]
+    history = [
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "A1", "reasoning_content": "T1"},
+        {"role": "user", "content": "Q2"},
+        {
+            "role": "assistant",
+            "content": "",
+            "reasoning_content": "T2",
+            "tool_calls": [{"function": {"name": "f", "arguments": {"x": 1}}}],
+        },
+        {"role": "tool", "content": "ok"},
+    ]
     text = t.render(history)
-    assert "T1" not in text and "<think>\nT2\n</think>\n\n<tool_call>\n{\"name\": \"f\", \"arguments\": {\"x\": 1}}" in text
+    assert "T1" not in text and '<think>\nT2\n</think>\n\n<tool_call>\n{"name": "f", "arguments": {"x": 1}}' in text
 
 
 # -- the grammar -------------------------------------------------------------------------
@@ -185,8 +197,17 @@ def grammars() -> Grammars:
     return Grammars(native, eog)
 
 
-PLAN = tools.parse_tools([{"type": "function", "function": {"name": "HassTurnOn", "parameters": {
-    "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}])
+PLAN = tools.parse_tools(
+    [
+        {
+            "type": "function",
+            "function": {
+                "name": "HassTurnOn",
+                "parameters": {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]},
+            },
+        }
+    ]
+)
 CALL = '<tool_call>\n{"name": "HassTurnOn", "arguments": {"name": "light"}}\n</tool_call>'
 
 
@@ -206,21 +227,29 @@ def test_tool_grammar_takes_a_thought_first(grammars: Grammars, opened: bool) ->
     g = tools.grammar(PLAN, None, rule)
     assert g is not None
     head = "" if opened else "<think>\n"
-    for text in (f"{head}I should call it.\n</think>\n\n{CALL}", f"{head}Plain.</think>\n\nThe light is on.",
-                 f"{head}x</think>{CALL}"):
+    for text in (
+        f"{head}I should call it.\n</think>\n\n{CALL}",
+        f"{head}Plain.</think>\n\nThe light is on.",
+        f"{head}x</think>{CALL}",
+    ):
         assert accepts(grammars, g, text), text
     # A call that does not match its schema is refused after a thought too, and text
     # after the thought cannot start a call-looking "<" (it would have to be a call).
-    for text in (f"{head}x</think>\n\n<tool_call>\n{{\"name\": \"Nope\", \"arguments\": {{}}}}\n</tool_call>",
-                 f"{head}x</think>\n\n<b>bold</b>"):
+    for text in (
+        f'{head}x</think>\n\n<tool_call>\n{{"name": "Nope", "arguments": {{}}}}\n</tool_call>',
+        f"{head}x</think>\n\n<b>bold</b>",
+    ):
         assert not accepts(grammars, g, text), text
     if not opened:  # without the prompt's opening, the thought may be skipped
         assert accepts(grammars, g, CALL) and accepts(grammars, g, "Just text.")
     required = tools.grammar(tools.ToolPlan(PLAN.tools, "required"), None, rule)
     assert required is not None and not accepts(grammars, required, f"{head}x</think>\n\nText instead.")
-    schema = tools.grammar(None, {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"],
-                                  "additionalProperties": False}, rule)
-    assert schema is not None and accepts(grammars, schema, f"{head}x</think>\n\n{{\"a\": 1}}")
+    schema = tools.grammar(
+        None,
+        {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": False},
+        rule,
+    )
+    assert schema is not None and accepts(grammars, schema, f'{head}x</think>\n\n{{"a": 1}}')
     assert not accepts(grammars, schema, f"{head}x</think>\n\nnot json")
 
 
@@ -241,8 +270,9 @@ def test_thinking_budget_closes_the_thought(grammars: Grammars, opened: bool) ->
     close = grammars.prefix_masks(b"</think>")
 
     def budgeted() -> thinking.ThoughtBudget:
-        return thinking.ThoughtBudget(grammars.matcher(grammars.lark(source)), 4, STYLE, opened,
-                                      lambda t: native.token_bytes(t, True), close)
+        return thinking.ThoughtBudget(
+            grammars.matcher(grammars.lark(source)), 4, STYLE, opened, lambda t: native.token_bytes(t, True), close
+        )
 
     head = "" if opened else "<think>"
     m = budgeted()
@@ -283,12 +313,28 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
         yield s
 
 
-ANSWER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 24}}, "required": ["city"],
-          "additionalProperties": False}
+ANSWER = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "maxLength": 24}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 GREEDY = {"temperature": 0, "num_predict": 120}
-TOOLS = [{"type": "function", "function": {"name": "HassTurnOn", "description": "Turns on a device", "parameters": {
-    "type": "object", "properties": {"name": {"type": "string", "maxLength": 32}}, "required": ["name"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "HassTurnOn",
+            "description": "Turns on a device",
+            "parameters": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 32}},
+                "required": ["name"],
+            },
+        },
+    }
+]
 
 
 def no_tags(*texts: str | None) -> bool:
@@ -311,8 +357,7 @@ def test_ollama_thought_apart_streamed_and_not(srv: Daemon) -> None:
     assert all(not p.message.thinking for p in parts[first_content:])  # thought, then answer
     assert sum(1 for p in parts if p.message.thinking) > 1  # streamed as it came, not at the end
     # /api/generate: `thinking` beside `response`.
-    g = c.generate(model="smol-think", prompt="What is the capital of France?", think=True, format=ANSWER,
-                   options=opts)
+    g = c.generate(model="smol-think", prompt="What is the capital of France?", think=True, format=ANSWER, options=opts)
     assert g.thinking and no_tags(g.thinking, g.response) and "city" in json.loads(g.response)
     # A level means on (a template with effort levels hears it; this one does not).
     h = c.chat(model="smol-think", messages=QUESTION, think="high", format=ANSWER, options=opts)
@@ -340,7 +385,9 @@ def test_ollama_thought_opened_by_the_template(srv: Daemon) -> None:
     # No budget: the model ends without closing the thought; all of it is thought.
     r = c.chat(model="smol-opened", messages=QUESTION, think=True, options={"temperature": 0, "num_predict": 20})
     assert r.message.thinking and not r.message.content
-    r = c.chat(model="smol-opened", messages=QUESTION, think=True, format=ANSWER, options={**GREEDY, "thinking_budget": 8})
+    r = c.chat(
+        model="smol-opened", messages=QUESTION, think=True, format=ANSWER, options={**GREEDY, "thinking_budget": 8}
+    )
     assert r.message.thinking and no_tags(r.message.thinking, r.message.content)
     assert "city" in json.loads(r.message.content)
     r = c.chat(model="smol-opened", messages=QUESTION, think=False, options={"temperature": 0, "num_predict": 20})
@@ -349,12 +396,15 @@ def test_ollama_thought_opened_by_the_template(srv: Daemon) -> None:
 
 def test_ollama_tools_with_thinking_on_and_off(srv: Daemon) -> None:
     c = ollama.Client(host=srv.url)
-    ask = [{"role": "system", "content": "Call HassTurnOn to turn devices on."},
-           {"role": "user", "content": "Turn on the kitchen light"}]
+    ask = [
+        {"role": "system", "content": "Call HassTurnOn to turn devices on."},
+        {"role": "user", "content": "Turn on the kitchen light"},
+    ]
     for think in (True, False):
         for stream in (False, True):
-            kw: dict[str, Any] = dict(model="smol-think", messages=ask, tools=TOOLS, think=think,
-                                      options={**GREEDY, "thinking_budget": 10})
+            kw: dict[str, Any] = dict(
+                model="smol-think", messages=ask, tools=TOOLS, think=think, options={**GREEDY, "thinking_budget": 10}
+            )
             if stream:
                 parts = list(c.chat(**kw, stream=True))
                 thought = "".join(p.message.thinking or "" for p in parts)
@@ -385,16 +435,27 @@ def test_a_model_without_thinking(srv: Daemon) -> None:
         c.chat(model="smol-think", messages=QUESTION, think="banana")  # type: ignore[arg-type]
     assert e.value.status_code == 400
     oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    r2 = oai.chat.completions.create(model=plain, messages=QUESTION, max_tokens=8, temperature=0,  # type: ignore[arg-type]
-                                     extra_body={"chat_template_kwargs": {"enable_thinking": True}})
+    r2 = oai.chat.completions.create(
+        model=plain,
+        messages=QUESTION,
+        max_tokens=8,
+        temperature=0,  # type: ignore[arg-type]
+        extra_body={"chat_template_kwargs": {"enable_thinking": True}},
+    )
     assert r2.choices[0].message.content and not (r2.choices[0].message.model_extra or {}).get("reasoning_content")
 
 
 def test_openai_reasoning_content(srv: Daemon) -> None:
     oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": ANSWER}}
-    kw: dict[str, Any] = dict(model="smol-think", messages=QUESTION, temperature=0, max_tokens=120,
-                              response_format=fmt, extra_body={"thinking_budget": 12})
+    kw: dict[str, Any] = dict(
+        model="smol-think",
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=120,
+        response_format=fmt,
+        extra_body={"thinking_budget": 12},
+    )
     r = oai.chat.completions.create(**kw)
     m = r.choices[0].message
     thought = (m.model_extra or {}).get("reasoning_content")
@@ -415,9 +476,16 @@ def test_openai_reasoning_content(srv: Daemon) -> None:
 
 def test_openai_tool_calls_after_a_thought(srv: Daemon) -> None:
     oai = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
-    kw: dict[str, Any] = dict(model="smol-think", messages=[{"role": "user", "content": "Turn on the kitchen light"}],
-                              tools=TOOLS, tool_choice="required", parallel_tool_calls=False, temperature=0,
-                              max_tokens=120, extra_body={"thinking_budget": 10})
+    kw: dict[str, Any] = dict(
+        model="smol-think",
+        messages=[{"role": "user", "content": "Turn on the kitchen light"}],
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=120,
+        extra_body={"thinking_budget": 10},
+    )
     r = oai.chat.completions.create(**kw)
     ch = r.choices[0]
     assert ch.finish_reason == "tool_calls" and ch.message.tool_calls
@@ -433,10 +501,26 @@ def test_openai_tool_calls_after_a_thought(srv: Daemon) -> None:
     assert deltas[-1].finish_reason == "tool_calls"
     # The round trip: the call, its result and the earlier thought go back to the template.
     follow = oai.chat.completions.create(
-        model="smol-think", temperature=0, max_tokens=30, extra_body={"chat_template_kwargs": {"enable_thinking": False}},
-        messages=[kw["messages"][0],
-                  {"role": "assistant", "content": None, "reasoning_content": thought,  # type: ignore[misc]
-                   "tool_calls": [{"id": call.id, "type": "function",
-                                   "function": {"name": "HassTurnOn", "arguments": call.function.arguments}}]},  # type: ignore[union-attr]
-                  {"role": "tool", "tool_call_id": call.id, "content": "done"}], tools=TOOLS)
+        model="smol-think",
+        temperature=0,
+        max_tokens=30,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+        messages=[
+            kw["messages"][0],
+            {
+                "role": "assistant",
+                "content": None,
+                "reasoning_content": thought,  # type: ignore[misc]
+                "tool_calls": [
+                    {
+                        "id": call.id,
+                        "type": "function",
+                        "function": {"name": "HassTurnOn", "arguments": call.function.arguments},
+                    }
+                ],
+            },  # type: ignore[union-attr]
+            {"role": "tool", "tool_call_id": call.id, "content": "done"},
+        ],
+        tools=TOOLS,
+    )
     assert follow.choices[0].message.content

@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FIXTURES, load_fixture
 
 import edgelm
 from edgelm import _native
-
-from conftest import FIXTURES, load_fixture
 
 sys.path.insert(0, str(FIXTURES))
 import make_tiny_models  # noqa: E402  (the writer the fixtures came from)
@@ -44,8 +43,13 @@ MUST_HAVE = {
     "tiny-qwen2.gguf": ["output.weight", "blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"],
     "tiny-llama3.gguf": ["output.weight", "rope_freqs.weight"],
     "tiny-qwen3.gguf": ["blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"],
-    "tiny-qwen3moe.gguf": ["blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_exps.weight", "blk.0.ffn_up_exps.weight",
-                           "blk.0.ffn_down_exps.weight", "blk.0.attn_q_norm.weight"],
+    "tiny-qwen3moe.gguf": [
+        "blk.0.ffn_gate_inp.weight",
+        "blk.0.ffn_gate_exps.weight",
+        "blk.0.ffn_up_exps.weight",
+        "blk.0.ffn_down_exps.weight",
+        "blk.0.attn_q_norm.weight",
+    ],
     "tiny-phi3.gguf": ["blk.0.attn_qkv.weight", "rope_factors_long.weight", "rope_factors_short.weight"],
     "tiny-granite.gguf": ["blk.0.attn_output.bias", "blk.0.ffn_up.bias", "blk.0.ffn_down.bias"],
 }
@@ -140,8 +144,9 @@ def entry_file(entry: str, copies: dict[str, Path], tmp: Path) -> Path:
 
 
 @pytest.fixture(scope="module", params=ENTRIES)
-def tiny(request: pytest.FixtureRequest, copies: dict[str, Path],
-         tmp_path_factory: pytest.TempPathFactory) -> tuple[str, edgelm.Model]:
+def tiny(
+    request: pytest.FixtureRequest, copies: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, edgelm.Model]:
     entry = request.param
     tmp = tmp_path_factory.getbasetemp() / "tiny-archs"
     tmp.mkdir(exist_ok=True)
@@ -215,10 +220,10 @@ def test_logprobs_match_llama_cpp(tiny: tuple[str, edgelm.Model]) -> None:
         if quantized(entry):
             lps = np.stack([log_softmax(m.logits(p + want[:i]))[-1] for i in range(len(want))])
         else:
-            lps = log_softmax(m.logits(p + want[:-1]))[len(p) - 1:]
+            lps = log_softmax(m.logits(p + want[:-1]))[len(p) - 1 :]
         for i, top in enumerate(case["top"]):
             peers = [dict(map(tuple, case[k][i])) for k in PEERS if k in case]
-            for rank, (tid, ref) in enumerate(top):
+            for rank, (tid, _ref) in enumerate(top):
                 vals = [d[tid] for d in peers if tid in d]
                 got = lps[i, tid]
                 d = min(abs(got - v) for v in vals)
@@ -256,8 +261,9 @@ def _agrees(entry: str, case: dict, got: list[int]) -> None:  # type: ignore[typ
             break
 
 
-@pytest.mark.parametrize("max_context, entry", [(None, "tiny-phi3.gguf"), (256, "tiny-phi3.gguf@256"),
-                                                (512, "tiny-phi3.gguf")])
+@pytest.mark.parametrize(
+    "max_context, entry", [(None, "tiny-phi3.gguf"), (256, "tiny-phi3.gguf@256"), (512, "tiny-phi3.gguf")]
+)
 def test_served_context_picks_the_longrope_factors(max_context: int | None, entry: str) -> None:
     """The daemon loads phi3 for the context it serves (`max_context`, else the model's
     1024): 256 takes the short factors and answers as llama.cpp does at -c 256, above
@@ -268,19 +274,29 @@ def test_served_context_picks_the_longrope_factors(max_context: int | None, entr
     args = ["--max-context", str(max_context)] if max_context else []
     with daemon(FIXTURES / "tiny-phi3.gguf", *args) as d:
         for case in GOLDEN[entry]["cases"]:
-            status, body = http("POST", d.url + "/api/generate", {
-                "model": "tiny-phi3", "prompt": "", "raw": True, "context": case["prompt_ids"], "stream": False,
-                "options": {"temperature": 0, "repeat_penalty": 1.0, "num_predict": len(case["ids"])}})
+            status, body = http(
+                "POST",
+                d.url + "/api/generate",
+                {
+                    "model": "tiny-phi3",
+                    "prompt": "",
+                    "raw": True,
+                    "context": case["prompt_ids"],
+                    "stream": False,
+                    "options": {"temperature": 0, "repeat_penalty": 1.0, "num_predict": len(case["ids"])},
+                },
+            )
             assert status == 200, body
             assert body["context"][: len(case["prompt_ids"])] == case["prompt_ids"]
-            _agrees(entry, case, body["context"][len(case["prompt_ids"]):])
+            _agrees(entry, case, body["context"][len(case["prompt_ids"]) :])
         want = "rope_factors_short" if max_context == 256 else "rope_factors_long"
         assert f"RoPE factors {want}" in d.log()
 
 
 @pytest.mark.parametrize("entry", ["tiny-qwen3moe.gguf", "tiny-qwen3moe-wide.gguf:Q4_K_M"])
-def test_moe_routing_matches_float64_reference(entry: str, copies: dict[str, Path],
-                                               tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_moe_routing_matches_float64_reference(
+    entry: str, copies: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> None:
     """The experts each token is sent to, and their weights, equal a float64 numpy router
     (softmax over all experts, top-k, renormalised) on the same input, layer by layer."""
     import gguf
@@ -292,8 +308,11 @@ def test_moe_routing_matches_float64_reference(entry: str, copies: dict[str, Pat
     meta = m.metadata
     n_expert, k = meta["qwen3moe.expert_count"], meta["qwen3moe.expert_used_count"]
     reader = gguf.GGUFReader(path)
-    routers = {t.name: np.array(t.data, dtype=np.float64).reshape(n_expert, -1)
-               for t in reader.tensors if t.name.endswith("ffn_gate_inp.weight")}
+    routers = {
+        t.name: np.array(t.data, dtype=np.float64).reshape(n_expert, -1)
+        for t in reader.tensors
+        if t.name.endswith("ffn_gate_inp.weight")
+    }
     assert len(routers) == m.native.n_layer
     ids = [p for case in GOLDEN[entry]["cases"] for p in case["prompt_ids"]]
     trace = m.native.moe_trace(ids)

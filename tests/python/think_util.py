@@ -62,21 +62,27 @@ _BODY = r"""
 {%- endfor -%}
 """
 
-QWEN3_STYLE = _BODY + r"""
+QWEN3_STYLE = (
+    _BODY
+    + r"""
 {%- if add_generation_prompt -%}
   {{- '<|im_start|>assistant\n' -}}
   {%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}{%- endif -%}
 {%- endif -%}
 """
+)
 """Qwen3's hybrid style: the model opens its thought itself, unless told not to think."""
 
-QWEN3_OPENED = _BODY + r"""
+QWEN3_OPENED = (
+    _BODY
+    + r"""
 {%- if add_generation_prompt -%}
   {{- '<|im_start|>assistant\n' -}}
   {%- if enable_thinking is defined and enable_thinking is false -%}{{- '<think>\n\n</think>\n\n' -}}
   {%- else -%}{{- '<think>\n' -}}{%- endif -%}
 {%- endif -%}
 """
+)
 """The thinking-only style: the generation prompt opens the thought."""
 
 
@@ -85,7 +91,9 @@ def with_template(src: Path, dst: Path, template: str, name: str) -> Path:
     reader = gguf.GGUFReader(src)
     arch = bytes(reader.fields["general.architecture"].parts[-1]).decode()
     writer = gguf.GGUFWriter(dst, arch, endianess=reader.endianess)
-    new = {"tokenizer.chat_template": MetadataDetails(gguf.GGUFValueType.STRING, template),
-           "general.name": MetadataDetails(gguf.GGUFValueType.STRING, name)}
+    new = {
+        "tokenizer.chat_template": MetadataDetails(gguf.GGUFValueType.STRING, template),
+        "general.name": MetadataDetails(gguf.GGUFValueType.STRING, name),
+    }
     copy_with_new_metadata(reader, writer, new, [])
     return dst

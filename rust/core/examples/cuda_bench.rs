@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use edgelm_core::batch::{Executor, StepItem};
-use edgelm_core::engine::{Engine, LoadOptions};
+use edgelm_core::engine::{Engine, LoadOptions, StopRule};
 use edgelm_core::gguf::{Array, Gguf, GgufWriter, Value};
 use edgelm_core::quant::{self, GgmlType};
 use edgelm_core::sample::SamplingParams;
@@ -279,7 +279,7 @@ fn measure(
         let mut pp = 0f64;
         for _ in 0..3 {
             let prompt: Vec<u32> = (0..512).map(|j| (j * 13 + 7) % (vocab as u32 - 1)).collect();
-            ex.add(next_id, prompt, greedy.clone(), true).unwrap();
+            ex.add(next_id, prompt, greedy.clone(), StopRule::never()).unwrap();
             let t = Instant::now();
             ex.step(&[StepItem {
                 seq: next_id,
@@ -314,7 +314,7 @@ fn measure(
             next_id += batch as u64;
             for (k, &id) in ids.iter().enumerate() {
                 let prompt: Vec<u32> = (0..32).map(|j| ((k * 31 + j * 7) % (vocab - 1)) as u32).collect();
-                ex.add(id, prompt, greedy.clone(), true).unwrap();
+                ex.add(id, prompt, greedy.clone(), StopRule::never()).unwrap();
             }
             let items: Vec<StepItem> = ids
                 .iter()

@@ -1,7 +1,10 @@
 //! The executor the serving scheduler drives: one shared paged KV cache, the token
-//! history, sampler and text decoder of every live sequence, and `step`, which runs
-//! one batched forward pass over whatever the scheduler picked (decode tokens of
-//! running sequences and prompt chunks of others) and samples where asked.
+//! history, sampler, stop rule and text decoder of every live sequence, and `run`,
+//! which carries out one step of the scheduler's plan: forget the sequences that ended,
+//! register the new ones, run one batched forward pass over whatever the plan picked
+//! (decode tokens of running sequences and prompt chunks of others), sample where
+//! asked, and end the sequences whose token stops them (`StopRule`: the end of their
+//! text comes with that token, and their state goes at once).
 //!
 //! Who owns which KV block, what is cached and what runs next is the scheduler's
 //! business (Python, `edgelm/serve/scheduler.py`); this module checks what it is
@@ -13,7 +16,7 @@ use std::sync::Arc;
 
 use crate::cuda::model::{GpuKv, GpuModel};
 use crate::cuda::Gpu;
-use crate::engine::Engine;
+use crate::engine::{Engine, FinishReason, StopRule};
 use crate::error::{Error, Result};
 use crate::kv::{KvCache, KvShape};
 use crate::model::ops::FA_TILE_Q;
@@ -27,6 +30,7 @@ struct Seq {
     /// Where the repetition penalties' window may start (0, or n_prompt).
     penalty_from: usize,
     sampler: Sampler,
+    stop: StopRule,
     decoder: StreamDecoder,
 }
 
@@ -50,8 +54,38 @@ pub struct StepOut {
     pub seq: u64,
     pub sampled: Sampled,
     /// Text the token completes (empty while a UTF-8 character is incomplete, and for
-    /// control tokens).
+    /// control tokens); on a sequence's last token, also what its decoder still held.
     pub text: String,
+    /// Set when this token ended the sequence (its `StopRule`); the executor has
+    /// forgotten it.
+    pub finish: Option<FinishReason>,
+}
+
+/// A sequence the executor has not seen yet, registered before the step that first
+/// feeds it.
+#[derive(Clone, Debug)]
+pub struct NewSeq {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub sampling: SamplingParams,
+    pub stop: StopRule,
+}
+
+/// One step as the scheduler planned it.
+#[derive(Clone, Debug, Default)]
+pub struct Plan {
+    /// Sequences the scheduler ended (aborted, timed out, stopped by a grammar or a
+    /// stop string): forgotten first.
+    pub finished: Vec<u64>,
+    pub new: Vec<NewSeq>,
+    pub items: Vec<StepItem>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct PlanOut {
+    pub tokens: Vec<StepOut>,
+    /// New sequences that could not be registered, with why; their items did not run.
+    pub refused: Vec<(u64, String)>,
 }
 
 /// Where the forward pass runs: the CPU kernels over a host KV cache, or the GPU
@@ -105,12 +139,25 @@ impl Executor {
         self.seqs.len()
     }
 
+    /// Carry out one step of a plan (see `Plan`).
+    pub fn run(&mut self, plan: Plan) -> Result<PlanOut> {
+        for id in &plan.finished {
+            self.seqs.remove(id);
+        }
+        let mut refused = Vec::new();
+        for n in plan.new {
+            if let Err(e) = self.add(n.id, n.prompt, n.sampling, n.stop) {
+                refused.push((n.id, e.to_string()));
+            }
+        }
+        let items: Vec<StepItem> =
+            plan.items.into_iter().filter(|it| !refused.iter().any(|(id, _)| *id == it.seq)).collect();
+        Ok(PlanOut { tokens: self.step(&items)?, refused })
+    }
+
     /// Register a sequence with its prompt. Ids are the caller's; reusing a live one
     /// is an error.
-    /// Register a sequence. `penalize_prompt: false` keeps the prompt out of the
-    /// repetition penalties' window: a tool-use prompt spells out the call syntax the
-    /// answer must repeat, and penalising it would talk a small model out of calling.
-    pub fn add(&mut self, id: u64, prompt: Vec<u32>, params: SamplingParams, penalize_prompt: bool) -> Result<()> {
+    pub fn add(&mut self, id: u64, prompt: Vec<u32>, params: SamplingParams, stop: StopRule) -> Result<()> {
         if self.seqs.contains_key(&id) {
             return Err(Error::invalid(format!("sequence {id} already exists")));
         }
@@ -125,11 +172,11 @@ impl Executor {
         if prompt.len() > max {
             return Err(Error::invalid(format!("{} tokens exceed the model's context length of {max}", prompt.len())));
         }
+        let penalty_from = if params.penalize_prompt { 0 } else { prompt.len() };
         let sampler = Sampler::new(params)?;
-        let penalty_from = if penalize_prompt { 0 } else { prompt.len() };
         self.seqs.insert(
             id,
-            Seq { n_prompt: prompt.len(), penalty_from, history: prompt, sampler, decoder: StreamDecoder::new() },
+            Seq { n_prompt: prompt.len(), penalty_from, history: prompt, sampler, stop, decoder: StreamDecoder::new() },
         );
         Ok(())
     }
@@ -207,7 +254,12 @@ impl Executor {
             })
             .collect();
         let logits = match &mut self.backend {
-            Backend::Cpu(kv) => self.engine.forward_invariant(kv, &inputs)?,
+            // Batch-invariant kernels (`invariant: true`): a token's logits do not
+            // depend on what else shares the step.
+            Backend::Cpu(kv) => {
+                let e = &*self.engine;
+                e.model.forward_with(e.pool(), e.kernels, kv, &inputs, true)?
+            }
             Backend::Cuda(gm, kv) => gm.forward(kv, &inputs)?,
         };
         drop(inputs);
@@ -244,8 +296,15 @@ impl Executor {
                 }
             };
             s.history.push(sampled.token);
-            let text = s.decoder.push(tokenizer, sampled.token);
-            StepOut { seq: *id, sampled, text }
+            let finish = s.stop.check(tokenizer, sampled.token, s.history.len() - s.n_prompt);
+            let mut text = match finish {
+                Some(FinishReason::Stop) => String::new(),
+                _ => s.decoder.push(tokenizer, sampled.token),
+            };
+            if finish.is_some() {
+                text.push_str(&s.decoder.finish());
+            }
+            StepOut { seq: *id, sampled, text, finish }
         };
         // Sequences sample independently (each has its own generator), so a large
         // batch's are spread over threads: a pass over the vocabulary per sequence is
@@ -266,6 +325,9 @@ impl Executor {
                 handles.into_iter().flat_map(|h| h.join().expect("sampling thread panicked")).collect()
             })
         };
+        for o in out.iter().filter(|o| o.finish.is_some()) {
+            self.seqs.remove(&o.seq);
+        }
         Ok(out)
     }
 }

@@ -83,11 +83,6 @@ impl Engine {
         self.model.forward(&self.pool, self.kernels, kv, seqs)
     }
 
-    /// One batch-invariant step (the serving executor's).
-    pub fn forward_invariant(&self, kv: &mut KvCache, seqs: &[SeqInput<'_>]) -> Result<crate::model::StepLogits> {
-        self.model.forward_with(&self.pool, self.kernels, kv, seqs, true)
-    }
-
     pub fn kv_shape(&self, n_blocks: usize) -> KvShape {
         let c = &self.model.cfg;
         KvShape { n_layer: c.n_layer, kv_dim_k: c.kv_dim_k(), kv_dim_v: c.kv_dim_v(), block_size: BLOCK_SIZE, n_blocks }
@@ -198,14 +193,42 @@ impl FinishReason {
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct GenParams {
+/// When a generated sequence ends: the one rule, for `Generation` and for the serving
+/// executor (`batch::Executor`). What it cannot see stays with the caller: stop
+/// strings (text), a grammar that is complete, a client that went away.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StopRule {
+    /// Tokens to generate at most (the caller folds the room left in the context in).
     pub max_tokens: usize,
-    pub sampling: SamplingParams,
     /// Extra token ids that end generation (besides the model's end-of-generation ones).
     pub stop_tokens: Vec<u32>,
     /// Stop at end-of-generation tokens (false lets a caller run past EOS).
     pub stop_at_eog: bool,
+}
+
+impl StopRule {
+    /// Never stops (tests and benchmarks that step a sequence by hand).
+    pub fn never() -> StopRule {
+        StopRule { max_tokens: usize::MAX, stop_tokens: Vec::new(), stop_at_eog: false }
+    }
+
+    /// Whether `token`, the `n_generated`-th generated token, ends the sequence. A stop
+    /// token ends it without its text; the last of `max_tokens` ends it with.
+    pub fn check(&self, tokenizer: &Tokenizer, token: u32, n_generated: usize) -> Option<FinishReason> {
+        if (self.stop_at_eog && tokenizer.is_eog(token)) || self.stop_tokens.contains(&token) {
+            Some(FinishReason::Stop)
+        } else if n_generated >= self.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GenParams {
+    pub sampling: SamplingParams,
+    pub stop: StopRule,
 }
 
 #[derive(Clone, Debug)]
@@ -227,11 +250,13 @@ pub struct Generation {
     /// Tokens of `history` already in the cache.
     n_past: usize,
     n_generated: usize,
+    /// Where the penalties' window may start (0, or the prompt's length).
+    penalty_from: usize,
     sampler: Sampler,
-    params: GenParams,
+    /// `params.stop` with the room in the context folded into its `max_tokens`.
+    stop: StopRule,
     decoder: StreamDecoder,
     done: bool,
-    n_ctx: usize,
 }
 
 impl Generation {
@@ -247,10 +272,16 @@ impl Generation {
             )));
         }
         engine.check_len(prompt.len())?;
-        let n_ctx = (prompt.len() + params.max_tokens).min(cfg.n_ctx_train);
+        let n_ctx = prompt.len().saturating_add(params.stop.max_tokens).min(cfg.n_ctx_train);
         let n_blocks = n_ctx.div_ceil(BLOCK_SIZE);
         let kv = KvCache::new(engine.kv_shape(n_blocks))?;
-        let sampler = Sampler::new(params.sampling.clone())?;
+        let penalty_from = if params.sampling.penalize_prompt { 0 } else { prompt.len() };
+        let sampler = Sampler::new(params.sampling)?;
+        // A full context still gives the one token its last position's logits make.
+        let mut stop = params.stop;
+        if stop.max_tokens > 0 {
+            stop.max_tokens = stop.max_tokens.min((cfg.n_ctx_train - prompt.len()).max(1));
+        }
         Ok(Generation {
             engine,
             kv,
@@ -259,11 +290,11 @@ impl Generation {
             history: prompt.to_vec(),
             n_past: 0,
             n_generated: 0,
+            penalty_from,
             sampler,
-            params,
+            stop,
             decoder: StreamDecoder::new(),
             done: false,
-            n_ctx,
         })
     }
 
@@ -276,7 +307,7 @@ impl Generation {
         if self.done {
             return Ok(None);
         }
-        if self.params.max_tokens == 0 {
+        if self.stop.max_tokens == 0 {
             self.done = true;
             return Ok(None);
         }
@@ -293,21 +324,15 @@ impl Generation {
             self.n_past = end;
             logits = r.data;
         }
-        let sampled = self.sampler.sample(&logits, &self.history);
+        let sampled = self.sampler.sample(&logits, &self.history[self.penalty_from..]);
         let tok = sampled.token;
         self.n_generated += 1;
         let tk = &engine.tokenizer;
-        let is_stop = (self.params.stop_at_eog && tk.is_eog(tok)) || self.params.stop_tokens.contains(&tok);
-        let mut finish = None;
+        let finish = self.stop.check(tk, tok, self.n_generated);
         let mut text = String::new();
-        if is_stop {
-            finish = Some(FinishReason::Stop);
-        } else {
+        if finish != Some(FinishReason::Stop) {
             self.history.push(tok);
             text = self.decoder.push(tk, tok);
-            if self.n_generated >= self.params.max_tokens || self.history.len() >= self.n_ctx {
-                finish = Some(FinishReason::Length);
-            }
         }
         if finish.is_some() {
             text.push_str(&self.decoder.finish());

@@ -9,6 +9,11 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 
+/// How one sequence's tokens are drawn: the one definition of the sampling settings,
+/// their defaults (llama.cpp's) and their limits. Python sees it as
+/// `edgelm._native.SamplingParams`; the HTTP APIs build it from a request
+/// (`from_openai`, `from_ollama`) and the serving scheduler hands it, unchanged, to
+/// the executor's `Sampler`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
     /// ≤ 0 means greedy (argmax after penalties).
@@ -29,22 +34,30 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
     /// How many top alternatives to report per token (0 = none).
     pub n_logprobs: usize,
+    /// Whether the penalties' window may reach into the prompt. A tool-use prompt
+    /// spells out the call syntax the answer must repeat, and penalising it talks a
+    /// small model out of calling.
+    pub penalize_prompt: bool,
 }
+
+/// The defaults, as a constant (the Python constructor's keyword defaults read it).
+pub const DEFAULT_SAMPLING: SamplingParams = SamplingParams {
+    temperature: 0.8,
+    top_k: 40,
+    top_p: 0.95,
+    min_p: 0.05,
+    repeat_penalty: 1.0,
+    repeat_last_n: 64,
+    frequency_penalty: 0.0,
+    presence_penalty: 0.0,
+    seed: None,
+    n_logprobs: 0,
+    penalize_prompt: true,
+};
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            min_p: 0.05,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-            frequency_penalty: 0.0,
-            presence_penalty: 0.0,
-            seed: None,
-            n_logprobs: 0,
-        }
+        DEFAULT_SAMPLING
     }
 }
 

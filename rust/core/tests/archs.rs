@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{tiny_granite, tiny_phi3, tiny_qwen3, tiny_qwen3moe, Tiny};
 use edgelm_core::batch::{Executor, StepItem};
-use edgelm_core::engine::{Engine, LoadOptions};
+use edgelm_core::engine::{Engine, LoadOptions, StopRule};
 use edgelm_core::gguf::{Gguf, GgufWriter, Value};
 use edgelm_core::model::Model;
 use edgelm_core::quant::{GgmlType, Kernels, Level};
@@ -72,7 +72,7 @@ fn batching_never_changes_the_new_archs_tokens() {
                 let tables: Vec<Vec<u32>> =
                     (0..6).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
                 for &i in which {
-                    ex.add(i as u64, prompts[i].clone(), greedy.clone(), true).unwrap();
+                    ex.add(i as u64, prompts[i].clone(), greedy.clone(), StopRule::never()).unwrap();
                 }
                 let mut fed = [0usize; 6];
                 for _ in 0..=n_gen {

@@ -369,6 +369,7 @@ fn gpu_forward_matches_cpu_on_tiny_models() {
 #[test]
 fn gpu_executor_batches_without_changing_results() {
     use edgelm_core::batch::{Executor, StepItem};
+    use edgelm_core::engine::StopRule;
     use edgelm_core::sample::SamplingParams;
     let Some(g) = gpu() else { return };
     let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
@@ -390,7 +391,7 @@ fn gpu_executor_batches_without_changing_results() {
             let tables: Vec<Vec<u32>> =
                 (0..16).map(|i| ((i * per_seq) as u32..((i + 1) * per_seq) as u32).collect()).collect();
             for &i in which {
-                ex.add(i as u64, prompts[i].clone(), greedy.clone(), true).unwrap();
+                ex.add(i as u64, prompts[i].clone(), greedy.clone(), StopRule::never()).unwrap();
             }
             let mut fed: Vec<usize> = vec![0; 16];
             for _ in 0..=n_gen {
@@ -450,6 +451,7 @@ fn tiny_models_run_on_the_cpu() {
 #[test]
 fn gpu_greedy_shortcut_equals_the_full_sampler() {
     use edgelm_core::batch::{Executor, StepItem};
+    use edgelm_core::engine::StopRule;
     use edgelm_core::sample::SamplingParams;
     let Some(g) = gpu() else { return };
     let opts = LoadOptions { n_threads: Some(2), kernel_level: None, n_ctx: None };
@@ -461,7 +463,7 @@ fn gpu_greedy_shortcut_equals_the_full_sampler() {
     let run = |params: SamplingParams, prompt: &[u32]| -> Vec<(u32, u32)> {
         let mut ex = Executor::new_cuda(Arc::clone(&engine), 4 * per_seq, &g).unwrap();
         let table: Vec<u32> = (0..per_seq as u32).collect();
-        ex.add(0, prompt.to_vec(), params, true).unwrap();
+        ex.add(0, prompt.to_vec(), params, StopRule::never()).unwrap();
         let mut fed = 0;
         let mut got = Vec::new();
         for _ in 0..24 {

@@ -2,25 +2,26 @@
 //! beyond argument conversion; every compute call releases the GIL.
 
 mod errors;
+mod sampling;
+mod step;
 mod tools;
 
 use std::sync::{Arc, Mutex};
 
-use edgelm_core::batch::{Executor as CoreExecutor, StepItem};
-use edgelm_core::engine::{Engine, GenParams, Generation, LoadOptions};
+use edgelm_core::engine::{Engine, GenParams, Generation, LoadOptions, StopRule};
 use edgelm_core::gguf::{Array, Value};
 use edgelm_core::quant::{GgmlType, Kernels, Level};
-use edgelm_core::sample::SamplingParams;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 
 use errors::to_py;
+use sampling::PySampling;
 
 /// A GGUF model, memory-mapped and validated, ready to tokenize and generate.
 #[pyclass(module = "edgelm._native", frozen)]
-struct Model {
-    engine: Arc<Engine>,
+pub(crate) struct Model {
+    pub(crate) engine: Arc<Engine>,
 }
 
 #[pymethods]
@@ -241,40 +242,19 @@ impl Model {
         Ok((t.pp_s, t.tg_s))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (ids, max_tokens=256, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                        repeat_penalty=1.0, repeat_last_n=64, frequency_penalty=0.0, presence_penalty=0.0,
-                        seed=None, n_logprobs=0, stop_tokens=Vec::new(), stop_at_eog=true))]
+    /// Generate from `ids` on a cache of its own (the library path: llama.cpp's decode
+    /// arithmetic). `sampling`: None = the defaults.
+    #[pyo3(signature = (ids, sampling=None, max_tokens=256, stop_tokens=Vec::new(), stop_at_eog=true))]
     fn generate(
         &self,
         ids: Vec<u32>,
+        sampling: Option<PyRef<'_, PySampling>>,
         max_tokens: usize,
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        min_p: f32,
-        repeat_penalty: f32,
-        repeat_last_n: i64,
-        frequency_penalty: f32,
-        presence_penalty: f32,
-        seed: Option<u64>,
-        n_logprobs: usize,
         stop_tokens: Vec<u32>,
         stop_at_eog: bool,
     ) -> PyResult<Generator> {
-        let sampling = SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty,
-            repeat_last_n: last_n(repeat_last_n),
-            frequency_penalty,
-            presence_penalty,
-            seed,
-            n_logprobs,
-        };
-        let params = GenParams { max_tokens, sampling, stop_tokens, stop_at_eog };
+        let sampling = sampling.map(|s| s.inner.clone()).unwrap_or_default();
+        let params = GenParams { sampling, stop: StopRule { max_tokens, stop_tokens, stop_at_eog } };
         let gen = Generation::new(Arc::clone(&self.engine), &ids, params).map_err(to_py)?;
         Ok(Generator { inner: Mutex::new(gen) })
     }
@@ -289,162 +269,6 @@ impl Model {
             ))),
             None => Ok(()),
         }
-    }
-}
-
-fn last_n(n: i64) -> usize {
-    if n < 0 {
-        usize::MAX
-    } else {
-        n as usize
-    }
-}
-
-/// The batched executor the serving scheduler drives: a shared paged KV cache of
-/// `n_blocks` blocks and the state of every live sequence. `step` takes
-/// `(seq_id, start, end, block_table, sample)` tuples and returns
-/// `(seq_id, token, logprob, top_logprobs, text)` for each sampled sequence; the
-/// compute releases the GIL.
-#[pyclass(module = "edgelm._native", frozen)]
-struct Executor {
-    inner: Mutex<CoreExecutor>,
-    n_blocks: usize,
-    block_size: usize,
-}
-
-type StepTuple = (u64, usize, usize, Vec<u32>, bool);
-type StepResult = (u64, u32, f32, Vec<(u32, f32)>, String);
-
-impl Executor {
-    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, CoreExecutor>> {
-        self.inner.lock().map_err(|_| PyValueError::new_err("executor was poisoned by an earlier panic"))
-    }
-}
-
-#[pymethods]
-impl Executor {
-    /// `device`: "cpu", or "cuda" / "cuda:N" (the weights are uploaded now; an
-    /// EdgelmError says why when the GPU cannot take this model).
-    #[new]
-    #[pyo3(signature = (model, n_blocks, device="cpu"))]
-    fn new(py: Python<'_>, model: &Model, n_blocks: usize, device: &str) -> PyResult<Self> {
-        let choice: edgelm_core::cuda::DeviceChoice = device.parse().map_err(to_py)?;
-        let engine = Arc::clone(&model.engine);
-        let ex = py
-            .detach(|| match choice {
-                edgelm_core::cuda::DeviceChoice::Cpu => CoreExecutor::new(engine, n_blocks),
-                edgelm_core::cuda::DeviceChoice::Cuda(n) => {
-                    let gpu = edgelm_core::cuda::Gpu::open(n)?;
-                    CoreExecutor::new_cuda(engine, n_blocks, &gpu)
-                }
-                edgelm_core::cuda::DeviceChoice::Auto => match edgelm_core::cuda::probe() {
-                    Ok(gpu) => CoreExecutor::new_cuda(engine, n_blocks, &gpu),
-                    Err(_) => CoreExecutor::new(engine, n_blocks),
-                },
-            })
-            .map_err(to_py)?;
-        let block_size = ex.block_size();
-        Ok(Executor { inner: Mutex::new(ex), n_blocks, block_size })
-    }
-    /// "cpu", or "cuda:N (name, sm_XY)".
-    #[getter]
-    fn device(&self) -> PyResult<String> {
-        Ok(self.lock()?.device())
-    }
-    #[getter]
-    fn n_blocks(&self) -> usize {
-        self.n_blocks
-    }
-    #[getter]
-    fn block_size(&self) -> usize {
-        self.block_size
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (seq_id, prompt, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                        repeat_penalty=1.0, repeat_last_n=64, frequency_penalty=0.0, presence_penalty=0.0,
-                        seed=None, n_logprobs=0, penalize_prompt=true))]
-    fn add(
-        &self,
-        seq_id: u64,
-        prompt: Vec<u32>,
-        temperature: f32,
-        top_k: usize,
-        top_p: f32,
-        min_p: f32,
-        repeat_penalty: f32,
-        repeat_last_n: i64,
-        frequency_penalty: f32,
-        presence_penalty: f32,
-        seed: Option<u64>,
-        n_logprobs: usize,
-        penalize_prompt: bool,
-    ) -> PyResult<()> {
-        let sampling = SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            min_p,
-            repeat_penalty,
-            repeat_last_n: last_n(repeat_last_n),
-            frequency_penalty,
-            presence_penalty,
-            seed,
-            n_logprobs,
-        };
-        self.lock()?.add(seq_id, prompt, sampling, penalize_prompt).map_err(to_py)
-    }
-
-    /// Forget a sequence; returns the text its decoder still held (None if unknown).
-    fn remove(&self, seq_id: u64) -> PyResult<Option<String>> {
-        Ok(self.lock()?.remove(seq_id))
-    }
-
-    fn n_sequences(&self) -> PyResult<usize> {
-        Ok(self.lock()?.n_sequences())
-    }
-
-    fn history(&self, seq_id: u64) -> PyResult<Option<Vec<u32>>> {
-        Ok(self.lock()?.history(seq_id).map(|h| h.to_vec()))
-    }
-
-    /// `masks`: for constrained sequences, the tokens their sample may take, as a
-    /// little-endian u32 bitmask (llguidance's `compute_bitmask()`).
-    #[pyo3(signature = (items, masks=None))]
-    fn step(
-        &self,
-        py: Python<'_>,
-        items: Vec<StepTuple>,
-        masks: Option<std::collections::HashMap<u64, Vec<u8>>>,
-    ) -> PyResult<Vec<StepResult>> {
-        let mut masks = masks.unwrap_or_default();
-        if let Some((seq, m)) = masks.iter().find(|(_, m)| m.len() % 4 != 0) {
-            return Err(PyValueError::new_err(format!(
-                "sequence {seq}: a token mask is whole u32 words; got {} bytes",
-                m.len()
-            )));
-        }
-        let items: Vec<StepItem> = items
-            .into_iter()
-            .map(|(seq, start, end, block_table, sample)| {
-                let allowed = masks
-                    .remove(&seq)
-                    .map(|b| b.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect());
-                StepItem { seq, start, end, block_table, sample, allowed }
-            })
-            .collect();
-        let out = py.detach(|| {
-            let mut ex = self
-                .inner
-                .lock()
-                .map_err(|_| edgelm_core::Error::invalid("executor was poisoned by an earlier panic"))?;
-            ex.step(&items)
-        });
-        Ok(out
-            .map_err(to_py)?
-            .into_iter()
-            .map(|o| (o.seq, o.sampled.token, o.sampled.logprob, o.sampled.top, o.text))
-            .collect())
     }
 }
 
@@ -603,7 +427,13 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::register(m)?;
     m.add_class::<Model>()?;
     m.add_class::<Generator>()?;
-    m.add_class::<Executor>()?;
+    m.add_class::<PySampling>()?;
+    m.add_class::<step::Executor>()?;
+    m.add_class::<step::NewSequence>()?;
+    m.add_class::<step::PyStepItem>()?;
+    m.add_class::<step::StepPlan>()?;
+    m.add_class::<step::SampledToken>()?;
+    m.add_class::<step::StepResult>()?;
     m.add_function(wrap_pyfunction!(dequantize, m)?)?;
     m.add_function(wrap_pyfunction!(physical_cores, m)?)?;
     m.add_function(wrap_pyfunction!(read_bandwidth, m)?)?;

@@ -766,10 +766,11 @@ fn as_bytes_mut(v: &mut [f32]) -> &mut [u8] {
     unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), std::mem::size_of_val(v)) }
 }
 
-/// `device: auto | cpu | cuda | cuda:N`, parsed.
+/// A device an executor runs on: `cpu | cuda | cuda:N`. The daemon's `device: auto`
+/// is resolved before this, in one place (its model pool: a usable GPU 0, else the
+/// CPU with a log line).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceChoice {
-    Auto,
     Cpu,
     Cuda(usize),
 }
@@ -778,14 +779,13 @@ impl std::str::FromStr for DeviceChoice {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         match s {
-            "auto" => Ok(DeviceChoice::Auto),
             "cpu" => Ok(DeviceChoice::Cpu),
             "cuda" => Ok(DeviceChoice::Cuda(0)),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceChoice::Cuda)
-                .ok_or_else(|| Error::invalid(format!("device {s:?}: expected auto, cpu, cuda or cuda:N"))),
+                .ok_or_else(|| Error::invalid(format!("device {s:?}: expected cpu, cuda or cuda:N"))),
         }
     }
 }

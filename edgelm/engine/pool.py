@@ -37,6 +37,7 @@ from typing import Any
 from edgelm import EdgelmError, Model, _native, modelinfo, store
 from edgelm._native import Executor
 from edgelm.config import Config, parse_keep_alive
+from edgelm.engine.embed import EmbedEngine, EmbedLimits
 from edgelm.engine.loop import AsyncEngine
 from edgelm.engine.metrics import Metrics
 from edgelm.engine.scheduler import SchedulerLimits
@@ -74,7 +75,7 @@ class LoadedModel:
     id: str
     path: Path
     model: Model
-    engine: AsyncEngine
+    engine: AsyncEngine | EmbedEngine  # an embedding model's batches inputs (embed_engine)
     template: ChatTemplate | GoTemplate
     grammars: Grammars
     max_context: int
@@ -286,22 +287,25 @@ class ModelPool:
             t0 = time.perf_counter()
             model, n_blocks, cost, device = await loop.run_in_executor(None, self._open, path)
             await self._make_room(mid, cost)
-            parts, executor, eog = await loop.run_in_executor(None, self._build, mid, path, model, n_blocks, device)
-            c = self.cfg
-            max_running, max_step_tokens = c.step_limits(device)
-            limits = SchedulerLimits(max_running, max_step_tokens, c.max_queue, parts["max_context"])
-            engine = AsyncEngine(
-                executor, limits, self.metrics, eog, c.prefix_cache, gauges=self.update_gauges, model=mid
-            )
-            lm = LoadedModel(engine=engine, cost_bytes=cost, **parts)
-            engine.start()
+            if model.is_embedding:
+                lm = self._embedding_model(mid, path, model, cost)
+            else:
+                parts, executor, eog = await loop.run_in_executor(None, self._build, mid, path, model, n_blocks, device)
+                c = self.cfg
+                max_running, max_step_tokens = c.step_limits(device)
+                limits = SchedulerLimits(max_running, max_step_tokens, c.max_queue, parts["max_context"])
+                engine = AsyncEngine(
+                    executor, limits, self.metrics, eog, c.prefix_cache, gauges=self.update_gauges, model=mid
+                )
+                lm = LoadedModel(engine=engine, cost_bytes=cost, **parts)
+                # Warm the grammar engine's vocabulary in the background (a few seconds on a
+                # small CPU), so the first structured-output request does not pay for it.
+                warm = loop.run_in_executor(None, lm.grammars.tokenizer)
+                self._warming.add(warm)
+                warm.add_done_callback(self._warming.discard)
+            lm.engine.start()
             lm.touch()
             self.loaded[mid] = lm
-            # Warm the grammar engine's vocabulary in the background (a few seconds on a
-            # small CPU), so the first structured-output request does not pay for it.
-            warm = loop.run_in_executor(None, lm.grammars.tokenizer)
-            self._warming.add(warm)
-            warm.add_done_callback(self._warming.discard)
             log.info(
                 "loaded %s in %.2fs (%.0f MiB of the %.0f MiB budget; %d models loaded)",
                 mid,
@@ -356,6 +360,11 @@ class ModelPool:
                 f"model file {path} does not exist (set `model:` in the config, or fetch one with `edgelm pull`)"
             )
         model = Model(path, n_threads=self.cfg.threads, kernel_level=self.cfg.kernel_level, n_ctx=self.cfg.max_context)
+        if model.is_embedding:
+            # No KV cache to keep; one step's activations (a decoder embedder's scratch
+            # cache, an encoder's q/k/v and feed-forward rows are of that size).
+            step = self.cfg.step_limits("cpu")[1]
+            return model, 0, path.stat().st_size + SCRATCH_BYTES + step * model.native.kv_bytes_per_token, "cpu"
         device, info = self.device()
         per_token = model.native.kv_bytes_per_token
         size = path.stat().st_size
@@ -472,6 +481,41 @@ class ModelPool:
             rope,
         )
         return parts, executor, eog
+
+    def _embedding_model(self, mid: str, path: Path, model: Model, cost: int) -> LoadedModel:
+        """An embedding model: no KV cache and no generation; its engine batches the
+        inputs of every request (embed_engine). Encoders run on the CPU."""
+        c = self.cfg
+        max_running, max_step_tokens = c.step_limits("cpu")
+        engine = EmbedEngine(
+            model.native, EmbedLimits(max(max_running, 64), max_step_tokens, c.max_queue), self.metrics, mid
+        )
+        max_ctx = min(c.max_context or model.n_ctx_train, model.n_ctx_train)
+        keep = None if path == self.default_path else self.default_keep_alive
+        params, system = self.extras(mid)
+        log.info(
+            "%s: %s embedding model (pooling %s) on the CPU (%s kernels, %d threads), context %d",
+            mid,
+            model.architecture,
+            model.native.pooling,
+            model.kernel_level,
+            model.n_threads,
+            max_ctx,
+        )
+        return LoadedModel(
+            id=mid,
+            path=path,
+            model=model,
+            engine=engine,
+            cost_bytes=cost,
+            template=ChatTemplate.for_model(None, model.architecture, "", ""),
+            grammars=Grammars(model.native, frozenset()),
+            max_context=max_ctx,
+            bos_id=model.native.bos,
+            keep_alive_s=keep,
+            params=params,
+            system=system,
+        )
 
     async def unload(self, mid: str) -> bool:
         lm = self.loaded.pop(mid, None)

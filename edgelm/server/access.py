@@ -30,11 +30,12 @@ log = logging.getLogger("edgelm.access")
 
 
 class _Usage:
-    __slots__ = ("model", "streams")
+    __slots__ = ("model", "streams", "tokens_in")
 
     def __init__(self) -> None:
         self.streams: list[Stream] = []
         self.model: str | None = None
+        self.tokens_in = 0  # read without a Stream (embeddings)
 
 
 _CURRENT: ContextVar[_Usage | None] = ContextVar("edgelm_access_usage", default=None)
@@ -45,6 +46,14 @@ def track(stream: Stream, model: str) -> None:
     u = _CURRENT.get()
     if u is not None:
         u.streams.append(stream)
+        u.model = model
+
+
+def count(model: str, tokens_in: int) -> None:
+    """Count prompt tokens read without a Stream (an embedding request's inputs)."""
+    u = _CURRENT.get()
+    if u is not None:
+        u.tokens_in += tokens_in
         u.model = model
 
 
@@ -70,7 +79,7 @@ async def access_log(request: web.Request, handler: Any) -> web.StreamResponse:
             resource = request.match_info.route.resource
             route = resource.canonical if resource is not None else "-"
             ms = (time.perf_counter() - t0) * 1e3
-            n_in = sum({id(s.seq.prompt): s.n_prompt for s in usage.streams}.values())  # n choices: one prompt
+            n_in = usage.tokens_in + sum({id(s.seq.prompt): s.n_prompt for s in usage.streams}.values())  # n: 1 prompt
             n_out = sum(s.n_generated for s in usage.streams)
             fields = {
                 "method": request.method,

@@ -18,7 +18,7 @@ from aiohttp import web
 from edgelm import EdgelmError
 from edgelm.engine.loop import EngineError
 from edgelm.errors import RequestError
-from edgelm.server import manage, ollama, openai, service
+from edgelm.server import embed, manage, ollama, openai, service
 from edgelm.server.access import access_log
 from edgelm.server.params import ApiError
 from edgelm.server.security import add_cors_headers, make_guard
@@ -94,6 +94,7 @@ def make_app(srv: Server) -> web.Application:
     r.add_get("/v1/models/{model}", openai.get_model)
     r.add_post("/v1/completions", openai.completions)
     r.add_post("/v1/chat/completions", openai.chat_completions)
+    r.add_post("/v1/embeddings", embed.openai_embeddings)
     r.add_get("/", ollama.root)
     r.add_get("/api/version", ollama.version)
     r.add_get("/api/tags", ollama.tags)
@@ -101,7 +102,8 @@ def make_app(srv: Server) -> web.Application:
     r.add_post("/api/show", ollama.show)
     r.add_post("/api/generate", ollama.generate)
     r.add_post("/api/chat", ollama.chat)
-    r.add_post("/api/embed", ollama.embed)
+    r.add_post("/api/embed", embed.ollama_embed)
+    r.add_post("/api/embeddings", embed.ollama_embeddings)
     r.add_post("/api/pull", manage.pull)
     r.add_delete("/api/delete", manage.delete)
     r.add_post("/api/copy", manage.copy)

@@ -29,6 +29,7 @@ from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
 from edgelm.prompt.chat import ChatTemplateError
 from edgelm.prompt.grammar import ANY_JSON_OBJECT
 from edgelm.server import access, thinking, tools
+from edgelm.server.embed import require_generation
 from edgelm.server.params import ApiError, Body, int_list
 from edgelm.server.security import require_admin
 from edgelm.server.state import SERVER, Server
@@ -410,6 +411,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     ctx = b.data.get("context")
     t0 = time.perf_counter()
     async with srv.use(name, ka) as lm:
+        require_generation(lm, "generate")
         load_s = time.perf_counter() - t0
         native = lm.model.native
         think = _thinking(lm, b)
@@ -428,13 +430,6 @@ async def generate(request: web.Request) -> web.StreamResponse:
                 raise ApiError("'context' must be the token ids a previous /api/generate returned", "context")
         ids = (list(ctx) if ctx else []) + (lm.chat_tokens(text) if not ctx else native.tokenize(text, False, True))
         return await _run(srv, lm, request, text, ids, b, "generate", schema, None, think, load_s)
-
-
-async def embed(request: web.Request) -> web.Response:
-    srv: Server = request.app[SERVER]
-    b = Body(await srv.json_body(request))
-    mid, _ = srv.pool.resolve(model_name(b))
-    raise ApiError(f"model '{mid}' does not support embeddings (it is a text generation model)", "model", 400)
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -471,6 +466,7 @@ async def chat(request: web.Request) -> web.StreamResponse:
         plan = plan.limit_rounds(out, srv.cfg.max_tool_rounds)
     t0 = time.perf_counter()
     async with srv.use(name, ka) as lm:
+        require_generation(lm, "chat")
         load_s = time.perf_counter() - t0
         think = _thinking(lm, b)
         if lm.system and not any(m["role"] == "system" for m in out):

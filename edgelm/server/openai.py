@@ -23,6 +23,7 @@ from edgelm.errors import RequestError
 from edgelm.prompt.chat import ChatTemplateError
 from edgelm.prompt.grammar import ANY_JSON_OBJECT
 from edgelm.server import access, thinking, tools
+from edgelm.server.embed import require_generation
 from edgelm.server.params import ApiError, Body, int_list
 from edgelm.server.state import SERVER, Server
 
@@ -246,6 +247,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     async with srv.use(b.get("model", str)) as lm:
+        require_generation(lm, "completions")
         return await _completions(request, srv, lm, b)
 
 
@@ -432,6 +434,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     srv: Server = request.app[SERVER]
     b = Body(await srv.json_body(request))
     async with srv.use(b.get("model", str)) as lm:
+        require_generation(lm, "chat")
         return await _chat_completions(request, srv, lm, b)
 
 

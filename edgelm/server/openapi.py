@@ -186,6 +186,38 @@ def openapi_spec(model_ids: list[str] | None = None) -> dict[str, Any]:
             },
             {"type": "object", "required": ["content"], "properties": {"content": {"type": "string"}}},
         ),
+        "/v1/embeddings": _post(
+            "Embeddings (normalized; base64 is little-endian float32)",
+            {
+                "type": "object",
+                "required": ["input"],
+                "properties": {
+                    "model": model,
+                    "encoding_format": {"enum": ["float", "base64"]},
+                    "dimensions": _num(1, None, True),
+                    "truncate": {"type": "boolean"},
+                    "input": {
+                        "oneOf": [
+                            {"type": "string"},
+                            {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                            {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                            {
+                                "type": "array",
+                                "minItems": 1,
+                                "items": {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1},
+                            },
+                        ]
+                    },
+                },
+            },
+            {
+                "type": "object",
+                "required": ["object", "data", "model", "usage"],
+                "properties": {
+                    "data": {"type": "array", "items": {"type": "object", "required": ["index", "embedding"]}}
+                },
+            },
+        ),
         "/v1/models": {
             "get": {
                 "summary": "Models served",

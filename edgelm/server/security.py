@@ -60,6 +60,8 @@ ROUTE_SCOPES: dict[str, str] = {
     "POST /api/generate": READ,  # the unload form (no prompt, keep_alive 0) asks for ADMIN itself
     "POST /api/chat": READ,  # likewise
     "POST /api/embed": READ,
+    "POST /api/embeddings": READ,
+    "POST /v1/embeddings": READ,
     "GET /api/edgelm/models": READ,
     "GET /api/edgelm/models/{file}": READ,
     "GET /metrics": ADMIN,

@@ -48,6 +48,8 @@ REQUESTS: dict[str, tuple[str, str, Any]] = {
     "POST /api/generate": ("POST", "/api/generate", {}),
     "POST /api/chat": ("POST", "/api/chat", {}),
     "POST /api/embed": ("POST", "/api/embed", {}),
+    "POST /api/embeddings": ("POST", "/api/embeddings", {}),
+    "POST /v1/embeddings": ("POST", "/v1/embeddings", {}),
     "GET /api/edgelm/models": ("GET", "/api/edgelm/models", None),
     "GET /api/edgelm/models/{file}": ("GET", "/api/edgelm/models/missing.gguf", None),
     "GET /metrics": ("GET", "/metrics", None),

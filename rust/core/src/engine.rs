@@ -113,6 +113,13 @@ impl Engine {
         Ok(out)
     }
 
+    /// One pooled, unnormalized vector per sequence (`[seqs.len()][n_embd]`), the
+    /// sequences run as one batch on this engine's threads (see `Model::embed`).
+    pub fn embed(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>> {
+        let refs: Vec<&[u32]> = seqs.iter().map(|s| &s[..]).collect();
+        self.model.embed(&self.pool, self.kernels, &refs)
+    }
+
     /// Every MoE layer's routing for one sequence run as a single prompt (tests: the
     /// router against a float64 reference). Empty for dense models.
     pub fn moe_trace(&self, ids: &[u32]) -> Result<Vec<crate::model::moe::Trace>> {

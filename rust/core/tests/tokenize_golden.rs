@@ -14,6 +14,8 @@ use serde_json::Value as Json;
 
 const SMOLLM: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 const GEMMA3: &str = "gemma-3-270m-q4_k_m.gguf";
+/// A committed fixture (tests/fixtures, make_embed_models.py): a BERT WordPiece vocabulary.
+const TINY_BERT: &str = "tiny-bert.gguf";
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
@@ -27,10 +29,14 @@ fn load(key: &str) -> Tokenizer {
         Some((name, pre)) => (name, Some(pre)),
         None => (key, None),
     };
-    let dir = std::env::var_os("EDGELM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME is not set; set EDGELM_MODELS_DIR"))
-            .join(".cache/edgelm/models")
-    });
+    let dir = if name == TINY_BERT {
+        fixtures()
+    } else {
+        std::env::var_os("EDGELM_MODELS_DIR").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is not set; set EDGELM_MODELS_DIR"))
+                .join(".cache/edgelm/models")
+        })
+    };
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -127,6 +133,11 @@ fn default_bpe_pre_tokenizer_matches_llama_cpp() {
 }
 
 #[test]
+fn bert_wordpiece_matches_llama_cpp() {
+    check_golden(TINY_BERT);
+}
+
+#[test]
 fn model_metadata_is_read() {
     let smol = load(SMOLLM);
     assert_eq!((smol.model_name(), smol.pre_name()), ("gpt2", "smollm"));
@@ -145,6 +156,16 @@ fn model_metadata_is_read() {
     assert_eq!(gemma.bos(), Some(2));
     let eot = gemma.encode("<end_of_turn>", false, true);
     assert!(eot.len() == 1 && gemma.is_eog(eot[0]), "<end_of_turn> ends generation");
+
+    // WordPiece wraps every encoding in [CLS] … [SEP], whatever the add_* flags say.
+    let bert = load(TINY_BERT);
+    assert_eq!(bert.model_name(), "bert");
+    let (cls, sep) = (bert.bos().unwrap(), bert.sep().unwrap());
+    assert_eq!(bert.special_affixes(), (vec![cls], vec![sep]));
+    assert_eq!(bert.encode("", true, true), [cls, sep]);
+    let ids = bert.encode("Hello world", true, false);
+    assert_eq!((ids[0], ids[ids.len() - 1]), (cls, sep));
+    assert_eq!(bert.decode(&ids[1..ids.len() - 1], false), " hello world", "word pieces carry their leading space");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -272,7 +293,13 @@ fn tiny_gguf(model: &str, pre: Option<&str>) -> std::sync::Arc<Gguf> {
 fn unknown_tokenizer_model_is_a_clear_error() {
     let err = Tokenizer::from_gguf(&tiny_gguf("t5", None)).unwrap_err().to_string();
     assert!(err.contains("tokenizer.ggml.model") && err.contains("\"t5\""), "{err}");
-    assert!(err.contains("\"gpt2\"") && err.contains("\"llama\""), "the error lists what is supported: {err}");
+    assert!(
+        err.contains("\"gpt2\"") && err.contains("\"llama\"") && err.contains("\"bert\""),
+        "the error lists what is supported: {err}"
+    );
+    // A WordPiece vocabulary without [CLS]/[SEP]/[UNK] (three tokens: the defaults 100..102 are out of range).
+    let err = Tokenizer::from_gguf(&tiny_gguf("bert", None)).unwrap_err().to_string();
+    assert!(err.contains("[CLS]") && err.contains("bos_token_id"), "{err}");
 
     let err = Tokenizer::from_gguf(&tiny_gguf("gpt2", Some("no-such-pre"))).unwrap_err().to_string();
     assert!(err.contains("tokenizer.ggml.pre") && err.contains("no-such-pre") && err.contains("smollm"), "{err}");

@@ -156,6 +156,31 @@ impl Model {
         }
     }
 
+    /// The pooling an embedding model uses ("mean", "cls", "last"; "none" or "rank"
+    /// for files that cannot embed), or None when the file sets none.
+    #[getter]
+    fn pooling(&self) -> Option<&'static str> {
+        self.engine.model.cfg.pooling.map(|p| p.name())
+    }
+    /// An encoder (bert, nomic-bert), or a decoder whose file sets a pooling type.
+    #[getter]
+    fn is_embedding(&self) -> bool {
+        self.engine.model.is_embedding()
+    }
+    /// The ids `tokenize(text, add_special=True)` puts before and after the text's
+    /// own tokens ([CLS] … [SEP], BOS … EOS).
+    fn special_affixes(&self) -> (Vec<u32>, Vec<u32>) {
+        self.engine.tokenizer.special_affixes()
+    }
+
+    /// One pooled, unnormalized float32 vector per sequence, `len(seqs) * n_embd`
+    /// values row-major, the sequences run as one batch (GIL released).
+    fn embed_bytes<'py>(&self, py: Python<'py>, seqs: Vec<Vec<u32>>) -> PyResult<Bound<'py, PyBytes>> {
+        let out = py.detach(|| self.engine.embed(&seqs)).map_err(to_py)?;
+        let bytes: Vec<u8> = out.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Ok(PyBytes::new(py, &bytes))
+    }
+
     fn is_eog(&self, token: u32) -> bool {
         self.engine.tokenizer.is_eog(token)
     }

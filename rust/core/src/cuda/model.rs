@@ -578,6 +578,9 @@ impl GpuModel {
     /// Upload a loaded model's weights. Fails (before allocating much) when a tensor
     /// is in a format the kernels do not decode; the caller then stays on the CPU.
     pub fn upload(gpu: &Arc<Gpu>, m: &Model) -> Result<GpuModel> {
+        if m.cfg.arch.is_encoder() {
+            return Err(Error::Cuda(format!("{} is an encoder; encoders run on the CPU", m.cfg.arch.name())));
+        }
         if m.cfg.head_dim_v > 4 * 128 {
             return Err(Error::Cuda(format!(
                 "value head size {} is larger than the attention kernel takes (512)",

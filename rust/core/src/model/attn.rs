@@ -253,6 +253,43 @@ pub struct Keys<'a> {
     pub kvh: usize,
 }
 
+/// Where a tile's keys and values come from: the paged f16 cache (`Keys`), or f32 rows
+/// an encoder computed for this step (`DenseKeys`).
+pub trait KeyRows {
+    /// Key `j`'s K row (`k.len()` = hd floats) and V row (`v.len()` = hdv floats).
+    fn load(&self, kern: &Kernels, j: usize, k: &mut [f32], v: &mut [f32]);
+}
+
+impl KeyRows for Keys<'_> {
+    #[inline(always)]
+    fn load(&self, kern: &Kernels, j: usize, k: &mut [f32], v: &mut [f32]) {
+        let (hd, hdv) = (k.len(), v.len());
+        kern.f16_to_f32_row(&self.kv.k_row(self.layer, self.table, j)[self.kvh * hd..(self.kvh + 1) * hd], k);
+        kern.f16_to_f32_row(&self.kv.v_row(self.layer, self.table, j)[self.kvh * hdv..(self.kvh + 1) * hdv], v);
+    }
+}
+
+/// One head's keys and values of one sequence as f32 rows, with no cache (an
+/// encoder's step): key `j` is `k[j * k_stride + k_off..][..hd]`, its value
+/// `v[j * v_stride + v_off..][..hdv]`.
+pub struct DenseKeys<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub k_stride: usize,
+    pub v_stride: usize,
+    pub k_off: usize,
+    pub v_off: usize,
+}
+
+impl KeyRows for DenseKeys<'_> {
+    #[inline(always)]
+    fn load(&self, _: &Kernels, j: usize, k: &mut [f32], v: &mut [f32]) {
+        let (a, b) = (j * self.k_stride + self.k_off, j * self.v_stride + self.v_off);
+        k.copy_from_slice(&self.k[a..a + k.len()]);
+        v.copy_from_slice(&self.v[b..b + v.len()]);
+    }
+}
+
 /// Scratch reused across tiles of one task.
 #[derive(Default)]
 pub struct Scratch {
@@ -265,7 +302,7 @@ pub struct Scratch {
 }
 
 /// out: `rows × hdv`, row-major.
-pub fn run(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+pub fn run<K: KeyRows>(kern: &Kernels, t: &Tile<'_>, k: &K, sc: &mut Scratch, out: &mut [f32]) {
     assert!(t.hdv.is_multiple_of(KB), "tiled attention needs head_dim_v to be a multiple of {KB}");
     assert_eq!(t.q.len(), t.lo.len() * t.hd);
     match kern.level {
@@ -275,20 +312,20 @@ pub fn run(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &m
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         Level::Avx2 => unsafe { run_avx2(kern, t, k, sc, out) },
-        _ => run_generic::<Arr>(kern, t, k, sc, out),
+        _ => run_generic::<Arr, K>(kern, t, k, sc, out),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
-unsafe fn run_avx512(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
-    run_generic::<x86::Z>(kern, t, k, sc, out)
+unsafe fn run_avx512<K: KeyRows>(kern: &Kernels, t: &Tile<'_>, k: &K, sc: &mut Scratch, out: &mut [f32]) {
+    run_generic::<x86::Z, K>(kern, t, k, sc, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn run_avx2(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
-    run_generic::<x86::Y>(kern, t, k, sc, out)
+unsafe fn run_avx2<K: KeyRows>(kern: &Kernels, t: &Tile<'_>, k: &K, sc: &mut Scratch, out: &mut [f32]) {
+    run_generic::<x86::Y, K>(kern, t, k, sc, out)
 }
 
 /// e^x on 16 lanes: range reduction by ln 2, degree-6 polynomial, 2^n through the
@@ -317,7 +354,7 @@ fn exp16(x: &mut [f32; KB]) {
 // Index loops mirror the register tiles; iterators would hide the structure.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
-fn run_generic<V: V16>(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scratch, out: &mut [f32]) {
+fn run_generic<V: V16, K: KeyRows>(kern: &Kernels, t: &Tile<'_>, k: &K, sc: &mut Scratch, out: &mut [f32]) {
     let (hd, hdv) = (t.hd, t.hdv);
     let rows = t.lo.len();
     debug_assert_eq!(t.q.len(), rows * hd);
@@ -342,13 +379,10 @@ fn run_generic<V: V16>(kern: &Kernels, t: &Tile<'_>, k: &Keys<'_>, sc: &mut Scra
         for jj in 0..KB {
             let j = j0 + jj;
             if jj < nk && j >= key_lo {
-                let kr = &k.kv.k_row(k.layer, k.table, j)[k.kvh * hd..(k.kvh + 1) * hd];
-                kern.f16_to_f32_row(kr, &mut sc.tmp[..hd]);
+                k.load(kern, j, &mut sc.tmp[..hd], &mut sc.v[jj * hdv..(jj + 1) * hdv]);
                 for (d, &x) in sc.tmp[..hd].iter().enumerate() {
                     sc.kt[d][jj] = x;
                 }
-                let vr = &k.kv.v_row(k.layer, k.table, j)[k.kvh * hdv..(k.kvh + 1) * hdv];
-                kern.f16_to_f32_row(vr, &mut sc.v[jj * hdv..(jj + 1) * hdv]);
             } else {
                 for d in 0..hd {
                     sc.kt[d][jj] = 0.0;

@@ -4,7 +4,8 @@
 use crate::error::{Error, Result};
 use crate::gguf::Gguf;
 
-pub const SUPPORTED_ARCHS: &[&str] = &["llama", "qwen2", "gemma3", "qwen3", "qwen3moe", "phi3", "granite"];
+pub const SUPPORTED_ARCHS: &[&str] =
+    &["llama", "qwen2", "gemma3", "qwen3", "qwen3moe", "phi3", "granite", "bert", "nomic-bert"];
 
 /// Limits on hyper-parameters, checked before anything is sized from them (the file is
 /// untrusted). Each is far beyond any published model of the supported families.
@@ -42,6 +43,12 @@ pub enum Arch {
     Phi3,
     /// IBM Granite 3.x: llama with embedding, residual, attention and logit multipliers.
     Granite,
+    /// BERT encoders (BERT, MiniLM, BGE, E5): learned positions, token-type embeddings,
+    /// LayerNorm after each block, GELU feed-forward, bidirectional attention (bert.rs).
+    Bert,
+    /// nomic-embed-text: the BERT layout with NEOX RoPE instead of positions, a fused
+    /// attn_qkv and a SwiGLU feed-forward.
+    NomicBert,
 }
 
 impl Arch {
@@ -54,6 +61,41 @@ impl Arch {
             Arch::Qwen3Moe => "qwen3moe",
             Arch::Phi3 => "phi3",
             Arch::Granite => "granite",
+            Arch::Bert => "bert",
+            Arch::NomicBert => "nomic-bert",
+        }
+    }
+
+    /// An encoder: it embeds, it cannot generate (no output matrix, no KV cache).
+    pub fn is_encoder(self) -> bool {
+        matches!(self, Arch::Bert | Arch::NomicBert)
+    }
+}
+
+/// How an embedding is pooled from a sequence's hidden states (`{arch}.pooling_type`,
+/// llama.cpp's `llama_pooling_type` numbering).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pooling {
+    /// One vector per token (0): nothing to pool, so no embedding endpoint serves it.
+    None,
+    /// The average of every token's hidden state (1).
+    Mean,
+    /// The first token's ([CLS]) hidden state (2).
+    Cls,
+    /// The last token's hidden state (3): decoder embedders such as Qwen3-Embedding.
+    Last,
+    /// A reranker's classification head over CLS (4): scores, not embeddings.
+    Rank,
+}
+
+impl Pooling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Pooling::None => "none",
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+            Pooling::Last => "last",
+            Pooling::Rank => "rank",
         }
     }
 }
@@ -124,6 +166,15 @@ pub struct Config {
     pub logit_scale: Option<f32>,
     /// Set for the mixture-of-experts architectures (every layer is MoE).
     pub moe: Option<MoeConfig>,
+    /// `{arch}.pooling_type` when the file sets it: such a file is an embedding model
+    /// (Ollama's "embedding" capability); encoders embed either way.
+    pub pooling: Option<Pooling>,
+    /// `{arch}.attention.causal` (default true; BERT converters write false).
+    pub causal: bool,
+    /// LayerNorm epsilon (`attention.layer_norm_epsilon`), for the encoders.
+    pub norm_eps: f32,
+    /// Rows of the token-type embedding (`tokenizer.ggml.token_type_count`), encoders.
+    pub n_token_types: usize,
 }
 
 impl Config {
@@ -139,6 +190,8 @@ impl Config {
             "qwen3moe" => Arch::Qwen3Moe,
             "phi3" => Arch::Phi3,
             "granite" => Arch::Granite,
+            "bert" => Arch::Bert,
+            "nomic-bert" => Arch::NomicBert,
             other => {
                 return Err(Error::model(format!(
                     "unsupported architecture {other:?}; supported architectures: {}",
@@ -190,9 +243,13 @@ impl Config {
         if n_vocab == 0 || n_vocab > 1 << 22 {
             return Err(Error::model(format!("vocabulary size {n_vocab} is out of range (1 to {})", 1 << 22)));
         }
-        // Every layer has at least 6 tensors (phi3's fused ones; 9 elsewhere): a block
-        // count beyond that is a lie.
-        let per_layer = if arch == Arch::Phi3 { 6 } else { 9 };
+        // Every layer has at least 6 tensors (phi3's fused ones; 8 in an encoder, 9
+        // elsewhere): a block count beyond that is a lie.
+        let per_layer = match arch {
+            Arch::Phi3 => 6,
+            a if a.is_encoder() => 8,
+            _ => 9,
+        };
         if n_layer * per_layer > g.tensors().len() {
             return Err(Error::model(format!(
                 "block_count {n_layer} needs at least {} tensors but the file has {}",
@@ -253,6 +310,20 @@ impl Config {
             .get_usize(&format!("{a}.rope.scaling.original_context_length"))?
             .filter(|&n| n > 0)
             .unwrap_or(n_ctx_train);
+        let pooling = match g.get_u64(&format!("{a}.pooling_type"))? {
+            None => None,
+            Some(0) => Some(Pooling::None),
+            Some(1) => Some(Pooling::Mean),
+            Some(2) => Some(Pooling::Cls),
+            Some(3) => Some(Pooling::Last),
+            Some(4) => Some(Pooling::Rank),
+            Some(v) => {
+                return Err(Error::model(format!(
+                    "{a}.pooling_type is {v}; expected 0 (none), 1 (mean), 2 (cls), 3 (last) or 4 (rank)"
+                )))
+            }
+        };
+        let causal = g.get_bool(&format!("{a}.attention.causal"))?.unwrap_or(true);
 
         let mut cfg = Config {
             arch,
@@ -285,6 +356,10 @@ impl Config {
             residual_scale: None,
             logit_scale: None,
             moe: None,
+            pooling,
+            causal,
+            norm_eps: 1e-12,
+            n_token_types: 0,
         };
         if arch == Arch::Gemma3 {
             cfg.embd_scale = Some((n_embd as f32).sqrt());
@@ -389,6 +464,40 @@ impl Config {
                     return Err(Error::model(
                         "granite.deepstack_mapping is set: Granite Vision's deepstack layers are not supported",
                     ));
+                }
+            }
+            Arch::Bert | Arch::NomicBert => {
+                // llama.cpp reads both as required for these architectures.
+                cfg.norm_eps = opt_f("attention.layer_norm_epsilon")?.ok_or_else(|| {
+                    Error::model(format!("required metadata key \"{a}.attention.layer_norm_epsilon\" is missing"))
+                })?;
+                if !positive(cfg.norm_eps) {
+                    return Err(Error::model(format!(
+                        "{a}.attention.layer_norm_epsilon is {}; it must be a positive number",
+                        cfg.norm_eps
+                    )));
+                }
+                cfg.n_token_types = match g.get_usize("tokenizer.ggml.token_type_count")? {
+                    Some(n) if n > 0 && n <= 1 << 16 => n,
+                    Some(n) => {
+                        return Err(Error::model(format!(
+                            "tokenizer.ggml.token_type_count is {n}; expected 1 to 65536"
+                        )))
+                    }
+                    None => {
+                        return Err(Error::model(format!(
+                            "{a} needs \"tokenizer.ggml.token_type_count\" (the token-type rows); re-convert the model"
+                        )))
+                    }
+                };
+                // BERT adds learned positions; nomic-bert rotates (NEOX, whole heads unless
+                // rope.dimension_count says else).
+                cfg.use_rope = arch == Arch::NomicBert;
+                if cfg.head_dim_v != cfg.head_dim {
+                    return Err(Error::model(format!(
+                        "{a} needs equal key and value head sizes, got {} and {}",
+                        cfg.head_dim, cfg.head_dim_v
+                    )));
                 }
             }
             _ => {}

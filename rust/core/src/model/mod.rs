@@ -8,15 +8,19 @@
 //! that looks at sequences separately.
 //!
 //! Reading order: load (config + tensors) → forward (embed → layers → norm → logits).
+//! Encoders (bert, nomic-bert) have a forward of their own (bert.rs), and embeddings
+//! of either kind are pooled in embed.rs.
 
 pub mod attn;
+pub mod bert;
 pub mod config;
+pub mod embed;
 pub mod moe;
 pub mod ops;
 
 use std::sync::Arc;
 
-pub use config::{Arch, Config, MoeConfig, SUPPORTED_ARCHS};
+pub use config::{Arch, Config, MoeConfig, Pooling, SUPPORTED_ARCHS};
 
 use crate::error::{Error, Result};
 use crate::gguf::{Gguf, TensorData};
@@ -141,10 +145,10 @@ pub enum Ffn {
 pub struct Model {
     pub cfg: Config,
     pub file: Arc<Gguf>,
-    pub(crate) tok_embd: Weight, // [n_vocab][n_embd]
-    pub(crate) layers: Vec<Layer>,
-    pub(crate) output_norm: Vec<f32>,         // [n_embd]
-    pub(crate) output: Weight,                // [n_vocab][n_embd] (tied to tok_embd when absent)
+    pub(crate) tok_embd: Weight,              // [n_vocab][n_embd]
+    pub(crate) layers: Vec<Layer>,            // decoder layers (none in an encoder)
+    pub(crate) output_norm: Vec<f32>,         // [n_embd] (empty in an encoder)
+    pub(crate) output: Weight,                // [n_vocab][n_embd] (tied to tok_embd when absent; unused by encoders)
     pub(crate) output_bias: Option<Vec<f32>>, // [n_vocab]
     /// [n_rot/2] RoPE frequency divisors: llama3's `rope_freqs`, or the LongRoPE factors
     /// chosen at load (`rope_factors_long`/`_short`).
@@ -152,6 +156,8 @@ pub struct Model {
     /// Which tensor `rope_freqs` came from ("rope_freqs", "rope_factors_long",
     /// "rope_factors_short"), if any.
     pub rope_freqs_name: Option<&'static str>,
+    /// The rest of an encoder's weights (bert, nomic-bert); None for decoders.
+    pub(crate) encoder: Option<bert::Encoder>,
     pub profile: Profile,
 }
 
@@ -289,6 +295,27 @@ impl Model {
         let (e, v) = (cfg.n_embd, cfg.n_vocab);
         let t = Tensors { g: &file };
         let tok_embd = t.weight("token_embd.weight", e, v)?;
+        let profile = Profile {
+            enabled: std::env::var_os("EDGELM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0"),
+            ..Default::default()
+        };
+        if cfg.arch.is_encoder() {
+            let encoder = Some(bert::Encoder::load(&t, &cfg)?);
+            let output = tok_embd.clone();
+            return Ok(Model {
+                cfg,
+                tok_embd,
+                layers: Vec::new(),
+                output_norm: Vec::new(),
+                output,
+                output_bias: None,
+                rope_freqs: None,
+                rope_freqs_name: None,
+                encoder,
+                profile,
+                file: Arc::clone(&file),
+            });
+        }
         let output = match t.g.tensor_info("output.weight") {
             Some(_) => t.weight("output.weight", e, v)?,
             None => tok_embd.clone(),
@@ -342,10 +369,6 @@ impl Model {
         }
         let rope_freqs_name = rope_freqs.as_ref().map(|_| rope_freqs_name);
         let output_bias = t.opt_vector("output.bias", v)?;
-        let profile = Profile {
-            enabled: std::env::var_os("EDGELM_PROFILE").is_some_and(|v| !v.is_empty() && v != "0"),
-            ..Default::default()
-        };
         Ok(Model {
             cfg,
             tok_embd,
@@ -355,6 +378,7 @@ impl Model {
             output_bias,
             rope_freqs,
             rope_freqs_name,
+            encoder: None,
             profile,
             file: Arc::clone(&file),
         })
@@ -362,6 +386,9 @@ impl Model {
 
     /// Bytes of weights the forward pass reads per token (the bandwidth bound).
     pub fn weight_bytes_per_token(&self) -> usize {
+        if let Some(enc) = &self.encoder {
+            return enc.weight_bytes();
+        }
         let per_layer: usize = self
             .layers
             .iter()
@@ -414,8 +441,67 @@ impl Model {
         kv: &mut KvCache,
         seqs: &[SeqInput<'_>],
         invariant: bool,
-        mut trace: Option<&mut Vec<moe::Trace>>,
+        trace: Option<&mut Vec<moe::Trace>>,
     ) -> Result<StepLogits> {
+        if self.encoder.is_some() {
+            return Err(Error::invalid(format!(
+                "{} is an encoder (an embedding model): it computes embeddings, not next-token logits",
+                self.cfg.arch.name()
+            )));
+        }
+        let x = self.run_layers(pool, kern, kv, seqs, invariant, trace)?;
+        let cfg = &self.cfg;
+        let e = cfg.n_embd;
+
+        // logits, only for the rows asked for
+        let rows = logit_rows(seqs);
+        let n_out = rows.len();
+        let mut xs = vec![0f32; n_out * e];
+        for (j, &(_, _, t)) in rows.iter().enumerate() {
+            xs[j * e..(j + 1) * e].copy_from_slice(&x[t * e..(t + 1) * e]);
+        }
+        let mut hs = vec![0f32; n_out * e];
+        self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &xs, &mut hs, &self.output_norm, e, cfg.rms_eps));
+        let mut logits = vec![0f32; n_out * cfg.n_vocab];
+        if n_out > 0 {
+            // A sequence's last-token logits always take the one-token kernels, so they
+            // do not depend on how many sequences share the step.
+            let solo_out: Vec<bool> = rows.iter().map(|&(si, _, _)| seqs[si].logits.last()).collect();
+            self.profile.time(Op::Matmul, || {
+                ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits, &solo_out, invariant)
+            });
+        }
+        if let Some(b) = &self.output_bias {
+            ops::add_bias_rows(&mut logits, b);
+        }
+        if let Some(ls) = cfg.logit_scale {
+            // ggml_scale by the reciprocal, as llama.cpp's granite graph does.
+            let inv = 1.0 / ls;
+            logits.iter_mut().for_each(|v| *v *= inv);
+        }
+        if let Some(c) = cfg.final_logit_softcap {
+            logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
+        }
+        Ok(StepLogits {
+            n_vocab: cfg.n_vocab,
+            data: logits,
+            rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(),
+            lse: Vec::new(),
+            greedy: Vec::new(),
+        })
+    }
+
+    /// Embed → layers: the last layer's output `[n_tok][n_embd]` for every token of
+    /// the step (before the final norm), with the new K/V written into `kv`.
+    pub(crate) fn run_layers(
+        &self,
+        pool: &ThreadPool,
+        kern: &Kernels,
+        kv: &mut KvCache,
+        seqs: &[SeqInput<'_>],
+        invariant: bool,
+        mut trace: Option<&mut Vec<moe::Trace>>,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         // Validate everything before touching the cache.
         let mut tok_meta = Vec::new(); // (seq index, position) per stacked token
@@ -574,42 +660,7 @@ impl Model {
             ops::add_inplace(&mut x, &o);
         }
 
-        // logits, only for the rows asked for
-        let rows = logit_rows(seqs);
-        let n_out = rows.len();
-        let mut xs = vec![0f32; n_out * e];
-        for (j, &(_, _, t)) in rows.iter().enumerate() {
-            xs[j * e..(j + 1) * e].copy_from_slice(&x[t * e..(t + 1) * e]);
-        }
-        let mut hs = vec![0f32; n_out * e];
-        self.profile.time(Op::Norm, || ops::rms_norm_rows(pool, &xs, &mut hs, &self.output_norm, e, cfg.rms_eps));
-        let mut logits = vec![0f32; n_out * cfg.n_vocab];
-        if n_out > 0 {
-            // A sequence's last-token logits always take the one-token kernels, so they
-            // do not depend on how many sequences share the step.
-            let solo_out: Vec<bool> = rows.iter().map(|&(si, _, _)| seqs[si].logits.last()).collect();
-            self.profile.time(Op::Matmul, || {
-                ops::matmul(pool, kern, &self.output, &hs, n_out, &mut logits, &solo_out, invariant)
-            });
-        }
-        if let Some(b) = &self.output_bias {
-            ops::add_bias_rows(&mut logits, b);
-        }
-        if let Some(ls) = cfg.logit_scale {
-            // ggml_scale by the reciprocal, as llama.cpp's granite graph does.
-            let inv = 1.0 / ls;
-            logits.iter_mut().for_each(|v| *v *= inv);
-        }
-        if let Some(c) = cfg.final_logit_softcap {
-            logits.iter_mut().for_each(|v| *v = (*v / c).tanh() * c);
-        }
-        Ok(StepLogits {
-            n_vocab: cfg.n_vocab,
-            data: logits,
-            rows: rows.iter().map(|&(s, i, _)| (s, i)).collect(),
-            lse: Vec::new(),
-            greedy: Vec::new(),
-        })
+        Ok(x)
     }
 }
 

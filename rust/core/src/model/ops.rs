@@ -53,6 +53,26 @@ pub fn rms_norm_inplace_rows(pool: &ThreadPool, x: &mut [f32], w: &[f32], width:
     });
 }
 
+/// y = LayerNorm(x) · w + b, row by row: ggml's `norm` (mean and variance of the row,
+/// here summed in f64), then its `mul` and `add`; in place.
+pub fn layer_norm_rows(pool: &ThreadPool, x: &mut [f32], w: &[f32], b: &[f32], width: usize, eps: f32) {
+    debug_assert_eq!(w.len(), width);
+    debug_assert_eq!(b.len(), width);
+    par_rows(pool, x, width, |_, r| {
+        let n = r.len() as f64;
+        let mean = (r.iter().map(|&v| v as f64).sum::<f64>() / n) as f32;
+        let mut var = 0f64;
+        for v in r.iter_mut() {
+            *v -= mean;
+            var += (*v * *v) as f64;
+        }
+        let scale = 1.0 / ((var / n) as f32 + eps).sqrt();
+        for ((v, &g), &c) in r.iter_mut().zip(w).zip(b) {
+            *v = (*v * scale) * g + c;
+        }
+    });
+}
+
 #[inline]
 fn rms_scale(x: &[f32], eps: f32) -> f32 {
     // ggml sums squares in double.
@@ -477,6 +497,23 @@ pub fn geglu_inplace(pool: &ThreadPool, g: &mut [f32], u: &[f32], width: usize) 
                 x * b
             } else {
                 table[f16::from_f32(x).to_bits() as usize].to_f32() * b
+            };
+        }
+    });
+}
+
+/// x = gelu(x) in place (tanh form through the f16 table, as ggml's CPU `gelu`).
+pub fn gelu_inplace(pool: &ThreadPool, x: &mut [f32], width: usize) {
+    let table = gelu_table();
+    par_rows(pool, x, width, |_, xs| {
+        for a in xs.iter_mut() {
+            let v = *a;
+            *a = if v <= -10.0 {
+                0.0
+            } else if v >= 10.0 {
+                v
+            } else {
+                table[f16::from_f32(v).to_bits() as usize].to_f32()
             };
         }
     });

@@ -17,7 +17,8 @@
 //! | i8mm    | + FEAT_I8MM                        | `smmla` 2×2 tiles in gemm            |
 //!
 //! Formats with SIMD at every level: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K
-//! (vec_dot and gemm); float weights F32, F16, BF16 (vec_dot, f32 sums); activation
+//! (vec_dot and gemm); float weights F32, F16, BF16 (vec_dot, f32 sums; on x86 a
+//! register-tiled gemm for F32 and F16, `float_gemm`); activation
 //! quantizers Q8_0, Q8_1, Q8_K and F16. Everything else (Q2_K, Q3_K, Q8_1/Q8_K weights)
 //! answers with the scalar reference.
 //!
@@ -34,6 +35,8 @@ use std::sync::OnceLock;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod float_gemm;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 
@@ -339,6 +342,18 @@ impl Kernels {
             out.len(),
             (n_tok - 1) * out_stride + n_rows
         );
+        // Float weights: the register-tiled panel for prompts, and for a lone token
+        // that must get the panel's bits (`exact`); a plain lone token keeps vec_dot,
+        // llama.cpp's decode arithmetic.
+        #[cfg(target_arch = "x86_64")]
+        if matches!(ty, GgmlType::F16 | GgmlType::F32)
+            && matches!(self.level, Level::Avx2 | Level::Avx512)
+            && (n_tok > 1 || exact)
+        {
+            // SAFETY: the level's features are present; all slice lengths were checked above.
+            unsafe { float_gemm::gemm(self.level, ty, n, w, n_rows, a, n_tok, out, out_stride) };
+            return;
+        }
         let done = match self.level {
             #[cfg(target_arch = "x86_64")]
             // SAFETY: the level's features are present (see `Kernels`); all slice

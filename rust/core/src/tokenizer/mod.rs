@@ -5,18 +5,22 @@
 //!
 //! ```text
 //! model              "gpt2"  byte-level BPE (bpe.rs)      | "llama"  SentencePiece (spm.rs)
-//! pre                BPE pre-tokenizer name (pretok.rs); missing = "default"; unused by SPM
+//!                    | "bert"  WordPiece (wpm.rs)
+//! pre                BPE pre-tokenizer name (pretok.rs); missing = "default"; unused by SPM, WPM
 //! tokens             [str; n_vocab]                        required; empty texts become "[EMPTY_i]"
 //! token_type         [int; ≥ n_vocab]  1 normal 2 unknown 3 control 4 user-defined 5 unused 6 byte
 //! scores             [f32; ≥ n_vocab]  SPM merge priority (0 when absent)
 //! merges             [str] "left right", by rank           required for BPE
 //! bos/eos/eot/eom/unknown_token_id, fim_{pre,suf,mid,pad,rep,sep}_token_id   u32
+//! seperator_token_id (sic)                                                u32  WPM's [SEP]
 //! add_bos_token, add_eos_token, add_space_prefix                         bool
+//! normalizer.lowercase, normalizer.strip_accents                         bool WPM only
 //! ```
 //!
 //! Encoding reads top to bottom in `encode`: special tokens are cut out first
 //! (special.rs), each remaining fragment goes through the model tokenizer, then
-//! BOS/EOS are added. Decoding maps each token back to bytes (`token_bytes`) and only
+//! BOS/EOS are added (WordPiece: always [CLS] first and [SEP] last, whatever the add_*
+//! flags say, as llama.cpp's WPM branch does). Decoding maps each token back to bytes (`token_bytes`) and only
 //! turns bytes into text at the very end, because one character may span tokens.
 //!
 //! What llama.cpp decides by *token text* rather than metadata is reproduced in
@@ -30,6 +34,7 @@ mod special;
 mod spm;
 #[rustfmt::skip]
 mod unicode_data;
+mod wpm;
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
@@ -40,6 +45,7 @@ use crate::gguf::Gguf;
 use bpe::Bpe;
 use pretok::PreTokenizer;
 use special::{Fragment, Specials};
+use wpm::Wpm;
 
 const KEY_MODEL: &str = "tokenizer.ggml.model";
 const KEY_PRE: &str = "tokenizer.ggml.pre";
@@ -175,6 +181,12 @@ enum Kind {
     Spm {
         byte_tokens: Box<[Option<u32>; 256]>,
     },
+    /// WordPiece; `cls` and `sep` wrap every encoding with `add_special`.
+    Wpm {
+        wpm: Wpm,
+        cls: u32,
+        sep: u32,
+    },
 }
 
 pub struct Tokenizer {
@@ -185,6 +197,8 @@ pub struct Tokenizer {
     specials: Specials,
     bos: Option<u32>,
     eos: Option<u32>,
+    /// WordPiece's [SEP] (`seperator_token_id`), which ends every encoding.
+    sep: Option<u32>,
     /// Sorted.
     eog: Vec<u32>,
     add_bos: bool,
@@ -290,7 +304,15 @@ struct SpecialIds {
     eot: Option<u32>,
     eom: Option<u32>,
     unk: Option<u32>,
+    sep: Option<u32>,
     fim: [Option<u32>; 6],
+}
+
+/// The tokenizer families of `tokenizer.ggml.model`.
+enum Family {
+    Bpe(PreTokenizer),
+    Spm,
+    Wpm,
 }
 
 impl Tokenizer {
@@ -301,37 +323,44 @@ impl Tokenizer {
             ))
         })?;
         let file_pre = g.get_str(KEY_PRE)?;
-        let pre = match model_name {
+        let family = match model_name {
             "gpt2" => {
                 let name = file_pre.filter(|p| !p.is_empty()).unwrap_or("default");
-                Some(PreTokenizer::by_name(name).ok_or_else(|| {
+                Family::Bpe(PreTokenizer::by_name(name).ok_or_else(|| {
                     Error::Tokenizer(format!(
                         "{KEY_PRE} = {name:?} is not a supported BPE pre-tokenizer; supported: {}; use a model with one of these or add its splitter to tokenizer/pretok.rs",
                         pretok::supported_names().join(", ")
                     ))
                 })?)
             }
-            "llama" => None,
+            "llama" => Family::Spm,
+            "bert" => Family::Wpm,
             other => {
                 return Err(Error::Tokenizer(format!(
-                    "{KEY_MODEL} = {other:?} is not supported; supported: \"gpt2\" (byte-level BPE) and \"llama\" (SentencePiece); use a GGUF whose tokenizer is one of these"
+                    "{KEY_MODEL} = {other:?} is not supported; supported: \"gpt2\" (byte-level BPE), \"llama\" (SentencePiece) and \"bert\" (WordPiece); use a GGUF whose tokenizer is one of these"
                 )))
             }
+        };
+        let pre = match &family {
+            Family::Bpe(p) => Some(p),
+            _ => None,
         };
         let pre_name = file_pre.filter(|p| !p.is_empty()).unwrap_or("default").to_owned();
 
         let mut vocab = Vocab::load(g)?;
-        let ids = Self::special_ids(g, &vocab, pre.as_ref())?;
+        let ids = Self::special_ids(g, &vocab, &family)?;
 
-        // SPM adds BOS unless told otherwise; BPE families decide (pretok.rs).
-        let default_add_bos = match &pre {
+        // SPM adds BOS unless told otherwise; BPE families decide (pretok.rs); WPM
+        // always wraps in [CLS] … [SEP] (llama.cpp's WPM branch reads no add_* flag).
+        let wpm = matches!(family, Family::Wpm);
+        let default_add_bos = match pre {
             Some(p) => p.add_bos,
             None => true,
         };
-        let add_bos = g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
-        let add_eos = g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
-        let add_space_prefix = g.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(pre.is_none());
-        let clean_spaces = pre.as_ref().is_some_and(|p| p.clean_spaces);
+        let add_bos = wpm || g.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(default_add_bos);
+        let add_eos = !wpm && g.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+        let add_space_prefix = !wpm && g.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(pre.is_none());
+        let clean_spaces = wpm || pre.is_some_and(|p| p.clean_spaces);
         let model_lc = g.get_str("general.name")?.unwrap_or("").to_ascii_lowercase();
 
         let eog = fix_attributes(&mut vocab, &ids, &model_lc);
@@ -342,8 +371,8 @@ impl Tokenizer {
                 .collect(),
         )?;
 
-        let kind = match pre {
-            Some(pre) => {
+        let kind = match family {
+            Family::Bpe(pre) => {
                 let merges = g.get_str_array(KEY_MERGES)?.ok_or_else(|| {
                     Error::Tokenizer(format!(
                         "metadata key {KEY_MERGES:?} is missing but a \"gpt2\" tokenizer needs its merges; re-convert the model"
@@ -351,7 +380,24 @@ impl Tokenizer {
                 })?;
                 Kind::Bpe(Box::new(Bpe::new(&vocab, pre, merges)))
             }
-            None => {
+            Family::Wpm => {
+                let need = |id: Option<u32>, what: &str, key: &str| {
+                    id.ok_or_else(|| {
+                        Error::Tokenizer(format!(
+                            "this WordPiece vocabulary has no {what} token (tokenizer.ggml.{key} is missing and the default id is out of range); re-convert the model"
+                        ))
+                    })
+                };
+                let cls = need(ids.bos, "[CLS]", "bos_token_id")?;
+                let sep = need(ids.sep, "[SEP]", "seperator_token_id")?;
+                let unk = need(ids.unk, "[UNK]", "unknown_token_id")?;
+                // BertNormalizer's switches; strip_accents follows lowercase unless set.
+                let lowercase = g.get_bool("tokenizer.ggml.normalizer.lowercase")?.unwrap_or(true);
+                let strip_accents = g.get_bool("tokenizer.ggml.normalizer.strip_accents")?.unwrap_or(lowercase);
+                let max_token_len = vocab.tokens.iter().map(|t| t.text.len()).max().unwrap_or(0);
+                Kind::Wpm { wpm: Wpm { lowercase, strip_accents, max_token_len, unk: Some(unk) }, cls, sep }
+            }
+            Family::Spm => {
                 let mut byte_tokens = Box::new([None; 256]);
                 for b in 0..=255u8 {
                     // `<0xXX>`, else the byte itself as text, else <unk> (llama.cpp throws).
@@ -372,6 +418,7 @@ impl Tokenizer {
             specials,
             bos: ids.bos,
             eos: ids.eos,
+            sep: ids.sep,
             eog,
             add_bos,
             add_eos,
@@ -380,7 +427,7 @@ impl Tokenizer {
         })
     }
 
-    fn special_ids(g: &Gguf, vocab: &Vocab, pre: Option<&PreTokenizer>) -> Result<SpecialIds> {
+    fn special_ids(g: &Gguf, vocab: &Vocab, family: &Family) -> Result<SpecialIds> {
         let n = vocab.len();
         // A default outside the vocabulary is disabled; a file id outside it is ignored
         // (llama.cpp warns and keeps the default).
@@ -391,10 +438,12 @@ impl Tokenizer {
                 _ => default,
             })
         };
-        let (bos, eos, unk) = match pre {
-            Some(p) if p.no_default_bos => (None, Some(11), None),
-            Some(_) => (Some(11), Some(11), None),
-            None => (Some(1), Some(2), Some(0)),
+        // (bos, eos, unk, sep) defaults by family, as llama.cpp's load sets them.
+        let (bos, eos, unk, sep) = match family {
+            Family::Bpe(p) if p.no_default_bos => (None, Some(11), None, None),
+            Family::Bpe(_) => (Some(11), Some(11), None, None),
+            Family::Spm => (Some(1), Some(2), Some(0), None),
+            Family::Wpm => (Some(101), None, Some(100), Some(102)),
         };
         let fim_pre = read("prefix_token_id", read("fim_pre_token_id", None)?)?;
         let fim_suf = read("suffix_token_id", read("fim_suf_token_id", None)?)?;
@@ -405,6 +454,7 @@ impl Tokenizer {
             eot: read("eot_token_id", None)?,
             eom: read("eom_token_id", None)?,
             unk: read("unknown_token_id", unk)?,
+            sep: read("seperator_token_id", sep)?,
             fim: [
                 fim_pre,
                 fim_suf,
@@ -424,6 +474,21 @@ impl Tokenizer {
     }
     pub fn eos(&self) -> Option<u32> {
         self.eos
+    }
+    /// WordPiece's [SEP], which `encode` puts last with `add_special` (None elsewhere).
+    pub fn sep(&self) -> Option<u32> {
+        self.sep.filter(|_| matches!(self.kind, Kind::Wpm { .. }))
+    }
+    /// The ids `encode(text, add_special = true, ..)` puts before and after the text's
+    /// own tokens (BOS, EOS; [CLS], [SEP]): what a truncation must keep.
+    pub fn special_affixes(&self) -> (Vec<u32>, Vec<u32>) {
+        match self.kind {
+            Kind::Wpm { cls, sep, .. } => (vec![cls], vec![sep]),
+            _ => (
+                self.bos.filter(|_| self.add_bos).into_iter().collect(),
+                self.eos.filter(|_| self.add_eos).into_iter().collect(),
+            ),
+        }
     }
     /// End of generation: EOS, EOT, EOM, and every token llama.cpp recognises by text.
     pub fn is_eog(&self, id: u32) -> bool {
@@ -468,9 +533,8 @@ impl Tokenizer {
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
         let fragments = if text.is_empty() { Vec::new() } else { self.specials.partition(text, parse_special) };
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
-        if add_special && self.add_bos {
-            out.extend(self.bos);
-        }
+        let (prefix, suffix) = if add_special { self.special_affixes() } else { (Vec::new(), Vec::new()) };
+        out.extend(prefix);
         match &self.kind {
             Kind::Bpe(bpe) => {
                 for fragment in fragments {
@@ -499,10 +563,16 @@ impl Tokenizer {
                     }
                 }
             }
+            Kind::Wpm { wpm, .. } => {
+                for fragment in fragments {
+                    match fragment {
+                        Fragment::Text(t) => wpm.encode(&self.vocab, t, &mut out),
+                        Fragment::Token(id) => out.push(id),
+                    }
+                }
+            }
         }
-        if add_special && self.add_eos {
-            out.extend(self.eos);
-        }
+        out.extend(suffix);
         out
     }
 
@@ -526,7 +596,7 @@ impl Tokenizer {
         }
         if attr.has(Attr::NORMAL) {
             return match self.kind {
-                Kind::Spm { .. } => token.text.replace('\u{2581}', " ").into_bytes(),
+                Kind::Spm { .. } | Kind::Wpm { .. } => token.text.replace('\u{2581}', " ").into_bytes(),
                 Kind::Bpe(_) => unspell(&token.text),
             };
         }

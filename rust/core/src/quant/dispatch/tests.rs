@@ -216,7 +216,8 @@ fn gemm_matches_scalar_and_f64() {
     let mut rng = Rng::new(7);
     let rows: &[usize] = &[1, 3, 5, 8, 17];
     let toks: &[usize] = &[1, 2, 3, 5, 9, 17];
-    let types: Vec<GgmlType> = SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16]).collect();
+    let types: Vec<GgmlType> =
+        SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16, GgmlType::F32]).collect();
     for k in kernels() {
         for &ty in &types {
             for n in lengths(ty) {
@@ -258,7 +259,8 @@ fn gemm_matches_scalar_and_f64() {
 #[test]
 fn token_results_do_not_depend_on_the_batch() {
     let mut rng = Rng::new(11);
-    let types: Vec<GgmlType> = SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16]).collect();
+    let types: Vec<GgmlType> =
+        SIMD_TYPES.iter().copied().chain([GgmlType::Q3_K, GgmlType::F16, GgmlType::F32]).collect();
     for k in kernels() {
         for &ty in &types {
             for n in lengths(ty) {

@@ -410,7 +410,7 @@ def test_bad_tool_input_is_a_clear_400(srv: Daemon, path: str, body: dict[str, A
 def test_tool_grammar_cost(srv: Daemon) -> None:
     """Not a timing assertion: prints what the tool grammar's token masks cost (run
     with -s), beside the masks being counted at all."""
-    n, secs = srv.metric("edgelm_grammar_masks"), srv.metric("edgelm_grammar_mask_seconds")
+    n, secs = srv.metric("edgelm_grammar_masks_total"), srv.metric("edgelm_grammar_mask_seconds_total")
     assert n > 0
     print(f"\ntool-call grammar: {n:.0f} constrained tokens, {1e3 * secs / n:.3f} ms per token for the mask")
 

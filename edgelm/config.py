@@ -111,6 +111,18 @@ class Config:
     """Tokens per step, prompt chunks included (default 512 on the CPU, 2048 on a GPU)."""
     max_queue: int = 256
     prefix_cache: bool = True
+    prompt_reuse: bool = True
+    """Reuse a cached prompt past an early change (Home Assistant's time line): the
+    unchanged runs after it are taken over from the KV cache, not computed; an
+    approximation (see DEVELOPERS.md, Prompt reuse). Needs the prefix cache; CPU only.
+    A request's `prompt_reuse` (OpenAI body, Ollama `options`) overrides it."""
+    move_time_line: bool = False
+    """Move a system message's time line ("Current time is 10:36:44. ...", Home
+    Assistant's first line) to the end of that message, so the prefix cache covers the
+    rest: exact, but the model sees a different prompt (opt-in)."""
+    prompt_reuse_except: list[str] = dataclasses.field(default_factory=list)
+    """Models (names as served, e.g. "gemma3-base:270m") for which `prompt_reuse` is
+    the other way round."""
     memory_budget_mib: int | None = None
     """Memory for all loaded models: weights + KV caches (default: three quarters of
     MemAvailable at start; on a Pi or a Jetson that one pool is all there is)."""

@@ -113,6 +113,19 @@ class BlockManager:
         self.hits += len(out)
         return out
 
+    def pin(self, blocks: Sequence[int]) -> None:
+        """Take a reference on blocks that hold something (used or cached), so that no
+        allocation evicts them while they are read; `release` drops it."""
+        for b in blocks:
+            assert self.ref[b] > 0 or b in self._cached, f"block {b} holds nothing to pin"
+            if self.ref[b] == 0:
+                del self._cached[b]
+            self.ref[b] += 1
+
+    def registered_hash(self, block: int) -> int | None:
+        """The hash `block` is registered under (None: it holds no cached prefix)."""
+        return self._hash_of.get(block)
+
     def is_cached(self, h: int) -> bool:
         return self.enable_prefix_cache and h in self._by_hash
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgelm.engine.metrics import Metrics
+from edgelm.engine.reuse import ReuseConfig
 from edgelm.engine.scheduler import Scheduler, SchedulerLimits, SeqOutput, Sequence
 from edgelm.engine.types import Executor, SamplingParams, StepResult
 from edgelm.stops import StopMatcher
@@ -41,6 +42,7 @@ class GenRequest:
     ignore_eos: bool = False
     timeout_s: float | None = None
     matcher: Any = None  # llguidance LLMatcher (structured output)
+    prompt_reuse: bool | None = None  # take over cached KV past an early change (None: the model's setting)
 
 
 @dataclass
@@ -98,6 +100,11 @@ class Stream:
         return self.seq.n_cached_prompt
 
     @property
+    def n_reused(self) -> int:
+        """Prompt tokens taken over past an early change (edgelm.engine.reuse)."""
+        return self.seq.n_reused_prompt
+
+    @property
     def n_generated(self) -> int:
         return self.seq.n_generated
 
@@ -143,9 +150,10 @@ class AsyncEngine:
         enable_prefix_cache: bool = True,
         gauges: Callable[[], None] | None = None,
         model: str = "",
+        reuse: ReuseConfig | None = None,
     ) -> None:
         self.executor = executor
-        self._sched = Scheduler(executor, limits, eog_ids, enable_prefix_cache)
+        self._sched = Scheduler(executor, limits, eog_ids, enable_prefix_cache, reuse=reuse)
         self.metrics = metrics.for_model(model)  # this model's series (label `model`)
         self._gauges = gauges  # sets the gauges for every model served (else: this engine's)
         if gauges is None:
@@ -220,6 +228,7 @@ class AsyncEngine:
             ignore_eos=req.ignore_eos,
             deadline=deadline,
             matcher=req.matcher,
+            reuse=req.prompt_reuse,
         )
         stream = Stream(self, seq, req.stop)
         with self._lock:
@@ -290,6 +299,8 @@ class AsyncEngine:
                     st.first_token_at = now
                     self.metrics.ttft.observe(now - st.submitted)
                     self.metrics.tokens_cached.inc(st.n_cached)
+                    self.metrics.tokens_reused.inc(st.n_reused)
+                    self.metrics.tokens_computed.inc(st.n_prompt - st.n_cached - st.n_reused)
                 elif st.last_token_at is not None:
                     self.metrics.tpot.observe(now - st.last_token_at)
                 st.last_token_at = now

@@ -35,6 +35,15 @@ class Metrics:
         self.tokens_cached = Counter(
             "edgelm_prompt_tokens_cached", "Prompt tokens served from the prefix cache", m, registry=r
         )
+        self.tokens_reused = Counter(
+            "edgelm_prompt_tokens_reused",
+            "Prompt tokens taken over from cached KV past an early change (prompt reuse)",
+            m,
+            registry=r,
+        )
+        self.tokens_computed = Counter(
+            "edgelm_prompt_tokens_computed", "Prompt tokens computed (neither cached nor reused)", m, registry=r
+        )
         self.tokens_out = Counter("edgelm_generated_tokens", "Tokens generated", m, registry=r)
         self.ttft = Histogram(
             "edgelm_time_to_first_token_seconds", "Time to first token", m, buckets=_LATENCY_BUCKETS, registry=r
@@ -130,6 +139,8 @@ class ModelMetrics:
         self.parent = m
         self.tokens_in = m.tokens_in.labels(model)
         self.tokens_cached = m.tokens_cached.labels(model)
+        self.tokens_reused = m.tokens_reused.labels(model)
+        self.tokens_computed = m.tokens_computed.labels(model)
         self.tokens_out = m.tokens_out.labels(model)
         self.ttft = m.ttft.labels(model)
         self.tpot = m.tpot.labels(model)

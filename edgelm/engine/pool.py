@@ -40,6 +40,7 @@ from edgelm.config import Config, parse_keep_alive
 from edgelm.engine.embed import EmbedEngine, EmbedLimits
 from edgelm.engine.loop import AsyncEngine
 from edgelm.engine.metrics import Metrics
+from edgelm.engine.reuse import ReuseConfig
 from edgelm.engine.scheduler import SchedulerLimits
 from edgelm.errors import NoMemory, NotFound
 from edgelm.prompt.chat import ChatTemplate
@@ -294,8 +295,16 @@ class ModelPool:
                 c = self.cfg
                 max_running, max_step_tokens = c.step_limits(device)
                 limits = SchedulerLimits(max_running, max_step_tokens, c.max_queue, parts["max_context"])
+                reuse = ReuseConfig(enabled=c.prompt_reuse != (mid in c.prompt_reuse_except))
                 engine = AsyncEngine(
-                    executor, limits, self.metrics, eog, c.prefix_cache, gauges=self.update_gauges, model=mid
+                    executor,
+                    limits,
+                    self.metrics,
+                    eog,
+                    c.prefix_cache,
+                    gauges=self.update_gauges,
+                    model=mid,
+                    reuse=reuse,
                 )
                 lm = LoadedModel(engine=engine, cost_bytes=cost, **parts)
                 # Warm the grammar engine's vocabulary in the background (a few seconds on a

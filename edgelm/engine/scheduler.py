@@ -27,6 +27,10 @@ Policies:
     next block it needs is being computed right now by another sequence (several
     clients sending the same system prompt at once), it waits a step or two and then
     shares the result instead of computing it twice.
+  - Past the prefix cache, a prompt may take over the cached KV of a finished
+    sequence's equal runs after an early change (edgelm.engine.reuse): the copies go
+    into the admission step's plan, the filled positions are skipped, the gaps are
+    computed.
   - Out of KV blocks: preempt the youngest running sequence (its blocks are freed; it
     goes back to the front of the queue and is recomputed later, prefix hits
     included) rather than fail anything. The executor keeps its state (history,
@@ -48,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgelm.engine.blocks import BlockManager, OutOfBlocks, chain_hashes
+from edgelm.engine.reuse import ReuseConfig, Run, Source, find_runs
 from edgelm.engine.types import KvGeometry, NewSequence, SamplingParams, StepItem, StepPlan, StepResult
 from edgelm.errors import BadRequest, Busy
 
@@ -102,6 +107,7 @@ class Sequence:
     ignore_eos: bool = False
     deadline: float | None = None  # time.monotonic() value
     matcher: Any = None  # an llguidance LLMatcher: constrained decoding
+    reuse: bool | None = None  # take over cached KV past an early change (None: the model's default)
     id: int = 0  # given by Scheduler.add
     # State (the scheduler's).
     tokens: list[int] = field(init=False)
@@ -109,6 +115,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     n_generated: int = 0
     n_cached_prompt: int = 0  # prompt tokens served from the prefix cache (first admission)
+    n_reused_prompt: int = 0  # prompt tokens taken over past an early change (first admission)
     n_preempted: int = 0
     registered: bool = False  # the executor holds its state
     finish_reason: str | None = None
@@ -116,6 +123,13 @@ class Sequence:
     error: str | None = None  # why the executor refused it (finish_reason "error")
     arrival: float = field(default_factory=time.monotonic)
     _hashes: list[int] = field(default_factory=list)
+    # Reuse (edgelm.engine.reuse): positions filled by copies, not computed; the copies
+    # and the source blocks pinned until the step that makes them; where the
+    # approximate entries start (its blocks are cached under a salted hash).
+    _fills: list[tuple[int, int]] = field(default_factory=list)
+    _copies: list[tuple[list[int], int, list[int], int, int]] = field(default_factory=list)
+    _pins: list[int] = field(default_factory=list)
+    approx_from: int | None = None
 
     def __post_init__(self) -> None:
         self.tokens = list(self.prompt)
@@ -123,6 +137,17 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def todo(self) -> int:
+        """Tokens to compute before the next position filled by a copy (or the end)."""
+        stop = self._fills[0][0] if self._fills else len(self.tokens)
+        return stop - self.n_computed
+
+    def skip_filled(self) -> None:
+        """Move past the positions copies fill (in the step that computes the ones
+        before them, or earlier)."""
+        while self._fills and self._fills[0][0] <= self.n_computed:
+            self.n_computed = max(self.n_computed, self._fills.pop(0)[1])
 
     def hashes(self, block_size: int, n: int) -> list[int]:
         """Chain hashes of the first `n` full blocks of this sequence's tokens."""
@@ -149,6 +174,7 @@ class Scheduler:
         eog_ids: Iterable[int] = (),
         enable_prefix_cache: bool = True,
         clock: Callable[[], float] = time.monotonic,
+        reuse: ReuseConfig | None = None,
     ) -> None:
         """`kv`: the executor's KV cache shape (read once; the executor itself is never
         called from here). `eog_ids`: the model's end-of-generation tokens (a grammar
@@ -172,6 +198,12 @@ class Scheduler:
         self.n_preemptions = 0
         self.n_prompt_tokens_computed = 0
         self.n_prompt_tokens_cached = 0
+        self.n_prompt_tokens_reused = 0
+        # Reuse needs the prefix cache (sources are its cached blocks) and an executor
+        # that carries out copies (the CPU one).
+        self.reuse = reuse or ReuseConfig()
+        self._can_reuse = enable_prefix_cache and bool(getattr(kv, "supports_kv_copies", False))
+        self._sources: deque[Source] = deque(maxlen=self.reuse.max_sources)
 
     # -- intake ------------------------------------------------------------------
     def capacity_tokens(self) -> int:
@@ -247,7 +279,7 @@ class Scheduler:
             if not self._admit(seq):
                 skipped.append(seq)  # its prefix is being computed by another; next step
                 continue
-            n = _chunk(len(seq.tokens) - seq.n_computed, min(budget, admit_budget))
+            n = _chunk(seq.todo(), min(budget, admit_budget))
             if n <= 0 or not run(seq, n, may_preempt=False):
                 self._unadmit(seq)
                 self.waiting.appendleft(seq)
@@ -257,7 +289,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running or seq.id in plan:
                 continue  # preempted to make room, or already in this step
-            n = _chunk(len(seq.tokens) - seq.n_computed, budget)
+            n = _chunk(seq.todo(), budget)
             if n > 0:
                 run(seq, n)
         self.waiting.extendleft(reversed(skipped))
@@ -274,8 +306,9 @@ class Scheduler:
             NewSequence(s.id, list(s.tokens), s.sampling, self._max_tokens(s), sorted(s.stop_ids), s.ignore_eos)
             for s in self._new
         ]
+        copies = [c for s, *_ in planned for c in s._copies]
         step = StepPlan(
-            new, [StepItem(s.id, a, b, list(s.blocks), smp) for s, a, b, smp in planned], self._forget, masks
+            new, [StepItem(s.id, a, b, list(s.blocks), smp) for s, a, b, smp in planned], self._forget, masks, copies
         )
         self._in_flight = (step, planned, self._new)
         self._new, self._forget = [], []
@@ -296,15 +329,19 @@ class Scheduler:
             seq.error = why
             self._end(seq, "error")
             out.append(SeqOutput(seq, None, 0.0, [], "", "error"))
+        for seq, *_ in planned:
+            self._unpin(seq)
         for seq, _start, end, _sample in planned:
             if seq.id in refused:
                 continue
             if seq.n_computed < len(seq.prompt):
                 self.n_prompt_tokens_computed += min(end, len(seq.prompt)) - seq.n_computed
             seq.n_computed = end
-            n_full = end // self.bs
+            seq.skip_filled()
+            n_full = seq.n_computed // self.bs
             for i, h in enumerate(seq.hashes(self.bs, n_full)):
-                self.blocks.register(seq.blocks[i], h)
+                approx = seq.approx_from is not None and (i + 1) * self.bs > seq.approx_from
+                self.blocks.register(seq.blocks[i], _salted(h) if approx else h)
                 if self._inflight.get(h) == seq.id:
                     del self._inflight[h]
         for t in result.tokens:
@@ -330,6 +367,8 @@ class Scheduler:
             self._in_flight if self._in_flight is not None and self._in_flight[0] is plan else (plan, [], [])
         )
         self._in_flight = None
+        for seq, *_ in planned:
+            self._unpin(seq)
         out, self._ended = self._ended, []
         self._forget.extend(plan.finished)  # (forgetting twice is harmless; leaking state is not)
         ids = {it.id for it in plan.items} | {n.id for n in plan.new}
@@ -348,6 +387,8 @@ class Scheduler:
 
     def _end(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
+        self._unpin(seq)
+        self._remember(seq)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
@@ -381,6 +422,8 @@ class Scheduler:
         if seq.n_preempted == 0:
             seq.n_cached_prompt = seq.n_computed
             self.n_prompt_tokens_cached += seq.n_computed
+        if self._can_reuse and (self.reuse.enabled if seq.reuse is None else seq.reuse):
+            self._plan_reuse(seq)
         for h in hashes[len(seq.blocks) :]:
             self._inflight.setdefault(h, seq.id)
         self.running.append(seq)
@@ -398,6 +441,8 @@ class Scheduler:
         return False
 
     def _unadmit(self, seq: Sequence) -> None:
+        self._drop_reuse(seq)
+        self._unpin(seq)
         self.running.remove(seq)
         self._drop_inflight(seq)
         self.blocks.release(seq.blocks)
@@ -422,6 +467,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, plan: dict[int, _Planned]) -> None:
         plan.pop(seq.id, None)
+        self._drop_reuse(seq)
+        self._unpin(seq)
         self.running.remove(seq)
         self._drop_inflight(seq)
         self.blocks.release(seq.blocks)
@@ -430,6 +477,92 @@ class Scheduler:
         seq.n_preempted += 1
         self.n_preemptions += 1
         self.waiting.appendleft(seq)
+
+    # -- reuse past an early change (edgelm.engine.reuse) ----------------------------
+    def _remember(self, seq: Sequence) -> None:
+        """Keep an ending sequence's cached blocks as a source for later prompts."""
+        if not self._can_reuse:
+            return
+        n_full = min(seq.n_computed, len(seq.tokens)) // self.bs
+        hashes: list[int] = []
+        for b in seq.blocks[:n_full]:
+            h = self.blocks.registered_hash(b)
+            if h is None:
+                break
+            hashes.append(h)
+        if len(hashes) * self.bs >= 2 * self.reuse.min_run:
+            n = len(hashes)
+            self._sources.appendleft(Source(list(seq.tokens[: n * self.bs]), list(seq.blocks[:n]), hashes))
+
+    def _valid_len(self, src: Source) -> int:
+        """Positions of `src` whose blocks still hold what they held."""
+        n = 0
+        for b, h in zip(src.blocks, src.hashes):
+            if self.blocks.registered_hash(b) != h:
+                break
+            n += 1
+        return n * self.bs
+
+    def _plan_reuse(self, seq: Sequence) -> None:
+        """At admission, after the prefix lookup: find runs of the rest of the prompt
+        in a source, pin their blocks, give `seq` blocks up to the last run and queue
+        the copies for this step. Prompt tokens only; the last two are computed."""
+        start, end = seq.n_computed, len(seq.prompt) - 2
+        if end - start < self.reuse.min_run:
+            return
+        best: tuple[int, Source, list[Run], int] | None = None
+        for src in list(self._sources):
+            n_src = self._valid_len(src)
+            if n_src < self.reuse.min_run:
+                self._sources.remove(src)  # evicted: it will not come back
+                continue
+            runs = find_runs(seq.tokens, start, end, src.tokens, src.index(), n_src, self.reuse)
+            total = sum(n for *_, n in runs)
+            if total and (best is None or total > best[0]):
+                best = (total, src, runs, n_src)
+        if best is None:
+            return
+        total, src, runs, _ = best
+        pins = sorted({src.blocks[k] for _, j, n in runs for k in range(j // self.bs, (j + n - 1) // self.bs + 1)})
+        self.blocks.pin(pins)
+        seq._pins = pins
+        last = max(d + n for d, _, n in runs)
+        try:
+            while len(seq.blocks) * self.bs < last:
+                seq.blocks.append(self.blocks.allocate())
+        except OutOfBlocks:
+            self._unpin(seq)
+            return
+        seq._copies = [(list(src.blocks), j, list(seq.blocks), d, n) for d, j, n in runs]
+        seq._fills = [(d, d + n) for d, _, n in runs]
+        seq.approx_from = runs[0][0]
+        if seq.n_preempted == 0:
+            seq.n_reused_prompt = total
+        self.n_prompt_tokens_reused += total
+        seq.skip_filled()
+
+    def _unpin(self, seq: Sequence) -> None:
+        if seq._pins:
+            self.blocks.release(seq._pins)
+            seq._pins = []
+        seq._copies = []
+
+    def _drop_reuse(self, seq: Sequence) -> None:
+        """Its blocks are going: what was copied into them goes too (and copies not
+        made yet are not counted)."""
+        if seq._copies:
+            n = sum(c[4] for c in seq._copies)
+            self.n_prompt_tokens_reused -= n
+            if seq.n_preempted == 0:
+                seq.n_reused_prompt = 0
+        seq._fills = []
+        seq.approx_from = None
+
+
+def _salted(h: int) -> int:
+    """The cache key of a block holding taken-over (approximate) entries: never equal
+    to an exact prefix's, so the prefix cache never serves it to a request."""
+    return hash(("reused", h))
 
 
 _Planned = tuple[Sequence, int, int, bool]

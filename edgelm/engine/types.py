@@ -18,7 +18,9 @@ never calls the executor; the engine loop (edgelm.engine.loop) hands the plan ov
   whether to sample after the last.
 - `StepPlan`: `new`, `items`, `finished` (ids the scheduler ended: aborted, timed out,
   stopped by a grammar or a stop string; the executor forgets them first) and `masks`
-  (the grammar's token bitmask for each constrained sample).
+  (the grammar's token bitmask for each constrained sample) and `copies` (KV runs taken
+  over from cached blocks before the forward pass — prompt reuse past an early change,
+  edgelm.engine.reuse; only an executor whose `supports_kv_copies` is true gets them).
 - `SampledToken`: id, token, log-probability, top alternatives, the text the token
   completes, and `finish_reason` ("stop": an end-of-generation or stop token; "length":
   max_tokens) when it ended its sequence. Stop and length are decided in one place, the

@@ -28,6 +28,7 @@ from edgelm.config import parse_keep_alive
 from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
 from edgelm.prompt.chat import ChatTemplateError
 from edgelm.prompt.grammar import ANY_JSON_OBJECT
+from edgelm.prompt.volatile import move_time_line
 from edgelm.server import access, thinking, tools
 from edgelm.server.embed import require_generation
 from edgelm.server.params import ApiError, Body, int_list
@@ -210,9 +211,12 @@ async def show(request: web.Request) -> web.Response:
 # -- generation ----------------------------------------------------------------------------
 
 
-def _options(lm: LoadedModel, b: Body, penalize_prompt: bool) -> tuple[SamplingParams, int | None, list[str], int]:
-    """Sampling settings, num_predict (None = until the context is full), stop strings
-    and the context size from an Ollama `options` object."""
+def _options(
+    lm: LoadedModel, b: Body, penalize_prompt: bool
+) -> tuple[SamplingParams, int | None, list[str], int, bool | None]:
+    """Sampling settings, num_predict (None = until the context is full), stop strings,
+    the context size and `prompt_reuse` (edgelm's own option) from an Ollama `options`
+    object."""
     raw = b.data.get("options")
     if raw is not None and not isinstance(raw, dict):
         raise ApiError("'options' must be an object", "options")
@@ -221,7 +225,8 @@ def _options(lm: LoadedModel, b: Body, penalize_prompt: bool) -> tuple[SamplingP
     n_predict = o.get("num_predict", int, -1, lo=-2)  # -1: until done, -2: until the context is full
     num_ctx = o.get("num_ctx", int, lm.max_context, lo=1)
     stop = o.stop("stop") if o.has("stop") else [str(x) for x in lm.params.get("stop") or [] if isinstance(x, str)][:16]
-    return sampling, (None if n_predict < 0 else n_predict), stop, min(num_ctx, lm.max_context)
+    reuse = o.get("prompt_reuse", bool, None)
+    return sampling, (None if n_predict < 0 else n_predict), stop, min(num_ctx, lm.max_context), reuse
 
 
 def _format(b: Body) -> dict[str, Any] | None:
@@ -279,7 +284,7 @@ async def _run(
 ) -> web.StreamResponse:
     """Generate the answer to a rendered prompt (`text`, as `prompt` tokens) and send it
     back as Ollama does: content, `thinking` apart (thinking models), tool calls whole."""
-    sampling, n_predict, stop, num_ctx = _options(lm, b, penalize_prompt=plan is None)
+    sampling, n_predict, stop, num_ctx, reuse = _options(lm, b, penalize_prompt=plan is None)
     style = lm.template.thinking
     opened = thinking.forced_open(text, style)
     rule = thinking.thought_rule(think, style, opened)
@@ -313,7 +318,7 @@ async def _run(
             return resp
         return web.json_response(done)
     st = lm.engine.submit(
-        GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False, srv.cfg.request_timeout_s, matcher)
+        GenRequest(prompt, max_tokens, sampling, stop, frozenset(), False, srv.cfg.request_timeout_s, matcher, reuse)
     )  # edgelm.errors: busy, too long
     access.track(st, lm.id)
 
@@ -472,6 +477,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
         if lm.system and not any(m["role"] == "system" for m in out):
             out.insert(0, {"role": "system", "content": lm.system})
         msgs2, tools_arg = tools.prompt_messages(out, plan, lm.template.renders_tools)
+        if srv.cfg.move_time_line:  # after the tool prompt, which goes into the system message
+            msgs2 = move_time_line(msgs2)
         try:
             text = lm.template.render(
                 msgs2, add_generation_prompt=True, tools=tools_arg, **think.template_vars(lm.template.thinking)

@@ -22,6 +22,7 @@ from edgelm.engine.loop import Delta, EngineError, GenRequest, Stream
 from edgelm.errors import RequestError
 from edgelm.prompt.chat import ChatTemplateError
 from edgelm.prompt.grammar import ANY_JSON_OBJECT
+from edgelm.prompt.volatile import move_time_line
 from edgelm.server import access, thinking, tools
 from edgelm.server.embed import require_generation
 from edgelm.server.params import ApiError, Body, int_list
@@ -76,6 +77,7 @@ def _common(srv: Server, b: Body) -> dict[str, Any]:
         "stop": b.stop(),
         "sampling": from_openai(b),
         "ignore_eos": b.get("ignore_eos", bool, False),
+        "prompt_reuse": b.get("prompt_reuse", bool, None),
         "timeout": timeout,
     }
 
@@ -116,7 +118,15 @@ async def _submit(
             sampling = sampling.replace(n_logprobs=n_logprobs, seed=seed)
             matcher = tools.answer_matcher(lm, grammar, thought)
             req = GenRequest(
-                prompt, max_tokens, sampling, c["stop"], frozenset(), c["ignore_eos"], c["timeout"], matcher
+                prompt,
+                max_tokens,
+                sampling,
+                c["stop"],
+                frozenset(),
+                c["ignore_eos"],
+                c["timeout"],
+                matcher,
+                c["prompt_reuse"],
             )
             streams.append(lm.engine.submit(req))
             access.track(streams[-1], lm.id)
@@ -452,6 +462,8 @@ async def _chat_completions(request: web.Request, srv: Server, lm: LoadedModel, 
     style = lm.template.thinking
     think = thinking.from_openai(b.data, style)
     msgs, tools_arg = tools.prompt_messages(msgs, plan, lm.template.renders_tools)
+    if srv.cfg.move_time_line:  # after the tool prompt, which goes into the system message
+        msgs = move_time_line(msgs)
     if plan:
         c["sampling"] = c["sampling"].replace(penalize_prompt=False)  # see SamplingParams
     try:

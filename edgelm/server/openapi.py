@@ -37,6 +37,7 @@ _SAMPLING: dict[str, Any] = {
     "seed": _num(-(2**63), 2**64 - 1, True),
     "stop": _STOP,
     "ignore_eos": {"type": "boolean"},
+    "prompt_reuse": {"type": "boolean"},
     "timeout": _num(0, None, excl_lo=True),
 }
 

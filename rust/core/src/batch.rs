@@ -18,7 +18,7 @@ use crate::cuda::model::{GpuKv, GpuModel};
 use crate::cuda::Gpu;
 use crate::engine::{Engine, FinishReason, StopRule};
 use crate::error::{Error, Result};
-use crate::kv::{KvCache, KvShape};
+use crate::kv::{KvCache, KvCopy, KvShape};
 use crate::model::ops::FA_TILE_Q;
 use crate::model::{LogitsWanted, SeqInput};
 use crate::sample::{Sampled, Sampler, SamplingParams};
@@ -78,6 +78,9 @@ pub struct Plan {
     /// stop string): forgotten first.
     pub finished: Vec<u64>,
     pub new: Vec<NewSeq>,
+    /// KV entries taken over from cached blocks before the forward pass (prompt reuse
+    /// past an early change); the items that follow read them.
+    pub copies: Vec<KvCopy>,
     pub items: Vec<StepItem>,
 }
 
@@ -152,7 +155,26 @@ impl Executor {
         }
         let items: Vec<StepItem> =
             plan.items.into_iter().filter(|it| !refused.iter().any(|(id, _)| *id == it.seq)).collect();
+        if !plan.copies.is_empty() {
+            self.copy_kv(&plan.copies)?;
+        }
         Ok(PlanOut { tokens: self.step(&items)?, refused })
+    }
+
+    /// Whether this backend carries out `Plan::copies` (both do).
+    pub fn supports_kv_copies(&self) -> bool {
+        true
+    }
+
+    fn copy_kv(&mut self, copies: &[KvCopy]) -> Result<()> {
+        let model = &self.engine.model;
+        match &mut self.backend {
+            Backend::Cpu(kv) => model.copy_kv(kv, copies),
+            Backend::Cuda(gm, kv) => {
+                let table = |il: usize, delta: i64| model.layer_rope(il).map(|r| r.shift_table(delta));
+                gm.copy_kv(kv, copies, &table)
+            }
+        }
     }
 
     /// Register a sequence with its prompt. Ids are the caller's; reusing a live one

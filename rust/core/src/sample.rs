@@ -86,12 +86,20 @@ impl SamplingParams {
         if !(-2.0..=2.0).contains(&self.presence_penalty) {
             return bad("presence_penalty", self.presence_penalty, "in [-2, 2]");
         }
-        if self.n_logprobs > 20 {
-            return Err(Error::invalid(format!("top logprobs is {}; at most 20 are returned", self.n_logprobs)));
+        // The HTTP APIs allow 20; tools (the reuse quality bench) ask for the whole
+        // vocabulary.
+        if self.n_logprobs > MAX_LOGPROBS {
+            return Err(Error::invalid(format!(
+                "top logprobs is {}; at most {MAX_LOGPROBS} are returned",
+                self.n_logprobs
+            )));
         }
         Ok(())
     }
 }
+
+/// The most top log-probabilities a sample returns.
+pub const MAX_LOGPROBS: usize = 1 << 18;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Sampled {

@@ -95,7 +95,7 @@ fn a_plan_forgets_ended_sequences_and_refuses_bad_ones_alone() {
             StepItem { seq: 1, start: 0, end: 3, block_table: table(0), sample: true, allowed: None },
             StepItem { seq: 2, start: 0, end: 3, block_table: table(1), sample: true, allowed: None },
         ],
-        finished: vec![],
+        ..Plan::default()
     };
     let out = ex.run(plan).unwrap();
     assert_eq!(out.refused.len(), 1);
@@ -106,4 +106,42 @@ fn a_plan_forgets_ended_sequences_and_refuses_bad_ones_alone() {
     let out = ex.run(Plan { finished: vec![1, 7], ..Plan::default() }).unwrap();
     assert!(out.tokens.is_empty() && out.refused.is_empty());
     assert_eq!(ex.n_sequences(), 0, "an ended sequence is forgotten (an unknown id is no error)");
+}
+
+/// A plan's KV copies (prompt reuse) put the source's entries where the items read
+/// them: a sequence that takes over another's identical positions (no move) samples
+/// exactly what that one did; copies that read and write one block, or name blocks
+/// outside the cache, are refused before anything is written.
+#[test]
+fn kv_copies_take_entries_over_and_bad_ones_are_refused() {
+    use edgelm_core::kv::KvCopy;
+    let engine = engine();
+    let mut ex = Executor::new(Arc::clone(&engine), 16).unwrap();
+    let p: Vec<u32> = (0..40u32).map(|j| (j * 7 + 3) % 60).collect();
+    let sampling = SamplingParams { temperature: 0.0, n_logprobs: 5, ..Default::default() };
+    let seq = |id| NewSeq { id, prompt: p.clone(), sampling: sampling.clone(), stop: StopRule::never() };
+    let (ta, tb): (Vec<u32>, Vec<u32>) = ((0..4).collect(), (4..8).collect());
+    let item = |id, start, end, t: &Vec<u32>, sample| StepItem {
+        seq: id,
+        start,
+        end,
+        block_table: t.clone(),
+        sample,
+        allowed: None,
+    };
+    let a = ex.run(Plan { new: vec![seq(1)], items: vec![item(1, 0, 40, &ta, true)], ..Plan::default() }).unwrap();
+    let copy = KvCopy { src_table: ta.clone(), src_start: 4, dst_table: tb.clone(), dst_start: 4, n: 30 };
+    ex.run(Plan { new: vec![seq(2)], copies: vec![copy], items: vec![item(2, 0, 4, &tb, false)], ..Plan::default() })
+        .unwrap();
+    let b = ex.run(Plan { items: vec![item(2, 34, 40, &tb, true)], ..Plan::default() }).unwrap();
+    assert_eq!(a.tokens[0].sampled, b.tokens[0].sampled);
+    let bad = [
+        KvCopy { src_table: ta.clone(), src_start: 0, dst_table: ta.clone(), dst_start: 4, n: 4 },
+        KvCopy { src_table: vec![99], src_start: 0, dst_table: tb.clone(), dst_start: 0, n: 4 },
+        KvCopy { src_table: ta.clone(), src_start: 0, dst_table: tb.clone(), dst_start: 0, n: 0 },
+    ];
+    for c in bad {
+        let e = ex.run(Plan { copies: vec![c.clone()], ..Plan::default() }).unwrap_err().to_string();
+        assert!(e.contains("block") || e.contains("0 positions"), "{c:?}: {e}");
+    }
 }

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use edgelm_core::batch::{Executor as CoreExecutor, NewSeq, Plan, StepItem as CoreItem};
 use edgelm_core::cuda::DeviceChoice;
 use edgelm_core::engine::StopRule;
+use edgelm_core::kv::KvCopy;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -78,19 +79,25 @@ pub struct StepPlan {
     items: Vec<Py<PyStepItem>>,
     finished: Vec<u64>,
     masks: HashMap<u64, Vec<u8>>,
+    /// KV runs taken over before the forward pass: (source block table, source start,
+    /// destination block table, destination start, positions).
+    copies: Vec<KvCopyTuple>,
 }
+
+type KvCopyTuple = (Vec<u32>, usize, Vec<u32>, usize, usize);
 
 #[pymethods]
 impl StepPlan {
     #[new]
-    #[pyo3(signature = (new=Vec::new(), items=Vec::new(), finished=Vec::new(), masks=HashMap::new()))]
+    #[pyo3(signature = (new=Vec::new(), items=Vec::new(), finished=Vec::new(), masks=HashMap::new(), copies=Vec::new()))]
     fn new(
         new: Vec<Py<NewSequence>>,
         items: Vec<Py<PyStepItem>>,
         finished: Vec<u64>,
         masks: HashMap<u64, Vec<u8>>,
+        copies: Vec<KvCopyTuple>,
     ) -> Self {
-        StepPlan { new, items, finished, masks }
+        StepPlan { new, items, finished, masks, copies }
     }
     /// Tokens the step computes.
     #[getter]
@@ -99,7 +106,7 @@ impl StepPlan {
     }
     /// Nothing to do: no tokens to compute, nothing to register or forget.
     fn is_empty(&self) -> bool {
-        self.new.is_empty() && self.items.is_empty() && self.finished.is_empty()
+        self.new.is_empty() && self.items.is_empty() && self.finished.is_empty() && self.copies.is_empty()
     }
 }
 
@@ -201,6 +208,11 @@ impl Executor {
     fn block_size(&self) -> usize {
         self.block_size
     }
+    /// Whether steps may carry KV copies (prompt reuse): the CPU backend only.
+    #[getter]
+    fn supports_kv_copies(&self) -> PyResult<bool> {
+        Ok(self.lock()?.supports_kv_copies())
+    }
     /// Sequences it holds state for.
     fn n_sequences(&self) -> PyResult<usize> {
         Ok(self.lock()?.n_sequences())
@@ -249,7 +261,18 @@ impl Executor {
                 }
             })
             .collect();
-        let plan = Plan { finished: plan.finished.clone(), new, items };
+        let copies = plan
+            .copies
+            .iter()
+            .map(|(st, ss, dt, ds, n)| KvCopy {
+                src_table: st.clone(),
+                src_start: *ss,
+                dst_table: dt.clone(),
+                dst_start: *ds,
+                n: *n,
+            })
+            .collect();
+        let plan = Plan { finished: plan.finished.clone(), new, copies, items };
         let out = py
             .detach(|| {
                 let mut ex = self

@@ -2160,6 +2160,41 @@ extern "C" __global__ void rope_kv(float* q, float* k, const float* __restrict__
     for (int i = threadIdx.x; i < kvv; i += blockDim.x) vc[sl * kvv + i] = f2h(v[(u64)blockIdx.x * kvv + i]);
 }
 
+// KV entries taken over at other positions (prompt reuse): K and V rows of slot src[t]
+// go to slot dst[t] (source and destination slots never overlap), each K pair turned by
+// the angle in cs (cos, sin per pair: the RoPE of the distance moved, built on the host
+// as the CPU's Rope::shift_table; n_rot 0: a plain copy). Grid: positions; block: 128.
+extern "C" __global__ void kv_copy(u16* kc, u16* vc, const u32* __restrict__ src, const u32* __restrict__ dst,
+                                   const float* __restrict__ cs, int n_head_kv, int head_dim, int head_dim_v,
+                                   int n_rot, int neox) {
+    GRID_DEP_WAIT();
+    const int kvk = n_head_kv * head_dim, kvv = n_head_kv * head_dim_v, half = n_rot / 2;
+    const u64 s = src[blockIdx.x], d = dst[blockIdx.x];
+    const u16* ks = kc + s * kvk;
+    for (int i = threadIdx.x; i < kvk; i += blockDim.x) {
+        const int hh = i / head_dim, j = i % head_dim;
+        float x = h2f(ks[i]);
+        if (j < n_rot) {
+            int pi, other;
+            bool first;
+            if (neox) {
+                first = j < half;
+                pi = first ? j : j - half;
+                other = first ? j + half : j - half;
+            } else {
+                first = (j & 1) == 0;
+                pi = j / 2;
+                other = first ? j + 1 : j - 1;
+            }
+            const float y = h2f(ks[hh * head_dim + other]);
+            const float c = cs[2 * pi], sn = cs[2 * pi + 1];
+            x = first ? x * c - y * sn : y * sn + x * c;
+        }
+        kc[d * kvk + i] = f2h(x);
+    }
+    for (int i = threadIdx.x; i < kvv; i += blockDim.x) vc[d * kvv + i] = vc[s * kvv + i];
+}
+
 // lse[r] = log Σ_i exp(x[r][i]) for rows of n, as the CPU's `log_sum_exp` computes it
 // (max first, then the sum of exp(x - max) in double; here each exp in f32, within an
 // ulp of the CPU's f64 one), so the sampler's log-probabilities need no pass over the

@@ -698,6 +698,53 @@ impl GpuModel {
         })
     }
 
+    /// Carry out KV copies (prompt reuse, `KvCopy`) in every layer: `table(layer,
+    /// delta)` gives the (cos, sin) of each RoPE pair for a move of `delta` positions
+    /// (None: copy K unturned), as the CPU's `Rope::shift_table`.
+    pub fn copy_kv(
+        &self,
+        kv: &mut GpuKv,
+        copies: &[crate::kv::KvCopy],
+        table: &dyn Fn(usize, i64) -> Option<Vec<(f32, f32)>>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let bs = kv.shape.block_size;
+        for cp in copies {
+            cp.check(&kv.shape)?;
+            let slot = |t: &[u32], p: usize| t[p / bs] * bs as u32 + (p % bs) as u32;
+            let src: Vec<u32> = (0..cp.n).map(|i| slot(&cp.src_table, cp.src_start + i)).collect();
+            let dst: Vec<u32> = (0..cp.n).map(|i| slot(&cp.dst_table, cp.dst_start + i)).collect();
+            let (d_src, d_dst) = (self.gpu.upload(as_bytes(&src))?, self.gpu.upload(as_bytes(&dst))?);
+            let delta = cp.dst_start as i64 - cp.src_start as i64;
+            for il in 0..c.n_layer {
+                let cs = if delta != 0 { table(il, delta) } else { None };
+                let n_rot = cs.as_ref().map_or(0, |t| 2 * t.len());
+                let flat: Vec<f32> = cs.unwrap_or_default().iter().flat_map(|&(a, b)| [a, b]).collect();
+                let d_cs = self.gpu.upload_f32(if flat.is_empty() { &[0.0] } else { &flat })?;
+                self.gpu.launch(
+                    "kv_copy",
+                    (cp.n as u32, 1, 1),
+                    128,
+                    0,
+                    &[
+                        kv.k[il].arg(),
+                        kv.v[il].arg(),
+                        d_src.arg(),
+                        d_dst.arg(),
+                        d_cs.arg(),
+                        Arg::I32(c.n_head_kv as i32),
+                        Arg::I32(c.head_dim as i32),
+                        Arg::I32(c.head_dim_v as i32),
+                        Arg::I32(n_rot as i32),
+                        Arg::I32(c.rope_neox as i32),
+                    ],
+                )?;
+            }
+            self.gpu.sync()?;
+        }
+        Ok(())
+    }
+
     pub fn new_kv(&self, n_blocks: usize, block_size: usize) -> Result<GpuKv> {
         let c = &self.cfg;
         let shape =

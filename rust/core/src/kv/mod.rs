@@ -118,6 +118,65 @@ impl KvCache {
     pub fn check_table(&self, table: &[u32], n_pos: usize) -> Result<()> {
         self.shape.check_table(table, n_pos)
     }
+
+    /// Copy `layer`'s K and V rows of positions `c.src_start..+n` (through
+    /// `c.src_table`) to `c.dst_start..+n` (through `c.dst_table`); each K row goes
+    /// through `shift_k` (f32) when given. Source and destination slots must not
+    /// overlap (the scheduler copies from cached blocks into fresh ones).
+    pub fn copy_rows(&mut self, layer: usize, c: &KvCopy, shift_k: Option<&dyn Fn(&mut [f32])>) {
+        let (dk, dv) = (self.shape.kv_dim_k, self.shape.kv_dim_v);
+        let mut tmp = vec![0f32; dk];
+        for i in 0..c.n {
+            let s = self.slot(&c.src_table, c.src_start + i);
+            let d = self.slot(&c.dst_table, c.dst_start + i);
+            let k = self.k[layer].as_mut_slice();
+            match shift_k {
+                Some(f) => {
+                    for (t, x) in tmp.iter_mut().zip(&k[s * dk..(s + 1) * dk]) {
+                        *t = x.to_f32();
+                    }
+                    f(&mut tmp);
+                    for (x, &t) in k[d * dk..(d + 1) * dk].iter_mut().zip(&tmp) {
+                        *x = f16::from_f32(t);
+                    }
+                }
+                None => k.copy_within(s * dk..(s + 1) * dk, d * dk),
+            }
+            self.v[layer].as_mut_slice().copy_within(s * dv..(s + 1) * dv, d * dv);
+        }
+    }
+}
+
+/// One run of cached KV entries taken over by another sequence (reuse of a prompt's
+/// unchanged part past an early change): positions `src_start..src_start + n` of the
+/// block table `src_table` become positions `dst_start..dst_start + n` of `dst_table`,
+/// with K turned by RoPE for the distance moved.
+#[derive(Clone, Debug)]
+pub struct KvCopy {
+    pub src_table: Vec<u32>,
+    pub src_start: usize,
+    pub dst_table: Vec<u32>,
+    pub dst_start: usize,
+    pub n: usize,
+}
+
+impl KvCopy {
+    /// Check both tables cover their ranges, and that no slot is both read and written.
+    pub fn check(&self, shape: &KvShape) -> Result<()> {
+        if self.n == 0 {
+            return Err(Error::invalid("a KV copy of 0 positions"));
+        }
+        shape.check_table(&self.src_table, self.src_start + self.n)?;
+        shape.check_table(&self.dst_table, self.dst_start + self.n)?;
+        let bs = shape.block_size;
+        let blocks = |t: &[u32], a: usize| -> std::collections::HashSet<u32> {
+            (a / bs..(a + self.n).div_ceil(bs)).map(|i| t[i]).collect()
+        };
+        if !blocks(&self.src_table, self.src_start).is_disjoint(&blocks(&self.dst_table, self.dst_start)) {
+            return Err(Error::invalid("a KV copy reads and writes the same block"));
+        }
+        Ok(())
+    }
 }
 
 /// A trivial free-list allocator for callers that run one sequence at a time

@@ -421,6 +421,41 @@ impl Model {
 
     /// `forward`, optionally batch-invariant: each sequence's results are then the same
     /// whatever else shares the step (see `ops::matmul`).
+    /// Layer `il`'s RoPE (None when the architecture has none).
+    pub fn layer_rope(&self, il: usize) -> Option<ops::Rope<'_>> {
+        let cfg = &self.cfg;
+        let swa = cfg.swa_layers[il];
+        cfg.use_rope.then(|| ops::Rope {
+            n_rot: cfg.n_rot,
+            head_dim: cfg.head_dim,
+            base: if swa { cfg.rope_base_swa } else { cfg.rope_base },
+            neox: cfg.rope_neox,
+            freq_factors: self.rope_freqs.as_deref(),
+            // llama.cpp's sliding-window layers never scale positions (gemma3).
+            freq_scale: if swa { 1.0 } else { cfg.rope_freq_scale },
+            mscale: cfg.rope_attn_factor,
+        })
+    }
+
+    /// Carry out KV copies (`KvCopy`: reuse of cached entries at other positions) in
+    /// every layer, turning K by RoPE for the distance each run moved.
+    pub fn copy_kv(&self, kv: &mut KvCache, copies: &[crate::kv::KvCopy]) -> Result<()> {
+        for c in copies {
+            c.check(&kv.shape)?;
+        }
+        for il in 0..self.cfg.n_layer {
+            let rope = self.layer_rope(il);
+            for c in copies {
+                let delta = c.dst_start as i64 - c.src_start as i64;
+                match &rope {
+                    Some(r) if delta != 0 => kv.copy_rows(il, c, Some(&r.shifter(delta))),
+                    _ => kv.copy_rows(il, c, None),
+                }
+            }
+        }
+        Ok(())
+    }
+
     pub fn forward_with(
         &self,
         pool: &ThreadPool,
@@ -567,17 +602,7 @@ impl Model {
                 self.profile.time(Op::Norm, || ops::rms_norm_inplace_rows(pool, &mut k, kn, cfg.head_dim, cfg.rms_eps));
             }
             let swa = cfg.swa_layers[il];
-            if cfg.use_rope {
-                let rope = ops::Rope {
-                    n_rot: cfg.n_rot,
-                    head_dim: cfg.head_dim,
-                    base: if swa { cfg.rope_base_swa } else { cfg.rope_base },
-                    neox: cfg.rope_neox,
-                    freq_factors: self.rope_freqs.as_deref(),
-                    // llama.cpp's sliding-window layers never scale positions (gemma3).
-                    freq_scale: if swa { 1.0 } else { cfg.rope_freq_scale },
-                    mscale: cfg.rope_attn_factor,
-                };
+            if let Some(rope) = self.layer_rope(il) {
                 self.profile.time(Op::Rope, || rope.apply(pool, &mut q, &positions, cfg.n_head));
                 self.profile.time(Op::Rope, || rope.apply(pool, &mut k, &positions, cfg.n_head_kv));
             }

@@ -282,6 +282,41 @@ impl Rope<'_> {
     }
 }
 
+impl Rope<'_> {
+    /// (cos, sin) of each pair's angle for a move of `delta` positions.
+    pub fn shift_table(&self, delta: i64) -> Vec<(f32, f32)> {
+        let theta_scale = self.base.powf(-2.0 / self.n_rot as f32);
+        let mut theta = delta as f32;
+        let mut cs = Vec::with_capacity(self.n_rot / 2);
+        for i in 0..self.n_rot / 2 {
+            let ff = self.freq_factors.map_or(1.0, |f| f[i]);
+            let t = self.freq_scale * (theta / ff);
+            cs.push((t.cos(), t.sin()));
+            theta *= theta_scale;
+        }
+        cs
+    }
+
+    /// Move K rows that were rotated for position `p` to position `p + delta`: every
+    /// pair turns by θ(delta) (θ is linear in the position), without `mscale`, which
+    /// the stored rows already carry. The returned function turns one row
+    /// (`[n_heads * head_dim]`).
+    pub fn shifter(&self, delta: i64) -> impl Fn(&mut [f32]) + '_ {
+        let half = self.n_rot / 2;
+        let cs = self.shift_table(delta);
+        move |row: &mut [f32]| {
+            for head in row.chunks_mut(self.head_dim) {
+                for (i, &(c, s)) in cs.iter().enumerate() {
+                    let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c - x1 * s;
+                    head[b] = x0 * s + x1 * c;
+                }
+            }
+        }
+    }
+}
+
 /// Below this many new tokens in a sequence, attention follows llama.cpp's one-row
 /// flash-attention numerics (Q rounded to f16, V accumulated in f16 with online
 /// softmax); at or above it, its tiled f32 path. Matching both keeps greedy decoding
@@ -528,4 +563,35 @@ fn gelu_f32(x: f32) -> f32 {
 fn gelu_table() -> &'static [f16] {
     static TABLE: OnceLock<Vec<f16>> = OnceLock::new();
     TABLE.get_or_init(|| (0..=u16::MAX).map(|b| f16::from_f32(gelu_f32(f16::from_bits(b).to_f32()))).collect())
+}
+
+#[cfg(test)]
+mod rope_shift_tests {
+    use super::Rope;
+    use crate::threads::ThreadPool;
+
+    /// Turning a row rotated for position p by `shifter(d)` gives the row rotated for
+    /// p + d, for both pairings, partial rotary, frequency factors, scaled positions,
+    /// an mscale, and negative distances.
+    #[test]
+    fn shift_equals_rotation_at_the_new_position() {
+        let pool = ThreadPool::new(1).unwrap();
+        let ff: Vec<f32> = (0..16).map(|i| 1.0 + i as f32 * 0.25).collect();
+        for (neox, n_rot, ff, scale, mscale) in
+            [(false, 64, None, 1.0, 1.0), (true, 64, None, 0.125, 1.0), (true, 32, Some(&ff[..]), 1.0, 1.2)]
+        {
+            let rope = Rope { n_rot, head_dim: 64, base: 10000.0, neox, freq_factors: ff, freq_scale: scale, mscale };
+            let x: Vec<f32> = (0..128).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+            for (p, d) in [(100usize, 7i64), (2000, -13), (40, 3000), (5, 0)] {
+                let mut a = x.clone();
+                rope.apply(&pool, &mut a, &[p], 2);
+                rope.shifter(d)(&mut a);
+                let mut b = x.clone();
+                rope.apply(&pool, &mut b, &[(p as i64 + d) as usize], 2);
+                for (u, v) in a.iter().zip(&b) {
+                    assert!((u - v).abs() < 2e-3, "neox {neox} n_rot {n_rot} p {p} d {d}: {u} vs {v}");
+                }
+            }
+        }
+    }
 }

@@ -8,15 +8,16 @@ result) and a new short command — through /v1/chat/completions, `max_tokens` 1
 temperature 0, so the request's latency is its time to first token. Per turn:
 
   - edgelm, prompt reuse on (its default): the turn as HA sends it;
-  - edgelm, ideal: the same turn with the previous turn's time (the prefix cache holds
-    everything but the new messages): what computing only the new tokens costs;
+  - edgelm, ideal (sent after it): the same turn with the time of the previous turn's 'full' request
+    (computed exactly, so the prefix cache holds everything but the new messages): what
+    computing only the new tokens costs;
   - edgelm, full: the same turn with yet another time and reuse off (a full recompute
     past the time line, what every turn cost before);
   - llama-server (one slot), `--cache-reuse 256` and without: the turn as HA sends it.
 
 Writes benches/results/ha_turns.{md,json}. 2 threads each; the servers run one at a time.
 
-    python benches/bench_ha_turns.py [--models a.gguf,b.gguf] [--turns 5] [--entities 50]
+    python benches/bench_ha_turns.py [--models a.gguf,b.gguf] [--turns 5] [--entities 50,15]
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ def messages(turn: int, t: str, n_ent: int) -> list[dict[str, Any]]:
     return msgs
 
 
-def ask(base: str, msgs: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> tuple[float, int]:
-    body = {"model": "m", "messages": msgs, "max_tokens": 1, "temperature": 0, **(extra or {})}
+def ask(base: str, model: str, msgs: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> tuple[float, int]:
+    body = {"model": model, "messages": msgs, "max_tokens": 1, "temperature": 0, **(extra or {})}
     req = urllib.request.Request(
         f"{base}/v1/chat/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -94,10 +95,13 @@ def run_edgelm(model: Path, turns: int, n_ent: int, log: Path) -> list[dict[str,
     try:
         for turn in range(turns):
             row: dict[str, Any] = {"turn": turn}
+            # The turn as HA sends it first: its sources are the previous turn's requests.
+            row["reuse_s"], row["prompt_tokens"] = ask(srv.base, model.stem, messages(turn, clock(turn, 0), n_ent))
             if turn > 0:
-                row["ideal_s"], _ = ask(srv.base, messages(turn, clock(turn - 1, 0), n_ent), {"prompt_reuse": False})
-            row["reuse_s"], row["prompt_tokens"] = ask(srv.base, messages(turn, clock(turn, 0), n_ent))
-            row["full_s"], _ = ask(srv.base, messages(turn, clock(turn, 1), n_ent), {"prompt_reuse": False})
+                row["ideal_s"], _ = ask(
+                    srv.base, model.stem, messages(turn, clock(turn - 1, 1), n_ent), {"prompt_reuse": False}
+                )
+            row["full_s"], _ = ask(srv.base, model.stem, messages(turn, clock(turn, 1), n_ent), {"prompt_reuse": False})
             rows.append(row)
             print(f"[edgelm] {model.name} turn {turn}: {row}", file=sys.stderr, flush=True)
     finally:
@@ -115,7 +119,7 @@ def run_llama(model: Path, turns: int, n_ent: int, log: Path, reuse: bool) -> li
     rows = []
     try:
         for turn in range(turns):
-            s, n = ask(srv.base, messages(turn, clock(turn, 0), n_ent))
+            s, n = ask(srv.base, model.stem, messages(turn, clock(turn, 0), n_ent))
             rows.append({"turn": turn, "ttft_s": s, "prompt_tokens": n})
             print(f"[{name}] {model.name} turn {turn}: {s:.2f}s ({n} tokens)", file=sys.stderr, flush=True)
     finally:
@@ -131,26 +135,44 @@ def main() -> None:
         default=f"{home / 'models' / 'SmolLM2-135M-Instruct.Q4_1.gguf'},{home / 'bench-cpu' / 'llama-3.2-1b.Q4_K_M.gguf'}",
     )
     ap.add_argument("--turns", type=int, default=5)
-    ap.add_argument("--entities", type=int, default=50)
+    ap.add_argument(
+        "--entities",
+        default="50,15",
+        help="exposed entities per model (the synthetic 1B vocabulary spends ~3x SmolLM2's tokens on the same text)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benches" / "results" / "ha_turns"))
+    ap.add_argument(
+        "--llama-from",
+        help="take llama-server's rows from an earlier run's JSON (edgelm changed, llama-server did not)",
+    )
     a = ap.parse_args()
+    earlier = json.loads(Path(a.llama_from).read_text()) if a.llama_from else {"models": {}}
     saved: dict[str, Any] = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "models": {}}
     log = Path(tempfile.mkdtemp(prefix="ha-turns-"))
-    for m in a.models.split(","):
+    for m, n_ent in zip(a.models.split(","), [int(x) for x in a.entities.split(",")]):
         path = Path(m)
-        saved["models"][path.name] = {
-            "edgelm": run_edgelm(path, a.turns, a.entities, log),
-            "llama_cache_reuse": run_llama(path, a.turns, a.entities, log, True),
-            "llama": run_llama(path, a.turns, a.entities, log, False),
-        }
+        e = run_edgelm(path, a.turns, n_ent, log)
+        old = earlier["models"].get(path.name)
+        if old is not None and old.get("entities") == n_ent:
+            saved["llama_when"] = earlier["when"]
+            lr, ln = old["llama_cache_reuse"], old["llama"]
+        else:
+            lr, ln = run_llama(path, a.turns, n_ent, log, True), run_llama(path, a.turns, n_ent, log, False)
+        saved["models"][path.name] = {"entities": n_ent, "edgelm": e, "llama_cache_reuse": lr, "llama": ln}
     Path(a.out + ".json").write_text(json.dumps(saved, indent=1))
     lines = [
         "# Home Assistant's turns: time to first token (s)",
         "",
-        f"Made by benches/bench_ha_turns.py ({saved['when']}), 2 threads, {a.entities} exposed entities, the Assist "
+        f"Made by benches/bench_ha_turns.py ({saved['when']}), 2 threads, {a.entities} exposed entities (per model), the Assist "
         "tools in the system message; each turn has a new time line and the conversation so far (commands, a tool "
-        "call and its result, answers). 'ideal' = the same turn with the previous turn's time (only the new "
-        "messages are computed); 'full' = reuse off with a new time (everything past the time line computed).",
+        "call and its result, answers). 'ideal' = the same turn with the time of the previous turn's 'full' request "
+        "(only the new messages are computed); 'full' = reuse off with a new time (everything past the time line "
+        "computed)."
+        + (
+            f" llama-server's columns come from the run of {saved['llama_when']} (llama-server has not changed since)."
+            if "llama_when" in saved
+            else ""
+        ),
         "",
         "| model | turn | prompt tokens | edgelm reuse | edgelm ideal | edgelm full | reuse / ideal | reuse / full "
         "| llama-server --cache-reuse 256 | llama-server |",

@@ -38,13 +38,14 @@ def _fmt_bytes(n: float) -> str:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from edgelm import Model, _native
+    from edgelm.modelinfo import QUANT
 
     version, file_size, md, tensors = _native.inspect_gguf(args.model)
     print(f"file:          {args.model} ({_fmt_bytes(file_size)}, GGUF v{version})")
     print(f"name:          {md.get('general.name', '?')}")
     arch = md.get("general.architecture", "?")
     ftype = md.get("general.file_type")
-    print(f"architecture:  {arch}   file type: {_FTYPE_NAMES.get(ftype, ftype) if ftype is not None else '?'}")
+    print(f"architecture:  {arch}   file type: {QUANT.get(ftype, ftype) if ftype is not None else '?'}")
     n_params = sum(_n_elements(dims) for _, dims, _, _ in tensors)
     total = sum(nb for *_, nb in tensors) or 1
     print(
@@ -96,26 +97,6 @@ def _n_elements(dims: Sequence[int]) -> int:
     return n
 
 
-# `general.file_type` values (llama.cpp's enum llama_ftype) edgelm reads or writes.
-_FTYPE_NAMES = {
-    0: "F32",
-    1: "F16",
-    2: "Q4_0",
-    3: "Q4_1",
-    7: "Q8_0",
-    8: "Q5_0",
-    9: "Q5_1",
-    10: "Q2_K",
-    11: "Q3_K_S",
-    12: "Q3_K_M",
-    13: "Q3_K_L",
-    14: "Q4_K_S",
-    15: "Q4_K_M",
-    16: "Q5_K_S",
-    17: "Q5_K_M",
-    18: "Q6_K",
-    32: "BF16",
-}
 
 
 class _ProgressBar:

@@ -11,12 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import SMOLLM2, model_path
+from conftest import FIXTURES, SMOLLM2, model_path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serve_util import Daemon, daemon, http
 
 MODEL = "SmolLM2-135M-Instruct.Q4_1"
+EMBED = "all-minilm"
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     models = tmp_path_factory.mktemp("models")
     catalogue = models.parent / "empty-catalogue.json"  # generated pulls must not reach the Internet
     catalogue.write_text('{"models": {}}')
+    # The embedding routes run on a real embedding model, loaded on demand.
+    (models / f"{EMBED}.gguf").symlink_to(model_path(json.loads((FIXTURES / "minilm_golden.json").read_text())["file"]))
     with daemon(
         model_path(SMOLLM2),
         "--models-dir",
@@ -340,7 +343,31 @@ BODIES: dict[tuple[str, str], Any] = {
         {"model": MODEL}, {"model": st.one_of(NASTY_STR, VALUE), "name": VALUE, "verbose": VALUE}
     ),
     ("POST", "/api/embed"): shaped(
-        {"model": MODEL, "input": "hi"}, {"model": st.one_of(NASTY_STR, VALUE), "input": VALUE}
+        {"model": EMBED, "input": "hi"},
+        {
+            "model": st.one_of(st.just(MODEL), NASTY_STR, VALUE),
+            "input": st.one_of(NASTY_STR, st.lists(NASTY_STR, max_size=3), VALUE),
+            "truncate": VALUE,
+            "dimensions": SMALL,
+            "keep_alive": st.one_of(NASTY_STR, NASTY_NUM, VALUE),
+            "options": VALUE,
+        },
+    ),
+    ("POST", "/api/embeddings"): shaped(
+        {"model": EMBED, "prompt": "hi"},
+        {"model": st.one_of(st.just(MODEL), NASTY_STR, VALUE), "prompt": st.one_of(NASTY_STR, VALUE), "options": VALUE},
+    ),
+    ("POST", "/v1/embeddings"): shaped(
+        {"model": EMBED, "input": "hi"},
+        {
+            "model": st.one_of(st.just(MODEL), NASTY_STR, VALUE),
+            "input": st.one_of(
+                NASTY_STR, st.lists(NASTY_STR, max_size=3), st.lists(st.integers(-5, 60000), max_size=5), VALUE
+            ),
+            "encoding_format": st.one_of(st.sampled_from(["float", "base64"]), VALUE),
+            "dimensions": SMALL,
+            "user": VALUE,
+        },
     ),
     ("POST", "/api/pull"): shaped(
         {"model": "no-such-model"},

@@ -169,7 +169,7 @@ impl Executor {
     fn copy_kv(&mut self, copies: &[KvCopy]) -> Result<()> {
         let model = &self.engine.model;
         match &mut self.backend {
-            Backend::Cpu(kv) => model.copy_kv(kv, copies),
+            Backend::Cpu(kv) => model.copy_kv(self.engine.pool(), kv, copies),
             Backend::Cuda(gm, kv) => {
                 let table = |il: usize, delta: i64| model.layer_rope(il).map(|r| r.shift_table(delta));
                 gm.copy_kv(kv, copies, &table)

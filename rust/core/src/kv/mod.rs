@@ -13,8 +13,10 @@
 //! and no start-up time.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::mem::HugeF16;
+use crate::threads::{Disjoint, ThreadPool};
 
 use crate::error::{Error, Result};
 
@@ -119,31 +121,42 @@ impl KvCache {
         self.shape.check_table(table, n_pos)
     }
 
-    /// Copy `layer`'s K and V rows of positions `c.src_start..+n` (through
-    /// `c.src_table`) to `c.dst_start..+n` (through `c.dst_table`); each K row goes
-    /// through `shift_k` (f32) when given. Source and destination slots must not
-    /// overlap (the scheduler copies from cached blocks into fresh ones).
-    pub fn copy_rows(&mut self, layer: usize, c: &KvCopy, shift_k: Option<&dyn Fn(&mut [f32])>) {
-        let (dk, dv) = (self.shape.kv_dim_k, self.shape.kv_dim_v);
-        let mut tmp = vec![0f32; dk];
-        for i in 0..c.n {
-            let s = self.slot(&c.src_table, c.src_start + i);
-            let d = self.slot(&c.dst_table, c.dst_start + i);
-            let k = self.k[layer].as_mut_slice();
-            match shift_k {
-                Some(f) => {
-                    for (t, x) in tmp.iter_mut().zip(&k[s * dk..(s + 1) * dk]) {
-                        *t = x.to_f32();
+    /// Carry out `copies` in every layer (the layers spread over `pool`): K and V rows
+    /// of positions `c.src_start..+n` (through `c.src_table`) go to `c.dst_start..+n`
+    /// (through `c.dst_table`); where `turned(layer, copy)`, each K row goes through
+    /// `turn(layer, copy, row)` (f32) on the way. Source and destination blocks never
+    /// overlap (`KvCopy::check`, which the caller has run).
+    pub fn copy_rows(
+        &mut self,
+        pool: &ThreadPool,
+        copies: &[KvCopy],
+        turned: &(dyn Fn(usize, usize) -> bool + Sync),
+        turn: &(dyn Fn(usize, usize, &mut [f32]) + Sync),
+    ) {
+        let (dk, dv, bs) = (self.shape.kv_dim_k, self.shape.kv_dim_v, self.shape.block_size);
+        let slot = |t: &[u32], p: usize| t[p / bs] as usize * bs + p % bs;
+        let ks = Disjoint::new(&mut self.k[..]);
+        let vs = Disjoint::new(&mut self.v[..]);
+        pool.for_each(self.shape.n_layer, |il| {
+            // SAFETY: each task takes its own layer.
+            let (k, v) = unsafe { (&mut ks.range_mut(il..il + 1)[0], &mut vs.range_mut(il..il + 1)[0]) };
+            let (k, v) = (k.as_mut_slice(), v.as_mut_slice());
+            let mut tmp = vec![0f32; dk];
+            for (ci, c) in copies.iter().enumerate() {
+                let t = turned(il, ci);
+                for i in 0..c.n {
+                    let (s, d) = (slot(&c.src_table, c.src_start + i), slot(&c.dst_table, c.dst_start + i));
+                    if t {
+                        k[s * dk..(s + 1) * dk].convert_to_f32_slice(&mut tmp);
+                        turn(il, ci, &mut tmp);
+                        k[d * dk..(d + 1) * dk].convert_from_f32_slice(&tmp);
+                    } else {
+                        k.copy_within(s * dk..(s + 1) * dk, d * dk);
                     }
-                    f(&mut tmp);
-                    for (x, &t) in k[d * dk..(d + 1) * dk].iter_mut().zip(&tmp) {
-                        *x = f16::from_f32(t);
-                    }
+                    v.copy_within(s * dv..(s + 1) * dv, d * dv);
                 }
-                None => k.copy_within(s * dk..(s + 1) * dk, d * dk),
             }
-            self.v[layer].as_mut_slice().copy_within(s * dv..(s + 1) * dv, d * dv);
-        }
+        });
     }
 }
 

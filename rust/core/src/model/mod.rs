@@ -439,20 +439,31 @@ impl Model {
 
     /// Carry out KV copies (`KvCopy`: reuse of cached entries at other positions) in
     /// every layer, turning K by RoPE for the distance each run moved.
-    pub fn copy_kv(&self, kv: &mut KvCache, copies: &[crate::kv::KvCopy]) -> Result<()> {
+    pub fn copy_kv(&self, pool: &ThreadPool, kv: &mut KvCache, copies: &[crate::kv::KvCopy]) -> Result<()> {
         for c in copies {
             c.check(&kv.shape)?;
         }
-        for il in 0..self.cfg.n_layer {
-            let rope = self.layer_rope(il);
-            for c in copies {
-                let delta = c.dst_start as i64 - c.src_start as i64;
-                match &rope {
-                    Some(r) if delta != 0 => kv.copy_rows(il, c, Some(&r.shifter(delta))),
-                    _ => kv.copy_rows(il, c, None),
-                }
+        let ropes: Vec<Option<ops::Rope<'_>>> = (0..self.cfg.n_layer).map(|il| self.layer_rope(il)).collect();
+        // Angle tables per layer and copy (None: no move, or no RoPE: a plain copy).
+        let tables: Vec<Vec<Option<Vec<(f32, f32)>>>> = ropes
+            .iter()
+            .map(|r| {
+                copies
+                    .iter()
+                    .map(|c| {
+                        let delta = c.dst_start as i64 - c.src_start as i64;
+                        r.as_ref().filter(|_| delta != 0).map(|r| r.shift_table(delta))
+                    })
+                    .collect()
+            })
+            .collect();
+        let turned = |il: usize, ci: usize| tables[il][ci].is_some();
+        let turn = |il: usize, ci: usize, row: &mut [f32]| {
+            if let (Some(r), Some(cs)) = (&ropes[il], &tables[il][ci]) {
+                r.turn(row, cs);
             }
-        }
+        };
+        kv.copy_rows(pool, copies, &turned, &turn);
         Ok(())
     }
 

@@ -302,16 +302,19 @@ impl Rope<'_> {
     /// the stored rows already carry. The returned function turns one row
     /// (`[n_heads * head_dim]`).
     pub fn shifter(&self, delta: i64) -> impl Fn(&mut [f32]) + '_ {
-        let half = self.n_rot / 2;
         let cs = self.shift_table(delta);
-        move |row: &mut [f32]| {
-            for head in row.chunks_mut(self.head_dim) {
-                for (i, &(c, s)) in cs.iter().enumerate() {
-                    let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
-                    let (x0, x1) = (head[a], head[b]);
-                    head[a] = x0 * c - x1 * s;
-                    head[b] = x0 * s + x1 * c;
-                }
+        move |row: &mut [f32]| self.turn(row, &cs)
+    }
+
+    /// Turn every head of `row` by the angles `cs` (a `shift_table`).
+    pub fn turn(&self, row: &mut [f32], cs: &[(f32, f32)]) {
+        let half = self.n_rot / 2;
+        for head in row.chunks_mut(self.head_dim) {
+            for (i, &(c, s)) in cs.iter().enumerate() {
+                let (a, b) = if self.neox { (i, i + half) } else { (2 * i, 2 * i + 1) };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
             }
         }
     }

@@ -294,7 +294,13 @@ class Scheduler:
         admit_cost = self.step_cost / 2
         admitted = 0.0  # the cost of the new prompts' chunks
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and admit_budget > 0 and len(self.running) < self.limits.max_running:
+        while (
+            self.waiting
+            and budget > 0
+            and admit_budget > 0
+            and admit_cost > 0
+            and len(self.running) < self.limits.max_running
+        ):
             seq = self.waiting.popleft()
             if not self._admit(seq):
                 skipped.append(seq)  # its prefix is being computed by another; next step

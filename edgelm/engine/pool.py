@@ -48,19 +48,23 @@ from edgelm.prompt.grammar import Grammars
 
 log = logging.getLogger("edgelm.serve")
 
-# On the CPU, one multiply-add of prompt attention (the tiled kernel, f16 keys) costs
-# about 2.4 of a matmul's (quantized weights, int8 dot products): fitted so that a
-# prefill's steps take the same time from its first chunk to its last (2 threads,
-# 8,000-token prompts: SmolLM2-135M, every layer global, and Gemma 3 270M, one layer
-# in six, both within 15%).
-CPU_KEY_WORK = 2.4
+# On the CPU, prompt attention (the tiled kernel, f16 keys) costs per key and query
+# head about CPU_KEY_WORK × (head_dim_k + head_dim_v + CPU_SCORE_WORK) multiply-adds of
+# a matmul (quantized weights, int8 dot products): the Q·K and P·V products, and a
+# per-score part (softmax, exp) that does not grow with the head. Fitted on this VM
+# (2 threads, 8,000-token prompts) so that a prefill's steps stay level from its first
+# chunk to its last: SmolLM2-135M (head 64, every layer global) and Gemma 3 270M (head
+# 256, one layer in six global); a single factor without the per-score part was off by
+# 2× between the two.
+CPU_KEY_WORK = 1.2
+CPU_SCORE_WORK = 240
 
 
 def key_cost(model: Model) -> float:
     """The scheduler's `key_cost` on the CPU: the attention work of one key for one
-    token (Q·K and P·V in every layer that sees the whole context), in units of one
-    token's work on the weights of the layers, from the model's shape. 0 (tokens only)
-    when the shape cannot be read. Sliding-window layers are left out: their keys
+    token (every query head of every layer that sees the whole context), in units of
+    one token's work on the weights of the layers, from the model's shape. 0 (tokens
+    only) when the shape cannot be read. Sliding-window layers are left out: their keys
     stop growing."""
     arch, md = model.architecture, model.metadata
     try:
@@ -85,7 +89,7 @@ def key_cost(model: Model) -> float:
         return 0.0
     if weights <= 0:
         return 0.0
-    return CPU_KEY_WORK * n_global * n_head * (hd_k + hd_v) / weights
+    return CPU_KEY_WORK * n_global * n_head * (hd_k + hd_v + CPU_SCORE_WORK) / weights
 
 
 BLOCK_SIZE = 16

@@ -60,7 +60,8 @@ def _free_port() -> int:
 def _metric(url: str, name: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
         text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " "))
+    # Every sample of `name`, with labels (the per-model ones) or without.
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith((name + " ", name + "{")))
 
 
 async def short_chat(s: aiohttp.ClientSession, url: str) -> float:

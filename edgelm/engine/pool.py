@@ -49,6 +49,50 @@ from edgelm.prompt.grammar import Grammars
 
 log = logging.getLogger("edgelm.serve")
 
+# On the CPU, prompt attention (the tiled kernel, f16 keys) costs per key and query
+# head about CPU_KEY_WORK × (head_dim_k + head_dim_v + CPU_SCORE_WORK) multiply-adds of
+# a matmul (quantized weights, int8 dot products): the Q·K and P·V products, and a
+# per-score part (softmax, exp) that does not grow with the head. Fitted on this VM
+# (2 threads, 8,000-token prompts) so that a prefill's steps stay level from its first
+# chunk to its last: SmolLM2-135M (head 64, every layer global) and Gemma 3 270M (head
+# 256, one layer in six global); a single factor without the per-score part was off by
+# 2× between the two.
+CPU_KEY_WORK = 1.2
+CPU_SCORE_WORK = 240
+
+
+def key_cost(model: Model) -> float:
+    """The scheduler's `key_cost` on the CPU: the attention work of one key for one
+    token (every query head of every layer that sees the whole context), in units of
+    one token's work on the weights of the layers, from the model's shape. 0 (tokens
+    only) when the shape cannot be read. Sliding-window layers are left out: their keys
+    stop growing."""
+    arch, md = model.architecture, model.metadata
+    try:
+        n_layer = int(md[f"{arch}.block_count"])
+        n_head = int(md[f"{arch}.attention.head_count"])
+        hd_k = int(md.get(f"{arch}.attention.key_length") or int(md[f"{arch}.embedding_length"]) // n_head)
+        hd_v = int(md.get(f"{arch}.attention.value_length") or hd_k)
+        n_global = n_layer
+        if arch == "gemma3" and int(md.get("gemma3.attention.sliding_window") or 0) > 0:
+            pattern = int(md.get("gemma3.attention.sliding_window_pattern") or 6)  # as rust/core model/config.rs
+            n_global = n_layer // pattern if pattern else 0
+        used = int(md.get(f"{arch}.expert_used_count") or 0)
+        n_expert = int(md.get(f"{arch}.expert_count") or 0)
+        weights = 0.0  # multiply-adds per token
+        for name, shape, *_ in model.tensors():
+            if name.startswith("blk.") and len(shape) >= 2:
+                n = 1
+                for d in shape:
+                    n *= d
+                weights += n * used / n_expert if len(shape) == 3 and n_expert else n
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+    if weights <= 0:
+        return 0.0
+    return CPU_KEY_WORK * n_global * n_head * (hd_k + hd_v + CPU_SCORE_WORK) / weights
+
+
 BLOCK_SIZE = 16
 SCRATCH_BYTES = 64 << 20
 """Allowance per model for activations, logits and the grammar vocabulary."""
@@ -294,8 +338,18 @@ class ModelPool:
                 parts, executor, eog = await loop.run_in_executor(None, self._build, mid, path, model, n_blocks, device)
                 c = self.cfg
                 max_running, max_step_tokens = c.step_limits(device)
-                limits = SchedulerLimits(max_running, max_step_tokens, c.max_queue, parts["max_context"])
                 reuse = ReuseConfig(enabled=c.prompt_reuse != (mid in c.prompt_reuse_except))
+                on_cpu = not str(parts["device"]).startswith("cuda")
+                limits = SchedulerLimits(
+                    max_running, max_step_tokens, c.max_queue, parts["max_context"], key_cost(model) if on_cpu else 0.0
+                )
+                log.info(
+                    "%s: a step runs up to %d sequences and %d tokens; a key costs %.2g of a token (attention)",
+                    mid,
+                    max_running,
+                    max_step_tokens,
+                    limits.key_cost,
+                )
                 engine = AsyncEngine(
                     executor,
                     limits,

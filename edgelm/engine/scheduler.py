@@ -16,13 +16,23 @@ thread; they are the only places sequences enter, leave and change. A step that 
 goes to `fail` instead of `update`: its sequences end with an error.
 
 Policies:
-  - Each step's token budget goes first to the decode token of every running sequence
+  - A step has two budgets: tokens (`max_step_tokens`, a hard cap) and cost, which is
+    what makes the step's duration. A token costs 1 (its share of the weights' work)
+    plus `key_cost` for every key it attends to, so a chunk of n prompt tokens from
+    position L costs n + key_cost · (n·L + n(n+1)/2). The cost budget is what a full
+    chunk costs at the start of a prompt, so a long prompt's chunks shrink as its
+    context grows and every step of its prefill takes about as long as the first (with
+    key_cost 0 — the default, and on a GPU — cost is tokens).
+  - Each step's budget goes first to the decode token of every running sequence
     whose prompt is done, then to newly admitted prompts (FIFO, while there is room:
     max running, KV blocks) — at most half the budget, each chunk capped — and then to
-    the prompts still being prefilled, oldest first. So a short request is admitted at
-    the next step even while a long prompt prefills (that prompt's chunk shrinks for a
-    step or two), and a stream of new requests never takes more than half of a step
-    from a prefill that is under way. Running sequences keep their place.
+    the prompts still being prefilled, oldest first. A step that admits new prompts
+    gives the prefills under way only as much as the new prompts took: it is a short
+    step, so a short request sent while a long prompt prefills waits for the step in
+    flight and then for little more than its own prompt. A prefill under way still
+    gets at least two tokens every step and at least half of any step new requests
+    share with it, so a stream of new requests cannot starve it. Running sequences
+    keep their place.
   - A prompt's full blocks are looked up in the prefix cache at admission. When the
     next block it needs is being computed right now by another sequence (several
     clients sending the same system prompt at once), it waits a step or two and then
@@ -45,6 +55,7 @@ Policies:
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -67,11 +78,17 @@ class SchedulerLimits:
     max_step_tokens: int = 512
     max_queue: int = 256
     max_context: int = 8192
+    # The attention work of one key for one token, in units of one token's work on the
+    # weights: 0 counts tokens only. The pool sets it from the model's shape on the CPU
+    # (edgelm.engine.pool.key_cost).
+    key_cost: float = 0.0
 
     def __post_init__(self) -> None:
         for k in ("max_running", "max_step_tokens", "max_queue", "max_context"):
             if getattr(self, k) < 1:
                 raise ValueError(f"{k} must be at least 1")
+        if not self.key_cost >= 0:
+            raise ValueError("key_cost must be at least 0")
         if self.max_step_tokens < self.max_running:
             raise ValueError("max_step_tokens must be at least max_running (every running sequence decodes each step)")
 
@@ -86,6 +103,27 @@ class SchedulerLimits:
 def _n_lookup(n_tokens: int, block_size: int) -> int:
     """Full blocks a prefix lookup may serve: at least two tokens stay to compute."""
     return max(n_tokens - 2, 0) // block_size
+
+
+def _cost(start: int, n: int, key_cost: float) -> float:
+    """The cost of computing positions start..start+n of one sequence: each token's
+    work on the weights (1) plus its attention over the keys it sees (0..its position)."""
+    return n + key_cost * (n * start + n * (n + 1) / 2)
+
+
+def _fit(start: int, cost: float, key_cost: float) -> int:
+    """The most tokens from position `start` whose `_cost` is within `cost`."""
+    if cost <= 0:
+        return 0
+    if key_cost == 0:
+        return int(cost)
+    b = 1 + key_cost * (start + 0.5)  # the cost is (key_cost/2)·n² + b·n
+    n = max(int((math.sqrt(b * b + 2 * key_cost * cost) - b) / key_cost), 0)
+    while _cost(start, n + 1, key_cost) <= cost:  # float rounding, either way
+        n += 1
+    while n > 0 and _cost(start, n, key_cost) > cost:
+        n -= 1
+    return n
 
 
 def _chunk(todo: int, budget: int) -> int:
@@ -183,6 +221,8 @@ class Scheduler:
         self.limits = limits
         self.eog = frozenset(eog_ids)
         self.bs = kv.block_size
+        # A step may cost what a full chunk costs at the start of a prompt.
+        self.step_cost = _cost(0, limits.max_step_tokens, limits.key_cost)
         self.blocks = BlockManager(kv.n_blocks, self.bs, enable_prefix_cache)
         self.clock = clock
         self.waiting: deque[Sequence] = deque()
@@ -253,17 +293,27 @@ class Scheduler:
                 self._end(seq, seq.abort_reason)
                 self._ended.append(SeqOutput(seq, None, 0.0, [], "", seq.finish_reason))
 
-        budget = self.limits.max_step_tokens
+        kc = self.limits.key_cost
+        budget = self.limits.max_step_tokens  # tokens
+        cost = self.step_cost
         plan: dict[int, _Planned] = {}
 
-        def run(seq: Sequence, n: int, may_preempt: bool = True) -> bool:
-            nonlocal budget
+        def limit(seq: Sequence, tokens: int, within: float) -> int:
+            """The tokens `seq` may feed within `tokens` and the cost `within`; the
+            cost never holds a prompt below two tokens (the token budget may)."""
+            return min(tokens, max(_fit(seq.n_computed, within, kc), 2))
+
+        def run(seq: Sequence, n: int, may_preempt: bool = True) -> float:
+            """Put `n` tokens of `seq` in the step; their cost (0: no room for them)."""
+            nonlocal budget, cost
             if not self._grow(seq, seq.n_computed + n, plan, may_preempt):
-                return False
+                return 0.0
             end = seq.n_computed + n
             plan[seq.id] = (seq, seq.n_computed, end, end == len(seq.tokens))
+            c = _cost(seq.n_computed, n, kc)
             budget -= n
-            return True
+            cost -= c
+            return c
 
         # 1. The decode token of every running sequence past its prompt, oldest first.
         for seq in list(self.running):
@@ -273,25 +323,39 @@ class Scheduler:
         #    so a prefill under way keeps the rest. A new request starts now, not when
         #    a long prompt ahead of it is done.
         admit_budget = max(self.limits.max_step_tokens // 2, 2)
+        admit_cost = self.step_cost / 2
+        admitted = 0.0  # the cost of the new prompts' chunks
         skipped: list[Sequence] = []
-        while self.waiting and budget > 0 and admit_budget > 0 and len(self.running) < self.limits.max_running:
+        while (
+            self.waiting
+            and budget > 0
+            and admit_budget > 0
+            and admit_cost > 0
+            and len(self.running) < self.limits.max_running
+        ):
             seq = self.waiting.popleft()
             if not self._admit(seq):
                 skipped.append(seq)  # its prefix is being computed by another; next step
                 continue
-            n = _chunk(seq.todo(), min(budget, admit_budget))
-            if n <= 0 or not run(seq, n, may_preempt=False):
+            n = _chunk(seq.todo(), limit(seq, min(budget, admit_budget), admit_cost))
+            c = run(seq, n, may_preempt=False) if n > 0 else 0.0
+            if c == 0:
                 self._unadmit(seq)
                 self.waiting.appendleft(seq)
                 break
             admit_budget -= n
-        # 3. Prompts being prefilled (admitted in earlier steps), oldest first: the rest.
+            admit_cost -= c
+            admitted += c
+        # 3. Prompts being prefilled (admitted in earlier steps), oldest first: the rest,
+        #    or in a step that admitted new prompts as much as they took, so that the
+        #    step stays short and the new requests' first tokens come soon.
+        share = min(cost, admitted) if admitted else cost
         for seq in list(self.running):
             if seq not in self.running or seq.id in plan:
                 continue  # preempted to make room, or already in this step
-            n = _chunk(seq.todo(), budget)
+            n = _chunk(seq.todo(), limit(seq, budget, share))
             if n > 0:
-                run(seq, n)
+                share -= run(seq, n)
         self.waiting.extendleft(reversed(skipped))
 
         planned = list(plan.values())

@@ -6,11 +6,13 @@ the prefix cache cover the prompt instead."""
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import ollama
 import openai
-from conftest import SMOLLM2, model_path
+from conftest import GEMMA3, SMOLLM2, model_path
 from ha_util import SAVED_KEEP_ALIVE, SAVED_OPTIONS, TOOLS, system_prompt
 from serve_util import Daemon, daemon
 
@@ -106,3 +108,26 @@ def test_move_time_line_lets_the_prefix_cache_cover_the_prompt() -> None:
         cached = r.usage.prompt_tokens_details.cached_tokens or 0
         assert cached > 0.9 * r.usage.prompt_tokens
         assert d.metric("edgelm_prompt_tokens_reused_total") == 0
+
+
+def test_reuse_never_crosses_models() -> None:
+    """Each model's scheduler keeps its own sources: a prompt one model has cached is
+    not taken over by another, which computes it, then reuses only what it cached."""
+
+    def complete(d: Daemon, model: str, time: str) -> None:
+        c = openai.OpenAI(base_url=d.url + "/v1", api_key="none", max_retries=0)
+        c.completions.create(model=model, prompt=system_prompt(time, n_entities=20) + "\nUser: hi\n", max_tokens=2)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        models = Path(tmp)
+        for name in (SMOLLM2, GEMMA3):
+            (models / name).symlink_to(model_path(name))
+        with daemon(model_path(SMOLLM2), config=f"models_dir: {models}\n") as d:
+            smol, gemma = SMOLLM2.removesuffix(".gguf"), GEMMA3.removesuffix(".gguf")
+            complete(d, smol, "10:36:44")
+            complete(d, smol, "10:37:02")
+            assert d.metric(f'edgelm_prompt_tokens_reused_total{{model="{smol}"}}') > 0
+            complete(d, gemma, "10:37:30")
+            assert d.metric(f'edgelm_prompt_tokens_reused_total{{model="{gemma}"}}') == 0
+            complete(d, gemma, "10:38:11")
+            assert d.metric(f'edgelm_prompt_tokens_reused_total{{model="{gemma}"}}') > 0

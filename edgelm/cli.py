@@ -97,8 +97,6 @@ def _n_elements(dims: Sequence[int]) -> int:
     return n
 
 
-
-
 class _ProgressBar:
     """One line redrawn in place on a terminal; a line per tenth of the work otherwise
     (logs, CI), so long jobs always show they are moving."""

@@ -28,6 +28,9 @@ use crate::kv::KvCache;
 use crate::quant::{self, GgmlType, Kernels};
 use crate::threads::{Disjoint, ThreadPool};
 
+/// (cos, sin) of each RoPE pair's angle for one move (`ops::Rope::shift_table`).
+type AngleTable = Vec<(f32, f32)>;
+
 /// A weight matrix `[rows][cols]` in ggml order: each of `rows` output rows is
 /// `cols` contiguous input weights (GGUF dims = [cols, rows]).
 ///
@@ -425,7 +428,7 @@ impl Model {
     pub fn layer_rope(&self, il: usize) -> Option<ops::Rope<'_>> {
         let cfg = &self.cfg;
         let swa = cfg.swa_layers[il];
-        cfg.use_rope.then(|| ops::Rope {
+        cfg.use_rope.then_some(ops::Rope {
             n_rot: cfg.n_rot,
             head_dim: cfg.head_dim,
             base: if swa { cfg.rope_base_swa } else { cfg.rope_base },
@@ -445,7 +448,7 @@ impl Model {
         }
         let ropes: Vec<Option<ops::Rope<'_>>> = (0..self.cfg.n_layer).map(|il| self.layer_rope(il)).collect();
         // Angle tables per layer and copy (None: no move, or no RoPE: a plain copy).
-        let tables: Vec<Vec<Option<Vec<(f32, f32)>>>> = ropes
+        let tables: Vec<Vec<Option<AngleTable>>> = ropes
             .iter()
             .map(|r| {
                 copies

@@ -1592,6 +1592,206 @@ macro_rules! x86_kernels {
             }
         }
 
+        // ---- packed K-quants, prompt shape: a group decoded once for every tile ---------
+
+        /// Bytes of one decoded super-block (`decode_k_block`): `[64 dword]` k-vectors of
+        /// quants as unsigned bytes (k-vector i: elements 4i..4i+4 of the 8 rows, the
+        /// activation dword it meets), then `[16 sub-block]` scale vectors (Q4_K/Q5_K use
+        /// 8), `[8 pair]` offset vectors (Q4_K/Q5_K: the mins of sub-blocks 2p, 2p+1 as
+        /// i16 pairs, 4 of them; Q6_K: -32·scale of sub-blocks 2p, 2p+1), and d, dmin as
+        /// f32 `[8 row]`.
+        const DEC_K: usize = 2880;
+        const DEC_SC: usize = 2048;
+        const DEC_OFF: usize = 2560;
+        const DEC_D: usize = 2816;
+
+        /// One packed K-quant super-block at `x` (8 rows) decoded to `out` (`DEC_K`
+        /// bytes). A prompt's tiles then read ready bytes: decoding Q6_K's 6-bit or
+        /// Q5_K's 5-bit quants once per tile cost as much as the dots (Q6_K ran at half
+        /// Q4_K's speed). Scale vectors: VNNI multiplies whole sub-block sums (`i32`
+        /// lanes); AVX2 folds the scale into the `vpmaddwd` of its dot, so there it is
+        /// an i16 pair (scale, scale) a lane.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn decode_k_block(ty: GgmlType, x: *const u8, out: *mut u8) {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let st = |o: usize, v: __m256i| {
+                // SAFETY: `out` holds DEC_K bytes and every o + 32 ≤ DEC_K.
+                unsafe { _mm256_storeu_si256(out.add(o).cast(), v) }
+            };
+            // i32 lanes → what the tile multiplies by (see above).
+            let scale = |s: __m256i| {
+                if VNNI {
+                    s
+                } else {
+                    _mm256_or_si256(_mm256_and_si256(s, _mm256_set1_epi32(0xFFFF)), _mm256_slli_epi32(s, 16))
+                }
+            };
+            // SAFETY: the caller passes one packed super-block of `ty` at `x`.
+            unsafe {
+                if ty == GgmlType::Q6_K {
+                    let (m15, m30) = (_mm256_set1_epi8(15), _mm256_set1_epi8(0x30));
+                    for h in 0..2 {
+                        for k in 0..8 {
+                            let v = x.add(144 + 96 * (8 * h + k));
+                            let (l0, l1, qh) = (ld(v), ld(v.add(32)), ld(v.add(64)));
+                            // Quant class i: elements 128h + 32i + 4k..+4 (as packed_q6_k_tile).
+                            let q = [
+                                (l0, _mm256_slli_epi16(qh, 4)),
+                                (l1, _mm256_slli_epi16(qh, 2)),
+                                (_mm256_srli_epi16(l0, 4), qh),
+                                (_mm256_srli_epi16(l1, 4), _mm256_srli_epi16(qh, 2)),
+                            ];
+                            for (i, (lo4, hb)) in q.into_iter().enumerate() {
+                                let q = _mm256_or_si256(_mm256_and_si256(lo4, m15), _mm256_and_si256(hb, m30));
+                                st(32 * (32 * h + 8 * i + k), q);
+                            }
+                        }
+                    }
+                    for j in 0..16 {
+                        st(DEC_SC + 32 * j, scale(ld_i8x8(x.add(16 + 8 * j))));
+                    }
+                    for p in 0..8 {
+                        let pair = _mm256_cvtepi8_epi16(_mm_unpacklo_epi8(
+                            _mm_loadl_epi64(x.add(16 + 16 * p).cast()),
+                            _mm_loadl_epi64(x.add(24 + 16 * p).cast()),
+                        ));
+                        // |scale| ≤ 128, so -32·scale fits i16.
+                        st(DEC_OFF + 32 * p, _mm256_mullo_epi16(pair, _mm256_set1_epi16(-32)));
+                    }
+                    _mm256_storeu_ps(out.add(DEC_D).cast(), _mm256_cvtph_ps(ld128(x)));
+                    return;
+                }
+                let hi = ty == GgmlType::Q5_K;
+                let m10 = _mm256_set1_epi8(0x10);
+                for p in 0..4 {
+                    let shift = _mm_cvtsi32_si128(2 * p as i32);
+                    for k in 0..8 {
+                        let v = ld(x.add(160 + 32 * (8 * p + k)));
+                        let mut ql = _mm256_and_si256(v, m4);
+                        let mut qh = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
+                        if hi {
+                            let h = _mm256_srl_epi16(ld(x.add(1184 + 32 * k)), shift);
+                            ql = _mm256_or_si256(ql, _mm256_and_si256(_mm256_slli_epi16(h, 4), m10));
+                            qh = _mm256_or_si256(qh, _mm256_and_si256(_mm256_slli_epi16(h, 3), m10));
+                        }
+                        st(32 * (16 * p + k), ql);
+                        st(32 * (16 * p + 8 + k), qh);
+                    }
+                }
+                for j in 0..8 {
+                    st(DEC_SC + 32 * j, scale(ld_u8x8(x.add(32 + 8 * j))));
+                }
+                for p in 0..4 {
+                    st(DEC_OFF + 32 * p, _mm256_cvtepu8_epi16(ld128(x.add(96 + 16 * p))));
+                }
+                _mm256_storeu_ps(out.add(DEC_D).cast(), _mm256_cvtph_ps(ld128(x)));
+                _mm256_storeu_ps(out.add(DEC_D + 32).cast(), _mm256_cvtph_ps(ld128(x.add(16))));
+            }
+        }
+
+        /// One decoded super-block (`Q6`: of Q6_K, else Q4_K/Q5_K) against the tile's
+        /// activations at `y`: the arithmetic of `packed_q45_k_tile`/`packed_q6_k_tile`,
+        /// the same integers (sums in wrapping i32, whose result does not depend on the
+        /// order) and the same float steps. VNNI: `vpdpbusd` per sub-block, then one
+        /// `vpmulld` by its scale. AVX2: `vpmaddubsw`, then `vpmaddwd` by the
+        /// (scale, scale) pair instead of by ones, so the scale costs nothing (pair sums
+        /// ≤ 2·63·127, no saturation). Q6_K's -32 meets the sub-block sums through the
+        /// same `madd_acc` into the same sum.
+        #[target_feature(enable = $feat)]
+        #[inline]
+        unsafe fn dec_k_tile<const Q6: bool, const T: usize>(x: *const u8, y: *const u8, acc: &mut [__m256; T]) {
+            let (n_sub, sub_dw) = if Q6 { (16, 4) } else { (8, 8) };
+            let mut isum = [_mm256_setzero_si256(); T];
+            // SAFETY: the caller passes one decoded super-block at `x` and one tile block
+            // at `y`; every offset is inside them.
+            unsafe {
+                // Sub-blocks two at a time: with one, the T chains of `vpdpbusd` are too
+                // few to hide its latency.
+                for j in (0..n_sub).step_by(2) {
+                    let (sc_a, sc_b) = (ld(x.add(DEC_SC + 32 * j)), ld(x.add(DEC_SC + 32 * (j + 1))));
+                    if VNNI {
+                        let mut sa = [_mm256_setzero_si256(); T];
+                        let mut sb = [_mm256_setzero_si256(); T];
+                        for k in 0..sub_dw {
+                            let (da, db) = (sub_dw * j + k, sub_dw * (j + 1) + k);
+                            let (qa, qb) = (ld(x.add(32 * da)), ld(x.add(32 * db)));
+                            for t in 0..T {
+                                sa[t] = dot4(sa[t], qa, bcast4(y.add(4 * (da * T + t))));
+                                sb[t] = dot4(sb[t], qb, bcast4(y.add(4 * (db * T + t))));
+                            }
+                        }
+                        for t in 0..T {
+                            isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(sa[t], sc_a));
+                            isum[t] = _mm256_add_epi32(isum[t], _mm256_mullo_epi32(sb[t], sc_b));
+                        }
+                    } else {
+                        for k in 0..sub_dw {
+                            let (da, db) = (sub_dw * j + k, sub_dw * (j + 1) + k);
+                            let (qa, qb) = (ld(x.add(32 * da)), ld(x.add(32 * db)));
+                            for t in 0..T {
+                                let pa = _mm256_maddubs_epi16(qa, bcast4(y.add(4 * (da * T + t))));
+                                let pb = _mm256_maddubs_epi16(qb, bcast4(y.add(4 * (db * T + t))));
+                                isum[t] = madd_acc(isum[t], pa, sc_a);
+                                isum[t] = madd_acc(isum[t], pb, sc_b);
+                            }
+                        }
+                    }
+                }
+                let d = _mm256_loadu_ps(x.add(DEC_D).cast());
+                if Q6 {
+                    for p in 0..8 {
+                        let o = ld(x.add(DEC_OFF + 32 * p));
+                        for t in 0..T {
+                            isum[t] = madd_acc(isum[t], o, bcast4(y.add(256 * T + 4 * (p * T + t))));
+                        }
+                    }
+                    for t in 0..T {
+                        let yd = _mm256_set1_ps(rd_f32(y.add(288 * T + 4 * t)));
+                        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+                    }
+                } else {
+                    let mut msum = [_mm256_setzero_si256(); T];
+                    for p in 0..4 {
+                        let mins = ld(x.add(DEC_OFF + 32 * p));
+                        for t in 0..T {
+                            msum[t] = madd_acc(msum[t], mins, bcast4(y.add(256 * T + 4 * (p * T + t))));
+                        }
+                    }
+                    let dmin = _mm256_loadu_ps(x.add(DEC_D + 32).cast());
+                    for t in 0..T {
+                        let yd = _mm256_set1_ps(rd_f32(y.add(288 * T + 4 * t)));
+                        acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(d, yd), _mm256_cvtepi32_ps(isum[t]), acc[t]);
+                        acc[t] = _mm256_fnmadd_ps(_mm256_mul_ps(dmin, yd), _mm256_cvtepi32_ps(msum[t]), acc[t]);
+                    }
+                }
+            }
+        }
+
+        /// The tile (tokens `t0..t0+T`, activations at `ya`) against a decoded row group
+        /// at `dec` (`nb` super-blocks of `DEC_K`), as `packed_group`.
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn dec_group<const Q6: bool, const T: usize>(
+            nb: usize,
+            dec: *const u8,
+            ya: *const u8,
+            t0: usize,
+            out: *mut f32,
+            out_stride: usize,
+        ) {
+            let mut acc = [_mm256_setzero_ps(); T];
+            for b in 0..nb {
+                // SAFETY: the caller's contract covers block b of the group and of the
+                // tile, and the output columns of tokens t0..t0+T.
+                unsafe { dec_k_tile::<Q6, T>(dec.add(b * DEC_K), ya.add(b * T * TILE_K), &mut acc) };
+            }
+            for (t, acc) in acc.iter().enumerate() {
+                // SAFETY: as above.
+                unsafe { _mm256_storeu_ps(out.add((t0 + t) * out_stride), *acc) };
+            }
+        }
+
         /// The tile (tokens `t0..t0+T`, activations at `ya` from `tile_acts`) against
         /// row group `gx`: every block, then the 8×T results.
         #[target_feature(enable = $feat)]
@@ -1663,7 +1863,21 @@ macro_rules! x86_kernels {
             for &(t0, t) in &tiles {
                 tile_acts(ty, a, sums, nb, t0, t, &mut acts[t0 * nb * tb..(t0 + t) * nb * tb]);
             }
+            // K-quants with more than one tile: each group decoded once, for all of them.
+            // Not Q4_K with VNNI: its 4-bit unpack is three instructions per 2·MAX_T
+            // dots, and there the inline kernel measured a few percent faster.
+            let decode =
+                tiles.len() > 1 && matches!((ty, VNNI), (GgmlType::Q5_K | GgmlType::Q6_K, _) | (GgmlType::Q4_K, false));
+            let mut dec = vec![0u8; if decode { nb * DEC_K } else { 0 }];
             for g in 0..n_groups {
+                if decode {
+                    for b in 0..nb {
+                        // SAFETY: block b of group g is inside `groups`, dec holds nb blocks.
+                        unsafe {
+                            decode_k_block(ty, groups.as_ptr().add((g * nb + b) * gb), dec.as_mut_ptr().add(b * DEC_K))
+                        };
+                    }
+                }
                 for &(t0, t) in &tiles {
                     // SAFETY: g < n_groups, the tile's activations are where tile_acts
                     // put them, and out holds (t0..t0+t, 8g..8g+8).
@@ -1671,6 +1885,20 @@ macro_rules! x86_kernels {
                         let gx = groups.as_ptr().add(g * nb * gb);
                         let ya = acts.as_ptr().add(t0 * nb * tb);
                         let o = out.as_mut_ptr().add(8 * g);
+                        if decode {
+                            let d = dec.as_ptr();
+                            match (ty == GgmlType::Q6_K, t) {
+                                (true, 1) => dec_group::<true, 1>(nb, d, ya, t0, o, out_stride),
+                                (true, 2) => dec_group::<true, 2>(nb, d, ya, t0, o, out_stride),
+                                (true, 4) => dec_group::<true, 4>(nb, d, ya, t0, o, out_stride),
+                                (true, _) => dec_group::<true, MAX_T>(nb, d, ya, t0, o, out_stride),
+                                (false, 1) => dec_group::<false, 1>(nb, d, ya, t0, o, out_stride),
+                                (false, 2) => dec_group::<false, 2>(nb, d, ya, t0, o, out_stride),
+                                (false, 4) => dec_group::<false, 4>(nb, d, ya, t0, o, out_stride),
+                                (false, _) => dec_group::<false, MAX_T>(nb, d, ya, t0, o, out_stride),
+                            }
+                            continue;
+                        }
                         match t {
                             1 => packed_group::<1>(ty, nb, gx, gb, ya, t0, o, out_stride),
                             2 => packed_group::<2>(ty, nb, gx, gb, ya, t0, o, out_stride),

@@ -374,10 +374,11 @@ fn f16_helpers_match_scalar() {
 }
 
 /// The packed layout (`quant::packed`): every level bit-identical to the scalar twin
-/// `packed::gemm_ref` for every token count (tiles of 8, 4, 2, 1 mixed), each (row,
-/// token) within the table's bounds of the file layout's scalar dot and of the f64 dot
-/// of the decoded rows, results independent of the batch, and packed rows decoding to
-/// the file rows' values.
+/// `packed::gemm_ref` for every token count (tiles of 8, 4, 2, 1 mixed; more than one
+/// tile takes the decoded-group path of the x86 K-quants), each (row, token) within the
+/// table's bounds of the file layout's scalar dot and of the f64 dot of the decoded
+/// rows, results independent of the batch, and packed rows decoding to the file rows'
+/// values.
 #[test]
 fn packed_gemm_matches_twin_and_file_layout() {
     use crate::quant::packed::{self, Packed};
@@ -397,7 +398,7 @@ fn packed_gemm_matches_twin_and_file_layout() {
                 assert!(bits_eq(&got, &dequantize(ty, &w[r * wrb..(r + 1) * wrb], n)), "{ty} row {r} decodes");
             }
             let spb = p.nb() * packed::sums_per_block(ty);
-            let n_tok = 15;
+            let n_tok = 21;
             let act = ty.vec_dot_type();
             let arb = act.row_bytes(n).unwrap();
             let a: Vec<u8> = (0..n_tok).flat_map(|_| quantize(act, &rng.row(n))).collect();
@@ -414,7 +415,8 @@ fn packed_gemm_matches_twin_and_file_layout() {
                 }
             }
             for k in kernels() {
-                for nt in [1, 2, 3, 4, 5, 8, 9, 15] {
+                // 9 and up: the K-quants' prompt shape (a group decoded once for its tiles).
+                for nt in [1, 2, 3, 4, 5, 8, 9, 15, 16, 21] {
                     let mut got = vec![f32::NAN; nt * rows];
                     k.gemm_packed(&p, 0, rows / 8, &a[..nt * arb], &sums[..nt * spb], nt, &mut got, rows);
                     assert!(bits_eq(&got, &want[..nt * rows]), "{} packed {ty} n={n} n_tok={nt}", k.level);

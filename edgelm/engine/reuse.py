@@ -15,8 +15,9 @@ The entries taken over were computed with the old tokens in their context, so th
 result is an approximation of a full recompute; benches/bench_reuse_quality.py
 measures what it costs (KL divergence of next-token distributions, greedy answers and
 tool calls). It is bounded: at most `max_changed` tokens may differ before a run that
-is taken over, so a changed entity list (many tokens) ends the reuse and everything
-after it is computed. A sequence's blocks that hold taken-over entries are cached
+is taken over (computed afresh, or left out of the source), so a changed entity list or
+a left-out system message (many tokens) ends the reuse and everything after it is
+computed. A sequence's blocks that hold taken-over entries are cached
 under a salted hash, never under the exact prefix hash, so a request that asked for
 exact computation (reuse off) never gets them from the prefix cache.
 """
@@ -36,7 +37,8 @@ class ReuseConfig:
     min_run: int = 32
     """Fewest equal tokens in a row worth taking over."""
     max_changed: int = 64
-    """Most tokens computed afresh (changed) before a run that is taken over."""
+    """Most tokens changed (computed afresh, or left out of the source) before a run
+    that is taken over."""
     max_sources: int = 8
     """Finished sequences remembered as sources (newest first)."""
 
@@ -83,37 +85,40 @@ def find_runs(
 ) -> list[Run]:
     """Runs of `prompt[start:end]` equal to `src[:n_src]`, in order in both (so the
     context keeps its order), each at least `cfg.min_run` long, and the gaps between
-    them (computed) at least two tokens (a prompt token is never fed alone). Stops
-    once more than `cfg.max_changed` tokens would be computed before the next run."""
+    them (computed) at least two tokens (a prompt token is never fed alone).
+
+    Positions before `start` are the same in both (the prefix cache). The context a run
+    was computed in differs from the new one by what changed before it: the tokens
+    computed afresh or the source's tokens left out, whichever is more, summed over the
+    gaps. A run is taken only while that stays within `cfg.max_changed`: a changed
+    time line is a few tokens; a changed entity list, or a system message left out, is
+    far more, and ends the reuse."""
     runs: list[Run] = []
-    i, j_min, changed = start, 0, 0
-    while i + cfg.min_run <= end:
-        best: tuple[int, int] | None = None
+    i, ip, jp, changed = start, start, start, 0  # ip, jp: the end of the last run, in prompt and source
+    while i + cfg.min_run <= end and changed + (i - ip) <= cfg.max_changed:
+        best: tuple[int, int, int] | None = None
         for tries, j in enumerate(index.get(tuple(prompt[i : i + GRAM]), ())):
-            if j < j_min or j + cfg.min_run > n_src:
+            cost = max(i - ip, j - jp)
+            if j < jp or j + cfg.min_run > n_src or changed + cost > cfg.max_changed:
                 continue
             n = 0
             while i + n < end and j + n < n_src and prompt[i + n] == src[j + n]:
                 n += 1
             if n >= cfg.min_run and (best is None or n > best[1]):
-                best = (j, n)
+                best = (j, n, cost)
             if tries >= 8:
                 break
         if best is None:
             i += 1
-            changed += 1
-            if changed > cfg.max_changed:
-                break
             continue
-        j, n = best
-        gap = i - (runs[-1][0] + runs[-1][2] if runs else start)
-        if gap == 1:  # one token between runs: compute two
+        j, n, cost = best
+        if i - ip == 1:  # one token between runs: compute two
             i, j, n = i + 1, j + 1, n - 1
             if n < cfg.min_run:
                 i += n
-                changed += n
                 continue
+        changed += cost
         runs.append((i, j, n))
         i += n
-        j_min = j + n
+        ip, jp = i, j + n
     return runs

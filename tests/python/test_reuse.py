@@ -98,6 +98,20 @@ def test_a_changed_entity_list_is_not_reused_past_the_change() -> None:
     assert q.n_reused_prompt + q.n_cached_prompt <= 100
 
 
+def test_a_left_out_part_of_the_source_ends_the_reuse() -> None:
+    """A system message left out (the source had 200 tokens more at its head): the
+    rest was computed in another context, so it is not taken over."""
+    ex = CopyingFake(256)
+    s = sched(ex)
+    one(s, ex, [5, 6, 7] + [500 + i % 90 for i in range(200)] + ha_prompt(1)[3:])
+    q = one(s, ex, ha_prompt(2))
+    assert q.n_reused_prompt == 0
+    # A few tokens left out (a shorter time line) is a small change: reused.
+    one(s, ex, ha_prompt(1))
+    shorter = ha_prompt(3)[:6] + ha_prompt(3)[9:]
+    assert one(s, ex, shorter).n_reused_prompt > 300
+
+
 def test_reuse_off_per_request_and_per_model() -> None:
     ex = CopyingFake(256)
     s = sched(ex)
